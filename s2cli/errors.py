@@ -34,13 +34,3 @@ class ConfigError(S2Error, ValueError):
 
 class WeightsNotFoundError(ConfigError):
     """Weights are not on this machine; s2cli never downloads and never waits on a network."""
-
-
-class SampleError(S2Error):
-    """One sample failed at a named stage (read, decode, preprocess, model, write); the run goes on."""
-
-    def __init__(self, stage: str, error: BaseException | str):
-        self.stage = stage
-        self.error_class = type(error).__name__ if isinstance(error, BaseException) else "Error"
-        self.message = str(error)
-        super().__init__(f"{stage} failed: {self.error_class}: {self.message}")

@@ -1,0 +1,247 @@
+"""CLI: thin Typer commands over the library. Progress and logs go to stderr, results and --json to stdout;
+an S2Error becomes one line on stderr and its exit code (2 usage/config, 1 runtime)."""
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+from typing import Annotated, Iterator, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from . import __version__
+from .errors import ConfigError, S2Error
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Multi-scale (S²) vision features for image collections.")
+out = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
+
+
+@contextlib.contextmanager
+def _reported() -> Iterator[None]:
+    try:
+        yield
+    except S2Error as e:
+        err.print(f"[red]error:[/red] {e.one_line()}", markup=True, highlight=False)
+        raise typer.Exit(e.exit_code) from None
+
+
+def _floats(name: str, text: Optional[str]) -> Optional[tuple[float, ...]]:
+    if text is None:
+        return None
+    try:
+        return tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise ConfigError(f"--{name} must be comma-separated numbers", given=text, fix=f"e.g. --{name} 1,2,3") from None
+
+
+def _ints(name: str, text: Optional[str]) -> Optional[tuple[int, ...]]:
+    if text is None:
+        return None
+    try:
+        return tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise ConfigError(f"--{name} must be comma-separated integers", given=text, fix=f"e.g. --{name} 336,672,1008") from None
+
+
+ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Alias (see `s2 models`), timm:<name> or hf:<hub id or dir>.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")]
+
+
+@app.command()
+def extract(
+    input: Annotated[str, typer.Argument(help="Folder of images, read recursively.")],
+    output: Annotated[Optional[str], typer.Option("--output", "-o", help="Output .h5 (default: <input>.<model>.h5 here).")] = None,
+    model: ModelOpt = "efficientnet-lite0",
+    weights: Annotated[Optional[str], typer.Option(help="Local checkpoint file or save_pretrained dir.")] = None,
+    random_init: Annotated[bool, typer.Option("--random-init", help="No weights: initialize from --seed (dry runs, tests).")] = False,
+    seed: Annotated[int, typer.Option(help="Seed for --random-init.")] = 0,
+    layer: Annotated[Optional[int], typer.Option(help="Hidden layer (-1 final features; default: the model's).")] = None,
+    keep_cls: Annotated[bool, typer.Option("--keep-cls", help="Keep CLIP's CLS token as a prefix token.")] = False,
+    scales: Annotated[Optional[str], typer.Option(help="Scales times the model's input size, e.g. 1,2,3 (default 1,2).")] = None,
+    img_sizes: Annotated[Optional[str], typer.Option("--img-sizes", help="Absolute sizes per scale, e.g. 336,672,1008.")] = None,
+    max_split_size: Annotated[Optional[int], typer.Option("--max-split-size", help="Tile size (default: the model's input size).")] = None,
+    split_mode: Annotated[str, typer.Option("--split-mode", help="resize | pad (non-square images).")] = "resize",
+    resize_output_to_idx: Annotated[int, typer.Option("--resize-output-to-idx", help="Scale whose grid the output takes.")] = 0,
+    fit: Annotated[Optional[str], typer.Option(help="crop | squash | pad | keep (default: the model's processor).")] = None,
+    antialias: Annotated[bool, typer.Option("--antialias", help="Antialias bicubic downscaling between scales.")] = False,
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Images per batch.")] = 8,
+    workers: Annotated[int, typer.Option("--workers", "-j", help="Decode workers (0: in the main process).")] = 2,
+    max_tiles_per_call: Annotated[Optional[int], typer.Option("--max-tiles-per-call", help="Cap on tiles per backbone call.")] = None,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:K.")] = "auto",
+    precision: Annotated[str, typer.Option(help="Compute precision: fp32 | bf16 | fp16.")] = "fp32",
+    dtype: Annotated[str, typer.Option(help="Stored dtype: float32 | float16.")] = "float32",
+    limit: Annotated[Optional[int], typer.Option(help="Only the first N images.")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output file.")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan; load no weights, read headers only.")] = False,
+    as_json: JsonOpt = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+) -> None:
+    """Extract multi-scale features of every image in INPUT into one HDF5 file.
+
+    Examples:
+      s2 extract examples/images
+      s2 extract photos/ -m clip-vit-l-336 --scales 1,2,3 -o photos.h5
+      s2 extract photos/ -m clip-vit-l-336 --random-init --scales 1,2,3 --dry-run --json
+    """
+    from .backbones import load_backbone, resolve
+    from .config import ExtractConfig, resolve_config
+    from .launch import resolve_device
+    from .pipeline import dry_run as plan_run
+    from .sources import scan_folder
+
+    with _reported():
+        cfg = ExtractConfig(
+            input=input, output=output, model=model, weights=weights, random_init=random_init, seed=seed,
+            layer=layer, keep_cls=keep_cls, scales=_floats("scales", scales), img_sizes=_ints("img-sizes", img_sizes),
+            max_split_size=max_split_size, split_mode=split_mode, resize_output_to_idx=resize_output_to_idx,
+            fit=fit, antialias=antialias, batch_size=batch_size, workers=workers,
+            max_tiles_per_call=max_tiles_per_call, device=device, precision=precision, dtype=dtype, limit=limit)
+        res = resolve_config(cfg, resolve(model, layer=layer, keep_cls=keep_cls))
+        samples = scan_folder(input)[: limit or None]
+        if dry_run:
+            plan = plan_run(res, samples)
+            if as_json:
+                print(json.dumps(plan))
+            else:
+                _print_plan(plan)
+            return
+        target = Path(res.output)
+        if target.exists() and not target.is_file():
+            raise ConfigError("output path exists and is not a file", given=str(target), fix="choose another -o path")
+        if target.exists() and not overwrite:
+            raise ConfigError("output file exists", given=str(target), fix="pass --overwrite or another -o path")
+        resolve_device(device)
+        backbone = load_backbone(res.backbone, weights=weights, random_init=random_init, seed=seed)
+        if output is None:
+            err.print(f"writing {res.output}", highlight=False)
+        summary = _run_with_progress(res, samples, backbone, quiet)
+    if as_json:
+        print(json.dumps(summary))
+    else:
+        err.print(f"{summary['num_images']} images, {summary['num_failed']} failed -> {summary['output']} "
+                  f"({summary['images_per_s']} img/s)", highlight=False)
+
+
+def _run_with_progress(res, samples, backbone, quiet: bool) -> dict:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from .pipeline import run
+
+    if quiet:
+        return run(res, samples, backbone)
+    with Progress(TextColumn("[bold]extract"), BarColumn(), MofNCompleteColumn(),
+                  TextColumn("{task.fields[rate]} img/s"), TimeRemainingColumn(),
+                  TextColumn("{task.fields[failed]} failed"), console=err, transient=False) as progress:
+        task = progress.add_task("extract", total=len(samples), rate="-", failed=0)
+
+        def tick(done: int, failed: int) -> None:
+            elapsed = progress.tasks[task].elapsed or 0
+            rate = f"{done / elapsed:.1f}" if elapsed > 0 else "-"
+            progress.update(task, completed=done + failed, rate=rate, failed=failed)
+
+        return run(res, samples, backbone, on_progress=tick)
+
+
+def _print_plan(plan: dict) -> None:
+    t = Table(title=f"plan: {plan['model']} sizes {plan['img_sizes']} split {plan['max_split_size']} fit {plan['fit']}")
+    for c in ("key", "orig h×w", "tiles", "grids", "output (T, C)", "bytes"):
+        t.add_column(c)
+    for im in plan["images"]:
+        t.add_row(im["key"], "×".join(map(str, im["orig_hw"])), str(im["tiles"]),
+                  " ".join(f"{r}×{c}" for r, c in im["grids"]), str(tuple(im["output_shape"])), f"{im['bytes']:,}")
+    out.print(t)
+    flops = plan["flops_estimate"]
+    out.print(f"{plan['num_images']} images, {plan['total_tiles']} tiles, "
+              f"{'%.3g TFLOP' % (flops / 1e12) if flops is not None else 'FLOPs unknown'}, "
+              f"{plan['total_bytes'] / 2**20:.1f} MiB of features -> {plan['output']}", highlight=False)
+    for u in plan["unreadable"]:
+        out.print(f"unreadable: {u['key']} ({u['error_class']}: {u['error']})", highlight=False)
+
+
+@app.command()
+def inspect(
+    path: Annotated[str, typer.Argument(help="A .h5 file written by `s2 extract`.")],
+    key: Annotated[Optional[str], typer.Option(help="Show one image's metadata and feature stats.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Summarize a feature file: model, weights, scales, images, shape, failures."""
+    from .sinks import open_features
+
+    with _reported(), open_features(path) as ff:
+        if key is not None:
+            if key not in ff:
+                raise ConfigError(f"no image with this key in {path}", given=key,
+                                  fix="list keys with `python -c \"import s2cli; print(list(s2cli.open_features('F')))\"`")
+            info = image_report(ff, key)
+        else:
+            info = file_report(ff)
+    if as_json:
+        print(json.dumps(info))
+        return
+    t = Table(show_header=False, title=str(path))
+    for k, v in info.items():
+        if k != "failed":
+            t.add_row(k, str(v))
+    out.print(t)
+    for f in info.get("failed", []):
+        out.print(f"failed: {f['key']} [{f['stage']}] {f['error']} ({f['source']})", highlight=False)
+
+
+def file_report(ff) -> dict:
+    a = ff.attrs
+    fails = ff.failures
+    return {
+        "num_images": len(ff), "num_failed": len(fails),
+        "failed": [{k: f[k] for k in ("key", "source", "stage", "error_class", "error")} for f in fails],
+        "model": a.get("model"), "weights": a.get("weights"), "layer": a.get("layer"),
+        "scales": json.loads(a.get("scales", "null")), "img_sizes": json.loads(a.get("img_sizes", "null")),
+        "max_split_size": a.get("max_split_size"), "split_mode": a.get("split_mode"),
+        "num_prefix_tokens": a.get("num_prefix_tokens"), "output_shape": a.get("output_shape"),
+        "fit": a.get("fit"), "feature_shape": ff.feature_shape, "dtype": ff.dtype,
+        "size_bytes": Path(ff.path).stat().st_size, "s2cli_version": a.get("s2cli_version"),
+    }
+
+
+def image_report(ff, key: str) -> dict:
+    import numpy as np
+
+    m = ff.meta(key)
+    x = np.asarray(ff[key], dtype=np.float64)
+    return {**m, "shape": list(x.shape), "mean": float(x.mean()), "std": float(x.std()),
+            "finite": bool(np.isfinite(x).all())}
+
+
+@app.command()
+def models(as_json: JsonOpt = False) -> None:
+    """List model aliases with their defaults."""
+    from .backbones import list_models
+
+    rows = [{"name": m.name, "source": m.source, "input_size": m.input_size, "patch_size": m.patch_size,
+             "channels": m.channels, "layer": m.layer, "num_prefix_tokens": m.num_prefix_tokens,
+             "output_shape": m.output_shape, "fit": m.fit, "description": m.description} for m in list_models()]
+    if as_json:
+        print(json.dumps(rows))
+        return
+    t = Table(title="model aliases (also: timm:<name>, hf:<hub id or dir>)")
+    for c in ("name", "source", "input", "patch", "C", "layer", "prefix", "shape", "fit"):
+        t.add_column(c, no_wrap=c in ("name", "source"))
+    for r in rows:
+        t.add_row(r["name"], r["source"], str(r["input_size"]), str(r["patch_size"]), str(r["channels"]),
+                  str(r["layer"]), str(r["num_prefix_tokens"]), r["output_shape"], r["fit"])
+    out.print(t)
+
+
+@app.callback(invoke_without_command=True)
+def _root(version: Annotated[bool, typer.Option("--version", help="Print the version.")] = False) -> None:
+    if version:
+        print(__version__)
+        raise typer.Exit(0)
+
+
+def main() -> None:
+    app(prog_name="s2")
+

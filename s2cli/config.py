@@ -1,0 +1,141 @@
+"""Config: the frozen settings of one extraction. Flags the user left unset are None and take the model's
+defaults; the resolved config is saved with the output."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .backbones import BackboneCfg
+from .errors import ConfigError
+from .sources import FITS
+from .tiling import SPLIT_MODES
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+DTYPES = ("float32", "float16")
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    """What the user asked for. None means "not set": the model's default applies."""
+
+    input: str
+    output: str | None = None
+    model: str = "efficientnet-lite0"
+    weights: str | None = None
+    random_init: bool = False
+    seed: int = 0
+    layer: int | None = None
+    keep_cls: bool = False
+    scales: tuple[float, ...] | None = None
+    img_sizes: tuple[int, ...] | None = None
+    max_split_size: int | None = None
+    split_mode: str = "resize"
+    resize_output_to_idx: int = 0
+    fit: str | None = None
+    antialias: bool = False
+    batch_size: int = 8
+    workers: int = 2
+    max_tiles_per_call: int | None = None
+    device: str = "auto"
+    precision: str = "fp32"
+    dtype: str = "float32"
+    limit: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """The config with every default filled in from the backbone; this is what runs and what is saved."""
+
+    user: ExtractConfig
+    backbone: BackboneCfg
+    img_sizes: tuple[int, ...]  # square side per scale, in the order given
+    max_split_size: int
+    fit: str
+    output: str
+
+    @property
+    def side(self) -> int:
+        """Images are fitted once, to the largest scale; the engine derives the smaller ones."""
+        return max(self.img_sizes)
+
+    @property
+    def scales(self) -> tuple[float, ...]:
+        return tuple(s / self.backbone.input_size for s in self.img_sizes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "input": self.user.input, "output": self.output, "model": self.user.model,
+            "backbone": self.backbone.to_dict(), "img_sizes": list(self.img_sizes), "scales": list(self.scales),
+            "max_split_size": self.max_split_size, "split_mode": self.user.split_mode,
+            "resize_output_to_idx": self.user.resize_output_to_idx, "fit": self.fit,
+            "layer": self.backbone.layer, "num_prefix_tokens": self.backbone.num_prefix_tokens,
+            "output_shape": self.backbone.output_shape, "merge": "concat", "antialias": self.user.antialias,
+            "weights": self.user.weights, "random_init": self.user.random_init, "seed": self.user.seed,
+            "batch_size": self.user.batch_size, "workers": self.user.workers,
+            "max_tiles_per_call": self.user.max_tiles_per_call, "device": self.user.device,
+            "precision": self.user.precision, "dtype": self.user.dtype, "limit": self.user.limit,
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+
+def _choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"--{name} is not known", given=value, expected=" | ".join(choices),
+                          fix=f"pass --{name} {choices[0]}")
+
+
+def default_output(input_path: str, model: str) -> str:
+    """`<input folder name>.<model>.h5` in the current directory (model specs made file-name safe)."""
+    stem = Path(input_path.rstrip("/")).name or "features"
+    safe = "".join(c if c.isalnum() or c in "-_." else "-" for c in model).strip("-")
+    return f"{stem}.{safe}.h5"
+
+
+def resolve_config(cfg: ExtractConfig, backbone: BackboneCfg) -> Resolved:
+    """Validate every option (before any weights load) and fill defaults from the backbone."""
+    _choice("split-mode", cfg.split_mode, SPLIT_MODES)
+    _choice("precision", cfg.precision, PRECISIONS)
+    _choice("dtype", cfg.dtype, DTYPES)
+    fit = cfg.fit or backbone.fit
+    _choice("fit", fit, FITS)
+    if cfg.scales is not None and cfg.img_sizes is not None:
+        raise ConfigError("--scales and --img-sizes were both given", given=(cfg.scales, cfg.img_sizes),
+                          fix="pass one: --scales 1,2,3 (times the model's input size) or --img-sizes 336,672,1008")
+    if cfg.img_sizes is not None:
+        sizes = tuple(cfg.img_sizes)
+        bad = [s for s in sizes if s <= 0]
+        if bad or not sizes:
+            raise ConfigError("--img-sizes must be positive", given=",".join(map(str, sizes)), fix="e.g. --img-sizes 336,672")
+    else:
+        scales = tuple(cfg.scales) if cfg.scales is not None else (1.0, 2.0)
+        bad = [s for s in scales if s <= 0]
+        if bad or not scales:
+            raise ConfigError("--scales must be positive", given=",".join(map(str, scales)), fix="e.g. --scales 1,2,3")
+        sizes = tuple(int(backbone.input_size * s) for s in scales)
+    split = cfg.max_split_size or backbone.input_size
+    if split <= 0:
+        raise ConfigError("--max-split-size must be positive", given=split, fix=f"e.g. --max-split-size {backbone.input_size}")
+    n = len(sizes)
+    if not -n <= cfg.resize_output_to_idx < n:
+        raise ConfigError("--resize-output-to-idx is out of range", given=cfg.resize_output_to_idx,
+                          expected=f"{-n}..{n - 1} for {n} scales", fix="use 0 (first scale's grid) or -1 (last)")
+    if backbone.output_shape == "bchw" and backbone.num_prefix_tokens:
+        raise ConfigError("a bchw backbone cannot keep prefix tokens", given=backbone.num_prefix_tokens,
+                          fix="drop --keep-cls")
+    for name, v in (("batch-size", cfg.batch_size), ("max-tiles-per-call", cfg.max_tiles_per_call), ("limit", cfg.limit)):
+        if v is not None and v <= 0:
+            raise ConfigError(f"--{name} must be positive", given=v, fix=f"pass --{name} 1 or more")
+    if cfg.workers < 0:
+        raise ConfigError("-j/--workers must be >= 0", given=cfg.workers, fix="pass -j 0 to decode in the main process")
+    if cfg.random_init and cfg.weights:
+        raise ConfigError("--random-init and --weights contradict each other", fix="drop one of them")
+    output = cfg.output or default_output(cfg.input, cfg.model)
+    return Resolved(cfg, backbone, sizes, split, fit, output)
