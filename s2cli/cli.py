@@ -183,6 +183,8 @@ def inspect(
         print(json.dumps(info))
         return
     t = Table(show_header=False, title=str(path))
+    t.add_column("field", no_wrap=True)
+    t.add_column("value", overflow="fold")
     for k, v in info.items():
         if k != "failed":
             t.add_row(k, str(v))

@@ -249,3 +249,41 @@ def test_saved_config_round_trips(cli, tmp_path, image_dir):
         cfg = ff.config
     assert cfg["seed"] == 4 and cfg["random_init"] is True and cfg["img_sizes"] == [224, 448]
     assert cfg["backbone"]["source"] == "efficientnet_lite0" and json.dumps(cfg)
+
+
+def test_model_stage_failure_isolates_the_bad_image(cli, tmp_path, image_dir, monkeypatch):
+    """A forward that fails for one image records that image (stage "model"); its batch-mates keep their features."""
+    import s2cli.pipeline as pipeline
+
+    clean = tmp_path / "clean.h5"
+    invoke_json(cli, "extract", image_dir, "--random-init", "-o", clean, "-j", 0, "-b", 4, "--json")
+    Image.new("RGB", (20, 20), (7, 7, 7)).save(image_dir / "poison.png")
+    original = pipeline.Extractor.features
+
+    def features(self, images, sizes):
+        if (images == 7).flatten(1).all(dim=1).any():
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return original(self, images, sizes)
+
+    monkeypatch.setattr(pipeline.Extractor, "features", features)
+    out = tmp_path / "dirty.h5"
+    summary = invoke_json(cli, "extract", image_dir, "--random-init", "-o", out, "-j", 0, "-b", 5, "--json")
+    assert summary["num_images"] == 4 and summary["num_failed"] == 1
+    with open_features(out) as fd, open_features(clean) as fc:
+        assert [f["key"] for f in fd.failures] == ["poison"] and fd.failures[0]["stage"] == "model"
+        assert "illegal memory access" in fd.failures[0]["error"]
+        assert list(fd) == list(fc)
+        for k in fc:
+            np.testing.assert_allclose(fd[k], fc[k], atol=1e-5, rtol=1e-5)
+
+
+def test_bf16_compute_is_close_to_fp32(cli, tmp_path, image_dir, clip_dir):
+    path, _ = clip_dir
+    a, b = tmp_path / "fp32.h5", tmp_path / "bf16.h5"
+    invoke_json(cli, "extract", image_dir, "-m", f"hf:{path}", "-o", a, "-j", 0, "--json")
+    invoke_json(cli, "extract", image_dir, "-m", f"hf:{path}", "-o", b, "-j", 0, "--precision", "bf16", "--json")
+    with open_features(a) as fa, open_features(b) as fb:
+        assert fb.config["precision"] == "bf16"
+        for k in fa:
+            assert np.abs(fa[k] - fb[k]).max() < 0.1 * np.abs(fa[k]).max()
+            assert not np.array_equal(fa[k], fb[k])
