@@ -47,7 +47,6 @@ def _ints(name: str, text: Optional[str]) -> Optional[tuple[int, ...]]:
         raise ConfigError(f"--{name} must be comma-separated integers", given=text, fix=f"e.g. --{name} 336,672,1008") from None
 
 
-ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Alias (see `s2 models`), timm:<name> or hf:<hub id or dir>.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")]
 
 
@@ -55,25 +54,26 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JS
 def extract(
     input: Annotated[str, typer.Argument(help="Folder of images, read recursively.")],
     output: Annotated[Optional[str], typer.Option("--output", "-o", help="Output .h5 (default: <input>.<model>.h5 here).")] = None,
-    model: ModelOpt = "efficientnet-lite0",
+    recipe: Annotated[Optional[str], typer.Option(help="A recipe name (see `s2 recipes`) or .yaml path; flags override it.")] = None,
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Alias (see `s2 models`), timm:<name> or hf:<hub id or dir>. [default: efficientnet-lite0]")] = None,
     weights: Annotated[Optional[str], typer.Option(help="Local checkpoint file or save_pretrained dir.")] = None,
-    random_init: Annotated[bool, typer.Option("--random-init", help="No weights: initialize from --seed (dry runs, tests).")] = False,
-    seed: Annotated[int, typer.Option(help="Seed for --random-init.")] = 0,
+    random_init: Annotated[Optional[bool], typer.Option("--random-init/--no-random-init", help="No weights: initialize from --seed (dry runs, tests).")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Seed for --random-init. [default: 0]")] = None,
     layer: Annotated[Optional[int], typer.Option(help="Hidden layer (-1 final features; default: the model's).")] = None,
-    keep_cls: Annotated[bool, typer.Option("--keep-cls", help="Keep CLIP's CLS token as a prefix token.")] = False,
-    scales: Annotated[Optional[str], typer.Option(help="Scales times the model's input size, e.g. 1,2,3 (default 1,2).")] = None,
+    keep_cls: Annotated[Optional[bool], typer.Option("--keep-cls/--drop-cls", help="Keep CLIP's CLS token as a prefix token.")] = None,
+    scales: Annotated[Optional[str], typer.Option(help="Scales times the model's input size, e.g. 1,2,3. [default: 1,2]")] = None,
     img_sizes: Annotated[Optional[str], typer.Option("--img-sizes", help="Absolute sizes per scale, e.g. 336,672,1008.")] = None,
     max_split_size: Annotated[Optional[int], typer.Option("--max-split-size", help="Tile size (default: the model's input size).")] = None,
-    split_mode: Annotated[str, typer.Option("--split-mode", help="resize | pad (non-square images).")] = "resize",
-    resize_output_to_idx: Annotated[int, typer.Option("--resize-output-to-idx", help="Scale whose grid the output takes.")] = 0,
+    split_mode: Annotated[Optional[str], typer.Option("--split-mode", help="resize | pad (non-square images). [default: resize]")] = None,
+    resize_output_to_idx: Annotated[Optional[int], typer.Option("--resize-output-to-idx", help="Scale whose grid the output takes. [default: 0]")] = None,
     fit: Annotated[Optional[str], typer.Option(help="crop | squash | pad | keep (default: the model's processor).")] = None,
-    antialias: Annotated[bool, typer.Option("--antialias", help="Antialias bicubic downscaling between scales.")] = False,
-    batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Images per batch.")] = 8,
-    workers: Annotated[int, typer.Option("--workers", "-j", help="Decode workers (0: in the main process).")] = 2,
+    antialias: Annotated[Optional[bool], typer.Option("--antialias/--no-antialias", help="Antialias bicubic downscaling between scales.")] = None,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", "-b", help="Images per batch. [default: 8]")] = None,
+    workers: Annotated[Optional[int], typer.Option("--workers", "-j", help="Decode workers (0: in the main process). [default: 2]")] = None,
     max_tiles_per_call: Annotated[Optional[int], typer.Option("--max-tiles-per-call", help="Cap on tiles per backbone call.")] = None,
-    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:K.")] = "auto",
-    precision: Annotated[str, typer.Option(help="Compute precision: fp32 | bf16 | fp16.")] = "fp32",
-    dtype: Annotated[str, typer.Option(help="Stored dtype: float32 | float16.")] = "float32",
+    device: Annotated[Optional[str], typer.Option(help="auto | cpu | cuda | cuda:K. [default: auto]")] = None,
+    precision: Annotated[Optional[str], typer.Option(help="Compute precision: fp32 | bf16 | fp16. [default: fp32]")] = None,
+    dtype: Annotated[Optional[str], typer.Option(help="Stored dtype: float32 | float16. [default: float32]")] = None,
     limit: Annotated[Optional[int], typer.Option(help="Only the first N images.")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output file.")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan; load no weights, read headers only.")] = False,
@@ -84,24 +84,24 @@ def extract(
 
     Examples:
       s2 extract examples/images
-      s2 extract photos/ -m clip-vit-l-336 --scales 1,2,3 -o photos.h5
+      s2 extract photos/ --recipe llava-1.5-s2 -o photos.h5
       s2 extract photos/ -m clip-vit-l-336 --random-init --scales 1,2,3 --dry-run --json
     """
     from .backbones import load_backbone, resolve
-    from .config import ExtractConfig, resolve_config
+    from .config import build_config, resolve_config
     from .launch import resolve_device
     from .pipeline import dry_run as plan_run
     from .sources import scan_folder
 
     with _reported():
-        cfg = ExtractConfig(
-            input=input, output=output, model=model, weights=weights, random_init=random_init, seed=seed,
+        cfg = build_config(
+            input, output, recipe, model=model, weights=weights, random_init=random_init, seed=seed,
             layer=layer, keep_cls=keep_cls, scales=_floats("scales", scales), img_sizes=_ints("img-sizes", img_sizes),
             max_split_size=max_split_size, split_mode=split_mode, resize_output_to_idx=resize_output_to_idx,
             fit=fit, antialias=antialias, batch_size=batch_size, workers=workers,
             max_tiles_per_call=max_tiles_per_call, device=device, precision=precision, dtype=dtype, limit=limit)
-        res = resolve_config(cfg, resolve(model, layer=layer, keep_cls=keep_cls))
-        samples = scan_folder(input)[: limit or None]
+        res = resolve_config(cfg, resolve(cfg.model, layer=cfg.layer, keep_cls=cfg.keep_cls))
+        samples = scan_folder(cfg.input)[: cfg.limit or None]
         if dry_run:
             plan = plan_run(res, samples)
             if as_json:
@@ -114,8 +114,8 @@ def extract(
             raise ConfigError("output path exists and is not a file", given=str(target), fix="choose another -o path")
         if target.exists() and not overwrite:
             raise ConfigError("output file exists", given=str(target), fix="pass --overwrite or another -o path")
-        resolve_device(device)
-        backbone = load_backbone(res.backbone, weights=weights, random_init=random_init, seed=seed)
+        resolve_device(cfg.device)
+        backbone = load_backbone(res.backbone, weights=cfg.weights, random_init=cfg.random_init, seed=cfg.seed)
         if output is None:
             err.print(f"writing {res.output}", highlight=False)
         summary = _run_with_progress(res, samples, backbone, quiet)
@@ -124,6 +124,27 @@ def extract(
     else:
         err.print(f"{summary['num_images']} images, {summary['num_failed']} failed -> {summary['output']} "
                   f"({summary['images_per_s']} img/s)", highlight=False)
+
+
+@app.command()
+def recipes(as_json: JsonOpt = False) -> None:
+    """List the shipped recipes (use one with `s2 extract --recipe NAME`; flags override its values)."""
+    from .config import list_recipes, load_recipe
+
+    rows = []
+    for name, path in sorted(list_recipes().items()):
+        values, doc = load_recipe(name)
+        rows.append({"name": name, "description": doc.get("description", ""), "output_shape": doc.get("output_shape"),
+                     "config": values, "path": str(path)})
+    if as_json:
+        print(json.dumps(rows))
+        return
+    t = Table(title="recipes (s2 extract --recipe NAME)")
+    for c in ("name", "output (T, C)", "settings", "description"):
+        t.add_column(c, overflow="fold")
+    for r in rows:
+        t.add_row(r["name"], str(r["output_shape"]), ", ".join(f"{k}={v}" for k, v in r["config"].items()), r["description"])
+    out.print(t)
 
 
 def _run_with_progress(res, samples, backbone, quiet: bool) -> dict:

@@ -1,10 +1,12 @@
-"""Config: the frozen settings of one extraction. Flags the user left unset are None and take the model's
-defaults; the resolved config is saved with the output."""
+"""Config: the frozen settings of one extraction, built as defaults < recipe < flags (a flag left unset is None
+and does not override the recipe), then resolved against the backbone; the resolved config is saved with the
+output, with where each value came from."""
 from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -43,9 +45,74 @@ class ExtractConfig:
     precision: str = "fp32"
     dtype: str = "float32"
     limit: int | None = None
+    recipe: str | None = None
+    provenance: tuple[tuple[str, str], ...] = ()  # (field, "recipe" | "flag") for every value not a default
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+_TUPLE_FIELDS = {"scales": float, "img_sizes": int}
+
+
+def list_recipes() -> dict[str, Path]:
+    """Recipes shipped in the package (s2cli/recipes/*.yaml), by name."""
+    root = resources.files("s2cli") / "recipes"
+    return {Path(str(p)).stem: Path(str(p)) for p in root.iterdir() if str(p).endswith(".yaml")}
+
+
+def load_recipe(name_or_path: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A recipe by name or path -> (its config values, the whole file). Unknown keys are an error."""
+    import yaml
+
+    shipped = list_recipes()
+    path = Path(name_or_path)
+    if name_or_path in shipped:
+        path = shipped[name_or_path]
+    elif not path.is_file():
+        raise ConfigError("unknown recipe", given=name_or_path, expected="one of " + ", ".join(sorted(shipped)) + " or a .yaml path",
+                          fix="run `s2 recipes` to list them")
+    try:
+        doc = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"recipe {path} is not valid YAML: {str(e).splitlines()[0]}", fix="fix the file") from None
+    values = doc.get("config", {}) if isinstance(doc, dict) else None
+    if not isinstance(values, dict):
+        raise ConfigError(f"recipe {path} has no `config:` mapping", fix="put the settings under `config:`")
+    known = {f.name for f in fields(ExtractConfig)} - {"input", "output", "recipe", "provenance"}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"recipe {path} sets unknown keys", given=unknown, expected="extract options",
+                          fix="use option names with underscores, e.g. max_split_size")
+    return values, doc
+
+
+def build_config(input: str, output: str | None = None, recipe: str | None = None, **flags: Any) -> ExtractConfig:
+    """defaults < recipe < flags. A flag of None is "not set"."""
+    values: dict[str, Any] = {}
+    prov: dict[str, str] = {}
+    if recipe:
+        rvals, _ = load_recipe(recipe)
+        values.update(rvals)
+        prov.update({k: "recipe" for k in rvals})
+    known = {f.name for f in fields(ExtractConfig)}
+    for k, v in flags.items():
+        if k not in known:
+            raise TypeError(f"build_config got an unknown option {k!r}")
+        if v is not None:
+            values[k] = v
+            prov[k] = "flag"
+    for k, cast in _TUPLE_FIELDS.items():
+        if values.get(k) is not None:
+            values[k] = tuple(cast(v) for v in values[k])
+    # --scales from a flag replaces --img-sizes from a recipe (and the other way round): they say the same thing
+    if prov.get("scales") == "flag" and prov.get("img_sizes") == "recipe":
+        values.pop("img_sizes")
+        prov.pop("img_sizes")
+    if prov.get("img_sizes") == "flag" and prov.get("scales") == "recipe":
+        values.pop("scales")
+        prov.pop("scales")
+    return ExtractConfig(input=input, output=output, recipe=recipe, provenance=tuple(sorted(prov.items())), **values)
 
 
 @dataclass(frozen=True)
@@ -80,6 +147,7 @@ class Resolved:
             "batch_size": self.user.batch_size, "workers": self.user.workers,
             "max_tiles_per_call": self.user.max_tiles_per_call, "device": self.user.device,
             "precision": self.user.precision, "dtype": self.user.dtype, "limit": self.user.limit,
+            "recipe": self.user.recipe, "set_by": dict(self.user.provenance),
         }
 
     def to_json(self) -> str:
