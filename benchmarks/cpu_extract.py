@@ -20,7 +20,7 @@ import torch
 from s2cli import multiscale_forward
 from s2cli.backbones import load_backbone, resolve
 from s2cli.config import ExtractConfig, resolve_config
-from s2cli.sources import ImageDataset, scan_folder
+from s2cli.sources import Fit, decode_sample, scan_folder
 
 ROOT = Path(__file__).parent.parent
 ap = argparse.ArgumentParser()
@@ -37,8 +37,8 @@ cfg = resolve_config(ExtractConfig(input=args.input, model=args.model, scales=sc
                      resolve(args.model))
 samples = scan_folder(args.input)
 bb = load_backbone(cfg.backbone, random_init=random_init)
-ds = ImageDataset(samples, cfg.fit, cfg.side, cfg.backbone.mean)
-images = torch.stack([ds[i]["image"] for i in range(len(ds))])
+fit = Fit(cfg.fit, cfg.side, cfg.backbone.mean)
+images = torch.stack([torch.from_numpy(decode_sample(s, fit)["image"]) for s in samples])
 mean = torch.tensor(cfg.backbone.mean).view(1, 3, 1, 1)
 std = torch.tensor(cfg.backbone.std).view(1, 3, 1, 1)
 P, shape = cfg.backbone.num_prefix_tokens, cfg.backbone.output_shape

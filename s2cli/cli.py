@@ -52,8 +52,8 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JS
 
 @app.command()
 def extract(
-    input: Annotated[str, typer.Argument(help="Folder of images, read recursively.")],
-    output: Annotated[Optional[str], typer.Option("--output", "-o", help="Output .h5 (default: <input>.<model>.h5 here).")] = None,
+    input: Annotated[str, typer.Argument(help="A folder (recursive), a .txt/.csv/.parquet list, or WebDataset shards ('s/{000..009}.tar', a glob, a folder of .tar, pipe:CMD).")],
+    output: Annotated[Optional[str], typer.Option("--output", "-o", help="A .h5/.safetensors file, or OUTDIR/ for resumable shards (default: <input>.<model>.h5 here).")] = None,
     recipe: Annotated[Optional[str], typer.Option(help="A recipe name (see `s2 recipes`) or .yaml path; flags override it.")] = None,
     model: Annotated[Optional[str], typer.Option("--model", "-m", help="Alias (see `s2 models`), timm:<name> or hf:<hub id or dir>. [default: efficientnet-lite0]")] = None,
     weights: Annotated[Optional[str], typer.Option(help="Local checkpoint file or save_pretrained dir.")] = None,
@@ -75,23 +75,33 @@ def extract(
     precision: Annotated[Optional[str], typer.Option(help="Compute precision: fp32 | bf16 | fp16. [default: fp32]")] = None,
     dtype: Annotated[Optional[str], typer.Option(help="Stored dtype: float32 | float16. [default: float32]")] = None,
     limit: Annotated[Optional[int], typer.Option(help="Only the first N images.")] = None,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output file.")] = False,
+    input_format: Annotated[Optional[str], typer.Option("--input-format", help="auto | folder | list | wds. [default: auto]")] = None,
+    image_key: Annotated[Optional[str], typer.Option("--image-key", help="WebDataset image member extensions, in order. [default: jpg;jpeg;png;webp]")] = None,
+    format: Annotated[Optional[str], typer.Option("--format", help="Shard format in OUTDIR/: h5 | safetensors. [default: h5]")] = None,
+    shard_size: Annotated[Optional[int], typer.Option("--shard-size", help="Images per output shard (default: ~1 GB files).")] = None,
+    pool: Annotated[Optional[str], typer.Option(help="Also store a pooled vector per image: none | mean | cls. [default: none]")] = None,
+    pool_only: Annotated[Optional[bool], typer.Option("--pool-only/--with-tokens", help="Store only the pooled vectors.")] = None,
+    on_error: Annotated[Optional[str], typer.Option("--on-error", help="skip (record and go on) | stop. [default: skip]")] = None,
+    max_failures: Annotated[Optional[int], typer.Option("--max-failures", help="Exit non-zero once more samples than this have failed.")] = None,
+    decode_timeout: Annotated[Optional[float], typer.Option("--decode-timeout", help="Seconds before a stalled decode is recorded as failed. [default: 120]")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output file, or start OUTDIR/ over.")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan; load no weights, read headers only.")] = False,
     as_json: JsonOpt = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
-    """Extract multi-scale features of every image in INPUT into one HDF5 file.
+    """Extract multi-scale features of every image in INPUT into one file or a resumable folder of shards.
 
     Examples:
       s2 extract examples/images
       s2 extract photos/ --recipe llava-1.5-s2 -o photos.h5
+      s2 extract 'shards/{00000..00099}.tar' --recipe llava-1.5-s2 -o feats/ --format safetensors
       s2 extract photos/ -m clip-vit-l-336 --random-init --scales 1,2,3 --dry-run --json
     """
     from .backbones import load_backbone, resolve
     from .config import build_config, resolve_config
     from .launch import resolve_device
-    from .pipeline import dry_run as plan_run
-    from .sources import scan_folder
+    from .pipeline import Target, dry_run as plan_run
+    from .sources import open_input
 
     with _reported():
         cfg = build_config(
@@ -99,26 +109,27 @@ def extract(
             layer=layer, keep_cls=keep_cls, scales=_floats("scales", scales), img_sizes=_ints("img-sizes", img_sizes),
             max_split_size=max_split_size, split_mode=split_mode, resize_output_to_idx=resize_output_to_idx,
             fit=fit, antialias=antialias, batch_size=batch_size, workers=workers,
-            max_tiles_per_call=max_tiles_per_call, device=device, precision=precision, dtype=dtype, limit=limit)
+            max_tiles_per_call=max_tiles_per_call, device=device, precision=precision, dtype=dtype, limit=limit,
+            input_format=input_format, image_key=image_key, format=format, shard_size=shard_size, pool=pool,
+            pool_only=pool_only, on_error=on_error, max_failures=max_failures, decode_timeout=decode_timeout)
         res = resolve_config(cfg, resolve(cfg.model, layer=cfg.layer, keep_cls=cfg.keep_cls))
-        samples = scan_folder(cfg.input)[: cfg.limit or None]
+        inp = open_input(cfg.input, cfg.input_format, res.shard_size, cfg.limit, cfg.image_key)
         if dry_run:
-            plan = plan_run(res, samples)
+            plan = plan_run(res, inp)
             if as_json:
                 print(json.dumps(plan))
             else:
                 _print_plan(plan)
             return
-        target = Path(res.output)
-        if target.exists() and not target.is_file():
-            raise ConfigError("output path exists and is not a file", given=str(target), fix="choose another -o path")
-        if target.exists() and not overwrite:
-            raise ConfigError("output file exists", given=str(target), fix="pass --overwrite or another -o path")
         resolve_device(cfg.device)
+        target = Target(res, inp, overwrite)  # refuses a clashing output before any weights load
         backbone = load_backbone(res.backbone, weights=cfg.weights, random_init=cfg.random_init, seed=cfg.seed)
         if output is None:
             err.print(f"writing {res.output}", highlight=False)
-        summary = _run_with_progress(res, samples, backbone, quiet)
+        if target.done:
+            err.print(f"resuming {res.output}: {len(target.done)} shards ({target.images_done_before} images) already done",
+                      highlight=False)
+        summary = _run_with_progress(res, inp, target, backbone, quiet)
     if as_json:
         print(json.dumps(summary))
     else:
@@ -147,24 +158,26 @@ def recipes(as_json: JsonOpt = False) -> None:
     out.print(t)
 
 
-def _run_with_progress(res, samples, backbone, quiet: bool) -> dict:
+def _run_with_progress(res, inp, target, backbone, quiet: bool) -> dict:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from .pipeline import run
 
     if quiet:
-        return run(res, samples, backbone)
+        return run(res, inp, target, backbone)
     with Progress(TextColumn("[bold]extract"), BarColumn(), MofNCompleteColumn(),
                   TextColumn("{task.fields[rate]} img/s"), TimeRemainingColumn(),
                   TextColumn("{task.fields[failed]} failed"), console=err, transient=False) as progress:
-        task = progress.add_task("extract", total=len(samples), rate="-", failed=0)
+        before = target.images_done_before + target.failures_before
+        total = None if inp.total is None else inp.total
+        task = progress.add_task("extract", total=total, completed=before, rate="-", failed=0)
 
         def tick(done: int, failed: int) -> None:
             elapsed = progress.tasks[task].elapsed or 0
             rate = f"{done / elapsed:.1f}" if elapsed > 0 else "-"
-            progress.update(task, completed=done + failed, rate=rate, failed=failed)
+            progress.update(task, completed=before + done + failed, rate=rate, failed=failed)
 
-        return run(res, samples, backbone, on_progress=tick)
+        return run(res, inp, target, backbone, on_progress=tick)
 
 
 def _print_plan(plan: dict) -> None:
@@ -185,18 +198,18 @@ def _print_plan(plan: dict) -> None:
 
 @app.command()
 def inspect(
-    path: Annotated[str, typer.Argument(help="A .h5 file written by `s2 extract`.")],
+    path: Annotated[str, typer.Argument(help="A .h5/.safetensors file or an output folder written by `s2 extract`.")],
     key: Annotated[Optional[str], typer.Option(help="Show one image's metadata and feature stats.")] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Summarize a feature file: model, weights, scales, images, shape, failures."""
+    """Summarize features: model, weights, scales, images, shape, shards, failures."""
     from .sinks import open_features
 
     with _reported(), open_features(path) as ff:
         if key is not None:
             if key not in ff:
                 raise ConfigError(f"no image with this key in {path}", given=key,
-                                  fix="list keys with `python -c \"import s2cli; print(list(s2cli.open_features('F')))\"`")
+                                  fix="list keys with `python -c \"import s2cli; print(list(s2cli.open_features('PATH')))\"`")
             info = image_report(ff, key)
         else:
             info = file_report(ff)
@@ -215,25 +228,36 @@ def inspect(
 
 
 def file_report(ff) -> dict:
+    from .sinks import FeatureSet
+
     a = ff.attrs
     fails = ff.failures
-    return {
+    report = {
         "num_images": len(ff), "num_failed": len(fails),
         "failed": [{k: f[k] for k in ("key", "source", "stage", "error_class", "error")} for f in fails],
         "model": a.get("model"), "weights": a.get("weights"), "layer": a.get("layer"),
         "scales": json.loads(a.get("scales", "null")), "img_sizes": json.loads(a.get("img_sizes", "null")),
         "max_split_size": a.get("max_split_size"), "split_mode": a.get("split_mode"),
         "num_prefix_tokens": a.get("num_prefix_tokens"), "output_shape": a.get("output_shape"),
-        "fit": a.get("fit"), "feature_shape": ff.feature_shape, "dtype": ff.dtype,
-        "size_bytes": Path(ff.path).stat().st_size, "s2cli_version": a.get("s2cli_version"),
+        "fit": a.get("fit"), "pool": a.get("pool", "none"), "feature_shape": ff.feature_shape, "dtype": ff.dtype,
+        "s2cli_version": a.get("s2cli_version"),
     }
+    if isinstance(ff, FeatureSet):
+        report.update(size_bytes=sum((ff.path / s["shard"]).stat().st_size for s in ff.shards),
+                      num_shards=len(ff.shards), complete=ff.complete)
+    else:
+        report["size_bytes"] = Path(ff.path).stat().st_size
+    return report
 
 
 def image_report(ff, key: str) -> dict:
     import numpy as np
 
     m = ff.meta(key)
-    x = np.asarray(ff[key], dtype=np.float64)
+    try:
+        x = np.asarray(ff[key], dtype=np.float64)
+    except KeyError:  # --pool-only
+        x = np.asarray(ff.pooled(key), dtype=np.float64)
     return {**m, "shape": list(x.shape), "mean": float(x.mean()), "std": float(x.std()),
             "finite": bool(np.isfinite(x).all())}
 

@@ -12,11 +12,17 @@ from typing import Any
 
 from .backbones import BackboneCfg
 from .errors import ConfigError
-from .sources import FITS
+from .sinks import FORMATS, format_of
+from .sources import FITS, INPUT_FORMATS
 from .tiling import SPLIT_MODES
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 DTYPES = ("float32", "float16")
+POOLS = ("none", "mean", "cls")
+ON_ERROR = ("skip", "stop")
+SHARD_BYTES = 1 << 30  # default shard size aims at ~1 GiB files
+# settings that only decide how fast a run goes, not what it writes: a resumed run may change them
+RUN_ONLY = ("batch_size", "workers", "device", "max_tiles_per_call", "on_error", "max_failures", "decode_timeout")
 
 
 @dataclass(frozen=True)
@@ -45,6 +51,15 @@ class ExtractConfig:
     precision: str = "fp32"
     dtype: str = "float32"
     limit: int | None = None
+    input_format: str = "auto"
+    image_key: str | None = None
+    format: str | None = None  # h5 | safetensors; from -o's suffix when it names a file
+    shard_size: int | None = None
+    pool: str = "none"
+    pool_only: bool = False
+    on_error: str = "skip"
+    max_failures: int | None = None
+    decode_timeout: float = 120.0
     recipe: str | None = None
     provenance: tuple[tuple[str, str], ...] = ()  # (field, "recipe" | "flag") for every value not a default
 
@@ -125,11 +140,25 @@ class Resolved:
     max_split_size: int
     fit: str
     output: str
+    format: str  # h5 | safetensors
+    output_is_dir: bool
+    shard_size: int
 
     @property
     def side(self) -> int:
         """Images are fitted once, to the largest scale; the engine derives the smaller ones."""
         return max(self.img_sizes)
+
+    def bytes_per_image(self) -> int:
+        """Bytes an image's features take at the square plan (ragged grids vary around it)."""
+        bb = self.backbone
+        side = self.max_split_size
+        gh, gw = bb.feature_hw((side, side))
+        n0 = max(1, -(-self.img_sizes[self.user.resize_output_to_idx] // side))
+        tokens = bb.num_prefix_tokens + gh * gw * n0 * n0
+        channels = bb.channels * len(self.img_sizes)
+        item = 2 if self.user.dtype == "float16" else 4
+        return (0 if self.user.pool_only else tokens * channels * item) + (channels * item if self.user.pool != "none" else 0)
 
     @property
     def scales(self) -> tuple[float, ...]:
@@ -147,8 +176,15 @@ class Resolved:
             "batch_size": self.user.batch_size, "workers": self.user.workers,
             "max_tiles_per_call": self.user.max_tiles_per_call, "device": self.user.device,
             "precision": self.user.precision, "dtype": self.user.dtype, "limit": self.user.limit,
-            "recipe": self.user.recipe, "set_by": dict(self.user.provenance),
+            "input_format": self.user.input_format, "image_key": self.user.image_key, "format": self.format,
+            "shard_size": self.shard_size, "pool": self.user.pool, "pool_only": self.user.pool_only,
+            "on_error": self.user.on_error, "max_failures": self.user.max_failures,
+            "decode_timeout": self.user.decode_timeout, "recipe": self.user.recipe, "set_by": dict(self.user.provenance),
         }
+
+    def compare_keys(self) -> list[str]:
+        """The saved settings a resumed run must share with the run it continues."""
+        return [k for k in self.to_dict() if k not in RUN_ONLY + ("output", "set_by", "recipe", "input")]
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
@@ -161,8 +197,10 @@ def _choice(name: str, value: str, choices: tuple[str, ...]) -> None:
 
 
 def default_output(input_path: str, model: str) -> str:
-    """`<input folder name>.<model>.h5` in the current directory (model specs made file-name safe)."""
-    stem = Path(input_path.rstrip("/")).name or "features"
+    """`<input name>.<model>.h5` in the current directory (model specs made file-name safe)."""
+    name = Path(input_path.rstrip("/")).name
+    stem = "".join(c if c.isalnum() or c in "-_." else "-" for c in name.split(".")[0] if c not in "{}*?").strip("-")
+    stem = stem or "features"
     safe = "".join(c if c.isalnum() or c in "-_." else "-" for c in model).strip("-")
     return f"{stem}.{safe}.h5"
 
@@ -205,5 +243,27 @@ def resolve_config(cfg: ExtractConfig, backbone: BackboneCfg) -> Resolved:
         raise ConfigError("-j/--workers must be >= 0", given=cfg.workers, fix="pass -j 0 to decode in the main process")
     if cfg.random_init and cfg.weights:
         raise ConfigError("--random-init and --weights contradict each other", fix="drop one of them")
+    _choice("pool", cfg.pool, POOLS)
+    _choice("on-error", cfg.on_error, ON_ERROR)
+    _choice("input-format", cfg.input_format, INPUT_FORMATS)
+    if cfg.pool == "cls" and backbone.num_prefix_tokens == 0:
+        raise ConfigError("--pool cls needs a prefix token, and this model keeps none", given=cfg.model,
+                          fix="use --pool mean, or --keep-cls for CLIP")
+    if cfg.pool_only and cfg.pool == "none":
+        raise ConfigError("--pool-only needs --pool mean or cls", fix="add --pool mean")
+    if cfg.max_failures is not None and cfg.max_failures < 0:
+        raise ConfigError("--max-failures must be >= 0", given=cfg.max_failures, fix="e.g. --max-failures 100")
     output = cfg.output or default_output(cfg.input, cfg.model)
-    return Resolved(cfg, backbone, sizes, split, fit, output)
+    suffix_fmt = format_of(output)
+    is_dir = suffix_fmt is None
+    if cfg.format is not None:
+        _choice("format", cfg.format, tuple(FORMATS))
+        if suffix_fmt is not None and suffix_fmt != cfg.format:
+            raise ConfigError("--format contradicts the output file's suffix", given=(cfg.format, output),
+                              fix=f"name the file *{FORMATS[cfg.format]} or drop --format")
+    fmt = cfg.format or suffix_fmt or "h5"
+    res = Resolved(cfg, backbone, sizes, split, fit, output, fmt, is_dir, cfg.shard_size or 1)
+    if cfg.shard_size is None:
+        per_image = res.bytes_per_image()
+        res = dataclasses.replace(res, shard_size=max(1, min(100_000, SHARD_BYTES // max(1, per_image))))
+    return res

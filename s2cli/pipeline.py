@@ -1,22 +1,24 @@
-"""Pipeline: one extraction end to end. Samples are decoded and fitted in DataLoader workers, normalized on the
-device, run through the S² engine (all tiles of all scales in as few backbone calls as allowed), and handed
-to the writer thread. Also the dry-run plan, computed from image headers and the backbone's config alone."""
+"""Pipeline: one extraction end to end. Units of the input are cut into parts (one output shard each); samples
+are decoded and fitted in worker processes, normalized on the device, run through the S² engine (all tiles of
+all scales in as few backbone calls as allowed) and handed to the writer thread. A part's batches never mix
+with another part's, so a resumed run computes exactly what an uninterrupted one would. Also the dry-run plan,
+computed from image headers and the backbone's config alone."""
 from __future__ import annotations
 
 import json
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
 from . import __version__
 from .backbones import Backbone
 from .config import Resolved
-from .errors import ConfigError
+from .errors import ConfigError, S2Error
 from .launch import resolve_device, resolve_precision
-from .sinks import HDF5Sink
-from .sources import ImageDataset, Sample, collate, failure, fit_size, image_size
+from .sinks import SINKS, OutputDir, _ThreadedSink
+from .sources import DecodePool, Fit, Input, Sample, Unit, failure, fit_size, image_size
 from .tiling import S2Plan, multiscale_forward, plan_multiscale
 
 
@@ -49,33 +51,40 @@ def storage_itemsize(dtype: str) -> int:
     return 2 if dtype == "float16" else 4
 
 
-def dry_run(res: Resolved, samples: list[Sample]) -> dict[str, Any]:
+def dry_run(res: Resolved, inp: Input) -> dict[str, Any]:
     """The plan of every image, from headers only: no weights, no model, no pixels."""
     images, total_tiles, total_flops, total_bytes, unreadable = [], 0, 0.0, 0, []
     flops_known = True
-    for s in samples:
-        try:
-            orig = image_size(s.source)
-        except Exception as e:
-            unreadable.append(failure(s, "read", e))
-            continue
-        p = plan_image(res, orig)
-        nbytes = p.tokens * p.channels * storage_itemsize(res.user.dtype)
-        flops = 0.0
-        for sp in p.s2.scales:
-            f = res.backbone.flops_per_tile(sp.tile)
-            if f is None:
-                flops_known = False
-            else:
-                flops += f * sp.num_tiles
-        images.append({"key": s.key, "orig_hw": list(orig), "fitted_hw": list(p.fitted_hw), "tiles": p.s2.num_tiles,
-                       "grids": p.s2.grids, "output_shape": [p.tokens, p.channels], "bytes": nbytes})
-        total_tiles += p.s2.num_tiles
-        total_flops += flops
-        total_bytes += nbytes
+    for unit in inp.units:
+        for s in unit.samples():
+            if isinstance(s, dict):
+                unreadable.append(s)
+                continue
+            try:
+                orig = image_size(s)
+            except Exception as e:
+                unreadable.append(failure(s, "read", e))
+                continue
+            p = plan_image(res, orig)
+            nbytes = p.tokens * p.channels * storage_itemsize(res.user.dtype)
+            flops = 0.0
+            for sp in p.s2.scales:
+                f = res.backbone.flops_per_tile(sp.tile)
+                if f is None:
+                    flops_known = False
+                else:
+                    flops += f * sp.num_tiles
+            images.append({"key": s.key, "orig_hw": list(orig), "fitted_hw": list(p.fitted_hw),
+                           "tiles": p.s2.num_tiles, "grids": p.s2.grids, "output_shape": [p.tokens, p.channels],
+                           "bytes": nbytes})
+            total_tiles += p.s2.num_tiles
+            total_flops += flops
+            total_bytes += nbytes
+            if res.user.limit and len(images) >= res.user.limit:
+                break
     return {
         "model": res.user.model, "img_sizes": list(res.img_sizes), "max_split_size": res.max_split_size,
-        "split_mode": res.user.split_mode, "fit": res.fit, "output": res.output,
+        "split_mode": res.user.split_mode, "fit": res.fit, "output": res.output, "input": inp.describe(),
         "images": images, "num_images": len(images), "unreadable": unreadable, "total_tiles": total_tiles,
         "bytes_per_image": images[0]["bytes"] if images and len({i["bytes"] for i in images}) == 1 else None,
         "total_bytes": total_bytes, "flops_estimate": total_flops if flops_known else None,
@@ -89,12 +98,12 @@ def file_attrs(res: Resolved, weights: str) -> dict[str, Any]:
         "scales": json.dumps(list(res.scales)), "img_sizes": json.dumps(list(res.img_sizes)),
         "max_split_size": res.max_split_size, "split_mode": res.user.split_mode,
         "num_prefix_tokens": bb.num_prefix_tokens, "output_shape": bb.output_shape, "merge": "concat",
-        "fit": res.fit, "dtype": res.user.dtype, "config": res.to_json(),
+        "fit": res.fit, "dtype": res.user.dtype, "pool": res.user.pool, "config": res.to_json(),
     }
 
 
 class Extractor:
-    """Holds the loaded backbone on its device; `features(batch)` runs the engine on fitted uint8 images."""
+    """Holds the loaded backbone on its device; `features(images)` runs the engine on fitted uint8 images."""
 
     def __init__(self, res: Resolved, backbone: Backbone, device: torch.device, dtype: torch.dtype):
         self.res, self.backbone, self.device, self.dtype = res, backbone, device, dtype
@@ -105,8 +114,9 @@ class Extractor:
         backbone.to(device, dtype)
 
     @torch.inference_mode()
-    def features(self, images: torch.Tensor, engine_sizes: list) -> torch.Tensor:
-        """uint8 (B, 3, H, W) -> features (B, T, C) in the storage dtype, on the CPU."""
+    def features(self, images: torch.Tensor, engine_sizes: list) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """uint8 (B, 3, H, W) -> (features (B, T, C) or None with --pool-only, pooled (B, C) or None), on the CPU
+        in the storage dtype."""
         bb, u = self.res.backbone, self.res.user
         x = images.to(self.device, non_blocking=True).float().div_(255)
         x = ((x - self.mean) / self.std).to(self.dtype)
@@ -117,94 +127,260 @@ class Extractor:
             max_batch=u.max_tiles_per_call)
         if bb.output_shape == "bchw":
             out = out.flatten(2).transpose(1, 2)
-        return out.to(self.out_dtype).cpu()
+        pooled = None
+        if u.pool == "mean":
+            pooled = out[:, bb.num_prefix_tokens:].float().mean(dim=1).to(self.out_dtype).cpu()
+        elif u.pool == "cls":
+            pooled = out[:, 0].to(self.out_dtype).cpu()
+        feats = None if u.pool_only else out.to(self.out_dtype).cpu()
+        return feats, pooled
 
 
-def run(res: Resolved, samples: list[Sample], backbone: Backbone,
-        on_progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
-    """Extract every sample into `res.output`. Returns the summary. Failed samples are recorded, not fatal."""
-    u = res.user
-    device = resolve_device(u.device)
-    dtype = resolve_precision(u.precision, device)
-    ex = Extractor(res, backbone, device, dtype)
+@dataclass
+class _Part:
+    """An output shard in the making: unit, part number, its sink and what has gone into it."""
+
+    unit: Unit
+    part: int
+    sink: _ThreadedSink
+    started: float
+    seen: set
+    first_key: str | None = None
+    last_key: str | None = None
+
+
+class Target:
+    """Where a run writes: one file, or an output directory of shards (resumable)."""
+
+    def __init__(self, res: Resolved, inp: Input, overwrite: bool, rank: int = 0):
+        self.res, self.inp, self.rank = res, inp, rank
+        self.dir = OutputDir(res.output) if res.output_is_dir else None
+        if self.dir is not None:
+            run = {"s2cli_version": __version__, "input": inp.describe(), "config": res.to_dict(),
+                   "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+            self.dir.prepare(run, overwrite, res.compare_keys())
+            self.done = {(m["unit_index"], m["part"]): m for m in self.dir.markers()}
+        else:
+            from pathlib import Path
+
+            p = Path(res.output)
+            if p.exists() and not p.is_file():
+                raise ConfigError("output path exists and is not a file", given=str(p), fix="choose another -o path")
+            if p.exists() and not overwrite:
+                raise ConfigError("output file exists", given=str(p), fix="pass --overwrite, or -o OUTDIR/ for a resumable run")
+            if not p.parent.exists():
+                raise ConfigError("output folder does not exist", given=str(p.parent), fix="create it first")
+            self.done = {}
+
+    @property
+    def images_done_before(self) -> int:
+        return sum(m["num_images"] for m in self.done.values())
+
+    @property
+    def failures_before(self) -> int:
+        return sum(m["num_failed"] for m in self.done.values())
+
+    def unit_done(self, unit: Unit) -> bool:
+        """Only units of known size can be skipped without reading them; a tar is read to find its parts."""
+        if unit.size is None:
+            return False
+        parts = max(1, -(-unit.size // self.res.shard_size))
+        return all((unit.index, j) in self.done for j in range(parts))
+
+
+def _sink(res: Resolved, path: str, weights: str) -> _ThreadedSink:
     uniform = res.fit != "keep"
     first = plan_image(res, (res.side, res.side))
-    sink = HDF5Sink(res.output, file_attrs(res, backbone.weights), channels=first.channels,
-                    num_scales=len(res.img_sizes), tokens=first.tokens if uniform else None, dtype=u.dtype)
-    loader = torch.utils.data.DataLoader(
-        ImageDataset(samples, res.fit, res.side, res.backbone.mean), batch_size=u.batch_size,
-        num_workers=u.workers, collate_fn=collate, pin_memory=device.type == "cuda",
-        worker_init_fn=_worker_init if u.workers else None)
+    return SINKS[res.format](path, file_attrs(res, weights), channels=first.channels, num_scales=len(res.img_sizes),
+                             tokens=first.tokens if uniform else None, dtype=res.user.dtype,
+                             store_features=not res.user.pool_only, pooled=res.user.pool != "none")
+
+
+def _work(inp: Input, target: Target) -> Iterator[tuple[Unit, int, Sample | dict | None]]:
+    """(unit, part, sample) for every sample still to do; a sample of None marks an already-done part's sample
+    (read past without decoding, so a resumed tar keeps its part boundaries)."""
+    S = target.res.shard_size
+    for unit in inp.units:
+        if target.unit_done(unit):
+            continue
+        for i, s in enumerate(unit.samples()):
+            part = i // S if target.dir is not None else 0
+            yield unit, part, (None if (unit.index, part) in target.done else s)
+
+
+def run(res: Resolved, inp: Input, target: Target, backbone: Backbone,
+        on_progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+    """Extract every sample into the target. Failed samples are recorded, never substituted."""
+    u = res.user
+    device = resolve_device(u.device)
+    ex = Extractor(res, backbone, device, resolve_precision(u.precision, device))
+    fit = Fit(res.fit, res.side, res.backbone.mean)
     done = failed = 0
+    shards: list[str] = []
+    total_failed_before = target.failures_before
     t0 = time.perf_counter()
-    try:
-        for batch in loader:
-            good = []
-            for rec in batch:
-                if rec["error"] is not None:
-                    sink.fail(rec["error"])
-                    failed += 1
-                else:
-                    good.append(rec)
-            # images of one shape run together (always, unless fit=keep)
-            groups: dict[tuple[int, ...], list[dict[str, Any]]] = {}
-            for rec in good:
-                groups.setdefault(tuple(rec["image"].shape), []).append(rec)
-            items = []
-            for recs in groups.values():
-                plan = plan_image(res, rec_hw(recs[0]))
-                for rec, feats in _forward_group(ex, recs, plan, sink):
-                    items.append(_item(res, rec, plan, feats))
-            failed += len(good) - len(items)
-            items.sort(key=lambda it: it["index"])
-            if items:
-                sink.write(items)
+    cur: _Part | None = None
+    batch: list[tuple[dict, _Part]] = []
+    file_sink = _sink(res, res.output, backbone.weights) if target.dir is None else None
+    next_index = target.dir.next_shard_index(target.rank) if target.dir is not None else 0
+    file_keys: set[str] = set()
+
+    def flush() -> None:
+        nonlocal done, failed
+        if not batch:
+            return
+        part = batch[0][1]
+        groups: dict[tuple[int, ...], list[dict]] = {}
+        for rec, _ in batch:
+            groups.setdefault(tuple(rec["image"].shape), []).append(rec)
+        items = []
+        for recs in groups.values():
+            plan = plan_image(res, tuple(recs[0]["orig_hw"]))
+            for rec, feats, pooled in _forward_group(ex, recs, plan, lambda r: record_failure(part, r)):
+                items.append(_item(res, rec, plan, feats, pooled))
+        order = {id(rec): i for i, (rec, _) in enumerate(batch)}
+        items.sort(key=lambda it: order[it.pop("_rec_id")])
+        if items:
+            part.sink.write(items)
             done += len(items)
-            if on_progress:
-                on_progress(done, failed)
-        path = sink.close()
+        batch.clear()
+        if on_progress:
+            on_progress(done, failed)
+
+    def finish_part(last_of_unit: bool) -> None:
+        nonlocal cur
+        flush()
+        if cur is None or target.dir is None:
+            return
+        path = cur.sink.close()
+        target.dir.commit({
+            "shard": path.name, "unit": cur.unit.id, "unit_index": cur.unit.index, "part": cur.part,
+            "rank": target.rank, "num_images": cur.sink.n, "num_failed": len(cur.sink.failures),
+            "failures": cur.sink.failures, "first_key": cur.first_key, "last_key": cur.last_key,
+            "seconds": round(time.perf_counter() - cur.started, 3), "s2cli_version": __version__,
+            "last_part": last_of_unit,
+        })
+        shards.append(path.name)
+        cur = None
+
+    def start_part(unit: Unit, part: int) -> _Part:
+        nonlocal next_index
+        if target.dir is None:  # one file: one key space across all units
+            return _Part(unit, part, file_sink, time.perf_counter(), file_keys)  # type: ignore[arg-type]
+        name = f"part-{target.rank:05d}-{next_index:05d}{SINKS[res.format].suffix}"
+        next_index += 1
+        return _Part(unit, part, _sink(res, str(target.dir.path / name), backbone.weights), time.perf_counter(), set())
+
+    def record_failure(part: _Part, rec: dict[str, str]) -> None:
+        nonlocal failed
+        part.sink.fail(rec)
+        failed += 1
+        if u.on_error == "stop":
+            raise S2Error(f"stopping at the first failure (--on-error stop): {rec['key']} [{rec['stage']}] "
+                          f"{rec['error_class']}: {rec['error']} ({rec['source']})",
+                          fix="fix or remove that input, or use --on-error skip to record failures and go on")
+        if u.max_failures is not None and failed + total_failed_before > u.max_failures:
+            raise S2Error(f"{failed + total_failed_before} samples failed, more than --max-failures {u.max_failures}; "
+                          f"the last: {rec['key']} [{rec['stage']}] {rec['error']}",
+                          fix="look at the failure records (errors.jsonl or `s2 inspect`), fix the input, rerun to resume")
+
+    work = _work(inp, target)
+    pool = DecodePool(fit, u.workers, timeout=u.decode_timeout)
+    try:
+        for (unit, part_no, sample), rec in pool.map(work, lambda w: _ALREADY_DONE if w[2] is None else w[2]):
+            if sample is None:
+                continue  # a sample of a part already done: read past, not decoded
+            if cur is None or (cur.unit.index, cur.part) != (unit.index, part_no):
+                finish_part(last_of_unit=cur is not None and cur.unit.index != unit.index)
+                cur = start_part(unit, part_no)
+            key = rec["key"]
+            if key in cur.seen:
+                record_failure(cur, {"key": key, "source": rec.get("source") or rec["error"]["source"], "stage": "read",
+                                     "error_class": "DuplicateKey",
+                                     "error": f"key {key!r} appears again in {unit.id}; the first one is kept"})
+                continue
+            cur.seen.add(key)
+            if rec["error"] is not None:
+                record_failure(cur, rec["error"])
+                continue
+            cur.first_key = cur.first_key or key
+            cur.last_key = key
+            rec["image"] = torch.from_numpy(rec["image"])
+            batch.append((rec, cur))
+            if len(batch) >= u.batch_size:
+                flush()
+        finish_part(last_of_unit=True)
+        if file_sink is not None:
+            file_sink.close()
     except BaseException:
-        sink.abort()
+        if cur is not None and cur.sink is not file_sink:
+            cur.sink.abort()
+        if file_sink is not None:
+            file_sink.abort()
         raise
+    finally:
+        pool.close()
     seconds = time.perf_counter() - t0
-    return {"output": str(path), "num_images": done, "num_failed": failed, "seconds": round(seconds, 3),
-            "images_per_s": round(done / seconds, 3) if seconds > 0 else None, "weights": backbone.weights,
-            "device": str(device)}
+    summary: dict[str, Any] = {
+        "output": res.output, "num_images": done, "num_failed": failed, "seconds": round(seconds, 3),
+        "images_per_s": round(done / seconds, 3) if seconds > 0 else None, "weights": backbone.weights,
+        "device": str(device)}
+    if target.dir is not None:
+        by_unit: dict[int, list[dict]] = {}
+        for m in target.dir.markers():
+            by_unit.setdefault(m["unit_index"], []).append(m)
+        units_done = sum(1 for unit in inp.units if _unit_complete(unit, by_unit.get(unit.index, []), res))
+        manifest = target.dir.write_manifest(len(inp.units), units_done)
+        summary.update(shards_written=len(shards), resumed_images=target.images_done_before,
+                       total_images=manifest["num_images"], total_failed=manifest["num_failed"],
+                       complete=manifest["complete"])
+    return summary
 
 
-def rec_hw(rec: dict[str, Any]) -> tuple[int, int]:
-    """The original size, which decides the fitted size (and so the plan) of the image."""
-    return tuple(rec["orig_hw"])  # type: ignore[return-value]
+# what the decode pool is given for a sample of a part already done: passed through, never decoded
+_ALREADY_DONE = {"key": "", "stage": "", "error": "", "error_class": "", "source": ""}
 
 
-def _forward_group(ex: Extractor, recs: list[dict[str, Any]], plan: ImagePlan, sink: HDF5Sink):
+def _unit_complete(unit: Unit, markers: list[dict], res: Resolved) -> bool:
+    """Every part of the unit has a done marker. A tar's part count is known only once it was read to the end:
+    the marker of its last part says so."""
+    parts = {m["part"] for m in markers}
+    if unit.size is not None:
+        return len(parts) >= max(1, -(-unit.size // res.shard_size))
+    last = [m["part"] for m in markers if m.get("last_part")]
+    return bool(last) and parts >= set(range(last[0] + 1))
+
+
+def _forward_group(ex: Extractor, recs: list[dict[str, Any]], plan: ImagePlan, on_fail: Callable[[dict], None]):
     """Features for images of one shape, in one engine call. If that call fails, each image is retried alone
     so only the image that fails is recorded (stage "model"); a configuration error stops the run."""
+    def split(feats, pooled, n):
+        return [(None if feats is None else feats[i], None if pooled is None else pooled[i]) for i in range(n)]
+
     try:
-        return list(zip(recs, ex.features(torch.stack([r["image"] for r in recs]), plan.engine_sizes)))
+        feats, pooled = ex.features(torch.stack([r["image"] for r in recs]), plan.engine_sizes)
+        return [(r, f, p) for r, (f, p) in zip(recs, split(feats, pooled, len(recs)))]
     except ConfigError:
         raise
     except Exception as e:
         if len(recs) == 1:
-            sink.fail(failure(Sample(recs[0]["key"], recs[0]["source"]), "model", e))
+            on_fail(failure(Sample(recs[0]["key"], recs[0]["source"]), "model", e))
             return []
     out = []
     for r in recs:
         try:
-            out.append((r, ex.features(r["image"][None], plan.engine_sizes)[0]))
+            feats, pooled = ex.features(r["image"][None], plan.engine_sizes)
+            out.append((r, *split(feats, pooled, 1)[0]))
         except ConfigError:
             raise
         except Exception as e:
-            sink.fail(failure(Sample(r["key"], r["source"]), "model", e))
+            on_fail(failure(Sample(r["key"], r["source"]), "model", e))
     return out
 
 
-def _item(res: Resolved, rec: dict[str, Any], plan: ImagePlan, feats: torch.Tensor) -> dict[str, Any]:
+def _item(res: Resolved, rec: dict[str, Any], plan: ImagePlan, feats, pooled) -> dict[str, Any]:
     sizes = [(s, s) if isinstance(s, int) else tuple(s) for s in plan.engine_sizes]
-    return {"index": rec["index"], "key": rec["key"], "source": rec["source"], "orig_hw": rec["orig_hw"],
-            "grid_hw": plan.grid_hw, "img_sizes": sizes, "num_prefix_tokens": res.backbone.num_prefix_tokens,
-            "split_mode": res.user.split_mode, "features": feats.numpy()}
-
-
-def _worker_init(_worker_id: int) -> None:
-    torch.set_num_threads(1)
+    return {"_rec_id": id(rec), "key": rec["key"], "source": rec["source"], "meta": rec.get("meta"),
+            "orig_hw": rec["orig_hw"], "grid_hw": plan.grid_hw, "img_sizes": sizes,
+            "num_prefix_tokens": res.backbone.num_prefix_tokens, "split_mode": res.user.split_mode,
+            "features": None if feats is None else feats.numpy(), "pooled": None if pooled is None else pooled.numpy()}

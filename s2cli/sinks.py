@@ -1,11 +1,15 @@
-"""Sinks: write features to HDF5 from a writer thread (the compute loop never waits on disk), atomically:
-the file appears under its final name only when complete. And read them back: `open_features`."""
+"""Sinks: write features to HDF5 or safetensors from a writer thread (the compute loop never waits on disk),
+atomically (a file appears under its final name only when complete), into one file or a directory of shards
+with per-shard done markers, a manifest and a failure log. And read them back: `open_features`."""
 from __future__ import annotations
 
 import json
 import os
 import queue
+import re
 import threading
+import time
+from collections import OrderedDict
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Iterator
@@ -17,60 +21,56 @@ from .errors import ConfigError, S2Error
 
 STR = h5py.string_dtype("utf-8")
 LAYOUT_VERSION = 1
+FORMATS = {"h5": ".h5", "safetensors": ".safetensors"}
+POOLED_TENSOR = "__s2cli_pooled__"
 
 
-class HDF5Sink:
-    """Appends images to `path` (via a temporary file beside it) and renames it into place on `close()`.
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
 
-    Layout (LAYOUT_VERSION 1):
-      attrs      s2cli_version, model, weights, layer, scales, img_sizes, max_split_size, split_mode,
-                 num_prefix_tokens, output_shape, merge, fit, dtype, config (resolved, JSON), num_images, num_failed
-      keys       (N,) str          image keys, in input order
-      features   (N, T, C)         when every image has the same token count T (one image per chunk), or
-                 (sum T_i, C)      flat, with `offsets` (N+1,) int64, when token counts differ (fit=keep)
-      source (N,) str, orig_hw (N, 2), grid_hw (N, 2), img_sizes (N, S, 2), num_prefix_tokens (N,), split_mode (N,)
-      failures   (M,) str          one JSON record per failed image: key, source, stage, error_class, error
-    """
 
-    def __init__(self, path: str | os.PathLike, attrs: dict[str, Any], channels: int, num_scales: int,
-                 tokens: int | None, dtype: str, queue_size: int = 4):
+def _fsync_rename(tmp: Path, final: Path) -> None:
+    with open(tmp, "rb+") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, final)
+    dfd = os.open(final.parent, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+class _ThreadedSink:
+    """The writer thread and the atomic commit shared by every format. Subclasses implement `_open`,
+    `_append(items)` and `_finish(failures)`."""
+
+    suffix = ""
+
+    def __init__(self, path: str | os.PathLike, attrs: dict[str, Any], queue_size: int = 4):
         self.path = Path(path)
         if self.path.exists() and not self.path.is_file():
             raise ConfigError("output path exists and is not a file", given=str(self.path), fix="choose another -o path")
         if not self.path.parent.exists():
             raise ConfigError("output folder does not exist", given=str(self.path.parent), fix="create it first")
         self.tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
-        self.ragged = tokens is None
-        self.dtype = np.dtype(dtype)
-        self.f = h5py.File(self.tmp, "w")
-        for k, v in attrs.items():
-            self.f.attrs[k] = v
-        self.f.attrs["layout_version"] = LAYOUT_VERSION
-        f = self.f
-        f.create_dataset("keys", (0,), STR, maxshape=(None,), chunks=(1024,))
-        f.create_dataset("source", (0,), STR, maxshape=(None,), chunks=(1024,))
-        if self.ragged:
-            f.create_dataset("features", (0, channels), self.dtype, maxshape=(None, channels), chunks=(256, channels))
-            f.create_dataset("offsets", (1,), np.int64, maxshape=(None,), chunks=(1024,), data=[0])
-        else:
-            f.create_dataset("features", (0, tokens, channels), self.dtype, maxshape=(None, tokens, channels),
-                             chunks=(1, tokens, channels))
-        f.create_dataset("orig_hw", (0, 2), np.int32, maxshape=(None, 2), chunks=(1024, 2))
-        f.create_dataset("grid_hw", (0, 2), np.int32, maxshape=(None, 2), chunks=(1024, 2))
-        f.create_dataset("img_sizes", (0, num_scales, 2), np.int32, maxshape=(None, num_scales, 2), chunks=(1024, num_scales, 2))
-        f.create_dataset("num_prefix_tokens", (0,), np.int16, maxshape=(None,), chunks=(1024,))
-        f.create_dataset("split_mode", (0,), STR, maxshape=(None,), chunks=(1024,))
+        self.attrs = attrs
         self.failures: list[dict[str, str]] = []
+        self.keys: list[str] = []
         self.n = 0
         self._q: queue.Queue = queue.Queue(maxsize=queue_size)
         self._error: BaseException | None = None
+        self._open()
         self._thread = threading.Thread(target=self._run, name="s2cli-writer", daemon=True)
         self._thread.start()
 
-    # -- producer side -----------------------------------------------------------------------------------------
     def write(self, items: list[dict[str, Any]]) -> None:
-        """Queue images: dicts with key, source, orig_hw, grid_hw, img_sizes, num_prefix_tokens, split_mode,
-        features (T, C) numpy. Blocks only when `queue_size` batches are already waiting."""
+        """Queue images: dicts with key, source, meta, orig_hw, grid_hw, img_sizes, num_prefix_tokens,
+        split_mode, features (T, C) or None, pooled (C,) or None. Blocks only when the queue is full."""
         self._raise_if_failed()
         self._q.put(items)
 
@@ -82,14 +82,11 @@ class HDF5Sink:
         self._q.put(None)
         self._thread.join()
         self._raise_if_failed()
-        self.f.create_dataset("failures", data=np.array([json.dumps(r) for r in self.failures], dtype=object), dtype=STR)
-        self.f.attrs["num_images"] = self.n
-        self.f.attrs["num_failed"] = len(self.failures)
-        self.f.flush()
-        self.f.close()
-        with open(self.tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(self.tmp, self.path)
+        try:
+            self._finish()
+            _fsync_rename(self.tmp, self.path)
+        except OSError as e:
+            raise S2Error(f"writing {self.path} failed: {e}", fix="check free space and permissions of the output folder") from e
         return self.path
 
     def abort(self) -> None:
@@ -100,11 +97,10 @@ class HDF5Sink:
             pass
         self._thread.join(timeout=5)
         try:
-            self.f.close()
+            self._discard()
         finally:
             self.tmp.unlink(missing_ok=True)
 
-    # -- writer thread -----------------------------------------------------------------------------------------
     def _raise_if_failed(self) -> None:
         if self._error is not None:
             raise S2Error(f"writing {self.path} failed: {type(self._error).__name__}: {self._error}",
@@ -118,8 +114,61 @@ class HDF5Sink:
             if self._error is None:
                 try:
                     self._append(items)
+                    self.keys.extend(it["key"] for it in items)
+                    self.n += len(items)
                 except BaseException as e:  # surfaced to the producer on its next call
                     self._error = e
+
+    # format-specific
+    def _open(self) -> None: ...
+    def _append(self, items: list[dict[str, Any]]) -> None: ...
+    def _finish(self) -> None: ...
+    def _discard(self) -> None: ...
+
+
+class HDF5Sink(_ThreadedSink):
+    """HDF5 layout (LAYOUT_VERSION 1):
+      attrs      s2cli_version, model, weights, layer, scales, img_sizes, max_split_size, split_mode,
+                 num_prefix_tokens, output_shape, merge, fit, dtype, pool, config (resolved, JSON), num_images, num_failed
+      keys       (N,) str          image keys, in input order
+      features   (N, T, C)         when every image has the same token count T (one image per chunk), or
+                 (sum T_i, C)      flat, with `offsets` (N+1,) int64, when token counts differ (fit=keep);
+                                   absent with --pool-only
+      pooled     (N, C)            with --pool mean|cls
+      source (N,) str, meta (N,) str (JSON or ""), orig_hw (N, 2), grid_hw (N, 2), img_sizes (N, S, 2),
+      num_prefix_tokens (N,), split_mode (N,) str
+      failures   (M,) str          one JSON record per failed image: key, source, stage, error_class, error
+    """
+
+    suffix = ".h5"
+
+    def __init__(self, path, attrs, channels: int, num_scales: int, tokens: int | None, dtype: str,
+                 store_features: bool = True, pooled: bool = False, queue_size: int = 4):
+        self.channels, self.num_scales, self.tokens = channels, num_scales, tokens
+        self.dtype, self.store_features, self.pooled = np.dtype(dtype), store_features, pooled
+        super().__init__(path, attrs, queue_size)
+
+    def _open(self) -> None:
+        f = self.f = h5py.File(self.tmp, "w")
+        for k, v in self.attrs.items():
+            f.attrs[k] = v
+        f.attrs["layout_version"] = LAYOUT_VERSION
+        C, S = self.channels, self.num_scales
+        for name in ("keys", "source", "meta", "split_mode"):
+            f.create_dataset(name, (0,), STR, maxshape=(None,), chunks=(1024,))
+        if self.store_features:
+            if self.tokens is None:
+                f.create_dataset("features", (0, C), self.dtype, maxshape=(None, C), chunks=(256, C))
+                f.create_dataset("offsets", (1,), np.int64, maxshape=(None,), chunks=(1024,), data=[0])
+            else:
+                f.create_dataset("features", (0, self.tokens, C), self.dtype, maxshape=(None, self.tokens, C),
+                                 chunks=(1, self.tokens, C))
+        if self.pooled:
+            f.create_dataset("pooled", (0, C), self.dtype, maxshape=(None, C), chunks=(min(1024, max(1, 2**20 // C)), C))
+        f.create_dataset("orig_hw", (0, 2), np.int32, maxshape=(None, 2), chunks=(1024, 2))
+        f.create_dataset("grid_hw", (0, 2), np.int32, maxshape=(None, 2), chunks=(1024, 2))
+        f.create_dataset("img_sizes", (0, S, 2), np.int32, maxshape=(None, S, 2), chunks=(1024, S, 2))
+        f.create_dataset("num_prefix_tokens", (0,), np.int16, maxshape=(None,), chunks=(1024,))
 
     def _append(self, items: list[dict[str, Any]]) -> None:
         f, n, m = self.f, self.n, len(items)
@@ -131,26 +180,216 @@ class HDF5Sink:
 
         grow("keys", [it["key"] for it in items])
         grow("source", [it["source"] for it in items])
+        grow("meta", [it.get("meta") or "" for it in items])
+        grow("split_mode", [it["split_mode"] for it in items])
         grow("orig_hw", np.array([it["orig_hw"] for it in items], np.int32))
         grow("grid_hw", np.array([it["grid_hw"] for it in items], np.int32))
         grow("img_sizes", np.array([it["img_sizes"] for it in items], np.int32))
         grow("num_prefix_tokens", np.array([it["num_prefix_tokens"] for it in items], np.int16))
-        grow("split_mode", [it["split_mode"] for it in items])
+        if self.pooled:
+            grow("pooled", np.stack([np.asarray(it["pooled"], self.dtype) for it in items]))
+        if not self.store_features:
+            return
         feats = [np.asarray(it["features"], dtype=self.dtype) for it in items]
-        if self.ragged:
+        if self.tokens is None:
             off = f["offsets"]
             start = int(off[n])
-            lens = np.cumsum([x.shape[0] for x in feats]) + start
+            ends = np.cumsum([x.shape[0] for x in feats]) + start
             ds = f["features"]
-            ds.resize(int(lens[-1]), axis=0)
-            ds[start:int(lens[-1])] = np.concatenate(feats, axis=0)
+            ds.resize(int(ends[-1]), axis=0)
+            ds[start:int(ends[-1])] = np.concatenate(feats, axis=0)
             off.resize(n + m + 1, axis=0)
-            off[n + 1:n + m + 1] = lens
+            off[n + 1:n + m + 1] = ends
         else:
             grow("features", np.stack(feats))
-        self.n = n + m
+
+    def _finish(self) -> None:
+        self.f.create_dataset("failures", data=np.array([json.dumps(r) for r in self.failures], dtype=object), dtype=STR)
+        self.f.attrs["num_images"] = self.n
+        self.f.attrs["num_failed"] = len(self.failures)
+        self.f.close()
+
+    def _discard(self) -> None:
+        try:
+            self.f.close()
+        except Exception:
+            pass
 
 
+class SafetensorsSink(_ThreadedSink):
+    """safetensors layout: one tensor per image named by its key, (T, C) (absent with --pool-only); with
+    --pool, one tensor `__s2cli_pooled__` (N, C) in the order of the `keys` list. Header metadata (strings):
+    `s2cli` (the file attributes, as in HDF5, JSON), `keys` (JSON list, input order), `images` (JSON: key ->
+    source, meta, orig_hw, grid_hw, img_sizes, num_prefix_tokens, split_mode), `failures` (JSON list).
+    A shard is held in memory until it is written (size shards with --shard-size)."""
+
+    suffix = ".safetensors"
+
+    def __init__(self, path, attrs, channels: int, num_scales: int, tokens: int | None, dtype: str,
+                 store_features: bool = True, pooled: bool = False, queue_size: int = 4):
+        self.dtype, self.store_features, self.pooled = np.dtype(dtype), store_features, pooled
+        super().__init__(path, attrs, queue_size)
+
+    def _open(self) -> None:
+        self.tensors: dict[str, np.ndarray] = {}
+        self.pooled_rows: list[np.ndarray] = []
+        self.images: dict[str, dict[str, Any]] = {}
+
+    def _append(self, items: list[dict[str, Any]]) -> None:
+        for it in items:
+            k = it["key"]
+            if k in self.images or k == POOLED_TENSOR:
+                raise S2Error(f"key {k!r} appears twice in one safetensors shard", fix="make keys unique")
+            if self.store_features:
+                self.tensors[k] = np.ascontiguousarray(np.asarray(it["features"], self.dtype))
+            if self.pooled:
+                self.pooled_rows.append(np.asarray(it["pooled"], self.dtype))
+            self.images[k] = {"source": it["source"], "meta": it.get("meta"), "orig_hw": list(it["orig_hw"]),
+                              "grid_hw": list(it["grid_hw"]), "img_sizes": [list(s) for s in it["img_sizes"]],
+                              "num_prefix_tokens": int(it["num_prefix_tokens"]), "split_mode": it["split_mode"]}
+
+    def _finish(self) -> None:
+        from safetensors.numpy import save_file
+
+        tensors = dict(self.tensors)
+        if self.pooled and self.pooled_rows:
+            tensors[POOLED_TENSOR] = np.stack(self.pooled_rows)
+        attrs = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in self.attrs.items()}
+        attrs.update(num_images=self.n, num_failed=len(self.failures), layout_version=LAYOUT_VERSION)
+        meta = {"s2cli": json.dumps(attrs), "keys": json.dumps(list(self.images)), "images": json.dumps(self.images),
+                "failures": json.dumps(self.failures)}
+        save_file(tensors, str(self.tmp), metadata=meta)
+
+    def _discard(self) -> None:
+        self.tensors = {}
+
+
+SINKS = {"h5": HDF5Sink, "safetensors": SafetensorsSink}
+
+
+def format_of(path: str | os.PathLike) -> str | None:
+    suffix = Path(path).suffix.lower()
+    return next((f for f, s in FORMATS.items() if s == suffix), None)
+
+
+# ---- a directory of shards ---------------------------------------------------------------------------------
+SHARD_RE = re.compile(r"^part-(\d{5})-(\d{5})\.(h5|safetensors)$")
+OURS_RE = re.compile(r"^(part-\d{5}-\d{5}\.(h5|safetensors|json)|run\.json|manifest\.json|errors\.jsonl)$")
+
+
+class OutputDir:
+    """OUTDIR/ holds `run.json` (the resolved config, version, input), shards `part-RRRRR-SSSSS.{h5,safetensors}`,
+    each followed by its done marker `part-RRRRR-SSSSS.json` (written last: only marked shards count),
+    `errors.jsonl` (every failed sample once) and `manifest.json` (the completed shards)."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+
+    @property
+    def run_file(self) -> Path:
+        return self.path / "run.json"
+
+    def markers(self) -> list[dict[str, Any]]:
+        """Done markers whose shard exists, in input order (unit, part)."""
+        out = []
+        for p in self.path.glob("part-*-*.json"):
+            try:
+                m = json.loads(p.read_text())
+            except (OSError, ValueError):
+                continue
+            if (self.path / m.get("shard", "")).is_file():
+                out.append(m)
+        return sorted(out, key=lambda m: (m["unit_index"], m["part"]))
+
+    def prepare(self, run: dict[str, Any], overwrite: bool, compare: list[str]) -> None:
+        """Create, resume or refuse: an existing run must have the same values for `compare`."""
+        if self.path.exists() and not self.path.is_dir():
+            raise ConfigError("output path exists and is not a folder", given=str(self.path),
+                              fix="pass a new or empty folder, or a .h5/.safetensors file name")
+        self.path.mkdir(parents=True, exist_ok=True)
+        entries = [p for p in self.path.iterdir() if not p.name.startswith(".")]
+        foreign = [p.name for p in entries if not OURS_RE.match(p.name)]
+        if foreign:
+            raise ConfigError(f"output folder holds files s2cli did not write, e.g. {foreign[0]}", given=str(self.path),
+                              fix="pass a new or empty folder")
+        if overwrite:
+            for p in entries:
+                p.unlink()
+            for p in self.path.glob(".*.tmp-*"):
+                p.unlink()
+        elif self.run_file.exists():
+            old = json.loads(self.run_file.read_text())
+            diff = [f"{k}: {old['config'].get(k)!r} -> {run['config'].get(k)!r}" for k in compare
+                    if old["config"].get(k) != run["config"].get(k)]
+            if old.get("input", {}).get("spec") != run["input"]["spec"]:
+                diff.insert(0, f"input: {old.get('input', {}).get('spec')!r} -> {run['input']['spec']!r}")
+            if diff:
+                raise ConfigError(f"{self.path} holds a run with a different config ({'; '.join(diff)})",
+                                  fix="rerun with the original settings to resume, pass --overwrite to start over, or use another -o")
+        elif entries:
+            raise ConfigError("output folder has shards but no run.json", given=str(self.path),
+                              fix="pass --overwrite to start over, or another -o")
+        self._clean_leftovers()
+        if not self.run_file.exists():
+            atomic_write_text(self.run_file, json.dumps(run, indent=1, sort_keys=True))
+        self.rebuild_errors()
+
+    def _clean_leftovers(self) -> None:
+        """Temporary files of dead writers, and shard files whose marker was never written (never counted)."""
+        marked = {m["shard"] for m in self.markers()}
+        for p in self.path.glob(".*.tmp-*"):
+            pid = p.name.rsplit("-", 1)[-1]
+            if not pid.isdigit() or not _alive(int(pid)):
+                p.unlink(missing_ok=True)
+        for p in self.path.iterdir():
+            if SHARD_RE.match(p.name) and p.name not in marked:
+                p.unlink(missing_ok=True)
+
+    def next_shard_index(self, rank: int) -> int:
+        used = [int(m.group(2)) for p in self.path.iterdir() if (m := SHARD_RE.match(p.name)) and int(m.group(1)) == rank]
+        return max(used, default=-1) + 1
+
+    def commit(self, marker: dict[str, Any]) -> None:
+        """Write a shard's done marker (last), then log its failures."""
+        name = Path(marker["shard"]).with_suffix(".json").name
+        atomic_write_text(self.path / name, json.dumps(marker, sort_keys=True))
+        if marker["failures"]:
+            with open(self.path / "errors.jsonl", "a") as fh:
+                for r in marker["failures"]:
+                    fh.write(json.dumps(r) + "\n")
+                fh.flush()
+                os.fsync(fh.fileno())
+
+    def rebuild_errors(self) -> None:
+        """errors.jsonl from the markers: every failure of every completed shard, once."""
+        lines = [json.dumps(r) for m in self.markers() for r in m["failures"]]
+        atomic_write_text(self.path / "errors.jsonl", "".join(line + "\n" for line in lines))
+
+    def write_manifest(self, units_total: int | None, units_done: int) -> dict[str, Any]:
+        ms = self.markers()
+        manifest = {
+            "complete": units_total is not None and units_done >= units_total,
+            "units_total": units_total, "units_done": units_done, "num_shards": len(ms),
+            "num_images": sum(m["num_images"] for m in ms), "num_failed": sum(m["num_failed"] for m in ms),
+            "shards": [{k: m[k] for k in ("shard", "unit", "unit_index", "part", "rank", "num_images", "num_failed")}
+                       for m in ms],
+            "updated_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+        atomic_write_text(self.path / "manifest.json", json.dumps(manifest, indent=1))
+        return manifest
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+# ---- reading ---------------------------------------------------------------------------------------------------
 def _attr(v: Any) -> Any:
     if isinstance(v, bytes):
         v = v.decode()
@@ -161,22 +400,39 @@ def _attr(v: Any) -> Any:
     return v
 
 
-class FeatureFile(Mapping):
-    """Lazy read-back: key -> features (T, C) numpy array; `.meta(key)`; `.attrs`; `.failures`."""
+class _Reader(Mapping):
+    """key -> features (T, C) numpy; `.meta(key)`, `.pooled(key)`, `.attrs`, `.config`, `.failures`."""
+
+    path: Path
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return json.loads(self.attrs.get("config", "{}"))
+
+    def _missing(self, key: str) -> KeyError:
+        return KeyError(f"no image with key {key!r} in {self.path} ({len(self)} keys; see `s2 inspect`)")
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+class FeatureFile(_Reader):
+    """One HDF5 file written by s2cli, read lazily."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
-        if not self.path.is_file():
-            raise ConfigError("no such feature file", given=str(path), fix="pass a .h5 written by `s2 extract`")
         try:
             self.f = h5py.File(self.path, "r")
         except OSError as e:
-            raise ConfigError("not an HDF5 file", given=str(path), fix="pass a .h5 written by `s2 extract`") from e
-        if "keys" not in self.f or "features" not in self.f:
+            raise ConfigError("not an HDF5 file", given=str(path), fix="pass a file written by `s2 extract`") from e
+        if "keys" not in self.f:
             self.f.close()
-            raise ConfigError("not an s2cli feature file (no keys/features datasets)", given=str(path),
-                              fix="pass a .h5 written by `s2 extract`")
-        self._keys = [k.decode() if isinstance(k, bytes) else k for k in self.f["keys"][:]]
+            raise ConfigError("not an s2cli feature file (no keys dataset)", given=str(path),
+                              fix="pass a file written by `s2 extract`")
+        self._keys = [_attr(k) for k in self.f["keys"][:]]
         self._index = {k: i for i, k in enumerate(self._keys)}
         self.ragged = "offsets" in self.f
         self._offsets = self.f["offsets"][:] if self.ragged else None
@@ -186,26 +442,26 @@ class FeatureFile(Mapping):
         return {k: _attr(v) for k, v in self.f.attrs.items()}
 
     @property
-    def config(self) -> dict[str, Any]:
-        return json.loads(self.attrs.get("config", "{}"))
-
-    @property
     def failures(self) -> list[dict[str, str]]:
-        if "failures" not in self.f:
-            return []
-        return [json.loads(_attr(r)) for r in self.f["failures"][:]]
+        return [json.loads(_attr(r)) for r in self.f["failures"][:]] if "failures" in self.f else []
 
     def _i(self, key: str) -> int:
-        try:
-            return self._index[key]
-        except KeyError:
-            raise KeyError(f"no image with key {key!r} in {self.path} ({len(self)} keys; see `s2 inspect`)") from None
+        if key not in self._index:
+            raise self._missing(key)
+        return self._index[key]
 
     def __getitem__(self, key: str) -> np.ndarray:
         i = self._i(key)
+        if "features" not in self.f:
+            raise KeyError(f"{self.path} holds pooled vectors only (--pool-only); use .pooled({key!r})")
         if self.ragged:
             return self.f["features"][int(self._offsets[i]):int(self._offsets[i + 1])]
         return self.f["features"][i]
+
+    def pooled(self, key: str) -> np.ndarray:
+        if "pooled" not in self.f:
+            raise KeyError(f"{self.path} has no pooled vectors (extract with --pool mean|cls)")
+        return self.f["pooled"][self._i(key)]
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._keys)
@@ -214,33 +470,209 @@ class FeatureFile(Mapping):
         return len(self._keys)
 
     def meta(self, key: str) -> dict[str, Any]:
-        i = self._i(key)
-        f = self.f
-        return {
-            "key": key, "source": _attr(f["source"][i]), "orig_hw": f["orig_hw"][i].tolist(),
-            "grid_hw": f["grid_hw"][i].tolist(), "img_sizes": f["img_sizes"][i].tolist(),
-            "num_prefix_tokens": int(f["num_prefix_tokens"][i]), "split_mode": _attr(f["split_mode"][i]),
-        }
+        i, f = self._i(key), self.f
+        m = _attr(f["meta"][i]) if "meta" in f else ""
+        return {"key": key, "source": _attr(f["source"][i]), "meta": json.loads(m) if m else None,
+                "orig_hw": f["orig_hw"][i].tolist(), "grid_hw": f["grid_hw"][i].tolist(),
+                "img_sizes": f["img_sizes"][i].tolist(), "num_prefix_tokens": int(f["num_prefix_tokens"][i]),
+                "split_mode": _attr(f["split_mode"][i])}
 
     @property
-    def feature_shape(self) -> list[int | None]:
+    def feature_shape(self) -> list[int | None] | None:
+        if "features" not in self.f:
+            return None
         ds = self.f["features"]
         return [None, ds.shape[1]] if self.ragged else list(ds.shape[1:])
 
     @property
     def dtype(self) -> str:
-        return str(self.f["features"].dtype)
+        return str((self.f["features"] if "features" in self.f else self.f["pooled"]).dtype)
 
     def close(self) -> None:
         self.f.close()
 
-    def __enter__(self) -> "FeatureFile":
-        return self
 
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
+class SafetensorsFeatureFile(_Reader):
+    """One safetensors shard written by s2cli."""
+
+    def __init__(self, path: str | os.PathLike):
+        from safetensors import safe_open
+
+        self.path = Path(path)
+        try:
+            self.f = safe_open(str(self.path), framework="numpy")
+        except Exception as e:
+            raise ConfigError("not a safetensors file", given=str(path), fix="pass a file written by `s2 extract`") from e
+        md = self.f.metadata() or {}
+        if "s2cli" not in md:
+            raise ConfigError("not an s2cli feature file (no s2cli metadata)", given=str(path),
+                              fix="pass a file written by `s2 extract`")
+        self._attrs = json.loads(md["s2cli"])
+        self._keys = json.loads(md["keys"])
+        self._images = json.loads(md["images"])
+        self._failures = json.loads(md["failures"])
+        self._index = {k: i for i, k in enumerate(self._keys)}
+        self._names = set(self.f.keys())
+
+    @property
+    def attrs(self) -> dict[str, Any]:
+        return dict(self._attrs)
+
+    @property
+    def failures(self) -> list[dict[str, str]]:
+        return list(self._failures)
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        if key not in self._index:
+            raise self._missing(key)
+        if key not in self._names:
+            raise KeyError(f"{self.path} holds pooled vectors only (--pool-only); use .pooled({key!r})")
+        return self.f.get_tensor(key)
+
+    def pooled(self, key: str) -> np.ndarray:
+        if key not in self._index:
+            raise self._missing(key)
+        if POOLED_TENSOR not in self._names:
+            raise KeyError(f"{self.path} has no pooled vectors (extract with --pool mean|cls)")
+        return self.f.get_slice(POOLED_TENSOR)[self._index[key]]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def meta(self, key: str) -> dict[str, Any]:
+        if key not in self._index:
+            raise self._missing(key)
+        m = dict(self._images[key])
+        m["meta"] = json.loads(m["meta"]) if m.get("meta") else None
+        return {"key": key, **m}
+
+    @property
+    def feature_shape(self) -> list[int | None] | None:
+        shapes = {tuple(self.f.get_slice(k).get_shape()) for k in self._keys[:64] if k in self._names}
+        if not shapes:
+            return None
+        if len(shapes) == 1:
+            return list(next(iter(shapes)))
+        return [None, next(iter(shapes))[1]]
+
+    @property
+    def dtype(self) -> str:
+        name = next((k for k in self._keys if k in self._names), POOLED_TENSOR if POOLED_TENSOR in self._names else None)
+        if name is None:
+            return str(np.dtype(self._attrs.get("dtype", "float32")))
+        return {"F32": "float32", "F16": "float16"}.get(self.f.get_slice(name).get_dtype(), self.f.get_slice(name).get_dtype())
+
+    def close(self) -> None:
+        self.f = None  # safe_open has no close; the mmap goes with the object
 
 
-def open_features(path: str | os.PathLike) -> FeatureFile:
-    """Open a feature file written by `s2 extract` for lazy reading by key."""
-    return FeatureFile(path)
+class FeatureSet(_Reader):
+    """An output directory read as one mapping across its completed shards (those with a done marker)."""
+
+    def __init__(self, path: str | os.PathLike, max_open: int = 32):
+        self.path = Path(path)
+        self.dir = OutputDir(self.path)
+        if not self.dir.run_file.is_file():
+            raise ConfigError("not an s2cli output folder (no run.json)", given=str(path),
+                              fix="pass a folder written by `s2 extract -o OUTDIR/`")
+        self.run = json.loads(self.dir.run_file.read_text())
+        self._markers = self.dir.markers()
+        self._where: dict[str, int] = {}
+        self._shard_keys: list[list[str]] = []
+        for i, m in enumerate(self._markers):
+            with _open_file(self.path / m["shard"]) as r:
+                ks = list(r)
+            self._shard_keys.append(ks)
+            for k in ks:
+                self._where.setdefault(k, i)
+        self._open: OrderedDict[int, _Reader] = OrderedDict()
+        self.max_open = max_open
+
+    def _reader(self, i: int) -> _Reader:
+        if i in self._open:
+            self._open.move_to_end(i)
+            return self._open[i]
+        r = _open_file(self.path / self._markers[i]["shard"])
+        self._open[i] = r
+        if len(self._open) > self.max_open:
+            self._open.popitem(last=False)[1].close()
+        return r
+
+    def _shard_of(self, key: str) -> _Reader:
+        if key not in self._where:
+            raise self._missing(key)
+        return self._reader(self._where[key])
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        return self._shard_of(key)[key]
+
+    def pooled(self, key: str) -> np.ndarray:
+        return self._shard_of(key).pooled(key)  # type: ignore[attr-defined]
+
+    def meta(self, key: str) -> dict[str, Any]:
+        return {**self._shard_of(key).meta(key), "shard": self._markers[self._where[key]]["shard"]}  # type: ignore[attr-defined]
+
+    def __iter__(self) -> Iterator[str]:
+        seen = set()
+        for ks in self._shard_keys:
+            for k in ks:
+                if k not in seen:
+                    seen.add(k)
+                    yield k
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+    @property
+    def attrs(self) -> dict[str, Any]:
+        if self._markers:
+            return self._reader(0).attrs
+        return {"config": json.dumps(self.run["config"])}
+
+    @property
+    def failures(self) -> list[dict[str, str]]:
+        return [r for m in self._markers for r in m["failures"]]
+
+    @property
+    def shards(self) -> list[dict[str, Any]]:
+        return [{k: m[k] for k in ("shard", "unit", "part", "num_images", "num_failed")} for m in self._markers]
+
+    @property
+    def complete(self) -> bool:
+        mf = self.path / "manifest.json"
+        return bool(mf.is_file() and json.loads(mf.read_text()).get("complete"))
+
+    @property
+    def feature_shape(self) -> list[int | None] | None:
+        shapes = [self._reader(i).feature_shape for i in range(len(self._markers))][:8]
+        shapes = [s for s in shapes if s is not None]
+        if not shapes:
+            return None
+        return shapes[0] if all(s == shapes[0] for s in shapes) else [None, shapes[0][1]]
+
+    @property
+    def dtype(self) -> str:
+        return self._reader(0).dtype if self._markers else self.run["config"].get("dtype", "float32")
+
+    def close(self) -> None:
+        for r in self._open.values():
+            r.close()
+        self._open.clear()
+
+
+def _open_file(path: Path) -> _Reader:
+    if not path.is_file():
+        raise ConfigError("no such feature file", given=str(path), fix="pass a file or folder written by `s2 extract`")
+    return SafetensorsFeatureFile(path) if format_of(path) == "safetensors" else FeatureFile(path)
+
+
+def open_features(path: str | os.PathLike) -> _Reader:
+    """Open features written by `s2 extract` for lazy reading by key: one .h5 or .safetensors file, or an
+    output folder of shards (read across its completed shards)."""
+    p = Path(path)
+    if p.is_dir():
+        return FeatureSet(p)
+    return _open_file(p)

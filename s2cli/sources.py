@@ -1,27 +1,84 @@
-"""Sources: turn an input (a folder, read recursively) into keyed samples, then decode and fit each image to
-the size the engine needs. Decoding runs in DataLoader workers; a bad file becomes a failure record, never a
-crash and never a shifted key."""
+"""Sources: turn an input (a folder, a file list, WebDataset shards) into units of keyed samples, then decode
+and fit each image in worker processes. A bad sample becomes a failure record, never a crash, a hang, or a
+shifted key."""
 from __future__ import annotations
 
+import csv
+import glob
+import io
+import json
+import multiprocessing as mp
 import os
-from dataclasses import dataclass
+from collections import deque
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
-import torch
 from PIL import Image, ImageOps
 
 from .errors import ConfigError
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 FITS = ("crop", "squash", "pad", "keep")
+INPUT_FORMATS = ("auto", "folder", "list", "wds")
+DEFAULT_IMAGE_KEY = "jpg;jpeg;png;webp"
 
 
 @dataclass(frozen=True)
 class Sample:
-    key: str  # path relative to the input, without extension, "/"-separated
-    source: str  # where the bytes come from
+    key: str  # folder: path relative to the input without extension; list: `key` column; wds: __key__
+    source: str  # where the bytes come from (a path, or "<tar url>#<key>")
+    data: bytes | None = None  # the image bytes, when they come from a stream (wds); else read from `source`
+    meta: str | None = None  # per-image metadata as JSON text (wds json/txt members)
+
+
+@dataclass
+class Unit:
+    """One unit of work: a slice of a folder or list, or one input tar. Units are numbered in input order and
+    do not depend on who processes them; each is cut into parts of at most `shard_size` samples."""
+
+    index: int
+    id: str
+    _samples: list[Sample] | None = None
+    url: str | None = None  # wds
+    image_key: str = DEFAULT_IMAGE_KEY
+    stream_errors: list[dict[str, str]] = field(default_factory=list)
+
+    @property
+    def size(self) -> int | None:
+        return None if self._samples is None else len(self._samples)
+
+    def samples(self) -> Iterator[Sample | dict[str, str]]:
+        """Samples in order; a dict instead of a Sample is a failure record (unreadable tar, missing image)."""
+        if self._samples is not None:
+            yield from self._samples
+            return
+        yield from _tar_samples(self.url, self.image_key)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class Input:
+    kind: str  # folder | list | wds
+    spec: str
+    units: list[Unit]
+    total: int | None  # number of samples when known without reading shards
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": self.kind, "spec": self.spec, "units": len(self.units), "total": self.total}
+
+
+# ---- folders and lists -----------------------------------------------------------------------------------------
+def _check_unique(pairs: list[tuple[str, str]], what: str) -> None:
+    by_key: dict[str, list[str]] = {}
+    for key, src in pairs:
+        by_key.setdefault(key, []).append(src)
+    clashes = {k: v for k, v in by_key.items() if len(v) > 1}
+    if clashes:
+        shown = "; ".join(f"{k}: {', '.join(Path(p).name for p in v)}" for k, v in list(clashes.items())[:5])
+        more = f" (and {len(clashes) - 5} more)" if len(clashes) > 5 else ""
+        raise ConfigError(f"{len(clashes)} keys are shared by several {what}: {shown}{more}",
+                          expected="one file per key", fix="rename or remove one file of each pair")
 
 
 def scan_folder(root: str | os.PathLike) -> list[Sample]:
@@ -29,7 +86,7 @@ def scan_folder(root: str | os.PathLike) -> list[Sample]:
     same key (`a.jpg`, `a.png`) are an error listing all such pairs, raised before any work starts."""
     root = Path(root)
     if not root.exists():
-        raise ConfigError("input does not exist", given=str(root), fix="pass an existing folder of images")
+        raise ConfigError("input does not exist", given=str(root), fix="pass an existing folder, list or shards")
     if not root.is_dir():
         raise ConfigError("input is not a folder", given=str(root), fix="pass a folder of images (read recursively)")
     found: list[tuple[str, str]] = []
@@ -40,38 +97,171 @@ def scan_folder(root: str | os.PathLike) -> list[Sample]:
                 full = os.path.join(dirpath, name)
                 found.append((Path(full).relative_to(root).as_posix(), full))
     found.sort()
-    by_key: dict[str, list[str]] = {}
-    for rel, full in found:
-        by_key.setdefault(rel.rsplit(".", 1)[0], []).append(full)
-    clashes = {k: v for k, v in by_key.items() if len(v) > 1}
-    if clashes:
-        shown = "; ".join(f"{k}: {', '.join(Path(p).name for p in v)}" for k, v in list(clashes.items())[:5])
-        more = f" (and {len(clashes) - 5} more)" if len(clashes) > 5 else ""
-        raise ConfigError(f"{len(clashes)} keys are shared by several files: {shown}{more}",
-                          expected="one file per key (the path without its extension)",
-                          fix="rename or remove one file of each pair")
-    if not found:
+    pairs = [(rel.rsplit(".", 1)[0], full) for rel, full in found]
+    _check_unique(pairs, "files (the path without its extension)")
+    if not pairs:
         raise ConfigError("input folder holds no images", given=str(root),
                           expected="files ending in " + ", ".join(IMAGE_EXTS), fix="point at a folder with images")
-    return [Sample(rel.rsplit(".", 1)[0], full) for rel, full in found]
+    return [Sample(k, s) for k, s in pairs]
 
 
-def image_size(path: str) -> tuple[int, int]:
+def read_list(path: str | os.PathLike) -> list[Sample]:
+    """A .txt (one path per line), or a .csv/.parquet with a `path` column and an optional `key` column.
+    Relative paths resolve against the list's folder; the default key is the path as written, less its extension."""
+    path = Path(path)
+    base = path.parent
+    suffix = path.suffix.lower()
+    rows: list[tuple[str, str | None]] = []
+    if suffix == ".txt":
+        for line in path.read_text().splitlines():
+            if line.strip() and not line.lstrip().startswith("#"):
+                rows.append((line.strip(), None))
+    elif suffix in (".csv", ".parquet"):
+        if suffix == ".csv":
+            with open(path, newline="") as fh:
+                table = list(csv.DictReader(fh))
+            cols = set(table[0]) if table else set()
+        else:
+            try:
+                import pyarrow.parquet as pq
+            except ImportError:
+                raise ConfigError("reading .parquet lists needs pyarrow", given=str(path), fix="pip install pyarrow") from None
+            t = pq.read_table(path)
+            cols = set(t.column_names)
+            table = t.to_pylist()
+        if "path" not in cols:
+            raise ConfigError("list has no `path` column", given=sorted(cols), fix="name the image path column `path`")
+        rows = [(str(r["path"]), (str(r["key"]) if r.get("key") not in (None, "") else None)) for r in table]
+    else:
+        raise ConfigError("unknown list format", given=str(path), expected=".txt, .csv or .parquet",
+                          fix="pass --input-format to say what the input is")
+    pairs = []
+    for p, key in rows:
+        full = p if os.path.isabs(p) else str(base / p)
+        pairs.append((key if key is not None else p.rsplit(".", 1)[0] if "." in Path(p).name else p, full))
+    _check_unique(pairs, "list rows")
+    if not pairs:
+        raise ConfigError("input list is empty", given=str(path), fix="list at least one image")
+    return [Sample(k, s) for k, s in pairs]
+
+
+# ---- WebDataset ------------------------------------------------------------------------------------------------
+def expand_shards(spec: str) -> list[str]:
+    """Brace patterns, globs, a folder of .tar files, or `pipe:` commands -> the shard URLs, in order."""
+    if spec.startswith("pipe:"):
+        from braceexpand import braceexpand
+
+        return list(braceexpand(spec))
+    p = Path(spec)
+    if p.is_dir():
+        urls = sorted(str(x) for x in p.iterdir() if x.name.endswith(".tar") and x.is_file())
+    else:
+        from braceexpand import braceexpand
+
+        urls = []
+        for part in braceexpand(spec):
+            urls.extend(sorted(glob.glob(part)) if glob.has_magic(part) else [part])
+    missing = [u for u in urls if not os.path.exists(u)]
+    if missing:
+        raise ConfigError(f"{len(missing)} of {len(urls)} shards do not exist, e.g. {missing[0]}", given=spec,
+                          fix="check the pattern (quote braces in the shell: 'shards/{00000..00009}.tar')")
+    if not urls:
+        raise ConfigError("no shards match", given=spec, fix="pass a brace pattern, a glob, or a folder of .tar files")
+    return urls
+
+
+def _tar_samples(url: str, image_key: str) -> Iterator[Sample | dict[str, str]]:
+    from webdataset.tariterators import tarfile_samples
+
+    errors: list[BaseException] = []
+
+    def handler(exn: BaseException) -> bool:
+        errors.append(exn)
+        return True
+
+    exts = [e.strip().lower() for e in image_key.split(";") if e.strip()]
+    for s in tarfile_samples([{"url": url}], handler=handler):
+        while errors:
+            yield _stream_failure(url, errors.pop(0))
+        key = s["__key__"]
+        img_ext = next((e for e in exts if e in s), None)
+        if img_ext is None:
+            members = sorted(k for k in s if not k.startswith("__"))
+            yield {"key": key, "source": f"{url}#{key}", "stage": "read", "error_class": "MissingImage",
+                   "error": f"no image member ({'/'.join(exts)}); the sample has: {', '.join(members) or 'nothing'}"}
+            continue
+        meta: dict[str, Any] = {}
+        if "json" in s:
+            try:
+                meta["json"] = json.loads(s["json"])
+            except ValueError:
+                meta["json"] = s["json"].decode("utf-8", "replace")
+        if "txt" in s:
+            meta["txt"] = s["txt"].decode("utf-8", "replace")
+        yield Sample(key, f"{url}#{key}", data=s[img_ext], meta=json.dumps(meta) if meta else None)
+    while errors:
+        yield _stream_failure(url, errors.pop(0))
+
+
+def _stream_failure(url: str, exn: BaseException) -> dict[str, str]:
+    msg = str(exn.args[0]) if exn.args else str(exn)
+    return {"key": f"{Path(url).name}:<stream>", "source": url, "stage": "read", "error_class": type(exn).__name__,
+            "error": f"reading the tar failed: {msg}"}
+
+
+# ---- the input ---------------------------------------------------------------------------------------------------
+def detect_format(spec: str) -> str:
+    if spec.startswith("pipe:") or "{" in spec or spec.endswith(".tar") or glob.has_magic(spec):
+        return "wds"
+    p = Path(spec)
+    if p.is_file() and p.suffix.lower() in (".txt", ".csv", ".parquet"):
+        return "list"
+    if p.is_dir():
+        if any(x.name.endswith(".tar") for x in p.iterdir()) and not any(
+                x.name.lower().endswith(IMAGE_EXTS) for x in p.iterdir()):
+            return "wds"
+        return "folder"
+    if not p.exists():
+        raise ConfigError("input does not exist", given=spec, fix="pass an existing folder, list or shards")
+    raise ConfigError("cannot tell what kind of input this is", given=spec,
+                      expected="a folder, a .txt/.csv/.parquet list, or .tar shards",
+                      fix="pass --input-format folder|list|wds")
+
+
+def open_input(spec: str, input_format: str = "auto", shard_size: int = 1000, limit: int | None = None,
+               image_key: str | None = None) -> Input:
+    """Resolve the input into units. Folders and lists are listed now (key clashes are errors before any work);
+    shards are only named, and read when their unit runs."""
+    if input_format not in INPUT_FORMATS:
+        raise ConfigError("--input-format is not known", given=input_format, expected=" | ".join(INPUT_FORMATS),
+                          fix="pass --input-format auto")
+    kind = detect_format(spec) if input_format == "auto" else input_format
+    if kind == "wds":
+        urls = expand_shards(spec)
+        units = [Unit(i, u, url=u, image_key=image_key or DEFAULT_IMAGE_KEY) for i, u in enumerate(urls)]
+        return Input(kind, spec, units, None)
+    samples = scan_folder(spec) if kind == "folder" else read_list(spec)
+    if limit:
+        samples = samples[:limit]
+    units = [Unit(i, f"{kind}[{s}:{s + len(samples[s:s + shard_size])}]", samples[s:s + shard_size])
+             for i, s in enumerate(range(0, len(samples), shard_size))]
+    return Input(kind, spec, units, len(samples))
+
+
+# ---- decode and fit ----------------------------------------------------------------------------------------------
+def _open(sample: Sample) -> Image.Image:
+    return Image.open(io.BytesIO(sample.data) if sample.data is not None else sample.source)
+
+
+def image_size(sample: Sample) -> tuple[int, int]:
     """(h, w) as displayed, from the header alone (EXIF orientation applied, no pixels decoded)."""
-    with Image.open(path) as im:
+    with _open(sample) as im:
         w, h = im.size
         try:
             orientation = im.getexif().get(0x0112, 1)
         except Exception:
             orientation = 1
     return (w, h) if orientation in (5, 6, 7, 8) else (h, w)
-
-
-def decode(path: str) -> Image.Image:
-    """Pillow decode, EXIF orientation applied, RGB."""
-    with Image.open(path) as im:
-        im = ImageOps.exif_transpose(im)
-        return im.convert("RGB")
 
 
 def fit_size(orig_hw: tuple[int, int], fit: str, side: int) -> tuple[int, int]:
@@ -107,43 +297,108 @@ def fit_image(im: Image.Image, fit: str, side: int, mean: tuple[float, float, fl
     return im.crop((left, top, left + side, top + side))
 
 
-def to_uint8_tensor(im: Image.Image) -> torch.Tensor:
-    return torch.from_numpy(np.array(im, dtype=np.uint8, copy=True)).permute(2, 0, 1).contiguous()
+def to_uint8_array(im: Image.Image) -> np.ndarray:
+    """(3, H, W) uint8, contiguous."""
+    return np.ascontiguousarray(np.asarray(im, dtype=np.uint8).transpose(2, 0, 1))
 
 
-class ImageDataset(torch.utils.data.Dataset):
-    """Sample i -> dict(key, source, image uint8 (3, H, W) or None, orig_hw, error). Runs in workers."""
-
-    def __init__(self, samples: list[Sample], fit: str, side: int, mean: tuple[float, float, float]):
-        if fit not in FITS:
-            raise ConfigError("fit is not known", given=fit, expected=" | ".join(FITS), fix="use --fit crop")
-        self.samples, self.fit, self.side, self.mean = samples, fit, side, mean
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        s = self.samples[i]
-        rec: dict[str, Any] = {"index": i, "key": s.key, "source": s.source, "image": None, "orig_hw": None, "error": None}
-        stage = "read"
-        try:
-            if not os.access(s.source, os.R_OK):
-                raise OSError(f"cannot read {s.source}")
-            stage = "decode"
-            im = decode(s.source)
-            rec["orig_hw"] = (im.height, im.width)
-            stage = "preprocess"
-            rec["image"] = to_uint8_tensor(fit_image(im, self.fit, self.side, self.mean))
-        except Exception as e:  # recorded per sample; the run goes on (plain dict: it crosses process borders)
-            rec["error"] = failure(s, stage, e)
-        return rec
-
-
-def failure(sample: Sample, stage: str, error: BaseException) -> dict[str, str]:
+def failure(sample: Sample, stage: str, error: BaseException | str, error_class: str | None = None) -> dict[str, str]:
     """One failure record: which sample, where it came from, the stage that failed, and why."""
     return {"key": sample.key, "source": sample.source, "stage": stage,
-            "error_class": type(error).__name__, "error": str(error)}
+            "error_class": error_class or type(error).__name__, "error": str(error)}
 
 
-def collate(batch: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return batch
+@dataclass(frozen=True)
+class Fit:
+    """How every image is brought to the engine's input: the fit mode, the side, the pad color."""
+
+    mode: str
+    side: int
+    mean: tuple[float, float, float]
+
+    def __post_init__(self) -> None:
+        if self.mode not in FITS:
+            raise ConfigError("fit is not known", given=self.mode, expected=" | ".join(FITS), fix="use --fit crop")
+
+
+def decode_sample(sample: Sample, fit: Fit) -> dict[str, Any]:
+    """Sample -> record with `image` (3, H, W) uint8 and `orig_hw`, or `error` (a failure record)."""
+    rec: dict[str, Any] = {"key": sample.key, "source": sample.source, "meta": sample.meta, "image": None,
+                           "orig_hw": None, "error": None}
+    stage = "read"
+    try:
+        if sample.data is None and not os.access(sample.source, os.R_OK):
+            raise OSError(f"cannot read {sample.source}")
+        stage = "decode"
+        with _open(sample) as raw:
+            im = ImageOps.exif_transpose(raw).convert("RGB")
+        rec["orig_hw"] = (im.height, im.width)
+        stage = "preprocess"
+        rec["image"] = to_uint8_array(fit_image(im, fit.mode, fit.side, fit.mean))
+    except Exception as e:  # recorded per sample; the run goes on (plain dict: it crosses process borders)
+        rec["error"] = failure(sample, stage, e)
+    return rec
+
+
+def _worker_init() -> None:
+    try:
+        import torch
+
+        torch.set_num_threads(1)
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def _decode_job(args: tuple[Sample, Fit]) -> dict[str, Any]:
+    return decode_sample(*args)
+
+
+class DecodePool:
+    """Decodes samples in `workers` processes, in order, with at most `window` in flight (memory stays flat
+    whatever the input's length). A sample whose worker stalls or dies is recorded after `timeout` seconds
+    instead of being waited on forever. workers=0 decodes in the calling thread."""
+
+    def __init__(self, fit: Fit, workers: int, timeout: float = 120.0, window: int | None = None):
+        self.fit, self.workers, self.timeout = fit, workers, timeout
+        self.window = window or max(4, 4 * workers)
+        self._pool = mp.get_context("fork").Pool(workers, initializer=_worker_init) if workers > 0 else None
+
+    def map(self, items: Iterable[Any], sample_of: Callable[[Any], Sample | dict]) -> Iterator[tuple[Any, dict]]:
+        """For each item (anything carrying a sample), yield (item, record) in input order. Items whose sample is
+        already a failure record pass through without decoding."""
+        if self._pool is None:
+            for item in items:
+                s = sample_of(item)
+                yield item, ({"key": s["key"], "error": s} if isinstance(s, dict) else decode_sample(s, self.fit))
+            return
+        pending: deque = deque()
+        for item in items:
+            s = sample_of(item)
+            job = None if isinstance(s, dict) else self._pool.apply_async(_decode_job, ((s, self.fit),))
+            pending.append((item, s, job))
+            if len(pending) >= self.window:
+                yield self._get(*pending.popleft())
+        while pending:
+            yield self._get(*pending.popleft())
+
+    def _get(self, item: Any, s: Sample | dict, job: Any) -> tuple[Any, dict]:
+        if job is None:
+            return item, {"key": s["key"], "error": s}  # type: ignore[index]
+        try:
+            return item, job.get(timeout=self.timeout)
+        except mp.TimeoutError:
+            err = failure(s, "decode", f"no result after {self.timeout:.0f}s (the decode worker stalled or died)",  # type: ignore[arg-type]
+                          "WorkerTimeout")
+            return item, {"key": s.key, "error": err}  # type: ignore[union-attr]
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.terminate()
+            self._pool.join()
+            self._pool = None
+
+    def __enter__(self) -> "DecodePool":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()

