@@ -319,8 +319,10 @@ class OutputDir:
                 p.unlink()
         elif self.run_file.exists():
             old = json.loads(self.run_file.read_text())
-            diff = [f"{k}: {old['config'].get(k)!r} -> {run['config'].get(k)!r}" for k in compare
-                    if old["config"].get(k) != run["config"].get(k)]
+            new = json.loads(json.dumps(run))  # compare as saved (tuples are lists there)
+            before, after = _flat(old["config"], compare), _flat(new["config"], compare)
+            diff = [f"{k}: {before.get(k)!r} -> {after.get(k)!r}" for k in sorted(set(before) | set(after))
+                    if before.get(k) != after.get(k) and not k.startswith("backbone.description")]
             if old.get("input", {}).get("spec") != run["input"]["spec"]:
                 diff.insert(0, f"input: {old.get('input', {}).get('spec')!r} -> {run['input']['spec']!r}")
             if diff:
@@ -377,6 +379,18 @@ class OutputDir:
         }
         atomic_write_text(self.path / "manifest.json", json.dumps(manifest, indent=1))
         return manifest
+
+
+def _flat(config: dict[str, Any], keys: list[str]) -> dict[str, Any]:
+    """The compared settings, nested dicts flattened to dotted names so a diff names exactly what changed."""
+    out: dict[str, Any] = {}
+    for k in keys:
+        v = config.get(k)
+        if isinstance(v, dict):
+            out.update({f"{k}.{sub}": sv for sub, sv in v.items()})
+        else:
+            out[k] = v
+    return out
 
 
 def _alive(pid: int) -> bool:

@@ -180,9 +180,20 @@ def _tar_samples(url: str, image_key: str) -> Iterator[Sample | dict[str, str]]:
         return True
 
     exts = [e.strip().lower() for e in image_key.split(";") if e.strip()]
-    for s in tarfile_samples([{"url": url}], handler=handler):
+    reported = False  # one broken stream is one failure, however many layers of the reader saw it
+
+    def stream_failures() -> Iterator[dict[str, str]]:
+        nonlocal reported
         while errors:
-            yield _stream_failure(url, errors.pop(0))
+            exn = errors.pop(0)
+            if isinstance(exn, ValueError) and "duplicate file name" in str(exn):
+                continue  # a repeated member inside one sample: the first is kept, as with duplicate keys
+            if not reported:
+                reported = True
+                yield _stream_failure(url, exn)
+
+    for s in tarfile_samples([{"url": url}], handler=handler):
+        yield from stream_failures()
         key = s["__key__"]
         img_ext = next((e for e in exts if e in s), None)
         if img_ext is None:
@@ -199,8 +210,7 @@ def _tar_samples(url: str, image_key: str) -> Iterator[Sample | dict[str, str]]:
         if "txt" in s:
             meta["txt"] = s["txt"].decode("utf-8", "replace")
         yield Sample(key, f"{url}#{key}", data=s[img_ext], meta=json.dumps(meta) if meta else None)
-    while errors:
-        yield _stream_failure(url, errors.pop(0))
+    yield from stream_failures()
 
 
 def _stream_failure(url: str, exn: BaseException) -> dict[str, str]:
