@@ -167,15 +167,17 @@ def _run_with_progress(res, inp, target, backbone, quiet: bool) -> dict:
         return run(res, inp, target, backbone)
     with Progress(TextColumn("[bold]extract"), BarColumn(), MofNCompleteColumn(),
                   TextColumn("{task.fields[rate]} img/s"), TimeRemainingColumn(),
-                  TextColumn("{task.fields[failed]} failed"), console=err, transient=False) as progress:
+                  TextColumn("{task.fields[failed]} failed"), TextColumn("{task.fields[shards]} shards"),
+                  console=err, transient=False) as progress:
         before = target.images_done_before + target.failures_before
         total = None if inp.total is None else inp.total
-        task = progress.add_task("extract", total=total, completed=before, rate="-", failed=0)
+        task = progress.add_task("extract", total=total, completed=before, rate="-", failed=0, shards=len(target.done))
 
-        def tick(done: int, failed: int) -> None:
+        def tick(done: int, failed: int, shards: int) -> None:
             elapsed = progress.tasks[task].elapsed or 0
             rate = f"{done / elapsed:.1f}" if elapsed > 0 else "-"
-            progress.update(task, completed=before + done + failed, rate=rate, failed=failed)
+            progress.update(task, completed=before + done + failed, rate=rate, failed=failed,
+                            shards=len(target.done) + shards)
 
         return run(res, inp, target, backbone, on_progress=tick)
 
@@ -260,6 +262,28 @@ def image_report(ff, key: str) -> dict:
         x = np.asarray(ff.pooled(key), dtype=np.float64)
     return {**m, "shape": list(x.shape), "mean": float(x.mean()), "std": float(x.std()),
             "finite": bool(np.isfinite(x).all())}
+
+
+@app.command()
+def export(
+    path: Annotated[str, typer.Argument(help="A feature file or output folder written by `s2 extract`.")],
+    out: Annotated[str, typer.Argument(help="New folder for img_emb/*.npy and metadata/*.parquet.")],
+    pool: Annotated[str, typer.Option(help="auto (stored pooled vectors, else token mean) | pooled | mean.")] = "auto",
+    as_json: JsonOpt = False,
+) -> None:
+    """Export one vector per image for retrieval (the img_emb/ + metadata/ layout autofaiss reads)."""
+    from .sinks import export_embeddings, open_features
+
+    with _reported():
+        if pool not in ("auto", "pooled", "mean"):
+            raise ConfigError("--pool is not known", given=pool, expected="auto | pooled | mean", fix="pass --pool auto")
+        with open_features(path) as ff:
+            summary = export_embeddings(ff, out, pool)
+    if as_json:
+        print(json.dumps(summary))
+    else:
+        err.print(f"{summary['num_images']} vectors of {summary['dim']} ({summary['pool']}) -> {summary['output']}",
+                  highlight=False)
 
 
 @app.command()

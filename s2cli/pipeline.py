@@ -209,7 +209,7 @@ def _work(inp: Input, target: Target) -> Iterator[tuple[Unit, int, Sample | dict
 
 
 def run(res: Resolved, inp: Input, target: Target, backbone: Backbone,
-        on_progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+        on_progress: Callable[[int, int, int], None] | None = None) -> dict[str, Any]:
     """Extract every sample into the target. Failed samples are recorded, never substituted."""
     u = res.user
     device = resolve_device(u.device)
@@ -245,7 +245,7 @@ def run(res: Resolved, inp: Input, target: Target, backbone: Backbone,
             done += len(items)
         batch.clear()
         if on_progress:
-            on_progress(done, failed)
+            on_progress(done, failed, len(shards))
 
     def finish_part(last_of_unit: bool) -> None:
         nonlocal cur

@@ -313,3 +313,48 @@ def test_host_memory_is_flat_in_the_number_of_images(tmp_path):
 
     small, large = peak(200), peak(2000)
     assert large <= small * 1.10 + 20_000, (small, large)  # kB
+
+
+@pytest.mark.parametrize("how", ["dies", "stalls"])
+def test_a_decode_worker_that_dies_or_stalls_is_reported_not_waited_on(cli, tmp_path, monkeypatch, how):
+    import s2cli.sources as sources
+
+    d = folder(tmp_path, 4)
+    write_image(d / "zz_bad.png", (20, 20), 99)
+    original = sources.decode_sample
+
+    def decode(sample, fit):
+        if sample.key == "zz_bad":
+            if how == "dies":
+                os._exit(3)  # the worker process vanishes mid-task
+            time.sleep(600)
+        return original(sample, fit)
+
+    monkeypatch.setattr(sources, "decode_sample", decode)  # inherited by the forked workers
+    t0 = time.time()
+    s = invoke_json(cli, "extract", d, *FAST[:-2], "-j", 2, "--decode-timeout", 3, "-o", tmp_path / "o.h5", "--json")
+    assert time.time() - t0 < 60
+    assert s["num_images"] == 4 and s["num_failed"] == 1
+    with open_features(tmp_path / "o.h5") as ff:
+        [f] = ff.failures
+        assert f["key"] == "zz_bad" and f["error_class"] == "WorkerTimeout" and "stalled or died" in f["error"]
+
+
+def test_export_for_retrieval(cli, tmp_path):
+    pa = pytest.importorskip("pyarrow", reason="pyarrow is in the test extras")  # noqa: F841
+    import pyarrow.parquet as pq
+
+    d = folder(tmp_path, 5)
+    out = f"{tmp_path / 'feats'}/"
+    invoke_json(cli, "extract", d, *FAST, "-o", out, "--shard-size", 2, "--json")
+    s = invoke_json(cli, "export", out, tmp_path / "emb", "--json")
+    assert s["num_images"] == 5 and s["dim"] == 192 and s["pool"] == "mean"
+    emb = np.load(tmp_path / "emb" / "img_emb" / "img_emb_0.npy")
+    meta = pq.read_table(tmp_path / "emb" / "metadata" / "metadata_0.parquet").to_pylist()
+    assert emb.shape == (5, 192) and [m["key"] for m in meta] == [f"img{i:04d}" for i in range(5)]
+    with open_features(out) as ff:
+        np.testing.assert_allclose(emb[3], ff["img0003"].mean(0), rtol=1e-6)
+    r = cli("export", out, tmp_path / "emb")
+    assert r.exit_code == 2 and "not empty" in r.stderr
+    r = cli("export", out, tmp_path / "emb2", "--pool", "pooled")
+    assert r.exit_code == 2 and "--pool mean" in r.stderr
