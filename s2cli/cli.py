@@ -135,6 +135,12 @@ def extract(
     else:
         err.print(f"{summary['num_images']} images, {summary['num_failed']} failed -> {summary['output']} "
                   f"({summary['images_per_s']} img/s)", highlight=False)
+    if summary["num_failed"] and not summary["num_images"] and not summary.get("resumed_images"):
+        with _reported():
+            raise S2Error(f"every sample failed ({summary['num_failed']}), nothing was extracted",
+                          given=str(cfg.input), expected="at least one readable image",
+                          fix="read the failure records (`s2 inspect OUT --json` or OUTDIR/errors.jsonl); relative "
+                              "paths in a .txt list resolve against the list's folder")
 
 
 @app.command()

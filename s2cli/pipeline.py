@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
@@ -161,8 +162,6 @@ class Target:
             self.dir.prepare(run, overwrite, res.compare_keys())
             self.done = {(m["unit_index"], m["part"]): m for m in self.dir.markers()}
         else:
-            from pathlib import Path
-
             p = Path(res.output)
             if p.exists() and not p.is_file():
                 raise ConfigError("output path exists and is not a file", given=str(p), fix="choose another -o path")
@@ -171,6 +170,9 @@ class Target:
             if not p.parent.exists():
                 raise ConfigError("output folder does not exist", given=str(p.parent), fix="create it first")
             self.done = {}
+        self._by_unit: dict[int, list[dict]] = {}
+        for (u, _), m in self.done.items():
+            self._by_unit.setdefault(u, []).append(m)
 
     @property
     def images_done_before(self) -> int:
@@ -181,11 +183,9 @@ class Target:
         return sum(m["num_failed"] for m in self.done.values())
 
     def unit_done(self, unit: Unit) -> bool:
-        """Only units of known size can be skipped without reading them; a tar is read to find its parts."""
-        if unit.size is None:
-            return False
-        parts = max(1, -(-unit.size // self.res.shard_size))
-        return all((unit.index, j) in self.done for j in range(parts))
+        """Every part of the unit is done, so it need not even be read (a tar's part count is known from the
+        marker of its last part)."""
+        return _unit_complete(unit, self._by_unit.get(unit.index, []), self.res)
 
 
 def _sink(res: Resolved, path: str, weights: str) -> _ThreadedSink:
@@ -262,6 +262,8 @@ def run(res: Resolved, inp: Input, target: Target, backbone: Backbone,
         })
         shards.append(path.name)
         cur = None
+        if on_progress:
+            on_progress(done, failed, len(shards))
 
     def start_part(unit: Unit, part: int) -> _Part:
         nonlocal next_index

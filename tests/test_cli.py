@@ -287,3 +287,13 @@ def test_bf16_compute_is_close_to_fp32(cli, tmp_path, image_dir, clip_dir):
         for k in fa:
             assert np.abs(fa[k] - fb[k]).max() < 0.1 * np.abs(fa[k]).max()
             assert not np.array_equal(fa[k], fb[k])
+
+
+def test_a_run_where_every_sample_failed_exits_1(cli, tmp_path):
+    (tmp_path / "l.txt").write_text("not/there.jpg\nalso/missing.png\n")
+    out = tmp_path / "o.h5"
+    r = cli("extract", tmp_path / "l.txt", "-m", "timm:resnet18", "--random-init", "-o", out, "-j", 0)
+    assert r.exit_code == 1, r.stderr + r.stdout
+    assert "every sample failed (2)" in r.stderr and "list's folder" in r.stderr
+    with open_features(out) as ff:  # the failure records are kept
+        assert len(ff) == 0
