@@ -234,6 +234,17 @@ def _timm_cfg(name: str, arch: str, layer: int | None) -> BackboneCfg:
 
 def resolve(spec: str, *, layer: int | None = None, keep_cls: bool = False) -> BackboneCfg:
     """Turn an alias or a spec string into a BackboneCfg. Loads no weights."""
+    cfg = _resolve_spec(spec, layer=layer, keep_cls=keep_cls)
+    if keep_cls and cfg.output_shape == "bchw":
+        raise ConfigError("--keep-cls asks for a prefix token, and a bchw backbone (a ConvNet map) has none",
+                          given=spec, fix="drop --keep-cls, or pick a ViT (e.g. clip-vit-l-336)")
+    if keep_cls and cfg.num_prefix_tokens == 0:
+        raise ConfigError("--keep-cls: this model has no CLS token to keep", given=spec,
+                          fix="drop --keep-cls (SigLIP has no CLS token; DINOv2 keeps its own)")
+    return cfg
+
+
+def _resolve_spec(spec: str, *, layer: int | None, keep_cls: bool) -> BackboneCfg:
     if not isinstance(spec, str) or not spec:
         raise ConfigError("no model given", given=spec, fix="pass --model efficientnet-lite0 (see `s2 models`)")
     if spec in _REGISTRY:

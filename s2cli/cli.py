@@ -84,6 +84,7 @@ def extract(
     on_error: Annotated[Optional[str], typer.Option("--on-error", help="skip (record and go on) | stop. [default: skip]")] = None,
     max_failures: Annotated[Optional[int], typer.Option("--max-failures", help="Exit non-zero once more samples than this have failed.")] = None,
     decode_timeout: Annotated[Optional[float], typer.Option("--decode-timeout", help="Seconds before a stalled decode is recorded as failed. [default: 120]")] = None,
+    check_finite: Annotated[Optional[bool], typer.Option("--check-finite/--no-check-finite", help="Record images whose features hold NaN/Inf instead of storing them. [default: check]")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output file, or start OUTDIR/ over.")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan; load no weights, read headers only.")] = False,
     as_json: JsonOpt = False,
@@ -111,7 +112,8 @@ def extract(
             fit=fit, antialias=antialias, batch_size=batch_size, workers=workers,
             max_tiles_per_call=max_tiles_per_call, device=device, precision=precision, dtype=dtype, limit=limit,
             input_format=input_format, image_key=image_key, format=format, shard_size=shard_size, pool=pool,
-            pool_only=pool_only, on_error=on_error, max_failures=max_failures, decode_timeout=decode_timeout)
+            pool_only=pool_only, on_error=on_error, max_failures=max_failures, decode_timeout=decode_timeout,
+            check_finite=check_finite)
         res = resolve_config(cfg, resolve(cfg.model, layer=cfg.layer, keep_cls=cfg.keep_cls))
         inp = open_input(cfg.input, cfg.input_format, res.shard_size, cfg.limit, cfg.image_key)
         if dry_run:

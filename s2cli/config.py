@@ -22,7 +22,8 @@ POOLS = ("none", "mean", "cls")
 ON_ERROR = ("skip", "stop")
 SHARD_BYTES = 1 << 30  # default shard size aims at ~1 GiB files
 # settings that only decide how fast a run goes, not what it writes: a resumed run may change them
-RUN_ONLY = ("batch_size", "workers", "device", "max_tiles_per_call", "on_error", "max_failures", "decode_timeout")
+RUN_ONLY = ("batch_size", "workers", "device", "max_tiles_per_call", "on_error", "max_failures", "decode_timeout",
+            "check_finite")
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,7 @@ class ExtractConfig:
     on_error: str = "skip"
     max_failures: int | None = None
     decode_timeout: float = 120.0
+    check_finite: bool = True
     recipe: str | None = None
     provenance: tuple[tuple[str, str], ...] = ()  # (field, "recipe" | "flag") for every value not a default
 
@@ -179,7 +181,8 @@ class Resolved:
             "input_format": self.user.input_format, "image_key": self.user.image_key, "format": self.format,
             "shard_size": self.shard_size, "pool": self.user.pool, "pool_only": self.user.pool_only,
             "on_error": self.user.on_error, "max_failures": self.user.max_failures,
-            "decode_timeout": self.user.decode_timeout, "recipe": self.user.recipe, "set_by": dict(self.user.provenance),
+            "decode_timeout": self.user.decode_timeout, "check_finite": self.user.check_finite,
+            "recipe": self.user.recipe, "set_by": dict(self.user.provenance),
         }
 
     def compare_keys(self) -> list[str]:
@@ -229,6 +232,10 @@ def resolve_config(cfg: ExtractConfig, backbone: BackboneCfg) -> Resolved:
     split = cfg.max_split_size or backbone.input_size
     if split <= 0:
         raise ConfigError("--max-split-size must be positive", given=split, fix=f"e.g. --max-split-size {backbone.input_size}")
+    if split > max(sizes):
+        raise ConfigError("--max-split-size is larger than the largest scale, so no scale would be split into tiles",
+                          given=f"{split} > {max(sizes)}", expected=f"a tile size <= {max(sizes)} (the model's input "
+                          f"size is {backbone.input_size})", fix=f"drop --max-split-size, or raise the scales")
     n = len(sizes)
     if not -n <= cfg.resize_output_to_idx < n:
         raise ConfigError("--resize-output-to-idx is out of range", given=cfg.resize_output_to_idx,

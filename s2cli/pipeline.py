@@ -191,9 +191,12 @@ class Target:
 def _sink(res: Resolved, path: str, weights: str) -> _ThreadedSink:
     uniform = res.fit != "keep"
     first = plan_image(res, (res.side, res.side))
-    return SINKS[res.format](path, file_attrs(res, weights), channels=first.channels, num_scales=len(res.img_sizes),
+    sink = SINKS[res.format](path, file_attrs(res, weights), channels=first.channels, num_scales=len(res.img_sizes),
                              tokens=first.tokens if uniform else None, dtype=res.user.dtype,
                              store_features=not res.user.pool_only, pooled=res.user.pool != "none")
+    if res.output_is_dir:
+        sink.need_bytes = res.shard_size * first.tokens * first.channels * (2 if res.user.dtype == "float16" else 4)
+    return sink
 
 
 def _work(inp: Input, target: Target) -> Iterator[tuple[Unit, int, Sample | dict | None]]:
@@ -361,7 +364,7 @@ def _forward_group(ex: Extractor, recs: list[dict[str, Any]], plan: ImagePlan, o
 
     try:
         feats, pooled = ex.features(torch.stack([r["image"] for r in recs]), plan.engine_sizes)
-        return [(r, f, p) for r, (f, p) in zip(recs, split(feats, pooled, len(recs)))]
+        return _finite([(r, f, p) for r, (f, p) in zip(recs, split(feats, pooled, len(recs)))], ex, on_fail)
     except ConfigError:
         raise
     except Exception as e:
@@ -377,7 +380,28 @@ def _forward_group(ex: Extractor, recs: list[dict[str, Any]], plan: ImagePlan, o
             raise
         except Exception as e:
             on_fail(failure(Sample(r["key"], r["source"]), "model", e))
-    return out
+    return _finite(out, ex, on_fail)
+
+
+def _finite(results: list[tuple[dict, Any, Any]], ex: Extractor, on_fail: Callable[[dict], None]) -> list:
+    """With --check-finite (the default), an image whose stored features or pooled vector hold NaN or Inf (an fp16
+    overflow, a broken checkpoint) is recorded (stage "model", NonFiniteFeatures) instead of written."""
+    if not ex.res.user.check_finite:
+        return results
+    kept = []
+    for r, f, p in results:
+        bad = [(name, t) for name, t in (("features", f), ("pooled", p)) if t is not None and not bool(torch.isfinite(t).all())]
+        if not bad:
+            kept.append((r, f, p))
+            continue
+        name, t = bad[0]
+        nan, inf = int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
+        hint = ("the float16 storage overflowed: use --dtype float32" if ex.res.user.dtype == "float16" and
+                f is not None else "try --precision fp32" if ex.res.user.precision != "fp32" else "check the weights")
+        on_fail(failure(Sample(r["key"], r["source"]), "model",
+                        f"{name} hold {nan} NaN and {inf} Inf values of {t.numel()}; {hint} "
+                        "(--no-check-finite stores them anyway)", "NonFiniteFeatures"))
+    return kept
 
 
 def _item(res: Resolved, rec: dict[str, Any], plan: ImagePlan, feats, pooled) -> dict[str, Any]:

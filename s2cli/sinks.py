@@ -3,10 +3,12 @@ atomically (a file appears under its final name only when complete), into one fi
 with per-shard done markers, a manifest and a failure log. And read them back: `open_features`."""
 from __future__ import annotations
 
+import errno
 import json
 import os
 import queue
 import re
+import shutil
 import threading
 import time
 from collections import OrderedDict
@@ -25,13 +27,42 @@ FORMATS = {"h5": ".h5", "safetensors": ".safetensors"}
 POOLED_TENSOR = "__s2cli_pooled__"
 
 
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def write_error(path: Path, e: BaseException, need_bytes: int | None = None) -> S2Error:
+    """The one error for a failed write. A full disk says so, with the space left and the space a shard needs;
+    completed shards are untouched, so the fix is to make room and rerun."""
+    if getattr(e, "errno", None) == errno.ENOSPC or "No space left" in str(e):
+        try:
+            free = f"{_human(shutil.disk_usage(path.parent).free)} free"
+        except OSError:
+            free = "free space unknown"
+        detail = getattr(e, "strerror", None) if getattr(e, "filename", None) else None  # a refused reservation
+        need = f"; a whole shard needs about {_human(need_bytes)}" if need_bytes else ""
+        return S2Error(f"no space left on device writing {path} ({detail or free}{need})", given=str(path.parent),
+                       fix="free space or point -o elsewhere, then rerun the same command: completed shards are "
+                           "kept and the run continues after them")
+    return S2Error(f"writing {path} failed: {type(e).__name__}: {e}",
+                   fix="check free space and permissions of the output folder")
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise write_error(path, e) from e
 
 
 def _fsync_rename(tmp: Path, final: Path) -> None:
@@ -45,11 +76,16 @@ def _fsync_rename(tmp: Path, final: Path) -> None:
         os.close(dfd)
 
 
+def _nbytes(items: list[dict[str, Any]]) -> int:
+    return sum(getattr(it.get(k), "nbytes", 0) for it in items for k in ("features", "pooled"))
+
+
 class _ThreadedSink:
     """The writer thread and the atomic commit shared by every format. Subclasses implement `_open`,
     `_append(items)` and `_finish(failures)`."""
 
     suffix = ""
+    need_bytes: int | None = None  # what a complete shard will take, for the message when the disk is full
 
     def __init__(self, path: str | os.PathLike, attrs: dict[str, Any], queue_size: int = 4):
         self.path = Path(path)
@@ -85,8 +121,10 @@ class _ThreadedSink:
         try:
             self._finish()
             _fsync_rename(self.tmp, self.path)
-        except OSError as e:
-            raise S2Error(f"writing {self.path} failed: {e}", fix="check free space and permissions of the output folder") from e
+        except Exception as e:  # h5py reports a full disk as OSError or RuntimeError
+            self._discard()
+            self.tmp.unlink(missing_ok=True)
+            raise write_error(self.path, e, self.need_bytes) from e
         return self.path
 
     def abort(self) -> None:
@@ -103,8 +141,7 @@ class _ThreadedSink:
 
     def _raise_if_failed(self) -> None:
         if self._error is not None:
-            raise S2Error(f"writing {self.path} failed: {type(self._error).__name__}: {self._error}",
-                          fix="check free space and permissions of the output folder") from self._error
+            raise write_error(self.path, self._error, self.need_bytes) from self._error
 
     def _run(self) -> None:
         while True:
@@ -113,11 +150,20 @@ class _ThreadedSink:
                 return
             if self._error is None:
                 try:
+                    self._reserve(_nbytes(items))
                     self._append(items)
                     self.keys.extend(it["key"] for it in items)
                     self.n += len(items)
                 except BaseException as e:  # surfaced to the producer on its next call
                     self._error = e
+                    self._discard()  # at once: on a full disk, the sooner the file is emptied the better
+
+    def _reserve(self, nbytes: int) -> None:
+        """Refuse a write the disk cannot hold before the format library tries it (HDF5 left half-written by a
+        full disk cannot be closed cleanly). 1 MiB of headroom covers chunk and header overhead."""
+        free = shutil.disk_usage(self.tmp.parent).free
+        if nbytes + (1 << 20) > free:
+            raise OSError(errno.ENOSPC, f"{_human(nbytes)} to write + 1 MiB headroom, {_human(free)} free", str(self.tmp))
 
     # format-specific
     def _open(self) -> None: ...
@@ -210,6 +256,12 @@ class HDF5Sink(_ThreadedSink):
         self.f.close()
 
     def _discard(self) -> None:
+        # Empty the file first: on a full disk HDF5 cannot flush on close, and an h5py file left half-closed
+        # crashes the interpreter when it is collected. Emptied, the close succeeds; the file is removed next.
+        try:
+            os.truncate(self.tmp, 0)
+        except OSError:
+            pass
         try:
             self.f.close()
         except Exception:
@@ -258,6 +310,7 @@ class SafetensorsSink(_ThreadedSink):
         attrs.update(num_images=self.n, num_failed=len(self.failures), layout_version=LAYOUT_VERSION)
         meta = {"s2cli": json.dumps(attrs), "keys": json.dumps(list(self.images)), "images": json.dumps(self.images),
                 "failures": json.dumps(self.failures)}
+        self._reserve(sum(t.nbytes for t in tensors.values()) + sum(map(len, meta.values())))
         save_file(tensors, str(self.tmp), metadata=meta)
 
     def _discard(self) -> None:
@@ -356,11 +409,14 @@ class OutputDir:
         name = Path(marker["shard"]).with_suffix(".json").name
         atomic_write_text(self.path / name, json.dumps(marker, sort_keys=True))
         if marker["failures"]:
-            with open(self.path / "errors.jsonl", "a") as fh:
-                for r in marker["failures"]:
-                    fh.write(json.dumps(r) + "\n")
-                fh.flush()
-                os.fsync(fh.fileno())
+            try:
+                with open(self.path / "errors.jsonl", "a") as fh:
+                    for r in marker["failures"]:
+                        fh.write(json.dumps(r) + "\n")
+                    fh.flush()
+                    os.fsync(fh.fileno())
+            except OSError as e:  # the marker holds them; errors.jsonl is rebuilt from the markers on resume
+                raise write_error(self.path / "errors.jsonl", e) from e
 
     def rebuild_errors(self) -> None:
         """errors.jsonl from the markers: every failure of every completed shard, once."""

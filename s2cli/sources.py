@@ -9,6 +9,7 @@ import io
 import json
 import multiprocessing as mp
 import os
+import warnings
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +19,16 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from .errors import ConfigError
+
+def printable(text: str) -> str:
+    """A file name's bytes that are not UTF-8 (kept by Python as lone surrogates) spelled as `\\xNN`, so keys
+    and sources can be stored and printed; stable, so the same file always gets the same key."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 FITS = ("crop", "squash", "pad", "keep")
@@ -31,6 +42,9 @@ class Sample:
     source: str  # where the bytes come from (a path, or "<tar url>#<key>")
     data: bytes | None = None  # the image bytes, when they come from a stream (wds); else read from `source`
     meta: str | None = None  # per-image metadata as JSON text (wds json/txt members)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "key", printable(self.key))  # `source` stays the real path, for reading
 
 
 @dataclass
@@ -263,6 +277,63 @@ def _open(sample: Sample) -> Image.Image:
     return Image.open(io.BytesIO(sample.data) if sample.data is not None else sample.source)
 
 
+def _read(sample: Sample) -> Any:
+    """The stage `read`: the bytes of a stream sample, or an open file handle, with a plain reason when the file
+    vanished (deleted after the input was listed), is not readable, or is not a file."""
+    if sample.data is not None:
+        return io.BytesIO(sample.data)
+    src = sample.source
+    if not os.path.lexists(src):
+        raise FileNotFoundError(f"no such file: {printable(src)} (deleted or moved after the input was listed?)")
+    if os.path.isdir(src):
+        raise IsADirectoryError(f"a folder, not an image file: {printable(src)}")
+    try:
+        return open(src, "rb")
+    except PermissionError:
+        raise PermissionError(f"permission denied reading {printable(src)}") from None
+    except OSError as e:  # a symlink loop (ELOOP), a broken link, an I/O error
+        raise type(e)(f"{e.strerror or e} reading {printable(src)}") from None
+
+
+def load_rgb(fh: Any) -> tuple[Image.Image, dict[str, Any]]:
+    """Decode one image to RGB the way the HF processors do, and say what was done when it was not plain RGB:
+    EXIF orientation applied; the first frame of an animation; alpha (RGBA, LA, palette transparency) composited
+    on white; 16-bit grayscale (PNG/TIFF) scaled to 8 bits, not clipped; CMYK, palette, 1-bit and gray converted.
+    Images over Pillow's decompression-bomb limit (`PIL.Image.MAX_IMAGE_PIXELS`) are refused from their header."""
+    notes: dict[str, Any] = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            raw = Image.open(fh)
+        except Image.DecompressionBombWarning as w:  # between 1x and 2x the limit Pillow only warns: refuse too
+            raise Image.DecompressionBombError(str(w)) from None
+    with raw:
+        frames = getattr(raw, "n_frames", 1)
+        if frames > 1:
+            raw.seek(0)
+            notes.update(frames=frames, frame_used=0)
+        im = ImageOps.exif_transpose(raw)
+        if im is raw:  # older Pillow returns the image itself when there is nothing to do
+            im = raw.copy()
+    mode = im.mode
+    if mode != "RGB":
+        notes["mode"] = mode
+    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        a = np.asarray(im, dtype=np.float64)
+        im = Image.fromarray(np.clip(np.round(a / 257.0), 0, 255).astype(np.uint8), "L")
+    elif mode == "F":
+        a = np.asarray(im, dtype=np.float64)
+        hi = 1.0 if a.size and np.nanmax(a) <= 1.0 else 255.0
+        im = Image.fromarray(np.clip(np.round(np.nan_to_num(a) * (255.0 / hi)), 0, 255).astype(np.uint8), "L")
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La") or (mode == "P" and "transparency" in im.info):
+        rgba = im.convert("RGBA")
+        canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        canvas.alpha_composite(rgba)
+        im = canvas
+        notes["alpha"] = "composited on white"
+    return im.convert("RGB"), notes
+
+
 def image_size(sample: Sample) -> tuple[int, int]:
     """(h, w) as displayed, from the header alone (EXIF orientation applied, no pixels decoded)."""
     with _open(sample) as im:
@@ -314,7 +385,7 @@ def to_uint8_array(im: Image.Image) -> np.ndarray:
 
 def failure(sample: Sample, stage: str, error: BaseException | str, error_class: str | None = None) -> dict[str, str]:
     """One failure record: which sample, where it came from, the stage that failed, and why."""
-    return {"key": sample.key, "source": sample.source, "stage": stage,
+    return {"key": sample.key, "source": printable(sample.source), "stage": stage,
             "error_class": error_class or type(error).__name__, "error": str(error)}
 
 
@@ -333,15 +404,17 @@ class Fit:
 
 def decode_sample(sample: Sample, fit: Fit) -> dict[str, Any]:
     """Sample -> record with `image` (3, H, W) uint8 and `orig_hw`, or `error` (a failure record)."""
-    rec: dict[str, Any] = {"key": sample.key, "source": sample.source, "meta": sample.meta, "image": None,
+    rec: dict[str, Any] = {"key": sample.key, "source": printable(sample.source), "meta": sample.meta, "image": None,
                            "orig_hw": None, "error": None}
     stage = "read"
     try:
-        if sample.data is None and not os.access(sample.source, os.R_OK):
-            raise OSError(f"cannot read {sample.source}")
+        fh = _read(sample)
         stage = "decode"
-        with _open(sample) as raw:
-            im = ImageOps.exif_transpose(raw).convert("RGB")
+        with fh:
+            im, notes = load_rgb(fh)
+        if notes:
+            meta = json.loads(sample.meta) if sample.meta else {}
+            rec["meta"] = json.dumps({**meta, "decode": notes})
         rec["orig_hw"] = (im.height, im.width)
         stage = "preprocess"
         rec["image"] = to_uint8_array(fit_image(im, fit.mode, fit.side, fit.mean))
