@@ -1,0 +1,190 @@
+"""Dynamic-resolution strategies: planners against the published implementations (transformers' own functions,
+10,000 random sizes each), the NVILA tile counts, pixel tests of cutting, and merger oracles with a toy backbone."""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from s2cli.errors import ConfigError
+from s2cli.strategies import (
+    LLAVA_NEXT_PINPOINTS, StrategyArgs, StrategyCfg, cut_view, grouped_calls, internvl_grid, merge, out_layout,
+    outputs_to_maps, plan_strategy, resolve_strategy, select_best_resolution, smart_resize,
+)
+
+N = 10_000
+
+
+def _sizes(seed: int, lo: int = 1, hi: int = 4000) -> list[tuple[int, int]]:
+    rng = random.Random(seed)
+    out = []
+    for _ in range(N):
+        if rng.random() < 0.3:  # small and extreme shapes too
+            out.append((rng.randint(lo, 64), rng.randint(lo, hi)) if rng.random() < 0.5 else (rng.randint(lo, hi), rng.randint(lo, 64)))
+        else:
+            out.append((rng.randint(lo, hi), rng.randint(lo, hi)))
+    return out
+
+
+def test_anyres_select_best_resolution_equals_transformers():
+    from transformers.image_processing_utils import select_best_resolution as ref
+
+    onevision = [(384 * i, 384 * j) for i in range(1, 7) for j in range(1, 7)]
+    for k, hw in enumerate(_sizes(1)):
+        pins = list(LLAVA_NEXT_PINPOINTS) if k % 2 else onevision
+        assert select_best_resolution(hw, pins) == tuple(ref(hw, pins)), hw
+
+
+def test_native_smart_resize_equals_transformers_qwen2_vl():
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize as ref
+
+    rng = random.Random(2)
+    checked = 0
+    for h, w in _sizes(2, lo=1, hi=6000):
+        if max(h, w) / min(h, w) > 200:
+            with pytest.raises(ConfigError, match="aspect ratio"):
+                smart_resize(h, w)
+            with pytest.raises(ValueError):
+                ref(h, w)
+            continue
+        lo, hi = rng.choice([(56 * 56, 28 * 28 * 1280), (3136, 12845056), (256 * 28 * 28, 1024 * 28 * 28)])
+        factor = rng.choice([28, 28, 32, 16])
+        assert smart_resize(h, w, factor, lo, hi) == tuple(ref(h, w, factor, lo, hi)), (h, w, factor, lo, hi)
+        checked += 1
+    assert checked > 9000
+    assert smart_resize(70, 70, 28, 1, 10**9) == (56, 56)  # round half to even: 70/28 = 2.5 -> 2
+    assert smart_resize(10, 500) == tuple(ref(10, 500)) == (28, 420)  # a side below the factor is lifted, no error
+
+
+def test_internvl_grid_equals_got_ocr2_canvas():
+    from transformers.models.got_ocr2.image_processing_got_ocr2 import get_optimal_tiled_canvas as ref
+
+    rng = random.Random(3)
+    for h, w in _sizes(3):
+        lo, hi = rng.choice([(1, 12), (1, 6), (1, 40), (9, 12), (2, 9)])
+        S = rng.choice([448, 384, 336])
+        assert internvl_grid(w, h, lo, hi, S) == tuple(ref((h, w), (S, S), lo, hi)), (h, w, lo, hi, S)
+
+
+def _cfg(strategy: str, tile: int = 448, **kw) -> StrategyCfg:
+    return resolve_strategy(StrategyArgs(strategy=strategy, set_fields=tuple(k for k, v in kw.items() if v is not None and k != "img_sizes"), **kw),
+                            tile, 14, "hf", "siglip", "bnc")
+
+
+@pytest.mark.parametrize("wh, tiles, grid", [((1000, 1000), 14, (3, 3)), ((1920, 1080), 17, (3, 4)),
+                                             ((1080, 1920), 15, (5, 2)), ((3000, 1000), 17, (2, 6))])
+def test_nvila_dynamic_s2_tile_counts(wh, tiles, grid):
+    cfg = _cfg("dynamic-s2", img_sizes=(448, 896, 1344))
+    plan = plan_strategy(cfg, (wh[1], wh[0]))
+    assert plan.num_tiles == tiles and tuple(plan.views[-1].grid) == grid
+    assert plan.grids[:2] == [[1, 1], [2, 2]] and cfg.max_tiles == 12 and cfg.min_tiles == 9
+
+
+def test_internvl_thumbnail_last_only_with_more_than_one_tile():
+    cfg = _cfg("internvl")
+    plan = plan_strategy(cfg, (500, 1000))
+    assert [v.name for v in plan.views] == ["grid", "thumbnail"] and plan.views[0].grid == (1, 2)
+    one = plan_strategy(_cfg("internvl", max_tiles=1), (500, 1000))
+    assert [v.name for v in one.views] == ["grid"] and one.num_tiles == 1
+    assert [v.name for v in plan_strategy(_cfg("internvl", thumbnail=False), (500, 1000)).views] == ["grid"]
+
+
+def test_tiles_are_row_major_and_strided_crops_interleave_back():
+    x = torch.arange(3 * 12 * 12, dtype=torch.float32).reshape(3, 12, 12)
+    cfg = _cfg("dual", tile=4, img_sizes=(12,))
+    local, strided = plan_strategy(cfg, (12, 12)).views
+    tiles = cut_view(x, local)
+    for i, (t, l, b, r) in enumerate(local.boxes()):
+        assert torch.equal(tiles[i], x[:, t:b, l:r])
+    assert torch.equal(tiles[1], x[:, 0:4, 4:8])  # row-major: the second tile is to the right of the first
+    sub = cut_view(x, strided)
+    assert torch.equal(sub[3 * 1 + 2], x[:, 1::3, 2::3])
+    back = torch.empty_like(x)
+    for a in range(3):
+        for b in range(3):
+            back[:, a::3, b::3] = sub[3 * a + b]
+    assert torch.equal(back, x)
+
+
+def _run(toy_model, cfg, plan, views_px):
+    inputs = [cut_view(px, v) for v, px in zip(plan.views, views_px)]
+    outs = grouped_calls(toy_model, inputs)
+    fhw = lambda t: (t[0] // 4, t[1] // 4)  # noqa: E731 - ToyConv has stride 4
+    per_view = [outputs_to_maps(o, toy_model.num_prefix, toy_model.output_shape, fhw(v.tile)) for o, v in zip(outs, plan.views)]
+    layout = out_layout(cfg, plan, fhw, 8, toy_model.num_prefix)
+    return merge(cfg, plan, per_view, layout), layout
+
+
+def test_dual_merger_oracle(toy):
+    model = toy()
+    cfg = _cfg("dual", tile=16, img_sizes=(48,))
+    plan = plan_strategy(cfg, (48, 48))
+    x = torch.randn(3, 48, 48)
+    tokens, layout = _run(model, cfg, plan, [x, x])
+    assert len(model.calls) == 1 and model.calls[0][0] == 18  # local and strided inputs in one call
+    fmap = tokens.T.reshape(16, 12, 12)
+    conv = lambda im: F.conv2d(im[None], model.weight, model.bias, stride=4)[0]  # noqa: E731
+    assert torch.allclose(fmap[:8, 4:8, 0:4], conv(x[:, 16:32, 0:16]), atol=1e-5)  # local tile (1, 0)
+    assert torch.allclose(fmap[8:, 1::3, 2::3], conv(x[:, 1::3, 2::3]), atol=1e-5)  # strided (1, 2) interleaved
+    assert layout.channels == 16 and layout.grid_hw == (12, 12)
+
+
+def test_dynamic_s2_merger_oracle_area_to_last_grid(toy):
+    model = toy(num_prefix=1)
+    cfg = _cfg("dynamic-s2", tile=16, img_sizes=(16, 32), max_tiles=6)
+    plan = plan_strategy(cfg, (20, 50))  # aspect 2.5, 4..6 tiles: 3 cols x 2 rows (|2.5 - 1.5|) is closest
+    px = [torch.randn(3, *v.canvas) for v in plan.views]
+    tokens, layout = _run(model, cfg, plan, px)
+    rows, cols = plan.views[-1].grid
+    assert (rows, cols) == (2, 3)
+    h, w = rows * 4, cols * 4
+    assert tokens.shape == (1 + h * w, 16) and layout.tokens == tokens.shape[0]
+    conv = lambda im: F.conv2d(im[None], model.weight, model.bias, stride=4)  # noqa: E731
+    s0 = F.interpolate(conv(px[0]), size=(h, w), mode="area")[0]
+    assert torch.allclose(tokens[1:, :8].T.reshape(8, h, w), s0, atol=1e-5)
+    # prefix: per scale, the mean of the prefix token over that scale's tiles
+    c1 = [conv(t)[0].flatten(1).mean(1) for t in cut_view(px[1], plan.views[1])]
+    assert torch.allclose(tokens[0, 8:], torch.stack(c1).mean(0), atol=1e-5)
+
+
+def test_anyres_merger_unpads_and_puts_base_first(toy):
+    model = toy()
+    cfg = _cfg("anyres", tile=16, grid_pinpoints=((16, 32), (32, 16), (32, 32)))
+    plan = plan_strategy(cfg, (10, 40))  # wide: 16x32, resized to 8x32, padded 4 rows top and bottom
+    base, grid = plan.views
+    assert grid.canvas == (16, 32) and grid.resize == (8, 32) and grid.pad == (4, 0)
+    px = [torch.randn(3, 16, 16), torch.randn(3, 16, 32)]
+    tokens, layout = _run(model, cfg, plan, px)
+    conv = lambda im: F.conv2d(im[None], model.weight, model.bias, stride=4)[0]  # noqa: E731
+    assert torch.allclose(tokens[:16].T.reshape(8, 4, 4), conv(px[0]), atol=1e-5)
+    full = torch.cat([conv(px[1][:, :, :16]), conv(px[1][:, :, 16:])], dim=2)  # (8, 4, 8)
+    assert [m.name for m in layout.maps] == ["base", "grid"] and layout.maps[1].hw == (2, 8)
+    assert torch.allclose(tokens[16:].T.reshape(8, 2, 8), full[:, 1:3], atol=1e-5)
+
+
+def test_onevision_anyres_max_reduces_bilinearly():
+    cfg = _cfg("anyres", tile=384, grid_pinpoints=tuple((384 * i, 384 * j) for i in range(1, 7) for j in range(1, 7)),
+               anyres_max=9)
+    plan = plan_strategy(cfg, (2304, 2304))
+    layout = out_layout(cfg, plan, lambda t: (27, 27), 1152, 0)
+    # 6x6 tiles -> 162x162 unpadded; sqrt(162² / (9 * 27²)) = 2 > 1.1 -> (81, 81)
+    assert layout.maps[1].hw == (81, 81) and plan.num_tiles == 37
+
+
+def test_native_needs_a_variable_size_backbone_and_plans_one_input():
+    with pytest.raises(ConfigError, match="any input size"):
+        resolve_strategy(StrategyArgs(strategy="native"), 336, 14, "hf", "clip", "bnc")
+    cfg = resolve_strategy(StrategyArgs(strategy="native"), 224, 14, "hf", "dinov2", "bnc")
+    assert cfg.factor == 28
+    plan = plan_strategy(cfg, (1080, 1920))
+    assert plan.num_tiles == 1 and plan.views[0].tile == smart_resize(1080, 1920)
+
+
+def test_options_that_do_not_apply_are_refused():
+    with pytest.raises(ConfigError, match="--grid-pinpoints does not apply"):
+        resolve_strategy(StrategyArgs(strategy="internvl", grid_pinpoints=((336, 672),), set_fields=("grid_pinpoints",)),
+                         336, 14, "hf", "clip", "bnc")
+    with pytest.raises(ConfigError, match="--strategy is not known"):
+        resolve_strategy(StrategyArgs(strategy="tiles"), 336, 14, "hf", "clip", "bnc")
