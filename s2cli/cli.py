@@ -84,6 +84,14 @@ def extract(
     on_error: Annotated[Optional[str], typer.Option("--on-error", help="skip (record and go on) | stop. [default: skip]")] = None,
     max_failures: Annotated[Optional[int], typer.Option("--max-failures", help="Exit non-zero once more samples than this have failed.")] = None,
     decode_timeout: Annotated[Optional[float], typer.Option("--decode-timeout", help="Seconds before a stalled decode is recorded as failed. [default: 120]")] = None,
+    strategy: Annotated[Optional[str], typer.Option(help="s2 | dynamic-s2 | anyres | internvl | native | dual. [default: s2]")] = None,
+    min_tiles: Annotated[Optional[int], typer.Option("--min-tiles", help="internvl: fewest tiles. [default: 1]")] = None,
+    max_tiles: Annotated[Optional[int], typer.Option("--max-tiles", help="internvl, dynamic-s2: most tiles (of the last scale). [default: 12]")] = None,
+    thumbnail: Annotated[Optional[bool], typer.Option("--thumbnail/--no-thumbnail", help="internvl: append a squashed thumbnail when there is more than one tile. [default: on]")] = None,
+    grid_pinpoints: Annotated[Optional[str], typer.Option("--grid-pinpoints", help="anyres: candidate canvases HxW, e.g. 336x672,672x336. [default: LLaVA-NeXT's]")] = None,
+    anyres_max: Annotated[Optional[int], typer.Option("--anyres-max", help="anyres: OneVision's anyres_max_N bilinear reduction of the grid map.")] = None,
+    min_pixels: Annotated[Optional[int], typer.Option("--min-pixels", help="native: smart_resize min pixels. [default: 3136]")] = None,
+    max_pixels: Annotated[Optional[int], typer.Option("--max-pixels", help="native: smart_resize max pixels. [default: 1003520]")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output file, or start OUTDIR/ over.")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan; load no weights, read headers only.")] = False,
     as_json: JsonOpt = False,
@@ -96,6 +104,7 @@ def extract(
       s2 extract photos/ --recipe llava-1.5-s2 -o photos.h5
       s2 extract 'shards/{00000..00099}.tar' --recipe llava-1.5-s2 -o feats/ --format safetensors
       s2 extract photos/ -m clip-vit-l-336 --random-init --scales 1,2,3 --dry-run --json
+      s2 extract photos/ --recipe llava-next-anyres --random-init --dry-run --json
     """
     from .backbones import load_backbone, resolve
     from .config import build_config, resolve_config
@@ -111,7 +120,9 @@ def extract(
             fit=fit, antialias=antialias, batch_size=batch_size, workers=workers,
             max_tiles_per_call=max_tiles_per_call, device=device, precision=precision, dtype=dtype, limit=limit,
             input_format=input_format, image_key=image_key, format=format, shard_size=shard_size, pool=pool,
-            pool_only=pool_only, on_error=on_error, max_failures=max_failures, decode_timeout=decode_timeout)
+            pool_only=pool_only, on_error=on_error, max_failures=max_failures, decode_timeout=decode_timeout,
+            strategy=strategy, min_tiles=min_tiles, max_tiles=max_tiles, thumbnail=thumbnail,
+            grid_pinpoints=grid_pinpoints, anyres_max=anyres_max, min_pixels=min_pixels, max_pixels=max_pixels)
         res = resolve_config(cfg, resolve(cfg.model, layer=cfg.layer, keep_cls=cfg.keep_cls))
         inp = open_input(cfg.input, cfg.input_format, res.shard_size, cfg.limit, cfg.image_key)
         if dry_run:
@@ -123,7 +134,8 @@ def extract(
             return
         resolve_device(cfg.device)
         target = Target(res, inp, overwrite)  # refuses a clashing output before any weights load
-        backbone = load_backbone(res.backbone, weights=cfg.weights, random_init=cfg.random_init, seed=cfg.seed)
+        backbone = load_backbone(res.backbone, weights=cfg.weights, random_init=cfg.random_init, seed=cfg.seed,
+                                 any_size=res.strategy is not None and res.strategy.name == "native")
         if output is None:
             err.print(f"writing {res.output}", highlight=False)
         if target.done:

@@ -14,6 +14,7 @@ from .backbones import BackboneCfg
 from .errors import ConfigError
 from .sinks import FORMATS, format_of
 from .sources import FITS, INPUT_FORMATS
+from .strategies import StrategyArgs, StrategyCfg, parse_pinpoints, resolve_strategy
 from .tiling import SPLIT_MODES
 
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -61,6 +62,15 @@ class ExtractConfig:
     max_failures: int | None = None
     decode_timeout: float = 120.0
     recipe: str | None = None
+    # dynamic-resolution strategies (strategies.py); None = the strategy's own default
+    strategy: str = "s2"
+    min_tiles: int | None = None
+    max_tiles: int | None = None
+    thumbnail: bool | None = None
+    grid_pinpoints: tuple[tuple[int, int], ...] | None = None  # (h, w) each
+    anyres_max: int | None = None
+    min_pixels: int | None = None
+    max_pixels: int | None = None
     provenance: tuple[tuple[str, str], ...] = ()  # (field, "recipe" | "flag") for every value not a default
 
     def to_dict(self) -> dict[str, Any]:
@@ -120,6 +130,8 @@ def build_config(input: str, output: str | None = None, recipe: str | None = Non
     for k, cast in _TUPLE_FIELDS.items():
         if values.get(k) is not None:
             values[k] = tuple(cast(v) for v in values[k])
+    if values.get("grid_pinpoints") is not None:
+        values["grid_pinpoints"] = parse_pinpoints(values["grid_pinpoints"])
     # --scales from a flag replaces --img-sizes from a recipe (and the other way round): they say the same thing
     if prov.get("scales") == "flag" and prov.get("img_sizes") == "recipe":
         values.pop("img_sizes")
@@ -143,6 +155,7 @@ class Resolved:
     format: str  # h5 | safetensors
     output_is_dir: bool
     shard_size: int
+    strategy: StrategyCfg | None = None  # None: the S² engine
 
     @property
     def side(self) -> int:
@@ -180,6 +193,7 @@ class Resolved:
             "shard_size": self.shard_size, "pool": self.user.pool, "pool_only": self.user.pool_only,
             "on_error": self.user.on_error, "max_failures": self.user.max_failures,
             "decode_timeout": self.user.decode_timeout, "recipe": self.user.recipe, "set_by": dict(self.user.provenance),
+            **({"strategy": self.strategy.to_dict()} if self.strategy is not None else {}),
         }
 
     def compare_keys(self) -> list[str]:
@@ -262,7 +276,12 @@ def resolve_config(cfg: ExtractConfig, backbone: BackboneCfg) -> Resolved:
             raise ConfigError("--format contradicts the output file's suffix", given=(cfg.format, output),
                               fix=f"name the file *{FORMATS[cfg.format]} or drop --format")
     fmt = cfg.format or suffix_fmt or "h5"
-    res = Resolved(cfg, backbone, sizes, split, fit, output, fmt, is_dir, cfg.shard_size or 1)
+    strategy_fields = ("min_tiles", "max_tiles", "thumbnail", "grid_pinpoints", "anyres_max", "min_pixels", "max_pixels")
+    strategy = resolve_strategy(
+        StrategyArgs(cfg.strategy, fit=fit, img_sizes=sizes, set_fields=tuple(f for f in strategy_fields if getattr(cfg, f) is not None),
+                     **{f: getattr(cfg, f) for f in strategy_fields}),
+        split, backbone.patch_size, backbone.family, backbone.model_type, backbone.output_shape)
+    res = Resolved(cfg, backbone, sizes, split, fit, output, fmt, is_dir, cfg.shard_size or 1, strategy)
     if cfg.shard_size is None:
         per_image = res.bytes_per_image()
         res = dataclasses.replace(res, shard_size=max(1, min(100_000, SHARD_BYTES // max(1, per_image))))

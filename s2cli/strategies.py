@@ -21,8 +21,9 @@ import torch.nn.functional as F
 from .errors import ConfigError
 
 STRATEGIES = ("s2", "dynamic-s2", "anyres", "internvl", "native", "dual")
-# LLaVA-NeXT's grid pinpoints for CLIP-336, (h, w)
-LLAVA_NEXT_PINPOINTS = ((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008))
+# LLaVA-NeXT's grid pinpoints for CLIP-336, (h, w); for another tile the same grids of that tile are the default
+LLAVA_NEXT_GRIDS = ((1, 2), (2, 1), (2, 2), (3, 1), (1, 3))
+LLAVA_NEXT_PINPOINTS = tuple((336 * r, 336 * c) for r, c in LLAVA_NEXT_GRIDS)
 # Qwen2-VL's image processor defaults (transformers Qwen2VLImageProcessor): 56*56 and 28*28*1280 pixels
 QWEN2_MIN_PIXELS = 56 * 56
 QWEN2_MAX_PIXELS = 28 * 28 * 1280
@@ -578,7 +579,7 @@ def resolve_strategy(a: StrategyArgs, tile: int, patch: int, family: str, model_
         return replace(base, img_sizes=sizes, min_tiles=min_num, max_tiles=max_tiles,
                               )
     if a.strategy == "anyres":
-        pins = a.grid_pinpoints or LLAVA_NEXT_PINPOINTS
+        pins = a.grid_pinpoints or tuple((tile * r, tile * c) for r, c in LLAVA_NEXT_GRIDS)
         bad = [p for p in pins if p[0] % tile or p[1] % tile or min(p) <= 0]
         if bad:
             raise ConfigError("grid pinpoints must be positive multiples of the tile", given=bad,
@@ -603,6 +604,9 @@ def resolve_strategy(a: StrategyArgs, tile: int, patch: int, family: str, model_
             raise ConfigError("--min-pixels is above --max-pixels", given=(lo, hi), fix=f"e.g. --min-pixels {QWEN2_MIN_PIXELS} --max-pixels {QWEN2_MAX_PIXELS}")
         return replace(base, factor=2 * patch, min_pixels=lo, max_pixels=hi)
     # dual
+    if a.fit == "keep":
+        raise ConfigError("dual cuts a square image, and --fit keep keeps the aspect ratio", given=a.fit,
+                          expected="crop | squash | pad", fix="pass --fit crop (or squash, pad)")
     side = max(sizes) if sizes else 3 * tile
     if side % tile or side < 2 * tile:
         raise ConfigError("dual needs an image side that is n tiles, n >= 2", given=side,
