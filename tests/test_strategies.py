@@ -188,3 +188,79 @@ def test_options_that_do_not_apply_are_refused():
                          336, 14, "hf", "clip", "bnc")
     with pytest.raises(ConfigError, match="--strategy is not known"):
         resolve_strategy(StrategyArgs(strategy="tiles"), 336, 14, "hf", "clip", "bnc")
+
+
+# ---- through `s2 extract`: folders, WebDataset shards, output folders, resume --------------------------------
+import json  # noqa: E402
+
+import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from s2cli import open_features  # noqa: E402
+from s2cli.backbones import load_backbone, resolve  # noqa: E402
+
+from conftest import invoke_json  # noqa: E402
+from test_streaming import shards  # noqa: E402,F401 - the WebDataset fixture
+
+VIT = ["-m", "timm:test_vit", "--random-init", "-j", "0"]  # 160 px tiles, patch 16, 64 channels, CLS prefix
+PER_STRATEGY = {"dynamic-s2": ["--img-sizes", "160,320"], "anyres": [], "internvl": ["--max-tiles", "6"],
+                "native": ["--max-pixels", "40000"], "dual": ["--img-sizes", "320"]}
+
+
+@pytest.mark.parametrize("strategy", sorted(PER_STRATEGY))
+def test_every_strategy_extracts_what_its_dry_run_plans(cli, image_dir, tmp_path, strategy):
+    args = [image_dir, *VIT, "--strategy", strategy, *PER_STRATEGY[strategy]]
+    plan = invoke_json(cli, "extract", *args, "--dry-run", "--json")
+    out = tmp_path / "o.h5"
+    invoke_json(cli, "extract", *args, "-o", out, "--json")
+    with open_features(out) as ff:
+        assert ff.attrs["strategy"] == strategy and json.loads(ff.attrs["config"])["strategy"]["name"] == strategy
+        for im in plan["images"]:
+            x, m = ff[im["key"]], ff.meta(im["key"])
+            assert list(x.shape) == im["output_shape"] and np.isfinite(x).all()
+            p = m["plan"]
+            assert p["strategy"] == strategy and p["tiles"] == im["tiles"] and p["grids"] == im["grids"]
+            assert m["grid_hw"] == p["output_grid"]
+            assert x.shape[0] == p["output"]["prefix"] + sum(a["hw"][0] * a["hw"][1] for a in p["output"]["maps"])
+
+
+def test_internvl_thumbnail_is_the_backbone_on_the_squashed_image(cli, image_dir, tmp_path):
+    out = tmp_path / "o.h5"
+    invoke_json(cli, "extract", image_dir, *VIT, "--seed", "5", "--strategy", "internvl", "-o", out, "--json")
+    bb = load_backbone(resolve("timm:test_vit"), random_init=True, seed=5)
+    cfg = bb.cfg
+    im = Image.open(image_dir / "a.png").convert("RGB").resize((160, 160), Image.BICUBIC)
+    x = torch.from_numpy(np.asarray(im, np.float32).transpose(2, 0, 1).copy())[None] / 255
+    x = (x - torch.tensor(cfg.mean).view(1, 3, 1, 1)) / torch.tensor(cfg.std).view(1, 3, 1, 1)
+    with torch.no_grad():
+        ref = bb(x)[0, 1:].numpy()  # the thumbnail's spatial tokens
+    with open_features(out) as ff:
+        m = ff.meta("a")["plan"]
+        assert m["thumbnail"] and [v["name"] for v in m["views"]][-1] == "thumbnail"
+        thumb = next(a for a in m["output"]["maps"] if a["name"] == "thumbnail")
+        start = m["output"]["prefix"] + thumb["offset"]
+        np.testing.assert_allclose(ff["a"][start:start + 100], ref, atol=1e-4)
+
+
+def test_strategies_on_webdataset_shards_into_a_resumable_folder(cli, shards, tmp_path):
+    out = tmp_path / "feats"
+    args = [str(shards / "{000000..000002}.tar"), *VIT, "--strategy", "anyres", "-o", f"{out}/", "--format",
+            "safetensors", "--shard-size", "2"]
+    s = invoke_json(cli, "extract", *args, "--json")
+    assert s["num_images"] == 8 and s["num_failed"] == 1
+    with open_features(out) as ff:
+        first = {k: np.array(ff[k]) for k in ff}
+        assert ff.meta("s004")["plan"]["base"] is True and ff.meta("s004")["meta"]["txt"] == "caption 4"
+    again = invoke_json(cli, "extract", *args, "--json")  # resume: everything is done already
+    assert again["num_images"] == 0 and again["resumed_images"] == 8
+    r = cli("extract", *args[:-4], "--strategy", "internvl", "-o", f"{out}/", "--format", "safetensors")
+    assert r.exit_code == 2 and "strategy" in r.stderr
+    with open_features(out) as ff:
+        assert all(np.array_equal(ff[k], v) for k, v in first.items())
+
+
+def test_native_refuses_a_fixed_size_backbone_in_one_line(cli, image_dir):
+    r = cli("extract", image_dir, "-m", "clip-vit-b-16", "--random-init", "--strategy", "native", "--dry-run")
+    assert r.exit_code == 2 and "any input size" in r.stderr and "Fix:" in r.stderr
+    r = cli("extract", image_dir, "-m", "clip-vit-b-16", "--random-init", "--grid-pinpoints", "224x448", "--dry-run")
+    assert r.exit_code == 2 and "does not apply to --strategy s2" in r.stderr
