@@ -324,6 +324,71 @@ def models(as_json: JsonOpt = False) -> None:
     out.print(t)
 
 
+viz = typer.Typer(no_args_is_help=True, help="Pictures of a plan or of stored features (PNG).")
+app.add_typer(viz, name="viz")
+
+
+@viz.command("plan")
+def viz_plan(
+    image: Annotated[str, typer.Argument(help="An image file.")],
+    output: Annotated[str, typer.Option("--output", "-o", help="The PNG to write.")] = "plan.png",
+    recipe: Annotated[Optional[str], typer.Option(help="A recipe name or .yaml path; flags override it.")] = None,
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Model alias or spec (its tile size and fit).")] = None,
+    strategy: Annotated[Optional[str], typer.Option(help="s2 | dynamic-s2 | anyres | internvl | native | dual.")] = None,
+    img_sizes: Annotated[Optional[str], typer.Option("--img-sizes", help="Absolute sizes per scale, e.g. 336,672,1008.")] = None,
+    max_split_size: Annotated[Optional[int], typer.Option("--max-split-size", help="Tile size.")] = None,
+    max_tiles: Annotated[Optional[int], typer.Option("--max-tiles", help="internvl, dynamic-s2: most tiles.")] = None,
+    grid_pinpoints: Annotated[Optional[str], typer.Option("--grid-pinpoints", help="anyres: HxW canvases.")] = None,
+    fit: Annotated[Optional[str], typer.Option(help="crop | squash | pad | keep (s2, dual).")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Draw every scale's (or view's) tiles over IMAGE as the backbone sees it. No weights are loaded.
+
+    Example:  s2 viz plan examples/images/chelsea.jpg --recipe llava-next-anyres -o plan.png
+    """
+    from .backbones import resolve
+    from .config import build_config, resolve_config
+    from .viz import plan_figure, plan_summary
+
+    with _reported():
+        if not Path(image).is_file():
+            raise ConfigError("no such image", given=image, fix="pass an image file")
+        cfg = build_config(image, "viz.h5", recipe, model=model, strategy=strategy, img_sizes=_ints("img-sizes", img_sizes),
+                           max_split_size=max_split_size, max_tiles=max_tiles, grid_pinpoints=grid_pinpoints, fit=fit)
+        res = resolve_config(cfg, resolve(cfg.model, layer=cfg.layer, keep_cls=cfg.keep_cls))
+        fig, panels = plan_figure(image, res)
+        fig.save(output)
+    if as_json:
+        print(plan_summary(panels))
+    else:
+        err.print(f"{len(panels)} panels, {fig.width}x{fig.height} -> {output}", highlight=False)
+
+
+@viz.command("features")
+def viz_features(
+    path: Annotated[str, typer.Argument(help="A feature file or output folder written by `s2 extract`.")],
+    key: Annotated[str, typer.Option(help="The image's key.")],
+    output: Annotated[str, typer.Option("--output", "-o", help="The PNG to write.")] = "pca.png",
+    as_json: JsonOpt = False,
+) -> None:
+    """The image beside a PCA (3 components as RGB) of each scale's or view's feature map and of the merged map.
+
+    Example:  s2 viz features images.efficientnet-lite0.h5 --key chelsea -o pca.png
+    """
+    from .sinks import open_features
+    from .viz import features_figure, plan_summary
+
+    with _reported(), open_features(path) as ff:
+        if key not in ff:
+            raise ConfigError(f"no image with this key in {path}", given=key, fix="list keys with `s2 inspect PATH --json`")
+        fig, panels = features_figure(ff, key)
+        fig.save(output)
+    if as_json:
+        print(plan_summary(panels))
+    else:
+        err.print(f"{len(panels)} panels, {fig.width}x{fig.height} -> {output}", highlight=False)
+
+
 @app.callback(invoke_without_command=True)
 def _root(version: Annotated[bool, typer.Option("--version", help="Print the version.")] = False) -> None:
     if version:

@@ -264,3 +264,45 @@ def test_native_refuses_a_fixed_size_backbone_in_one_line(cli, image_dir):
     assert r.exit_code == 2 and "any input size" in r.stderr and "Fix:" in r.stderr
     r = cli("extract", image_dir, "-m", "clip-vit-b-16", "--random-init", "--grid-pinpoints", "224x448", "--dry-run")
     assert r.exit_code == 2 and "does not apply to --strategy s2" in r.stderr
+
+
+# ---- s2 viz ------------------------------------------------------------------------------------------------------
+def test_viz_plan_draws_each_views_tiles_in_its_color(cli, tmp_path):
+    from conftest import write_image
+
+    from s2cli.viz import GAP, LABEL, PALETTE, PANEL
+
+    img = write_image(tmp_path / "wide.png", (100, 300), 7)  # internvl, 160 tiles: 1 row x 3 cols + thumbnail
+    out = tmp_path / "plan.png"
+    panels = invoke_json(cli, "viz", "plan", img, *VIT[:2], "--strategy", "internvl", "-o", out, "--json")
+    assert [p["tiles"] for p in panels] == [3, 1]
+    fig = Image.open(out).convert("RGB")
+    w0 = panels[0]["size"][0]  # 256 wide, 85 high: three tiles of 85 px
+    assert fig.size == (GAP + w0 + GAP + panels[1]["size"][0] + GAP, LABEL + PANEL + GAP)
+    px = fig.load()
+    scale = PANEL / 480
+    for c in range(3):  # each tile's left border, in the grid view's color, halfway down
+        assert px[GAP + round(c * 160 * scale), LABEL + 40] == PALETTE[0]
+    assert px[GAP + w0 + GAP, LABEL + 100] == PALETTE[1]  # the thumbnail's border
+    assert px[GAP + 40, LABEL + 40] != PALETTE[0]  # inside a tile: the image, not a border
+
+
+def test_viz_features_shows_the_pca_of_each_stored_map(cli, image_dir, tmp_path):
+    from s2cli.viz import GAP, LABEL, feature_maps, pca_rgb
+
+    out = tmp_path / "o.h5"
+    invoke_json(cli, "extract", image_dir, *VIT, "--strategy", "dual", "--img-sizes", "320", "-o", out, "--json")
+    png = tmp_path / "pca.png"
+    panels = invoke_json(cli, "viz", "features", out, "--key", "a", "-o", png, "--json")
+    assert [p["label"] for p in panels] == ["a", "dual local 20x20", "dual interleaved 20x20", "dual (all) 20x20"]
+    fig = Image.open(png).convert("RGB")
+    assert fig.width == GAP + sum(p["size"][0] + GAP for p in panels)
+    with open_features(out) as ff:
+        maps = feature_maps(ff, "a")
+    px = fig.load()
+    for (label, fm), p in zip(maps, panels[1:]):
+        rgb = pca_rgb(fm.reshape(-1, fm.shape[-1])).reshape(20, 20, 3)
+        cell = p["size"][0] / 20
+        for r, c in [(0, 0), (13, 17), (19, 5)]:
+            assert px[p["x"] + int((c + 0.5) * cell), LABEL + int((r + 0.5) * cell)] == tuple(rgb[r, c])
+    assert len({px[panels[1]["x"] + i * 6, LABEL + 50] for i in range(40)}) > 3  # a picture, not a flat color
