@@ -124,6 +124,13 @@ register(BackboneCfg(
                    image_size=384, patch_size=14, hidden_act="gelu_pytorch_tanh"),
     description="SigLIP so400m/14 at 384 (VILA-1.5): layer -2, no CLS, 729 tokens per tile"))
 register(BackboneCfg(
+    name="siglip-so400m-448", family="hf", source="google/siglip-so400m-patch14-448", input_size=448,
+    patch_size=14, channels=1152, num_prefix_tokens=0, layer=-2, output_shape="bnc", mean=HALF, std=HALF,
+    fit="squash", model_type="siglip_vision_model",
+    hf_config=dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
+                   image_size=448, patch_size=14, hidden_act="gelu_pytorch_tanh"),
+    description="SigLIP so400m/14 at 448 (NVILA's tower): layer -2, no CLS, 1024 tokens per tile"))
+register(BackboneCfg(
     name="dinov2-l", family="hf", source="facebook/dinov2-large", input_size=224, patch_size=14, channels=1024,
     num_prefix_tokens=1, layer=-1, output_shape="bnc", mean=IMAGENET_MEAN, std=IMAGENET_STD, fit="crop",
     model_type="dinov2",
@@ -445,10 +452,11 @@ def _load_state_file(model: nn.Module, path: Path, name: str, by_position: bool 
                           fix="pass a checkpoint saved from the same architecture")
 
 
-def _build_timm(cfg: BackboneCfg, weights: str | None, random_init: bool) -> tuple[nn.Module, str]:
+def _build_timm(cfg: BackboneCfg, weights: str | None, random_init: bool, any_size: bool = False) -> tuple[nn.Module, str]:
     import timm
 
-    model = timm.create_model(cfg.source, pretrained=False)
+    # a ViT built with dynamic_img_size=True interpolates its position embedding to any input size
+    model = timm.create_model(cfg.source, pretrained=False, **({"dynamic_img_size": True} if any_size and cfg.output_shape == "bnc" else {}))
     if random_init:
         return model, "random-init"
     if weights:
@@ -480,11 +488,16 @@ def _build_timm(cfg: BackboneCfg, weights: str | None, random_init: bool) -> tup
     raise _not_local(cfg.name, hub_id or cfg.source)
 
 
-def load_backbone(cfg: BackboneCfg, *, weights: str | None = None, random_init: bool = False, seed: int = 0) -> Backbone:
-    """Build the architecture and load its weights (or initialize it deterministically from `seed`)."""
+def load_backbone(cfg: BackboneCfg, *, weights: str | None = None, random_init: bool = False, seed: int = 0,
+                  any_size: bool = False) -> Backbone:
+    """Build the architecture and load its weights (or initialize it deterministically from `seed`).
+    `any_size`: the strategy feeds inputs of any size (timm ViTs are built with dynamic_img_size=True)."""
     if random_init:
         torch.manual_seed(seed)
-    module, source = (_build_hf if cfg.family == "hf" else _build_timm)(cfg, weights, random_init)
+    if cfg.family == "hf":
+        module, source = _build_hf(cfg, weights, random_init)
+    else:
+        module, source = _build_timm(cfg, weights, random_init, any_size)
     if random_init:
         source = f"random-init(seed={seed})"
     return Backbone(cfg, module, source)

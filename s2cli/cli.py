@@ -85,6 +85,14 @@ def extract(
     max_failures: Annotated[Optional[int], typer.Option("--max-failures", help="Exit non-zero once more samples than this have failed.")] = None,
     decode_timeout: Annotated[Optional[float], typer.Option("--decode-timeout", help="Seconds before a stalled decode is recorded as failed. [default: 120]")] = None,
     check_finite: Annotated[Optional[bool], typer.Option("--check-finite/--no-check-finite", help="Record images whose features hold NaN/Inf instead of storing them. [default: check]")] = None,
+    strategy: Annotated[Optional[str], typer.Option(help="s2 | dynamic-s2 | anyres | internvl | native | dual. [default: s2]")] = None,
+    min_tiles: Annotated[Optional[int], typer.Option("--min-tiles", help="internvl: fewest tiles. [default: 1]")] = None,
+    max_tiles: Annotated[Optional[int], typer.Option("--max-tiles", help="internvl, dynamic-s2: most tiles (of the last scale). [default: 12]")] = None,
+    thumbnail: Annotated[Optional[bool], typer.Option("--thumbnail/--no-thumbnail", help="internvl: append a squashed thumbnail when there is more than one tile. [default: on]")] = None,
+    grid_pinpoints: Annotated[Optional[str], typer.Option("--grid-pinpoints", help="anyres: candidate canvases HxW, e.g. 336x672,672x336. [default: LLaVA-NeXT's]")] = None,
+    anyres_max: Annotated[Optional[int], typer.Option("--anyres-max", help="anyres: OneVision's anyres_max_N bilinear reduction of the grid map.")] = None,
+    min_pixels: Annotated[Optional[int], typer.Option("--min-pixels", help="native: smart_resize min pixels. [default: 3136]")] = None,
+    max_pixels: Annotated[Optional[int], typer.Option("--max-pixels", help="native: smart_resize max pixels. [default: 1003520]")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output file, or start OUTDIR/ over.")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan; load no weights, read headers only.")] = False,
     as_json: JsonOpt = False,
@@ -97,6 +105,7 @@ def extract(
       s2 extract photos/ --recipe llava-1.5-s2 -o photos.h5
       s2 extract 'shards/{00000..00099}.tar' --recipe llava-1.5-s2 -o feats/ --format safetensors
       s2 extract photos/ -m clip-vit-l-336 --random-init --scales 1,2,3 --dry-run --json
+      s2 extract photos/ --recipe llava-next-anyres --random-init --dry-run --json
     """
     from .backbones import load_backbone, resolve
     from .config import build_config, resolve_config
@@ -113,7 +122,9 @@ def extract(
             max_tiles_per_call=max_tiles_per_call, device=device, precision=precision, dtype=dtype, limit=limit,
             input_format=input_format, image_key=image_key, format=format, shard_size=shard_size, pool=pool,
             pool_only=pool_only, on_error=on_error, max_failures=max_failures, decode_timeout=decode_timeout,
-            check_finite=check_finite)
+            check_finite=check_finite,
+            strategy=strategy, min_tiles=min_tiles, max_tiles=max_tiles, thumbnail=thumbnail,
+            grid_pinpoints=grid_pinpoints, anyres_max=anyres_max, min_pixels=min_pixels, max_pixels=max_pixels)
         res = resolve_config(cfg, resolve(cfg.model, layer=cfg.layer, keep_cls=cfg.keep_cls))
         inp = open_input(cfg.input, cfg.input_format, res.shard_size, cfg.limit, cfg.image_key)
         if dry_run:
@@ -125,7 +136,8 @@ def extract(
             return
         resolve_device(cfg.device)
         target = Target(res, inp, overwrite)  # refuses a clashing output before any weights load
-        backbone = load_backbone(res.backbone, weights=cfg.weights, random_init=cfg.random_init, seed=cfg.seed)
+        backbone = load_backbone(res.backbone, weights=cfg.weights, random_init=cfg.random_init, seed=cfg.seed,
+                                 any_size=res.strategy is not None and res.strategy.name == "native")
         if output is None:
             err.print(f"writing {res.output}", highlight=False)
         if target.done:
@@ -312,6 +324,71 @@ def models(as_json: JsonOpt = False) -> None:
         t.add_row(r["name"], r["source"], str(r["input_size"]), str(r["patch_size"]), str(r["channels"]),
                   str(r["layer"]), str(r["num_prefix_tokens"]), r["output_shape"], r["fit"])
     out.print(t)
+
+
+viz = typer.Typer(no_args_is_help=True, help="Pictures of a plan or of stored features (PNG).")
+app.add_typer(viz, name="viz")
+
+
+@viz.command("plan")
+def viz_plan(
+    image: Annotated[str, typer.Argument(help="An image file.")],
+    output: Annotated[str, typer.Option("--output", "-o", help="The PNG to write.")] = "plan.png",
+    recipe: Annotated[Optional[str], typer.Option(help="A recipe name or .yaml path; flags override it.")] = None,
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Model alias or spec (its tile size and fit).")] = None,
+    strategy: Annotated[Optional[str], typer.Option(help="s2 | dynamic-s2 | anyres | internvl | native | dual.")] = None,
+    img_sizes: Annotated[Optional[str], typer.Option("--img-sizes", help="Absolute sizes per scale, e.g. 336,672,1008.")] = None,
+    max_split_size: Annotated[Optional[int], typer.Option("--max-split-size", help="Tile size.")] = None,
+    max_tiles: Annotated[Optional[int], typer.Option("--max-tiles", help="internvl, dynamic-s2: most tiles.")] = None,
+    grid_pinpoints: Annotated[Optional[str], typer.Option("--grid-pinpoints", help="anyres: HxW canvases.")] = None,
+    fit: Annotated[Optional[str], typer.Option(help="crop | squash | pad | keep (s2, dual).")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Draw every scale's (or view's) tiles over IMAGE as the backbone sees it. No weights are loaded.
+
+    Example:  s2 viz plan examples/images/chelsea.jpg --recipe llava-next-anyres -o plan.png
+    """
+    from .backbones import resolve
+    from .config import build_config, resolve_config
+    from .viz import plan_figure, plan_summary
+
+    with _reported():
+        if not Path(image).is_file():
+            raise ConfigError("no such image", given=image, fix="pass an image file")
+        cfg = build_config(image, "viz.h5", recipe, model=model, strategy=strategy, img_sizes=_ints("img-sizes", img_sizes),
+                           max_split_size=max_split_size, max_tiles=max_tiles, grid_pinpoints=grid_pinpoints, fit=fit)
+        res = resolve_config(cfg, resolve(cfg.model, layer=cfg.layer, keep_cls=cfg.keep_cls))
+        fig, panels = plan_figure(image, res)
+        fig.save(output)
+    if as_json:
+        print(plan_summary(panels))
+    else:
+        err.print(f"{len(panels)} panels, {fig.width}x{fig.height} -> {output}", highlight=False)
+
+
+@viz.command("features")
+def viz_features(
+    path: Annotated[str, typer.Argument(help="A feature file or output folder written by `s2 extract`.")],
+    key: Annotated[str, typer.Option(help="The image's key.")],
+    output: Annotated[str, typer.Option("--output", "-o", help="The PNG to write.")] = "pca.png",
+    as_json: JsonOpt = False,
+) -> None:
+    """The image beside a PCA (3 components as RGB) of each scale's or view's feature map and of the merged map.
+
+    Example:  s2 viz features images.efficientnet-lite0.h5 --key chelsea -o pca.png
+    """
+    from .sinks import open_features
+    from .viz import features_figure, plan_summary
+
+    with _reported(), open_features(path) as ff:
+        if key not in ff:
+            raise ConfigError(f"no image with this key in {path}", given=key, fix="list keys with `s2 inspect PATH --json`")
+        fig, panels = features_figure(ff, key)
+        fig.save(output)
+    if as_json:
+        print(plan_summary(panels))
+    else:
+        err.print(f"{len(panels)} panels, {fig.width}x{fig.height} -> {output}", highlight=False)
 
 
 @app.callback(invoke_without_command=True)

@@ -14,6 +14,7 @@ from .backbones import BackboneCfg
 from .errors import ConfigError
 from .sinks import FORMATS, format_of
 from .sources import FITS, INPUT_FORMATS
+from .strategies import StrategyArgs, StrategyCfg, parse_pinpoints, resolve_strategy
 from .tiling import SPLIT_MODES
 
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -63,6 +64,15 @@ class ExtractConfig:
     decode_timeout: float = 120.0
     check_finite: bool = True
     recipe: str | None = None
+    # dynamic-resolution strategies (strategies.py); None = the strategy's own default
+    strategy: str = "s2"
+    min_tiles: int | None = None
+    max_tiles: int | None = None
+    thumbnail: bool | None = None
+    grid_pinpoints: tuple[tuple[int, int], ...] | None = None  # (h, w) each
+    anyres_max: int | None = None
+    min_pixels: int | None = None
+    max_pixels: int | None = None
     provenance: tuple[tuple[str, str], ...] = ()  # (field, "recipe" | "flag") for every value not a default
 
     def to_dict(self) -> dict[str, Any]:
@@ -122,6 +132,8 @@ def build_config(input: str, output: str | None = None, recipe: str | None = Non
     for k, cast in _TUPLE_FIELDS.items():
         if values.get(k) is not None:
             values[k] = tuple(cast(v) for v in values[k])
+    if values.get("grid_pinpoints") is not None:
+        values["grid_pinpoints"] = parse_pinpoints(values["grid_pinpoints"])
     # --scales from a flag replaces --img-sizes from a recipe (and the other way round): they say the same thing
     if prov.get("scales") == "flag" and prov.get("img_sizes") == "recipe":
         values.pop("img_sizes")
@@ -145,6 +157,7 @@ class Resolved:
     format: str  # h5 | safetensors
     output_is_dir: bool
     shard_size: int
+    strategy: StrategyCfg | None = None  # None: the S² engine
 
     @property
     def side(self) -> int:
@@ -183,6 +196,7 @@ class Resolved:
             "on_error": self.user.on_error, "max_failures": self.user.max_failures,
             "decode_timeout": self.user.decode_timeout, "check_finite": self.user.check_finite,
             "recipe": self.user.recipe, "set_by": dict(self.user.provenance),
+            **({"strategy": self.strategy.to_dict()} if self.strategy is not None else {}),
         }
 
     def compare_keys(self) -> list[str]:
@@ -269,7 +283,12 @@ def resolve_config(cfg: ExtractConfig, backbone: BackboneCfg) -> Resolved:
             raise ConfigError("--format contradicts the output file's suffix", given=(cfg.format, output),
                               fix=f"name the file *{FORMATS[cfg.format]} or drop --format")
     fmt = cfg.format or suffix_fmt or "h5"
-    res = Resolved(cfg, backbone, sizes, split, fit, output, fmt, is_dir, cfg.shard_size or 1)
+    strategy_fields = ("min_tiles", "max_tiles", "thumbnail", "grid_pinpoints", "anyres_max", "min_pixels", "max_pixels")
+    strategy = resolve_strategy(
+        StrategyArgs(cfg.strategy, fit=fit, img_sizes=sizes, set_fields=tuple(f for f in strategy_fields if getattr(cfg, f) is not None),
+                     **{f: getattr(cfg, f) for f in strategy_fields}),
+        split, backbone.patch_size, backbone.family, backbone.model_type, backbone.output_shape)
+    res = Resolved(cfg, backbone, sizes, split, fit, output, fmt, is_dir, cfg.shard_size or 1, strategy)
     if cfg.shard_size is None:
         per_image = res.bytes_per_image()
         res = dataclasses.replace(res, shard_size=max(1, min(100_000, SHARD_BYTES // max(1, per_image))))

@@ -20,6 +20,8 @@ from .errors import ConfigError, S2Error
 from .launch import resolve_device, resolve_precision
 from .sinks import SINKS, OutputDir, _ThreadedSink
 from .sources import DecodePool, Fit, Input, Sample, Unit, failure, fit_size, image_size
+from .strategies import (OutLayout, StrategyPlan, cut_view, grouped_calls, merge as merge_views, num_views,
+                         out_groups, out_layout, outputs_to_maps, plan_strategy)
 from .tiling import S2Plan, multiscale_forward, plan_multiscale
 
 
@@ -48,6 +50,31 @@ def plan_image(res: Resolved, orig_hw: tuple[int, int]) -> ImagePlan:
     return ImagePlan(fitted, sizes, s2, grid, bb.num_prefix_tokens + grid[0] * grid[1], bb.channels * len(sizes))
 
 
+def plan_strategy_image(res: Resolved, orig_hw: tuple[int, int]) -> tuple[StrategyPlan, OutLayout]:
+    """A dynamic-resolution strategy's plan of one image and the layout of its output tokens."""
+    bb = res.backbone
+    plan = plan_strategy(res.strategy, orig_hw)  # type: ignore[arg-type]
+    return plan, out_layout(res.strategy, plan, bb.feature_hw, bb.channels, bb.num_prefix_tokens)  # type: ignore[arg-type]
+
+
+def _dry_entry(res: Resolved, orig: tuple[int, int]) -> tuple[dict[str, Any], float | None]:
+    """One image's dry-run entry (fitted_hw, tiles = every backbone input, grids, output_shape) and its FLOPs."""
+    if res.strategy is not None:
+        plan, lay = plan_strategy_image(res, orig)
+        inputs = [(v.tile, v.num_inputs) for v in plan.views]
+        entry = {"fitted_hw": list(max((v.canvas for v in plan.views), key=lambda hw: hw[0] * hw[1])),
+                 "tiles": plan.num_tiles, "grids": plan.grids, "output_shape": [lay.tokens, lay.channels],
+                 "strategy": plan.strategy, "views": [v.name for v in plan.views]}
+    else:
+        p = plan_image(res, orig)
+        inputs = [(sp.tile, sp.num_tiles) for sp in p.s2.scales]
+        entry = {"fitted_hw": list(p.fitted_hw), "tiles": p.s2.num_tiles, "grids": p.s2.grids,
+                 "output_shape": [p.tokens, p.channels]}
+    per_tile = [res.backbone.flops_per_tile(tile) for tile, _ in inputs]
+    flops = None if any(f is None for f in per_tile) else sum(f * n for f, (_, n) in zip(per_tile, inputs))  # type: ignore[operator]
+    return entry, flops
+
+
 def storage_itemsize(dtype: str) -> int:
     return 2 if dtype == "float16" else 4
 
@@ -66,27 +93,19 @@ def dry_run(res: Resolved, inp: Input) -> dict[str, Any]:
             except Exception as e:
                 unreadable.append(failure(s, "read", e))
                 continue
-            p = plan_image(res, orig)
-            nbytes = p.tokens * p.channels * storage_itemsize(res.user.dtype)
-            flops = 0.0
-            for sp in p.s2.scales:
-                f = res.backbone.flops_per_tile(sp.tile)
-                if f is None:
-                    flops_known = False
-                else:
-                    flops += f * sp.num_tiles
-            images.append({"key": s.key, "orig_hw": list(orig), "fitted_hw": list(p.fitted_hw),
-                           "tiles": p.s2.num_tiles, "grids": p.s2.grids, "output_shape": [p.tokens, p.channels],
-                           "bytes": nbytes})
-            total_tiles += p.s2.num_tiles
-            total_flops += flops
+            entry, flops = _dry_entry(res, orig)
+            nbytes = entry["output_shape"][0] * entry["output_shape"][1] * storage_itemsize(res.user.dtype)
+            flops_known = flops_known and flops is not None
+            images.append({"key": s.key, "orig_hw": list(orig), **entry, "bytes": nbytes})
+            total_tiles += entry["tiles"]
+            total_flops += flops or 0.0
             total_bytes += nbytes
             if res.user.limit and len(images) >= res.user.limit:
                 break
     return {
         "model": res.user.model, "img_sizes": list(res.img_sizes), "max_split_size": res.max_split_size,
         "split_mode": res.user.split_mode, "fit": res.fit, "output": res.output, "input": inp.describe(),
-        "images": images, "num_images": len(images), "unreadable": unreadable, "total_tiles": total_tiles,
+        "strategy": res.user.strategy, "images": images, "num_images": len(images), "unreadable": unreadable, "total_tiles": total_tiles,
         "bytes_per_image": images[0]["bytes"] if images and len({i["bytes"] for i in images}) == 1 else None,
         "total_bytes": total_bytes, "flops_estimate": total_flops if flops_known else None,
     }
@@ -100,6 +119,7 @@ def file_attrs(res: Resolved, weights: str) -> dict[str, Any]:
         "max_split_size": res.max_split_size, "split_mode": res.user.split_mode,
         "num_prefix_tokens": bb.num_prefix_tokens, "output_shape": bb.output_shape, "merge": "concat",
         "fit": res.fit, "dtype": res.user.dtype, "pool": res.user.pool, "config": res.to_json(),
+        "strategy": res.user.strategy,
     }
 
 
@@ -135,6 +155,31 @@ class Extractor:
             pooled = out[:, 0].to(self.out_dtype).cpu()
         feats = None if u.pool_only else out.to(self.out_dtype).cpu()
         return feats, pooled
+
+    @torch.inference_mode()
+    def strategy_features(self, recs: list[dict[str, Any]]) -> list[tuple[torch.Tensor | None, torch.Tensor | None]]:
+        """A dynamic-resolution strategy over images whose views were rendered by the decode workers: the inputs
+        of every view of every image go through the backbone together (one call per input size, capped by
+        --max-tiles-per-call), then each image's features are merged. Returns (features (T, C), pooled (C,))."""
+        bb, u, cfg = self.res.backbone, self.res.user, self.res.strategy
+        plans = [plan_strategy_image(self.res, tuple(r["orig_hw"])) for r in recs]
+        inputs = []
+        for (plan, _), r in zip(plans, recs):
+            pix = [((a.to(self.device).float().div_(255) - self.mean[0]) / self.std[0]).to(self.dtype) for a in r["image"]]
+            inputs += [cut_view(pix[0 if plan.same_source else i], v) for i, v in enumerate(plan.views)]
+        outs = iter(grouped_calls(self.backbone, inputs, u.max_tiles_per_call))
+        results = []
+        for plan, lay in plans:
+            per_view = [outputs_to_maps(next(outs), bb.num_prefix_tokens, bb.output_shape, bb.feature_hw(v.tile))
+                        for v in plan.views]
+            tokens = merge_views(cfg, plan, per_view, lay)  # type: ignore[arg-type]
+            pooled = None
+            if u.pool == "mean":
+                pooled = tokens[lay.prefix:].float().mean(dim=0).to(self.out_dtype).cpu()
+            elif u.pool == "cls":
+                pooled = tokens[0].to(self.out_dtype).cpu()
+            results.append((None if u.pool_only else tokens.to(self.out_dtype).cpu(), pooled))
+        return results
 
 
 @dataclass
@@ -189,6 +234,10 @@ class Target:
 
 
 def _sink(res: Resolved, path: str, weights: str) -> _ThreadedSink:
+    if res.strategy is not None:  # token counts differ per image: always the ragged layout
+        return SINKS[res.format](path, file_attrs(res, weights), channels=res.backbone.channels * len(out_groups(res.strategy)),
+                                 num_scales=num_views(res.strategy), tokens=None, dtype=res.user.dtype,
+                                 store_features=not res.user.pool_only, pooled=res.user.pool != "none")
     uniform = res.fit != "keep"
     first = plan_image(res, (res.side, res.side))
     sink = SINKS[res.format](path, file_attrs(res, weights), channels=first.channels, num_scales=len(res.img_sizes),
@@ -217,7 +266,7 @@ def run(res: Resolved, inp: Input, target: Target, backbone: Backbone,
     u = res.user
     device = resolve_device(u.device)
     ex = Extractor(res, backbone, device, resolve_precision(u.precision, device))
-    fit = Fit(res.fit, res.side, res.backbone.mean)
+    fit = Fit(res.fit, res.side, res.backbone.mean, res.strategy)
     done = failed = 0
     shards: list[str] = []
     total_failed_before = target.failures_before
@@ -234,9 +283,14 @@ def run(res: Resolved, inp: Input, target: Target, backbone: Backbone,
             return
         part = batch[0][1]
         groups: dict[tuple[int, ...], list[dict]] = {}
-        for rec, _ in batch:
-            groups.setdefault(tuple(rec["image"].shape), []).append(rec)
         items = []
+        if res.strategy is not None:  # all images of the batch together, whatever their views' sizes
+            for rec, feats, pooled in _with_retry(ex.strategy_features, [rec for rec, _ in batch],
+                                                  lambda r: record_failure(part, r), ex):
+                items.append(_strategy_item(res, rec, feats, pooled))
+        else:
+            for rec, _ in batch:
+                groups.setdefault(tuple(rec["image"].shape), []).append(rec)
         for recs in groups.values():
             plan = plan_image(res, tuple(recs[0]["orig_hw"]))
             for rec, feats, pooled in _forward_group(ex, recs, plan, lambda r: record_failure(part, r)):
@@ -310,7 +364,8 @@ def run(res: Resolved, inp: Input, target: Target, backbone: Backbone,
                 continue
             cur.first_key = cur.first_key or key
             cur.last_key = key
-            rec["image"] = torch.from_numpy(rec["image"])
+            img = rec["image"]
+            rec["image"] = [torch.from_numpy(a) for a in img] if isinstance(img, list) else torch.from_numpy(img)
             batch.append((rec, cur))
             if len(batch) >= u.batch_size:
                 flush()
@@ -357,14 +412,20 @@ def _unit_complete(unit: Unit, markers: list[dict], res: Resolved) -> bool:
 
 
 def _forward_group(ex: Extractor, recs: list[dict[str, Any]], plan: ImagePlan, on_fail: Callable[[dict], None]):
-    """Features for images of one shape, in one engine call. If that call fails, each image is retried alone
-    so only the image that fails is recorded (stage "model"); a configuration error stops the run."""
-    def split(feats, pooled, n):
-        return [(None if feats is None else feats[i], None if pooled is None else pooled[i]) for i in range(n)]
+    """Features for images of one shape, in one engine call (retried per image on failure, see `_with_retry`)."""
+    def compute(rs: list[dict[str, Any]]) -> list[tuple[Any, Any]]:
+        feats, pooled = ex.features(torch.stack([r["image"] for r in rs]), plan.engine_sizes)
+        return [(None if feats is None else feats[i], None if pooled is None else pooled[i]) for i in range(len(rs))]
 
+    return _with_retry(compute, recs, on_fail, ex)
+
+
+def _with_retry(compute: Callable[[list[dict[str, Any]]], list[tuple[Any, Any]]], recs: list[dict[str, Any]],
+                on_fail: Callable[[dict], None], ex: Extractor) -> list[tuple[dict[str, Any], Any, Any]]:
+    """(rec, features, pooled) for images computed together. If that call fails, each image is retried alone
+    so only the image that fails is recorded (stage "model"); a configuration error stops the run."""
     try:
-        feats, pooled = ex.features(torch.stack([r["image"] for r in recs]), plan.engine_sizes)
-        return _finite([(r, f, p) for r, (f, p) in zip(recs, split(feats, pooled, len(recs)))], ex, on_fail)
+        return _finite([(r, f, p) for r, (f, p) in zip(recs, compute(recs))], ex, on_fail)
     except ConfigError:
         raise
     except Exception as e:
@@ -374,8 +435,7 @@ def _forward_group(ex: Extractor, recs: list[dict[str, Any]], plan: ImagePlan, o
     out = []
     for r in recs:
         try:
-            feats, pooled = ex.features(r["image"][None], plan.engine_sizes)
-            out.append((r, *split(feats, pooled, 1)[0]))
+            out.append((r, *compute([r])[0]))
         except ConfigError:
             raise
         except Exception as e:
@@ -410,3 +470,21 @@ def _item(res: Resolved, rec: dict[str, Any], plan: ImagePlan, feats, pooled) ->
             "orig_hw": rec["orig_hw"], "grid_hw": plan.grid_hw, "img_sizes": sizes,
             "num_prefix_tokens": res.backbone.num_prefix_tokens, "split_mode": res.user.split_mode,
             "features": None if feats is None else feats.numpy(), "pooled": None if pooled is None else pooled.numpy()}
+
+
+def _strategy_item(res: Resolved, rec: dict[str, Any], feats, pooled) -> dict[str, Any]:
+    """A strategy's image for the sink: `img_sizes` holds each view's canvas ((0, 0) for an absent thumbnail), and
+    `plan` (JSON) the strategy, views with their grids and tiles, tile count, thumbnail/base, and output maps."""
+    plan, lay = plan_strategy_image(res, tuple(rec["orig_hw"]))
+    sizes = [list(v.canvas) for v in plan.views]
+    sizes += [[0, 0]] * (num_views(res.strategy) - len(sizes))  # type: ignore[arg-type]
+    meta = {"strategy": plan.strategy, "tiles": plan.num_tiles, "grids": plan.grids,
+            "views": [{"name": v.name, "grid": list(v.grid), "tile": list(v.tile), "resize": list(v.resize),
+                       "canvas": list(v.canvas), "cut": v.cut} for v in plan.views],
+            "thumbnail": plan.view("thumbnail") is not None, "base": plan.view("base") is not None,
+            "output_grid": list(lay.grid_hw), "output": lay.to_dict()}
+    return {"_rec_id": id(rec), "key": rec["key"], "source": rec["source"], "meta": rec.get("meta"),
+            "orig_hw": rec["orig_hw"], "grid_hw": lay.grid_hw, "img_sizes": sizes,
+            "num_prefix_tokens": res.backbone.num_prefix_tokens, "split_mode": res.user.split_mode,
+            "plan": json.dumps(meta), "features": None if feats is None else feats.numpy(),
+            "pooled": None if pooled is None else pooled.numpy()}

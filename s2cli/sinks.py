@@ -183,6 +183,7 @@ class HDF5Sink(_ThreadedSink):
       pooled     (N, C)            with --pool mean|cls
       source (N,) str, meta (N,) str (JSON or ""), orig_hw (N, 2), grid_hw (N, 2), img_sizes (N, S, 2),
       num_prefix_tokens (N,), split_mode (N,) str
+      plan       (N,) str          with --strategy other than s2: each image's plan and output maps (JSON)
       failures   (M,) str          one JSON record per failed image: key, source, stage, error_class, error
     """
 
@@ -200,7 +201,7 @@ class HDF5Sink(_ThreadedSink):
             f.attrs[k] = v
         f.attrs["layout_version"] = LAYOUT_VERSION
         C, S = self.channels, self.num_scales
-        for name in ("keys", "source", "meta", "split_mode"):
+        for name in ("keys", "source", "meta", "split_mode") + (("plan",) if self.attrs.get("strategy", "s2") != "s2" else ()):
             f.create_dataset(name, (0,), STR, maxshape=(None,), chunks=(1024,))
         if self.store_features:
             if self.tokens is None:
@@ -228,6 +229,8 @@ class HDF5Sink(_ThreadedSink):
         grow("source", [it["source"] for it in items])
         grow("meta", [it.get("meta") or "" for it in items])
         grow("split_mode", [it["split_mode"] for it in items])
+        if "plan" in f:
+            grow("plan", [it.get("plan") or "" for it in items])
         grow("orig_hw", np.array([it["orig_hw"] for it in items], np.int32))
         grow("grid_hw", np.array([it["grid_hw"] for it in items], np.int32))
         grow("img_sizes", np.array([it["img_sizes"] for it in items], np.int32))
@@ -299,6 +302,8 @@ class SafetensorsSink(_ThreadedSink):
             self.images[k] = {"source": it["source"], "meta": it.get("meta"), "orig_hw": list(it["orig_hw"]),
                               "grid_hw": list(it["grid_hw"]), "img_sizes": [list(s) for s in it["img_sizes"]],
                               "num_prefix_tokens": int(it["num_prefix_tokens"]), "split_mode": it["split_mode"]}
+            if it.get("plan"):
+                self.images[k]["plan"] = it["plan"]
 
     def _finish(self) -> None:
         from safetensors.numpy import save_file
@@ -545,7 +550,8 @@ class FeatureFile(_Reader):
         return {"key": key, "source": _attr(f["source"][i]), "meta": json.loads(m) if m else None,
                 "orig_hw": f["orig_hw"][i].tolist(), "grid_hw": f["grid_hw"][i].tolist(),
                 "img_sizes": f["img_sizes"][i].tolist(), "num_prefix_tokens": int(f["num_prefix_tokens"][i]),
-                "split_mode": _attr(f["split_mode"][i])}
+                "split_mode": _attr(f["split_mode"][i]),
+                **({"plan": json.loads(_attr(f["plan"][i]))} if "plan" in f else {})}
 
     @property
     def feature_shape(self) -> list[int | None] | None:
@@ -617,6 +623,8 @@ class SafetensorsFeatureFile(_Reader):
             raise self._missing(key)
         m = dict(self._images[key])
         m["meta"] = json.loads(m["meta"]) if m.get("meta") else None
+        if "plan" in m:
+            m["plan"] = json.loads(m["plan"])
         return {"key": key, **m}
 
     @property

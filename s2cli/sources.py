@@ -378,6 +378,24 @@ def fit_image(im: Image.Image, fit: str, side: int, mean: tuple[float, float, fl
     return im.crop((left, top, left + side, top + side))
 
 
+def render_views(im: Image.Image, plan: Any, fit: Fit) -> list[np.ndarray]:
+    """A strategy's views of the original image, each (3, H, W) uint8, as their authors render them with Pillow:
+    squash = resize to the canvas (bicubic, antialiased when shrinking, as `image.resize(size)` does); letterbox =
+    resize aspect-kept, then paste centered on a black canvas (LLaVA-NeXT); fit = the --fit mode to a square.
+    A plan whose views share one source (dual) renders only its first view."""
+    out = []
+    for v in plan.views[:1] if plan.same_source else plan.views:
+        if v.render == "fit":
+            r = fit_image(im, fit.strategy.fit, v.canvas[0], fit.mean)
+        elif v.render == "letterbox":
+            r = Image.new("RGB", (v.canvas[1], v.canvas[0]), (0, 0, 0))
+            r.paste(im.resize((v.resize[1], v.resize[0]), Image.BICUBIC), (v.pad[1], v.pad[0]))
+        else:
+            r = im.resize((v.canvas[1], v.canvas[0]), Image.BICUBIC)
+        out.append(to_uint8_array(r))
+    return out
+
+
 def to_uint8_array(im: Image.Image) -> np.ndarray:
     """(3, H, W) uint8, contiguous."""
     return np.ascontiguousarray(np.asarray(im, dtype=np.uint8).transpose(2, 0, 1))
@@ -396,6 +414,7 @@ class Fit:
     mode: str
     side: int
     mean: tuple[float, float, float]
+    strategy: Any = None  # a StrategyCfg: the image is rendered into the strategy's views instead (render_views)
 
     def __post_init__(self) -> None:
         if self.mode not in FITS:
@@ -417,7 +436,12 @@ def decode_sample(sample: Sample, fit: Fit) -> dict[str, Any]:
             rec["meta"] = json.dumps({**meta, "decode": notes})
         rec["orig_hw"] = (im.height, im.width)
         stage = "preprocess"
-        rec["image"] = to_uint8_array(fit_image(im, fit.mode, fit.side, fit.mean))
+        if fit.strategy is not None:
+            from .strategies import plan_strategy
+
+            rec["image"] = render_views(im, plan_strategy(fit.strategy, (im.height, im.width)), fit)
+        else:
+            rec["image"] = to_uint8_array(fit_image(im, fit.mode, fit.side, fit.mean))
     except Exception as e:  # recorded per sample; the run goes on (plain dict: it crosses process borders)
         rec["error"] = failure(sample, stage, e)
     return rec

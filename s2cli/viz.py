@@ -1,0 +1,142 @@
+"""Pictures: `plan_figure` draws every scale's or view's tiles over the image as the backbone sees it;
+`features_figure` puts the image beside a PCA (3 components as RGB) of each stored feature map, per scale or
+perspective and merged. Pillow only."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageOps
+
+PANEL = 256  # the longer side of every panel, in pixels
+LABEL = 18  # height of the label strip above the panels
+GAP = 8
+PALETTE = ((255, 0, 0), (0, 200, 0), (0, 90, 255), (255, 160, 0), (200, 0, 200), (0, 200, 200))
+BACKGROUND = (255, 255, 255)
+
+
+@dataclass(frozen=True)
+class Panel:
+    """Where one panel lies on the figure: its left/top corner, size, the scale from its source pixels, label."""
+
+    label: str
+    x: int
+    y: int
+    size: tuple[int, int]  # (w, h)
+    scale: float
+    color: tuple[int, int, int]
+    boxes: tuple[tuple[int, int, int, int], ...] = ()  # (top, left, bottom, right) in source pixels
+
+
+def _panel_size(hw: tuple[int, int]) -> tuple[tuple[int, int], float]:
+    f = PANEL / max(hw)
+    return (max(1, round(hw[1] * f)), max(1, round(hw[0] * f))), f
+
+
+def _compose(items: list[tuple[Image.Image, str, tuple[int, int, int], float, tuple]]) -> tuple[Image.Image, list[Panel]]:
+    """Lay panels out left to right under their labels; tiles boxes are drawn in the panel's color."""
+    width = sum(im.width for im, *_ in items) + GAP * (len(items) + 1)
+    fig = Image.new("RGB", (width, LABEL + PANEL + GAP), BACKGROUND)
+    draw = ImageDraw.Draw(fig)
+    panels, x = [], GAP
+    for im, label, color, scale, boxes in items:
+        fig.paste(im, (x, LABEL))
+        draw.text((x, 3), label, fill=(0, 0, 0))
+        for t, l, b, r in boxes:
+            draw.rectangle((x + round(l * scale), LABEL + round(t * scale),
+                            x + round(r * scale) - 1, LABEL + round(b * scale) - 1), outline=color, width=2)
+        panels.append(Panel(label, x, LABEL, im.size, scale, color, tuple(boxes)))
+        x += im.width + GAP
+    return fig, panels
+
+
+def plan_figure(path: str | Path, res: Any) -> tuple[Image.Image, list[Panel]]:
+    """One panel per scale (s2) or view (other strategies): the image as that view renders it, with its tiles."""
+    from .pipeline import plan_image, plan_strategy_image
+    from .sources import Fit, fit_image, render_views
+
+    with Image.open(path) as raw:
+        im = ImageOps.exif_transpose(raw).convert("RGB")
+    items = []
+    if res.strategy is not None:
+        plan, _ = plan_strategy_image(res, (im.height, im.width))
+        fit = Fit(res.fit, res.side, res.backbone.mean, res.strategy)
+        arrays = render_views(im, plan, fit)
+        for i, v in enumerate(plan.views):
+            a = arrays[0 if plan.same_source else i]
+            size, f = _panel_size(v.canvas)
+            pic = Image.fromarray(a.transpose(1, 2, 0)).resize(size, Image.BILINEAR)
+            label = f"{v.name} {v.grid[0]}x{v.grid[1]}" + (" strided" if v.cut == "strided" else "")
+            boxes = v.boxes()[:1] if v.cut == "strided" else v.boxes()
+            items.append((pic, label, PALETTE[i % len(PALETTE)], f, boxes))
+    else:
+        p = plan_image(res, (im.height, im.width))
+        fitted = fit_image(im, res.fit, res.side, res.backbone.mean)
+        for i, sp in enumerate(p.s2.scales):
+            size, f = _panel_size(sp.canvas)
+            pic = fitted.resize((sp.canvas[1], sp.canvas[0]), Image.BICUBIC).resize(size, Image.BILINEAR)
+            th, tw = sp.tile
+            boxes = [(r * th, c * tw, (r + 1) * th, (c + 1) * tw) for r in range(sp.grid[0]) for c in range(sp.grid[1])]
+            items.append((pic, f"scale {sp.size[0]}x{sp.size[1]} {sp.grid[0]}x{sp.grid[1]}", PALETTE[i % len(PALETTE)], f, boxes))
+    return _compose(items)
+
+
+def pca_rgb(tokens: np.ndarray) -> np.ndarray:
+    """(N, C) features -> (N, 3) uint8: the first 3 principal components, each min-max scaled to 0..255 (sign
+    chosen so the largest loading is positive, so a picture does not flip between runs)."""
+    x = np.asarray(tokens, np.float64)
+    x = x - x.mean(axis=0, keepdims=True)
+    _, _, vt = np.linalg.svd(x, full_matrices=False)
+    comps = vt[:3]
+    comps = comps * np.sign(comps[np.arange(len(comps)), np.abs(comps).argmax(axis=1)])[:, None]
+    y = x @ comps.T
+    if y.shape[1] < 3:
+        y = np.concatenate([y, np.zeros((y.shape[0], 3 - y.shape[1]))], axis=1)
+    lo, hi = y.min(axis=0), y.max(axis=0)
+    return np.round((y - lo) / np.where(hi > lo, hi - lo, 1) * 255).astype(np.uint8)
+
+
+def feature_maps(ff: Any, key: str) -> list[tuple[str, np.ndarray]]:
+    """The stored maps of one image, as (label, (h, w, C) array) per map and channel group, and merged over groups."""
+    x = np.asarray(ff[key], np.float32)
+    m = ff.meta(key)
+    plan = m.get("plan")
+    if plan is not None:
+        prefix, groups = plan["output"]["prefix"], plan["output"]["groups"]
+        maps = [(a["name"], tuple(a["hw"]), a["offset"]) for a in plan["output"]["maps"]]
+    else:
+        prefix = m["num_prefix_tokens"]
+        groups = [f"scale{i}" for i in range(len(m["img_sizes"]))]
+        maps = [("merged", tuple(m["grid_hw"]), 0)]
+    out = []
+    for name, (h, w), off in maps:
+        fm = x[prefix + off: prefix + off + h * w].reshape(h, w, -1)
+        c = fm.shape[-1] // len(groups)
+        if len(groups) > 1:
+            out += [(f"{name} {g}", fm[..., i * c:(i + 1) * c]) for i, g in enumerate(groups)]
+        out.append((name if len(groups) == 1 else f"{name} (all)", fm))
+    return out
+
+
+def features_figure(ff: Any, key: str) -> tuple[Image.Image, list[Panel]]:
+    """The image (when its source is a readable file) beside a PCA picture of every map."""
+    items = []
+    src = Path(ff.meta(key)["source"])
+    if src.is_file():
+        with Image.open(src) as raw:
+            im = ImageOps.exif_transpose(raw).convert("RGB")
+        size, f = _panel_size((im.height, im.width))
+        items.append((im.resize(size, Image.BILINEAR), key, (0, 0, 0), f, ()))
+    for label, fm in feature_maps(ff, key):
+        h, w, _ = fm.shape
+        rgb = pca_rgb(fm.reshape(h * w, -1)).reshape(h, w, 3)
+        size, f = _panel_size((h, w))
+        items.append((Image.fromarray(rgb).resize(size, Image.NEAREST), f"{label} {h}x{w}", (0, 0, 0), f, ()))
+    return _compose(items)
+
+
+def plan_summary(panels: list[Panel]) -> str:
+    return json.dumps([{"label": p.label, "x": p.x, "size": list(p.size), "tiles": len(p.boxes)} for p in panels])
