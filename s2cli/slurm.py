@@ -86,7 +86,8 @@ def sbatch_script(job: SlurmJob, command: list[str], outdir: Path, workdir: Path
         lines.append(f"#SBATCH --array=0-{job.array - 1}")
     lines += [f"#SBATCH --chdir={workdir}", f"#SBATCH --output={outdir / log}"]
     lines += [f"#SBATCH {a}" for a in job.sbatch_args]
-    cmd = " \\\n    ".join(_pairs(command))
+    head = " ".join(shlex.quote(a) for a in command[:5])  # python -m s2cli extract INPUT
+    cmd = " \\\n    ".join([head, *_pairs(command[5:])])
     lines += ["", "set -euo pipefail", f"srun --kill-on-bad-exit=0 {cmd}", ""]
     return "\n".join(lines)
 

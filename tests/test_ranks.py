@@ -178,10 +178,11 @@ def test_torchrun_two_ranks_equal_one_rank(tmp_path):
     shards = make_shards(tmp_path / "shards", n_tars=3, per_tar=4)
     spec = f"{shards}/{{000000..000002}}.tar"
     one, two = tmp_path / "one", tmp_path / "two"
-    assert _s2("extract", spec, *FAST, "-o", f"{one}/", "--shard-size", 3, "-q").returncode == 0
+    one_thread = dict(os.environ, OMP_NUM_THREADS="1")  # torchrun's default for its workers: same sums, same bits
+    assert _s2("extract", spec, *FAST, "-o", f"{one}/", "--shard-size", 3, "-q", env=one_thread).returncode == 0
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
                         "s2cli", "extract", spec, *FAST, "-o", f"{two}/", "--shard-size", "3", "--json", "-q"],
-                       capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+                       capture_output=True, text=True, env=one_thread)
     assert r.returncode == 0, r.stderr[-3000:]
     summaries = sorted((json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")), key=lambda s: s["rank"])
     assert [(s["rank"], s["world"], s["rank_source"]) for s in summaries] == [(0, 2, "torchrun"), (1, 2, "torchrun")]
@@ -196,11 +197,11 @@ def test_three_ranks_killed_then_two_resume(tmp_path):
         write_image(d / f"img{i:04d}.png", (40 + i % 3 * 8, 48), i)
     slow = ["-m", "timm:test_vit", "--random-init", "--scales", "1,2,3", "-j", "0", "-b", "1", "--shard-size", "2", "-q"]
     clean, out = tmp_path / "clean", tmp_path / "out"
+    assert _s2("extract", d, "-o", f"{clean}/", *slow, env=dict(os.environ, OMP_NUM_THREADS="1")).returncode == 0
     procs = [subprocess.Popen([sys.executable, "-m", "s2cli", "extract", str(d), "-o", f"{out}/", *slow],
                               env=dict(os.environ, RANK=str(r), WORLD_SIZE="3", LOCAL_RANK=str(r), OMP_NUM_THREADS="1"),
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
              for r in range(3)]
-    assert _s2("extract", d, "-o", f"{clean}/", *slow).returncode == 0
     deadline = time.time() + 180
     while time.time() < deadline and len(list(out.glob("part-*.json"))) < 3:
         time.sleep(0.05)
@@ -210,7 +211,8 @@ def test_three_ranks_killed_then_two_resume(tmp_path):
     st = json.loads(_s2("status", out, "--json").stdout)
     assert 3 <= st["shards_done"] < 9 and not st["complete"]
     assert len(st["stale"]) >= 1 and all(x["state"] in ("stale", "done") for x in st["ranks"])  # killed, not running
-    r = _s2("extract", d, "-o", f"{out}/", *slow, "--devices", "cpu,cpu", "--json")
+    r = _s2("extract", d, "-o", f"{out}/", *slow, "--devices", "cpu,cpu", "--json",
+            env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert r.returncode == 0, r.stderr
     rep = json.loads(r.stdout)
     assert rep["status"]["complete"] and rep["status"]["images"] == 18
