@@ -192,7 +192,7 @@ def _run_with_progress(res, inp, target, backbone, quiet: bool) -> dict:
                   TextColumn("{task.fields[failed]} failed"), TextColumn("{task.fields[shards]} shards"),
                   console=err, transient=False) as progress:
         before = target.images_done_before + target.failures_before
-        total = None if inp.total is None else inp.total
+        total = None if inp.total is None or target.ranks.world > 1 else inp.total  # a rank does only its share
         task = progress.add_task("extract", total=total, completed=before, rate="-", failed=0, shards=len(target.done))
 
         def tick(done: int, failed: int, shards: int) -> None:
@@ -469,10 +469,14 @@ def slurm(
         flags.update(scales=_floats("scales", v.get("scales")), img_sizes=_ints("img-sizes", v.get("img_sizes")))
         cfg = build_config(v["input"], v.get("output"), v.get("recipe"), **flags)
         res = resolve_config(cfg, resolve(cfg.model, layer=cfg.layer, keep_cls=cfg.keep_cls))
-        open_input(cfg.input, cfg.input_format, res.shard_size, cfg.limit, cfg.image_key)
+        inp = open_input(cfg.input, cfg.input_format, res.shard_size, cfg.limit, cfg.image_key)
         if v.get("output") is None or not res.output_is_dir:
             raise ConfigError("s2 slurm needs an output folder that its tasks share", given=v.get("output"),
                               fix="pass -o OUTDIR/")
+        from .sinks import OutputDir
+
+        if OutputDir(res.output).run_file.is_file():  # resubmitting: the tasks would refuse other settings, say so now
+            OutputDir(res.output)._check_same({"input": inp.describe(), "config": res.to_dict()}, res.compare_keys())
         if v.get("overwrite"):
             raise ConfigError("--overwrite cannot be forwarded to several ranks", fix=f"remove {res.output} first")
         job = SlurmJob(nodes=nodes, gpus_per_node=gpus_per_node, ntasks=ntasks, array=array, partition=partition,

@@ -25,13 +25,18 @@ FORMATS = {"h5": ".h5", "safetensors": ".safetensors"}
 POOLED_TENSOR = "__s2cli_pooled__"
 
 
-def atomic_write_text(path: Path, text: str) -> None:
+def _fsynced_tmp(path: Path, text: str) -> Path:
+    """`text` written and fsynced beside `path`, under a temporary name that carries this process's id."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with open(tmp, "w") as fh:
         fh.write(text)
         fh.flush()
         os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    return tmp
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    os.replace(_fsynced_tmp(path, text), path)
 
 
 def _fsync_rename(tmp: Path, final: Path) -> None:
@@ -426,11 +431,7 @@ class OutputDir:
 
 def _create_exclusive(path: Path, text: str) -> bool:
     """Write `path` only if it does not exist, atomically (the first of several writers wins). True if written."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
+    tmp = _fsynced_tmp(path, text)
     try:
         os.link(tmp, path)
         return True

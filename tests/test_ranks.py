@@ -262,9 +262,13 @@ def test_slurm_script_for_4_nodes_of_8_gpus(cli, image_dir, tmp_path):
         assert line in script.splitlines()
     assert "srun --kill-on-bad-exit=0 /opt/env/bin/python -m s2cli extract" in script and "32 ranks" in script
     assert "--recipe llava-1.5-s2" in script and "--random-init" in script and "--array" not in script
-    # the folder holds the script and is still a valid output folder
-    r = cli("extract", image_dir, *FAST, "-o", f"{out}/", "--dry-run", "--json")
-    assert r.exit_code == 0
+    # the folder holding the script is still a valid output folder; a resubmission with other settings is refused
+    invoke_json(cli, "extract", image_dir, *FAST, "-o", f"{out}/", "--json", "-q")
+    assert (out / "s2-slurm.sbatch").is_file()
+    r = cli("slurm", image_dir, *FAST, "-o", f"{out}/", "--ntasks", 2)
+    assert r.exit_code == 0, r.stderr
+    r = cli("slurm", image_dir, *FAST, "-o", f"{out}/", "--ntasks", 2, "--split-mode", "pad")
+    assert r.exit_code == 2 and "split_mode: 'resize' -> 'pad'" in r.stderr
 
 
 def test_slurm_array_and_refusals(cli, image_dir, tmp_path, monkeypatch):
