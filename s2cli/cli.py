@@ -527,7 +527,7 @@ def status(
         return
     t = Table(title=f"{st['output']} ({st['input']})")
     for c in ("rank", "state", "host", "pid", "shards", "images", "failed", "img/s", "in flight", "updated"):
-        t.add_column(c, overflow="fold")
+        t.add_column(c, overflow="fold", no_wrap=c != "in flight")
     for r in st["ranks"]:
         fl = r["in_flight"]
         t.add_row(str(r["rank"]), r["state"], str(r["host"] or "-"), str(r["pid"] or "-"), str(r["shards"]),
@@ -542,6 +542,9 @@ def status(
     for s in st["stale"]:
         out.print(f"stale: rank {s['rank']} ({s['host']} pid {s['pid']}) stopped in {s.get('unit') or 'no unit'}; "
                   f"rerun the same command (or resubmit) to redo it", highlight=False)
+    for r in st["ranks"]:
+        if r["state"] == "failed":
+            out.print(f"rank {r['rank']} failed: {r['error']}", highlight=False)
 
 
 @app.callback(invoke_without_command=True)

@@ -21,7 +21,7 @@ import pytest
 from s2cli import open_features
 from test_ranks import FAST, make_shards
 
-DAEMONS = ("munged", "mungekey", "slurmctld", "slurmd", "sbatch", "srun", "squeue", "scontrol")
+DAEMONS = ("munged", "mungekey", "slurmctld", "slurmd", "sbatch", "srun", "squeue", "sinfo", "scontrol")
 
 
 def _unavailable() -> str | None:
