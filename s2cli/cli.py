@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import json
+import sys
 from pathlib import Path
-from typing import Annotated, Iterator, Optional
+from inspect import Signature, signature
+from typing import Annotated, Iterator, Optional, get_type_hints
 
 import typer
+from typer.models import ArgumentInfo, ParameterInfo
 from rich.console import Console
 from rich.table import Table
 
@@ -52,6 +55,7 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JS
 
 @app.command()
 def extract(
+    ctx: typer.Context,
     input: Annotated[str, typer.Argument(help="A folder (recursive), a .txt/.csv/.parquet list, or WebDataset shards ('s/{000..009}.tar', a glob, a folder of .tar, pipe:CMD).")],
     output: Annotated[Optional[str], typer.Option("--output", "-o", help="A .h5/.safetensors file, or OUTDIR/ for resumable shards (default: <input>.<model>.h5 here).")] = None,
     recipe: Annotated[Optional[str], typer.Option(help="A recipe name (see `s2 recipes`) or .yaml path; flags override it.")] = None,
@@ -72,6 +76,7 @@ def extract(
     workers: Annotated[Optional[int], typer.Option("--workers", "-j", help="Decode workers (0: in the main process). [default: 2]")] = None,
     max_tiles_per_call: Annotated[Optional[int], typer.Option("--max-tiles-per-call", help="Cap on tiles per backbone call.")] = None,
     device: Annotated[Optional[str], typer.Option(help="auto | cpu | cuda | cuda:K. [default: auto]")] = None,
+    devices: Annotated[Optional[str], typer.Option("--devices", help="One worker process per device on this machine: all | 0,1,2,3 | cpu,cpu (needs -o OUTDIR/).")] = None,
     precision: Annotated[Optional[str], typer.Option(help="Compute precision: fp32 | bf16 | fp16. [default: fp32]")] = None,
     dtype: Annotated[Optional[str], typer.Option(help="Stored dtype: float32 | float16. [default: float32]")] = None,
     limit: Annotated[Optional[int], typer.Option(help="Only the first N images.")] = None,
@@ -106,10 +111,12 @@ def extract(
       s2 extract 'shards/{00000..00099}.tar' --recipe llava-1.5-s2 -o feats/ --format safetensors
       s2 extract photos/ -m clip-vit-l-336 --random-init --scales 1,2,3 --dry-run --json
       s2 extract photos/ --recipe llava-next-anyres --random-init --dry-run --json
+      s2 extract 'shards/{00000..00099}.tar' -o feats/ --devices all
+      torchrun --nproc_per_node 8 -m s2cli extract 'shards/{00000..00099}.tar' -o feats/
     """
     from .backbones import load_backbone, resolve
     from .config import build_config, resolve_config
-    from .launch import resolve_device
+    from .launch import discover_rank, pin_device, rank_device
     from .pipeline import Target, dry_run as plan_run
     from .sources import open_input
 
@@ -134,10 +141,19 @@ def extract(
             else:
                 _print_plan(plan)
             return
-        resolve_device(cfg.device)
-        target = Target(res, inp, overwrite)  # refuses a clashing output before any weights load
-        backbone = load_backbone(res.backbone, weights=cfg.weights, random_init=cfg.random_init, seed=cfg.seed,
-                                 any_size=res.strategy is not None and res.strategy.name == "native")
+        rank = discover_rank()
+        dev = rank_device(cfg.device, rank)
+        if devices is not None:
+            return _extract_on_devices(ctx.params, devices, res, inp, as_json)
+        target = Target(res, inp, overwrite, rank)  # refuses a clashing output before any weights load
+        quiet = quiet or rank.rank != 0
+        pin_device(dev)  # before the model loads
+        try:
+            backbone = load_backbone(res.backbone, weights=cfg.weights, random_init=cfg.random_init, seed=cfg.seed,
+                                     any_size=res.strategy is not None and res.strategy.name == "native")
+        except BaseException as e:
+            target.close("failed", e.one_line() if isinstance(e, S2Error) else f"{type(e).__name__}: {e}")
+            raise
         if output is None:
             err.print(f"writing {res.output}", highlight=False)
         if target.done:
@@ -190,7 +206,7 @@ def _run_with_progress(res, inp, target, backbone, quiet: bool) -> dict:
                   TextColumn("{task.fields[failed]} failed"), TextColumn("{task.fields[shards]} shards"),
                   console=err, transient=False) as progress:
         before = target.images_done_before + target.failures_before
-        total = None if inp.total is None else inp.total
+        total = None if inp.total is None or target.ranks.world > 1 else inp.total  # a rank does only its share
         task = progress.add_task("extract", total=total, completed=before, rate="-", failed=0, shards=len(target.done))
 
         def tick(done: int, failed: int, shards: int) -> None:
@@ -389,6 +405,223 @@ def viz_features(
         print(plan_summary(panels))
     else:
         err.print(f"{len(panels)} panels, {fig.width}x{fig.height} -> {output}", highlight=False)
+# ---- many GPUs and nodes: --devices workers, s2 slurm, s2 status ---------------------------------------------------
+# options of `extract` that describe one process's console, not the extraction: not forwarded to workers and jobs
+_CONSOLE_ONLY = ("ctx", "devices", "dry_run", "as_json", "quiet")
+
+
+def _option_argv(fn, values: dict, skip: tuple[str, ...] = ()) -> list[str]:
+    """The command line that gives `fn`'s Typer parameters these values: arguments in order, options by their
+    first long name; None (not set) and a plain flag left off are omitted, so a recipe's values stay in force."""
+    hints = get_type_hints(fn, include_extras=True)
+    argv: list[str] = []
+    for name in signature(fn).parameters:
+        if name in skip or values.get(name) is None:
+            continue
+        info = next((m for m in getattr(hints[name], "__metadata__", ()) if isinstance(m, ParameterInfo)), None)
+        value = values[name]
+        if isinstance(info, ArgumentInfo):
+            argv.append(str(value))
+            continue
+        decls = [d for d in (info.default, *(info.param_decls or ())) if isinstance(d, str)] if info else []
+        flag = next((d for d in decls if d.startswith("--")), "--" + name.replace("_", "-"))
+        if isinstance(value, bool):
+            on, _, off = flag.partition("/")
+            if value or off:
+                argv.append(on if value else off)
+        elif isinstance(value, (list, tuple)):
+            for v in value:
+                argv += [flag, str(v)]
+        else:
+            argv += [flag, str(value)]
+    return argv
+
+
+def _extract_argv(values: dict) -> list[str]:
+    """`python -m s2cli extract …` with the same extraction options as `values` (an extract call's params)."""
+    return [sys.executable, "-m", "s2cli", "extract", *_option_argv(extract, values, _CONSOLE_ONLY)]
+
+
+def _extract_on_devices(values: dict, devices: str, res, inp, as_json: bool) -> None:
+    """--devices: one `s2 extract` worker process per device, as ranks of one run; wait for all; exit non-zero if
+    any failed, after a per-worker report."""
+    import os
+
+    from .launch import parse_devices, run_workers
+
+    if "RANK" in os.environ or "SLURM_STEP_ID" in os.environ:
+        raise ConfigError("--devices starts its own workers, and this process is already one rank of a launcher",
+                          given=devices, fix="drop --devices under torchrun/srun (they start one process per GPU)")
+    if values.get("device") is not None:
+        raise ConfigError("--device and --devices were both given", given=(values["device"], devices),
+                          fix="pass --devices alone: each worker gets one of its devices")
+    if not res.output_is_dir:
+        raise ConfigError("--devices needs an output folder that the workers share", given=res.output, fix="pass -o OUTDIR/")
+    devs = parse_devices(devices)
+    if values.get("overwrite"):
+        raise ConfigError("--overwrite cannot be used by several workers at once", given=devices,
+                          fix=f"remove {res.output} first, then run without --overwrite")
+    err.print(f"{len(devs)} workers ({', '.join(devs)}) -> {res.output}", highlight=False)
+    workers = run_workers(_extract_argv(values), devs)
+    from .ranks import status_report
+
+    report = {"workers": workers, "status": status_report(res.output)}
+    if as_json:
+        print(json.dumps(report))
+    else:
+        t = Table(title=f"--devices {devices}")
+        for c in ("rank", "device", "exit", "images", "failed", "shards", "img/s", "error"):
+            t.add_column(c, overflow="fold")
+        for w in workers:
+            s = w["summary"] or {}
+            t.add_row(str(w["rank"]), w["device"], str(w["exit_code"]), str(s.get("num_images", "-")),
+                      str(s.get("num_failed", "-")), str(s.get("shards_written", "-")), str(s.get("images_per_s", "-")),
+                      w["error"] or "")
+        err.print(t)
+        st = report["status"]
+        err.print(f"{st['images']} images, {st['failed']} failed in {st['shards_done']} shards; "
+                  f"{'complete' if st['complete'] else 'not complete'} -> {res.output}", highlight=False)
+    bad = [w["exit_code"] for w in workers if w["exit_code"] != 0]
+    if bad:
+        raise typer.Exit(max(bad))
+
+
+def _with_extract_options(fn):
+    """Give a command every extraction option of `extract` (one definition, so `s2 slurm` forwards exactly what
+    `extract` accepts) before its own parameters; `fn` receives them all as keyword arguments."""
+    ext_hints = get_type_hints(extract, include_extras=True)
+    own_hints = get_type_hints(fn, include_extras=True)
+    params = [p.replace(annotation=ext_hints[n]) for n, p in signature(extract).parameters.items()
+              if n not in _CONSOLE_ONLY]
+    params += [p.replace(annotation=own_hints[n]) for n, p in signature(fn).parameters.items()
+               if n != "extract_values"]
+    extract_names = {p.name for p in params} - set(signature(fn).parameters)
+
+    def command(**kw):
+        return fn(**{k: v for k, v in kw.items() if k not in extract_names}, extract_values={
+            k: v for k, v in kw.items() if k in extract_names})
+
+    command.__signature__ = Signature(params)  # type: ignore[attr-defined]
+    command.__name__, command.__doc__ = fn.__name__, fn.__doc__
+    return command
+
+
+def slurm(
+    nodes: Annotated[int, typer.Option("--nodes", help="Nodes per job (per array task with --array).")] = 1,
+    gpus_per_node: Annotated[int, typer.Option("--gpus-per-node", help="GPUs per node; one task (rank) per GPU.")] = 0,
+    ntasks: Annotated[Optional[int], typer.Option("--ntasks", help="Tasks per job instead of nodes × GPUs (e.g. CPU tasks).")] = None,
+    array: Annotated[Optional[int], typer.Option("--array", help="A job array of K jobs (--array=0-(K-1)), each --nodes × --gpus-per-node tasks.")] = None,
+    partition: Annotated[Optional[str], typer.Option("--partition", help="sbatch --partition.")] = None,
+    time_limit: Annotated[Optional[str], typer.Option("--time", help="sbatch --time, e.g. 24:00:00.")] = None,
+    account: Annotated[Optional[str], typer.Option("--account", help="sbatch --account.")] = None,
+    cpus_per_gpu: Annotated[Optional[int], typer.Option("--cpus-per-gpu", help="sbatch --cpus-per-gpu.")] = None,
+    mem: Annotated[Optional[str], typer.Option("--mem", help="sbatch --mem (per node), e.g. 200G.")] = None,
+    sbatch_arg: Annotated[Optional[list[str]], typer.Option("--sbatch-arg", help="Any other sbatch option, as one #SBATCH line (repeatable), e.g. --sbatch-arg=--qos=high.")] = None,
+    job_name: Annotated[str, typer.Option("--job-name", help="sbatch --job-name.")] = "s2-extract",
+    python: Annotated[Optional[str], typer.Option("--python", help="Python that runs s2cli on the nodes. [default: the one running s2]")] = None,
+    submit: Annotated[bool, typer.Option("--submit", help="Submit the script with sbatch and print the job id.")] = False,
+    as_json: JsonOpt = False,
+    *, extract_values: dict,
+) -> None:
+    """Write a SLURM batch script that runs `s2 extract` as ranks of one run (srun: one task per GPU, or a job
+    array), into OUTDIR/s2-slurm.sbatch; print it; --submit submits it. Every `s2 extract` option is forwarded.
+
+    Examples:
+      s2 slurm 'shards/{00000..09999}.tar' -o feats/ --recipe llava-1.5-s2 --nodes 4 --gpus-per-node 8 --time 24:00:00
+      s2 slurm photos.txt -o feats/ --array 16 --gpus-per-node 1 --partition gpu --submit
+    """
+    import shlex
+    import subprocess
+    from pathlib import Path as _P
+
+    from .backbones import resolve
+    from .config import build_config, resolve_config
+    from .slurm import SlurmJob, sbatch_script
+    from .sources import open_input
+
+    v = extract_values
+    with _reported():
+        # validate everything a task would (config, recipe, input) before anything is written or submitted
+        flags = {k: v[k] for k in v if k not in ("input", "output", "recipe", "overwrite")}
+        flags.update(scales=_floats("scales", v.get("scales")), img_sizes=_ints("img-sizes", v.get("img_sizes")))
+        cfg = build_config(v["input"], v.get("output"), v.get("recipe"), **flags)
+        res = resolve_config(cfg, resolve(cfg.model, layer=cfg.layer, keep_cls=cfg.keep_cls))
+        inp = open_input(cfg.input, cfg.input_format, res.shard_size, cfg.limit, cfg.image_key)
+        if v.get("output") is None or not res.output_is_dir:
+            raise ConfigError("s2 slurm needs an output folder that its tasks share", given=v.get("output"),
+                              fix="pass -o OUTDIR/")
+        from .sinks import OutputDir
+
+        if OutputDir(res.output).run_file.is_file():  # resubmitting: the tasks would refuse other settings, say so now
+            OutputDir(res.output)._check_same({"input": inp.describe(), "config": res.to_dict()}, res.compare_keys())
+        if v.get("overwrite"):
+            raise ConfigError("--overwrite cannot be forwarded to several ranks", fix=f"remove {res.output} first")
+        job = SlurmJob(nodes=nodes, gpus_per_node=gpus_per_node, ntasks=ntasks, array=array, partition=partition,
+                       time=time_limit, account=account, cpus_per_gpu=cpus_per_gpu, mem=mem,
+                       sbatch_args=tuple(sbatch_arg or ()), job_name=job_name)
+        outdir = _P(res.output).resolve()
+        command = [python or sys.executable, *_extract_argv(v)[1:], "--json", "-q"]
+        script = sbatch_script(job, command, outdir, _P.cwd())
+        outdir.mkdir(parents=True, exist_ok=True)
+        path = outdir / "s2-slurm.sbatch"
+        path.write_text(script)
+        job_id = None
+        if submit:
+            try:
+                r = subprocess.run(["sbatch", "--parsable", str(path)], capture_output=True, text=True)
+            except FileNotFoundError:
+                raise ConfigError("sbatch is not on PATH", given=str(path),
+                                  fix="run on a SLURM login node, or submit the script yourself: sbatch " + shlex.quote(str(path))) from None
+            if r.returncode != 0:
+                raise S2Error(f"sbatch refused the job: {r.stderr.strip()}", given=str(path),
+                              fix="adjust the sbatch options (--partition, --account, --time, --sbatch-arg) and rerun")
+            job_id = r.stdout.strip().split(";")[0]
+    if as_json:
+        print(json.dumps({"script": str(path), "job_id": job_id, "ranks": job.ranks, "text": script}))
+        return
+    out.print(script, highlight=False, markup=False, end="")
+    err.print(f"wrote {path}", highlight=False)
+    if job_id is not None:
+        print(f"submitted job {job_id}; watch it with: s2 status {shlex.quote(str(outdir))}")
+
+
+app.command("slurm")(_with_extract_options(slurm))
+
+
+@app.command()
+def status(
+    path: Annotated[str, typer.Argument(help="An output folder (s2 extract -o OUTDIR/, s2 slurm -o OUTDIR).")],
+    as_json: JsonOpt = False,
+) -> None:
+    """Progress of a run in an output folder: shards and units done, images, failures, throughput, each rank's
+    state (running, done, failed, or stale: it stopped without saying so) and the units in flight."""
+    from .ranks import status_report
+
+    with _reported():
+        st = status_report(path)
+    if as_json:
+        print(json.dumps(st))
+        return
+    t = Table(title=f"{st['output']} ({st['input']})")
+    for c in ("rank", "state", "host", "pid", "shards", "images", "failed", "img/s", "in flight", "updated"):
+        t.add_column(c, overflow="fold", no_wrap=c != "in flight")
+    for r in st["ranks"]:
+        fl = r["in_flight"]
+        t.add_row(str(r["rank"]), r["state"], str(r["host"] or "-"), str(r["pid"] or "-"), str(r["shards"]),
+                  str(r["images"]), str(r["failed"]), str(r["images_per_s"] or "-"),
+                  f"{fl['unit']} part {fl['part']} -> {fl['shard']}" if fl else "-",
+                  "-" if r["updated_s_ago"] is None else f"{r['updated_s_ago']}s ago")
+    out.print(t)
+    total = "?" if st["shards_total"] is None else st["shards_total"]
+    out.print(f"shards {st['shards_done']}/{total}, units {st['units_done']}/{st['units_total']}, {st['images']} images, "
+              f"{st['failed']} failed, {st['images_per_s'] or '-'} img/s overall, {st['images_per_s_now']} img/s now; "
+              f"{'complete' if st['complete'] else 'not complete'}", highlight=False)
+    for s in st["stale"]:
+        out.print(f"stale: rank {s['rank']} ({s['host']} pid {s['pid']}) stopped in {s.get('unit') or 'no unit'}; "
+                  f"rerun the same command (or resubmit) to redo it", highlight=False)
+    for r in st["ranks"]:
+        if r["state"] == "failed":
+            out.print(f"rank {r['rank']} failed: {r['error']}", highlight=False)
 
 
 @app.callback(invoke_without_command=True)

@@ -6,6 +6,7 @@ computed from image headers and the backbone's config alone."""
 from __future__ import annotations
 
 import json
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +18,7 @@ from . import __version__
 from .backbones import Backbone
 from .config import Resolved
 from .errors import ConfigError, S2Error
-from .launch import resolve_device, resolve_precision
+from .launch import Rank, final_barrier, rank_device, resolve_precision
 from .sinks import SINKS, OutputDir, _ThreadedSink
 from .sources import DecodePool, Fit, Input, Sample, Unit, failure, fit_size, image_size
 from .strategies import (OutLayout, StrategyPlan, cut_view, grouped_calls, merge as merge_views, num_views,
@@ -198,14 +199,21 @@ class _Part:
 class Target:
     """Where a run writes: one file, or an output directory of shards (resumable)."""
 
-    def __init__(self, res: Resolved, inp: Input, overwrite: bool, rank: int = 0):
-        self.res, self.inp, self.rank = res, inp, rank
+    def __init__(self, res: Resolved, inp: Input, overwrite: bool, rank: Rank = Rank()):
+        self.res, self.inp, self.ranks, self.rank = res, inp, rank, rank.rank
         self.dir = OutputDir(res.output) if res.output_is_dir else None
+        self.heartbeat = None
+        if rank.world > 1 and self.dir is None:
+            raise ConfigError("several ranks share one output, which must then be a folder",
+                              given=f"-o {res.output} with {rank.world} ranks ({rank.source})", fix="pass -o OUTDIR/")
         if self.dir is not None:
             run = {"s2cli_version": __version__, "input": inp.describe(), "config": res.to_dict(),
                    "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-            self.dir.prepare(run, overwrite, res.compare_keys())
+            self.dir.prepare(run, overwrite, res.compare_keys(), rank.rank, rank.world)
             self.done = {(m["unit_index"], m["part"]): m for m in self.dir.markers()}
+            from .ranks import Heartbeat
+
+            self.heartbeat = Heartbeat(self.dir.path, rank.rank, rank.world, rank.source)
         else:
             p = Path(res.output)
             if p.exists() and not p.is_file():
@@ -226,6 +234,12 @@ class Target:
     @property
     def failures_before(self) -> int:
         return sum(m["num_failed"] for m in self.done.values())
+
+    def close(self, state: str, error: str | None = None) -> None:
+        """Say in this rank's heartbeat how it ended (done or failed)."""
+        if self.heartbeat is not None:
+            self.heartbeat.close(state, error)
+            self.heartbeat = None
 
     def unit_done(self, unit: Unit) -> bool:
         """Every part of the unit is done, so it need not even be read (a tar's part count is known from the
@@ -253,7 +267,7 @@ def _work(inp: Input, target: Target) -> Iterator[tuple[Unit, int, Sample | dict
     (read past without decoding, so a resumed tar keeps its part boundaries)."""
     S = target.res.shard_size
     for unit in inp.units:
-        if target.unit_done(unit):
+        if not target.ranks.owns(unit.index) or target.unit_done(unit):
             continue
         for i, s in enumerate(unit.samples()):
             part = i // S if target.dir is not None else 0
@@ -264,7 +278,7 @@ def run(res: Resolved, inp: Input, target: Target, backbone: Backbone,
         on_progress: Callable[[int, int, int], None] | None = None) -> dict[str, Any]:
     """Extract every sample into the target. Failed samples are recorded, never substituted."""
     u = res.user
-    device = resolve_device(u.device)
+    device = rank_device(u.device, target.ranks)
     ex = Extractor(res, backbone, device, resolve_precision(u.precision, device))
     fit = Fit(res.fit, res.side, res.backbone.mean, res.strategy)
     done = failed = 0
@@ -303,6 +317,8 @@ def run(res: Resolved, inp: Input, target: Target, backbone: Backbone,
         batch.clear()
         if on_progress:
             on_progress(done, failed, len(shards))
+        if target.heartbeat is not None:
+            target.heartbeat.update(images=done, failed=failed)
 
     def finish_part(last_of_unit: bool) -> None:
         nonlocal cur
@@ -315,9 +331,12 @@ def run(res: Resolved, inp: Input, target: Target, backbone: Backbone,
             "rank": target.rank, "num_images": cur.sink.n, "num_failed": len(cur.sink.failures),
             "failures": cur.sink.failures, "first_key": cur.first_key, "last_key": cur.last_key,
             "seconds": round(time.perf_counter() - cur.started, 3), "s2cli_version": __version__,
-            "last_part": last_of_unit,
-        })
+            "last_part": last_of_unit, "finished_at": time.time(),
+            "started_at": time.time() - (time.perf_counter() - cur.started), "host": socket.gethostname(),
+        }, log_errors=target.ranks.world == 1)
         shards.append(path.name)
+        if target.heartbeat is not None:
+            target.heartbeat.update(shards_written=len(shards), images=done, failed=failed, shard=None, write=True)
         cur = None
         if on_progress:
             on_progress(done, failed, len(shards))
@@ -328,6 +347,8 @@ def run(res: Resolved, inp: Input, target: Target, backbone: Backbone,
             return _Part(unit, part, file_sink, time.perf_counter(), file_keys)  # type: ignore[arg-type]
         name = f"part-{target.rank:05d}-{next_index:05d}{SINKS[res.format].suffix}"
         next_index += 1
+        if target.heartbeat is not None:
+            target.heartbeat.update(unit=unit.id, unit_index=unit.index, part=part, shard=name, write=True)
         return _Part(unit, part, _sink(res, str(target.dir.path / name), backbone.weights), time.perf_counter(), set())
 
     def record_failure(part: _Part, rec: dict[str, str]) -> None:
@@ -372,11 +393,12 @@ def run(res: Resolved, inp: Input, target: Target, backbone: Backbone,
         finish_part(last_of_unit=True)
         if file_sink is not None:
             file_sink.close()
-    except BaseException:
+    except BaseException as e:
         if cur is not None and cur.sink is not file_sink:
             cur.sink.abort()
         if file_sink is not None:
             file_sink.abort()
+        target.close("failed", e.one_line() if isinstance(e, S2Error) else f"{type(e).__name__}: {e}")
         raise
     finally:
         pool.close()
@@ -386,11 +408,27 @@ def run(res: Resolved, inp: Input, target: Target, backbone: Backbone,
         "images_per_s": round(done / seconds, 3) if seconds > 0 else None, "weights": backbone.weights,
         "device": str(device)}
     if target.dir is not None:
-        by_unit: dict[int, list[dict]] = {}
-        for m in target.dir.markers():
-            by_unit.setdefault(m["unit_index"], []).append(m)
-        units_done = sum(1 for unit in inp.units if _unit_complete(unit, by_unit.get(unit.index, []), res))
-        manifest = target.dir.write_manifest(len(inp.units), units_done)
+        def units_done(markers: list[dict]) -> int:
+            by_unit: dict[int, list[dict]] = {}
+            for m in markers:
+                by_unit.setdefault(m["unit_index"], []).append(m)
+            return sum(1 for unit in inp.units if _unit_complete(unit, by_unit.get(unit.index, []), res))
+
+        ranks = target.ranks
+        target.close("done")
+        if ranks.world == 1:
+            manifest = target.dir.write_manifest(len(inp.units), units_done(target.dir.markers()))
+        else:
+            # no group needed: every rank rewrites the manifest until it is current, unless a torchrun barrier
+            # says all ranks are done, and then rank 0 alone writes it
+            together = final_barrier(ranks)
+            if together and ranks.rank != 0:
+                ms = target.dir.markers()
+                manifest = target.dir.manifest(ms, len(inp.units), units_done(ms))
+            else:
+                manifest = target.dir.write_manifest(len(inp.units), units_done)
+            summary.update(rank=ranks.rank, world=ranks.world, rank_source=ranks.source,
+                           writes_summary=together and ranks.rank == 0)
         summary.update(shards_written=len(shards), resumed_images=target.images_done_before,
                        total_images=manifest["num_images"], total_failed=manifest["num_failed"],
                        complete=manifest["complete"])

@@ -1,0 +1,108 @@
+"""SLURM: the batch script `s2 slurm` writes. One srun step runs `s2 extract` once per task (one task per GPU,
+or --ntasks), optionally as a job array; each task finds its rank in SLURM's environment (launch.discover_rank).
+Nothing about a particular cluster is assumed: partition, account, time, memory and any other sbatch option
+come from the command line."""
+from __future__ import annotations
+
+import shlex
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import __version__
+from .errors import ConfigError
+
+
+@dataclass(frozen=True)
+class SlurmJob:
+    nodes: int = 1
+    gpus_per_node: int = 0
+    ntasks: int | None = None  # tasks per job; default nodes × gpus_per_node
+    array: int | None = None  # K jobs of the same shape
+    partition: str | None = None
+    time: str | None = None
+    account: str | None = None
+    cpus_per_gpu: int | None = None
+    mem: str | None = None
+    sbatch_args: tuple[str, ...] = ()
+    job_name: str = "s2-extract"
+
+    @property
+    def tasks(self) -> int:
+        return self.ntasks if self.ntasks is not None else self.nodes * self.gpus_per_node
+
+    @property
+    def ranks(self) -> int:
+        return self.tasks * (self.array or 1)
+
+    def check(self) -> None:
+        for name, v in (("nodes", self.nodes), ("ntasks", self.ntasks), ("array", self.array),
+                        ("cpus-per-gpu", self.cpus_per_gpu)):
+            if v is not None and v < 1:
+                raise ConfigError(f"--{name} must be 1 or more", given=v, fix=f"pass --{name} 1")
+        if self.gpus_per_node < 0:
+            raise ConfigError("--gpus-per-node must be >= 0", given=self.gpus_per_node, fix="e.g. --gpus-per-node 8")
+        if self.tasks < 1:
+            raise ConfigError("no tasks to run: give GPUs or tasks", given=f"--nodes {self.nodes} --gpus-per-node 0",
+                              fix="pass --gpus-per-node G (one task per GPU) or --ntasks N (e.g. CPU tasks)")
+        if self.ntasks is not None and self.ntasks < self.nodes:
+            raise ConfigError("--ntasks is smaller than --nodes", given=(self.ntasks, self.nodes),
+                              fix="pass at least one task per node")
+        if self.cpus_per_gpu is not None and not self.gpus_per_node:
+            raise ConfigError("--cpus-per-gpu needs --gpus-per-node", given=self.cpus_per_gpu,
+                              fix="pass --gpus-per-node G, or --sbatch-arg=--cpus-per-task=C for CPU tasks")
+        bad = [a for a in self.sbatch_args if not a.startswith("-")]
+        if bad:
+            raise ConfigError("--sbatch-arg takes an sbatch option", given=bad[0], expected="e.g. --qos=high",
+                              fix="write it as --sbatch-arg=--qos=high")
+
+
+def sbatch_script(job: SlurmJob, command: list[str], outdir: Path, workdir: Path) -> str:
+    """A readable batch script: #SBATCH lines for the job's shape, then one srun of `command`."""
+    job.check()
+    shape = (f"{job.nodes} node{'s' * (job.nodes > 1)} × {job.gpus_per_node} GPUs, one task per GPU"
+             if job.ntasks is None else f"{job.ntasks} tasks on {job.nodes} node{'s' * (job.nodes > 1)}")
+    ranks = (f"{job.array} array jobs × {job.tasks} tasks = {job.ranks} ranks (rank = array index × {job.tasks} + SLURM_PROCID)"
+             if job.array else f"{job.ranks} ranks (SLURM_PROCID of SLURM_NTASKS)")
+    log = "slurm-%A_%a.out" if job.array else "slurm-%j.out"
+    lines = [
+        "#!/bin/bash",
+        f"# Written by `s2 slurm` (s2cli {__version__}): {shape}; {ranks}.",
+        "# Each rank extracts its share of the input into the same folder; resubmit this script to resume (done",
+        "# shards are kept, whatever the number of ranks). Watch it with: s2 status " + shlex.quote(str(outdir)),
+        f"#SBATCH --job-name={job.job_name}",
+        f"#SBATCH --nodes={job.nodes}",
+    ]
+    if job.ntasks is not None:
+        lines.append(f"#SBATCH --ntasks={job.ntasks}")
+    else:
+        lines.append(f"#SBATCH --ntasks-per-node={job.gpus_per_node}")
+    if job.gpus_per_node:
+        lines.append(f"#SBATCH --gpus-per-node={job.gpus_per_node}")
+    for opt, v in (("cpus-per-gpu", job.cpus_per_gpu), ("mem", job.mem), ("partition", job.partition),
+                   ("time", job.time), ("account", job.account)):
+        if v is not None:
+            lines.append(f"#SBATCH --{opt}={v}")
+    if job.array:
+        lines.append(f"#SBATCH --array=0-{job.array - 1}")
+    lines += [f"#SBATCH --chdir={workdir}", f"#SBATCH --output={outdir / log}"]
+    lines += [f"#SBATCH {a}" for a in job.sbatch_args]
+    head = " ".join(shlex.quote(a) for a in command[:5])  # python -m s2cli extract INPUT
+    cmd = " \\\n    ".join([head, *_pairs(command[5:])])
+    lines += ["", "set -euo pipefail", f"srun --kill-on-bad-exit=0 {cmd}", ""]
+    return "\n".join(lines)
+
+
+def _pairs(argv: list[str]) -> list[str]:
+    """Shell-quoted words, an option and its value on one line, for a script a person reads."""
+    words = [shlex.quote(a) for a in argv]
+    out: list[str] = []
+    i = 0
+    while i < len(words):
+        w = words[i]
+        if w.startswith("-") and i + 1 < len(words) and not words[i + 1].startswith("-"):
+            out.append(f"{w} {words[i + 1]}")
+            i += 2
+        else:
+            out.append(w)
+            i += 1
+    return out

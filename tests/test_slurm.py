@@ -1,0 +1,175 @@
+"""A real single-node SLURM cluster (munged, slurmctld, slurmd on localhost, started by the test with a generated
+slurm.conf in a temp dir, stopped by pid): `s2 slurm --submit` as a job array of 2 and as an srun step of 2
+tasks, on a small WebDataset input; each output folder must equal a local single-rank run.
+Skipped, with the reason, where Debian's slurm-wlm and munge are not installed or the test is not root; fails
+instead of skipping under CI (CI=true) or S2CLI_REQUIRE_SLURM=1, so CI cannot pass without running it."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from s2cli import open_features
+from test_ranks import FAST, make_shards
+
+DAEMONS = ("munged", "mungekey", "slurmctld", "slurmd", "sbatch", "srun", "squeue", "sinfo", "scontrol")
+
+
+def _unavailable() -> str | None:
+    missing = [d for d in DAEMONS if shutil.which(d) is None]
+    if missing:
+        return f"SLURM is not installed (missing {', '.join(missing)}): apt-get install -y slurm-wlm munge, as root"
+    if os.geteuid() != 0:
+        return "starting munged/slurmd needs root (slurmd runs jobs as their user); run as root, as CI does"
+    return None
+
+
+def _required() -> bool:
+    return os.environ.get("CI") == "true" or os.environ.get("S2CLI_REQUIRE_SLURM") == "1"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Cluster:
+    """munged + slurmctld + slurmd of this machine, all files in `root`."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.procs: list[subprocess.Popen] = []
+        self.host = socket.gethostname().split(".")[0]
+        root.mkdir(parents=True, exist_ok=True)
+        os.chmod(root, 0o700)
+        self.sock = root / "munge.socket"
+        self.conf = root / "slurm.conf"
+        self.env = dict(os.environ, SLURM_CONF=str(self.conf))
+
+    def start(self) -> None:
+        r = self.root
+        key = r / "munge.key"
+        subprocess.run(["mungekey", "--create", "--keyfile", str(key)], check=True, capture_output=True)
+        os.chmod(key, 0o600)
+        self._spawn(["munged", "-F", "--force", f"--socket={self.sock}", f"--key-file={key}",
+                     f"--pid-file={r / 'munged.pid'}", f"--log-file={r / 'munged.log'}", f"--seed-file={r / 'munged.seed'}"])
+        self._wait(lambda: self.sock.exists(), "munged socket", r / "munged.log")
+        for d in ("state", "spool"):
+            (r / d).mkdir(exist_ok=True)
+        self.conf.write_text("\n".join([
+            "ClusterName=s2test", f"SlurmctldHost={self.host}", "SlurmUser=root", "SlurmdUser=root",
+            f"SlurmctldPort={_free_port()}", f"SlurmdPort={_free_port()}",
+            "AuthType=auth/munge", "CredType=cred/munge", f"AuthInfo=socket={self.sock}",
+            f"StateSaveLocation={r / 'state'}", f"SlurmdSpoolDir={r / 'spool'}",
+            f"SlurmctldPidFile={r / 'slurmctld.pid'}", f"SlurmdPidFile={r / 'slurmd.pid'}",
+            f"SlurmctldLogFile={r / 'slurmctld.log'}", f"SlurmdLogFile={r / 'slurmd.log'}",
+            "ProctrackType=proctrack/linuxproc", "TaskPlugin=task/none", "SelectType=select/cons_tres",
+            "SelectTypeParameters=CR_CPU", "JobAcctGatherType=jobacct_gather/none",
+            "AccountingStorageType=accounting_storage/none", "MpiDefault=none", "ReturnToService=2",
+            "SlurmdTimeout=300", "MinJobAge=600",
+            f"NodeName={self.host} CPUs={os.cpu_count()} State=UNKNOWN",
+            f"PartitionName=s2test Nodes={self.host} Default=YES MaxTime=INFINITE State=UP", ""]))
+        self._spawn(["slurmctld", "-D", "-i", "-f", str(self.conf)])
+        self._spawn(["slurmd", "-D", "-f", str(self.conf)])
+        self._wait(self._node_idle, "the node to be idle", r / "slurmd.log")
+
+    def _node_idle(self) -> bool:
+        r = subprocess.run(["sinfo", "-h", "-N", "-o", "%t"], capture_output=True, text=True, env=self.env)
+        return r.returncode == 0 and r.stdout.strip() in ("idle", "mix")
+
+    def _spawn(self, argv: list[str]) -> None:
+        log = open(self.root / f"{Path(argv[0]).name}.out", "w")
+        self.procs.append(subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=self.env))
+
+    def _wait(self, ready, what: str, log: Path, timeout: float = 60) -> None:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if ready():
+                return
+            dead = [p.args[0] for p in self.procs if p.poll() is not None]
+            if dead:
+                break
+            time.sleep(0.5)
+        logs = "".join(f"\n--- {p.name}:\n" + p.read_text()[-2000:] for p in sorted(self.root.glob("*.log")) if p.exists())
+        outs = "".join(f"\n--- {p.name}:\n" + p.read_text()[-2000:] for p in sorted(self.root.glob("*.out")))
+        raise RuntimeError(f"waiting for {what} failed (exited: {dead}){logs}{outs}")
+
+    def wait_job(self, job_id: str, timeout: float = 600) -> list[str]:
+        """Wait until the job (every task of an array) has left the queue; its final states."""
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            q = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True, env=self.env)
+            if q.returncode == 0 and not q.stdout.strip():
+                break
+            time.sleep(1)
+        else:
+            raise TimeoutError(f"job {job_id} still queued or running after {timeout}s")
+        show = subprocess.run(["scontrol", "-o", "show", "job", job_id], capture_output=True, text=True, env=self.env)
+        return [w.split("=", 1)[1] for line in show.stdout.splitlines() for w in line.split() if w.startswith("JobState=")]
+
+    def stop(self) -> None:
+        for p in reversed(self.procs):  # slurmd, slurmctld, munged: only the processes this test started
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+                try:
+                    p.wait(timeout=20)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait()
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    why = _unavailable()
+    if why:
+        if _required():
+            pytest.fail(f"the real-SLURM test must run in CI but cannot: {why}")
+        pytest.skip(why)
+    c = Cluster(tmp_path_factory.mktemp("slurm"))
+    try:
+        c.start()
+        yield c
+    finally:
+        c.stop()
+
+
+def _s2(*args, env=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "s2cli", *map(str, args)], capture_output=True, text=True, env=env)
+
+
+@pytest.mark.parametrize("mode", [["--array", "2", "--ntasks", "1"], ["--ntasks", "2"]], ids=["array2", "srun2"])
+def test_s2_slurm_submit_equals_local_run(cluster, tmp_path, mode):
+    shards = make_shards(tmp_path / "shards", n_tars=3, per_tar=4)
+    spec = f"{shards}/{{000000..000002}}.tar"
+    local = tmp_path / "local"
+    r = _s2("extract", spec, *FAST, "-o", f"{local}/", "--shard-size", 3, "-q")
+    assert r.returncode == 0, r.stderr
+    out = tmp_path / "out"
+    r = _s2("slurm", spec, *FAST, "-o", f"{out}/", "--shard-size", 3, *mode, "--job-name", "s2test",
+            "--sbatch-arg=--cpus-per-task=1", "--submit", "--json", env=cluster.env)
+    assert r.returncode == 0, r.stderr + r.stdout
+    sub = json.loads(r.stdout)
+    assert sub["job_id"] and sub["ranks"] == 2 and Path(sub["script"]).is_file()
+    states = cluster.wait_job(sub["job_id"])
+    logs = "".join(p.read_text() for p in sorted(out.glob("slurm-*.out")))
+    assert states and set(states) == {"COMPLETED"}, (states, logs)
+    summaries = [json.loads(line) for line in logs.splitlines() if line.startswith("{")]
+    assert sorted((s["rank"], s["world"], s["rank_source"]) for s in summaries) == [(0, 2, "slurm"), (1, 2, "slurm")]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["complete"] and sorted({s["rank"] for s in manifest["shards"]}) == [0, 1]
+    with open_features(local) as fl, open_features(out) as fo:
+        assert sorted(fo) == sorted(fl) and len(fl) == 12
+        for k in fl:
+            np.testing.assert_array_equal(fo[k], fl[k])
+    st = json.loads(_s2("status", out, "--json").stdout)
+    assert st["complete"] and [x["state"] for x in st["ranks"]] == ["done", "done"]
