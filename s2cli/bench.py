@@ -57,6 +57,18 @@ def matmul_ceiling(device: torch.device) -> dict[str, Any]:
     return {"flops_per_s": 2 * n ** 3 / best, "n": n, "dtype": str(dtype).replace("torch.", "")}
 
 
+def flop_counter():
+    """torch's FlopCounterMode, also counting the CPU's fused attention kernel (torch has no formula for
+    `_scaled_dot_product_flash_attention_for_cpu`, so a ViT's attention would count as zero on the CPU)."""
+    from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+
+    def cpu_sdpa(query_shape, key_shape, value_shape, *args, **kwargs) -> int:
+        return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+    return FlopCounterMode(display=False,
+                           custom_mapping={torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: cpu_sdpa})
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -132,9 +144,7 @@ def bench(res: Resolved, samples: list[Sample], backbone: Backbone, spec: str) -
             engine(b)
         _sync(device)
         model_s = time.perf_counter() - t
-        from torch.utils.flop_counter import FlopCounterMode
-
-        with FlopCounterMode(display=False) as fc:  # on the eager forward: the counter sees every op
+        with flop_counter() as fc:  # on the eager forward: the counter sees every op
             _engine(res, ex, backbone.eager_forward)(recs[:1])
         flops = float(fc.get_total_flops())
     _, formula = _dry_entry(res, tuple(recs[0]["orig_hw"]))

@@ -196,6 +196,7 @@ class Resolved:
             "shard_size": self.shard_size, "pool": self.user.pool, "pool_only": self.user.pool_only,
             "on_error": self.user.on_error, "max_failures": self.user.max_failures,
             "decode_timeout": self.user.decode_timeout, "check_finite": self.user.check_finite,
+            "compile": self.user.compile,
             "recipe": self.user.recipe, "set_by": dict(self.user.provenance),
             **({"strategy": self.strategy.to_dict()} if self.strategy is not None else {}),
         }
