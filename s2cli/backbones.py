@@ -371,6 +371,7 @@ class Backbone:
         self.module = module.eval().requires_grad_(False)
         self.weights = weights
         self._fn = (_hf_forward if cfg.family == "hf" else _timm_forward)(self.module, cfg)
+        self._eager: Callable[[torch.Tensor], torch.Tensor] | None = None  # the forward before compile()
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> "Backbone":
         self.module.to(device=device, dtype=dtype)
@@ -382,6 +383,23 @@ class Backbone:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self._fn(x)
+
+    @property
+    def eager_forward(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The forward as built, before any compile()."""
+        return self._eager or self._fn
+
+    @property
+    def compiled(self) -> bool:
+        return self._eager is not None
+
+    def compile(self) -> "Backbone":
+        """torch.compile the forward (dynamic=False: one graph per tile size; the first call of each size
+        compiles). Compiling twice keeps the first compiled forward."""
+        if self._eager is None:
+            self._eager = self._fn
+            self._fn = torch.compile(self._fn, dynamic=False)
+        return self
 
 
 def _hf_config_obj(cfg: BackboneCfg, cls) -> Any:

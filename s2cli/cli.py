@@ -3,6 +3,7 @@ an S2Error becomes one line on stderr and its exit code (2 usage/config, 1 runti
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import sys
 from pathlib import Path
@@ -90,6 +91,7 @@ def extract(
     max_failures: Annotated[Optional[int], typer.Option("--max-failures", help="Exit non-zero once more samples than this have failed.")] = None,
     decode_timeout: Annotated[Optional[float], typer.Option("--decode-timeout", help="Seconds before a stalled decode is recorded as failed. [default: 120]")] = None,
     check_finite: Annotated[Optional[bool], typer.Option("--check-finite/--no-check-finite", help="Record images whose features hold NaN/Inf instead of storing them. [default: check]")] = None,
+    compile: Annotated[Optional[bool], typer.Option("--compile/--no-compile", help="torch.compile the backbone (dynamic=False; the first batch of each tile size compiles). [default: off]")] = None,
     strategy: Annotated[Optional[str], typer.Option(help="s2 | dynamic-s2 | anyres | internvl | native | dual. [default: s2]")] = None,
     min_tiles: Annotated[Optional[int], typer.Option("--min-tiles", help="internvl: fewest tiles. [default: 1]")] = None,
     max_tiles: Annotated[Optional[int], typer.Option("--max-tiles", help="internvl, dynamic-s2: most tiles (of the last scale). [default: 12]")] = None,
@@ -129,7 +131,7 @@ def extract(
             max_tiles_per_call=max_tiles_per_call, device=device, precision=precision, dtype=dtype, limit=limit,
             input_format=input_format, image_key=image_key, format=format, shard_size=shard_size, pool=pool,
             pool_only=pool_only, on_error=on_error, max_failures=max_failures, decode_timeout=decode_timeout,
-            check_finite=check_finite,
+            check_finite=check_finite, compile=compile,
             strategy=strategy, min_tiles=min_tiles, max_tiles=max_tiles, thumbnail=thumbnail,
             grid_pinpoints=grid_pinpoints, anyres_max=anyres_max, min_pixels=min_pixels, max_pixels=max_pixels)
         res = resolve_config(cfg, resolve(cfg.model, layer=cfg.layer, keep_cls=cfg.keep_cls))
@@ -171,6 +173,101 @@ def extract(
                           given=str(cfg.input), expected="at least one readable image",
                           fix="read the failure records (`s2 inspect OUT --json` or OUTDIR/errors.jsonl); relative "
                               "paths in a .txt list resolve against the list's folder")
+
+
+# `s2 bench` takes these options of `s2 extract` as they are declared there (names, help, defaults)
+_BENCH_OPTIONS = ("recipe", "model", "weights", "random_init", "seed", "layer", "keep_cls", "scales", "img_sizes",
+                  "max_split_size", "split_mode", "resize_output_to_idx", "fit", "antialias", "batch_size", "workers",
+                  "max_tiles_per_call", "device", "precision", "dtype", "pool", "pool_only", "compile", "input_format",
+                  "image_key", "strategy", "min_tiles", "max_tiles", "thumbnail", "grid_pinpoints", "anyres_max",
+                  "min_pixels", "max_pixels")
+
+
+def _options_of(source, names: tuple[str, ...]):
+    """Decorator: the command also takes `source`'s options `names`, declared once there; they arrive as **kw."""
+    def wrap(fn):
+        own = [p for p in inspect.signature(fn, eval_str=True).parameters.values() if p.kind is not p.VAR_KEYWORD]
+        theirs = inspect.signature(source, eval_str=True).parameters
+        fn.__signature__ = inspect.Signature(own + [theirs[n] for n in names])
+        return fn
+    return wrap
+
+
+@app.command()
+@_options_of(extract, _BENCH_OPTIONS)
+def bench(
+    input: Annotated[Optional[str], typer.Argument(help="A folder or list of images (default: synthetic JPEGs made in memory).")] = None,
+    images: Annotated[int, typer.Option("--images", "-n", help="Images to time (synthetic, or the first N of INPUT).")] = 64,
+    image_size: Annotated[str, typer.Option("--image-size", help="Synthetic JPEG size WxH.")] = "1024x768",
+    as_json: JsonOpt = False,
+    **kw,
+) -> None:
+    """Time `s2 extract` end to end (after a warm-up batch) against the bare engine on the same decoded images:
+    img/s, FLOPs per image (torch's flop counter), MFU against a matmul measured here, stage seconds, peak memory.
+
+    Examples:
+      s2 bench -m timm:vit_tiny_patch16_224 --random-init --images 64
+      s2 bench photos/ --recipe llava-1.5-s2 --random-init --device cuda --precision bf16 --compile --json
+    """
+    from .backbones import load_backbone, resolve
+    from .bench import bench as run_bench, synthetic_jpegs
+    from .launch import resolve_device
+    from .config import build_config, resolve_config
+    from .sources import Sample, open_input
+
+    with _reported():
+        if images < 1:
+            raise ConfigError("--images must be at least 1", given=images, fix="pass e.g. --images 64")
+        kw["scales"], kw["img_sizes"] = _floats("scales", kw["scales"]), _ints("img-sizes", kw["img_sizes"])
+        if input is None:
+            try:
+                w, h = (int(v) for v in image_size.lower().split("x"))
+            except ValueError:
+                raise ConfigError("--image-size must be WxH", given=image_size, fix="e.g. --image-size 1024x768") from None
+            spec = f"synthetic:{images}x{w}x{h}"
+        recipe = kw.pop("recipe")
+        cfg = build_config(input or spec, "bench.h5", recipe, limit=images if input else None, **kw)
+        res = resolve_config(cfg, resolve(cfg.model, layer=cfg.layer, keep_cls=cfg.keep_cls))
+        if input is None:
+            samples = synthetic_jpegs(images, (h, w), seed=cfg.seed)
+        else:
+            inp = open_input(cfg.input, cfg.input_format, res.shard_size, cfg.limit, cfg.image_key)
+            samples = [s for unit in inp.units for s in unit.samples() if isinstance(s, Sample)][:images]
+            spec = cfg.input
+        resolve_device(cfg.device)
+        backbone = load_backbone(res.backbone, weights=cfg.weights, random_init=cfg.random_init, seed=cfg.seed,
+                                 any_size=res.strategy is not None and res.strategy.name == "native")
+        report = run_bench(res, samples, backbone, spec)
+    if as_json:
+        print(json.dumps(report))
+    else:
+        _print_bench(report)
+
+
+def _print_bench(r: dict) -> None:
+    t = Table(title=f"s2 bench: {r['model']} on {r['device']} ({r['precision']}{', compiled' if r['compile'] else ''}), "
+                    f"{r['images']} images of {r['input']}, batch {r['batch_size']}, -j {r['workers']}, "
+                    f"{r['torch_threads']} torch threads")
+    t.add_column("figure")
+    t.add_column("value", justify="right")
+    gi = 2 ** 30
+    formula = r["flops_per_image_formula"]
+    rows = [("end to end (s2 extract)", f"{r['e2e_img_s']:.2f} img/s ({r['e2e_seconds']:.3f} s)"),
+            ("model only (bare multiscale_forward)", f"{r['model_only_img_s']:.2f} img/s ({r['model_only_seconds']:.3f} s)"),
+            ("end to end / model only (time)", f"{r['e2e_over_model_only']:.3f}x"),
+            ("FLOPs per image (flop counter)", f"{r['flops_per_image'] / 1e9:.3f} GFLOP"),
+            ("FLOPs per image (formula)", "n/a" if formula is None else f"{formula / 1e9:.3f} GFLOP"),
+            (f"matmul ceiling ({r['matmul']})", f"{r['matmul_ceiling_flops_per_s'] / 1e12:.3f} TFLOP/s"),
+            ("MFU end to end / model only", f"{r['mfu_e2e']:.1%} / {r['mfu_model_only']:.1%}")]
+    rows += [(f"stage {k} (busy s)", f"{v:.3f}") for k, v in r["stage_seconds"].items()]
+    rows += [(f"main thread waiting on {k} (s)", f"{v:.3f}") for k, v in r["wait_seconds"].items()]
+    rows += [("peak host memory (this process / decode workers)",
+              f"{r['peak_host_bytes'] / gi:.2f} / {r['peak_host_children_bytes'] / gi:.2f} GiB")]
+    if r["peak_gpu_bytes"] is not None:
+        rows.append(("peak GPU memory", f"{r['peak_gpu_bytes'] / gi:.2f} GiB"))
+    for row in rows:
+        t.add_row(*row)
+    out.print(t)
 
 
 @app.command()

@@ -24,7 +24,7 @@ ON_ERROR = ("skip", "stop")
 SHARD_BYTES = 1 << 30  # default shard size aims at ~1 GiB files
 # settings that only decide how fast a run goes, not what it writes: a resumed run may change them
 RUN_ONLY = ("batch_size", "workers", "device", "max_tiles_per_call", "on_error", "max_failures", "decode_timeout",
-            "check_finite")
+            "check_finite", "compile")
 
 
 @dataclass(frozen=True)
@@ -63,6 +63,7 @@ class ExtractConfig:
     max_failures: int | None = None
     decode_timeout: float = 120.0
     check_finite: bool = True
+    compile: bool = False  # torch.compile the backbone (dynamic=False); changes speed, not what is written
     recipe: str | None = None
     # dynamic-resolution strategies (strategies.py); None = the strategy's own default
     strategy: str = "s2"
@@ -195,6 +196,7 @@ class Resolved:
             "shard_size": self.shard_size, "pool": self.user.pool, "pool_only": self.user.pool_only,
             "on_error": self.user.on_error, "max_failures": self.user.max_failures,
             "decode_timeout": self.user.decode_timeout, "check_finite": self.user.check_finite,
+            "compile": self.user.compile,
             "recipe": self.user.recipe, "set_by": dict(self.user.provenance),
             **({"strategy": self.strategy.to_dict()} if self.strategy is not None else {}),
         }

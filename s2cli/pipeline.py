@@ -133,15 +133,20 @@ class Extractor:
         self.mean = torch.tensor(bb.mean, device=device).view(1, 3, 1, 1)
         self.std = torch.tensor(bb.std, device=device).view(1, 3, 1, 1)
         self.out_dtype = torch.float16 if res.user.dtype == "float16" else torch.float32
+        self.seconds = {"preprocess": 0.0, "forward": 0.0}  # stage timing: normalize on the device; engine + copy back
         backbone.to(device, dtype)
+        if res.user.compile:
+            backbone.compile()
 
     @torch.inference_mode()
     def features(self, images: torch.Tensor, engine_sizes: list) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """uint8 (B, 3, H, W) -> (features (B, T, C) or None with --pool-only, pooled (B, C) or None), on the CPU
         in the storage dtype."""
         bb, u = self.res.backbone, self.res.user
+        t0 = time.perf_counter()
         x = images.to(self.device, non_blocking=True).float().div_(255)
         x = ((x - self.mean) / self.std).to(self.dtype)
+        t1 = time.perf_counter()
         out = multiscale_forward(
             self.backbone, x, img_sizes=engine_sizes, max_split_size=self.res.max_split_size,
             split_mode=u.split_mode, resize_output_to_idx=u.resize_output_to_idx,
@@ -155,6 +160,8 @@ class Extractor:
         elif u.pool == "cls":
             pooled = out[:, 0].to(self.out_dtype).cpu()
         feats = None if u.pool_only else out.to(self.out_dtype).cpu()
+        self.seconds["preprocess"] += t1 - t0
+        self.seconds["forward"] += time.perf_counter() - t1
         return feats, pooled
 
     @torch.inference_mode()
@@ -163,11 +170,13 @@ class Extractor:
         of every view of every image go through the backbone together (one call per input size, capped by
         --max-tiles-per-call), then each image's features are merged. Returns (features (T, C), pooled (C,))."""
         bb, u, cfg = self.res.backbone, self.res.user, self.res.strategy
+        t0 = time.perf_counter()
         plans = [plan_strategy_image(self.res, tuple(r["orig_hw"])) for r in recs]
         inputs = []
         for (plan, _), r in zip(plans, recs):
             pix = [((a.to(self.device).float().div_(255) - self.mean[0]) / self.std[0]).to(self.dtype) for a in r["image"]]
             inputs += [cut_view(pix[0 if plan.same_source else i], v) for i, v in enumerate(plan.views)]
+        t1 = time.perf_counter()
         outs = iter(grouped_calls(self.backbone, inputs, u.max_tiles_per_call))
         results = []
         for plan, lay in plans:
@@ -180,6 +189,8 @@ class Extractor:
             elif u.pool == "cls":
                 pooled = tokens[0].to(self.out_dtype).cpu()
             results.append((None if u.pool_only else tokens.to(self.out_dtype).cpu(), pooled))
+        self.seconds["preprocess"] += t1 - t0
+        self.seconds["forward"] += time.perf_counter() - t1
         return results
 
 
@@ -290,6 +301,10 @@ def run(res: Resolved, inp: Input, target: Target, backbone: Backbone,
     file_sink = _sink(res, res.output, backbone.weights) if target.dir is None else None
     next_index = target.dir.next_shard_index(target.rank) if target.dir is not None else 0
     file_keys: set[str] = set()
+    # stage timing: seconds each stage was busy wherever it ran (decode workers, main thread, writer thread), and
+    # the main thread's waits on the decode pool and on the writer (perf_counter sums; cheap)
+    busy = {"read": 0.0, "decode": 0.0, "fit": 0.0, "write": 0.0}
+    waits = {"decode": 0.0, "write": 0.0}
 
     def flush() -> None:
         nonlocal done, failed
@@ -312,7 +327,9 @@ def run(res: Resolved, inp: Input, target: Target, backbone: Backbone,
         order = {id(rec): i for i, (rec, _) in enumerate(batch)}
         items.sort(key=lambda it: order[it.pop("_rec_id")])
         if items:
+            t = time.perf_counter()
             part.sink.write(items)
+            waits["write"] += time.perf_counter() - t
             done += len(items)
         batch.clear()
         if on_progress:
@@ -325,7 +342,10 @@ def run(res: Resolved, inp: Input, target: Target, backbone: Backbone,
         flush()
         if cur is None or target.dir is None:
             return
+        t = time.perf_counter()
         path = cur.sink.close()
+        waits["write"] += time.perf_counter() - t
+        busy["write"] += cur.sink.busy_s
         target.dir.commit({
             "shard": path.name, "unit": cur.unit.id, "unit_index": cur.unit.index, "part": cur.part,
             "rank": target.rank, "num_images": cur.sink.n, "num_failed": len(cur.sink.failures),
@@ -367,7 +387,10 @@ def run(res: Resolved, inp: Input, target: Target, backbone: Backbone,
     work = _work(inp, target)
     pool = DecodePool(fit, u.workers, timeout=u.decode_timeout)
     try:
-        for (unit, part_no, sample), rec in pool.map(work, lambda w: _ALREADY_DONE if w[2] is None else w[2]):
+        for (unit, part_no, sample), rec in _timed(pool.map(work, lambda w: _ALREADY_DONE if w[2] is None else w[2]),
+                                                   waits, "decode"):
+            for stage, s in zip(("read", "decode", "fit"), rec.get("seconds", ())):
+                busy[stage] += s
             if sample is None:
                 continue  # a sample of a part already done: read past, not decoded
             if cur is None or (cur.unit.index, cur.part) != (unit.index, part_no):
@@ -392,7 +415,10 @@ def run(res: Resolved, inp: Input, target: Target, backbone: Backbone,
                 flush()
         finish_part(last_of_unit=True)
         if file_sink is not None:
+            t = time.perf_counter()
             file_sink.close()
+            waits["write"] += time.perf_counter() - t
+            busy["write"] += file_sink.busy_s
     except BaseException as e:
         if cur is not None and cur.sink is not file_sink:
             cur.sink.abort()
@@ -406,7 +432,9 @@ def run(res: Resolved, inp: Input, target: Target, backbone: Backbone,
     summary: dict[str, Any] = {
         "output": res.output, "num_images": done, "num_failed": failed, "seconds": round(seconds, 3),
         "images_per_s": round(done / seconds, 3) if seconds > 0 else None, "weights": backbone.weights,
-        "device": str(device)}
+        "device": str(device), "compile": u.compile,
+        "stage_seconds": {k: round(v, 4) for k, v in {**busy, **ex.seconds}.items()},
+        "wait_seconds": {k: round(v, 4) for k, v in waits.items()}}
     if target.dir is not None:
         def units_done(markers: list[dict]) -> int:
             by_unit: dict[int, list[dict]] = {}
@@ -433,6 +461,19 @@ def run(res: Resolved, inp: Input, target: Target, backbone: Backbone,
                        total_images=manifest["num_images"], total_failed=manifest["num_failed"],
                        complete=manifest["complete"])
     return summary
+
+
+def _timed(it: Iterator[Any], acc: dict[str, float], key: str) -> Iterator[Any]:
+    """`it`, adding the seconds spent waiting for each item to acc[key]."""
+    it = iter(it)
+    while True:
+        t = time.perf_counter()
+        try:
+            x = next(it)
+        except StopIteration:
+            return
+        acc[key] += time.perf_counter() - t
+        yield x
 
 
 # what the decode pool is given for a sample of a part already done: passed through, never decoded

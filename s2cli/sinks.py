@@ -108,6 +108,7 @@ class _ThreadedSink:
         self.failures: list[dict[str, str]] = []
         self.keys: list[str] = []
         self.n = 0
+        self.busy_s = 0.0  # seconds the writer thread spent writing (the run's "write" stage)
         self._q: queue.Queue = queue.Queue(maxsize=queue_size)
         self._error: BaseException | None = None
         self._open()
@@ -160,10 +161,12 @@ class _ThreadedSink:
                 return
             if self._error is None:
                 try:
+                    t = time.perf_counter()
                     self._reserve(_nbytes(items))
                     self._append(items)
                     self.keys.extend(it["key"] for it in items)
                     self.n += len(items)
+                    self.busy_s += time.perf_counter() - t
                 except BaseException as e:  # surfaced to the producer on its next call
                     self._error = e
                     self._discard()  # at once: on a full disk, the sooner the file is emptied the better

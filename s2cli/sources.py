@@ -9,6 +9,7 @@ import io
 import json
 import multiprocessing as mp
 import os
+import time
 import warnings
 from collections import deque
 from dataclasses import dataclass, field
@@ -426,11 +427,14 @@ def decode_sample(sample: Sample, fit: Fit) -> dict[str, Any]:
     rec: dict[str, Any] = {"key": sample.key, "source": printable(sample.source), "meta": sample.meta, "image": None,
                            "orig_hw": None, "error": None}
     stage = "read"
+    t0 = time.perf_counter()
     try:
         fh = _read(sample)
         stage = "decode"
+        t1 = time.perf_counter()
         with fh:
             im, notes = load_rgb(fh)
+        t2 = time.perf_counter()
         if notes:
             meta = json.loads(sample.meta) if sample.meta else {}
             rec["meta"] = json.dumps({**meta, "decode": notes})
@@ -442,6 +446,7 @@ def decode_sample(sample: Sample, fit: Fit) -> dict[str, Any]:
             rec["image"] = render_views(im, plan_strategy(fit.strategy, (im.height, im.width)), fit)
         else:
             rec["image"] = to_uint8_array(fit_image(im, fit.mode, fit.side, fit.mean))
+        rec["seconds"] = (t1 - t0, t2 - t1, time.perf_counter() - t2)  # read, decode, fit: the run's stage split
     except Exception as e:  # recorded per sample; the run goes on (plain dict: it crosses process borders)
         rec["error"] = failure(sample, stage, e)
     return rec
