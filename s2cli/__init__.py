@@ -6,7 +6,7 @@ __version__ = "0.1.0"
 
 from .errors import ConfigError, S2Error, WeightsNotFoundError  # noqa: E402
 from .sinks import open_features  # noqa: E402
-from .tiling import multiscale_forward, plan_multiscale  # noqa: E402
+from .tiling import multiscale_forward, plan_multiscale  # noqa: E402  (torch itself is imported on first use)
 
 __all__ = ["multiscale_forward", "plan_multiscale", "open_features", "S2Error", "ConfigError",
            "WeightsNotFoundError", "__version__"]

@@ -14,8 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-import torch
-from torch import nn
+from ._lazy import nn, torch
 
 from .errors import ConfigError, WeightsNotFoundError
 

@@ -119,7 +119,6 @@ def extract(
     from .backbones import load_backbone, resolve
     from .config import build_config, resolve_config
     from .launch import discover_rank, pin_device, rank_device
-    from .pipeline import Target, dry_run as plan_run
     from .sources import open_input
 
     with _reported():
@@ -136,6 +135,8 @@ def extract(
             grid_pinpoints=grid_pinpoints, anyres_max=anyres_max, min_pixels=min_pixels, max_pixels=max_pixels)
         res = resolve_config(cfg, resolve(cfg.model, layer=cfg.layer, keep_cls=cfg.keep_cls))
         inp = open_input(cfg.input, cfg.input_format, res.shard_size, cfg.limit, cfg.image_key)
+        from .pipeline import Target, dry_run as plan_run  # torch loads here, after the command line was checked
+
         if dry_run:
             plan = plan_run(res, inp)
             if as_json:

@@ -6,11 +6,11 @@ import os
 from dataclasses import dataclass
 from typing import Mapping
 
-import torch
+from ._lazy import torch
 
 from .errors import ConfigError
 
-PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+PRECISION_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}  # torch dtype names
 
 
 def resolve_device(spec: str) -> torch.device:
@@ -35,7 +35,7 @@ def resolve_device(spec: str) -> torch.device:
 
 
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
-    dtype = PRECISION_DTYPES[precision]
+    dtype = getattr(torch, PRECISION_DTYPES[precision])
     if dtype is torch.float16 and device.type == "cpu":
         raise ConfigError("fp16 compute is not supported on the CPU", given=precision, fix="pass --precision bf16 or fp32")
     return dtype

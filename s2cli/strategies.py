@@ -15,8 +15,7 @@ import math
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Callable, Sequence
 
-import torch
-import torch.nn.functional as F
+from ._lazy import F, torch
 
 from .errors import ConfigError
 

@@ -10,8 +10,7 @@ import math
 from dataclasses import dataclass
 from typing import Callable, Sequence, Union
 
-import torch
-import torch.nn.functional as F
+from ._lazy import F, torch
 
 from .errors import ConfigError
 

@@ -579,3 +579,27 @@ def test_bad_inputs_and_outputs_exit_2_before_weights(cli, tmp_path, no_weights)
     assert (tmp_path / "notes.txt").read_text() == "mine"
     r = cli("extract", tmp_path / "nowhere")
     assert r.exit_code == 2 and "does not exist" in r.stderr
+
+
+NO_TORCH = """
+import sys
+from s2cli.cli import app
+try:
+    app(sys.argv[1:], prog_name="s2")
+except SystemExit as e:
+    assert e.code == 2, e.code
+assert "torch" not in sys.modules, "torch was imported before the usage error"
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("args", [["--scales", "0"], ["-m", "vit-huge-9000"], ["--keep-cls"], ["--pool-only"],
+                                  ["--max-split-size", "999"], ["--strategy", "tiles-please"]])
+def test_bad_usage_is_refused_before_torch_is_imported(tmp_path, args):
+    """What makes the command answer within a second: the whole check runs before torch (seconds to import) loads."""
+    d = tmp_path / "in"
+    goods(d)
+    r = subprocess.run([sys.executable, "-c", NO_TORCH, "extract", str(d), "-o", str(tmp_path / "o.h5"), *args],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
+    assert r.stderr.startswith("error: ") and "Fix:" in r.stderr
