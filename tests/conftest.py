@@ -80,3 +80,17 @@ def toy():
                        output_shape, num_prefix)
 
     return make
+
+
+TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2, image_size=32, patch_size=8)
+
+
+@pytest.fixture
+def clip_dir(tmp_path):
+    """A tiny random-init CLIP vision tower saved with save_pretrained: (its folder, the model)."""
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    torch.manual_seed(0)
+    model = CLIPVisionModel(CLIPVisionConfig(**TINY)).eval()
+    model.save_pretrained(tmp_path / "clip")
+    return tmp_path / "clip", model

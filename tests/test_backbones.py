@@ -7,22 +7,13 @@ import torch
 from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
-from conftest import EXAMPLES
+from conftest import EXAMPLES, TINY
 from s2cli import ConfigError, WeightsNotFoundError
 from s2cli.backbones import list_models, load_backbone, resolve
 from s2cli.sources import fit_image, to_uint8_array
 
-TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2, image_size=32, patch_size=8)
 
 
-@pytest.fixture
-def clip_dir(tmp_path):
-    from transformers import CLIPVisionConfig, CLIPVisionModel
-
-    torch.manual_seed(0)
-    model = CLIPVisionModel(CLIPVisionConfig(**TINY)).eval()
-    model.save_pretrained(tmp_path / "clip")
-    return tmp_path / "clip", model
 
 
 def test_aliases_carry_their_preprocessing():

@@ -15,7 +15,6 @@ from conftest import EXAMPLES, invoke_json, write_image
 from s2cli import multiscale_forward, open_features
 from s2cli.backbones import load_backbone, resolve
 
-TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2, image_size=32, patch_size=8)
 
 
 def oracle_input(path, side, mean, std, fit="crop"):
@@ -51,14 +50,6 @@ def test_round_trip_tiny_timm_vit(cli, image_dir, tmp_path):
         assert ff.attrs["weights"] == "random-init(seed=3)"
 
 
-@pytest.fixture
-def clip_dir(tmp_path):
-    from transformers import CLIPVisionConfig, CLIPVisionModel
-
-    torch.manual_seed(0)
-    model = CLIPVisionModel(CLIPVisionConfig(**TINY)).eval()
-    model.save_pretrained(tmp_path / "clip")
-    return tmp_path / "clip", model
 
 
 def test_round_trip_tiny_hf_clip(cli, image_dir, tmp_path, clip_dir):
