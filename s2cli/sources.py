@@ -313,9 +313,13 @@ def load_rgb(fh: Any) -> tuple[Image.Image, dict[str, Any]]:
         if frames > 1:
             raw.seek(0)
             notes.update(frames=frames, frame_used=0)
-        im = ImageOps.exif_transpose(raw)
-        if im is raw:  # older Pillow returns the image itself when there is nothing to do
-            im = raw.copy()
+        if frames == 1 and _orientation(raw) == 1:  # the common case: decoded in place, no copies
+            raw.load()
+            im = raw
+        else:
+            im = ImageOps.exif_transpose(raw)
+            if im is raw:  # older Pillow returns the image itself when there is nothing to do
+                im = raw.copy()
     mode = im.mode
     if mode != "RGB":
         notes["mode"] = mode
@@ -332,17 +336,22 @@ def load_rgb(fh: Any) -> tuple[Image.Image, dict[str, Any]]:
         canvas.alpha_composite(rgba)
         im = canvas
         notes["alpha"] = "composited on white"
-    return im.convert("RGB"), notes
+    return (im if im.mode == "RGB" else im.convert("RGB")), notes
+
+
+def _orientation(im: Image.Image) -> int:
+    """The EXIF orientation tag (1 = as stored), read from the header without decoding pixels."""
+    try:
+        return int(im.getexif().get(0x0112, 1) or 1)
+    except Exception:
+        return 1
 
 
 def image_size(sample: Sample) -> tuple[int, int]:
     """(h, w) as displayed, from the header alone (EXIF orientation applied, no pixels decoded)."""
     with _open(sample) as im:
         w, h = im.size
-        try:
-            orientation = im.getexif().get(0x0112, 1)
-        except Exception:
-            orientation = 1
+        orientation = _orientation(im)
     return (w, h) if orientation in (5, 6, 7, 8) else (h, w)
 
 
