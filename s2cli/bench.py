@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import os
 import resource
 import tempfile
 import time
@@ -19,7 +20,7 @@ from .config import Resolved
 from .errors import S2Error
 from .launch import resolve_device, resolve_precision
 from .pipeline import Extractor, Target, _dry_entry, plan_image, run
-from .sources import Fit, Input, Sample, Unit, decode_sample
+from .sources import Fit, Input, Sample, Unit, decode_nice, decode_sample
 from .tiling import multiscale_forward
 
 
@@ -155,7 +156,8 @@ def bench(res: Resolved, samples: list[Sample], backbone: Backbone, spec: str) -
     return {
         "model": u.model, "weights": backbone.weights, "device": str(device), "precision": u.precision,
         "compile": u.compile, "input": spec, "images": n, "warmup_images": len(warm), "batch_size": u.batch_size,
-        "workers": u.workers, "torch_threads": torch.get_num_threads(), "img_sizes": list(res.img_sizes),
+        "workers": u.workers, "decode_nice": decode_nice() if u.workers else None,
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "torch_threads": torch.get_num_threads(), "img_sizes": list(res.img_sizes),
         "e2e_seconds": summary["seconds"], "e2e_img_s": round(e2e_ips, 3),
         "model_only_seconds": round(model_s, 4), "model_only_img_s": round(model_ips, 3),
         "e2e_over_model_only": round(summary["seconds"] / model_s, 3),

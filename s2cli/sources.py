@@ -461,13 +461,35 @@ def decode_sample(sample: Sample, fit: Fit) -> dict[str, Any]:
     return rec
 
 
-def _worker_init() -> None:
+DECODE_NICE = 0  # niceness added to decode workers (S2CLI_DECODE_NICE overrides)
+
+
+def decode_nice() -> int:
+    """How much lower than the main process the decode workers run (0..19). The main process drives the
+    device (CUDA kernel launches, or the forward's threads on a CPU), so workers that only fill its idle time
+    keep the forward from waiting; S2CLI_DECODE_NICE=N overrides the default."""
+    raw = os.environ.get("S2CLI_DECODE_NICE", "").strip()
+    if not raw:
+        return DECODE_NICE
+    try:
+        n = int(raw)
+    except ValueError:
+        raise ConfigError("S2CLI_DECODE_NICE must be an integer", given=raw, expected="0..19",
+                          fix="unset it, or set e.g. S2CLI_DECODE_NICE=10") from None
+    if not 0 <= n <= 19:
+        raise ConfigError("S2CLI_DECODE_NICE is out of range", given=n, expected="0..19", fix="use e.g. 10")
+    return n
+
+
+def _worker_init(nice: int = 0) -> None:
     try:
         import torch
 
         torch.set_num_threads(1)
     except ImportError:  # pragma: no cover
         pass
+    if nice:
+        os.nice(nice)
 
 
 def _decode_job(args: tuple[Sample, Fit]) -> dict[str, Any]:
@@ -482,7 +504,9 @@ class DecodePool:
     def __init__(self, fit: Fit, workers: int, timeout: float = 120.0, window: int | None = None):
         self.fit, self.workers, self.timeout = fit, workers, timeout
         self.window = window or max(4, 4 * workers)
-        self._pool = mp.get_context("fork").Pool(workers, initializer=_worker_init) if workers > 0 else None
+        self.nice = decode_nice()
+        self._pool = (mp.get_context("fork").Pool(workers, initializer=_worker_init, initargs=(self.nice,))
+                      if workers > 0 else None)
 
     def map(self, items: Iterable[Any], sample_of: Callable[[Any], Sample | dict]) -> Iterator[tuple[Any, dict]]:
         """For each item (anything carrying a sample), yield (item, record) in input order. Items whose sample is

@@ -358,3 +358,28 @@ def test_export_for_retrieval(cli, tmp_path):
     assert r.exit_code == 2 and "not empty" in r.stderr
     r = cli("export", out, tmp_path / "emb2", "--pool", "pooled")
     assert r.exit_code == 2 and "--pool mean" in r.stderr
+
+
+def test_decode_workers_run_at_the_configured_niceness(monkeypatch, image_dir):
+    """S2CLI_DECODE_NICE lowers the decode workers' priority (the main process keeps the forward's cores) and
+    changes nothing in what they decode; a bad value is a ConfigError naming it."""
+    import os
+
+    from s2cli.errors import ConfigError
+    from s2cli.sources import DecodePool, Fit, decode_sample, scan_folder
+
+    samples = scan_folder(image_dir)
+    fit = Fit("crop", 64, (0.5, 0.5, 0.5))
+    base = os.getpriority(os.PRIO_PROCESS, 0)
+    for nice in ("0", "7"):
+        monkeypatch.setenv("S2CLI_DECODE_NICE", nice)
+        with DecodePool(fit, 2) as pool:
+            got = [rec for _, rec in pool.map(samples, lambda s: s)]
+            pids = [p.pid for p in pool._pool._pool]
+            assert [os.getpriority(os.PRIO_PROCESS, pid) for pid in pids] == [min(19, base + int(nice))] * 2
+        for s, rec in zip(samples, got):
+            assert rec["key"] == s.key and np.array_equal(rec["image"], decode_sample(s, fit)["image"])
+    for bad in ("x", "25"):
+        monkeypatch.setenv("S2CLI_DECODE_NICE", bad)
+        with pytest.raises(ConfigError, match="S2CLI_DECODE_NICE"):
+            DecodePool(fit, 1)
