@@ -394,11 +394,46 @@ class Backbone:
 
     def compile(self) -> "Backbone":
         """torch.compile the forward (dynamic=False: one graph per tile size; the first call of each size
-        compiles). Compiling twice keeps the first compiled forward."""
+        compiles). Inductor's compiled graphs are cached in `compile_cache_dir()`, so a later run of the same
+        model, shapes and torch reuses them. Compiling twice keeps the first compiled forward."""
         if self._eager is None:
+            os.environ["TORCHINDUCTOR_CACHE_DIR"] = compile_cache_dir()
             self._eager = self._fn
             self._fn = torch.compile(self._fn, dynamic=False)
         return self
+
+
+def compile_cache_dir() -> str:
+    """Where --compile keeps inductor's cache: $TORCHINDUCTOR_CACHE_DIR when set to a folder of the user's, else
+    $XDG_CACHE_HOME/s2cli/inductor (~/.cache/s2cli/inductor), which, unlike torch's default under /tmp, survives
+    reboots and per-job /tmp on clusters, and is shared by every node that shares the home folder. (torch
+    writes its own default into the variable once it has used it, so that value counts as unset.)"""
+    env = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if env and env != _torch_default_cache_dir():
+        return env
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "s2cli", "inductor")
+
+
+def _torch_default_cache_dir() -> str:
+    try:
+        from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+        return default_cache_dir()
+    except Exception:  # an older or newer torch without that helper: its documented default
+        import getpass
+        import tempfile
+
+        return os.path.join(tempfile.gettempdir(), "torchinductor_" + getpass.getuser())
+
+
+def compile_cache_stats() -> dict[str, Any]:
+    """The compile cache's folder and this process's inductor graph-cache hits and misses so far."""
+    from torch._dynamo.utils import counters
+
+    c = counters["inductor"]
+    return {"dir": compile_cache_dir(), "graph_cache_hits": int(c.get("fxgraph_cache_hit", 0)),
+            "graph_cache_misses": int(c.get("fxgraph_cache_miss", 0))}
 
 
 def _hf_config_obj(cfg: BackboneCfg, cls) -> Any:

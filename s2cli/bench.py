@@ -155,7 +155,7 @@ def bench(res: Resolved, samples: list[Sample], backbone: Backbone, spec: str) -
     kib = 1024
     return {
         "model": u.model, "weights": backbone.weights, "device": str(device), "precision": u.precision,
-        "compile": u.compile, "input": spec, "images": n, "warmup_images": len(warm), "batch_size": u.batch_size,
+        "compile": u.compile, "compile_cache": summary.get("compile_cache"), "input": spec, "images": n, "warmup_images": len(warm), "batch_size": u.batch_size,
         "workers": u.workers, "decode_nice": decode_nice() if u.workers else None,
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "torch_threads": torch.get_num_threads(), "img_sizes": list(res.img_sizes),
         "e2e_seconds": summary["seconds"], "e2e_img_s": round(e2e_ips, 3),

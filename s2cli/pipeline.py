@@ -435,6 +435,10 @@ def run(res: Resolved, inp: Input, target: Target, backbone: Backbone,
         "device": str(device), "compile": u.compile,
         "stage_seconds": {k: round(v, 4) for k, v in {**busy, **ex.seconds}.items()},
         "wait_seconds": {k: round(v, 4) for k, v in waits.items()}}
+    if u.compile:
+        from .backbones import compile_cache_stats
+
+        summary["compile_cache"] = compile_cache_stats()
     if target.dir is not None:
         def units_done(markers: list[dict]) -> int:
             by_unit: dict[int, list[dict]] = {}

@@ -76,3 +76,35 @@ def test_compile_is_wired_and_recorded(tmp_path):
     Extractor(res, bb, torch.device("cpu"), torch.float32)
     assert bb.compiled and bb.eager_forward is eager and bb._fn is not eager
     assert dict(res.user.provenance)["compile"] == "flag" and '"compile": true' in res.to_json()
+
+
+def test_compile_cache_survives_between_runs(tmp_path, image_dir, clip_dir):
+    """--compile keeps inductor's graphs in $XDG_CACHE_HOME/s2cli/inductor: the first run compiles (cache
+    misses, files written there), a second process reuses them (hits, no misses), and both store the features
+    of the eager run within float tolerance. Real torch.compile on the CPU (~30-60 s on 2 cores)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from s2cli import open_features
+
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    env.pop("TORCHINDUCTOR_CACHE_DIR", None)
+    base = [sys.executable, "-m", "s2cli", "extract", str(image_dir), "-m", f"hf:{clip_dir[0]}", "-j", "0", "--json", "-q"]
+    runs = []
+    for name, extra in (("eager", []), ("first", ["--compile"]), ("second", ["--compile"])):
+        p = subprocess.run([*base, "-o", str(tmp_path / f"{name}.h5"), *extra], capture_output=True, text=True, env=env)
+        assert p.returncode == 0, p.stderr[-2000:]
+        runs.append(json.loads(p.stdout))
+    cache = tmp_path / "cache" / "s2cli" / "inductor"
+    assert runs[0].get("compile_cache") is None
+    assert runs[1]["compile_cache"]["dir"] == str(cache) and runs[1]["compile_cache"]["graph_cache_misses"] > 0
+    assert any(cache.rglob("*")), "nothing was written to the compile cache"
+    assert runs[2]["compile_cache"]["graph_cache_hits"] > 0 and runs[2]["compile_cache"]["graph_cache_misses"] == 0
+    with open_features(tmp_path / "eager.h5") as e, open_features(tmp_path / "first.h5") as a, \
+            open_features(tmp_path / "second.h5") as b:
+        assert list(e.keys()) == list(a.keys()) == list(b.keys())
+        for k in e.keys():
+            assert torch.allclose(torch.from_numpy(e[k]), torch.from_numpy(a[k]), atol=1e-4)
+            assert torch.equal(torch.from_numpy(a[k]), torch.from_numpy(b[k]))
