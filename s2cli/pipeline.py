@@ -385,7 +385,10 @@ def run(res: Resolved, inp: Input, target: Target, backbone: Backbone,
                           fix="look at the failure records (errors.jsonl or `s2 inspect`), fix the input, rerun to resume")
 
     work = _work(inp, target)
-    pool = DecodePool(fit, u.workers, timeout=u.decode_timeout)
+    # a whole next batch (and then some) decodes while the current one runs: the pool submits a sample only when
+    # the loop asks for the next record, so a window of one batch would leave the next batch's last samples to
+    # be decoded after the forward, on the critical path
+    pool = DecodePool(fit, u.workers, timeout=u.decode_timeout, window=max(4 * u.workers, 2 * u.batch_size))
     try:
         for (unit, part_no, sample), rec in _timed(pool.map(work, lambda w: _ALREADY_DONE if w[2] is None else w[2]),
                                                    waits, "decode"):
