@@ -1,9 +1,11 @@
 """Bench: one extraction timed end to end against the bare engine on the same decoded images, with FLOPs counted
-by torch, MFU against a matmul ceiling measured on the device, the stage split of the run, and peak memory."""
+by torch, MFU against a matmul ceiling measured on the device, the stage split of the run, peak memory, and the
+reference's per-scale forward timed and measured beside ours."""
 from __future__ import annotations
 
 import dataclasses
 import io
+import math
 import os
 import resource
 import tempfile
@@ -13,7 +15,11 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 from .backbones import Backbone
 from .config import Resolved
@@ -21,7 +27,7 @@ from .errors import S2Error
 from .launch import resolve_device, resolve_precision
 from .pipeline import Extractor, Target, _dry_entry, plan_image, run
 from .sources import Fit, Input, Sample, Unit, decode_nice, decode_sample
-from .tiling import multiscale_forward
+from .tiling import multiscale_forward, plan_multiscale, resize_image
 
 
 def synthetic_jpegs(n: int, hw: tuple[int, int] = (768, 1024), seed: int = 0, quality: int = 90) -> list[Sample]:
@@ -75,23 +81,170 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _engine(res: Resolved, ex: Extractor, model: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[list[dict[str, Any]]], Any]:
-    """The bare batched engine over decoded records: normalize on the device and `multiscale_forward` (for a
-    dynamic-resolution strategy, the Extractor's grouped strategy call), nothing copied back."""
+def reference_forward(model: Callable[[torch.Tensor], torch.Tensor], input: torch.Tensor, scales=None, img_sizes=None,
+                      max_split_size: int | None = None, resize_output_to_idx: int = 0, num_prefix_token: int = 0,
+                      output_shape: str = "bnc", split_forward: bool = False) -> torch.Tensor:
+    """The reference s2wrapper `forward` (master branch: square images, resize mode), step for step as it runs, to
+    time and measure it beside `multiscale_forward` (which gives the same numbers): every scale's image is resized
+    (also to its own size) and cut into tiles (a cat of slices) before any backbone call; the backbone runs once
+    per scale (in calls of B images with `split_forward`); every output is kept; each scale's tiles are stitched
+    (row cats, then a column cat), area-resized to the chosen scale's grid (also at its own size) and
+    concatenated; prefix tokens are stacked per tile and averaged."""
+    b, _, side, side_w = input.shape
+    if side != side_w:
+        raise S2Error("the reference forward (master branch) takes square images only", given=tuple(input.shape[-2:]),
+                      expected="H == W", fix="use multiscale_forward for non-square images")
+    sizes = list(img_sizes) if img_sizes is not None else [int(side * s) for s in scales]
+    split = max_split_size or side
+    splits = [math.ceil(size / split) for size in sizes]
+    tiles = []
+    for size, n in zip(sizes, splits):
+        x = F.interpolate(input.to(torch.float32), size=size, mode="bicubic").to(input.dtype)
+        t = size // n
+        tiles.append(torch.cat([x[:, :, i * t:(i + 1) * t, j * t:(j + 1) * t] for i in range(n) for j in range(n)], dim=0))
+    outs = [torch.cat([model(p) for p in x.split(b)], dim=0) if split_forward else model(x) for x in tiles]
+    prefixes = [o[:, :num_prefix_token] for o in outs] if num_prefix_token else []
+    maps = []
+    for o, n in zip(outs, splits):
+        if output_shape == "bnc":
+            o = o[:, num_prefix_token:]
+            g = int(o.shape[1] ** 0.5)
+            o = o.transpose(1, 2).reshape(o.shape[0], o.shape[2], g, g)
+        maps.append(torch.cat([torch.cat([o[(i * n + j) * b:(i * n + j + 1) * b] for j in range(n)], dim=-1)
+                               for i in range(n)], dim=-2))
+    size = maps[resize_output_to_idx].shape[-2]
+    out = torch.cat([F.interpolate(m.to(torch.float32), size=size, mode="area").to(m.dtype) for m in maps], dim=1)
+    if output_shape == "bnc":
+        out = out.flatten(2).transpose(1, 2)
+    if prefixes:
+        pre = torch.cat([torch.stack(p.split(b, dim=0), dim=0).mean(dim=0) for p in prefixes], dim=-1)
+        out = torch.cat([pre, out], dim=1)
+    return out
+
+
+class LiveTensorBytes(TorchDispatchMode):
+    """Counts the bytes of tensor storages that ops create while it is active, and frees them when they die:
+    `peak` is the most bytes alive at once, at op granularity (an op's own scratch space is not seen; nor is the
+    CPU allocator's rounding or caching). Views and in-place results are not new memory and are not counted.
+    Storages made before it started (weights, the input) are left out: pass them as `held` to count them in
+    `held_bytes`. The CPU stand-in for torch.cuda.max_memory_allocated (which `peak_memory` uses on CUDA)."""
+
+    def __init__(self, held: Any = ()):
+        super().__init__()
+        self.live: dict[int, tuple[Any, int]] = {}
+        self.held: dict[int, Any] = {}
+        for t in held:
+            st = t.untyped_storage()
+            self.held[st._cdata] = st  # kept alive, so the key stays theirs
+        self.held_bytes = sum(st.nbytes() for st in self.held.values())
+        self.current = self.peak = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for k in [k for k, (ref, _) in self.live.items() if ref.expired()]:
+            self.current -= self.live.pop(k)[1]
+        if not func.is_view and not any(r.alias_info is not None for r in func._schema.returns):
+            for t in tree_flatten(out)[0]:
+                if isinstance(t, torch.Tensor) and t.layout == torch.strided:
+                    st = t.untyped_storage()
+                    if st._cdata not in self.live and st._cdata not in self.held:
+                        self.live[st._cdata] = (StorageWeakRef(st), st.nbytes())
+                        self.current += st.nbytes()
+        self.peak = max(self.peak, self.current)
+        return out
+
+
+def peak_memory(fn: Callable[[], Any], held: Any = (), device: torch.device | None = None) -> dict[str, int]:
+    """Run `fn()` once and return {"held": bytes of the `held` tensors (weights, input), "working": the most bytes
+    of tensors made by the call alive at once (its result included), "peak": held + working}. On CUDA from the
+    caching allocator's statistics (`max_memory_allocated` over what was allocated at entry), elsewhere by
+    `LiveTensorBytes`."""
+    held = list(held)
+    if device is not None and device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        result = fn()
+        torch.cuda.synchronize(device)
+        working = torch.cuda.max_memory_allocated(device) - base
+        del result
+        held_bytes = sum({t.untyped_storage()._cdata: t.untyped_storage().nbytes() for t in held}.values())
+    else:
+        with LiveTensorBytes(held) as mode:
+            result = fn()
+        del result
+        working, held_bytes = mode.peak, mode.held_bytes
+    return {"held": held_bytes, "working": working, "peak": held_bytes + working}
+
+
+def _engine_kwargs(res: Resolved, rec: dict[str, Any]) -> dict[str, Any]:
+    """`multiscale_forward`'s arguments for a batch of images shaped like `rec` (as the Extractor passes them)."""
     u, bb = res.user, res.backbone
+    return dict(img_sizes=plan_image(res, tuple(rec["orig_hw"])).engine_sizes, max_split_size=res.max_split_size,
+                split_mode=u.split_mode, resize_output_to_idx=u.resize_output_to_idx,
+                num_prefix_token=bb.num_prefix_tokens, output_shape=bb.output_shape, antialias=u.antialias)
+
+
+def _reference_applies(x: torch.Tensor, kw: dict[str, Any]) -> bool:
+    """The reference master branch (what `reference_forward` runs) covers square images in resize mode."""
+    plan = plan_multiscale(tuple(x.shape[-2:]), img_sizes=kw["img_sizes"], max_split_size=kw["max_split_size"],
+                           split_mode=kw["split_mode"])
+    return plan.branch == "square" and not kw["antialias"]
+
+
+def _reference_kwargs(kw: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in kw.items() if k not in ("split_mode", "antialias")}
+
+
+def _engine(res: Resolved, ex: Extractor, model: Callable[[torch.Tensor], torch.Tensor],
+            reference: bool = False) -> Callable[[list[dict[str, Any]]], Any]:
+    """The bare batched engine over decoded records: normalize on the device and `multiscale_forward` (for a
+    dynamic-resolution strategy, the Extractor's grouped strategy call), nothing copied back. `reference=True`
+    runs `reference_forward` (the reference's per-scale loop) instead."""
     if res.strategy is not None:
         return ex.strategy_features
 
     @torch.inference_mode()
     def call(recs: list[dict[str, Any]]) -> torch.Tensor:
-        x = torch.stack([r["image"] for r in recs]).to(ex.device).float().div_(255)
-        x = ((x - ex.mean) / ex.std).to(ex.dtype)
-        return multiscale_forward(
-            model, x, img_sizes=plan_image(res, tuple(recs[0]["orig_hw"])).engine_sizes,
-            max_split_size=res.max_split_size, split_mode=u.split_mode, resize_output_to_idx=u.resize_output_to_idx,
-            num_prefix_token=bb.num_prefix_tokens, output_shape=bb.output_shape, antialias=u.antialias,
-            max_batch=u.max_tiles_per_call)
+        x = _normalized(ex, recs)
+        kw = _engine_kwargs(res, recs[0])
+        if reference:
+            return reference_forward(model, x, **_reference_kwargs(kw))
+        return multiscale_forward(model, x, **kw, max_batch=res.user.max_tiles_per_call)
     return call
+
+
+def _normalized(ex: Extractor, recs: list[dict[str, Any]]) -> torch.Tensor:
+    x = torch.stack([r["image"] for r in recs]).to(ex.device).float().div_(255)
+    return ((x - ex.mean) / ex.std).to(ex.dtype)
+
+
+def memory_figures(model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, weights: Any = (),
+                   device: torch.device | None = None, **kw: Any) -> dict[str, dict[str, Any]]:
+    """Peak memory of one forward over the batch `x` (normalized, at the largest scale's fit), each variant run
+    once by `peak_memory`: the single-scale forward (the model on `x` resized to its input size; `x` itself is
+    not held), our S² in one call and chunked (`max_batch` = the batch size), and, where the reference master
+    branch applies, the reference's forward and its `split_forward`. `kw` are `multiscale_forward`'s arguments.
+    Each figure gets `vs_single_scale`: its peak over the single-scale forward's."""
+    b, side = x.shape[0], kw.get("max_split_size") or x.shape[-1]
+    x1 = resize_image(x, (side, side))
+    variants: dict[str, tuple[Callable[[], Any], torch.Tensor]] = {
+        "single_scale": (lambda: model(x1), x1),
+        "s2": (lambda: multiscale_forward(model, x, **kw), x),
+        "s2_chunked": (lambda: multiscale_forward(model, x, **kw, max_batch=b), x),
+    }
+    if _reference_applies(x, kw):
+        rk = _reference_kwargs(kw)
+        variants["reference"] = (lambda: reference_forward(model, x, **rk), x)
+        variants["reference_split_forward"] = (lambda: reference_forward(model, x, **rk, split_forward=True), x)
+    out: dict[str, dict[str, Any]] = {}
+    with torch.inference_mode():
+        for name, (fn, inp) in variants.items():
+            out[name] = peak_memory(fn, held=[*weights, inp], device=device)
+    base = out["single_scale"]["peak"]
+    for v in out.values():
+        v["vs_single_scale"] = round(v["peak"] / base, 3)
+    return out
 
 
 def _batches(recs: list[dict[str, Any]], size: int) -> list[list[dict[str, Any]]]:
@@ -103,6 +256,17 @@ def _batches(recs: list[dict[str, Any]], size: int) -> list[list[dict[str, Any]]
             groups.setdefault(tuple(r["image"].shape) if isinstance(r["image"], torch.Tensor) else tuple(r["orig_hw"]), []).append(r)
         out += list(groups.values())
     return out
+
+
+def _timed(engine: Callable[[list[dict[str, Any]]], Any], batches: list, device: torch.device) -> float:
+    """Seconds for `engine` over every batch, after one warm-up batch (excluded)."""
+    engine(batches[0])
+    _sync(device)
+    t = time.perf_counter()
+    for b in batches:
+        engine(b)
+    _sync(device)
+    return time.perf_counter() - t
 
 
 def bench(res: Resolved, samples: list[Sample], backbone: Backbone, spec: str) -> dict[str, Any]:
@@ -137,17 +301,19 @@ def bench(res: Resolved, samples: list[Sample], backbone: Backbone, spec: str) -
     ex = Extractor(res, backbone, device, dtype)
     engine = _engine(res, ex, backbone)
     batches = _batches(recs, u.batch_size)
+    ref_kw = _engine_kwargs(res, recs[0]) if res.strategy is None else None
+    with_reference = ref_kw is not None and _reference_applies(_normalized(ex, recs[:1]), ref_kw)
     with torch.inference_mode():
-        engine(batches[0])  # warm-up, excluded
-        _sync(device)
-        t = time.perf_counter()
-        for b in batches:
-            engine(b)
-        _sync(device)
-        model_s = time.perf_counter() - t
+        model_s = _timed(engine, batches, device)
+        reference_s = _timed(_engine(res, ex, backbone, reference=True), batches, device) if with_reference else None
         with flop_counter() as fc:  # on the eager forward: the counter sees every op
             _engine(res, ex, backbone.eager_forward)(recs[:1])
         flops = float(fc.get_total_flops())
+        memory = None
+        if res.strategy is None:  # the first batch
+            first = batches[0]  # one image shape (batches are grouped by shape)
+            weights = [*backbone.module.parameters(), *backbone.module.buffers()]
+            memory = memory_figures(backbone.eager_forward, _normalized(ex, first), weights, device, **ref_kw)
     _, formula = _dry_entry(res, tuple(recs[0]["orig_hw"]))
     ceiling = matmul_ceiling(device)
     n = summary["num_images"]
@@ -164,6 +330,11 @@ def bench(res: Resolved, samples: list[Sample], backbone: Backbone, spec: str) -
         "flops_per_image": flops, "flops_per_image_formula": formula,
         "matmul_ceiling_flops_per_s": ceiling["flops_per_s"], "matmul": f"{ceiling['n']}^3 {ceiling['dtype']}",
         "mfu_e2e": flops * e2e_ips / ceiling["flops_per_s"], "mfu_model_only": flops * model_ips / ceiling["flops_per_s"],
+        "reference_seconds": None if reference_s is None else round(reference_s, 4),
+        "reference_img_s": None if reference_s is None else round(n / reference_s, 3),
+        "model_only_vs_reference": None if reference_s is None else round(reference_s / model_s, 3),  # speed ratio
+        "memory": memory, "memory_batch": None if memory is None else len(first),
+        "memory_tool": "torch.cuda.max_memory_allocated" if device.type == "cuda" else "LiveTensorBytes",
         "stage_seconds": summary["stage_seconds"], "wait_seconds": summary["wait_seconds"],
         "peak_host_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * kib,
         "peak_host_children_bytes": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * kib,

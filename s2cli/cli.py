@@ -266,6 +266,12 @@ def _print_bench(r: dict) -> None:
               f"{r['peak_host_bytes'] / gi:.2f} / {r['peak_host_children_bytes'] / gi:.2f} GiB")]
     if r["peak_gpu_bytes"] is not None:
         rows.append(("peak GPU memory", f"{r['peak_gpu_bytes'] / gi:.2f} GiB"))
+    if r["reference_img_s"] is not None:
+        rows.append(("reference per-scale loop (model only)", f"{r['reference_img_s']:.2f} img/s "
+                     f"(ours {r['model_only_vs_reference']:.2f}x its speed)"))
+    for name, m in (r["memory"] or {}).items():
+        rows.append((f"peak memory, {name.replace('_', ' ')} (batch {r['memory_batch']}, {r['memory_tool']})",
+                     f"{m['peak'] / 2 ** 20:.1f} MiB ({m['vs_single_scale']:.2f}x single scale)"))
     for row in rows:
         t.add_row(*row)
     out.print(t)

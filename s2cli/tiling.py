@@ -165,22 +165,6 @@ def plan_multiscale(
     return S2Plan((h, w), tuple(plans), "any_shape", split_mode)
 
 
-def split_tiles(x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-    """(B, C, nh*h, nw*w) -> (nh*nw*B, C, h, w), tile-major: index (row * nw + col) * B + b (reference order)."""
-    B, C, H, W = x.shape
-    nh, nw = grid
-    h, w = H // nh, W // nw
-    return x.reshape(B, C, nh, h, nw, w).permute(2, 4, 0, 1, 3, 5).reshape(nh * nw * B, C, h, w)
-
-
-def merge_tiles(x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-    """Inverse of `split_tiles`: (nh*nw*B, C, h, w) -> (B, C, nh*h, nw*w)."""
-    N, C, h, w = x.shape
-    nh, nw = grid
-    B = N // (nh * nw)
-    return x.reshape(nh, nw, B, C, h, w).permute(2, 3, 0, 4, 1, 5).reshape(B, C, nh * h, nw * w)
-
-
 def resize_image(x: torch.Tensor, size: tuple[int, int], antialias: bool = False) -> torch.Tensor:
     """Bicubic resize in float32, cast back to the input dtype (the reference's rule). The same size is an
     exact identity, so it is skipped. `antialias` applies only when a side shrinks."""
@@ -195,39 +179,6 @@ def area_resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     if tuple(x.shape[-2:]) == tuple(size):
         return x
     return F.interpolate(x.to(torch.float32), size=size, mode="area").to(x.dtype)
-
-
-def cut_scale(x: torch.Tensor, sp: ScalePlan, split_mode: str, antialias: bool = False) -> torch.Tensor:
-    """Image batch at input size -> this scale's tiles, (num_tiles * B, C, th, tw)."""
-    y = resize_image(x, sp.size, antialias)
-    if sp.canvas != sp.size:
-        if split_mode == "resize":
-            y = resize_image(y, sp.canvas, antialias)
-        else:  # zero padding bottom/right, in normalized tensor space
-            y = F.pad(y, (0, sp.canvas[1] - sp.size[1], 0, sp.canvas[0] - sp.size[0]))
-    return split_tiles(y, sp.grid)
-
-
-def run_backbone(model: Callable[[torch.Tensor], torch.Tensor], tiles: list[torch.Tensor],
-                 chunk: int | None = None, fuse: bool = True) -> list[torch.Tensor]:
-    """Run the model over every scale's tiles: one stack (chunked by `chunk`) when all tile sizes agree and
-    `fuse`, else per scale. Returns one output per scale, in order."""
-    def call(x: torch.Tensor) -> torch.Tensor:
-        if chunk is None or x.shape[0] <= chunk:
-            out = model(x)
-        else:
-            out = torch.cat([model(part) for part in x.split(chunk)], dim=0)
-        if not isinstance(out, torch.Tensor):
-            raise ConfigError("the model must return a tensor", given=type(out).__name__,
-                              expected="(B, N, C) for bnc or (B, C, H, W) for bchw",
-                              fix="wrap it, e.g. lambda x: model(x).last_hidden_state")
-        return out
-
-    same = len({tuple(t.shape[1:]) for t in tiles}) == 1
-    if fuse and same and len(tiles) > 1:
-        out = call(torch.cat(tiles, dim=0))
-        return list(out.split([t.shape[0] for t in tiles], dim=0))
-    return [call(t) for t in tiles]
 
 
 def tokens_to_map(tokens: torch.Tensor) -> torch.Tensor:
@@ -292,39 +243,207 @@ def multiscale_forward(
                           expected=f"an index into the {n} scales ({-n}..{n - 1})",
                           fix="use 0 for the first scale's grid or -1 for the last")
 
-    tiles = [cut_scale(input, sp, split_mode, antialias) for sp in plan.scales]
     chunk = max_batch if max_batch is not None else (b if split_forward else None)
-    outs = run_backbone(model, tiles, chunk=chunk, fuse=fuse)
+    asm = _Assembler(plan, b, num_prefix_token, output_shape, merge, resize_output_to_idx)
+    same = len({s.tile for s in plan.scales}) == 1
+    streams = [list(range(n))] if fuse and same else [[i] for i in range(n)]
+    for stream in streams:
+        _run_stream(model, input, plan, stream, chunk, asm, antialias)
+    return asm.result()
 
-    maps, prefixes = [], []
-    for sp, out in zip(plan.scales, outs):
-        if output_shape == "bnc":
-            if out.dim() != 3:
-                raise ConfigError("the model's output does not match output_shape='bnc'", given=tuple(out.shape),
+
+def scale_image(x: torch.Tensor, sp: ScalePlan, split_mode: str, antialias: bool = False) -> torch.Tensor:
+    """Image batch at input size -> this scale's image on its canvas (a whole number of tiles), (B, C, *canvas)."""
+    y = resize_image(x, sp.size, antialias)
+    if sp.canvas != sp.size:
+        if split_mode == "resize":
+            y = resize_image(y, sp.canvas, antialias)
+        else:  # zero padding bottom/right, in normalized tensor space
+            y = F.pad(y, (0, sp.canvas[1] - sp.size[1], 0, sp.canvas[0] - sp.size[0]))
+    return y
+
+
+def _run_stream(model: Callable[[torch.Tensor], torch.Tensor], input: torch.Tensor, plan: S2Plan,
+                stream: list[int], chunk: int | None, asm: "_Assembler", antialias: bool) -> None:
+    """Run the backbone over the tiles of the scales in `stream`, stacked scale by scale, tile-major (batch index
+    (row * n_cols + col) * B + b within a scale), in calls of at most `chunk` tiles (one call if None).
+
+    Memory stays lean: a call's tiles are cut when the call is made, from the image of their scale, which is
+    resized when its first tile is needed and dropped after its last; each call's output goes straight to the
+    assembler and is dropped. Cutting a whole stack first and splitting it gives the same calls, so the output does
+    not depend on how the tiles are produced, only on `chunk`."""
+    b = input.shape[0]
+    starts, total = [], 0
+    for i in stream:
+        starts.append(total)
+        total += plan.scales[i].num_tiles * b
+    step = chunk or total
+    images: dict[int, torch.Tensor] = {}
+    for a in range(0, total, step):
+        e = min(a + step, total)
+        pieces = []  # (scale, tile, b0, b1, row in this call)
+        for i, off in zip(stream, starts):
+            lo, hi = max(a, off), min(e, off + plan.scales[i].num_tiles * b)
+            for t in range((lo - off) // b, (hi - off - 1) // b + 1) if lo < hi else ():
+                b0, b1 = max(lo - off - t * b, 0), min(hi - off - t * b, b)
+                pieces.append((i, t, b0, b1, off + t * b + b0 - a))
+        x = None
+        for i, t, b0, b1, row in pieces:
+            sp = plan.scales[i]
+            if i not in images:
+                images[i] = scale_image(input, sp, plan.split_mode, antialias)
+            (r, c), (th, tw) = divmod(t, sp.grid[1]), sp.tile
+            tile = images[i][b0:b1, :, r * th:(r + 1) * th, c * tw:(c + 1) * tw]
+            if len(pieces) == 1 and tile.is_contiguous():
+                x = tile  # the call is exactly one whole image (a 1x1 grid): no copy
+            else:
+                if x is None:
+                    x = torch.empty((e - a, *tile.shape[1:]), dtype=tile.dtype, device=tile.device)
+                x[row:row + b1 - b0].copy_(tile)
+            if t == sp.num_tiles - 1 and b1 == b:
+                del images[i]  # its last tile is cut
+        out = model(x)
+        del x
+        if not isinstance(out, torch.Tensor):
+            raise ConfigError("the model must return a tensor", given=type(out).__name__,
+                              expected="(B, N, C) for bnc or (B, C, H, W) for bchw",
+                              fix="wrap it, e.g. lambda x: model(x).last_hidden_state")
+        for i, t, b0, b1, row in pieces:
+            asm.put(i, t, b0, b1, out[row:row + b1 - b0])
+        del out
+
+
+class _Assembler:
+    """Takes each call's tile outputs as they come and builds the result in place.
+
+    Each scale's tiles are stitched row-major (cropped top-left in pad mode). With merge="concat" the output
+    (bnc: (B, P + h*w, C*S); bchw: (B, C*S, h, w)) is allocated once and every scale lands in its channel slot:
+    a scale whose stitched grid is the output grid is written there tile by tile; a scale whose grid is an
+    integer multiple of it, with tiles aligned to the pooling windows, is area-pooled tile by tile (the same
+    windows, so the same numbers as pooling the stitched map); any other scale is stitched into its own map,
+    pooled when its last tile arrives, and dropped. Prefix tokens are kept per tile (small) and averaged over the
+    scale's tiles when it is complete."""
+
+    def __init__(self, plan: S2Plan, b: int, num_prefix: int, output_shape: str, merge: str, idx: int):
+        self.plan, self.b, self.P, self.shape, self.merge = plan, b, num_prefix, output_shape, merge
+        self.idx = idx % len(plan.scales)
+        n = len(plan.scales)
+        self.done = [0] * n  # tiles received (counting each image)
+        self.mode: list[str | None] = [None] * n  # "direct", "pool" (tile by tile) or "map"
+        self.maps: list[torch.Tensor | None] = [None] * n
+        self.prefix: list[torch.Tensor | None] = [None] * n
+        self.prefix_mean: list[torch.Tensor | None] = [None] * n
+        self.out: torch.Tensor | None = None  # bnc: (B, P + h*w, C*S); bchw: (B, C*S, h, w)
+        self.grid: tuple[int, int] | None = None
+        self.channels: int | None = None
+
+    def _tile_map(self, o: torch.Tensor) -> torch.Tensor:
+        """One call's output rows -> (prefix tokens or None, spatial map (k, C, fh, fw))."""
+        if self.shape == "bnc":
+            if o.dim() != 3:
+                raise ConfigError("the model's output does not match output_shape='bnc'", given=tuple(o.shape),
                                   expected="(B, N, C)", fix="use output_shape='bchw' for ConvNets")
-            if num_prefix_token:
-                # mean of the prefix tokens over this scale's tiles
-                prefixes.append(out[:, :num_prefix_token].reshape(sp.num_tiles, b, num_prefix_token, -1).mean(dim=0))
-            fmap = tokens_to_map(out[:, num_prefix_token:])
+            return o[:, :self.P], tokens_to_map(o[:, self.P:])
+        if o.dim() != 4:
+            raise ConfigError("the model's output does not match output_shape='bchw'", given=tuple(o.shape),
+                              expected="(B, C, H, W)", fix="use output_shape='bnc' for ViTs")
+        return None, o
+
+    def _slot(self, i: int) -> torch.Tensor:
+        """Scale i's channels in the output as a (B, C, h, w) view."""
+        assert self.out is not None and self.channels is not None
+        cs = slice(i * self.channels, (i + 1) * self.channels)
+        if self.shape == "bchw":
+            return self.out[:, cs]
+        return self.out[:, self.P:, cs].unflatten(1, self.grid).permute(0, 3, 1, 2)
+
+    def _start_output(self, fmap: torch.Tensor, fhw: tuple[int, int]) -> None:
+        self.grid = self.plan.feature_grid(self.idx, fhw)
+        self.channels = fmap.shape[1]
+        S, (h, w), C = len(self.plan.scales), self.grid, fmap.shape[1]
+        shape = (self.b, C * S, h, w) if self.shape == "bchw" else (self.b, self.P + h * w, C * S)
+        self.out = torch.empty(shape, dtype=fmap.dtype, device=fmap.device)
+        for j, m in enumerate(self.maps):  # scales completed before the output grid was known
+            if m is not None and self.done[j] == self.plan.scales[j].num_tiles * self.b:
+                self._finish_scale(j)
+
+    def _choose(self, i: int, fmap: torch.Tensor) -> None:
+        sp, fhw = self.plan.scales[i], tuple(fmap.shape[-2:])
+        if self.merge == "concat" and self.out is None and sp.tile == self.plan.scales[self.idx].tile:
+            self._start_output(fmap, fhw)  # same tile size as the output's scale: same feature grid per tile
+        full = (sp.grid[0] * fhw[0], sp.grid[1] * fhw[1])
+        grid = self.plan.feature_grid(i, fhw)
+        mode = "map"
+        if self.out is not None:
+            if fmap.shape[1] != self.channels:
+                raise ConfigError("the model returned a different channel count at another scale",
+                                  given=fmap.shape[1], expected=f"{self.channels} channels at every scale",
+                                  fix="use a backbone whose feature width does not depend on the input size")
+            oh, ow = self.grid
+            if grid == self.grid:
+                mode = "direct"
+            elif grid == full and grid[0] % oh == 0 and grid[1] % ow == 0:
+                rh, rw = grid[0] // oh, grid[1] // ow
+                # tiles must hold whole pooling windows; a 1x1 pooled tile would take adaptive pooling's mean path
+                if fhw[0] % rh == 0 and fhw[1] % rw == 0 and (fhw[0] // rh) * (fhw[1] // rw) > 1:
+                    mode = "pool"
+        self.mode[i] = mode
+        if mode == "map":
+            self.maps[i] = torch.empty((self.b, fmap.shape[1], *grid), dtype=fmap.dtype, device=fmap.device)
+
+    def put(self, i: int, t: int, b0: int, b1: int, o: torch.Tensor) -> None:
+        """Rows b0:b1 of tile t of scale i."""
+        pre, fmap = self._tile_map(o)
+        if self.mode[i] is None:
+            self._choose(i, fmap)
+        sp, (fh, fw) = self.plan.scales[i], fmap.shape[-2:]
+        if self.P:
+            if self.prefix[i] is None:
+                # one spare token per row keeps the rows apart in memory, as they are in the backbone's output: the
+                # mean then reduces the same layout and gives the same bits as when every output was kept
+                rows, (p, c) = sp.num_tiles * self.b, pre.shape[1:]
+                self.prefix[i] = torch.empty((rows, p + 1, c), dtype=pre.dtype, device=pre.device)[:, :p]
+            self.prefix[i][t * self.b + b0:t * self.b + b1] = pre
+        r, c = divmod(t, sp.grid[1])
+        mode = self.mode[i]
+        if mode == "pool":
+            ph, pw = self.grid[0] // sp.grid[0], self.grid[1] // sp.grid[1]  # one tile's share of the output
+            pooled = area_resize(fmap.contiguous(), (ph, pw))
+            self._slot(i)[b0:b1, :, r * ph:(r + 1) * ph, c * pw:(c + 1) * pw] = pooled
         else:
-            if out.dim() != 4:
-                raise ConfigError("the model's output does not match output_shape='bchw'", given=tuple(out.shape),
-                                  expected="(B, C, H, W)", fix="use output_shape='bnc' for ViTs")
-            fmap = out
-        fmap = merge_tiles(fmap, sp.grid)
-        if split_mode == "pad" and plan.branch == "any_shape":
-            ch, cw = _pad_crop_size(sp, tuple(fmap.shape[-2:]))
-            fmap = fmap[:, :, :ch, :cw]
-        maps.append(fmap)
+            dst = self._slot(i) if mode == "direct" else self.maps[i]
+            h, w = dst.shape[-2:]
+            r0, c0 = r * fh, c * fw
+            r1, c1 = min(r0 + fh, h), min(c0 + fw, w)  # pad mode crops the stitched map top-left
+            if r0 < r1 and c0 < c1:
+                dst[b0:b1, :, r0:r1, c0:c1] = fmap[:, :, :r1 - r0, :c1 - c0]
+        self.done[i] += b1 - b0
+        if self.done[i] == sp.num_tiles * self.b:
+            self._finish_scale(i)
 
-    def finish(fmap: torch.Tensor, prefix: torch.Tensor | None) -> torch.Tensor:
-        if output_shape == "bchw":
-            return fmap
-        tokens = fmap.flatten(2).transpose(1, 2)
-        return tokens if prefix is None else torch.cat([prefix, tokens], dim=1)
+    def _finish_scale(self, i: int) -> None:
+        sp = self.plan.scales[i]
+        if self.P and self.prefix[i] is not None and self.prefix_mean[i] is None:
+            # mean of the prefix tokens over this scale's tiles
+            pre = self.prefix[i]
+            self.prefix_mean[i] = pre.reshape(sp.num_tiles, self.b, *pre.shape[1:]).mean(dim=0)
+            self.prefix[i] = None
+        if self.merge == "none" or self.out is None:
+            return  # kept: returned as is, or pooled once the output grid is known
+        if self.P:
+            self.out[:, :self.P, i * self.channels:(i + 1) * self.channels] = self.prefix_mean[i]
+        if self.mode[i] == "map":
+            self._slot(i).copy_(area_resize(self.maps[i], self.grid))
+            self.maps[i] = None
 
-    if merge == "none":
-        return [finish(m, prefixes[i] if prefixes else None) for i, m in enumerate(maps)]
-    size = tuple(maps[resize_output_to_idx].shape[-2:])
-    out = torch.cat([area_resize(m, size) for m in maps], dim=1)
-    return finish(out, torch.cat(prefixes, dim=-1) if prefixes else None)
+    def result(self) -> torch.Tensor | list[torch.Tensor]:
+        if self.merge == "none":
+            res = []
+            for m, p in zip(self.maps, self.prefix_mean):
+                if self.shape == "bnc":
+                    m = m.flatten(2).transpose(1, 2)
+                    m = m if p is None else torch.cat([p, m], dim=1)
+                res.append(m)
+            return res
+        assert self.out is not None
+        return self.out

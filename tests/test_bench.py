@@ -28,6 +28,11 @@ def test_bench_json_fields_and_sane_values(cli):
     main = st["read"] + st["decode"] + st["fit"] + st["preprocess"] + st["forward"] + wt["write"]
     assert main <= r["e2e_seconds"]
     assert r["peak_host_bytes"] > 2 ** 20 and r["peak_gpu_bytes"] is None
+    assert r["reference_img_s"] > 0 and r["model_only_vs_reference"] > 0 and r["memory_tool"] == "LiveTensorBytes"
+    mem = r["memory"]
+    assert set(mem) == {"single_scale", "s2", "s2_chunked", "reference", "reference_split_forward"} and r["memory_batch"] == 2
+    assert all(v["peak"] == v["held"] + v["working"] > v["working"] > 0 for v in mem.values())
+    assert mem["s2_chunked"]["peak"] <= mem["s2"]["peak"] and mem["single_scale"]["vs_single_scale"] == 1.0
 
 
 def test_bench_flops_equal_the_formula():
@@ -108,3 +113,65 @@ def test_compile_cache_survives_between_runs(tmp_path, image_dir, clip_dir):
         for k in e.keys():
             assert torch.allclose(torch.from_numpy(e[k]), torch.from_numpy(a[k]), atol=1e-4)
             assert torch.equal(torch.from_numpy(a[k]), torch.from_numpy(b[k]))
+
+
+def test_live_tensor_bytes_on_a_known_allocation():
+    """Hand-counted: 4000 + 8000 bytes, the first freed, then 8000 more while the second lives: peak 16000. Views,
+    in-place results and views of held tensors are not new memory; held tensors count in `held`."""
+    from s2cli.bench import peak_memory
+
+    held = torch.zeros(100)
+
+    def f():
+        a = torch.empty(1000)
+        b = torch.empty(2000)
+        del a
+        b[:10], b.view(20, 100).t(), b.add_(1), held[:5], held.view(10, 10)
+        c = b + 1
+        del b, c
+        return torch.empty(10)  # the result counts while it is alive: 40 bytes, under the peak
+
+    assert peak_memory(f, held=[held]) == {"held": 400, "working": 16000, "peak": 16400}
+
+
+def test_reference_forward_matches_the_golden_outputs():
+    """The reference's forward as bench times it gives the reference's golden outputs (master branch cases)."""
+    from s2cli.bench import reference_forward
+    from test_tiling import GOLDEN, TENSORS, ToyConv, golden_kwargs
+
+    cases = [n for n, c in GOLDEN["cases"].items() if c["branch"] == "master"]
+    assert len(cases) == 5
+    for name in cases:
+        case, kw = GOLDEN["cases"][name], golden_kwargs(GOLDEN["cases"][name])
+        model = ToyConv(TENSORS[f"{name}.weight"], TENSORS[f"{name}.bias"], case["stride"],
+                        kw.get("output_shape", "bnc"), kw.get("num_prefix_token", 0))
+        assert torch.equal(reference_forward(model, TENSORS[f"{name}.input"], **kw), TENSORS[f"{name}.output"])
+
+
+@pytest.fixture(scope="module")
+def vit_l_memory():
+    """LLaVA-1.5-S2's setting, counted without computing: CLIP ViT-L/14-336 (timm, random init on the meta
+    device: shapes and lifetimes only), bf16, batch 32, scales 336, 672, 1008 (14 tiles per image)."""
+    import timm
+
+    from s2cli.bench import memory_figures
+
+    with torch.device("meta"):
+        m = timm.create_model("vit_large_patch14_clip_336", pretrained=False).eval().to(torch.bfloat16)
+    x = torch.empty(32, 3, 1008, 1008, device="meta", dtype=torch.bfloat16)
+    return memory_figures(m.forward_features, x, list(m.parameters()), img_sizes=[336, 672, 1008],
+                          max_split_size=336, split_mode="resize", resize_output_to_idx=0, num_prefix_token=1,
+                          output_shape="bnc", antialias=False)
+
+
+def test_chunked_s2_memory_is_below_unchunked_and_reference(vit_l_memory):
+    r = vit_l_memory
+    assert r["s2_chunked"]["peak"] < r["s2"]["peak"]
+    assert r["s2_chunked"]["peak"] < r["reference_split_forward"]["peak"] < r["reference"]["peak"]
+    assert r["single_scale"]["vs_single_scale"] == 1.0
+
+
+@pytest.mark.xfail(strict=True, reason="target missed: 1.29x (the 1008 input, the 3x wider output and the 672 image "
+                                       "of scale 2 are held beside the single-scale working set); see README Measured")
+def test_chunked_s2_memory_within_1_2x_of_single_scale(vit_l_memory):
+    assert vit_l_memory["s2_chunked"]["vs_single_scale"] <= 1.2

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from conftest import DATA, ToyConv
 from s2cli import ConfigError, multiscale_forward, plan_multiscale
-from s2cli.tiling import merge_tiles, split_tiles
+from s2cli.tiling import area_resize, plan_multiscale as _plan, scale_image, tokens_to_map
 
 GOLDEN = json.loads((DATA / "s2_reference.json").read_text())
 TENSORS = load_file(str(DATA / "s2_reference.safetensors"))
@@ -47,6 +47,99 @@ def reference_split(x, nh, nw):
     B, C, H, W = x.shape
     h, w = H // nh, W // nw
     return torch.cat([x[:, :, i * h:(i + 1) * h, j * w:(j + 1) * w] for i in range(nh) for j in range(nw)], dim=0)
+
+
+def split_tiles(x, grid):
+    """(B, C, nh*h, nw*w) -> (nh*nw*B, C, h, w), tile-major: index (row * nw + col) * B + b."""
+    B, C, H, W = x.shape
+    nh, nw = grid
+    return x.reshape(B, C, nh, H // nh, nw, W // nw).permute(2, 4, 0, 1, 3, 5).reshape(nh * nw * B, C, H // nh, W // nw)
+
+
+def merge_tiles(x, grid):
+    """Inverse of split_tiles."""
+    N, C, h, w = x.shape
+    nh, nw = grid
+    return x.reshape(nh, nw, N // (nh * nw), C, h, w).permute(2, 3, 0, 4, 1, 5).reshape(N // (nh * nw), C, nh * h, nw * w)
+
+
+def materialized_forward(model, x, scales=None, img_sizes=None, max_split_size=None, split_mode="resize",
+                         resize_output_to_idx=0, num_prefix_token=0, output_shape="bnc", merge="concat",
+                         max_batch=None, fuse=True):
+    """Oracle: the engine as it was before tiles were cut lazily: every scale's tiles cut and stacked, the stack
+    run in calls of max_batch, every output kept, stitched, pooled and concatenated at the end."""
+    b, P = x.shape[0], num_prefix_token
+    plan = _plan(tuple(x.shape[-2:]), scales, img_sizes, max_split_size, split_mode)
+    tiles = [split_tiles(scale_image(x, sp, split_mode), sp.grid) for sp in plan.scales]
+
+    def call(t):
+        return model(t) if max_batch is None else torch.cat([model(p) for p in t.split(max_batch)])
+    if fuse and len({t.shape[1:] for t in tiles}) == 1:
+        outs = list(call(torch.cat(tiles)).split([t.shape[0] for t in tiles]))
+    else:
+        outs = [call(t) for t in tiles]
+    maps, prefixes = [], []
+    for sp, out in zip(plan.scales, outs):
+        if output_shape == "bnc":
+            if P:
+                prefixes.append(out[:, :P].reshape(sp.num_tiles, b, P, -1).mean(dim=0))
+            out = tokens_to_map(out[:, P:])
+        fmap = merge_tiles(out, sp.grid)
+        ch, cw = plan.feature_grid(plan.scales.index(sp), tuple(out.shape[-2:]))
+        maps.append(fmap[:, :, :ch, :cw])
+
+    def finish(m, p):
+        if output_shape == "bchw":
+            return m
+        t = m.flatten(2).transpose(1, 2)
+        return t if p is None else torch.cat([p, t], dim=1)
+    if merge == "none":
+        return [finish(m, prefixes[i] if prefixes else None) for i, m in enumerate(maps)]
+    size = tuple(maps[resize_output_to_idx].shape[-2:])
+    return finish(torch.cat([area_resize(m, size) for m in maps], dim=1), torch.cat(prefixes, -1) if prefixes else None)
+
+
+ORACLE_CASES = [  # (input hw, kwargs): direct writes, tile-by-tile pooling, whole-map pooling, crops, upsampling
+    ((16, 16), dict(scales=[1, 2, 3])),                                   # 2x2 tiles pool tile by tile, 3x3 too
+    ((16, 16), dict(scales=[1, 2], num_prefix_token=1)),
+    ((16, 16), dict(scales=[1, 2, 3], num_prefix_token=2, resize_output_to_idx=-1)),  # upsampling: whole maps
+    ((16, 16), dict(scales=[1, 2, 3], resize_output_to_idx=1)),           # 3x scale to 2x grid: non-integer ratio
+    ((16, 16), dict(scales=[1, 2, 3], output_shape="bchw")),
+    ((16, 16), dict(img_sizes=[16, 24], max_split_size=16)),               # tiles of 16 and 12: one stream per scale
+    ((16, 16), dict(img_sizes=[32, 16], max_split_size=16, num_prefix_token=1)),  # output grid from a later scale
+    ((32, 32), dict(img_sizes=[8, 16], max_split_size=8)),                 # 1x1 pooled tiles: whole-map pooling
+    ((24, 40), dict(img_sizes=[(16, 32), (32, 64)], max_split_size=16, split_mode="pad")),
+    ((24, 40), dict(img_sizes=[(20, 36), (40, 72)], max_split_size=16, split_mode="pad", num_prefix_token=1)),  # crops
+    ((24, 40), dict(img_sizes=[(20, 36), (40, 72)], max_split_size=16, split_mode="resize", num_prefix_token=2)),
+    ((20, 36), dict(scales=[1, 1.5], max_split_size=16, split_mode="pad", output_shape="bchw")),
+    ((16, 16), dict(scales=[1, 2], num_prefix_token=1, merge="none")),
+]
+
+
+@pytest.mark.parametrize("hw, kw", ORACLE_CASES)
+@pytest.mark.parametrize("max_batch", [None, 1, 2, 3, 5, 7, 1000])
+@pytest.mark.parametrize("fuse", [True, False])
+def test_lean_engine_equals_materialized_oracle(toy, hw, kw, max_batch, fuse):
+    """Tiles cut per call, outputs written into place and pooled as scales complete: exactly the numbers of
+    cutting everything, running the same calls, keeping every output and merging at the end (batch 2, so chunk
+    sizes 3, 5, 7 split a tile's images across calls and calls across scales)."""
+    m = toy(output_shape=kw.get("output_shape", "bnc"), num_prefix=kw.get("num_prefix_token", 0))
+    x = torch.randn(2, 3, *hw)
+    got = multiscale_forward(m, x, max_batch=max_batch, fuse=fuse, **kw)
+    m.calls.clear()
+    want = materialized_forward(m, x, max_batch=max_batch, fuse=fuse, **kw)
+    for g, w in zip(*([got, want] if isinstance(got, list) else [[got], [want]])):
+        assert g.shape == w.shape and torch.equal(g, w)
+
+
+def test_lean_engine_bf16_equals_oracle(toy):
+    m = toy(num_prefix=1)
+    m.weight, m.bias = m.weight.bfloat16(), m.bias.bfloat16()
+    x = torch.randn(3, 3, 16, 16).bfloat16()
+    for mb in (None, 3):
+        got = multiscale_forward(m, x, scales=[1, 2, 3], num_prefix_token=1, max_batch=mb)
+        assert got.dtype == torch.bfloat16 and torch.equal(got, materialized_forward(m, x, scales=[1, 2, 3],
+                                                                                     num_prefix_token=1, max_batch=mb))
 
 
 @pytest.mark.parametrize("grid", [(1, 1), (2, 2), (2, 3), (3, 1)])
