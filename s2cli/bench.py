@@ -18,7 +18,7 @@ from .backbones import Backbone
 from .config import Resolved
 from .errors import S2Error
 from .launch import resolve_device, resolve_precision
-from .pipeline import Extractor, Target, _dry_entry, plan_image, run
+from .pipeline import Extractor, Target, _dry_entry, plan_image, run, use_channels_last
 from .sources import Fit, Input, Sample, Unit, decode_sample
 from .tiling import multiscale_forward
 
@@ -74,9 +74,11 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _engine(res: Resolved, ex: Extractor, model: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[list[dict[str, Any]]], Any]:
+def _engine(res: Resolved, ex: Extractor, model: Callable[[torch.Tensor], torch.Tensor],
+            fuse: bool = True) -> Callable[[list[dict[str, Any]]], Any]:
     """The bare batched engine over decoded records: normalize on the device and `multiscale_forward` (for a
-    dynamic-resolution strategy, the Extractor's grouped strategy call), nothing copied back."""
+    dynamic-resolution strategy, the Extractor's grouped strategy call), nothing copied back. fuse=False is the
+    reference's per-scale loop (one backbone call per scale) on the same model."""
     u, bb = res.user, res.backbone
     if res.strategy is not None:
         return ex.strategy_features
@@ -89,7 +91,7 @@ def _engine(res: Resolved, ex: Extractor, model: Callable[[torch.Tensor], torch.
             model, x, img_sizes=plan_image(res, tuple(recs[0]["orig_hw"])).engine_sizes,
             max_split_size=res.max_split_size, split_mode=u.split_mode, resize_output_to_idx=u.resize_output_to_idx,
             num_prefix_token=bb.num_prefix_tokens, output_shape=bb.output_shape, antialias=u.antialias,
-            max_batch=u.max_tiles_per_call)
+            max_batch=u.max_tiles_per_call, fuse=fuse)
     return call
 
 
@@ -104,9 +106,10 @@ def _batches(recs: list[dict[str, Any]], size: int) -> list[list[dict[str, Any]]
     return out
 
 
-def bench(res: Resolved, samples: list[Sample], backbone: Backbone, spec: str) -> dict[str, Any]:
+def bench(res: Resolved, samples: list[Sample], backbone: Backbone, spec: str, reference: bool = False) -> dict[str, Any]:
     """Time `run` end to end over `samples` (after a warm-up batch, excluded) and the bare engine over the same
-    decoded images; count FLOPs of one image; measure the matmul ceiling; report stages and peak memory."""
+    decoded images; count FLOPs of one image; measure the matmul ceiling; report stages and peak memory. With
+    `reference`, also time the reference's per-scale loop on the same model and images (S² only)."""
     u = res.user
     device = resolve_device(u.device)
     dtype = resolve_precision(u.precision, device)
@@ -144,6 +147,16 @@ def bench(res: Resolved, samples: list[Sample], backbone: Backbone, spec: str) -
             engine(b)
         _sync(device)
         model_s = time.perf_counter() - t
+        reference_s = None
+        if reference and res.strategy is None:
+            loop = _engine(res, ex, backbone, fuse=False)
+            loop(batches[0])  # warm-up, excluded
+            _sync(device)
+            t = time.perf_counter()
+            for b in batches:
+                loop(b)
+            _sync(device)
+            reference_s = time.perf_counter() - t
         with flop_counter() as fc:  # on the eager forward: the counter sees every op
             _engine(res, ex, backbone.eager_forward)(recs[:1])
         flops = float(fc.get_total_flops())
@@ -154,11 +167,13 @@ def bench(res: Resolved, samples: list[Sample], backbone: Backbone, spec: str) -
     kib = 1024
     return {
         "model": u.model, "weights": backbone.weights, "device": str(device), "precision": u.precision,
-        "compile": u.compile, "input": spec, "images": n, "warmup_images": len(warm), "batch_size": u.batch_size,
+        "compile": u.compile, "decode": u.decode, "channels_last": use_channels_last(res), "input": spec, "images": n, "warmup_images": len(warm), "batch_size": u.batch_size,
         "workers": u.workers, "torch_threads": torch.get_num_threads(), "img_sizes": list(res.img_sizes),
         "e2e_seconds": summary["seconds"], "e2e_img_s": round(e2e_ips, 3),
         "model_only_seconds": round(model_s, 4), "model_only_img_s": round(model_ips, 3),
         "e2e_over_model_only": round(summary["seconds"] / model_s, 3),
+        "reference_loop_seconds": None if reference_s is None else round(reference_s, 4),
+        "reference_loop_img_s": None if reference_s is None else round(n / reference_s, 3),
         "flops_per_image": flops, "flops_per_image_formula": formula,
         "matmul_ceiling_flops_per_s": ceiling["flops_per_s"], "matmul": f"{ceiling['n']}^3 {ceiling['dtype']}",
         "mfu_e2e": flops * e2e_ips / ceiling["flops_per_s"], "mfu_model_only": flops * model_ips / ceiling["flops_per_s"],
@@ -167,3 +182,40 @@ def bench(res: Resolved, samples: list[Sample], backbone: Backbone, spec: str) -
         "peak_host_children_bytes": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * kib,
         "peak_gpu_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
     }
+
+
+def decode_compare(samples: list[Sample], fit: Fit, device: torch.device) -> dict[str, Any]:
+    """`--decode pil` vs `--decode torch` on the same JPEGs, in this process: ms per image of decode + fit on one
+    thread with Pillow (from the bytes) and with `devicepath.decode_batch` on `device` (one batch; after a
+    warm-up; the workers' read + header probe timed apart), and how far the torch pixels are from Pillow's: max
+    abs uint8 difference, fraction of values differing, mean abs difference. Images that fell back to Pillow
+    are counted, not compared."""
+    from .devicepath import decode_batch
+
+    pil_fit = Fit(fit.mode, fit.side, fit.mean)
+    dev_fit = dataclasses.replace(pil_fit, decode="torch")
+    t = time.perf_counter()
+    pil = [decode_sample(s, pil_fit) for s in samples]
+    pil_s = time.perf_counter() - t
+    decode_batch([decode_sample(s, dev_fit) for s in samples[:2]], dev_fit, device)  # warm-up (nvJPEG handles)
+    t = time.perf_counter()
+    raw = [decode_sample(s, dev_fit) for s in samples]
+    probe_s = time.perf_counter() - t
+    on_device = [i for i, r in enumerate(raw) if "jpeg" in r]
+    _sync(device)
+    t = time.perf_counter()
+    decode_batch([raw[i] for i in on_device], dev_fit, device)
+    _sync(device)
+    dev_s = time.perf_counter() - t
+    # compared: images the device decoded (not those it handed back to Pillow) that Pillow decoded too
+    same = [i for i in on_device if "pil-fallback" not in (raw[i]["meta"] or "") and pil[i]["error"] is None]
+    diffs = [(torch.from_numpy(pil[i]["image"]).to(torch.int16) - raw[i]["image"].cpu().to(torch.int16)).abs().flatten()
+             for i in same]
+    d = torch.cat(diffs) if diffs else torch.zeros(0, dtype=torch.int16)
+    n = len(samples)
+    return {"device": str(device), "images": n, "fallback": n - len(same), "compared": len(same),
+            "pil_ms_per_image": 1e3 * pil_s / n, "torch_ms_per_image": 1e3 * dev_s / max(1, len(on_device)),
+            "probe_ms_per_image": 1e3 * probe_s / n,
+            "max_abs_diff": int(d.max()) if d.numel() else None,
+            "frac_differing": float((d != 0).float().mean()) if d.numel() else None,
+            "mean_abs_diff": float(d.float().mean()) if d.numel() else None}

@@ -64,7 +64,7 @@ class ExtractConfig:
     decode_timeout: float = 120.0
     check_finite: bool = True
     compile: bool = False  # torch.compile the backbone (dynamic=False); changes speed, not what is written
-    channels_last: bool | None = None  # NHWC weights and inputs; None: on for bchw backbones on CUDA (speed only)
+    channels_last: bool | None = None  # NHWC weights and inputs; None: on for bchw backbones (speed only)
     decode: str = "pil"  # pil: Pillow in the decode workers | torch: torchvision on the run's device (S² only)
     recipe: str | None = None
     # dynamic-resolution strategies (strategies.py); None = the strategy's own default
