@@ -76,3 +76,19 @@ def test_compile_is_wired_and_recorded(tmp_path):
     Extractor(res, bb, torch.device("cpu"), torch.float32)
     assert bb.compiled and bb.eager_forward is eager and bb._fn is not eager
     assert dict(res.user.provenance)["compile"] == "flag" and '"compile": true' in res.to_json()
+
+
+def test_bench_gpu_script_smoke_runs_on_the_cpu():
+    """benchmarks/bench_gpu.py, the one command a GPU session runs, in --smoke (tiny models, 4 small images, CPU):
+    its correctness checks pass and it prints the table last."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parent.parent / "benchmarks" / "bench_gpu.py"
+    r = subprocess.run([sys.executable, str(script), "--smoke", "--device", "cpu"], capture_output=True, text=True, timeout=170)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = r.stdout
+    assert "| P1 bf16 vs fp32 |" in out and "| P2 bf16 --decode torch vs fp32 pil |" in out and "| NO |" not in out
+    assert "| P1 llava-1.5-s2, bf16, eager | 4 |" in out and "--decode torch | 4 |" in out
+    assert out.rstrip().splitlines()[-1].startswith("| S² 1,2,3, --max-tiles-per-call 32 |")
