@@ -47,14 +47,13 @@ class Transfer:
         """uint8 (B, 3, H, W), or a list of (3, H, W), on the host or already on the device -> one (B, 3, H, W)
         tensor on the device, usable on the current stream."""
         if not isinstance(images, torch.Tensor):
-            if all(t.device == self.device for t in images):
-                return torch.stack(list(images))
-            if not self.cuda:
-                return torch.stack([t.cpu() for t in images])
+            on = [self._here(t) for t in images]
+            if not self.cuda or any(on):  # (a --decode torch batch may hold a few Pillow fallbacks from the host)
+                return torch.stack([t if o else t.to(self.device) for t, o in zip(images, on)])
             first = images[0]
             host = torch.empty((len(images), *first.shape), dtype=first.dtype, pin_memory=True)
-            torch.stack([t.cpu() for t in images], out=host)
-        elif images.device == self.device or not self.cuda:
+            torch.stack(list(images), out=host)
+        elif self._here(images) or not self.cuda:
             return images.to(self.device)
         else:
             host = images if images.is_pinned() else images.pin_memory()
@@ -64,6 +63,10 @@ class Transfer:
         compute.wait_stream(self.copy_stream)
         x.record_stream(compute)
         return x
+
+    def _here(self, t: torch.Tensor) -> bool:
+        d = t.device
+        return d.type == self.device.type and (self.device.index is None or d.index in (None, self.device.index))
 
     def to_host(self, *tensors: torch.Tensor | None, on_wait: Any = None) -> Pending:
         """Device tensors (or None) -> a Pending of host tensors. CUDA: non-blocking copies into pinned buffers on
