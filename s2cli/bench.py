@@ -25,7 +25,7 @@ from .backbones import Backbone
 from .config import Resolved
 from .errors import S2Error
 from .launch import resolve_device, resolve_precision
-from .pipeline import Extractor, Target, _dry_entry, plan_image, run
+from .pipeline import Extractor, Target, _dry_entry, plan_image, run, use_channels_last
 from .sources import Fit, Input, Sample, Unit, decode_nice, decode_sample
 from .tiling import multiscale_forward, plan_multiscale, resize_image
 
@@ -321,7 +321,8 @@ def bench(res: Resolved, samples: list[Sample], backbone: Backbone, spec: str) -
     kib = 1024
     return {
         "model": u.model, "weights": backbone.weights, "device": str(device), "precision": u.precision,
-        "compile": u.compile, "compile_cache": summary.get("compile_cache"), "input": spec, "images": n, "warmup_images": len(warm), "batch_size": u.batch_size,
+        "compile": u.compile, "compile_cache": summary.get("compile_cache"), "decode": u.decode,
+        "channels_last": use_channels_last(res), "input": spec, "images": n, "warmup_images": len(warm), "batch_size": u.batch_size,
         "workers": u.workers, "decode_nice": decode_nice() if u.workers else None,
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "torch_threads": torch.get_num_threads(), "img_sizes": list(res.img_sizes),
         "e2e_seconds": summary["seconds"], "e2e_img_s": round(e2e_ips, 3),
@@ -340,3 +341,40 @@ def bench(res: Resolved, samples: list[Sample], backbone: Backbone, spec: str) -
         "peak_host_children_bytes": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * kib,
         "peak_gpu_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
     }
+
+
+def decode_compare(samples: list[Sample], fit: Fit, device: torch.device) -> dict[str, Any]:
+    """`--decode pil` vs `--decode torch` on the same JPEGs, in this process: ms per image of decode + fit on one
+    thread with Pillow (from the bytes) and with `devicepath.decode_batch` on `device` (one batch; after a
+    warm-up; the workers' read + header probe timed apart), and how far the torch pixels are from Pillow's: max
+    abs uint8 difference, fraction of values differing, mean abs difference. Images that fell back to Pillow
+    are counted, not compared."""
+    from .devicepath import decode_batch
+
+    pil_fit = Fit(fit.mode, fit.side, fit.mean)
+    dev_fit = dataclasses.replace(pil_fit, decode="torch")
+    t = time.perf_counter()
+    pil = [decode_sample(s, pil_fit) for s in samples]
+    pil_s = time.perf_counter() - t
+    decode_batch([decode_sample(s, dev_fit) for s in samples[:2]], dev_fit, device)  # warm-up (nvJPEG handles)
+    t = time.perf_counter()
+    raw = [decode_sample(s, dev_fit) for s in samples]
+    probe_s = time.perf_counter() - t
+    on_device = [i for i, r in enumerate(raw) if "jpeg" in r]
+    _sync(device)
+    t = time.perf_counter()
+    decode_batch([raw[i] for i in on_device], dev_fit, device)
+    _sync(device)
+    dev_s = time.perf_counter() - t
+    # compared: images the device decoded (not those it handed back to Pillow) that Pillow decoded too
+    same = [i for i in on_device if "pil-fallback" not in (raw[i]["meta"] or "") and pil[i]["error"] is None]
+    diffs = [(torch.from_numpy(pil[i]["image"]).to(torch.int16) - raw[i]["image"].cpu().to(torch.int16)).abs().flatten()
+             for i in same]
+    d = torch.cat(diffs) if diffs else torch.zeros(0, dtype=torch.int16)
+    n = len(samples)
+    return {"device": str(device), "images": n, "fallback": n - len(same), "compared": len(same),
+            "pil_ms_per_image": 1e3 * pil_s / n, "torch_ms_per_image": 1e3 * dev_s / max(1, len(on_device)),
+            "probe_ms_per_image": 1e3 * probe_s / n,
+            "max_abs_diff": int(d.max()) if d.numel() else None,
+            "frac_differing": float((d != 0).float().mean()) if d.numel() else None,
+            "mean_abs_diff": float(d.float().mean()) if d.numel() else None}

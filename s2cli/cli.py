@@ -92,6 +92,8 @@ def extract(
     decode_timeout: Annotated[Optional[float], typer.Option("--decode-timeout", help="Seconds before a stalled decode is recorded as failed. [default: 120]")] = None,
     check_finite: Annotated[Optional[bool], typer.Option("--check-finite/--no-check-finite", help="Record images whose features hold NaN/Inf instead of storing them. [default: check]")] = None,
     compile: Annotated[Optional[bool], typer.Option("--compile/--no-compile", help="torch.compile the backbone (dynamic=False; the first batch of each tile size compiles). [default: off]")] = None,
+    channels_last: Annotated[Optional[bool], typer.Option("--channels-last/--no-channels-last", help="channels_last (NHWC) weights and inputs. [default: on for ConvNets (bchw), off for ViTs]")] = None,
+    decode: Annotated[Optional[str], typer.Option("--decode", help="pil (Pillow in the workers) | torch (JPEGs decoded and fitted on the device: nvJPEG on CUDA; not bit-identical to Pillow; S² only). [default: pil]")] = None,
     strategy: Annotated[Optional[str], typer.Option(help="s2 | dynamic-s2 | anyres | internvl | native | dual. [default: s2]")] = None,
     min_tiles: Annotated[Optional[int], typer.Option("--min-tiles", help="internvl: fewest tiles. [default: 1]")] = None,
     max_tiles: Annotated[Optional[int], typer.Option("--max-tiles", help="internvl, dynamic-s2: most tiles (of the last scale). [default: 12]")] = None,
@@ -130,7 +132,7 @@ def extract(
             max_tiles_per_call=max_tiles_per_call, device=device, precision=precision, dtype=dtype, limit=limit,
             input_format=input_format, image_key=image_key, format=format, shard_size=shard_size, pool=pool,
             pool_only=pool_only, on_error=on_error, max_failures=max_failures, decode_timeout=decode_timeout,
-            check_finite=check_finite, compile=compile,
+            check_finite=check_finite, compile=compile, channels_last=channels_last, decode=decode,
             strategy=strategy, min_tiles=min_tiles, max_tiles=max_tiles, thumbnail=thumbnail,
             grid_pinpoints=grid_pinpoints, anyres_max=anyres_max, min_pixels=min_pixels, max_pixels=max_pixels)
         res = resolve_config(cfg, resolve(cfg.model, layer=cfg.layer, keep_cls=cfg.keep_cls))
@@ -179,7 +181,8 @@ def extract(
 # `s2 bench` takes these options of `s2 extract` as they are declared there (names, help, defaults)
 _BENCH_OPTIONS = ("recipe", "model", "weights", "random_init", "seed", "layer", "keep_cls", "scales", "img_sizes",
                   "max_split_size", "split_mode", "resize_output_to_idx", "fit", "antialias", "batch_size", "workers",
-                  "max_tiles_per_call", "device", "precision", "dtype", "pool", "pool_only", "compile", "input_format",
+                  "max_tiles_per_call", "device", "precision", "dtype", "pool", "pool_only", "compile", "channels_last",
+                  "decode", "input_format",
                   "image_key", "strategy", "min_tiles", "max_tiles", "thumbnail", "grid_pinpoints", "anyres_max",
                   "min_pixels", "max_pixels")
 

@@ -13,7 +13,7 @@ from typing import Any
 from .backbones import BackboneCfg
 from .errors import ConfigError
 from .sinks import FORMATS, format_of
-from .sources import FITS, INPUT_FORMATS
+from .sources import DECODES, FITS, INPUT_FORMATS
 from .strategies import StrategyArgs, StrategyCfg, parse_pinpoints, resolve_strategy
 from .tiling import SPLIT_MODES
 
@@ -24,7 +24,7 @@ ON_ERROR = ("skip", "stop")
 SHARD_BYTES = 1 << 30  # default shard size aims at ~1 GiB files
 # settings that only decide how fast a run goes, not what it writes: a resumed run may change them
 RUN_ONLY = ("batch_size", "workers", "device", "max_tiles_per_call", "on_error", "max_failures", "decode_timeout",
-            "check_finite", "compile")
+            "check_finite", "compile", "channels_last")
 
 
 @dataclass(frozen=True)
@@ -64,6 +64,8 @@ class ExtractConfig:
     decode_timeout: float = 120.0
     check_finite: bool = True
     compile: bool = False  # torch.compile the backbone (dynamic=False); changes speed, not what is written
+    channels_last: bool | None = None  # NHWC weights and inputs; None: on for bchw backbones (speed only)
+    decode: str = "pil"  # pil: Pillow in the decode workers | torch: torchvision on the run's device (S² only)
     recipe: str | None = None
     # dynamic-resolution strategies (strategies.py); None = the strategy's own default
     strategy: str = "s2"
@@ -196,7 +198,8 @@ class Resolved:
             "shard_size": self.shard_size, "pool": self.user.pool, "pool_only": self.user.pool_only,
             "on_error": self.user.on_error, "max_failures": self.user.max_failures,
             "decode_timeout": self.user.decode_timeout, "check_finite": self.user.check_finite,
-            "compile": self.user.compile,
+            "compile": self.user.compile, "channels_last": self.user.channels_last,
+            **({"decode": self.user.decode} if self.user.decode != "pil" else {}),  # older outputs resume as pil
             "recipe": self.user.recipe, "set_by": dict(self.user.provenance),
             **({"strategy": self.strategy.to_dict()} if self.strategy is not None else {}),
         }
@@ -269,6 +272,11 @@ def resolve_config(cfg: ExtractConfig, backbone: BackboneCfg) -> Resolved:
     _choice("pool", cfg.pool, POOLS)
     _choice("on-error", cfg.on_error, ON_ERROR)
     _choice("input-format", cfg.input_format, INPUT_FORMATS)
+    _choice("decode", cfg.decode, DECODES)
+    if cfg.decode == "torch" and cfg.strategy not in (None, "s2"):
+        raise ConfigError("--decode torch decodes and fits for the S² engine only; the strategies render their views "
+                          "with Pillow in the decode workers", given=f"--decode torch --strategy {cfg.strategy}",
+                          expected="--decode pil with --strategy", fix="drop --decode torch (or --strategy)")
     if cfg.pool == "cls" and backbone.num_prefix_tokens == 0:
         raise ConfigError("--pool cls needs a prefix token, and this model keeps none", given=cfg.model,
                           fix="use --pool mean, or --keep-cls for CLIP")

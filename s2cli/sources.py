@@ -33,6 +33,7 @@ def printable(text: str) -> str:
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 FITS = ("crop", "squash", "pad", "keep")
+DECODES = ("pil", "torch")
 INPUT_FORMATS = ("auto", "folder", "list", "wds")
 DEFAULT_IMAGE_KEY = "jpg;jpeg;png;webp"
 
@@ -425,14 +426,19 @@ class Fit:
     side: int
     mean: tuple[float, float, float]
     strategy: Any = None  # a StrategyCfg: the image is rendered into the strategy's views instead (render_views)
+    decode: str = "pil"  # "torch": workers only read and probe (read_for_device); the main thread decodes
 
     def __post_init__(self) -> None:
         if self.mode not in FITS:
             raise ConfigError("fit is not known", given=self.mode, expected=" | ".join(FITS), fix="use --fit crop")
+        if self.decode not in DECODES:
+            raise ConfigError("--decode is not known", given=self.decode, expected=" | ".join(DECODES), fix="use --decode pil")
 
 
 def decode_sample(sample: Sample, fit: Fit) -> dict[str, Any]:
     """Sample -> record with `image` (3, H, W) uint8 and `orig_hw`, or `error` (a failure record)."""
+    if fit.decode == "torch" and fit.strategy is None:
+        return read_for_device(sample, fit)
     rec: dict[str, Any] = {"key": sample.key, "source": printable(sample.source), "meta": sample.meta, "image": None,
                            "orig_hw": None, "error": None}
     stage = "read"
@@ -459,6 +465,68 @@ def decode_sample(sample: Sample, fit: Fit) -> dict[str, Any]:
     except Exception as e:  # recorded per sample; the run goes on (plain dict: it crosses process borders)
         rec["error"] = failure(sample, stage, e)
     return rec
+
+
+def with_decode_note(meta: str | None, note: dict[str, Any]) -> str:
+    """`meta` (JSON text or None) with `note` merged into its `decode` entry."""
+    m = json.loads(meta) if meta else {}
+    m["decode"] = {**m.get("decode", {}), **note}
+    return json.dumps(m)
+
+
+def probe_jpeg(data: bytes) -> tuple[dict[str, Any] | None, str | None]:
+    """From the header alone: whether the device decoder (torchvision decode_jpeg) takes these bytes. Returns
+    ({stored_hw, orientation, mode}, None) for an 8-bit RGB or grayscale JPEG (baseline or progressive) that ends
+    with its end-of-image marker and is within Pillow's decompression-bomb limit; else (None, the reason)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            im = Image.open(io.BytesIO(data))
+        with im:
+            fmt, mode, (w, h) = im.format, im.mode, im.size
+            try:
+                orientation = int(im.getexif().get(0x0112, 1))
+            except Exception:
+                orientation = 1
+    except Exception as e:
+        return None, f"header not readable ({type(e).__name__})"
+    if fmt != "JPEG":
+        return None, f"{fmt or 'unknown'} image, not a JPEG"
+    if mode not in ("RGB", "L"):
+        return None, f"JPEG in mode {mode}"
+    if not data.rstrip(b"\0").endswith(b"\xff\xd9"):
+        return None, "no JPEG end-of-image marker (truncated, or data after the image)"
+    return {"stored_hw": (h, w), "orientation": orientation if 1 <= orientation <= 8 else 1, "mode": mode}, None
+
+
+def read_for_device(sample: Sample, fit: Fit) -> dict[str, Any]:
+    """`--decode torch`, in the decode worker: read the bytes and probe the header (`probe_jpeg`). A JPEG the
+    device decoder takes travels as bytes (`jpeg`, with `stored_hw`, `orientation`; `orig_hw` upright) and is
+    decoded and fitted by the main thread on the run's device (`devicepath.decode_batch`); anything else is
+    decoded here with Pillow exactly as `--decode pil` does, its meta.decode saying path "pil-fallback" and why.
+    A read failure is the same record as with Pillow."""
+    t0 = time.perf_counter()
+    pil = Fit(fit.mode, fit.side, fit.mean)
+    try:
+        with _read(sample) as fh:
+            data = fh.read()
+    except Exception:
+        return decode_sample(sample, pil)  # the same failure record as the pil path
+    t1 = time.perf_counter()
+    info, reason = probe_jpeg(data)
+    if info is None:
+        rec = decode_sample(Sample(sample.key, sample.source, data=data, meta=sample.meta), pil)
+        if rec["error"] is None:
+            rec["meta"] = with_decode_note(rec["meta"], {"path": "pil-fallback", "reason": reason})
+            rec["seconds"] = (t1 - t0, *rec["seconds"][1:])
+        return rec
+    h, w = info["stored_hw"]
+    meta = sample.meta if info["mode"] == "RGB" else with_decode_note(sample.meta, {"mode": info["mode"]})
+    return {"key": sample.key, "source": printable(sample.source), "meta": meta, "source_meta": sample.meta,
+            "image": None, "error": None, "jpeg": np.frombuffer(bytearray(data), dtype=np.uint8),
+            "stored_hw": info["stored_hw"], "orientation": info["orientation"],
+            "orig_hw": (w, h) if info["orientation"] in (5, 6, 7, 8) else (h, w),
+            "seconds": (t1 - t0, time.perf_counter() - t1, 0.0)}
 
 
 DECODE_NICE = 0  # niceness added to decode workers (S2CLI_DECODE_NICE overrides)

@@ -175,3 +175,20 @@ def test_chunked_s2_memory_is_below_unchunked_and_reference(vit_l_memory):
                                        "of scale 2 are held beside the single-scale working set); see README Measured")
 def test_chunked_s2_memory_within_1_2x_of_single_scale(vit_l_memory):
     assert vit_l_memory["s2_chunked"]["vs_single_scale"] <= 1.2
+
+
+def test_bench_gpu_script_smoke_runs_on_the_cpu():
+    """benchmarks/bench_gpu.py, the one command a GPU session runs, in --smoke (tiny models, 4 small images, CPU):
+    its correctness checks pass and it prints the table last."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parent.parent / "benchmarks" / "bench_gpu.py"
+    r = subprocess.run([sys.executable, str(script), "--smoke", "--device", "cpu"], capture_output=True, text=True, timeout=170)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = r.stdout
+    assert "| P1 bf16 vs fp32 |" in out and "| P2 bf16 --decode torch vs fp32 pil |" in out and "| NO |" not in out
+    assert "| P1 llava-1.5-s2, bf16, eager | 4 |" in out and "--decode torch | 4 |" in out
+    assert "| single_scale | " in out and "| s2_chunked | " in out
+    assert out.rstrip().splitlines()[-1].startswith("| reference_split_forward | ")

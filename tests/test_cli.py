@@ -249,14 +249,14 @@ def test_model_stage_failure_isolates_the_bad_image(cli, tmp_path, image_dir, mo
     clean = tmp_path / "clean.h5"
     invoke_json(cli, "extract", image_dir, "--random-init", "-o", clean, "-j", 0, "-b", 4, "--json")
     Image.new("RGB", (20, 20), (7, 7, 7)).save(image_dir / "poison.png")
-    original = pipeline.Extractor.features
+    original = pipeline.Extractor.submit
 
-    def features(self, images, sizes):
-        if (images == 7).flatten(1).all(dim=1).any():
+    def submit(self, images, sizes):
+        if (torch.stack(list(images)) == 7).flatten(1).all(dim=1).any():
             raise RuntimeError("CUDA error: an illegal memory access was encountered")
         return original(self, images, sizes)
 
-    monkeypatch.setattr(pipeline.Extractor, "features", features)
+    monkeypatch.setattr(pipeline.Extractor, "submit", submit)
     out = tmp_path / "dirty.h5"
     summary = invoke_json(cli, "extract", image_dir, "--random-init", "-o", out, "-j", 0, "-b", 5, "--json")
     assert summary["num_images"] == 4 and summary["num_failed"] == 1

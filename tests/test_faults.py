@@ -325,18 +325,20 @@ def test_non_finite_features_are_recorded_not_stored(cli, tmp_path, monkeypatch)
     d = tmp_path / "in"
     goods(d)
     save_png(d / "black.png", np.zeros((40, 40, 3), np.uint8))
-    features = pipeline.Extractor.features
+    from s2cli.devicepath import Pending
+
+    submit = pipeline.Extractor.submit
 
     def overflow_on_black(self, images, sizes):  # what an fp16 overflow looks like, for the black image only
-        feats, pooled = features(self, images, sizes)
+        feats, pooled = submit(self, images, sizes).result()
         feats = feats.clone()
         for i in range(len(images)):
             if int(images[i].max()) == 0:
                 feats[i, 0, 0] = float("inf")
                 feats[i, 1, 0] = float("nan")
-        return feats, pooled
+        return Pending((feats, pooled))
 
-    monkeypatch.setattr(pipeline.Extractor, "features", overflow_on_black)
+    monkeypatch.setattr(pipeline.Extractor, "submit", overflow_on_black)
     run_ok(cli, d, tmp_path / "o.h5", "-j", 0, "-b", 3)
     with open_features(tmp_path / "o.h5") as ff:
         assert list(ff) == ["good1", "good2"]
@@ -378,7 +380,7 @@ def after(obj, name):
     setattr(obj, name, wrapped)
 
 {"load": lambda: before(backbones, "load_backbone"),         # during model load
- "mid-batch": lambda: after(pipeline.Extractor, "features"), # features computed, not yet written
+ "mid-batch": lambda: after(pipeline.Extractor, "submit"),   # features computed, not yet written
  "writing": lambda: before(sinks, "_fsync_rename"),          # a complete shard not yet renamed into place
  "between": lambda: after(sinks.OutputDir, "commit"),        # a shard and its marker done, the next not begun
  "end": lambda: before(sinks.OutputDir, "write_manifest"),   # every shard done, the manifest not written
