@@ -22,6 +22,7 @@ from s2cli import multiscale_forward
 from s2cli.backbones import load_backbone, resolve
 from s2cli.bench import reference_forward
 from s2cli.config import ExtractConfig, resolve_config
+from s2cli.pipeline import use_channels_last
 from s2cli.sources import Fit, decode_sample, scan_folder
 
 ROOT = Path(__file__).parent.parent
@@ -39,6 +40,9 @@ cfg = resolve_config(ExtractConfig(input=args.input, model=args.model, scales=sc
                      resolve(args.model))
 samples = scan_folder(args.input)
 bb = load_backbone(cfg.backbone, random_init=random_init)
+nhwc = use_channels_last(cfg)  # as `s2 extract` does by default (on for ConvNets), so both sides run the same kernels
+if nhwc:
+    bb.channels_last()
 fit = Fit(cfg.fit, cfg.side, cfg.backbone.mean)
 images = torch.stack([torch.from_numpy(decode_sample(s, fit)["image"]) for s in samples])
 mean = torch.tensor(cfg.backbone.mean).view(1, 3, 1, 1)
@@ -74,7 +78,7 @@ with tempfile.TemporaryDirectory() as tmp:
         e2e.append(json.loads(r.stdout)["seconds"])
 e2e_s = min(e2e[1:])
 n = len(samples)
-print(f"# {args.model}, scales {args.scales}, {n} images, batch {args.batch_size}; torch {torch.__version__}, "
+print(f"# {args.model}, scales {args.scales}, {n} images, batch {args.batch_size}, channels_last {nhwc}; torch {torch.__version__}, "
       f"{os.cpu_count()} CPUs, {platform.machine()}, {time.strftime('%Y-%m-%d')}")
 print("| variant | seconds | img/s | vs bare fused engine |")
 print("|---|---|---|---|")
