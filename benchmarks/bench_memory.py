@@ -19,7 +19,8 @@ import time
 import timm
 import torch
 
-from s2cli.bench import memory_figures
+from s2cli.bench import memory_figures, peak_memory
+from s2cli.pipeline import normalize_images
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--batch", type=int, default=32)
@@ -41,6 +42,21 @@ for title, name, side, dtype, device, batch in runs:
     r = memory_figures(model.forward_features, x, [*model.parameters(), *model.buffers()], torch.device(device),
                        img_sizes=[side, 2 * side, 3 * side], max_split_size=side, split_mode="resize",
                        resize_output_to_idx=0, num_prefix_token=1, output_shape="bnc", antialias=False)
+    # what `s2 extract` does before the forward: the uint8 batch at the largest scale's fit -> normalized, in the
+    # compute dtype (s2cli.pipeline.normalize_images), with the weights held; and the out-of-place way it replaced
+    with torch.device(device):
+        u8 = torch.empty(batch, 3, 3 * side, 3 * side, dtype=torch.uint8)
+        mean, std = torch.zeros(3, 1, 1), torch.ones(3, 1, 1)
+    held = [*model.parameters(), *model.buffers(), u8]
+    r["preprocess (normalize_images)"] = peak_memory(lambda: normalize_images(u8, mean, std, dtype), held)
+
+    def before() -> torch.Tensor:  # the Extractor's code before normalize_images, line for line
+        x = u8.float().div_(255)
+        return ((x - mean) / std).to(dtype)
+
+    r["preprocess, out of place (before)"] = peak_memory(before, held)
+    for k in ("preprocess (normalize_images)", "preprocess, out of place (before)"):
+        r[k]["vs_single_scale"] = r[k]["peak"] / r["single_scale"]["peak"]
     for variant, m in r.items():
         print(f"| {title} | {batch} | {variant} | {m['held'] / 2 ** 20:.1f} | {m['working'] / 2 ** 20:.1f} | "
               f"{m['peak'] / 2 ** 20:.1f} | {m['vs_single_scale']:.2f}x |")

@@ -215,8 +215,7 @@ def _engine(res: Resolved, ex: Extractor, model: Callable[[torch.Tensor], torch.
 
 
 def _normalized(ex: Extractor, recs: list[dict[str, Any]]) -> torch.Tensor:
-    x = torch.stack([r["image"] for r in recs]).to(ex.device).float().div_(255)
-    return ((x - ex.mean) / ex.std).to(ex.dtype)
+    return ex.normalize(torch.stack([r["image"] for r in recs]).to(ex.device))
 
 
 def memory_figures(model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, weights: Any = (),

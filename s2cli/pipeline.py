@@ -132,6 +132,16 @@ def use_channels_last(res: Resolved) -> bool:
     return res.backbone.output_shape == "bchw"
 
 
+def normalize_images(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """uint8 (3, H, W) or (B, 3, H, W) -> (x / 255 - mean) / std in `dtype` (mean, std shaped (3, 1, 1)). One
+    float copy, then in place: out of place, (x - mean) / std held three float copies at once, which at the largest
+    scale (32 x 3 x 1008 x 1008) was the batch's peak (benchmarks/bench_memory.py). The same operations in the same
+    order, so the same values."""
+    x = images.to(torch.float32, copy=True).div_(255)  # a copy even if given floats: never the caller's tensor
+    x.sub_(mean).div_(std)
+    return x.to(dtype)
+
+
 class Extractor:
     """Holds the loaded backbone on its device; `submit(images)` starts the engine on fitted uint8 images (the
     copies to and from the device do not block on CUDA), `features(images)` waits for the result."""
@@ -141,8 +151,8 @@ class Extractor:
 
         self.res, self.backbone, self.device, self.dtype = res, backbone, device, dtype
         bb = res.backbone
-        self.mean = torch.tensor(bb.mean, device=device).view(1, 3, 1, 1)
-        self.std = torch.tensor(bb.std, device=device).view(1, 3, 1, 1)
+        self.mean = torch.tensor(bb.mean, device=device).view(3, 1, 1)  # broadcasts over (3, H, W) and (B, 3, H, W)
+        self.std = torch.tensor(bb.std, device=device).view(3, 1, 1)
         self.out_dtype = torch.float16 if res.user.dtype == "float16" else torch.float32
         # stage timing, host seconds: normalize on the device; engine + copy back (+ waiting for it on CUDA)
         self.seconds = {"preprocess": 0.0, "forward": 0.0}
@@ -152,6 +162,9 @@ class Extractor:
             backbone.channels_last()
         if res.user.compile:
             backbone.compile()
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        return normalize_images(images, self.mean, self.std, self.dtype)
 
     def _waited(self, s: float) -> None:
         self.seconds["forward"] += s
@@ -164,8 +177,7 @@ class Extractor:
         buffers, so this returns while the GPU computes."""
         bb, u = self.res.backbone, self.res.user
         t0 = time.perf_counter()
-        x = self.transfer.to_device(images).float().div_(255)
-        x = ((x - self.mean) / self.std).to(self.dtype)
+        x = self.normalize(self.transfer.to_device(images))
         t1 = time.perf_counter()
         out = multiscale_forward(
             self.backbone, x, img_sizes=engine_sizes, max_split_size=self.res.max_split_size,
@@ -199,7 +211,7 @@ class Extractor:
         plans = [plan_strategy_image(self.res, tuple(r["orig_hw"])) for r in recs]
         inputs = []
         for (plan, _), r in zip(plans, recs):
-            pix = [((a.to(self.device).float().div_(255) - self.mean[0]) / self.std[0]).to(self.dtype) for a in r["image"]]
+            pix = [self.normalize(a.to(self.device)) for a in r["image"]]
             inputs += [cut_view(pix[0 if plan.same_source else i], v) for i, v in enumerate(plan.views)]
         t1 = time.perf_counter()
         outs = iter(grouped_calls(self.backbone, inputs, u.max_tiles_per_call))

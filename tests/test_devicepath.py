@@ -16,7 +16,7 @@ from conftest import invoke_json, write_image
 from s2cli import multiscale_forward, open_features
 from s2cli.backbones import load_backbone, resolve
 from s2cli.bench import decode_compare, synthetic_jpegs
-from s2cli.config import build_config, resolve_config
+from s2cli.config import ExtractConfig, build_config, resolve_config
 from s2cli.devicepath import Transfer, decode_batch, fit_tensor, orient
 from s2cli.pipeline import Extractor, plan_image, use_channels_last
 from s2cli.sources import Fit, Sample, decode_sample, fit_image, probe_jpeg, to_uint8_array
@@ -307,3 +307,25 @@ def test_cuda_channels_last_matches(tmp_path):
         a = multiscale_forward(plain, x, img_sizes=[224, 448], max_split_size=224, output_shape="bchw")
         b = multiscale_forward(nhwc, x, img_sizes=[224, 448], max_split_size=224, output_shape="bchw")
     torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3 * float(a.abs().max()))
+
+
+def test_normalize_makes_one_float_copy_and_the_same_values():
+    """Extractor.normalize: the values of (x / 255 - mean) / std computed out of place, and at most the uint8
+    input plus one float copy alive at once (LiveTensorBytes), for a batch and for a single image."""
+    from s2cli.bench import peak_memory
+    from s2cli.pipeline import Extractor
+
+    res = resolve_config(ExtractConfig(input="x", output="o.h5", model="timm:test_vit", random_init=True),
+                         resolve("timm:test_vit"))
+    ex = Extractor(res, load_backbone(res.backbone, random_init=True), torch.device("cpu"), torch.float32)
+    g = torch.Generator().manual_seed(0)
+    for shape in ((4, 3, 96, 80), (3, 64, 48)):
+        u8 = torch.randint(0, 256, shape, dtype=torch.uint8, generator=g)
+        want = (u8.float() / 255 - ex.mean) / ex.std
+        assert torch.equal(ex.normalize(u8), want)
+        mem = peak_memory(lambda: ex.normalize(u8), held=[u8])
+        assert mem["working"] == u8.numel() * 4, mem  # one float32 copy (the result), nothing beside it
+    f = torch.rand(1, 3, 8, 8) * 255
+    before = f.clone()
+    ex.normalize(f)
+    assert torch.equal(f, before)  # a float input is not modified in place
