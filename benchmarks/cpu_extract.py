@@ -2,7 +2,7 @@
 and the fused all-scales call vs the reference's per-scale loop (`s2cli.bench.reference_forward`). Prints a
 markdown table.
 
-    python benchmarks/cpu_extract.py [--model efficientnet-lite0] [--scales 1,2] [--repeat 3]
+    python benchmarks/cpu_extract.py [--model efficientnet-lite0] [--scales 1,2] [--repeat 3] [--no-channels-last]
 """
 from __future__ import annotations
 
@@ -32,6 +32,7 @@ ap.add_argument("--scales", default="1,2")
 ap.add_argument("--input", default=str(ROOT / "examples" / "images"))
 ap.add_argument("--repeat", type=int, default=3)
 ap.add_argument("--batch-size", type=int, default=8)
+ap.add_argument("--no-channels-last", action="store_true", help="both sides without channels_last (to compare)")
 args = ap.parse_args()
 scales = tuple(float(s) for s in args.scales.split(","))
 random_init = args.model != "efficientnet-lite0"
@@ -40,7 +41,7 @@ cfg = resolve_config(ExtractConfig(input=args.input, model=args.model, scales=sc
                      resolve(args.model))
 samples = scan_folder(args.input)
 bb = load_backbone(cfg.backbone, random_init=random_init)
-nhwc = use_channels_last(cfg)  # as `s2 extract` does by default (on for ConvNets), so both sides run the same kernels
+nhwc = use_channels_last(cfg) and not args.no_channels_last  # as `s2 extract` does, so both sides run the same kernels
 if nhwc:
     bb.channels_last()
 fit = Fit(cfg.fit, cfg.side, cfg.backbone.mean)
@@ -71,7 +72,8 @@ e2e = []
 with tempfile.TemporaryDirectory() as tmp:
     for i in range(args.repeat + 1):
         cmd = [sys.executable, "-m", "s2cli", "extract", args.input, "-m", args.model, "--scales", args.scales,
-               "-o", f"{tmp}/o{i}.h5", "-b", str(args.batch_size), "-j", "2", "--json", "-q"]
+               "-o", f"{tmp}/o{i}.h5", "-b", str(args.batch_size), "-j", "2", "--json", "-q",
+               "--channels-last" if nhwc else "--no-channels-last"]
         if random_init:
             cmd.append("--random-init")
         r = subprocess.run(cmd, capture_output=True, text=True, check=True)
