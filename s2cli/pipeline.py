@@ -126,7 +126,7 @@ def file_attrs(res: Resolved, weights: str) -> dict[str, Any]:
 
 def use_channels_last(res: Resolved) -> bool:
     """--channels-last, or by default on for ConvNets (bchw backbones), on CUDA and on the CPU alike (on this
-    project's x86 CPU EfficientNet-Lite0 ran 1.5-2.4x faster with it, see the README), off for ViTs."""
+    project's x86 CPU EfficientNet-Lite0 ran 1.45-1.63x faster with it: benchmarks/cpu_extract.py), off for ViTs."""
     if res.user.channels_last is not None:
         return res.user.channels_last
     return res.backbone.output_shape == "bchw"
