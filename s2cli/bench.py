@@ -25,7 +25,11 @@ from .backbones import Backbone
 from .config import Resolved
 from .errors import S2Error
 from .launch import resolve_device, resolve_precision
-from .pipeline import Extractor, Target, _dry_entry, plan_image, run, use_channels_last
+from . import api
+from .errors import ConfigError
+from .extractor import Extractor, use_channels_last
+from .plan import fit_of, plan_entry
+from .strategies import plan_image, strategy_of
 from .sources import Fit, Input, Sample, Unit, decode_nice, decode_sample
 from .tiling import multiscale_forward, plan_multiscale, resize_image
 
@@ -177,14 +181,6 @@ def peak_memory(fn: Callable[[], Any], held: Any = (), device: torch.device | No
     return {"held": held_bytes, "working": working, "peak": held_bytes + working}
 
 
-def _engine_kwargs(res: Resolved, rec: dict[str, Any]) -> dict[str, Any]:
-    """`multiscale_forward`'s arguments for a batch of images shaped like `rec` (as the Extractor passes them)."""
-    u, bb = res.user, res.backbone
-    return dict(img_sizes=plan_image(res, tuple(rec["orig_hw"])).engine_sizes, max_split_size=res.max_split_size,
-                split_mode=u.split_mode, resize_output_to_idx=u.resize_output_to_idx,
-                num_prefix_token=bb.num_prefix_tokens, output_shape=bb.output_shape, antialias=u.antialias)
-
-
 def _reference_applies(x: torch.Tensor, kw: dict[str, Any]) -> bool:
     """The reference master branch (what `reference_forward` runs) covers square images in resize mode."""
     plan = plan_multiscale(tuple(x.shape[-2:]), img_sizes=kw["img_sizes"], max_split_size=kw["max_split_size"],
@@ -201,16 +197,16 @@ def _engine(res: Resolved, ex: Extractor, model: Callable[[torch.Tensor], torch.
     """The bare batched engine over decoded records: normalize on the device and `multiscale_forward` (for a
     dynamic-resolution strategy, the Extractor's grouped strategy call), nothing copied back. `reference=True`
     runs `reference_forward` (the reference's per-scale loop) instead."""
-    if res.strategy is not None:
+    if strategy_of(res).engine_kwargs(res, (res.side, res.side)) is None:  # the strategy's own grouped call
         return ex.strategy_features
 
     @torch.inference_mode()
     def call(recs: list[dict[str, Any]]) -> torch.Tensor:
         x = _normalized(ex, recs)
-        kw = _engine_kwargs(res, recs[0])
+        kw = strategy_of(res).engine_kwargs(res, tuple(recs[0]["orig_hw"]))
         if reference:
             return reference_forward(model, x, **_reference_kwargs(kw))
-        return multiscale_forward(model, x, **kw, max_batch=res.user.max_tiles_per_call)
+        return multiscale_forward(model, x, **kw, max_batch=res.max_tiles_per_call)
     return call
 
 
@@ -268,39 +264,51 @@ def _timed(engine: Callable[[list[dict[str, Any]]], Any], batches: list, device:
     return time.perf_counter() - t
 
 
-def bench(res: Resolved, samples: list[Sample], backbone: Backbone, spec: str) -> dict[str, Any]:
-    """Time `run` end to end over `samples` (after a warm-up batch, excluded) and the bare engine over the same
-    decoded images; count FLOPs of one image; measure the matmul ceiling; report stages and peak memory."""
-    u = res.user
-    device = resolve_device(u.device)
-    dtype = resolve_precision(u.precision, device)
+def bench(input: str | None = None, images: int = 64, image_hw: tuple[int, int] = (768, 1024),
+          recipe: str | None = None, **options: Any) -> dict[str, Any]:
+    """`s2 bench`: time `s2cli.extract` on `images` of `input` (a folder or list), or on synthetic JPEGs of
+    `image_hw` made in memory, against the bare engine (`measure`). `options` are `s2cli.extract`'s."""
+    if images < 1:
+        raise ConfigError("--images must be at least 1", given=images, fix="pass e.g. --images 64")
+    spec = input or f"synthetic:{images}x{image_hw[1]}x{image_hw[0]}"
+    res = api.settings(spec, "bench.h5", recipe=recipe, limit=images if input else None, **options)
+    if input is None:
+        samples = synthetic_jpegs(images, image_hw, seed=res.seed)
+    else:
+        samples = [s for unit in api.open_inputs(res).units for s in unit.samples() if isinstance(s, Sample)][:images]
+    resolve_device(res.device)
+    return measure(res, samples, api.load(res), spec)
+
+
+def measure(res: Resolved, samples: list[Sample], backbone: Backbone, spec: str) -> dict[str, Any]:
+    """Time `s2cli.extract` end to end over `samples` (after a warm-up batch, excluded) and the bare engine over
+    the same decoded images; count FLOPs of one image; measure the matmul ceiling; report stages and peak memory."""
+    device = resolve_device(res.device)
+    dtype = resolve_precision(res.precision, device)
     if not samples:
         raise S2Error("nothing to benchmark", given=spec, expected="at least one image", fix="pass --images N or a folder of images")
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    warm = samples[:u.batch_size]
+    warm = samples[:res.batch_size]
     with tempfile.TemporaryDirectory(prefix="s2bench-") as tmp:
-        out = str(Path(tmp) / Path(res.output).name)
-        res = dataclasses.replace(res, output=out)
-        w = run(res, memory_input(warm, spec), Target(res, memory_input(warm, spec), overwrite=True), backbone)
-        if w["num_failed"]:
-            raise S2Error(f"the warm-up batch failed: {w['num_failed']} of {len(warm)} images",
+        res = dataclasses.replace(res, output=str(Path(tmp) / Path(res.output).name))
+        w = api.extract(memory_input(warm, spec), config=res, overwrite=True, backbone=backbone)
+        if w.num_failed:
+            raise S2Error(f"the warm-up batch failed: {w.num_failed} of {len(warm)} images",
                           given=spec, fix="run `s2 extract` on the input to read the failure records")
-        inp = memory_input(samples, spec)
-        summary = run(res, inp, Target(res, inp, overwrite=True), backbone)
+        summary = api.extract(memory_input(samples, spec), config=res, overwrite=True, backbone=backbone)
     if summary["num_failed"]:
         raise S2Error(f"{summary['num_failed']} of {len(samples)} images failed in the timed run", given=spec,
                       fix="run `s2 extract` on the input to read the failure records")
 
     # the bare engine over the same decoded images (decoded here, in this process, before the clock starts)
-    fit = Fit(res.fit, res.side, res.backbone.mean, res.strategy)
-    recs = [decode_sample(s, fit) for s in samples]
+    recs = [decode_sample(s, fit_of(res)) for s in samples]
     for r in recs:
         r["image"] = [torch.from_numpy(a) for a in r["image"]] if isinstance(r["image"], list) else torch.from_numpy(r["image"])
     ex = Extractor(res, backbone, device, dtype)
     engine = _engine(res, ex, backbone)
-    batches = _batches(recs, u.batch_size)
-    ref_kw = _engine_kwargs(res, recs[0]) if res.strategy is None else None
+    batches = _batches(recs, res.batch_size)
+    ref_kw = strategy_of(res).engine_kwargs(res, tuple(recs[0]["orig_hw"]))
     with_reference = ref_kw is not None and _reference_applies(_normalized(ex, recs[:1]), ref_kw)
     with torch.inference_mode():
         model_s = _timed(engine, batches, device)
@@ -309,20 +317,20 @@ def bench(res: Resolved, samples: list[Sample], backbone: Backbone, spec: str) -
             _engine(res, ex, backbone.eager_forward)(recs[:1])
         flops = float(fc.get_total_flops())
         memory = None
-        if res.strategy is None:  # the first batch
+        if ref_kw is not None:  # S²: the first batch
             first = batches[0]  # one image shape (batches are grouped by shape)
             weights = [*backbone.module.parameters(), *backbone.module.buffers()]
             memory = memory_figures(backbone.eager_forward, _normalized(ex, first), weights, device, **ref_kw)
-    _, formula = _dry_entry(res, tuple(recs[0]["orig_hw"]))
+    _, formula = plan_entry(res, tuple(recs[0]["orig_hw"]))
     ceiling = matmul_ceiling(device)
     n = summary["num_images"]
     e2e_ips, model_ips = n / summary["seconds"], n / model_s
     kib = 1024
     return {
-        "model": u.model, "weights": backbone.weights, "device": str(device), "precision": u.precision,
-        "compile": u.compile, "compile_cache": summary.get("compile_cache"), "decode": u.decode,
-        "channels_last": use_channels_last(res), "input": spec, "images": n, "warmup_images": len(warm), "batch_size": u.batch_size,
-        "workers": u.workers, "decode_nice": decode_nice() if u.workers else None,
+        "model": res.model, "weights": backbone.weights, "device": str(device), "precision": res.precision,
+        "compile": res.compile, "compile_cache": summary.compile_cache, "decode": res.decode,
+        "channels_last": use_channels_last(res), "input": spec, "images": n, "warmup_images": len(warm), "batch_size": res.batch_size,
+        "workers": res.workers, "decode_nice": decode_nice() if res.workers else None,
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "torch_threads": torch.get_num_threads(), "img_sizes": list(res.img_sizes),
         "e2e_seconds": summary["seconds"], "e2e_img_s": round(e2e_ips, 3),
         "model_only_seconds": round(model_s, 4), "model_only_img_s": round(model_ips, 3),

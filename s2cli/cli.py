@@ -118,64 +118,43 @@ def extract(
       s2 extract 'shards/{00000..00099}.tar' -o feats/ --devices all
       torchrun --nproc_per_node 8 -m s2cli extract 'shards/{00000..00099}.tar' -o feats/
     """
-    from .backbones import load_backbone, resolve
-    from .config import build_config, resolve_config
-    from .launch import discover_rank, pin_device, rank_device
-    from .sources import open_input
+    from . import api
 
     with _reported():
-        cfg = build_config(
-            input, output, recipe, model=model, weights=weights, random_init=random_init, seed=seed,
-            layer=layer, keep_cls=keep_cls, scales=_floats("scales", scales), img_sizes=_ints("img-sizes", img_sizes),
-            max_split_size=max_split_size, split_mode=split_mode, resize_output_to_idx=resize_output_to_idx,
-            fit=fit, antialias=antialias, batch_size=batch_size, workers=workers,
-            max_tiles_per_call=max_tiles_per_call, device=device, precision=precision, dtype=dtype, limit=limit,
-            input_format=input_format, image_key=image_key, format=format, shard_size=shard_size, pool=pool,
-            pool_only=pool_only, on_error=on_error, max_failures=max_failures, decode_timeout=decode_timeout,
-            check_finite=check_finite, compile=compile, channels_last=channels_last, decode=decode,
-            strategy=strategy, min_tiles=min_tiles, max_tiles=max_tiles, thumbnail=thumbnail,
-            grid_pinpoints=grid_pinpoints, anyres_max=anyres_max, min_pixels=min_pixels, max_pixels=max_pixels)
-        res = resolve_config(cfg, resolve(cfg.model, layer=cfg.layer, keep_cls=cfg.keep_cls))
-        inp = open_input(cfg.input, cfg.input_format, res.shard_size, cfg.limit, cfg.image_key)
-        from .pipeline import Target, dry_run as plan_run  # torch loads here, after the command line was checked
-
+        res = _settings(ctx.params)
+        inp = api.open_inputs(res)  # checked (a missing input, key clashes) before any weights load
         if dry_run:
-            plan = plan_run(res, inp)
-            if as_json:
-                print(json.dumps(plan))
-            else:
-                _print_plan(plan)
+            plan = api.plan(input, config=res)
+            print(json.dumps(plan)) if as_json else _print_plan(plan)
             return
-        rank = discover_rank()
-        dev = rank_device(cfg.device, rank)
         if devices is not None:
             return _extract_on_devices(ctx.params, devices, res, inp, as_json)
-        target = Target(res, inp, overwrite, rank)  # refuses a clashing output before any weights load
-        quiet = quiet or rank.rank != 0
-        pin_device(dev)  # before the model loads
-        try:
-            backbone = load_backbone(res.backbone, weights=cfg.weights, random_init=cfg.random_init, seed=cfg.seed,
-                                     any_size=res.strategy is not None and res.strategy.name == "native")
-        except BaseException as e:
-            target.close("failed", e.one_line() if isinstance(e, S2Error) else f"{type(e).__name__}: {e}")
-            raise
-        if output is None:
-            err.print(f"writing {res.output}", highlight=False)
-        if target.done:
-            err.print(f"resuming {res.output}: {len(target.done)} shards ({target.images_done_before} images) already done",
-                      highlight=False)
-        summary = _run_with_progress(res, inp, target, backbone, quiet)
+        summary = api.extract(inp, output, config=res, overwrite=overwrite,
+                              progress=_BarProgress(show=not quiet))
     if as_json:
-        print(json.dumps(summary))
+        print(json.dumps(summary.to_dict()))
     else:
-        err.print(f"{summary['num_images']} images, {summary['num_failed']} failed -> {summary['output']} "
-                  f"({summary['images_per_s']} img/s)", highlight=False)
-    if summary["num_failed"] and not summary["num_images"] and not summary.get("resumed_images"):
+        err.print(f"{summary.num_images} images, {summary.num_failed} failed -> {summary.output} "
+                  f"({summary.images_per_s} img/s)", highlight=False)
+    if summary.nothing_extracted:
         with _reported():
-            raise S2Error(f"every sample failed ({summary['num_failed']}), nothing was extracted",
-                          given=str(cfg.input), expected="at least one readable image",
+            raise S2Error(f"every sample failed ({summary.num_failed}), nothing was extracted",
+                          given=str(input), expected="at least one readable image",
                           fix="read the failure records (`s2 inspect OUT --json` or OUTDIR/errors.jsonl); relative "
                               "paths in a .txt list resolve against the list's folder")
+
+
+def _settings(values: dict):
+    """The resolved settings of a command's parameters (those that are `s2 extract` options; the rest ignored)."""
+    from dataclasses import fields
+
+    from . import api
+    from .config import ExtractConfig
+
+    names = {f.name for f in fields(ExtractConfig)} - {"input", "output", "recipe", "provenance"}
+    options = {k: v for k, v in values.items() if k in names}
+    options.update(scales=_floats("scales", values.get("scales")), img_sizes=_ints("img-sizes", values.get("img_sizes")))
+    return api.settings(values["input"], values.get("output"), recipe=values.get("recipe"), **options)
 
 
 # `s2 bench` takes these options of `s2 extract` as they are declared there (names, help, defaults)
@@ -213,35 +192,15 @@ def bench(
       s2 bench -m timm:vit_tiny_patch16_224 --random-init --images 64
       s2 bench photos/ --recipe llava-1.5-s2 --random-init --device cuda --precision bf16 --compile --json
     """
-    from .backbones import load_backbone, resolve
-    from .bench import bench as run_bench, synthetic_jpegs
-    from .launch import resolve_device
-    from .config import build_config, resolve_config
-    from .sources import Sample, open_input
+    from .bench import bench as run_bench
 
     with _reported():
-        if images < 1:
-            raise ConfigError("--images must be at least 1", given=images, fix="pass e.g. --images 64")
+        try:
+            w, h = (int(v) for v in image_size.lower().split("x"))
+        except ValueError:
+            raise ConfigError("--image-size must be WxH", given=image_size, fix="e.g. --image-size 1024x768") from None
         kw["scales"], kw["img_sizes"] = _floats("scales", kw["scales"]), _ints("img-sizes", kw["img_sizes"])
-        if input is None:
-            try:
-                w, h = (int(v) for v in image_size.lower().split("x"))
-            except ValueError:
-                raise ConfigError("--image-size must be WxH", given=image_size, fix="e.g. --image-size 1024x768") from None
-            spec = f"synthetic:{images}x{w}x{h}"
-        recipe = kw.pop("recipe")
-        cfg = build_config(input or spec, "bench.h5", recipe, limit=images if input else None, **kw)
-        res = resolve_config(cfg, resolve(cfg.model, layer=cfg.layer, keep_cls=cfg.keep_cls))
-        if input is None:
-            samples = synthetic_jpegs(images, (h, w), seed=cfg.seed)
-        else:
-            inp = open_input(cfg.input, cfg.input_format, res.shard_size, cfg.limit, cfg.image_key)
-            samples = [s for unit in inp.units for s in unit.samples() if isinstance(s, Sample)][:images]
-            spec = cfg.input
-        resolve_device(cfg.device)
-        backbone = load_backbone(res.backbone, weights=cfg.weights, random_init=cfg.random_init, seed=cfg.seed,
-                                 any_size=res.strategy is not None and res.strategy.name == "native")
-        report = run_bench(res, samples, backbone, spec)
+        report = run_bench(input, images, (h, w), **kw)
     if as_json:
         print(json.dumps(report))
     else:
@@ -301,28 +260,41 @@ def recipes(as_json: JsonOpt = False) -> None:
     out.print(t)
 
 
-def _run_with_progress(res, inp, target, backbone, quiet: bool) -> dict:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+class _BarProgress:
+    """`s2cli.extract`'s progress as a Rich bar on stderr (images/s, ETA when the total is known, failures,
+    shards), on rank 0 only."""
 
-    from .pipeline import run
+    def __init__(self, show: bool = True) -> None:
+        self.show, self.bar = show, None
 
-    if quiet:
-        return run(res, inp, target, backbone)
-    with Progress(TextColumn("[bold]extract"), BarColumn(), MofNCompleteColumn(),
-                  TextColumn("{task.fields[rate]} img/s"), TimeRemainingColumn(),
-                  TextColumn("{task.fields[failed]} failed"), TextColumn("{task.fields[shards]} shards"),
-                  console=err, transient=False) as progress:
-        before = target.images_done_before + target.failures_before
-        total = None if inp.total is None or target.ranks.world > 1 else inp.total  # a rank does only its share
-        task = progress.add_task("extract", total=total, completed=before, rate="-", failed=0, shards=len(target.done))
+    def start(self, res, total, done_before: int, shards_before: int, rank: int) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-        def tick(done: int, failed: int, shards: int) -> None:
-            elapsed = progress.tasks[task].elapsed or 0
-            rate = f"{done / elapsed:.1f}" if elapsed > 0 else "-"
-            progress.update(task, completed=before + done + failed, rate=rate, failed=failed,
-                            shards=len(target.done) + shards)
+        if rank != 0 or not self.show:
+            return
+        self.before, self.shards_before = done_before, shards_before
+        self.bar = Progress(TextColumn("[bold]extract"), BarColumn(), MofNCompleteColumn(),
+                            TextColumn("{task.fields[rate]} img/s"), TimeRemainingColumn(),
+                            TextColumn("{task.fields[failed]} failed"), TextColumn("{task.fields[shards]} shards"),
+                            console=err, transient=False)
+        self.task = self.bar.add_task("extract", total=total, completed=done_before, rate="-", failed=0,
+                                      shards=shards_before)
+        self.bar.start()
 
-        return run(res, inp, target, backbone, on_progress=tick)
+    def update(self, done: int, failed: int, shards: int) -> None:
+        if self.bar is None:
+            return
+        elapsed = self.bar.tasks[self.task].elapsed or 0
+        rate = f"{done / elapsed:.1f}" if elapsed > 0 else "-"
+        self.bar.update(self.task, completed=self.before + done + failed, rate=rate, failed=failed,
+                        shards=self.shards_before + shards)
+
+    def note(self, message: str) -> None:
+        err.print(message, highlight=False)
+
+    def finish(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
 
 
 def _print_plan(plan: dict) -> None:
@@ -471,16 +443,12 @@ def viz_plan(
 
     Example:  s2 viz plan examples/images/chelsea.jpg --recipe llava-next-anyres -o plan.png
     """
-    from .backbones import resolve
-    from .config import build_config, resolve_config
     from .viz import plan_figure, plan_summary
 
     with _reported():
         if not Path(image).is_file():
             raise ConfigError("no such image", given=image, fix="pass an image file")
-        cfg = build_config(image, "viz.h5", recipe, model=model, strategy=strategy, img_sizes=_ints("img-sizes", img_sizes),
-                           max_split_size=max_split_size, max_tiles=max_tiles, grid_pinpoints=grid_pinpoints, fit=fit)
-        res = resolve_config(cfg, resolve(cfg.model, layer=cfg.layer, keep_cls=cfg.keep_cls))
+        res = _settings({**locals(), "input": image, "output": "viz.h5"})
         fig, panels = plan_figure(image, res)
         fig.save(output)
     if as_json:
@@ -641,19 +609,14 @@ def slurm(
     import subprocess
     from pathlib import Path as _P
 
-    from .backbones import resolve
-    from .config import build_config, resolve_config
+    from . import api
     from .slurm import SlurmJob, sbatch_script
-    from .sources import open_input
 
     v = extract_values
     with _reported():
         # validate everything a task would (config, recipe, input) before anything is written or submitted
-        flags = {k: v[k] for k in v if k not in ("input", "output", "recipe", "overwrite")}
-        flags.update(scales=_floats("scales", v.get("scales")), img_sizes=_ints("img-sizes", v.get("img_sizes")))
-        cfg = build_config(v["input"], v.get("output"), v.get("recipe"), **flags)
-        res = resolve_config(cfg, resolve(cfg.model, layer=cfg.layer, keep_cls=cfg.keep_cls))
-        inp = open_input(cfg.input, cfg.input_format, res.shard_size, cfg.limit, cfg.image_key)
+        res = _settings(v)
+        inp = api.open_inputs(res)
         if v.get("output") is None or not res.output_is_dir:
             raise ConfigError("s2 slurm needs an output folder that its tasks share", given=v.get("output"),
                               fix="pass -o OUTDIR/")

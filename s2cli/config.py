@@ -5,16 +5,17 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from .backbones import BackboneCfg
+from . import __version__
+from .backbones import BackboneCfg, resolve
 from .errors import ConfigError
 from .sinks import FORMATS, format_of
 from .sources import DECODES, FITS, INPUT_FORMATS
-from .strategies import StrategyArgs, StrategyCfg, parse_pinpoints, resolve_strategy
+from .strategies import STRATEGIES, BackboneFacts, StrategyArgs, StrategyCfg, parse_pinpoints, resolve_strategy
 from .tiling import SPLIT_MODES
 
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -22,9 +23,13 @@ DTYPES = ("float32", "float16")
 POOLS = ("none", "mean", "cls")
 ON_ERROR = ("skip", "stop")
 SHARD_BYTES = 1 << 30  # default shard size aims at ~1 GiB files
-# settings that only decide how fast a run goes, not what it writes: a resumed run may change them
-RUN_ONLY = ("batch_size", "workers", "device", "max_tiles_per_call", "on_error", "max_failures", "decode_timeout",
-            "check_finite", "compile", "channels_last")
+# an option that only decides how fast a run goes or when it stops, not what it writes: a resumed run may change it
+RUN_ONLY = {"run_only": True}
+
+
+def itemsize(dtype: str) -> int:
+    """Bytes per stored value of the storage dtype (--dtype)."""
+    return 2 if dtype == "float16" else 4
 
 
 @dataclass(frozen=True)
@@ -46,10 +51,10 @@ class ExtractConfig:
     resize_output_to_idx: int = 0
     fit: str | None = None
     antialias: bool = False
-    batch_size: int = 8
-    workers: int = 2
-    max_tiles_per_call: int | None = None
-    device: str = "auto"
+    batch_size: int = field(default=8, metadata=RUN_ONLY)
+    workers: int = field(default=2, metadata=RUN_ONLY)
+    max_tiles_per_call: int | None = field(default=None, metadata=RUN_ONLY)
+    device: str = field(default="auto", metadata=RUN_ONLY)
     precision: str = "fp32"
     dtype: str = "float32"
     limit: int | None = None
@@ -59,12 +64,12 @@ class ExtractConfig:
     shard_size: int | None = None
     pool: str = "none"
     pool_only: bool = False
-    on_error: str = "skip"
-    max_failures: int | None = None
-    decode_timeout: float = 120.0
-    check_finite: bool = True
-    compile: bool = False  # torch.compile the backbone (dynamic=False); changes speed, not what is written
-    channels_last: bool | None = None  # NHWC weights and inputs; None: on for bchw backbones (speed only)
+    on_error: str = field(default="skip", metadata=RUN_ONLY)
+    max_failures: int | None = field(default=None, metadata=RUN_ONLY)
+    decode_timeout: float = field(default=120.0, metadata=RUN_ONLY)
+    check_finite: bool = field(default=True, metadata=RUN_ONLY)
+    compile: bool = field(default=False, metadata=RUN_ONLY)  # torch.compile the backbone (dynamic=False); changes speed, not what is written
+    channels_last: bool | None = field(default=None, metadata=RUN_ONLY)  # NHWC weights and inputs; None: on for bchw backbones (speed only)
     decode: str = "pil"  # pil: Pillow in the decode workers | torch: torchvision on the run's device (S² only)
     recipe: str | None = None
     # dynamic-resolution strategies (strategies.py); None = the strategy's own default
@@ -147,20 +152,30 @@ def build_config(input: str, output: str | None = None, recipe: str | None = Non
     return ExtractConfig(input=input, output=output, recipe=recipe, provenance=tuple(sorted(prov.items())), **values)
 
 
-@dataclass(frozen=True)
-class Resolved:
-    """The config with every default filled in from the backbone; this is what runs and what is saved."""
+# what a saved config holds besides the options: derived values, and options whose value lives elsewhere there
+_NOT_SAVED = ("keep_cls", "provenance", "min_tiles", "max_tiles", "thumbnail", "grid_pinpoints", "anyres_max",
+              "min_pixels", "max_pixels")
+# the settings every output file carries as attributes (besides its version, weights and the whole config)
+FILE_ATTRS = ("model", "layer", "scales", "img_sizes", "max_split_size", "split_mode", "num_prefix_tokens",
+              "output_shape", "merge", "fit", "dtype", "pool", "strategy")
+JSON_ATTRS = ("scales", "img_sizes")  # stored as JSON text
 
-    user: ExtractConfig
-    backbone: BackboneCfg
+
+@dataclass(frozen=True, kw_only=True)
+class Resolved(ExtractConfig):
+    """Every option with its default filled in from the backbone (flat: `res.fit`, `res.batch_size`, ...), plus
+    what was derived from it; this is what runs, and what is saved with the output (`to_dict`, `file_attrs`)."""
+
     img_sizes: tuple[int, ...]  # square side per scale, in the order given
+    scales: tuple[float, ...]  # img_sizes over the backbone's input size
     max_split_size: int
     fit: str
     output: str
     format: str  # h5 | safetensors
-    output_is_dir: bool
     shard_size: int
-    strategy: StrategyCfg | None = None  # None: the S² engine
+    backbone: BackboneCfg
+    output_is_dir: bool
+    strategy_cfg: StrategyCfg | None = None  # a dynamic-resolution strategy's settings; None for s2
 
     @property
     def side(self) -> int:
@@ -172,44 +187,45 @@ class Resolved:
         bb = self.backbone
         side = self.max_split_size
         gh, gw = bb.feature_hw((side, side))
-        n0 = max(1, -(-self.img_sizes[self.user.resize_output_to_idx] // side))
+        n0 = max(1, -(-self.img_sizes[self.resize_output_to_idx] // side))
         tokens = bb.num_prefix_tokens + gh * gw * n0 * n0
         channels = bb.channels * len(self.img_sizes)
-        item = 2 if self.user.dtype == "float16" else 4
-        return (0 if self.user.pool_only else tokens * channels * item) + (channels * item if self.user.pool != "none" else 0)
-
-    @property
-    def scales(self) -> tuple[float, ...]:
-        return tuple(s / self.backbone.input_size for s in self.img_sizes)
+        item = itemsize(self.dtype)
+        return (0 if self.pool_only else tokens * channels * item) + (channels * item if self.pool != "none" else 0)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "input": self.user.input, "output": self.output, "model": self.user.model,
-            "backbone": self.backbone.to_dict(), "img_sizes": list(self.img_sizes), "scales": list(self.scales),
-            "max_split_size": self.max_split_size, "split_mode": self.user.split_mode,
-            "resize_output_to_idx": self.user.resize_output_to_idx, "fit": self.fit,
-            "layer": self.backbone.layer, "num_prefix_tokens": self.backbone.num_prefix_tokens,
-            "output_shape": self.backbone.output_shape, "merge": "concat", "antialias": self.user.antialias,
-            "weights": self.user.weights, "random_init": self.user.random_init, "seed": self.user.seed,
-            "batch_size": self.user.batch_size, "workers": self.user.workers,
-            "max_tiles_per_call": self.user.max_tiles_per_call, "device": self.user.device,
-            "precision": self.user.precision, "dtype": self.user.dtype, "limit": self.user.limit,
-            "input_format": self.user.input_format, "image_key": self.user.image_key, "format": self.format,
-            "shard_size": self.shard_size, "pool": self.user.pool, "pool_only": self.user.pool_only,
-            "on_error": self.user.on_error, "max_failures": self.user.max_failures,
-            "decode_timeout": self.user.decode_timeout, "check_finite": self.user.check_finite,
-            "compile": self.user.compile, "channels_last": self.user.channels_last,
-            **({"decode": self.user.decode} if self.user.decode != "pil" else {}),  # older outputs resume as pil
-            "recipe": self.user.recipe, "set_by": dict(self.user.provenance),
-            **({"strategy": self.strategy.to_dict()} if self.strategy is not None else {}),
-        }
+        """The saved config: every option (strategy options inside `strategy`), the backbone and the derived
+        values, and where each option's value came from (`set_by`)."""
+        d: dict[str, Any] = {f.name: _plain(getattr(self, f.name)) for f in fields(ExtractConfig) if f.name not in _NOT_SAVED}
+        d.update(backbone=self.backbone.to_dict(), layer=self.backbone.layer, scales=list(self.scales),
+                 num_prefix_tokens=self.backbone.num_prefix_tokens, output_shape=self.backbone.output_shape,
+                 merge="concat", set_by=dict(self.provenance))
+        d.pop("strategy")
+        if self.strategy_cfg is not None:
+            d["strategy"] = self.strategy_cfg.to_dict()
+        if self.decode == "pil":
+            d.pop("decode")  # outputs written before --decode existed resume as pil
+        return d
 
     def compare_keys(self) -> list[str]:
         """The saved settings a resumed run must share with the run it continues."""
-        return [k for k in self.to_dict() if k not in RUN_ONLY + ("output", "set_by", "recipe", "input")]
+        run_only = {f.name for f in fields(ExtractConfig) if f.metadata.get("run_only")}
+        return [k for k in self.to_dict() if k not in run_only | {"output", "set_by", "recipe", "input"}]
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
+
+    def file_attrs(self, weights: str) -> dict[str, Any]:
+        """The attributes of every output file: FILE_ATTRS, the version, the weights loaded, the whole config."""
+        d = self.to_dict()
+        attrs = {k: json.dumps(d[k]) if k in JSON_ATTRS else d[k] for k in FILE_ATTRS if k != "strategy"}
+        return {"s2cli_version": __version__, **attrs, "weights": weights, "config": self.to_json(),
+                "strategy": self.strategy}
+
+
+def _plain(v: Any) -> Any:
+    """Tuples as lists, as JSON gives them back."""
+    return [_plain(x) for x in v] if isinstance(v, (tuple, list)) else v
 
 
 def _choice(name: str, value: str, choices: tuple[str, ...]) -> None:
@@ -273,7 +289,8 @@ def resolve_config(cfg: ExtractConfig, backbone: BackboneCfg) -> Resolved:
     _choice("on-error", cfg.on_error, ON_ERROR)
     _choice("input-format", cfg.input_format, INPUT_FORMATS)
     _choice("decode", cfg.decode, DECODES)
-    if cfg.decode == "torch" and cfg.strategy not in (None, "s2"):
+    record = STRATEGIES.get(cfg.strategy)
+    if cfg.decode == "torch" and record is not None and not record.device_decode:
         raise ConfigError("--decode torch decodes and fits for the S² engine only; the strategies render their views "
                           "with Pillow in the decode workers", given=f"--decode torch --strategy {cfg.strategy}",
                           expected="--decode pil with --strategy", fix="drop --decode torch (or --strategy)")
@@ -297,9 +314,19 @@ def resolve_config(cfg: ExtractConfig, backbone: BackboneCfg) -> Resolved:
     strategy = resolve_strategy(
         StrategyArgs(cfg.strategy, fit=fit, img_sizes=sizes, set_fields=tuple(f for f in strategy_fields if getattr(cfg, f) is not None),
                      **{f: getattr(cfg, f) for f in strategy_fields}),
-        split, backbone.patch_size, backbone.family, backbone.model_type, backbone.output_shape)
-    res = Resolved(cfg, backbone, sizes, split, fit, output, fmt, is_dir, cfg.shard_size or 1, strategy)
+        BackboneFacts(split, backbone.patch_size, backbone.family, backbone.model_type, backbone.output_shape))
+    given = {f.name: getattr(cfg, f.name) for f in fields(ExtractConfig)}
+    given.update(img_sizes=sizes, scales=tuple(s / backbone.input_size for s in sizes), max_split_size=split, fit=fit,
+                 output=output, format=fmt, shard_size=cfg.shard_size or 1, layer=backbone.layer)
+    res = Resolved(**given, backbone=backbone, output_is_dir=is_dir, strategy_cfg=strategy)
     if cfg.shard_size is None:
         per_image = res.bytes_per_image()
         res = dataclasses.replace(res, shard_size=max(1, min(100_000, SHARD_BYTES // max(1, per_image))))
     return res
+
+
+def resolve_options(input: str, output: str | None = None, recipe: str | None = None, **options: Any) -> Resolved:
+    """defaults < recipe < options, checked and resolved against the model's config (no weights load): the one
+    way a run's settings are made, for `s2cli.extract`, the CLI's commands and the benchmarks."""
+    cfg = build_config(input, output, recipe, **options)
+    return resolve_config(cfg, resolve(cfg.model, layer=cfg.layer, keep_cls=cfg.keep_cls))

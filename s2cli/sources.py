@@ -407,6 +407,11 @@ def render_views(im: Image.Image, plan: Any, fit: Fit) -> list[np.ndarray]:
     return out
 
 
+def fit_to_array(im: Image.Image, fit: Fit) -> np.ndarray:
+    """The S² engine's input: the image fitted once to the largest scale, (3, H, W) uint8."""
+    return to_uint8_array(fit_image(im, fit.mode, fit.side, fit.mean))
+
+
 def to_uint8_array(im: Image.Image) -> np.ndarray:
     """(3, H, W) uint8, contiguous."""
     return np.ascontiguousarray(np.asarray(im, dtype=np.uint8).transpose(2, 0, 1))
@@ -425,8 +430,9 @@ class Fit:
     mode: str
     side: int
     mean: tuple[float, float, float]
-    strategy: Any = None  # a StrategyCfg: the image is rendered into the strategy's views instead (render_views)
+    strategy: Any = None  # a StrategyCfg: the settings of a dynamic-resolution strategy's views
     decode: str = "pil"  # "torch": workers only read and probe (read_for_device); the main thread decodes
+    render: Callable[[Image.Image, "Fit"], Any] | None = None  # the strategy's rendering; None: `fit_to_array`
 
     def __post_init__(self) -> None:
         if self.mode not in FITS:
@@ -437,7 +443,7 @@ class Fit:
 
 def decode_sample(sample: Sample, fit: Fit) -> dict[str, Any]:
     """Sample -> record with `image` (3, H, W) uint8 and `orig_hw`, or `error` (a failure record)."""
-    if fit.decode == "torch" and fit.strategy is None:
+    if fit.decode == "torch":
         return read_for_device(sample, fit)
     rec: dict[str, Any] = {"key": sample.key, "source": printable(sample.source), "meta": sample.meta, "image": None,
                            "orig_hw": None, "error": None}
@@ -455,12 +461,7 @@ def decode_sample(sample: Sample, fit: Fit) -> dict[str, Any]:
             rec["meta"] = json.dumps({**meta, "decode": notes})
         rec["orig_hw"] = (im.height, im.width)
         stage = "preprocess"
-        if fit.strategy is not None:
-            from .strategies import plan_strategy
-
-            rec["image"] = render_views(im, plan_strategy(fit.strategy, (im.height, im.width)), fit)
-        else:
-            rec["image"] = to_uint8_array(fit_image(im, fit.mode, fit.side, fit.mean))
+        rec["image"] = (fit.render or fit_to_array)(im, fit)
         rec["seconds"] = (t1 - t0, t2 - t1, time.perf_counter() - t2)  # read, decode, fit: the run's stage split
     except Exception as e:  # recorded per sample; the run goes on (plain dict: it crosses process borders)
         rec["error"] = failure(sample, stage, e)

@@ -1,25 +1,28 @@
-"""Dynamic-resolution strategies beside the S² math: a planner per strategy (image size + settings -> the views to
-render and the tiles or strided sub-images to cut from each) and a merger (the backbone's features of those inputs
--> the image's feature maps). Pure math, no I/O. The facts each planner matches are in ../shared/SPEC.md.
+"""Strategies: the registry (`STRATEGIES`, one record per strategy, S² included) and the dynamic-resolution math
+beside the S² engine: a planner per strategy (image size + settings -> the views to render and the tiles or strided
+sub-images to cut from each) and a merger (the backbone's features of those inputs -> the image's feature maps).
+No I/O; torch is imported only when features are computed. The facts each planner matches are in docs/.
+
+  s2          S²-Wrapper (tiling.py): the image fitted to the largest scale, every scale tiled, stitched, pooled
 
   dynamic-s2  NVILA: every scale but the last squashed to k x k tiles, the last scale's grid by the InternVL rule
   anyres      LLaVA-NeXT / OneVision: best pinpoint, resize + centered black pad, squashed base image first
   internvl    InternVL 1.5: min..max tiles of S by the InternVL rule, squashed thumbnail last
   native      Qwen2-VL: smart_resize to multiples of a factor, one input of any size
   dual        INF-LLaVA: local tiles and strided sub-images of one n*S image, recombined into two maps
-`s2` (the S²-Wrapper engine) lives in tiling.py; its name is listed here so one flag picks among all of them.
 """
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Callable, Sequence
 
 from ._lazy import F, torch
-
 from .errors import ConfigError
+from .sources import fit_size, fit_to_array, render_views, to_uint8_array
+from .tiling import S2Plan, area_resize, plan_multiscale
 
-STRATEGIES = ("s2", "dynamic-s2", "anyres", "internvl", "native", "dual")
 # LLaVA-NeXT's grid pinpoints for CLIP-336, (h, w); for another tile the same grids of that tile are the default
 LLAVA_NEXT_GRIDS = ((1, 2), (2, 1), (2, 2), (3, 1), (1, 3))
 LLAVA_NEXT_PINPOINTS = tuple((336 * r, 336 * c) for r, c in LLAVA_NEXT_GRIDS)
@@ -233,24 +236,12 @@ class OutLayout:
                 "prefix": self.prefix, "channels": self.channels, "groups": list(self.groups)}
 
 
-_PLANNERS: dict[str, Callable[[StrategyCfg, tuple[int, int]], StrategyPlan]] = {}
-_LAYOUTS: dict[str, Callable[..., list[tuple[str, tuple[int, int]]]]] = {}
-_MERGERS: dict[str, Callable[..., list[torch.Tensor]]] = {}
-
-
-def _strategy(name: str, layout: Callable, merge: Callable):
-    def deco(fn):
-        _PLANNERS[name], _LAYOUTS[name], _MERGERS[name] = fn, layout, merge
-        return fn
-    return deco
-
-
 def plan_strategy(cfg: StrategyCfg, input_hw: tuple[int, int]) -> StrategyPlan:
     """The plan of one image (h, w) under `cfg`."""
     h, w = int(input_hw[0]), int(input_hw[1])
     if h <= 0 or w <= 0:
         raise ConfigError("an image has no pixels", given=(h, w), fix="remove the empty image")
-    return _PLANNERS[cfg.name](cfg, (h, w))
+    return STRATEGIES[cfg.name].planner(cfg, (h, w))  # type: ignore[attr-defined]
 
 
 def _sq(n: int) -> tuple[int, int]:
@@ -280,13 +271,7 @@ def _layout_dynamic_s2(cfg: StrategyCfg, plan: StrategyPlan, fhw: tuple[int, int
 def _merge_dynamic_s2(cfg, plan, per_view, orig_hw):
     maps = [_stitch(m, v.grid) for v, m in zip(plan.views, per_view)]
     size = tuple(maps[-1].shape[-2:])
-    return [torch.cat([_area(m, size) for m in maps], dim=1)]
-
-
-def _area(x: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
-    if tuple(x.shape[-2:]) == tuple(size):
-        return x
-    return F.interpolate(x.to(torch.float32), size=size, mode="area").to(x.dtype)
+    return [torch.cat([area_resize(m, size) for m in maps], dim=1)]
 
 
 def _anyres_grid_hw(plan: StrategyPlan, cfg: StrategyCfg, fhw: tuple[int, int]) -> tuple[tuple[int, int], tuple[int, int, int, int], tuple[int, int] | None]:
@@ -347,7 +332,6 @@ def _merge_dual(cfg, plan, per_view, orig_hw):
 
 
 # ---- planners ------------------------------------------------------------------------------------------------
-@_strategy("dynamic-s2", _layout_dynamic_s2, _merge_dynamic_s2)
 def _plan_dynamic_s2(cfg: StrategyCfg, hw: tuple[int, int]) -> StrategyPlan:
     S, sizes = cfg.tile, cfg.img_sizes
     views = []
@@ -360,7 +344,6 @@ def _plan_dynamic_s2(cfg: StrategyCfg, hw: tuple[int, int]) -> StrategyPlan:
     return StrategyPlan("dynamic-s2", hw, tuple(views))
 
 
-@_strategy("anyres", _layout_anyres, _merge_anyres)
 def _plan_anyres(cfg: StrategyCfg, hw: tuple[int, int]) -> StrategyPlan:
     S = cfg.tile
     best = select_best_resolution(hw, cfg.grid_pinpoints)
@@ -370,7 +353,6 @@ def _plan_anyres(cfg: StrategyCfg, hw: tuple[int, int]) -> StrategyPlan:
     return StrategyPlan("anyres", hw, (base, grid))
 
 
-@_strategy("internvl", _layout_internvl, _merge_internvl)
 def _plan_internvl(cfg: StrategyCfg, hw: tuple[int, int]) -> StrategyPlan:
     S = cfg.tile
     cols, rows = internvl_grid(hw[1], hw[0], cfg.min_tiles, cfg.max_tiles, S)
@@ -380,13 +362,11 @@ def _plan_internvl(cfg: StrategyCfg, hw: tuple[int, int]) -> StrategyPlan:
     return StrategyPlan("internvl", hw, tuple(views))
 
 
-@_strategy("native", _layout_native, _merge_native)
 def _plan_native(cfg: StrategyCfg, hw: tuple[int, int]) -> StrategyPlan:
     size = smart_resize(hw[0], hw[1], cfg.factor, cfg.min_pixels, cfg.max_pixels)
     return StrategyPlan("native", hw, (View("image", "squash", size, size, (1, 1), size),))
 
 
-@_strategy("dual", _layout_dual, _merge_dual)
 def _plan_dual(cfg: StrategyCfg, hw: tuple[int, int]) -> StrategyPlan:
     S, side = cfg.tile, cfg.img_sizes[-1]
     n = side // S
@@ -396,28 +376,16 @@ def _plan_dual(cfg: StrategyCfg, hw: tuple[int, int]) -> StrategyPlan:
 
 
 # ---- output layout and merge ---------------------------------------------------------------------------------
-def out_groups(cfg: StrategyCfg) -> tuple[str, ...]:
-    if cfg.name == "dynamic-s2":
-        return tuple(f"scale{i}" for i in range(len(cfg.img_sizes)))
-    if cfg.name == "dual":
-        return ("local", "interleaved")
-    return ("features",)
-
-
-def num_views(cfg: StrategyCfg) -> int:
-    """Views an image of this strategy can have (a fixed count per config; an absent thumbnail counts too)."""
-    return {"dynamic-s2": len(cfg.img_sizes), "anyres": 2, "internvl": 2, "native": 1, "dual": 2}[cfg.name]
-
-
 def out_layout(cfg: StrategyCfg, plan: StrategyPlan, feat_hw: Callable[[tuple[int, int]], tuple[int, int]],
                channels: int, prefix: int) -> OutLayout:
     """The image's output: map names and token grids, for a backbone mapping a tile (h, w) to `feat_hw(tile)`."""
     fhw = feat_hw(plan.views[-1].tile) if cfg.name == "native" else feat_hw(_sq(cfg.tile))
     maps, off = [], 0
-    for name, hw in _LAYOUTS[cfg.name](cfg, plan, fhw):
+    record: ViewStrategy = STRATEGIES[cfg.name]  # type: ignore[assignment]
+    for name, hw in record.layout(cfg, plan, fhw):
         maps.append(OutMap(name, tuple(hw), off))
         off += hw[0] * hw[1]
-    groups = out_groups(cfg)
+    groups = record.groups(cfg)
     return OutLayout(tuple(maps), prefix, channels * len(groups), groups)
 
 
@@ -451,7 +419,7 @@ def merge(cfg: StrategyCfg, plan: StrategyPlan, per_view: list[tuple[torch.Tenso
     """Per view (prefix, maps) of one image -> its output tokens (prefix + Σ h*w, C'). Prefix tokens are the mean
     over the inputs that feed each channel group (per scale for dynamic-s2, per perspective for dual, over all
     inputs otherwise), concatenated like S²'s."""
-    maps = _MERGERS[cfg.name](cfg, plan, [m for _, m in per_view], plan.input_hw)
+    maps = STRATEGIES[cfg.name].merger(cfg, plan, [m for _, m in per_view], plan.input_hw)  # type: ignore[attr-defined]
     for m, om in zip(maps, layout.maps):
         if tuple(m.shape[-2:]) != om.hw or m.shape[1] != layout.channels:
             raise ConfigError("a merged map does not match the planned layout", given=tuple(m.shape),
@@ -505,15 +473,6 @@ class StrategyArgs:
     set_fields: tuple[str, ...] = field(default=())
 
 
-# which options each strategy reads; any other given option is an error
-USES = {
-    "s2": (),
-    "dynamic-s2": ("max_tiles",),
-    "anyres": ("grid_pinpoints", "anyres_max"),
-    "internvl": ("min_tiles", "max_tiles", "thumbnail"),
-    "native": ("min_pixels", "max_pixels"),
-    "dual": (),
-}
 OPTION_FLAGS = {"min_tiles": "--min-tiles", "max_tiles": "--max-tiles", "thumbnail": "--thumbnail/--no-thumbnail",
                 "grid_pinpoints": "--grid-pinpoints", "anyres_max": "--anyres-max", "min_pixels": "--min-pixels",
                 "max_pixels": "--max-pixels"}
@@ -547,62 +506,66 @@ def accepts_any_size(family: str, model_type: str, output_shape: str) -> bool:
     return output_shape == "bchw" or family == "timm" or model_type.startswith("dinov2")
 
 
-def resolve_strategy(a: StrategyArgs, tile: int, patch: int, family: str, model_type: str,
-                     output_shape: str) -> StrategyCfg | None:
-    """Validate the strategy options and fill each strategy's defaults from its source. None for s2."""
-    if a.strategy not in STRATEGIES:
-        raise ConfigError("--strategy is not known", given=a.strategy, expected=" | ".join(STRATEGIES),
-                          fix="pass --strategy s2 (the S²-Wrapper), or one of the dynamic-resolution strategies")
-    stray = [f for f in a.set_fields if f not in USES[a.strategy]]
-    if stray:
-        users = [s for s in STRATEGIES if stray[0] in USES[s]]
-        raise ConfigError(f"{OPTION_FLAGS[stray[0]]} does not apply to --strategy {a.strategy}", given=stray,
-                          expected="options of " + " or ".join(users),
-                          fix=f"drop {OPTION_FLAGS[stray[0]]}, or pass --strategy {users[0]}")
-    for name in ("min_tiles", "max_tiles", "anyres_max", "min_pixels", "max_pixels"):
-        _positive(name, getattr(a, name))
-    if a.strategy == "s2":
-        return None
-    sizes = tuple(a.img_sizes)
-    base = StrategyCfg(name=a.strategy, tile=tile, fit=a.fit)
-    if a.strategy == "dynamic-s2":
-        if len(sizes) < 2 or any(s % sizes[0] or s < sizes[0] for s in sizes) or sizes[0] != tile:
-            raise ConfigError("dynamic-s2 needs scales that are multiples of the first, the first equal to the tile",
-                              given=list(sizes), expected=f"e.g. {tile},{2 * tile},{3 * tile} with --max-split-size {tile}",
-                              fix=f"pass --img-sizes {tile},{2 * tile},{3 * tile}")
-        min_num = (sizes[-1] // sizes[0]) ** 2
-        max_tiles = a.max_tiles if a.max_tiles is not None else 12
-        if max_tiles < min_num:
-            raise ConfigError("--max-tiles is below the last scale's minimum grid", given=max_tiles,
-                              expected=f">= (last // first)² = {min_num}", fix=f"pass --max-tiles {max(12, min_num)}")
-        return replace(base, img_sizes=sizes, min_tiles=min_num, max_tiles=max_tiles,
-                              )
-    if a.strategy == "anyres":
-        pins = a.grid_pinpoints or tuple((tile * r, tile * c) for r, c in LLAVA_NEXT_GRIDS)
-        bad = [p for p in pins if p[0] % tile or p[1] % tile or min(p) <= 0]
-        if bad:
-            raise ConfigError("grid pinpoints must be positive multiples of the tile", given=bad,
-                              expected=f"HxW with H and W multiples of {tile}", fix=f"e.g. --grid-pinpoints {tile}x{2 * tile},{2 * tile}x{tile}")
-        return replace(base, grid_pinpoints=tuple(pins), anyres_max=a.anyres_max)
-    if a.strategy == "internvl":
-        lo = a.min_tiles if a.min_tiles is not None else 1
-        hi = a.max_tiles if a.max_tiles is not None else 12
-        if lo > hi:
-            raise ConfigError("--min-tiles is above --max-tiles", given=(lo, hi), fix="pass e.g. --min-tiles 1 --max-tiles 12")
-        return replace(base, min_tiles=lo, max_tiles=hi,
-                              thumbnail=True if a.thumbnail is None else a.thumbnail)
-    if a.strategy == "native":
-        if not accepts_any_size(family, model_type, output_shape):
-            raise ConfigError("--strategy native needs a backbone that accepts any input size, and this one has "
-                              "a fixed position embedding", given=f"{family} {model_type}".strip(),
-                              expected="a ConvNet, a timm ViT (built with dynamic_img_size=True) or DINOv2",
-                              fix="use -m dinov2-l or -m timm:vit_base_patch16_224, or another --strategy")
-        lo = a.min_pixels if a.min_pixels is not None else QWEN2_MIN_PIXELS
-        hi = a.max_pixels if a.max_pixels is not None else QWEN2_MAX_PIXELS
-        if lo > hi:
-            raise ConfigError("--min-pixels is above --max-pixels", given=(lo, hi), fix=f"e.g. --min-pixels {QWEN2_MIN_PIXELS} --max-pixels {QWEN2_MAX_PIXELS}")
-        return replace(base, factor=2 * patch, min_pixels=lo, max_pixels=hi)
-    # dual
+@dataclass(frozen=True)
+class BackboneFacts:
+    """What a strategy's settings depend on in the backbone: its tile (input side), patch, family and shape."""
+
+    tile: int
+    patch: int
+    family: str
+    model_type: str
+    output_shape: str
+
+
+def _resolve_dynamic_s2(a: StrategyArgs, base: StrategyCfg, bb: BackboneFacts) -> StrategyCfg:
+    sizes, tile = tuple(a.img_sizes), bb.tile
+    if len(sizes) < 2 or any(s % sizes[0] or s < sizes[0] for s in sizes) or sizes[0] != tile:
+        raise ConfigError("dynamic-s2 needs scales that are multiples of the first, the first equal to the tile",
+                          given=list(sizes), expected=f"e.g. {tile},{2 * tile},{3 * tile} with --max-split-size {tile}",
+                          fix=f"pass --img-sizes {tile},{2 * tile},{3 * tile}")
+    min_num = (sizes[-1] // sizes[0]) ** 2
+    max_tiles = a.max_tiles if a.max_tiles is not None else 12
+    if max_tiles < min_num:
+        raise ConfigError("--max-tiles is below the last scale's minimum grid", given=max_tiles,
+                          expected=f">= (last // first)² = {min_num}", fix=f"pass --max-tiles {max(12, min_num)}")
+    return replace(base, img_sizes=sizes, min_tiles=min_num, max_tiles=max_tiles)
+
+
+def _resolve_anyres(a: StrategyArgs, base: StrategyCfg, bb: BackboneFacts) -> StrategyCfg:
+    tile = bb.tile
+    pins = a.grid_pinpoints or tuple((tile * r, tile * c) for r, c in LLAVA_NEXT_GRIDS)
+    bad = [p for p in pins if p[0] % tile or p[1] % tile or min(p) <= 0]
+    if bad:
+        raise ConfigError("grid pinpoints must be positive multiples of the tile", given=bad,
+                          expected=f"HxW with H and W multiples of {tile}",
+                          fix=f"e.g. --grid-pinpoints {tile}x{2 * tile},{2 * tile}x{tile}")
+    return replace(base, grid_pinpoints=tuple(pins), anyres_max=a.anyres_max)
+
+
+def _resolve_internvl(a: StrategyArgs, base: StrategyCfg, bb: BackboneFacts) -> StrategyCfg:
+    lo = a.min_tiles if a.min_tiles is not None else 1
+    hi = a.max_tiles if a.max_tiles is not None else 12
+    if lo > hi:
+        raise ConfigError("--min-tiles is above --max-tiles", given=(lo, hi), fix="pass e.g. --min-tiles 1 --max-tiles 12")
+    return replace(base, min_tiles=lo, max_tiles=hi, thumbnail=True if a.thumbnail is None else a.thumbnail)
+
+
+def _resolve_native(a: StrategyArgs, base: StrategyCfg, bb: BackboneFacts) -> StrategyCfg:
+    if not accepts_any_size(bb.family, bb.model_type, bb.output_shape):
+        raise ConfigError("--strategy native needs a backbone that accepts any input size, and this one has "
+                          "a fixed position embedding", given=f"{bb.family} {bb.model_type}".strip(),
+                          expected="a ConvNet, a timm ViT (built with dynamic_img_size=True) or DINOv2",
+                          fix="use -m dinov2-l or -m timm:vit_base_patch16_224, or another --strategy")
+    lo = a.min_pixels if a.min_pixels is not None else QWEN2_MIN_PIXELS
+    hi = a.max_pixels if a.max_pixels is not None else QWEN2_MAX_PIXELS
+    if lo > hi:
+        raise ConfigError("--min-pixels is above --max-pixels", given=(lo, hi),
+                          fix=f"e.g. --min-pixels {QWEN2_MIN_PIXELS} --max-pixels {QWEN2_MAX_PIXELS}")
+    return replace(base, factor=2 * bb.patch, min_pixels=lo, max_pixels=hi)
+
+
+def _resolve_dual(a: StrategyArgs, base: StrategyCfg, bb: BackboneFacts) -> StrategyCfg:
+    tile, sizes = bb.tile, tuple(a.img_sizes)
     if a.fit == "keep":
         raise ConfigError("dual cuts a square image, and --fit keep keeps the aspect ratio", given=a.fit,
                           expected="crop | squash | pad", fix="pass --fit crop (or squash, pad)")
@@ -611,3 +574,254 @@ def resolve_strategy(a: StrategyArgs, tile: int, patch: int, family: str, model_
         raise ConfigError("dual needs an image side that is n tiles, n >= 2", given=side,
                           expected=f"a multiple of {tile}, e.g. {3 * tile}", fix=f"pass --img-sizes {3 * tile}")
     return replace(base, img_sizes=(side,))
+
+
+# ---- the registry: one record per strategy --------------------------------------------------------------------
+@dataclass(frozen=True)
+class ImagePlan:
+    """What the S² engine does with one image: the fitted size, per-scale sizes, tiles, and the output grid."""
+
+    fitted_hw: tuple[int, int]
+    engine_sizes: list  # passed to multiscale_forward as img_sizes: ints (square) or (h, w) tuples
+    s2: S2Plan
+    grid_hw: tuple[int, int]
+    tokens: int
+    channels: int
+
+
+def plan_image(res: Any, orig_hw: tuple[int, int]) -> ImagePlan:
+    """The S² plan of one image of `orig_hw` under the resolved config `res`."""
+    bb = res.backbone
+    fitted = fit_size(orig_hw, res.fit, res.side)
+    if fitted[0] == fitted[1]:
+        sizes: list = list(res.img_sizes)
+    else:
+        sizes = [(fitted[0] * s // res.side, fitted[1] * s // res.side) for s in res.img_sizes]
+    s2 = plan_multiscale(fitted, img_sizes=sizes, max_split_size=res.max_split_size, split_mode=res.split_mode)
+    tile = s2.scales[res.resize_output_to_idx].tile
+    grid = s2.feature_grid(res.resize_output_to_idx, bb.feature_hw(tile))
+    return ImagePlan(fitted, sizes, s2, grid, bb.num_prefix_tokens + grid[0] * grid[1], bb.channels * len(sizes))
+
+
+def plan_strategy_image(res: Any, orig_hw: tuple[int, int]) -> tuple[StrategyPlan, OutLayout]:
+    """A dynamic-resolution strategy's plan of one image and the layout of its output tokens."""
+    bb = res.backbone
+    plan = plan_strategy(res.strategy_cfg, orig_hw)
+    return plan, out_layout(res.strategy_cfg, plan, bb.feature_hw, bb.channels, bb.num_prefix_tokens)
+
+
+@dataclass(frozen=True)
+class Strategy:
+    """One entry of the registry: how a strategy is configured, planned, rendered, computed and stored. Every stage
+    of a run asks the run's strategy (`strategy_of(res)`) to do its part, never which strategy it is."""
+
+    name: str
+    summary: str
+    uses: tuple[str, ...] = ()  # the strategy options it reads; any other one given is an error
+    device_decode: bool = False  # --decode torch (JPEGs decoded and fitted on the device) applies
+    any_size: bool = False  # the backbone is built to accept inputs of any size
+
+    def resolve(self, a: StrategyArgs, bb: BackboneFacts) -> StrategyCfg | None:
+        """The strategy's settings, its defaults filled from its source (None: nothing to save)."""
+        raise NotImplementedError
+
+    def plan_entry(self, res: Any, orig_hw: tuple[int, int]) -> tuple[dict[str, Any], list[tuple[Any, int]]]:
+        """One image's dry-run entry (fitted_hw, tiles, grids, output_shape, ...) and its backbone inputs as
+        (tile (h, w), count) pairs."""
+        raise NotImplementedError
+
+    def render(self, im: Any, fit: Any) -> Any:
+        """In the decode worker: the decoded RGB image -> the engine's uint8 input(s), (3, H, W) each."""
+        raise NotImplementedError
+
+    def sink_shape(self, res: Any) -> dict[str, Any]:
+        """The writer's shape: channels, num_scales (img_sizes entries per image), tokens (None: ragged)."""
+        raise NotImplementedError
+
+    def compute(self, ex: Any, recs: list[dict[str, Any]], on_fail: Callable[[dict], None]) -> list[Callable[[], list]]:
+        """Start the backbone on a batch of decoded records (`ex`: the run's Extractor); return what waits for
+        each part of it and gives (rec, features, pooled) triples."""
+        raise NotImplementedError
+
+    def item(self, res: Any, rec: dict[str, Any], feats: Any, pooled: Any) -> dict[str, Any]:
+        """What the writer stores for one image: key, source, meta, sizes, grid, features, pooled."""
+        raise NotImplementedError
+
+    def pictures(self, res: Any, orig_hw: tuple[int, int], views: list[Any]) -> list[tuple[Any, str, list]]:
+        """For `s2 viz plan`: each scale's or view's picture, (3, H, W) uint8 made from the decoded `views`, with a
+        label and the boxes (top, left, bottom, right) of its backbone inputs."""
+        raise NotImplementedError
+
+    def engine_kwargs(self, res: Any, orig_hw: tuple[int, int]) -> dict[str, Any] | None:
+        """`multiscale_forward`'s arguments for an image of `orig_hw`, or None if the strategy does not run the S²
+        engine (benchmarks compare it with the reference implementation)."""
+        return None
+
+
+def _item(res: Any, rec: dict[str, Any], grid_hw: tuple[int, int], sizes: list, feats: Any, pooled: Any) -> dict[str, Any]:
+    return {"key": rec["key"], "source": rec["source"], "meta": rec.get("meta"), "orig_hw": rec["orig_hw"],
+            "grid_hw": grid_hw, "img_sizes": sizes, "num_prefix_tokens": res.backbone.num_prefix_tokens,
+            "split_mode": res.split_mode, "features": None if feats is None else feats.numpy(),
+            "pooled": None if pooled is None else pooled.numpy()}
+
+
+@dataclass(frozen=True)
+class S2Strategy(Strategy):
+    """The S²-Wrapper engine (tiling.py): the image fitted once to the largest scale, every scale derived from it
+    on the device, all tiles of all scales batched."""
+
+    def resolve(self, a: StrategyArgs, bb: BackboneFacts) -> StrategyCfg | None:
+        return None
+
+    def plan_entry(self, res: Any, orig_hw: tuple[int, int]) -> tuple[dict[str, Any], list[tuple[Any, int]]]:
+        p = plan_image(res, orig_hw)
+        entry = {"fitted_hw": list(p.fitted_hw), "tiles": p.s2.num_tiles, "grids": p.s2.grids,
+                 "output_shape": [p.tokens, p.channels]}
+        return entry, [(sp.tile, sp.num_tiles) for sp in p.s2.scales]
+
+    def render(self, im: Any, fit: Any) -> Any:
+        return fit_to_array(im, fit)
+
+    def sink_shape(self, res: Any) -> dict[str, Any]:
+        first = plan_image(res, (res.side, res.side))
+        return {"channels": first.channels, "num_scales": len(res.img_sizes),
+                "tokens": first.tokens if res.fit != "keep" else None, "tokens_per_image": first.tokens}
+
+    def compute(self, ex: Any, recs: list[dict[str, Any]], on_fail: Callable[[dict], None]) -> list[Callable[[], list]]:
+        return ex.submit_s2(recs, on_fail)
+
+    def engine_kwargs(self, res: Any, orig_hw: tuple[int, int]) -> dict[str, Any] | None:
+        bb = res.backbone
+        return dict(img_sizes=plan_image(res, orig_hw).engine_sizes, max_split_size=res.max_split_size,
+                    split_mode=res.split_mode, resize_output_to_idx=res.resize_output_to_idx,
+                    num_prefix_token=bb.num_prefix_tokens, output_shape=bb.output_shape, antialias=res.antialias)
+
+    def pictures(self, res: Any, orig_hw: tuple[int, int], views: list[Any]) -> list[tuple[Any, str, list]]:
+        """The fitted image at every scale (the largest is the view itself; smaller ones resized with Pillow's
+        bicubic for the picture, where the engine resizes the normalized tensor) and its tiles."""
+        from PIL import Image
+
+        fitted, out = views[0], []
+        for sp in plan_image(res, orig_hw).s2.scales:
+            pic = fitted
+            if tuple(sp.canvas) != tuple(fitted.shape[1:]):
+                im = Image.fromarray(fitted.transpose(1, 2, 0)).resize((sp.canvas[1], sp.canvas[0]), Image.BICUBIC)
+                pic = to_uint8_array(im)
+            th, tw = sp.tile
+            boxes = [(r * th, c * tw, (r + 1) * th, (c + 1) * tw) for r in range(sp.grid[0]) for c in range(sp.grid[1])]
+            out.append((pic, f"scale {sp.size[0]}x{sp.size[1]} {sp.grid[0]}x{sp.grid[1]}", boxes))
+        return out
+
+    def item(self, res: Any, rec: dict[str, Any], feats: Any, pooled: Any) -> dict[str, Any]:
+        plan = plan_image(res, tuple(rec["orig_hw"]))
+        sizes = [(s, s) if isinstance(s, int) else tuple(s) for s in plan.engine_sizes]
+        return _item(res, rec, plan.grid_hw, sizes, feats, pooled)
+
+
+@dataclass(frozen=True)
+class ViewStrategy(Strategy):
+    """A dynamic-resolution strategy: views rendered from the original pixels by the decode workers, cut into
+    backbone inputs, run together, then merged into the image's output maps."""
+
+    resolver: Callable[[StrategyArgs, StrategyCfg, BackboneFacts], StrategyCfg] | None = None
+    planner: Callable[[StrategyCfg, tuple[int, int]], StrategyPlan] | None = None
+    layout: Callable[..., list[tuple[str, tuple[int, int]]]] | None = None
+    merger: Callable[..., list[torch.Tensor]] | None = None
+    channel_groups: tuple[str, ...] = ("features",)  # what each channel slice of the output holds
+    views: int = 2  # views an image can have (an absent thumbnail counts)
+    per_scale: bool = False  # one view and one channel group per scale (cfg.img_sizes) instead
+
+    def groups(self, cfg: StrategyCfg) -> tuple[str, ...]:
+        return tuple(f"scale{i}" for i in range(len(cfg.img_sizes))) if self.per_scale else self.channel_groups
+
+    def max_views(self, cfg: StrategyCfg) -> int:
+        return len(cfg.img_sizes) if self.per_scale else self.views
+
+    def resolve(self, a: StrategyArgs, bb: BackboneFacts) -> StrategyCfg | None:
+        return self.resolver(a, StrategyCfg(name=self.name, tile=bb.tile, fit=a.fit), bb)  # type: ignore[misc]
+
+    def plan_entry(self, res: Any, orig_hw: tuple[int, int]) -> tuple[dict[str, Any], list[tuple[Any, int]]]:
+        plan, lay = plan_strategy_image(res, orig_hw)
+        entry = {"fitted_hw": list(max((v.canvas for v in plan.views), key=lambda hw: hw[0] * hw[1])),
+                 "tiles": plan.num_tiles, "grids": plan.grids, "output_shape": [lay.tokens, lay.channels],
+                 "strategy": plan.strategy, "views": [v.name for v in plan.views]}
+        return entry, [(v.tile, v.num_inputs) for v in plan.views]
+
+    def render(self, im: Any, fit: Any) -> Any:
+        return render_views(im, plan_strategy(fit.strategy, (im.height, im.width)), fit)
+
+    def sink_shape(self, res: Any) -> dict[str, Any]:
+        cfg = res.strategy_cfg
+        return {"channels": res.backbone.channels * len(self.groups(cfg)), "num_scales": self.max_views(cfg),
+                "tokens": None, "tokens_per_image": None}
+
+    def compute(self, ex: Any, recs: list[dict[str, Any]], on_fail: Callable[[dict], None]) -> list[Callable[[], list]]:
+        done = ex.with_retry(ex.strategy_features, recs, on_fail)
+        return [lambda: done]
+
+    def pictures(self, res: Any, orig_hw: tuple[int, int], views: list[Any]) -> list[tuple[Any, str, list]]:
+        """Each view as rendered (views cut from one source show that source) with its inputs (strided: one box)."""
+        plan = plan_strategy(res.strategy_cfg, orig_hw)
+        out = []
+        for i, v in enumerate(plan.views):
+            label = f"{v.name} {v.grid[0]}x{v.grid[1]}" + (" strided" if v.cut == "strided" else "")
+            boxes = v.boxes()[:1] if v.cut == "strided" else v.boxes()
+            out.append((views[0 if plan.same_source else i], label, boxes))
+        return out
+
+    def item(self, res: Any, rec: dict[str, Any], feats: Any, pooled: Any) -> dict[str, Any]:
+        """`img_sizes` holds each view's canvas ((0, 0) for an absent one), and `plan` (JSON) the strategy, views
+        with their grids and tiles, tile count, thumbnail/base, and output maps."""
+        plan, lay = plan_strategy_image(res, tuple(rec["orig_hw"]))
+        sizes = [list(v.canvas) for v in plan.views]
+        sizes += [[0, 0]] * (self.max_views(res.strategy_cfg) - len(sizes))
+        meta = {"strategy": plan.strategy, "tiles": plan.num_tiles, "grids": plan.grids,
+                "views": [{"name": v.name, "grid": list(v.grid), "tile": list(v.tile), "resize": list(v.resize),
+                           "canvas": list(v.canvas), "cut": v.cut} for v in plan.views],
+                "thumbnail": plan.view("thumbnail") is not None, "base": plan.view("base") is not None,
+                "output_grid": list(lay.grid_hw), "output": lay.to_dict()}
+        return {**_item(res, rec, lay.grid_hw, sizes, feats, pooled), "plan": json.dumps(meta)}
+
+
+STRATEGIES: dict[str, Strategy] = {s.name: s for s in (
+    S2Strategy("s2", "S²-Wrapper: every scale fitted from one image, tiles of the backbone's size, stitched, "
+                     "area-pooled to one grid, concatenated on channels", device_decode=True),
+    ViewStrategy("dynamic-s2", "NVILA: every scale but the last squashed to k x k tiles, the last scale's grid by the "
+                               "InternVL rule", uses=("max_tiles",), resolver=_resolve_dynamic_s2,
+                 planner=_plan_dynamic_s2, layout=_layout_dynamic_s2, merger=_merge_dynamic_s2,
+                 per_scale=True),
+    ViewStrategy("anyres", "LLaVA-NeXT / OneVision: best pinpoint, resize + centered black pad, squashed base image first",
+                 uses=("grid_pinpoints", "anyres_max"), resolver=_resolve_anyres, planner=_plan_anyres,
+                 layout=_layout_anyres, merger=_merge_anyres),
+    ViewStrategy("internvl", "InternVL 1.5: min..max tiles by the InternVL rule, squashed thumbnail last",
+                 uses=("min_tiles", "max_tiles", "thumbnail"), resolver=_resolve_internvl, planner=_plan_internvl,
+                 layout=_layout_internvl, merger=_merge_internvl),
+    ViewStrategy("native", "Qwen2-VL: smart_resize to multiples of a factor, one input of any size",
+                 uses=("min_pixels", "max_pixels"), any_size=True, resolver=_resolve_native, planner=_plan_native,
+                 layout=_layout_native, merger=_merge_native, views=1),
+    ViewStrategy("dual", "INF-LLaVA: local tiles and strided sub-images of one n*S image, recombined into two maps",
+                 resolver=_resolve_dual, planner=_plan_dual, layout=_layout_dual, merger=_merge_dual,
+                 channel_groups=("local", "interleaved")),
+)}
+
+
+def strategy_of(res: Any) -> Strategy:
+    """The registry's record of a resolved config's strategy."""
+    return STRATEGIES[res.strategy]
+
+
+def resolve_strategy(a: StrategyArgs, bb: BackboneFacts) -> StrategyCfg | None:
+    """Validate the strategy options and fill the strategy's defaults from its source (None for s2)."""
+    if a.strategy not in STRATEGIES:
+        raise ConfigError("--strategy is not known", given=a.strategy, expected=" | ".join(STRATEGIES),
+                          fix="pass --strategy s2 (the S²-Wrapper), or one of the dynamic-resolution strategies")
+    record = STRATEGIES[a.strategy]
+    stray = [f for f in a.set_fields if f not in record.uses]
+    if stray:
+        users = [s.name for s in STRATEGIES.values() if stray[0] in s.uses]
+        raise ConfigError(f"{OPTION_FLAGS[stray[0]]} does not apply to --strategy {a.strategy}", given=stray,
+                          expected="options of " + " or ".join(users),
+                          fix=f"drop {OPTION_FLAGS[stray[0]]}, or pass --strategy {users[0]}")
+    for name in ("min_tiles", "max_tiles", "anyres_max", "min_pixels", "max_pixels"):
+        _positive(name, getattr(a, name))
+    return record.resolve(a, bb)

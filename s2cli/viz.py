@@ -9,7 +9,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageOps
+from PIL import Image, ImageDraw
+
+from .sources import load_rgb
 
 PANEL = 256  # the longer side of every panel, in pixels
 LABEL = 18  # height of the label strip above the panels
@@ -54,33 +56,17 @@ def _compose(items: list[tuple[Image.Image, str, tuple[int, int, int], float, tu
 
 
 def plan_figure(path: str | Path, res: Any) -> tuple[Image.Image, list[Panel]]:
-    """One panel per scale (s2) or view (other strategies): the image as that view renders it, with its tiles."""
-    from .pipeline import plan_image, plan_strategy_image
-    from .sources import Fit, fit_image, render_views
+    """One panel per scale (s2) or view (other strategies): the image exactly as the backbone receives it (the
+    extraction's own decode and fit: `s2cli.views`), with its tiles."""
+    from .plan import decoded
+    from .strategies import strategy_of
 
-    with Image.open(path) as raw:
-        im = ImageOps.exif_transpose(raw).convert("RGB")
+    orig_hw, arrays = decoded(path, res)
     items = []
-    if res.strategy is not None:
-        plan, _ = plan_strategy_image(res, (im.height, im.width))
-        fit = Fit(res.fit, res.side, res.backbone.mean, res.strategy)
-        arrays = render_views(im, plan, fit)
-        for i, v in enumerate(plan.views):
-            a = arrays[0 if plan.same_source else i]
-            size, f = _panel_size(v.canvas)
-            pic = Image.fromarray(a.transpose(1, 2, 0)).resize(size, Image.BILINEAR)
-            label = f"{v.name} {v.grid[0]}x{v.grid[1]}" + (" strided" if v.cut == "strided" else "")
-            boxes = v.boxes()[:1] if v.cut == "strided" else v.boxes()
-            items.append((pic, label, PALETTE[i % len(PALETTE)], f, boxes))
-    else:
-        p = plan_image(res, (im.height, im.width))
-        fitted = fit_image(im, res.fit, res.side, res.backbone.mean)
-        for i, sp in enumerate(p.s2.scales):
-            size, f = _panel_size(sp.canvas)
-            pic = fitted.resize((sp.canvas[1], sp.canvas[0]), Image.BICUBIC).resize(size, Image.BILINEAR)
-            th, tw = sp.tile
-            boxes = [(r * th, c * tw, (r + 1) * th, (c + 1) * tw) for r in range(sp.grid[0]) for c in range(sp.grid[1])]
-            items.append((pic, f"scale {sp.size[0]}x{sp.size[1]} {sp.grid[0]}x{sp.grid[1]}", PALETTE[i % len(PALETTE)], f, boxes))
+    for i, (a, label, boxes) in enumerate(strategy_of(res).pictures(res, orig_hw, arrays)):
+        size, f = _panel_size(a.shape[1:])
+        pic = Image.fromarray(a.transpose(1, 2, 0)).resize(size, Image.BILINEAR)
+        items.append((pic, label, PALETTE[i % len(PALETTE)], f, boxes))
     return _compose(items)
 
 
@@ -126,8 +112,8 @@ def features_figure(ff: Any, key: str) -> tuple[Image.Image, list[Panel]]:
     items = []
     src = Path(ff.meta(key)["source"])
     if src.is_file():
-        with Image.open(src) as raw:
-            im = ImageOps.exif_transpose(raw).convert("RGB")
+        with open(src, "rb") as fh:
+            im, _ = load_rgb(fh)  # decoded as the extraction decodes it
         size, f = _panel_size((im.height, im.width))
         items.append((im.resize(size, Image.BILINEAR), key, (0, 0, 0), f, ()))
     for label, fm in feature_maps(ff, key):

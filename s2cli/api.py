@@ -1,0 +1,100 @@
+"""The library's front door: `extract` puts a run together (settings, rank, device, target, backbone), runs it and
+returns its `Summary`; `plan` is the dry run. The CLI, `s2 bench`, the benchmarks, `--devices` workers and SLURM
+tasks all go through `extract`."""
+from __future__ import annotations
+
+from typing import Any
+
+from . import backbones
+from .config import Resolved, resolve_options
+from .errors import S2Error
+from .plan import dry_run
+from .sources import Input, open_input
+from .strategies import strategy_of
+
+
+class Progress:
+    """What `extract` tells about a run as it goes; subclass it for a progress bar. The default says nothing."""
+
+    def start(self, res: Resolved, total: int | None, done_before: int, shards_before: int, rank: int) -> None:
+        """The run starts: `total` images in its share of the input (None: not known up front), `done_before`
+        images (done or failed) and `shards_before` shards from an earlier run of this output; `rank` of this
+        process among the ranks sharing the output."""
+
+    def update(self, done: int, failed: int, shards: int) -> None:
+        """So far in this run: images written, failed, shards written."""
+
+    def note(self, message: str) -> None:
+        """A line worth telling (the output name when it was chosen for the user, a resume)."""
+
+    def finish(self) -> None:
+        """The run ended (done, or failed with an exception)."""
+
+
+def settings(input: str, output: str | None = None, *, recipe: str | None = None, **options: Any) -> Resolved:
+    """The resolved settings of a run (defaults < recipe < options), checked before any weights load."""
+    return resolve_options(input, output, recipe, **options)
+
+
+def open_inputs(res: Resolved) -> Input:
+    """The run's input, listed (folders, lists) or named (shards)."""
+    return open_input(res.input, res.input_format, res.shard_size, res.limit, res.image_key)
+
+
+def plan(input: str, output: str | None = None, *, recipe: str | None = None, config: Resolved | None = None,
+         **options: Any) -> dict[str, Any]:
+    """The dry run: every image's plan from its header (tiles per scale or view, output tokens x channels, bytes)
+    and the totals. No weights, no model, no pixels, no torch."""
+    res = config if config is not None else settings(input, output, recipe=recipe, **options)
+    return dry_run(res, open_inputs(res))
+
+
+def extract(input: str | Input, output: str | None = None, *, recipe: str | None = None,
+            config: Resolved | None = None, overwrite: bool = False, progress: Progress | None = None,
+            backbone: Any = None, **options: Any) -> Any:
+    """Extract multi-scale features of every image of `input` into `output` and return the run's `Summary`.
+
+    `input`: a folder, a .txt/.csv/.parquet list, WebDataset shards (a brace pattern, a glob, a folder of .tar,
+    pipe:CMD), or an `Input` built in memory. `output`: a .h5 or .safetensors file, or `OUTDIR/` for resumable
+    shards (default `<input>.<model>.h5` here). `options` are the settings of `s2 extract` by their Python names
+    (model, scales, img_sizes, batch_size, workers, device, strategy, pool, ... : see `ExtractConfig`), over the
+    recipe's; or pass `config`, already resolved by `settings`. `backbone`: an already loaded `Backbone` to reuse.
+    Under torchrun or SLURM this process extracts its rank's share into the shared `OUTDIR/`.
+
+        >>> s = s2cli.extract("photos/", "feats.h5", model="clip-vit-l-336", scales=(1, 2, 3))
+        >>> s.num_images, s.images_per_s
+    """
+    from .launch import discover_rank, pin_device, rank_device
+    from .run import Run, Target
+
+    spec = input.spec if isinstance(input, Input) else input
+    res = config if config is not None else settings(spec, output, recipe=recipe, **options)
+    inp = input if isinstance(input, Input) else open_inputs(res)
+    rank = discover_rank()
+    device = rank_device(res.device, rank)
+    target = Target(res, inp, overwrite, rank)  # refuses a clashing output before any weights load
+    pin_device(device)  # before the model loads
+    try:
+        backbone = backbone if backbone is not None else load(res)
+    except BaseException as e:
+        target.close("failed", e.one_line() if isinstance(e, S2Error) else f"{type(e).__name__}: {e}")
+        raise
+    progress = progress or Progress()
+    if output is None and config is None:
+        progress.note(f"writing {res.output}")
+    if target.done:
+        progress.note(f"resuming {res.output}: {len(target.done)} shards ({target.images_done_before} images) already done")
+    total = None if inp.total is None or rank.world > 1 else inp.total  # a rank does only its share
+    progress.start(res, total, target.images_done_before + target.failures_before, len(target.done), rank.rank)
+    try:
+        return Run(res, inp, target, backbone, device, on_progress=progress.update).execute()
+    finally:
+        progress.finish()
+
+
+def load(res: Resolved) -> Any:
+    """The backbone of these settings, loaded (weights, --random-init) on the CPU."""
+    return backbones.load_backbone(res.backbone, weights=res.weights, random_init=res.random_init, seed=res.seed,
+                                   any_size=strategy_of(res).any_size)
+
+

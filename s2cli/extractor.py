@@ -1,0 +1,229 @@
+"""Extractor: the backbone on its device. Normalizes fitted uint8 images there, runs the S² engine (all tiles of
+all scales in as few backbone calls as allowed) or a strategy's grouped calls and merge, pools, and hands the
+features back on the host in the storage dtype; a failed call is retried image by image, non-finite features
+are recorded instead of stored."""
+from __future__ import annotations
+
+import time
+from typing import Any, Callable
+
+import torch
+
+from .backbones import Backbone
+from .config import Resolved
+from .errors import ConfigError
+from .sources import Fit, Sample, failure
+from .strategies import cut_view, grouped_calls, merge as merge_views, outputs_to_maps, plan_image, plan_strategy_image
+from .tiling import multiscale_forward
+
+# (rec, features, pooled) for one image, features and pooled on the host (or None)
+Result = tuple[dict[str, Any], Any, Any]
+
+
+def use_channels_last(res: Resolved) -> bool:
+    """--channels-last, or by default on for ConvNets (bchw backbones), on CUDA and on the CPU alike
+    (benchmarks/cpu_extract.py compares both), off for ViTs."""
+    if res.channels_last is not None:
+        return res.channels_last
+    return res.backbone.output_shape == "bchw"
+
+
+def normalize_images(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """uint8 (3, H, W) or (B, 3, H, W) -> (x / 255 - mean) / std in `dtype` (mean, std shaped (3, 1, 1)). One
+    float copy, then in place (out of place held three float copies of the batch at its largest scale at once);
+    the same operations in the same order, so the same values."""
+    x = images.to(torch.float32, copy=True).div_(255)  # a copy even if given floats: never the caller's tensor
+    x.sub_(mean).div_(std)
+    return x.to(dtype)
+
+
+def _pool(tokens: torch.Tensor, pool: str, prefix: int, dim: int) -> torch.Tensor | None:
+    """--pool mean (over the spatial tokens) | cls (the first token) | none, over tokens laid out on `dim`."""
+    if pool == "mean":
+        return tokens.narrow(dim, prefix, tokens.shape[dim] - prefix).float().mean(dim=dim)
+    if pool == "cls":
+        return tokens.select(dim, 0)
+    return None
+
+
+class Extractor:
+    """Holds the loaded backbone on its device; `submit(images)` starts the engine on fitted uint8 images (the
+    copies to and from the device do not block on CUDA), `features(images)` waits for the result."""
+
+    def __init__(self, res: Resolved, backbone: Backbone, device: torch.device, dtype: torch.dtype, fit: Fit | None = None):
+        from .devicepath import Transfer
+
+        self.res, self.backbone, self.device, self.dtype, self.fit = res, backbone, device, dtype, fit
+        bb = res.backbone
+        self.mean = torch.tensor(bb.mean, device=device).view(3, 1, 1)  # broadcasts over (3, H, W) and (B, 3, H, W)
+        self.std = torch.tensor(bb.std, device=device).view(3, 1, 1)
+        self.out_dtype = torch.float16 if res.dtype == "float16" else torch.float32
+        # stage timing, host seconds: normalize on the device; engine + copy back (+ waiting for it on CUDA)
+        self.seconds = {"preprocess": 0.0, "forward": 0.0}
+        self.decode_seconds = {"decode": 0.0, "fit": 0.0}  # --decode torch, on the device
+        self.transfer = Transfer(device)
+        backbone.to(device, dtype)
+        if use_channels_last(res):
+            backbone.channels_last()
+        if res.compile:
+            backbone.compile()
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        return normalize_images(images, self.mean, self.std, self.dtype)
+
+    def _waited(self, s: float) -> None:
+        self.seconds["forward"] += s
+
+    @torch.inference_mode()
+    def submit(self, images: torch.Tensor | list[torch.Tensor], engine_sizes: list) -> Any:
+        """uint8 (B, 3, H, W) or a list of (3, H, W), on the host or the device -> a `devicepath.Pending` whose
+        result() is (features (B, T, C) or None with --pool-only, pooled (B, C) or None), on the CPU in the
+        storage dtype. On CUDA the batch goes up through pinned memory on a side stream and comes back into pinned
+        buffers, so this returns while the GPU computes."""
+        res, bb = self.res, self.res.backbone
+        t0 = time.perf_counter()
+        x = self.normalize(self.transfer.to_device(images))
+        t1 = time.perf_counter()
+        out = multiscale_forward(
+            self.backbone, x, img_sizes=engine_sizes, max_split_size=res.max_split_size,
+            split_mode=res.split_mode, resize_output_to_idx=res.resize_output_to_idx,
+            num_prefix_token=bb.num_prefix_tokens, output_shape=bb.output_shape, antialias=res.antialias,
+            max_batch=res.max_tiles_per_call)
+        if bb.output_shape == "bchw":
+            out = out.flatten(2).transpose(1, 2)
+        pooled = _pool(out, res.pool, bb.num_prefix_tokens, dim=1)
+        pooled = None if pooled is None else pooled.to(self.out_dtype)
+        feats = None if res.pool_only else out.to(self.out_dtype)
+        pending = self.transfer.to_host(feats, pooled, on_wait=self._waited)
+        self.seconds["preprocess"] += t1 - t0
+        self.seconds["forward"] += time.perf_counter() - t1
+        return pending
+
+    def features(self, images: torch.Tensor | list[torch.Tensor], engine_sizes: list) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """`submit` and wait: (features, pooled) on the CPU."""
+        return self.submit(images, engine_sizes).result()
+
+    def submit_s2(self, recs: list[dict[str, Any]], on_fail: Callable[[dict], None]) -> list[Callable[[], list[Result]]]:
+        """The S² engine on a batch: JPEG bytes (--decode torch) decoded and fitted on the device first, then one
+        engine call per image shape. Returns, per call, what waits for it and gives its results."""
+        if any("jpeg" in r for r in recs):
+            recs = self._device_decode(recs, on_fail)
+        groups: dict[tuple[int, ...], list[dict]] = {}
+        for rec in recs:
+            groups.setdefault(tuple(rec["image"].shape), []).append(rec)
+        return [self._submit_group(g, plan_image(self.res, tuple(g[0]["orig_hw"])).engine_sizes, on_fail)
+                for g in groups.values()]
+
+    def _device_decode(self, recs: list[dict[str, Any]], on_fail: Callable[[dict], None]) -> list[dict[str, Any]]:
+        from .devicepath import decode_batch
+
+        todo = [r for r in recs if "jpeg" in r]
+        decode_batch(todo, self.fit, self.device)
+        for r in todo:
+            d, f = r.pop("device_seconds")
+            self.decode_seconds["decode"] += d
+            self.decode_seconds["fit"] += f
+        for r in recs:
+            if r["error"] is not None:
+                on_fail(r["error"])
+        return [r for r in recs if r["error"] is None]
+
+    def _submit_group(self, recs: list[dict[str, Any]], engine_sizes: list,
+                      on_fail: Callable[[dict], None]) -> Callable[[], list[Result]]:
+        """Start the engine on images of one shape (one call; on CUDA it returns while the GPU works) and return
+        what waits for it. If the call fails, each image is retried alone (`with_retry`)."""
+        def compute(rs: list[dict[str, Any]]) -> list[tuple[Any, Any]]:
+            feats, pooled = self.features([r["image"] for r in rs], engine_sizes)
+            return [(None if feats is None else feats[i], None if pooled is None else pooled[i]) for i in range(len(rs))]
+
+        try:
+            pending = self.submit([r["image"] for r in recs], engine_sizes)
+        except ConfigError:
+            raise
+        except Exception as e:
+            done = self.with_retry(compute, recs, on_fail, failed=e)
+            return lambda: done
+
+        def resolve() -> list[Result]:
+            try:
+                feats, pooled = pending.result()
+            except ConfigError:
+                raise
+            except Exception as e:
+                return self.with_retry(compute, recs, on_fail, failed=e)
+            return self.finite([(r, None if feats is None else feats[i], None if pooled is None else pooled[i])
+                                for i, r in enumerate(recs)], on_fail)
+        return resolve
+
+    @torch.inference_mode()
+    def strategy_features(self, recs: list[dict[str, Any]]) -> list[tuple[torch.Tensor | None, torch.Tensor | None]]:
+        """A dynamic-resolution strategy over images whose views were rendered by the decode workers: the inputs
+        of every view of every image go through the backbone together (one call per input size, capped by
+        --max-tiles-per-call), then each image's features are merged. Returns (features (T, C), pooled (C,))."""
+        res, bb = self.res, self.res.backbone
+        t0 = time.perf_counter()
+        plans = [plan_strategy_image(res, tuple(r["orig_hw"])) for r in recs]
+        inputs = []
+        for (plan, _), r in zip(plans, recs):
+            pix = [self.normalize(a.to(self.device)) for a in r["image"]]
+            inputs += [cut_view(pix[0 if plan.same_source else i], v) for i, v in enumerate(plan.views)]
+        t1 = time.perf_counter()
+        outs = iter(grouped_calls(self.backbone, inputs, res.max_tiles_per_call))
+        results = []
+        for plan, lay in plans:
+            per_view = [outputs_to_maps(next(outs), bb.num_prefix_tokens, bb.output_shape, bb.feature_hw(v.tile))
+                        for v in plan.views]
+            tokens = merge_views(res.strategy_cfg, plan, per_view, lay)
+            pooled = _pool(tokens, res.pool, lay.prefix, dim=0)
+            results.append((None if res.pool_only else tokens.to(self.out_dtype).cpu(),
+                            None if pooled is None else pooled.to(self.out_dtype).cpu()))
+        self.seconds["preprocess"] += t1 - t0
+        self.seconds["forward"] += time.perf_counter() - t1
+        return results
+
+    def with_retry(self, compute: Callable[[list[dict[str, Any]]], list[tuple[Any, Any]]], recs: list[dict[str, Any]],
+                   on_fail: Callable[[dict], None], failed: Exception | None = None) -> list[Result]:
+        """(rec, features, pooled) for images computed together. If that call fails (or already `failed`), each
+        image is retried alone so only the image that fails is recorded (stage "model"); a configuration error
+        stops the run."""
+        if failed is None:
+            try:
+                return self.finite([(r, f, p) for r, (f, p) in zip(recs, compute(recs))], on_fail)
+            except ConfigError:
+                raise
+            except Exception as e:
+                failed = e
+        if len(recs) == 1:
+            on_fail(failure(Sample(recs[0]["key"], recs[0]["source"]), "model", failed))
+            return []
+        out = []
+        for r in recs:
+            try:
+                out.append((r, *compute([r])[0]))
+            except ConfigError:
+                raise
+            except Exception as e:
+                on_fail(failure(Sample(r["key"], r["source"]), "model", e))
+        return self.finite(out, on_fail)
+
+    def finite(self, results: list[Result], on_fail: Callable[[dict], None]) -> list[Result]:
+        """With --check-finite (the default), an image whose stored features or pooled vector hold NaN or Inf (an
+        fp16 overflow, a broken checkpoint) is recorded (stage "model", NonFiniteFeatures) instead of written."""
+        res = self.res
+        if not res.check_finite:
+            return results
+        kept = []
+        for r, f, p in results:
+            bad = [(name, t) for name, t in (("features", f), ("pooled", p))
+                   if t is not None and not bool(torch.isfinite(t).all())]
+            if not bad:
+                kept.append((r, f, p))
+                continue
+            name, t = bad[0]
+            nan, inf = int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
+            hint = ("the float16 storage overflowed: use --dtype float32" if res.dtype == "float16" and f is not None
+                    else "try --precision fp32" if res.precision != "fp32" else "check the weights")
+            on_fail(failure(Sample(r["key"], r["source"]), "model",
+                            f"{name} hold {nan} NaN and {inf} Inf values of {t.numel()}; {hint} "
+                            "(--no-check-finite stores them anyway)", "NonFiniteFeatures"))
+        return kept

@@ -1,0 +1,110 @@
+"""Planning, without torch: what the engine does with each image, from its header and the backbone's config alone
+(`plan_image`, `dry_run`), and `views`: the decoded, fitted pixels of one image exactly as the backbone receives
+them, through the extraction's own decode path (`sources.decode_sample`)."""
+from __future__ import annotations
+
+import os
+from dataclasses import replace
+from typing import Any, Iterator
+
+import numpy as np
+
+from .config import Resolved, itemsize, resolve_options
+from .errors import ConfigError
+from .sources import Fit, Input, Sample, decode_sample, failure, image_size
+from .strategies import strategy_of
+
+
+def fit_of(res: Resolved) -> Fit:
+    """How the decode workers bring every image of this config to the engine's input."""
+    return Fit(res.fit, res.side, res.backbone.mean, res.strategy_cfg, res.decode, strategy_of(res).render)
+
+
+def plan_entry(res: Resolved, orig: tuple[int, int]) -> tuple[dict[str, Any], float | None]:
+    """One image's dry-run entry (fitted_hw, tiles = every backbone input, grids, output_shape, and the
+    strategy's own fields) and its FLOPs (None when the backbone's FLOPs per tile are unknown)."""
+    entry, inputs = strategy_of(res).plan_entry(res, orig)
+    per_tile = [res.backbone.flops_per_tile(tile) for tile, _ in inputs]
+    flops = None if any(f is None for f in per_tile) else sum(f * n for f, (_, n) in zip(per_tile, inputs))  # type: ignore[misc]
+    return entry, flops
+
+
+def dry_run(res: Resolved, inp: Input) -> dict[str, Any]:
+    """The plan of every image, from headers only: no weights, no model, no pixels, no torch."""
+    images: list[dict[str, Any]] = []
+    unreadable: list[dict[str, str]] = []
+    total_tiles, total_flops, total_bytes, flops_known = 0, 0.0, 0, True
+    for s in _samples(inp, res.limit, unreadable):
+        try:
+            orig = image_size(s)
+        except Exception as e:
+            unreadable.append(failure(s, "read", e))
+            continue
+        entry, flops = plan_entry(res, orig)
+        nbytes = stored_bytes(res, entry["output_shape"])
+        flops_known = flops_known and flops is not None
+        images.append({"key": s.key, "orig_hw": list(orig), **entry, "bytes": nbytes})
+        total_tiles += entry["tiles"]
+        total_flops += flops or 0.0
+        total_bytes += nbytes
+    return {
+        "model": res.model, "img_sizes": list(res.img_sizes), "max_split_size": res.max_split_size,
+        "split_mode": res.split_mode, "fit": res.fit, "output": res.output, "input": inp.describe(),
+        "strategy": res.strategy, "images": images, "num_images": len(images), "unreadable": unreadable,
+        "total_tiles": total_tiles,
+        "bytes_per_image": images[0]["bytes"] if images and len({i["bytes"] for i in images}) == 1 else None,
+        "total_bytes": total_bytes, "flops_estimate": total_flops if flops_known else None,
+    }
+
+
+def stored_bytes(res: Resolved, output_shape: list[int] | tuple[int, int]) -> int:
+    """Bytes one image's stored features take (tokens x channels of the storage dtype)."""
+    return output_shape[0] * output_shape[1] * itemsize(res.dtype)
+
+
+def _samples(inp: Input, limit: int | None, unreadable: list[dict[str, str]]) -> Iterator[Sample]:
+    """Every readable sample of the input (at most `limit`); stream failures go to `unreadable`."""
+    n = 0
+    for unit in inp.units:
+        for s in unit.samples():
+            if isinstance(s, dict):
+                unreadable.append(s)
+                continue
+            yield s
+            n += 1
+            if limit and n >= limit:
+                return
+
+
+def views(image: str | os.PathLike | bytes, config: Resolved | None = None, **options: Any) -> list[np.ndarray]:
+    """The decoded, fitted views of one image for a config, as (3, H, W) uint8 arrays in backbone order: what the
+    decode workers hand the engine (EXIF orientation, alpha on white, 16-bit scaled, then the fit or the strategy's
+    rendering). S² has one view, the image fitted to the largest scale (the engine derives the smaller scales from
+    it); a dynamic-resolution strategy has one per view it renders. `config` is a resolved config; else `options`
+    are `s2cli.extract`'s keyword options (model, recipe, scales, strategy, ...). No weights load, torch is not
+    imported.
+
+        >>> [v.shape for v in s2cli.views("cat.jpg", model="clip-vit-l-336", scales=(1, 2))]
+        [(3, 672, 672)]
+    """
+    res = config if config is not None else resolve_options("<views>", "views.h5", **options)
+    return decoded(image, res)[1]
+
+
+def decoded(image: str | os.PathLike | bytes, res: Resolved) -> tuple[tuple[int, int], list[np.ndarray]]:
+    """(the image's (h, w) as displayed, its views): see `views`."""
+    sample = Sample("image", "<bytes>", data=image) if isinstance(image, bytes) else Sample("image", os.fspath(image))
+    rec = _decode(sample, res)
+    if rec["error"] is not None:
+        e = rec["error"]
+        raise ConfigError(f"cannot decode the image ({e['stage']}: {e['error_class']}: {e['error']})",
+                          given=e["source"], fix="pass a readable image file")
+    out = rec["image"]
+    return tuple(rec["orig_hw"]), (list(out) if isinstance(out, list) else [out])
+
+
+def _decode(sample: Sample, res: Resolved) -> dict[str, Any]:
+    fit = fit_of(res)
+    if fit.decode != "pil":  # the device decoder needs torch; views are Pillow's, which it matches within 2/255
+        fit = replace(fit, decode="pil")
+    return decode_sample(sample, fit)

@@ -1,0 +1,406 @@
+"""Run: one extraction's loop. Units of the input are cut into parts (one output shard each); samples are decoded
+and fitted in worker processes, handed to the run's strategy to compute on the Extractor, and written by the
+writer thread. A part's batches never mix with another part's, so a resumed run computes exactly what an
+uninterrupted one would. `Target` says where a run writes, `Summary` what it did."""
+from __future__ import annotations
+
+import dataclasses
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+
+from . import __version__
+from .backbones import Backbone
+from .config import Resolved, itemsize
+from .errors import ConfigError, S2Error
+from .extractor import Extractor
+from .launch import Rank, final_barrier, resolve_precision
+from .plan import fit_of
+from .sinks import SINKS, OutputDir, _ThreadedSink
+from .sources import DecodePool, Input, Sample, Unit
+from .strategies import strategy_of
+
+Progress = Callable[[int, int, int], None]  # (images done, failed, shards written) in this run
+
+
+def unit_complete(unit: Unit, markers: list[dict], shard_size: int) -> bool:
+    """The one rule: every part of the unit has a done marker. A tar's part count is known only once it was read
+    to the end: the marker of its last part says so."""
+    parts = {m["part"] for m in markers}
+    if unit.size is not None:
+        return len(parts) >= max(1, -(-unit.size // shard_size))
+    last = [m["part"] for m in markers if m.get("last_part")]
+    return bool(last) and parts >= set(range(last[0] + 1))
+
+
+def units_complete(units: list[Unit], markers: list[dict], shard_size: int) -> int:
+    by_unit: dict[int, list[dict]] = {}
+    for m in markers:
+        by_unit.setdefault(m["unit_index"], []).append(m)
+    return sum(1 for unit in units if unit_complete(unit, by_unit.get(unit.index, []), shard_size))
+
+
+class Target:
+    """Where a run writes: one file, or an output directory of shards (resumable)."""
+
+    def __init__(self, res: Resolved, inp: Input, overwrite: bool, rank: Rank = Rank()):
+        self.res, self.inp, self.ranks, self.rank = res, inp, rank, rank.rank
+        self.dir = OutputDir(res.output) if res.output_is_dir else None
+        self.heartbeat = None
+        self.done: dict[tuple[int, int], dict] = {}
+        if rank.world > 1 and self.dir is None:
+            raise ConfigError("several ranks share one output, which must then be a folder",
+                              given=f"-o {res.output} with {rank.world} ranks ({rank.source})", fix="pass -o OUTDIR/")
+        if self.dir is not None:
+            run = {"s2cli_version": __version__, "input": inp.describe(), "config": res.to_dict(),
+                   "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+            self.dir.prepare(run, overwrite, res.compare_keys(), rank.rank, rank.world)
+            self.done = {(m["unit_index"], m["part"]): m for m in self.dir.markers()}
+            from .ranks import Heartbeat
+
+            self.heartbeat = Heartbeat(self.dir.path, rank.rank, rank.world, rank.source)
+        else:
+            _check_file_target(Path(res.output), overwrite)
+        self._by_unit: dict[int, list[dict]] = {}
+        for (u, _), m in self.done.items():
+            self._by_unit.setdefault(u, []).append(m)
+
+    @property
+    def images_done_before(self) -> int:
+        return sum(m["num_images"] for m in self.done.values())
+
+    @property
+    def failures_before(self) -> int:
+        return sum(m["num_failed"] for m in self.done.values())
+
+    def close(self, state: str, error: str | None = None) -> None:
+        """Say in this rank's heartbeat how it ended (done or failed)."""
+        if self.heartbeat is not None:
+            self.heartbeat.close(state, error)
+            self.heartbeat = None
+
+    def unit_done(self, unit: Unit) -> bool:
+        """Every part of the unit is done, so it need not even be read."""
+        return unit_complete(unit, self._by_unit.get(unit.index, []), self.res.shard_size)
+
+    def work(self) -> Iterator[tuple[Unit, int, Sample | dict | None]]:
+        """(unit, part, sample) for every sample of this rank still to do; a sample of None marks an already-done
+        part's sample (read past without decoding, so a resumed tar keeps its part boundaries)."""
+        S = self.res.shard_size
+        for unit in self.inp.units:
+            if not self.ranks.owns(unit.index) or self.unit_done(unit):
+                continue
+            for i, s in enumerate(unit.samples()):
+                part = i // S if self.dir is not None else 0
+                yield unit, part, (None if (unit.index, part) in self.done else s)
+
+
+def _check_file_target(p: Path, overwrite: bool) -> None:
+    if p.exists() and not p.is_file():
+        raise ConfigError("output path exists and is not a file", given=str(p), fix="choose another -o path")
+    if p.exists() and not overwrite:
+        raise ConfigError("output file exists", given=str(p), fix="pass --overwrite, or -o OUTDIR/ for a resumable run")
+    if not p.parent.exists():
+        raise ConfigError("output folder does not exist", given=str(p.parent), fix="create it first")
+
+
+@dataclass
+class Summary:
+    """What a run did (`s2 extract --json` prints `to_dict()`). The folder fields are set for an output folder,
+    the rank fields for one rank of several."""
+
+    output: str
+    num_images: int
+    num_failed: int
+    seconds: float
+    images_per_s: float | None
+    weights: str
+    device: str
+    compile: bool
+    stage_seconds: dict[str, float]
+    wait_seconds: dict[str, float]
+    compile_cache: dict[str, Any] | None = None
+    rank: int | None = None
+    world: int | None = None
+    rank_source: str | None = None
+    writes_summary: bool | None = None
+    shards_written: int | None = None
+    resumed_images: int | None = None
+    total_images: int | None = None
+    total_failed: int | None = None
+    complete: bool | None = None
+
+    @property
+    def nothing_extracted(self) -> bool:
+        """Every sample this run saw failed, and nothing was done before it."""
+        return bool(self.num_failed) and not self.num_images and not self.resumed_images
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        optional = {f.name for f in dataclasses.fields(self) if f.default is None}
+        return {k: v for k, v in d.items() if k not in optional or v is not None}
+
+    def __getitem__(self, key: str) -> Any:  # summary["num_images"], as the dict it replaces
+        return self.to_dict()[key]
+
+
+@dataclass
+class _Part:
+    """An output shard in the making: unit, part number, its sink and what has gone into it."""
+
+    unit: Unit
+    part: int
+    sink: _ThreadedSink
+    started: float
+    seen: set
+    first_key: str | None = None
+    last_key: str | None = None
+
+
+@dataclass
+class Stats:
+    """Counts of this run, and where the time went: seconds each stage was busy wherever it ran (decode workers,
+    main thread, writer thread) and the main thread's waits on the decode pool and on the writer."""
+
+    done: int = 0
+    failed: int = 0
+    shards: list[str] = field(default_factory=list)
+    busy: dict[str, float] = field(default_factory=lambda: {"read": 0.0, "decode": 0.0, "fit": 0.0, "write": 0.0})
+    waits: dict[str, float] = field(default_factory=lambda: {"decode": 0.0, "write": 0.0})
+
+
+# what the decode pool is given for a sample of a part already done: passed through, never decoded
+_ALREADY_DONE = {"key": "", "stage": "", "error": "", "error_class": "", "source": ""}
+
+
+class Run:
+    """Extract every sample of the target's share of the input. Failed samples are recorded, never substituted.
+    One batch is in flight: a batch is submitted (on CUDA the GPU works on it while the main thread goes on),
+    then the batch before it is written."""
+
+    def __init__(self, res: Resolved, inp: Input, target: Target, backbone: Backbone, device: torch.device,
+                 on_progress: Progress | None = None):
+        self.res, self.inp, self.target, self.backbone, self.device = res, inp, target, backbone, device
+        self.on_progress = on_progress
+        self.strategy = strategy_of(res)
+        self.fit = fit_of(res)
+        self.ex = Extractor(res, backbone, device, resolve_precision(res.precision, device), self.fit)
+        self.stats = Stats()
+        self.part: _Part | None = None
+        self.batch: list[dict] = []
+        self.in_flight: list[tuple[_Part, list[dict], list[Callable[[], list]]]] = []
+        self.file_sink = self._new_sink(res.output) if target.dir is None else None
+        self.file_keys: set[str] = set()
+        self.next_index = target.dir.next_shard_index(target.rank) if target.dir is not None else 0
+
+    def execute(self) -> Summary:
+        t0 = time.perf_counter()
+        res = self.res
+        # the whole next batch decodes while the current one runs: the pool submits a sample only when the loop
+        # asks for the next record, so a window of one batch would put its last samples after the forward
+        pool = DecodePool(self.fit, res.workers, timeout=res.decode_timeout,
+                          window=max(4 * res.workers, 2 * res.batch_size))
+        try:
+            decoded = pool.map(self.target.work(), lambda w: _ALREADY_DONE if w[2] is None else w[2])
+            for (unit, part_no, sample), rec in _timed(decoded, self.stats.waits, "decode"):
+                for stage, s in zip(("read", "decode", "fit"), rec.get("seconds", ())):
+                    self.stats.busy[stage] += s
+                if sample is not None:  # None: a sample of a part already done, read past
+                    self.admit(unit, part_no, rec)
+            self.finish_part(last_of_unit=True)
+            self.close_file()
+        except BaseException as e:
+            self.abort(e)
+            raise
+        finally:
+            pool.close()
+        return self.finalize(time.perf_counter() - t0)
+
+    def admit(self, unit: Unit, part_no: int, rec: dict[str, Any]) -> None:
+        """A decoded sample: into the current part's batch, or recorded as failed."""
+        if self.part is None or (self.part.unit.index, self.part.part) != (unit.index, part_no):
+            self.finish_part(last_of_unit=self.part is not None and self.part.unit.index != unit.index)
+            self.part = self.start_part(unit, part_no)
+        part, key = self.part, rec["key"]
+        if key in part.seen:
+            self.record_failure(part, {"key": key, "source": rec.get("source") or rec["error"]["source"],
+                                       "stage": "read", "error_class": "DuplicateKey",
+                                       "error": f"key {key!r} appears again in {unit.id}; the first one is kept"})
+            return
+        part.seen.add(key)
+        if rec["error"] is not None:
+            self.record_failure(part, rec["error"])
+            return
+        part.first_key = part.first_key or key
+        part.last_key = key
+        img = rec["image"]
+        if img is not None:  # None: JPEG bytes for the device decoder (--decode torch)
+            rec["image"] = [torch.from_numpy(a) for a in img] if isinstance(img, list) else torch.from_numpy(img)
+        self.batch.append(rec)
+        if len(self.batch) >= self.res.batch_size:
+            self.flush()
+
+    def flush(self) -> None:
+        """Submit the batch to the strategy's engine, then write the batch before it."""
+        if not self.batch:
+            return
+        part, recs, self.batch = self.part, self.batch, []
+        resolvers = self.strategy.compute(self.ex, recs, lambda r: self.record_failure(part, r))  # type: ignore[arg-type]
+        self.drain()
+        self.in_flight.append((part, recs, resolvers))  # type: ignore[arg-type]
+
+    def drain(self) -> None:
+        """Wait for the batches in flight and write their images, in input order."""
+        st = self.stats
+        while self.in_flight:
+            part, recs, resolvers = self.in_flight.pop(0)
+            results = [r for resolve in resolvers for r in resolve()]
+            order = {id(rec): i for i, rec in enumerate(recs)}
+            results.sort(key=lambda r: order[id(r[0])])
+            if results:
+                items = [self.strategy.item(self.res, rec, feats, pooled) for rec, feats, pooled in results]
+                t = time.perf_counter()
+                part.sink.write(items)
+                st.waits["write"] += time.perf_counter() - t
+                st.done += len(items)
+            self._progress()
+            if self.target.heartbeat is not None:
+                self.target.heartbeat.update(images=st.done, failed=st.failed)
+
+    def start_part(self, unit: Unit, part: int) -> _Part:
+        t = self.target
+        if t.dir is None:  # one file: one key space across all units
+            return _Part(unit, part, self.file_sink, time.perf_counter(), self.file_keys)  # type: ignore[arg-type]
+        name = f"part-{t.rank:05d}-{self.next_index:05d}{SINKS[self.res.format].suffix}"
+        self.next_index += 1
+        if t.heartbeat is not None:
+            t.heartbeat.update(unit=unit.id, unit_index=unit.index, part=part, shard=name, write=True)
+        return _Part(unit, part, self._new_sink(str(t.dir.path / name)), time.perf_counter(), set())
+
+    def finish_part(self, last_of_unit: bool) -> None:
+        """Write what is left of the part; in a folder, close its shard and commit its done marker."""
+        self.flush()
+        self.drain()
+        cur, t, st = self.part, self.target, self.stats
+        if cur is None or t.dir is None:
+            return
+        t0 = time.perf_counter()
+        path = cur.sink.close()
+        st.waits["write"] += time.perf_counter() - t0
+        st.busy["write"] += cur.sink.busy_s
+        elapsed = time.perf_counter() - cur.started
+        t.dir.commit({
+            "shard": path.name, "unit": cur.unit.id, "unit_index": cur.unit.index, "part": cur.part,
+            "rank": t.rank, "num_images": cur.sink.n, "num_failed": len(cur.sink.failures),
+            "failures": cur.sink.failures, "first_key": cur.first_key, "last_key": cur.last_key,
+            "seconds": round(elapsed, 3), "s2cli_version": __version__, "last_part": last_of_unit,
+            "finished_at": time.time(), "started_at": time.time() - elapsed, "host": socket.gethostname(),
+        }, log_errors=t.ranks.world == 1)
+        st.shards.append(path.name)
+        if t.heartbeat is not None:
+            t.heartbeat.update(shards_written=len(st.shards), images=st.done, failed=st.failed, shard=None, write=True)
+        self.part = None
+        self._progress()
+
+    def record_failure(self, part: _Part, rec: dict[str, str]) -> None:
+        res = self.res
+        part.sink.fail(rec)
+        self.stats.failed += 1
+        if res.on_error == "stop":
+            raise S2Error(f"stopping at the first failure (--on-error stop): {rec['key']} [{rec['stage']}] "
+                          f"{rec['error_class']}: {rec['error']} ({rec['source']})",
+                          fix="fix or remove that input, or use --on-error skip to record failures and go on")
+        total = self.stats.failed + self.target.failures_before
+        if res.max_failures is not None and total > res.max_failures:
+            raise S2Error(f"{total} samples failed, more than --max-failures {res.max_failures}; "
+                          f"the last: {rec['key']} [{rec['stage']}] {rec['error']}",
+                          fix="look at the failure records (errors.jsonl or `s2 inspect`), fix the input, rerun to resume")
+
+    def close_file(self) -> None:
+        if self.file_sink is not None:
+            t = time.perf_counter()
+            self.file_sink.close()
+            self.stats.waits["write"] += time.perf_counter() - t
+            self.stats.busy["write"] += self.file_sink.busy_s
+
+    def abort(self, e: BaseException) -> None:
+        """Throw away the unfinished shard or file (finished shards stay) and say in the heartbeat why."""
+        if self.part is not None and self.part.sink is not self.file_sink:
+            self.part.sink.abort()
+        if self.file_sink is not None:
+            self.file_sink.abort()
+        self.target.close("failed", e.one_line() if isinstance(e, S2Error) else f"{type(e).__name__}: {e}")
+
+    def finalize(self, seconds: float) -> Summary:
+        """Close the heartbeat, write the manifest (folders), and say what was done."""
+        st, res = self.stats, self.res
+        stage = {**st.busy, **self.ex.seconds}
+        for k, v in self.ex.decode_seconds.items():
+            stage[k] += v
+        s = Summary(
+            output=res.output, num_images=st.done, num_failed=st.failed, seconds=round(seconds, 3),
+            images_per_s=round(st.done / seconds, 3) if seconds > 0 else None, weights=self.backbone.weights,
+            device=str(self.device), compile=res.compile, stage_seconds={k: round(v, 4) for k, v in stage.items()},
+            wait_seconds={k: round(v, 4) for k, v in st.waits.items()})
+        if res.compile:
+            from .backbones import compile_cache_stats
+
+            s.compile_cache = compile_cache_stats()
+        if self.target.dir is not None:
+            self._finalize_dir(s)
+        return s
+
+    def _finalize_dir(self, s: Summary) -> None:
+        t, units = self.target, self.inp.units
+        ranks = t.ranks
+        t.close("done")
+
+        def done(markers: list[dict]) -> int:
+            return units_complete(units, markers, self.res.shard_size)
+
+        if ranks.world == 1:
+            manifest = t.dir.write_manifest(len(units), done(t.dir.markers()))  # type: ignore[union-attr]
+        else:
+            # every rank rewrites the manifest until it is current, unless a torchrun barrier says all ranks are
+            # done, and then rank 0 alone writes it
+            together = final_barrier(ranks)
+            if together and ranks.rank != 0:
+                ms = t.dir.markers()  # type: ignore[union-attr]
+                manifest = t.dir.manifest(ms, len(units), done(ms))  # type: ignore[union-attr]
+            else:
+                manifest = t.dir.write_manifest(len(units), done)  # type: ignore[union-attr]
+            s.rank, s.world, s.rank_source = ranks.rank, ranks.world, ranks.source
+            s.writes_summary = together and ranks.rank == 0
+        s.shards_written, s.resumed_images = len(self.stats.shards), t.images_done_before
+        s.total_images, s.total_failed, s.complete = manifest["num_images"], manifest["num_failed"], manifest["complete"]
+
+    def _new_sink(self, path: str) -> _ThreadedSink:
+        res = self.res
+        shape = self.strategy.sink_shape(res)
+        sink = SINKS[res.format](path, res.file_attrs(self.backbone.weights), channels=shape["channels"],
+                                 num_scales=shape["num_scales"], tokens=shape["tokens"], dtype=res.dtype,
+                                 store_features=not res.pool_only, pooled=res.pool != "none")
+        if res.output_is_dir and shape["tokens_per_image"] is not None:
+            sink.need_bytes = res.shard_size * shape["tokens_per_image"] * shape["channels"] * itemsize(res.dtype)
+        return sink
+
+    def _progress(self) -> None:
+        if self.on_progress:
+            self.on_progress(self.stats.done, self.stats.failed, len(self.stats.shards))
+
+
+def _timed(it: Iterator[Any], acc: dict[str, float], key: str) -> Iterator[Any]:
+    """`it`, adding the seconds spent waiting for each item to acc[key]."""
+    it = iter(it)
+    while True:
+        t = time.perf_counter()
+        try:
+            x = next(it)
+        except StopIteration:
+            return
+        acc[key] += time.perf_counter() - t
+        yield x
