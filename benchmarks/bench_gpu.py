@@ -28,11 +28,13 @@ import time
 import torch
 
 from s2cli.backbones import load_backbone, resolve
-from s2cli.bench import bench, decode_compare, synthetic_jpegs
+from s2cli.bench import decode_compare, measure, synthetic_jpegs
 from s2cli.config import build_config, resolve_config
 from s2cli.launch import resolve_device, resolve_precision
-from s2cli.pipeline import Extractor, plan_image
-from s2cli.sources import Fit, decode_sample
+from s2cli.extractor import Extractor
+from s2cli.strategies import plan_image
+from s2cli.plan import fit_of
+from s2cli.sources import decode_sample
 
 ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 ap.add_argument("--smoke", action="store_true", help="tiny models, few small images, no --compile (a CPU is enough)")
@@ -83,8 +85,8 @@ def features(res, backbone, samples, decode: str = "pil"):
     device decoder), as fp32 on the CPU."""
     from s2cli.devicepath import decode_batch
 
-    ex = Extractor(res, backbone, device, resolve_precision(res.user.precision, device))
-    fit = Fit(res.fit, res.side, res.backbone.mean, None, decode)
+    ex = Extractor(res, backbone, device, resolve_precision(res.precision, device))
+    fit = dataclasses.replace(fit_of(res), decode=decode)
     recs = [decode_sample(s, fit) for s in samples]
     if decode == "torch":
         decode_batch(recs, fit, device)
@@ -123,12 +125,12 @@ check("P1 bf16 vs fp32", features(p1, m1, few), ref1)
 check("P1 bf16 --decode torch vs fp32 pil", features(p1, m1, few, "torch"), ref1)
 rows: list[tuple[str, dict]] = []
 log("P1 eager (+ the reference's per-scale loop)")
-rows.append(("P1 llava-1.5-s2, bf16, eager", bench(p1, s1, m1, "synthetic")))
+rows.append(("P1 llava-1.5-s2, bf16, eager", measure(p1, s1, m1, "synthetic")))
 if do_compile:
     p1c = p1_config(precision="bf16", compile=True)
     log("P1 --compile (the first batch compiles, excluded)")
     eager_bf16 = features(p1, m1, few)
-    rows.append(("P1 llava-1.5-s2, bf16, --compile", bench(p1c, s1, m1, "synthetic")))
+    rows.append(("P1 llava-1.5-s2, bf16, --compile", measure(p1c, s1, m1, "synthetic")))
     check("P1 bf16 compiled vs fp32", features(p1c, m1, few), ref1)
     check("P1 bf16 compiled vs bf16 eager", features(p1c, m1, few), eager_bf16)
 
@@ -146,14 +148,14 @@ log(f"P2 {vit}, {n2} images")
 m2 = load_backbone(p2_fp32.backbone, random_init=True, seed=0)
 few2 = s2[:min(4, n2)]
 ref2 = features(p2_fp32, m2, few2)
-p2 = dataclasses.replace(p2_fp32, user=dataclasses.replace(p2_fp32.user, precision="bf16"))
+p2 = dataclasses.replace(p2_fp32, precision="bf16")
 check("P2 bf16 vs fp32", features(p2, m2, few2), ref2)
 check("P2 bf16 --decode torch vs fp32 pil", features(p2, m2, few2, "torch"), ref2)
 for dec in ("pil", "torch"):
     log(f"P2 --decode {dec}")
-    res = dataclasses.replace(p2, user=dataclasses.replace(p2.user, decode=dec))
-    rows.append((f"P2 {vit.split(':')[1]} 1,2, bf16, --decode {dec}", bench(res, s2, m2, "synthetic")))
-dc = decode_compare(s2[:min(64, n2)], Fit(p2.fit, p2.side, p2.backbone.mean), device)
+    res = dataclasses.replace(p2, decode=dec)
+    rows.append((f"P2 {vit.split(':')[1]} 1,2, bf16, --decode {dec}", measure(res, s2, m2, "synthetic")))
+dc = decode_compare(s2[:min(64, n2)], fit_of(p2), device)
 log(f"decode + fit alone: {dc}")
 
 # ---- the table ---------------------------------------------------------------------------------------------------

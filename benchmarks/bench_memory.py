@@ -20,7 +20,7 @@ import timm
 import torch
 
 from s2cli.bench import memory_figures, peak_memory
-from s2cli.pipeline import normalize_images
+from s2cli.extractor import normalize_images
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--batch", type=int, default=32)
@@ -43,7 +43,7 @@ for title, name, side, dtype, device, batch in runs:
                        img_sizes=[side, 2 * side, 3 * side], max_split_size=side, split_mode="resize",
                        resize_output_to_idx=0, num_prefix_token=1, output_shape="bnc", antialias=False)
     # what `s2 extract` does before the forward: the uint8 batch at the largest scale's fit -> normalized, in the
-    # compute dtype (s2cli.pipeline.normalize_images), with the weights held; and the out-of-place way it replaced
+    # compute dtype (s2cli.extractor.normalize_images), with the weights held; and the out-of-place way it replaced
     with torch.device(device):
         u8 = torch.empty(batch, 3, 3 * side, 3 * side, dtype=torch.uint8)
         mean, std = torch.zeros(3, 1, 1), torch.ones(3, 1, 1)

@@ -18,12 +18,12 @@ from pathlib import Path
 
 import torch
 
+import s2cli
 from s2cli import multiscale_forward
-from s2cli.backbones import load_backbone, resolve
 from s2cli.bench import reference_forward
-from s2cli.config import ExtractConfig, resolve_config
-from s2cli.pipeline import use_channels_last
-from s2cli.sources import Fit, decode_sample, scan_folder
+from s2cli.extractor import use_channels_last
+from s2cli.plan import fit_of
+from s2cli.sources import decode_sample, scan_folder
 
 ROOT = Path(__file__).parent.parent
 ap = argparse.ArgumentParser()
@@ -37,14 +37,13 @@ args = ap.parse_args()
 scales = tuple(float(s) for s in args.scales.split(","))
 random_init = args.model != "efficientnet-lite0"
 
-cfg = resolve_config(ExtractConfig(input=args.input, model=args.model, scales=scales, random_init=random_init),
-                     resolve(args.model))
+cfg = s2cli.settings(args.input, model=args.model, scales=scales, random_init=random_init)
 samples = scan_folder(args.input)
-bb = load_backbone(cfg.backbone, random_init=random_init)
+bb = s2cli.api.load(cfg)
 nhwc = use_channels_last(cfg) and not args.no_channels_last  # as `s2 extract` does, so both sides run the same kernels
 if nhwc:
     bb.channels_last()
-fit = Fit(cfg.fit, cfg.side, cfg.backbone.mean)
+fit = fit_of(cfg)
 images = torch.stack([torch.from_numpy(decode_sample(s, fit)["image"]) for s in samples])
 mean = torch.tensor(cfg.backbone.mean).view(1, 3, 1, 1)
 std = torch.tensor(cfg.backbone.std).view(1, 3, 1, 1)

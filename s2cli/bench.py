@@ -302,7 +302,7 @@ def measure(res: Resolved, samples: list[Sample], backbone: Backbone, spec: str)
                       fix="run `s2 extract` on the input to read the failure records")
 
     # the bare engine over the same decoded images (decoded here, in this process, before the clock starts)
-    recs = [decode_sample(s, fit_of(res)) for s in samples]
+    recs = [decode_sample(s, dataclasses.replace(fit_of(res), decode="pil")) for s in samples]  # the bare engine: Pillow
     for r in recs:
         r["image"] = [torch.from_numpy(a) for a in r["image"]] if isinstance(r["image"], list) else torch.from_numpy(r["image"])
     ex = Extractor(res, backbone, device, dtype)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from s2cli.backbones import load_backbone, resolve
-from s2cli.bench import bench, synthetic_jpegs
+from s2cli.bench import measure, synthetic_jpegs
 from s2cli.config import ExtractConfig, resolve_config
 
 from conftest import invoke_json
@@ -43,7 +43,7 @@ def test_bench_flops_equal_the_formula():
     cfg = dataclasses.replace(resolve("clip-vit-b-16"), channels=32, hf_config=tiny)
     res = resolve_config(ExtractConfig(input="synthetic", output="x.h5", model="clip-vit-b-16", random_init=True,
                                        batch_size=2, workers=0), cfg)
-    r = bench(res, synthetic_jpegs(2, (240, 320)), load_backbone(cfg, random_init=True), "synthetic")
+    r = measure(res, synthetic_jpegs(2, (240, 320)), load_backbone(cfg, random_init=True), "synthetic")
     assert r["flops_per_image_formula"] == 5 * cfg.flops_per_tile((224, 224))
     assert r["flops_per_image"] == pytest.approx(r["flops_per_image_formula"], rel=1e-9)
 
@@ -71,7 +71,7 @@ def test_compile_is_wired_and_recorded(tmp_path):
     for the flop counter) and is saved with the resolved config. Compiled-vs-eager features are not compared
     here: inductor takes ~90 s to compile a ViT on a 2-core CPU (measured with benchmarks/bench_p3.py --compile)."""
     from s2cli.config import build_config
-    from s2cli.pipeline import Extractor
+    from s2cli.extractor import Extractor
 
     cfg = build_config(str(tmp_path), str(tmp_path / "o.h5"), model="timm:vit_tiny_patch16_224", random_init=True,
                        compile=True)
@@ -80,7 +80,7 @@ def test_compile_is_wired_and_recorded(tmp_path):
     eager = bb.eager_forward
     Extractor(res, bb, torch.device("cpu"), torch.float32)
     assert bb.compiled and bb.eager_forward is eager and bb._fn is not eager
-    assert dict(res.user.provenance)["compile"] == "flag" and '"compile": true' in res.to_json()
+    assert dict(res.provenance)["compile"] == "flag" and '"compile": true' in res.to_json()
 
 
 def test_compile_cache_survives_between_runs(tmp_path, image_dir, clip_dir):
@@ -145,7 +145,9 @@ def test_reference_forward_matches_the_golden_outputs():
         case, kw = GOLDEN["cases"][name], golden_kwargs(GOLDEN["cases"][name])
         model = ToyConv(TENSORS[f"{name}.weight"], TENSORS[f"{name}.bias"], case["stride"],
                         kw.get("output_shape", "bnc"), kw.get("num_prefix_token", 0))
-        assert torch.equal(reference_forward(model, TENSORS[f"{name}.input"], **kw), TENSORS[f"{name}.output"])
+        # the golden bar (1e-5): bit-exactness depends on the CPU's kernels (AVX512 here differs by ~7e-7)
+        torch.testing.assert_close(reference_forward(model, TENSORS[f"{name}.input"], **kw), TENSORS[f"{name}.output"],
+                                   atol=1e-5, rtol=0)
 
 
 @pytest.fixture(scope="module")

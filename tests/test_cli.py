@@ -244,19 +244,19 @@ def test_saved_config_round_trips(cli, tmp_path, image_dir):
 
 def test_model_stage_failure_isolates_the_bad_image(cli, tmp_path, image_dir, monkeypatch):
     """A forward that fails for one image records that image (stage "model"); its batch-mates keep their features."""
-    import s2cli.pipeline as pipeline
+    import s2cli.extractor as extractor
 
     clean = tmp_path / "clean.h5"
     invoke_json(cli, "extract", image_dir, "--random-init", "-o", clean, "-j", 0, "-b", 4, "--json")
     Image.new("RGB", (20, 20), (7, 7, 7)).save(image_dir / "poison.png")
-    original = pipeline.Extractor.submit
+    original = extractor.Extractor.submit
 
     def submit(self, images, sizes):
         if (torch.stack(list(images)) == 7).flatten(1).all(dim=1).any():
             raise RuntimeError("CUDA error: an illegal memory access was encountered")
         return original(self, images, sizes)
 
-    monkeypatch.setattr(pipeline.Extractor, "submit", submit)
+    monkeypatch.setattr(extractor.Extractor, "submit", submit)
     out = tmp_path / "dirty.h5"
     summary = invoke_json(cli, "extract", image_dir, "--random-init", "-o", out, "-j", 0, "-b", 5, "--json")
     assert summary["num_images"] == 4 and summary["num_failed"] == 1

@@ -18,7 +18,8 @@ from s2cli.backbones import load_backbone, resolve
 from s2cli.bench import decode_compare, synthetic_jpegs
 from s2cli.config import ExtractConfig, build_config, resolve_config
 from s2cli.devicepath import Transfer, decode_batch, fit_tensor, orient
-from s2cli.pipeline import Extractor, plan_image, use_channels_last
+from s2cli.extractor import Extractor, use_channels_last
+from s2cli.strategies import plan_image
 from s2cli.sources import Fit, Sample, decode_sample, fit_image, probe_jpeg, to_uint8_array
 from test_faults import CASES, MODEL, goods
 
@@ -313,7 +314,7 @@ def test_normalize_makes_one_float_copy_and_the_same_values():
     """Extractor.normalize: the values of (x / 255 - mean) / std computed out of place, and at most the uint8
     input plus one float copy alive at once (LiveTensorBytes), for a batch and for a single image."""
     from s2cli.bench import peak_memory
-    from s2cli.pipeline import Extractor
+    from s2cli.extractor import Extractor
 
     res = resolve_config(ExtractConfig(input="x", output="o.h5", model="timm:test_vit", random_init=True),
                          resolve("timm:test_vit"))

@@ -320,14 +320,14 @@ def test_a_tar_cut_mid_member(cli, tmp_path):
 
 # ---- NaN / Inf ---------------------------------------------------------------------------------------------------
 def test_non_finite_features_are_recorded_not_stored(cli, tmp_path, monkeypatch):
-    import s2cli.pipeline as pipeline
+    import s2cli.extractor as extractor
 
     d = tmp_path / "in"
     goods(d)
     save_png(d / "black.png", np.zeros((40, 40, 3), np.uint8))
     from s2cli.devicepath import Pending
 
-    submit = pipeline.Extractor.submit
+    submit = extractor.Extractor.submit
 
     def overflow_on_black(self, images, sizes):  # what an fp16 overflow looks like, for the black image only
         feats, pooled = submit(self, images, sizes).result()
@@ -338,7 +338,7 @@ def test_non_finite_features_are_recorded_not_stored(cli, tmp_path, monkeypatch)
                 feats[i, 1, 0] = float("nan")
         return Pending((feats, pooled))
 
-    monkeypatch.setattr(pipeline.Extractor, "submit", overflow_on_black)
+    monkeypatch.setattr(extractor.Extractor, "submit", overflow_on_black)
     run_ok(cli, d, tmp_path / "o.h5", "-j", 0, "-b", 3)
     with open_features(tmp_path / "o.h5") as ff:
         assert list(ff) == ["good1", "good2"]
@@ -353,7 +353,7 @@ def test_non_finite_features_are_recorded_not_stored(cli, tmp_path, monkeypatch)
 # ---- runs that die -----------------------------------------------------------------------------------------------
 KILLER = """
 import os, signal, sys
-import s2cli.backbones as backbones, s2cli.pipeline as pipeline, s2cli.sinks as sinks
+import s2cli.backbones as backbones, s2cli.extractor as extractor, s2cli.sinks as sinks
 from s2cli.cli import app
 
 point, n = sys.argv[1], int(sys.argv[2])
@@ -380,7 +380,7 @@ def after(obj, name):
     setattr(obj, name, wrapped)
 
 {"load": lambda: before(backbones, "load_backbone"),         # during model load
- "mid-batch": lambda: after(pipeline.Extractor, "submit"),   # features computed, not yet written
+ "mid-batch": lambda: after(extractor.Extractor, "submit"),   # features computed, not yet written
  "writing": lambda: before(sinks, "_fsync_rename"),          # a complete shard not yet renamed into place
  "between": lambda: after(sinks.OutputDir, "commit"),        # a shard and its marker done, the next not begun
  "end": lambda: before(sinks.OutputDir, "write_manifest"),   # every shard done, the manifest not written

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from s2cli.errors import ConfigError
 from s2cli.strategies import (
+    BackboneFacts,
     LLAVA_NEXT_PINPOINTS, StrategyArgs, StrategyCfg, cut_view, grouped_calls, internvl_grid, merge, out_layout,
     outputs_to_maps, plan_strategy, resolve_strategy, select_best_resolution, smart_resize,
 )
@@ -70,7 +71,7 @@ def test_internvl_grid_equals_got_ocr2_canvas():
 
 def _cfg(strategy: str, tile: int = 448, **kw) -> StrategyCfg:
     return resolve_strategy(StrategyArgs(strategy=strategy, set_fields=tuple(k for k, v in kw.items() if v is not None and k != "img_sizes"), **kw),
-                            tile, 14, "hf", "siglip", "bnc")
+                            BackboneFacts(tile, 14, "hf", "siglip", "bnc"))
 
 
 @pytest.mark.parametrize("wh, tiles, grid", [((1000, 1000), 14, (3, 3)), ((1920, 1080), 17, (3, 4)),
@@ -175,8 +176,8 @@ def test_onevision_anyres_max_reduces_bilinearly():
 
 def test_native_needs_a_variable_size_backbone_and_plans_one_input():
     with pytest.raises(ConfigError, match="any input size"):
-        resolve_strategy(StrategyArgs(strategy="native"), 336, 14, "hf", "clip", "bnc")
-    cfg = resolve_strategy(StrategyArgs(strategy="native"), 224, 14, "hf", "dinov2", "bnc")
+        resolve_strategy(StrategyArgs(strategy="native"), BackboneFacts(336, 14, "hf", "clip", "bnc"))
+    cfg = resolve_strategy(StrategyArgs(strategy="native"), BackboneFacts(224, 14, "hf", "dinov2", "bnc"))
     assert cfg.factor == 28
     plan = plan_strategy(cfg, (1080, 1920))
     assert plan.num_tiles == 1 and plan.views[0].tile == smart_resize(1080, 1920)
@@ -185,9 +186,9 @@ def test_native_needs_a_variable_size_backbone_and_plans_one_input():
 def test_options_that_do_not_apply_are_refused():
     with pytest.raises(ConfigError, match="--grid-pinpoints does not apply"):
         resolve_strategy(StrategyArgs(strategy="internvl", grid_pinpoints=((336, 672),), set_fields=("grid_pinpoints",)),
-                         336, 14, "hf", "clip", "bnc")
+                         BackboneFacts(336, 14, "hf", "clip", "bnc"))
     with pytest.raises(ConfigError, match="--strategy is not known"):
-        resolve_strategy(StrategyArgs(strategy="tiles"), 336, 14, "hf", "clip", "bnc")
+        resolve_strategy(StrategyArgs(strategy="tiles"), BackboneFacts(336, 14, "hf", "clip", "bnc"))
 
 
 # ---- through `s2 extract`: folders, WebDataset shards, output folders, resume --------------------------------
