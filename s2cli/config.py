@@ -201,8 +201,7 @@ class Resolved(ExtractConfig):
                  num_prefix_tokens=self.backbone.num_prefix_tokens, output_shape=self.backbone.output_shape,
                  merge="concat", set_by=dict(self.provenance))
         d.pop("strategy")
-        if self.strategy_cfg is not None:
-            d["strategy"] = self.strategy_cfg.to_dict()
+        d.update(STRATEGIES[self.strategy].saved(self.strategy_cfg))
         if self.decode == "pil":
             d.pop("decode")  # outputs written before --decode existed resume as pil
         return d
@@ -250,6 +249,26 @@ def resolve_config(cfg: ExtractConfig, backbone: BackboneCfg) -> Resolved:
     _choice("dtype", cfg.dtype, DTYPES)
     fit = cfg.fit or backbone.fit
     _choice("fit", fit, FITS)
+    sizes, split = _sizes(cfg, backbone)
+    _check_options(cfg, backbone, len(sizes))
+    output, fmt, is_dir = _output(cfg)
+    strategy_fields = ("min_tiles", "max_tiles", "thumbnail", "grid_pinpoints", "anyres_max", "min_pixels", "max_pixels")
+    strategy = resolve_strategy(
+        StrategyArgs(cfg.strategy, fit=fit, img_sizes=sizes, set_fields=tuple(f for f in strategy_fields if getattr(cfg, f) is not None),
+                     **{f: getattr(cfg, f) for f in strategy_fields}),
+        BackboneFacts(split, backbone.patch_size, backbone.family, backbone.model_type, backbone.output_shape))
+    given = {f.name: getattr(cfg, f.name) for f in fields(ExtractConfig)}
+    given.update(img_sizes=sizes, scales=tuple(s / backbone.input_size for s in sizes), max_split_size=split, fit=fit,
+                 output=output, format=fmt, shard_size=cfg.shard_size or 1, layer=backbone.layer)
+    res = Resolved(**given, backbone=backbone, output_is_dir=is_dir, strategy_cfg=strategy)
+    if cfg.shard_size is None:
+        per_image = res.bytes_per_image()
+        res = dataclasses.replace(res, shard_size=max(1, min(100_000, SHARD_BYTES // max(1, per_image))))
+    return res
+
+
+def _sizes(cfg: ExtractConfig, backbone: BackboneCfg) -> tuple[tuple[int, ...], int]:
+    """The square side of every scale (--scales times the input size, or --img-sizes) and the tile size."""
     if cfg.scales is not None and cfg.img_sizes is not None:
         raise ConfigError("--scales and --img-sizes were both given", given=(cfg.scales, cfg.img_sizes),
                           fix="pass one: --scales 1,2,3 (times the model's input size) or --img-sizes 336,672,1008")
@@ -270,8 +289,12 @@ def resolve_config(cfg: ExtractConfig, backbone: BackboneCfg) -> Resolved:
     if split > max(sizes):
         raise ConfigError("--max-split-size is larger than the largest scale, so no scale would be split into tiles",
                           given=f"{split} > {max(sizes)}", expected=f"a tile size <= {max(sizes)} (the model's input "
-                          f"size is {backbone.input_size})", fix=f"drop --max-split-size, or raise the scales")
-    n = len(sizes)
+                          f"size is {backbone.input_size})", fix="drop --max-split-size, or raise the scales")
+    return sizes, split
+
+
+def _check_options(cfg: ExtractConfig, backbone: BackboneCfg, n: int) -> None:
+    """Every option that is checked on its own or against the backbone (`n`: the number of scales)."""
     if not -n <= cfg.resize_output_to_idx < n:
         raise ConfigError("--resize-output-to-idx is out of range", given=cfg.resize_output_to_idx,
                           expected=f"{-n}..{n - 1} for {n} scales", fix="use 0 (first scale's grid) or -1 (last)")
@@ -301,28 +324,18 @@ def resolve_config(cfg: ExtractConfig, backbone: BackboneCfg) -> Resolved:
         raise ConfigError("--pool-only needs --pool mean or cls", fix="add --pool mean")
     if cfg.max_failures is not None and cfg.max_failures < 0:
         raise ConfigError("--max-failures must be >= 0", given=cfg.max_failures, fix="e.g. --max-failures 100")
+
+
+def _output(cfg: ExtractConfig) -> tuple[str, str, bool]:
+    """(the output path, its format, whether it is a folder of shards)."""
     output = cfg.output or default_output(cfg.input, cfg.model)
     suffix_fmt = format_of(output)
-    is_dir = suffix_fmt is None
     if cfg.format is not None:
         _choice("format", cfg.format, tuple(FORMATS))
         if suffix_fmt is not None and suffix_fmt != cfg.format:
             raise ConfigError("--format contradicts the output file's suffix", given=(cfg.format, output),
                               fix=f"name the file *{FORMATS[cfg.format]} or drop --format")
-    fmt = cfg.format or suffix_fmt or "h5"
-    strategy_fields = ("min_tiles", "max_tiles", "thumbnail", "grid_pinpoints", "anyres_max", "min_pixels", "max_pixels")
-    strategy = resolve_strategy(
-        StrategyArgs(cfg.strategy, fit=fit, img_sizes=sizes, set_fields=tuple(f for f in strategy_fields if getattr(cfg, f) is not None),
-                     **{f: getattr(cfg, f) for f in strategy_fields}),
-        BackboneFacts(split, backbone.patch_size, backbone.family, backbone.model_type, backbone.output_shape))
-    given = {f.name: getattr(cfg, f.name) for f in fields(ExtractConfig)}
-    given.update(img_sizes=sizes, scales=tuple(s / backbone.input_size for s in sizes), max_split_size=split, fit=fit,
-                 output=output, format=fmt, shard_size=cfg.shard_size or 1, layer=backbone.layer)
-    res = Resolved(**given, backbone=backbone, output_is_dir=is_dir, strategy_cfg=strategy)
-    if cfg.shard_size is None:
-        per_image = res.bytes_per_image()
-        res = dataclasses.replace(res, shard_size=max(1, min(100_000, SHARD_BYTES // max(1, per_image))))
-    return res
+    return output, cfg.format or suffix_fmt or "h5", suffix_fmt is None
 
 
 def resolve_options(input: str, output: str | None = None, recipe: str | None = None, **options: Any) -> Resolved:

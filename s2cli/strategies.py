@@ -625,6 +625,10 @@ class Strategy:
         """The strategy's settings, its defaults filled from its source (None: nothing to save)."""
         raise NotImplementedError
 
+    def saved(self, cfg: StrategyCfg | None) -> dict[str, Any]:
+        """What the saved config holds of the strategy's settings."""
+        return {"strategy": cfg.to_dict()}  # type: ignore[union-attr]
+
     def plan_entry(self, res: Any, orig_hw: tuple[int, int]) -> tuple[dict[str, Any], list[tuple[Any, int]]]:
         """One image's dry-run entry (fitted_hw, tiles, grids, output_shape, ...) and its backbone inputs as
         (tile (h, w), count) pairs."""
@@ -672,6 +676,9 @@ class S2Strategy(Strategy):
 
     def resolve(self, a: StrategyArgs, bb: BackboneFacts) -> StrategyCfg | None:
         return None
+
+    def saved(self, cfg: StrategyCfg | None) -> dict[str, Any]:
+        return {}  # outputs of the S² engine predate strategies: their config has no `strategy` entry
 
     def plan_entry(self, res: Any, orig_hw: tuple[int, int]) -> tuple[dict[str, Any], list[tuple[Any, int]]]:
         p = plan_image(res, orig_hw)
