@@ -45,7 +45,6 @@ class BackboneCfg:
     model_type: str = ""  # HF model_type for "hf" family
     hf_config: dict[str, Any] = field(default_factory=dict)  # builds the architecture offline (random-init, dry-run)
     drops_cls: bool = False  # the model emits a CLS token that the output drops
-    extra_prefix: int = 0  # prefix tokens emitted besides CLS (registers)
     gflops_per_tile: float | None = None  # at input_size, for the dry-run estimate when no formula applies
     default_weights: str = "hub"  # "hub" (HF cache) or "efficientnet-lite0-package"
 
@@ -60,14 +59,14 @@ class BackboneCfg:
         th, tw = tile_hw or (self.input_size, self.input_size)
         if self.hf_config and self.output_shape == "bnc":
             c = self.hf_config
-            C, I = c["hidden_size"], c.get("intermediate_size", 4 * c["hidden_size"] * 1)
+            C, hidden = c["hidden_size"], c.get("intermediate_size", 4 * c["hidden_size"] * 1)
             if "mlp_ratio" in c:
-                I = int(C * c["mlp_ratio"])
+                hidden = int(C * c["mlp_ratio"])
             L = c["num_hidden_layers"]
             used = L if self.layer == -1 else (L + 1 + self.layer if self.layer < 0 else self.layer)
             gh, gw = self.feature_hw((th, tw))
             N = gh * gw + self.num_prefix_tokens + (1 if self.drops_cls else 0)
-            per_layer = 2 * N * (4 * C * C + 2 * C * I) + 4 * N * N * C
+            per_layer = 2 * N * (4 * C * C + 2 * C * hidden) + 4 * N * N * C
             return float(used * per_layer + 2 * gh * gw * C * 3 * self.patch_size ** 2)
         if self.gflops_per_tile is not None:
             return self.gflops_per_tile * 1e9 * (th * tw) / (self.input_size ** 2)
@@ -89,10 +88,6 @@ def register(cfg: BackboneCfg) -> BackboneCfg:
 
 def list_models() -> list[BackboneCfg]:
     return list(_REGISTRY.values())
-
-
-def is_model(name: str) -> bool:
-    return name in _REGISTRY
 
 
 # ---- aliases -------------------------------------------------------------------------------------------------
@@ -204,7 +199,7 @@ def _hf_cfg_from_dir(name: str, src: str, path: Path, layer: int | None, keep_cl
         channels=int(vc["hidden_size"]), num_prefix_tokens=(1 + regs) if is_dino else (1 if is_clip and keep_cls else 0),
         layer=(-2 if is_clip else -1) if layer is None else layer, output_shape="bnc", mean=mean, std=std,
         fit="crop" if (is_clip or is_dino) else "squash", model_type=model_type, drops_cls=is_clip and not keep_cls,
-        extra_prefix=regs, hf_config=hf_config, description=f"HF {model_type} from {src}")
+        hf_config=hf_config, description=f"HF {model_type} from {src}")
 
 
 def _timm_meta_model(arch: str) -> nn.Module:

@@ -29,7 +29,7 @@ from . import api
 from .errors import ConfigError
 from .extractor import Extractor, use_channels_last
 from .plan import fit_of, plan_entry
-from .strategies import plan_image, strategy_of
+from .strategies import strategy_of
 from .sources import Fit, Input, Sample, Unit, decode_nice, decode_sample
 from .tiling import multiscale_forward, plan_multiscale, resize_image
 

@@ -3,7 +3,6 @@ an S2Error becomes one line on stderr and its exit code (2 usage/config, 1 runti
 from __future__ import annotations
 
 import contextlib
-import inspect
 import json
 import sys
 from pathlib import Path
@@ -169,9 +168,9 @@ _BENCH_OPTIONS = ("recipe", "model", "weights", "random_init", "seed", "layer", 
 def _options_of(source, names: tuple[str, ...]):
     """Decorator: the command also takes `source`'s options `names`, declared once there; they arrive as **kw."""
     def wrap(fn):
-        own = [p for p in inspect.signature(fn, eval_str=True).parameters.values() if p.kind is not p.VAR_KEYWORD]
-        theirs = inspect.signature(source, eval_str=True).parameters
-        fn.__signature__ = inspect.Signature(own + [theirs[n] for n in names])
+        own = [p for p in signature(fn, eval_str=True).parameters.values() if p.kind is not p.VAR_KEYWORD]
+        theirs = signature(source, eval_str=True).parameters
+        fn.__signature__ = Signature(own + [theirs[n] for n in names])
         return fn
     return wrap
 
@@ -313,8 +312,8 @@ def _print_plan(plan: dict) -> None:
         out.print(f"unreadable: {u['key']} ({u['error_class']}: {u['error']})", highlight=False)
 
 
-@app.command()
-def inspect(
+@app.command("inspect")
+def inspect_features(
     path: Annotated[str, typer.Argument(help="A .h5/.safetensors file or an output folder written by `s2 extract`.")],
     key: Annotated[Optional[str], typer.Option(help="Show one image's metadata and feature stats.")] = None,
     as_json: JsonOpt = False,

@@ -12,7 +12,7 @@ import os
 import time
 import warnings
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
@@ -59,7 +59,6 @@ class Unit:
     _samples: list[Sample] | None = None
     url: str | None = None  # wds
     image_key: str = DEFAULT_IMAGE_KEY
-    stream_errors: list[dict[str, str]] = field(default_factory=list)
 
     @property
     def size(self) -> int | None:

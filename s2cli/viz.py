@@ -47,8 +47,8 @@ def _compose(items: list[tuple[Image.Image, str, tuple[int, int, int], float, tu
     for im, label, color, scale, boxes in items:
         fig.paste(im, (x, LABEL))
         draw.text((x, 3), label, fill=(0, 0, 0))
-        for t, l, b, r in boxes:
-            draw.rectangle((x + round(l * scale), LABEL + round(t * scale),
+        for t, left, b, r in boxes:
+            draw.rectangle((x + round(left * scale), LABEL + round(t * scale),
                             x + round(r * scale) - 1, LABEL + round(b * scale) - 1), outline=color, width=2)
         panels.append(Panel(label, x, LABEL, im.size, scale, color, tuple(boxes)))
         x += im.width + GAP
