@@ -344,6 +344,8 @@ def inspect_features(
 
 
 def file_report(ff) -> dict:
+    """`s2 inspect PATH`: the file attributes every output carries (config.FILE_ATTRS), counts, shape, size."""
+    from .config import FILE_ATTRS, JSON_ATTRS
     from .sinks import FeatureSet
 
     a = ff.attrs
@@ -351,13 +353,11 @@ def file_report(ff) -> dict:
     report = {
         "num_images": len(ff), "num_failed": len(fails),
         "failed": [{k: f[k] for k in ("key", "source", "stage", "error_class", "error")} for f in fails],
-        "model": a.get("model"), "weights": a.get("weights"), "layer": a.get("layer"),
-        "scales": json.loads(a.get("scales", "null")), "img_sizes": json.loads(a.get("img_sizes", "null")),
-        "max_split_size": a.get("max_split_size"), "split_mode": a.get("split_mode"),
-        "num_prefix_tokens": a.get("num_prefix_tokens"), "output_shape": a.get("output_shape"),
-        "fit": a.get("fit"), "pool": a.get("pool", "none"), "feature_shape": ff.feature_shape, "dtype": ff.dtype,
-        "s2cli_version": a.get("s2cli_version"),
+        "weights": a.get("weights"),
+        **{k: json.loads(a.get(k, "null")) if k in JSON_ATTRS else a.get(k) for k in FILE_ATTRS},
+        "feature_shape": ff.feature_shape, "dtype": ff.dtype, "s2cli_version": a.get("s2cli_version"),
     }
+    report["pool"] = report["pool"] or "none"  # files written before --pool
     if isinstance(ff, FeatureSet):
         report.update(size_bytes=sum((ff.path / s["shard"]).stat().st_size for s in ff.shards),
                       num_shards=len(ff.shards), complete=ff.complete)
