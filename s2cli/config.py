@@ -12,10 +12,10 @@ from typing import Any
 
 from .backbones import BackboneCfg
 from .errors import ConfigError
-from .sinks import FORMATS, format_of
 from .sources import DECODES, FITS, INPUT_FORMATS
 from .strategies import StrategyArgs, StrategyCfg, parse_pinpoints, resolve_strategy
 from .tiling import SPLIT_MODES
+from .writers import FORMATS, format_of, itemsize
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 DTYPES = ("float32", "float16")
@@ -175,7 +175,7 @@ class Resolved:
         n0 = max(1, -(-self.img_sizes[self.user.resize_output_to_idx] // side))
         tokens = bb.num_prefix_tokens + gh * gw * n0 * n0
         channels = bb.channels * len(self.img_sizes)
-        item = 2 if self.user.dtype == "float16" else 4
+        item = itemsize(self.user.dtype)
         return (0 if self.user.pool_only else tokens * channels * item) + (channels * item if self.user.pool != "none" else 0)
 
     @property

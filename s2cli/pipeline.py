@@ -19,11 +19,13 @@ from .backbones import Backbone
 from .config import Resolved
 from .errors import ConfigError, S2Error
 from .launch import Rank, final_barrier, rank_device, resolve_precision
-from .sinks import SINKS, OutputDir, _ThreadedSink
+from .heartbeat import Heartbeat
+from .outdir import OutputDir
 from .sources import DecodePool, Fit, Input, Sample, Unit, failure, fit_size, image_size
 from .strategies import (OutLayout, StrategyPlan, cut_view, grouped_calls, merge as merge_views, num_views,
                          out_groups, out_layout, outputs_to_maps, plan_strategy)
 from .tiling import S2Plan, multiscale_forward, plan_multiscale
+from .writers import SINKS, ThreadedSink, check_output_file, itemsize
 
 
 @dataclass(frozen=True)
@@ -76,10 +78,6 @@ def _dry_entry(res: Resolved, orig: tuple[int, int]) -> tuple[dict[str, Any], fl
     return entry, flops
 
 
-def storage_itemsize(dtype: str) -> int:
-    return 2 if dtype == "float16" else 4
-
-
 def dry_run(res: Resolved, inp: Input) -> dict[str, Any]:
     """The plan of every image, from headers only: no weights, no model, no pixels."""
     images, total_tiles, total_flops, total_bytes, unreadable = [], 0, 0.0, 0, []
@@ -95,7 +93,7 @@ def dry_run(res: Resolved, inp: Input) -> dict[str, Any]:
                 unreadable.append(failure(s, "read", e))
                 continue
             entry, flops = _dry_entry(res, orig)
-            nbytes = entry["output_shape"][0] * entry["output_shape"][1] * storage_itemsize(res.user.dtype)
+            nbytes = entry["output_shape"][0] * entry["output_shape"][1] * itemsize(res.user.dtype)
             flops_known = flops_known and flops is not None
             images.append({"key": s.key, "orig_hw": list(orig), **entry, "bytes": nbytes})
             total_tiles += entry["tiles"]
@@ -237,7 +235,7 @@ class _Part:
 
     unit: Unit
     part: int
-    sink: _ThreadedSink
+    sink: ThreadedSink
     started: float
     seen: set
     first_key: str | None = None
@@ -259,17 +257,9 @@ class Target:
                    "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
             self.dir.prepare(run, overwrite, res.compare_keys(), rank.rank, rank.world)
             self.done = {(m["unit_index"], m["part"]): m for m in self.dir.markers()}
-            from .ranks import Heartbeat
-
             self.heartbeat = Heartbeat(self.dir.path, rank.rank, rank.world, rank.source)
         else:
-            p = Path(res.output)
-            if p.exists() and not p.is_file():
-                raise ConfigError("output path exists and is not a file", given=str(p), fix="choose another -o path")
-            if p.exists() and not overwrite:
-                raise ConfigError("output file exists", given=str(p), fix="pass --overwrite, or -o OUTDIR/ for a resumable run")
-            if not p.parent.exists():
-                raise ConfigError("output folder does not exist", given=str(p.parent), fix="create it first")
+            check_output_file(Path(res.output), overwrite)
             self.done = {}
         self._by_unit: dict[int, list[dict]] = {}
         for (u, _), m in self.done.items():
@@ -295,7 +285,7 @@ class Target:
         return _unit_complete(unit, self._by_unit.get(unit.index, []), self.res)
 
 
-def _sink(res: Resolved, path: str, weights: str) -> _ThreadedSink:
+def _sink(res: Resolved, path: str, weights: str) -> ThreadedSink:
     if res.strategy is not None:  # token counts differ per image: always the ragged layout
         return SINKS[res.format](path, file_attrs(res, weights), channels=res.backbone.channels * len(out_groups(res.strategy)),
                                  num_scales=num_views(res.strategy), tokens=None, dtype=res.user.dtype,
@@ -306,7 +296,7 @@ def _sink(res: Resolved, path: str, weights: str) -> _ThreadedSink:
                              tokens=first.tokens if uniform else None, dtype=res.user.dtype,
                              store_features=not res.user.pool_only, pooled=res.user.pool != "none")
     if res.output_is_dir:
-        sink.need_bytes = res.shard_size * first.tokens * first.channels * (2 if res.user.dtype == "float16" else 4)
+        sink.need_bytes = res.shard_size * first.tokens * first.channels * itemsize(res.user.dtype)
     return sink
 
 
