@@ -14,7 +14,7 @@ from typer.models import ArgumentInfo, ParameterInfo
 from rich.console import Console
 from rich.table import Table
 
-from . import __version__
+from .version import __version__
 from .errors import ConfigError, S2Error
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -319,7 +319,7 @@ def inspect_features(
     as_json: JsonOpt = False,
 ) -> None:
     """Summarize features: model, weights, scales, images, shape, shards, failures."""
-    from .sinks import open_features
+    from .readers import open_features
 
     with _reported(), open_features(path) as ff:
         if key is not None:
@@ -346,7 +346,7 @@ def inspect_features(
 def file_report(ff) -> dict:
     """`s2 inspect PATH`: the file attributes every output carries (config.FILE_ATTRS), counts, shape, size."""
     from .config import FILE_ATTRS, JSON_ATTRS
-    from .sinks import FeatureSet
+    from .readers import FeatureSet
 
     a = ff.attrs
     fails = ff.failures
@@ -386,7 +386,8 @@ def export(
     as_json: JsonOpt = False,
 ) -> None:
     """Export one vector per image for retrieval (the img_emb/ + metadata/ layout autofaiss reads)."""
-    from .sinks import export_embeddings, open_features
+    from .export import export_embeddings
+    from .readers import open_features
 
     with _reported():
         if pool not in ("auto", "pooled", "mean"):
@@ -467,7 +468,7 @@ def viz_features(
 
     Example:  s2 viz features images.efficientnet-lite0.h5 --key chelsea -o pca.png
     """
-    from .sinks import open_features
+    from .readers import open_features
     from .viz import features_figure, plan_summary
 
     with _reported(), open_features(path) as ff:
@@ -537,7 +538,7 @@ def _extract_on_devices(values: dict, devices: str, res, inp, as_json: bool) -> 
                           fix=f"remove {res.output} first, then run without --overwrite")
     err.print(f"{len(devs)} workers ({', '.join(devs)}) -> {res.output}", highlight=False)
     workers = run_workers(_extract_argv(values), devs)
-    from .ranks import status_report
+    from .status import status_report
 
     report = {"workers": workers, "status": status_report(res.output)}
     if as_json:
@@ -619,7 +620,7 @@ def slurm(
         if v.get("output") is None or not res.output_is_dir:
             raise ConfigError("s2 slurm needs an output folder that its tasks share", given=v.get("output"),
                               fix="pass -o OUTDIR/")
-        from .sinks import OutputDir
+        from .outdir import OutputDir
 
         if OutputDir(res.output).run_file.is_file():  # resubmitting: the tasks would refuse other settings, say so now
             OutputDir(res.output)._check_same({"input": inp.describe(), "config": res.to_dict()}, res.compare_keys())
@@ -664,7 +665,7 @@ def status(
 ) -> None:
     """Progress of a run in an output folder: shards and units done, images, failures, throughput, each rank's
     state (running, done, failed, or stale: it stopped without saying so) and the units in flight."""
-    from .ranks import status_report
+    from .status import status_report
 
     with _reported():
         st = status_report(path)

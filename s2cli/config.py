@@ -10,13 +10,13 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from . import __version__
+from .version import __version__
 from .backbones import BackboneCfg, resolve
 from .errors import ConfigError
-from .sinks import FORMATS, format_of
 from .sources import DECODES, FITS, INPUT_FORMATS
 from .strategies import STRATEGIES, BackboneFacts, StrategyArgs, StrategyCfg, parse_pinpoints, resolve_strategy
 from .tiling import SPLIT_MODES
+from .writers import FORMATS, format_of, itemsize
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 DTYPES = ("float32", "float16")
@@ -25,11 +25,6 @@ ON_ERROR = ("skip", "stop")
 SHARD_BYTES = 1 << 30  # default shard size aims at ~1 GiB files
 # an option that only decides how fast a run goes or when it stops, not what it writes: a resumed run may change it
 RUN_ONLY = {"run_only": True}
-
-
-def itemsize(dtype: str) -> int:
-    """Bytes per stored value of the storage dtype (--dtype)."""
-    return 2 if dtype == "float16" else 4
 
 
 @dataclass(frozen=True)

@@ -9,10 +9,11 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from .config import Resolved, itemsize, resolve_options
+from .config import Resolved, resolve_options
 from .errors import ConfigError
 from .sources import Fit, Input, Sample, decode_sample, failure, image_size
 from .strategies import strategy_of
+from .writers import itemsize
 
 
 def fit_of(res: Resolved) -> Fit:

@@ -13,16 +13,18 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from . import __version__
+from .version import __version__
 from .backbones import Backbone
-from .config import Resolved, itemsize
+from .config import Resolved
 from .errors import ConfigError, S2Error
 from .extractor import Extractor
 from .launch import Rank, final_barrier, resolve_precision
 from .plan import fit_of
-from .sinks import SINKS, OutputDir, _ThreadedSink
+from .heartbeat import Heartbeat
+from .outdir import OutputDir
 from .sources import DecodePool, Input, Sample, Unit
 from .strategies import strategy_of
+from .writers import SINKS, ThreadedSink, check_output_file, itemsize
 
 Progress = Callable[[int, int, int], None]  # (images done, failed, shards written) in this run
 
@@ -60,11 +62,9 @@ class Target:
                    "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
             self.dir.prepare(run, overwrite, res.compare_keys(), rank.rank, rank.world)
             self.done = {(m["unit_index"], m["part"]): m for m in self.dir.markers()}
-            from .ranks import Heartbeat
-
             self.heartbeat = Heartbeat(self.dir.path, rank.rank, rank.world, rank.source)
         else:
-            _check_file_target(Path(res.output), overwrite)
+            check_output_file(Path(res.output), overwrite)
         self._by_unit: dict[int, list[dict]] = {}
         for (u, _), m in self.done.items():
             self._by_unit.setdefault(u, []).append(m)
@@ -97,15 +97,6 @@ class Target:
             for i, s in enumerate(unit.samples()):
                 part = i // S if self.dir is not None else 0
                 yield unit, part, (None if (unit.index, part) in self.done else s)
-
-
-def _check_file_target(p: Path, overwrite: bool) -> None:
-    if p.exists() and not p.is_file():
-        raise ConfigError("output path exists and is not a file", given=str(p), fix="choose another -o path")
-    if p.exists() and not overwrite:
-        raise ConfigError("output file exists", given=str(p), fix="pass --overwrite, or -o OUTDIR/ for a resumable run")
-    if not p.parent.exists():
-        raise ConfigError("output folder does not exist", given=str(p.parent), fix="create it first")
 
 
 @dataclass
@@ -154,7 +145,7 @@ class _Part:
 
     unit: Unit
     part: int
-    sink: _ThreadedSink
+    sink: ThreadedSink
     started: float
     seen: set
     first_key: str | None = None
@@ -378,12 +369,12 @@ class Run:
         s.shards_written, s.resumed_images = len(self.stats.shards), t.images_done_before
         s.total_images, s.total_failed, s.complete = manifest["num_images"], manifest["num_failed"], manifest["complete"]
 
-    def _new_sink(self, path: str) -> _ThreadedSink:
+    def _new_sink(self, path: str) -> ThreadedSink:
         res = self.res
         shape = self.strategy.sink_shape(res)
         sink = SINKS[res.format](path, res.file_attrs(self.backbone.weights), channels=shape["channels"],
                                  num_scales=shape["num_scales"], tokens=shape["tokens"], dtype=res.dtype,
-                                 store_features=not res.pool_only, pooled=res.pool != "none")
+                                 store_features=not res.pool_only, pooled=res.pool != "none", plans=shape["plans"])
         if res.output_is_dir and shape["tokens_per_image"] is not None:
             sink.need_bytes = res.shard_size * shape["tokens_per_image"] * shape["channels"] * itemsize(res.dtype)
         return sink

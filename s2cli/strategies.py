@@ -639,7 +639,8 @@ class Strategy:
         raise NotImplementedError
 
     def sink_shape(self, res: Any) -> dict[str, Any]:
-        """The writer's shape: channels, num_scales (img_sizes entries per image), tokens (None: ragged)."""
+        """The writer's shape: channels, num_scales (img_sizes entries per image), tokens (None: ragged),
+        tokens_per_image (for the space a shard needs; None: unknown), plans (each image stores its plan)."""
         raise NotImplementedError
 
     def compute(self, ex: Any, recs: list[dict[str, Any]], on_fail: Callable[[dict], None]) -> list[Callable[[], list]]:
@@ -692,7 +693,7 @@ class S2Strategy(Strategy):
     def sink_shape(self, res: Any) -> dict[str, Any]:
         first = plan_image(res, (res.side, res.side))
         return {"channels": first.channels, "num_scales": len(res.img_sizes),
-                "tokens": first.tokens if res.fit != "keep" else None, "tokens_per_image": first.tokens}
+                "tokens": first.tokens if res.fit != "keep" else None, "tokens_per_image": first.tokens, "plans": False}
 
     def compute(self, ex: Any, recs: list[dict[str, Any]], on_fail: Callable[[dict], None]) -> list[Callable[[], list]]:
         return ex.submit_s2(recs, on_fail)
@@ -760,7 +761,7 @@ class ViewStrategy(Strategy):
     def sink_shape(self, res: Any) -> dict[str, Any]:
         cfg = res.strategy_cfg
         return {"channels": res.backbone.channels * len(self.groups(cfg)), "num_scales": self.max_views(cfg),
-                "tokens": None, "tokens_per_image": None}
+                "tokens": None, "tokens_per_image": None, "plans": True}
 
     def compute(self, ex: Any, recs: list[dict[str, Any]], on_fail: Callable[[dict], None]) -> list[Callable[[], list]]:
         done = ex.with_retry(ex.strategy_features, recs, on_fail)

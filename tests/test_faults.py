@@ -353,7 +353,7 @@ def test_non_finite_features_are_recorded_not_stored(cli, tmp_path, monkeypatch)
 # ---- runs that die -----------------------------------------------------------------------------------------------
 KILLER = """
 import os, signal, sys
-import s2cli.backbones as backbones, s2cli.extractor as extractor, s2cli.sinks as sinks
+import s2cli.backbones as backbones, s2cli.outdir as outdir, s2cli.extractor as extractor, s2cli.writers as writers
 from s2cli.cli import app
 
 point, n = sys.argv[1], int(sys.argv[2])
@@ -381,9 +381,9 @@ def after(obj, name):
 
 {"load": lambda: before(backbones, "load_backbone"),         # during model load
  "mid-batch": lambda: after(extractor.Extractor, "submit"),   # features computed, not yet written
- "writing": lambda: before(sinks, "_fsync_rename"),          # a complete shard not yet renamed into place
- "between": lambda: after(sinks.OutputDir, "commit"),        # a shard and its marker done, the next not begun
- "end": lambda: before(sinks.OutputDir, "write_manifest"),   # every shard done, the manifest not written
+ "writing": lambda: before(writers, "fsync_rename"),         # a complete shard not yet renamed into place
+ "between": lambda: after(outdir.OutputDir, "commit"),       # a shard and its marker done, the next not begun
+ "end": lambda: before(outdir.OutputDir, "write_manifest"),  # every shard done, the manifest not written
 }[point]()
 app(sys.argv[3:], prog_name="s2")
 """
@@ -450,7 +450,7 @@ def full_disk_input(tmp_path):
 def test_disk_full_simulated(cli, tmp_path, monkeypatch, full_disk_input):
     """The free space the writer sees drops to 4 KiB after the first shard: a clear exit 1 naming the path and the
     space needed, completed shards intact and marked, and a rerun with space continues to a complete result."""
-    import s2cli.sinks as sinks
+    import s2cli.writers as writers
 
     d, out, clean = full_disk_input, tmp_path / "out", tmp_path / "clean"
     run_ok(cli, d, f"{clean}/", "--shard-size", 4, "-j", 0)
@@ -462,14 +462,14 @@ def test_disk_full_simulated(cli, tmp_path, monkeypatch, full_disk_input):
         done = len(list(out.glob("part-*.json"))) if out.exists() else 0
         return usage(u.total, u.used, 4096) if done >= 1 else u
 
-    monkeypatch.setattr(sinks.shutil, "disk_usage", nearly_full)
+    monkeypatch.setattr(writers.shutil, "disk_usage", nearly_full)
     r = cli("extract", d, *MODEL, "-o", f"{out}/", "--shard-size", 4, "-j", 0, "-q")
     assert r.exit_code == 1, r.stderr + r.stdout
     msg = r.stderr.strip()
     assert "\n" not in msg and "no space left on device writing" in msg and str(out / "part-00000-00001.h5") in msg
     assert "4.0 KiB free" in msg and "a whole shard needs about" in msg and "rerun the same command" in msg
     _assert_full_disk_then_resume(cli, out, clean)
-    monkeypatch.setattr(sinks.shutil, "disk_usage", real)
+    monkeypatch.setattr(writers.shutil, "disk_usage", real)
     s = run_ok(cli, d, f"{out}/", "--shard-size", 4, "-j", 0)
     assert s["resumed_images"] == 4 and s["complete"]
     with open_features(clean) as fc, open_features(out) as fo:

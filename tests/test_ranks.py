@@ -21,7 +21,8 @@ from s2cli import open_features
 from s2cli.cli import _option_argv, app, extract
 from s2cli.errors import ConfigError
 from s2cli.launch import Rank, discover_rank
-from s2cli.sinks import OutputDir, _create_exclusive
+from s2cli.fsutil import create_exclusive
+from s2cli.outdir import OutputDir
 
 FAST = ["-m", "timm:test_resnet", "--random-init", "--img-sizes", "64,128", "--max-split-size", "64", "-j", "0"]
 
@@ -93,7 +94,7 @@ RUN = {"input": {"spec": "in"}, "config": {"model": "m"}}
 
 def test_run_json_is_written_once_and_checked_by_every_rank(tmp_path):
     p = tmp_path / "run.json"
-    assert _create_exclusive(p, "first") and not _create_exclusive(p, "second")
+    assert create_exclusive(p, "first") and not create_exclusive(p, "second")
     assert p.read_text() == "first" and not list(tmp_path.glob(".*tmp*"))
     d = OutputDir(tmp_path / "out")
     d.prepare(RUN, False, ["model"], rank=0, world=2)

@@ -1,0 +1,196 @@
+"""The output-folder protocol: `run.json` (the resolved config; a resumed run must match it), shards each
+followed by its done marker (only marked shards count), leftovers of dead writers removed, `errors.jsonl` and
+`manifest.json` rebuilt from the markers."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+from .fsutil import atomic_write_text, create_exclusive, pid_alive, write_error
+from .heartbeat import live_ranks, liveness, read_heartbeats
+
+SHARD_RE = re.compile(r"^part-(\d{5})-(\d{5})\.(h5|safetensors)$")
+OURS_RE = re.compile(r"^(part-\d{5}-\d{5}\.(h5|safetensors|json)|run\.json|manifest\.json|errors\.jsonl|rank-\d{5}\.json)$")
+# files `s2 slurm` puts beside the run (its script and SLURM's logs): ours, but not output; --overwrite keeps them
+SIDE_RE = re.compile(r"^(s2-slurm\.sbatch|slurm-\d+(_\d+)?\.out)$")
+RANK_TMP_RE = re.compile(r"^\.part-(\d{5})-\d{5}\.(h5|safetensors|json)\.tmp-\d+$")
+
+
+# settings an older version saved that no longer exist and decided nothing on their own (extra_prefix repeated
+# what num_prefix_tokens holds): not a difference when a run written then is resumed
+RETIRED = ("backbone.extra_prefix",)
+
+class OutputDir:
+    """OUTDIR/ holds `run.json` (the resolved config, version, input), shards `part-RRRRR-SSSSS.{h5,safetensors}`,
+    each followed by its done marker `part-RRRRR-SSSSS.json` (written last: only marked shards count),
+    `errors.jsonl` (every failed sample once) and `manifest.json` (the completed shards)."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+
+    @property
+    def run_file(self) -> Path:
+        return self.path / "run.json"
+
+    def read_run(self, fix: str) -> dict[str, Any]:
+        """The run this folder holds (its run.json); a folder without one is refused with `fix`."""
+        if not self.run_file.is_file():
+            raise ConfigError("not an s2cli output folder (no run.json)", given=str(self.path), fix=fix)
+        return json.loads(self.run_file.read_text())
+
+    @property
+    def manifest_complete(self) -> bool:
+        """The manifest is written and says every unit is done."""
+        mf = self.path / "manifest.json"
+        return bool(mf.is_file() and json.loads(mf.read_text()).get("complete"))
+
+    def markers(self) -> list[dict[str, Any]]:
+        """Done markers whose shard exists, in input order (unit, part)."""
+        out = []
+        for p in self.path.glob("part-*-*.json"):
+            try:
+                m = json.loads(p.read_text())
+            except (OSError, ValueError):
+                continue
+            if (self.path / m.get("shard", "")).is_file():
+                out.append(m)
+        return sorted(out, key=lambda m: (m["unit_index"], m["part"]))
+
+    def prepare(self, run: dict[str, Any], overwrite: bool, compare: list[str], rank: int = 0, world: int = 1) -> None:
+        """Create, resume or refuse: an existing run must have the same values for `compare`. Several ranks may
+        prepare at once: run.json is created by the first of them and checked by all."""
+        if self.path.exists() and not self.path.is_dir():
+            raise ConfigError("output path exists and is not a folder", given=str(self.path),
+                              fix="pass a new or empty folder, or a .h5/.safetensors file name")
+        if overwrite and world > 1:
+            raise ConfigError("--overwrite cannot be used by several ranks at once (each would delete the others' "
+                              "new shards)", given=f"{world} ranks", fix=f"remove {self.path} first, then run without --overwrite")
+        self.path.mkdir(parents=True, exist_ok=True)
+        entries = [p for p in self.path.iterdir() if not p.name.startswith(".") and not SIDE_RE.match(p.name)]
+        foreign = [p.name for p in entries if not OURS_RE.match(p.name)]
+        if foreign:
+            raise ConfigError(f"output folder holds files s2cli did not write, e.g. {foreign[0]}", given=str(self.path),
+                              fix="pass a new or empty folder")
+        if overwrite:
+            for p in entries:
+                p.unlink()
+            for p in self.path.glob(".*.tmp-*"):
+                p.unlink()
+        elif self.run_file.exists():
+            self._check_same(run, compare)
+        elif entries:
+            raise ConfigError("output folder has shards but no run.json", given=str(self.path),
+                              fix="pass --overwrite to start over, or another -o")
+        if not self.run_file.exists() and not create_exclusive(self.run_file, json.dumps(run, indent=1, sort_keys=True)):
+            self._check_same(run, compare)  # another rank created it first: it must be the same run
+        self._clean_leftovers(rank)
+        if world == 1:
+            self.rebuild_errors()
+
+    def _check_same(self, run: dict[str, Any], compare: list[str]) -> None:
+        old = json.loads(self.run_file.read_text())
+        new = json.loads(json.dumps(run))  # compare as saved (tuples are lists there)
+        before, after = _flat(old["config"], compare), _flat(new["config"], compare)
+        diff = [f"{k}: {before.get(k)!r} -> {after.get(k)!r}" for k in sorted(set(before) | set(after))
+                if before.get(k) != after.get(k) and not k.startswith("backbone.description") and k not in RETIRED]
+        if old.get("input", {}).get("spec") != run["input"]["spec"]:
+            diff.insert(0, f"input: {old.get('input', {}).get('spec')!r} -> {run['input']['spec']!r}")
+        if diff:
+            raise ConfigError(f"{self.path} holds a run with a different config ({'; '.join(diff)})",
+                              fix="rerun with the original settings to resume, pass --overwrite to start over, or use another -o")
+
+    def _clean_leftovers(self, rank: int = 0) -> None:
+        """Temporary files of dead writers, and shard files whose marker was never written (never counted).
+        Rank-aware: a shard or temporary of another rank that is alive now (its heartbeat says so) is work in
+        progress and stays; this rank's own are leftovers of its previous life. Temporaries of shared files
+        (manifest, errors, heartbeats) go when their process is gone and no other rank is alive."""
+        mine = read_heartbeats(self.path).get(rank)
+        if liveness(mine) == "running" and mine["pid"] != os.getpid():  # type: ignore[index]
+            raise ConfigError(f"rank {rank} of this folder is running already ({mine['host']} pid {mine['pid']})",  # type: ignore[index]
+                              given=str(self.path), fix=f"wait for it to end; if that process is gone, remove "
+                              f"{self.path}/rank-{rank:05d}.json (it is stale after S2CLI_STALE_S seconds anyway)")
+        live = live_ranks(self.path, rank)
+        marked = {m["shard"] for m in self.markers()}
+        for p in self.path.glob(".*.tmp-*"):
+            m = RANK_TMP_RE.match(p.name)
+            pid = p.name.rsplit("-", 1)[-1]
+            if m:
+                gone = int(m.group(1)) == rank or int(m.group(1)) not in live
+            else:
+                gone = not live and (not pid.isdigit() or not pid_alive(int(pid)))
+            if gone:
+                p.unlink(missing_ok=True)
+        for p in self.path.iterdir():
+            m = SHARD_RE.match(p.name)
+            if m and p.name not in marked and int(m.group(1)) not in live:
+                p.unlink(missing_ok=True)
+
+    def next_shard_index(self, rank: int) -> int:
+        used = [int(m.group(2)) for p in self.path.iterdir() if (m := SHARD_RE.match(p.name)) and int(m.group(1)) == rank]
+        return max(used, default=-1) + 1
+
+    def commit(self, marker: dict[str, Any], log_errors: bool = True) -> None:
+        """Write a shard's done marker (last), then log its failures (ranks sharing the folder do not append to
+        errors.jsonl: it is rebuilt from the markers with the manifest)."""
+        name = Path(marker["shard"]).with_suffix(".json").name
+        atomic_write_text(self.path / name, json.dumps(marker, sort_keys=True))
+        if marker["failures"] and log_errors:
+            try:
+                with open(self.path / "errors.jsonl", "a") as fh:
+                    for r in marker["failures"]:
+                        fh.write(json.dumps(r) + "\n")
+                    fh.flush()
+                    os.fsync(fh.fileno())
+            except OSError as e:  # the marker holds them; errors.jsonl is rebuilt from the markers on resume
+                raise write_error(self.path / "errors.jsonl", e) from e
+
+    def rebuild_errors(self) -> None:
+        """errors.jsonl from the markers: every failure of every completed shard, once."""
+        lines = [json.dumps(r) for m in self.markers() for r in m["failures"]]
+        atomic_write_text(self.path / "errors.jsonl", "".join(line + "\n" for line in lines))
+
+    def write_manifest(self, units_total: int | None, units_done: int | Any) -> dict[str, Any]:
+        """`units_done`: a number, or a function of the markers (ranks sharing the folder: the manifest is then
+        rewritten until the markers it was made from are still all there are, so the last writer is complete)."""
+        if callable(units_done):
+            while True:
+                ms = self.markers()
+                manifest = self.manifest(ms, units_total, units_done(ms))
+                atomic_write_text(self.path / "manifest.json", json.dumps(manifest, indent=1))
+                self.rebuild_errors()
+                if [m["shard"] for m in self.markers()] == [m["shard"] for m in ms]:
+                    return manifest
+        manifest = self.manifest(self.markers(), units_total, units_done)
+        atomic_write_text(self.path / "manifest.json", json.dumps(manifest, indent=1))
+        return manifest
+
+    def manifest(self, ms: list[dict[str, Any]], units_total: int | None, units_done: int) -> dict[str, Any]:
+        """The manifest's content for these markers (not written)."""
+        manifest = {
+            "complete": units_total is not None and units_done >= units_total,
+            "units_total": units_total, "units_done": units_done, "num_shards": len(ms),
+            "num_images": sum(m["num_images"] for m in ms), "num_failed": sum(m["num_failed"] for m in ms),
+            "shards": [{k: m[k] for k in ("shard", "unit", "unit_index", "part", "rank", "num_images", "num_failed")}
+                       for m in ms],
+            "updated_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+        return manifest
+
+
+
+
+def _flat(config: dict[str, Any], keys: list[str]) -> dict[str, Any]:
+    """The compared settings, nested dicts flattened to dotted names so a diff names exactly what changed."""
+    out: dict[str, Any] = {}
+    for k in keys:
+        v = config.get(k)
+        if isinstance(v, dict):
+            out.update({f"{k}.{sub}": sv for sub, sv in v.items()})
+        else:
+            out[k] = v
+    return out

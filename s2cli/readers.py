@@ -1,0 +1,350 @@
+"""Readers: features written by `s2 extract` read back lazily by key, from one HDF5 or safetensors file or from an
+output folder of shards, all behind one `Reader` interface; `open_features` picks the reader for a path."""
+from __future__ import annotations
+
+import json
+import os
+from abc import abstractmethod
+from collections import OrderedDict
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Iterator
+
+import h5py
+import numpy as np
+
+from .errors import ConfigError
+from .outdir import OutputDir
+from .writers import POOLED_TENSOR, format_of
+
+
+def _attr(v: Any) -> Any:
+    if isinstance(v, bytes):
+        v = v.decode()
+    if isinstance(v, np.generic):
+        v = v.item()
+    if isinstance(v, np.ndarray):
+        v = v.tolist()
+    return v
+
+
+class Reader(Mapping):
+    """What every reader of s2cli features offers: a read-only mapping key -> features (T, C) numpy array, in
+    input order, plus each image's metadata and pooled vector, the file attributes and the resolved config, the
+    failure records, the feature shape and dtype; `close` (or use it as a context manager)."""
+
+    path: Path
+
+    @property
+    @abstractmethod
+    def attrs(self) -> dict[str, Any]:
+        """The attributes written with the features (model, scales, dtype, config as JSON, ...)."""
+
+    @property
+    @abstractmethod
+    def failures(self) -> list[dict[str, str]]:
+        """One record per image that failed: key, source, stage, error_class, error."""
+
+    @property
+    @abstractmethod
+    def feature_shape(self) -> list[int | None] | None:
+        """(T, C) of one image's features, T None where token counts differ; None when only pooled vectors are stored."""
+
+    @property
+    @abstractmethod
+    def dtype(self) -> str:
+        """The stored dtype, e.g. float32."""
+
+    @abstractmethod
+    def __getitem__(self, key: str) -> np.ndarray:
+        """The features (T, C) of one image."""
+
+    @abstractmethod
+    def __iter__(self) -> Iterator[str]:
+        """Image keys, in input order."""
+
+    @abstractmethod
+    def __len__(self) -> int: ...
+
+    @abstractmethod
+    def pooled(self, key: str) -> np.ndarray:
+        """The pooled vector (C,) of one image (extracted with --pool mean|cls)."""
+
+    @abstractmethod
+    def meta(self, key: str) -> dict[str, Any]:
+        """One image's record: key, source, meta, orig_hw, grid_hw, img_sizes, num_prefix_tokens, split_mode."""
+
+    @abstractmethod
+    def close(self) -> None: ...
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """The resolved config the features were extracted with."""
+        return json.loads(self.attrs.get("config", "{}"))
+
+    def _missing(self, key: str) -> KeyError:
+        return KeyError(f"no image with key {key!r} in {self.path} ({len(self)} keys; see `s2 inspect`)")
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+class FeatureFile(Reader):
+    """One HDF5 file written by s2cli, read lazily."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        try:
+            self.f = h5py.File(self.path, "r")
+        except OSError as e:
+            raise ConfigError("not an HDF5 file", given=str(path), fix="pass a file written by `s2 extract`") from e
+        if "keys" not in self.f:
+            self.f.close()
+            raise ConfigError("not an s2cli feature file (no keys dataset)", given=str(path),
+                              fix="pass a file written by `s2 extract`")
+        self._keys = [_attr(k) for k in self.f["keys"][:]]
+        self._index = {k: i for i, k in enumerate(self._keys)}
+        self.ragged = "offsets" in self.f
+        self._offsets = self.f["offsets"][:] if self.ragged else None
+
+    @property
+    def attrs(self) -> dict[str, Any]:
+        return {k: _attr(v) for k, v in self.f.attrs.items()}
+
+    @property
+    def failures(self) -> list[dict[str, str]]:
+        return [json.loads(_attr(r)) for r in self.f["failures"][:]] if "failures" in self.f else []
+
+    def _i(self, key: str) -> int:
+        if key not in self._index:
+            raise self._missing(key)
+        return self._index[key]
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        i = self._i(key)
+        if "features" not in self.f:
+            raise KeyError(f"{self.path} holds pooled vectors only (--pool-only); use .pooled({key!r})")
+        if self.ragged:
+            return self.f["features"][int(self._offsets[i]):int(self._offsets[i + 1])]
+        return self.f["features"][i]
+
+    def pooled(self, key: str) -> np.ndarray:
+        if "pooled" not in self.f:
+            raise KeyError(f"{self.path} has no pooled vectors (extract with --pool mean|cls)")
+        return self.f["pooled"][self._i(key)]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def meta(self, key: str) -> dict[str, Any]:
+        i, f = self._i(key), self.f
+        m = _attr(f["meta"][i]) if "meta" in f else ""
+        return {"key": key, "source": _attr(f["source"][i]), "meta": json.loads(m) if m else None,
+                "orig_hw": f["orig_hw"][i].tolist(), "grid_hw": f["grid_hw"][i].tolist(),
+                "img_sizes": f["img_sizes"][i].tolist(), "num_prefix_tokens": int(f["num_prefix_tokens"][i]),
+                "split_mode": _attr(f["split_mode"][i]),
+                **({"plan": json.loads(_attr(f["plan"][i]))} if "plan" in f else {})}
+
+    @property
+    def feature_shape(self) -> list[int | None] | None:
+        if "features" not in self.f:
+            return None
+        ds = self.f["features"]
+        return [None, ds.shape[1]] if self.ragged else list(ds.shape[1:])
+
+    @property
+    def dtype(self) -> str:
+        return str((self.f["features"] if "features" in self.f else self.f["pooled"]).dtype)
+
+    def close(self) -> None:
+        self.f.close()
+
+
+class SafetensorsFeatureFile(Reader):
+    """One safetensors shard written by s2cli."""
+
+    def __init__(self, path: str | os.PathLike):
+        from safetensors import safe_open
+
+        self.path = Path(path)
+        try:
+            self.f = safe_open(str(self.path), framework="numpy")
+        except Exception as e:
+            raise ConfigError("not a safetensors file", given=str(path), fix="pass a file written by `s2 extract`") from e
+        md = self.f.metadata() or {}
+        if "s2cli" not in md:
+            raise ConfigError("not an s2cli feature file (no s2cli metadata)", given=str(path),
+                              fix="pass a file written by `s2 extract`")
+        self._attrs = json.loads(md["s2cli"])
+        self._keys = json.loads(md["keys"])
+        self._images = json.loads(md["images"])
+        self._failures = json.loads(md["failures"])
+        self._index = {k: i for i, k in enumerate(self._keys)}
+        self._names = set(self.f.keys())
+
+    @property
+    def attrs(self) -> dict[str, Any]:
+        return dict(self._attrs)
+
+    @property
+    def failures(self) -> list[dict[str, str]]:
+        return list(self._failures)
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        if key not in self._index:
+            raise self._missing(key)
+        if key not in self._names:
+            raise KeyError(f"{self.path} holds pooled vectors only (--pool-only); use .pooled({key!r})")
+        return self.f.get_tensor(key)
+
+    def pooled(self, key: str) -> np.ndarray:
+        if key not in self._index:
+            raise self._missing(key)
+        if POOLED_TENSOR not in self._names:
+            raise KeyError(f"{self.path} has no pooled vectors (extract with --pool mean|cls)")
+        return self.f.get_slice(POOLED_TENSOR)[self._index[key]]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def meta(self, key: str) -> dict[str, Any]:
+        if key not in self._index:
+            raise self._missing(key)
+        m = dict(self._images[key])
+        m["meta"] = json.loads(m["meta"]) if m.get("meta") else None
+        if "plan" in m:
+            m["plan"] = json.loads(m["plan"])
+        return {"key": key, **m}
+
+    @property
+    def feature_shape(self) -> list[int | None] | None:
+        shapes = {tuple(self.f.get_slice(k).get_shape()) for k in self._keys[:64] if k in self._names}
+        if not shapes:
+            return None
+        if len(shapes) == 1:
+            return list(next(iter(shapes)))
+        return [None, next(iter(shapes))[1]]
+
+    @property
+    def dtype(self) -> str:
+        name = next((k for k in self._keys if k in self._names), POOLED_TENSOR if POOLED_TENSOR in self._names else None)
+        if name is None:
+            return str(np.dtype(self._attrs.get("dtype", "float32")))
+        return {"F32": "float32", "F16": "float16"}.get(self.f.get_slice(name).get_dtype(), self.f.get_slice(name).get_dtype())
+
+    def close(self) -> None:
+        self.f = None  # safe_open has no close; the mmap goes with the object
+
+
+class FeatureSet(Reader):
+    """An output directory read as one mapping across its completed shards (those with a done marker)."""
+
+    def __init__(self, path: str | os.PathLike, max_open: int = 32):
+        self.path = Path(path)
+        self.dir = OutputDir(self.path)
+        self.run = self.dir.read_run(fix="pass a folder written by `s2 extract -o OUTDIR/`")
+        self._markers = self.dir.markers()
+        self._where: dict[str, int] = {}
+        self._shard_keys: list[list[str]] = []
+        for i, m in enumerate(self._markers):
+            with _open_file(self.path / m["shard"]) as r:
+                ks = list(r)
+            self._shard_keys.append(ks)
+            for k in ks:
+                self._where.setdefault(k, i)
+        self._open: OrderedDict[int, Reader] = OrderedDict()
+        self.max_open = max_open
+
+    def _reader(self, i: int) -> Reader:
+        if i in self._open:
+            self._open.move_to_end(i)
+            return self._open[i]
+        r = _open_file(self.path / self._markers[i]["shard"])
+        self._open[i] = r
+        if len(self._open) > self.max_open:
+            self._open.popitem(last=False)[1].close()
+        return r
+
+    def _shard_of(self, key: str) -> Reader:
+        if key not in self._where:
+            raise self._missing(key)
+        return self._reader(self._where[key])
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        return self._shard_of(key)[key]
+
+    def pooled(self, key: str) -> np.ndarray:
+        return self._shard_of(key).pooled(key)
+
+    def meta(self, key: str) -> dict[str, Any]:
+        return {**self._shard_of(key).meta(key), "shard": self._markers[self._where[key]]["shard"]}
+
+    def __iter__(self) -> Iterator[str]:
+        seen = set()
+        for ks in self._shard_keys:
+            for k in ks:
+                if k not in seen:
+                    seen.add(k)
+                    yield k
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+    @property
+    def attrs(self) -> dict[str, Any]:
+        if self._markers:
+            return self._reader(0).attrs
+        return {"config": json.dumps(self.run["config"])}
+
+    @property
+    def failures(self) -> list[dict[str, str]]:
+        return [r for m in self._markers for r in m["failures"]]
+
+    @property
+    def shards(self) -> list[dict[str, Any]]:
+        return [{k: m[k] for k in ("shard", "unit", "part", "num_images", "num_failed")} for m in self._markers]
+
+    @property
+    def complete(self) -> bool:
+        return self.dir.manifest_complete
+
+    @property
+    def feature_shape(self) -> list[int | None] | None:
+        shapes = [self._reader(i).feature_shape for i in range(len(self._markers))][:8]
+        shapes = [s for s in shapes if s is not None]
+        if not shapes:
+            return None
+        return shapes[0] if all(s == shapes[0] for s in shapes) else [None, shapes[0][1]]
+
+    @property
+    def dtype(self) -> str:
+        return self._reader(0).dtype if self._markers else self.run["config"].get("dtype", "float32")
+
+    def close(self) -> None:
+        for r in self._open.values():
+            r.close()
+        self._open.clear()
+
+
+def _open_file(path: Path) -> Reader:
+    if not path.is_file():
+        raise ConfigError("no such feature file", given=str(path), fix="pass a file or folder written by `s2 extract`")
+    return SafetensorsFeatureFile(path) if format_of(path) == "safetensors" else FeatureFile(path)
+
+
+def open_features(path: str | os.PathLike) -> Reader:
+    """Open features written by `s2 extract` for lazy reading by key: one .h5 or .safetensors file, or an
+    output folder of shards (read across its completed shards)."""
+    p = Path(path)
+    if p.is_dir():
+        return FeatureSet(p)
+    return _open_file(p)

@@ -1,0 +1,65 @@
+"""The `s2 status` report: what an output folder says about its run, from its done markers and the ranks'
+heartbeats: totals, per-rank progress, and units in flight or stale."""
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+from .heartbeat import liveness, read_heartbeats
+from .outdir import OutputDir
+
+
+def status_report(path: str | os.PathLike) -> dict[str, Any]:
+    """What an output folder says about its run: totals, per-rank progress and units in flight or stale."""
+    d = OutputDir(path)
+    run = d.read_run(fix="pass the folder given to `s2 extract -o OUTDIR/` or `s2 slurm -o OUTDIR`")
+    markers = d.markers()
+    now = time.time()
+    hbs = read_heartbeats(d.path)
+    inp = run.get("input", {})
+    units_total = inp.get("units")
+    shard_size = run.get("config", {}).get("shard_size")
+    by_unit: dict[int, list[dict]] = {}
+    for m in markers:
+        by_unit.setdefault(m["unit_index"], []).append(m)
+    units_done = 0
+    for parts in by_unit.values():
+        if inp.get("kind") == "wds":
+            last = [m["part"] for m in parts if m.get("last_part")]
+            units_done += bool(last) and {m["part"] for m in parts} >= set(range(last[0] + 1))
+        else:
+            units_done += 1  # a folder/list unit is one part
+    shards_total = units_total if inp.get("kind") in ("folder", "list") else None
+    ranks = []
+    for r in sorted(set(hbs) | {m.get("rank", 0) for m in markers}):
+        hb = hbs.get(r)
+        mine = [m for m in markers if m.get("rank", 0) == r]
+        state = liveness(hb, now)
+        row = {"rank": r, "state": state, "host": hb and hb.get("host"), "pid": hb and hb.get("pid"),
+               "world": hb and hb.get("world"), "shards": len(mine), "images": sum(m["num_images"] for m in mine),
+               "failed": sum(m["num_failed"] for m in mine),
+               "updated_s_ago": None if hb is None else round(now - float(hb.get("updated", now)), 1),
+               "in_flight": None, "images_per_s": None, "error": hb and hb.get("error")}
+        if hb is not None:
+            elapsed = float(hb.get("updated", now)) - float(hb.get("started", now))
+            row["images_per_s"] = round(hb.get("images", 0) / elapsed, 3) if elapsed > 0 else None
+            if hb.get("unit") is not None and state in ("running", "stale"):
+                row["in_flight"] = {k: hb.get(k) for k in ("unit", "unit_index", "part", "shard")}
+        ranks.append(row)
+    spans = [(m["started_at"], m["finished_at"]) for m in markers if "started_at" in m and "finished_at" in m]
+    images = sum(m["num_images"] for m in markers)
+    wall = (max(e for _, e in spans) - min(s for s, _ in spans)) if spans else 0
+    return {
+        "output": str(d.path), "input": inp.get("spec"), "kind": inp.get("kind"),
+        "units_done": units_done, "units_total": units_total, "shards_done": len(markers), "shards_total": shards_total,
+        "shard_size": shard_size, "images": images, "failed": sum(m["num_failed"] for m in markers),
+        "images_per_s": round(sum(m["num_images"] for m in markers if "finished_at" in m) / wall, 3) if wall > 0 else None,
+        "images_per_s_now": round(sum(x["images_per_s"] or 0 for x in ranks if x["state"] == "running"), 3),
+        "complete": units_total is not None and units_done >= units_total,
+        "manifest_complete": d.manifest_complete,
+        "ranks": ranks,
+        "in_flight": [dict(rank=x["rank"], **x["in_flight"]) for x in ranks if x["in_flight"] and x["state"] == "running"],
+        "stale": [dict(rank=x["rank"], host=x["host"], pid=x["pid"], **(x["in_flight"] or {})) for x in ranks
+                  if x["state"] == "stale"],
+    }

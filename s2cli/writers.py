@@ -1,0 +1,297 @@
+"""Writers: features into one HDF5 or safetensors file from a writer thread (the compute loop never waits on
+disk), atomically (the file appears under its final name only when complete). Also the formats and their
+file suffixes, and the bytes a stored element takes."""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import queue
+import shutil
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+from .errors import ConfigError, S2Error
+from .fsutil import fsync_rename, human_bytes, write_error
+
+STR = h5py.string_dtype("utf-8")
+LAYOUT_VERSION = 1
+FORMATS = {"h5": ".h5", "safetensors": ".safetensors"}
+POOLED_TENSOR = "__s2cli_pooled__"
+
+
+def itemsize(dtype: str) -> int:
+    """Bytes one stored element takes for a stored dtype (float32 or float16)."""
+    return np.dtype(dtype).itemsize
+
+
+def check_output_file(path: Path, overwrite: bool = True) -> None:
+    """Refuse a single-file output that cannot be written: something other than a file under its name, a file
+    already there (unless `overwrite`), or no folder to put it in."""
+    if path.exists() and not path.is_file():
+        raise ConfigError("output path exists and is not a file", given=str(path), fix="choose another -o path")
+    if path.exists() and not overwrite:
+        raise ConfigError("output file exists", given=str(path),
+                          fix="pass --overwrite, or -o OUTDIR/ for a resumable run")
+    if not path.parent.exists():
+        raise ConfigError("output folder does not exist", given=str(path.parent), fix="create it first")
+
+
+def _nbytes(items: list[dict[str, Any]]) -> int:
+    return sum(getattr(it.get(k), "nbytes", 0) for it in items for k in ("features", "pooled"))
+
+
+class ThreadedSink:
+    """The writer thread and the atomic commit shared by every format. Subclasses implement `_open`,
+    `_append(items)` and `_finish(failures)`."""
+
+    suffix = ""
+    need_bytes: int | None = None  # what a complete shard will take, for the message when the disk is full
+
+    def __init__(self, path: str | os.PathLike, attrs: dict[str, Any], queue_size: int = 4):
+        self.path = Path(path)
+        check_output_file(self.path)
+        self.tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
+        self.attrs = attrs
+        self.failures: list[dict[str, str]] = []
+        self.keys: list[str] = []
+        self.n = 0
+        self.busy_s = 0.0  # seconds the writer thread spent writing (the run's "write" stage)
+        self._q: queue.Queue = queue.Queue(maxsize=queue_size)
+        self._error: BaseException | None = None
+        self._open()
+        self._thread = threading.Thread(target=self._run, name="s2cli-writer", daemon=True)
+        self._thread.start()
+
+    def write(self, items: list[dict[str, Any]]) -> None:
+        """Queue images: dicts with key, source, meta, orig_hw, grid_hw, img_sizes, num_prefix_tokens,
+        split_mode, features (T, C) or None, pooled (C,) or None. Blocks only when the queue is full."""
+        self._raise_if_failed()
+        self._q.put(items)
+
+    def fail(self, record: dict[str, str]) -> None:
+        self.failures.append(record)
+
+    def close(self) -> Path:
+        """Flush, record failures, fsync and rename into place. Returns the final path."""
+        self._q.put(None)
+        self._thread.join()
+        self._raise_if_failed()
+        try:
+            self._finish()
+            fsync_rename(self.tmp, self.path)
+        except Exception as e:  # h5py reports a full disk as OSError or RuntimeError
+            self._discard()
+            self.tmp.unlink(missing_ok=True)
+            raise write_error(self.path, e, self.need_bytes) from e
+        return self.path
+
+    def abort(self) -> None:
+        """Drop everything: the final path is never created."""
+        try:
+            self._q.put_nowait(None)
+        except queue.Full:
+            pass
+        self._thread.join(timeout=5)
+        try:
+            self._discard()
+        finally:
+            self.tmp.unlink(missing_ok=True)
+
+    def _raise_if_failed(self) -> None:
+        if self._error is not None:
+            raise write_error(self.path, self._error, self.need_bytes) from self._error
+
+    def _run(self) -> None:
+        while True:
+            items = self._q.get()
+            if items is None:
+                return
+            if self._error is None:
+                try:
+                    t = time.perf_counter()
+                    self._reserve(_nbytes(items))
+                    self._append(items)
+                    self.keys.extend(it["key"] for it in items)
+                    self.n += len(items)
+                    self.busy_s += time.perf_counter() - t
+                except BaseException as e:  # surfaced to the producer on its next call
+                    self._error = e
+                    self._discard()  # at once: on a full disk, the sooner the file is emptied the better
+
+    def _reserve(self, nbytes: int) -> None:
+        """Refuse a write the disk cannot hold before the format library tries it (HDF5 left half-written by a
+        full disk cannot be closed cleanly). 1 MiB of headroom covers chunk and header overhead."""
+        free = shutil.disk_usage(self.tmp.parent).free
+        if nbytes + (1 << 20) > free:
+            raise OSError(errno.ENOSPC, f"{human_bytes(nbytes)} to write + 1 MiB headroom, {human_bytes(free)} free", str(self.tmp))
+
+    # format-specific
+    def _open(self) -> None: ...
+    def _append(self, items: list[dict[str, Any]]) -> None: ...
+    def _finish(self) -> None: ...
+    def _discard(self) -> None: ...
+
+
+class HDF5Sink(ThreadedSink):
+    """HDF5 layout (LAYOUT_VERSION 1):
+      attrs      s2cli_version, model, weights, layer, scales, img_sizes, max_split_size, split_mode,
+                 num_prefix_tokens, output_shape, merge, fit, dtype, pool, config (resolved, JSON), num_images, num_failed
+      keys       (N,) str          image keys, in input order
+      features   (N, T, C)         when every image has the same token count T (one image per chunk), or
+                 (sum T_i, C)      flat, with `offsets` (N+1,) int64, when token counts differ (fit=keep);
+                                   absent with --pool-only
+      pooled     (N, C)            with --pool mean|cls
+      source (N,) str, meta (N,) str (JSON or ""), orig_hw (N, 2), grid_hw (N, 2), img_sizes (N, S, 2),
+      num_prefix_tokens (N,), split_mode (N,) str
+      plan       (N,) str          with `plans` (a dynamic-resolution strategy): each image's plan and output maps (JSON)
+      failures   (M,) str          one JSON record per failed image: key, source, stage, error_class, error
+    """
+
+    suffix = ".h5"
+
+    def __init__(self, path, attrs, channels: int, num_scales: int, tokens: int | None, dtype: str,
+                 store_features: bool = True, pooled: bool = False, plans: bool = False, queue_size: int = 4):
+        self.channels, self.num_scales, self.tokens, self.plans = channels, num_scales, tokens, plans
+        self.dtype, self.store_features, self.pooled = np.dtype(dtype), store_features, pooled
+        super().__init__(path, attrs, queue_size)
+
+    def _open(self) -> None:
+        f = self.f = h5py.File(self.tmp, "w")
+        for k, v in self.attrs.items():
+            f.attrs[k] = v
+        f.attrs["layout_version"] = LAYOUT_VERSION
+        C, S = self.channels, self.num_scales
+        for name in ("keys", "source", "meta", "split_mode") + (("plan",) if self.plans else ()):
+            f.create_dataset(name, (0,), STR, maxshape=(None,), chunks=(1024,))
+        if self.store_features:
+            if self.tokens is None:
+                f.create_dataset("features", (0, C), self.dtype, maxshape=(None, C), chunks=(256, C))
+                f.create_dataset("offsets", (1,), np.int64, maxshape=(None,), chunks=(1024,), data=[0])
+            else:
+                f.create_dataset("features", (0, self.tokens, C), self.dtype, maxshape=(None, self.tokens, C),
+                                 chunks=(1, self.tokens, C))
+        if self.pooled:
+            f.create_dataset("pooled", (0, C), self.dtype, maxshape=(None, C), chunks=(min(1024, max(1, 2**20 // C)), C))
+        f.create_dataset("orig_hw", (0, 2), np.int32, maxshape=(None, 2), chunks=(1024, 2))
+        f.create_dataset("grid_hw", (0, 2), np.int32, maxshape=(None, 2), chunks=(1024, 2))
+        f.create_dataset("img_sizes", (0, S, 2), np.int32, maxshape=(None, S, 2), chunks=(1024, S, 2))
+        f.create_dataset("num_prefix_tokens", (0,), np.int16, maxshape=(None,), chunks=(1024,))
+
+    def _append(self, items: list[dict[str, Any]]) -> None:
+        f, n, m = self.f, self.n, len(items)
+
+        def grow(name: str, values: Any) -> None:
+            ds = f[name]
+            ds.resize(n + m, axis=0)
+            ds[n:n + m] = values
+
+        grow("keys", [it["key"] for it in items])
+        grow("source", [it["source"] for it in items])
+        grow("meta", [it.get("meta") or "" for it in items])
+        grow("split_mode", [it["split_mode"] for it in items])
+        if "plan" in f:
+            grow("plan", [it.get("plan") or "" for it in items])
+        grow("orig_hw", np.array([it["orig_hw"] for it in items], np.int32))
+        grow("grid_hw", np.array([it["grid_hw"] for it in items], np.int32))
+        grow("img_sizes", np.array([it["img_sizes"] for it in items], np.int32))
+        grow("num_prefix_tokens", np.array([it["num_prefix_tokens"] for it in items], np.int16))
+        if self.pooled:
+            grow("pooled", np.stack([np.asarray(it["pooled"], self.dtype) for it in items]))
+        if not self.store_features:
+            return
+        feats = [np.asarray(it["features"], dtype=self.dtype) for it in items]
+        if self.tokens is None:
+            off = f["offsets"]
+            start = int(off[n])
+            ends = np.cumsum([x.shape[0] for x in feats]) + start
+            ds = f["features"]
+            ds.resize(int(ends[-1]), axis=0)
+            ds[start:int(ends[-1])] = np.concatenate(feats, axis=0)
+            off.resize(n + m + 1, axis=0)
+            off[n + 1:n + m + 1] = ends
+        else:
+            grow("features", np.stack(feats))
+
+    def _finish(self) -> None:
+        self.f.create_dataset("failures", data=np.array([json.dumps(r) for r in self.failures], dtype=object), dtype=STR)
+        self.f.attrs["num_images"] = self.n
+        self.f.attrs["num_failed"] = len(self.failures)
+        self.f.close()
+
+    def _discard(self) -> None:
+        # Empty the file first: on a full disk HDF5 cannot flush on close, and an h5py file left half-closed
+        # crashes the interpreter when it is collected. Emptied, the close succeeds; the file is removed next.
+        try:
+            os.truncate(self.tmp, 0)
+        except OSError:
+            pass
+        try:
+            self.f.close()
+        except Exception:
+            pass
+
+
+class SafetensorsSink(ThreadedSink):
+    """safetensors layout: one tensor per image named by its key, (T, C) (absent with --pool-only); with
+    --pool, one tensor `__s2cli_pooled__` (N, C) in the order of the `keys` list. Header metadata (strings):
+    `s2cli` (the file attributes, as in HDF5, JSON), `keys` (JSON list, input order), `images` (JSON: key ->
+    source, meta, orig_hw, grid_hw, img_sizes, num_prefix_tokens, split_mode), `failures` (JSON list).
+    A shard is held in memory until it is written (size shards with --shard-size)."""
+
+    suffix = ".safetensors"
+
+    def __init__(self, path, attrs, channels: int, num_scales: int, tokens: int | None, dtype: str,
+                 store_features: bool = True, pooled: bool = False, plans: bool = False, queue_size: int = 4):
+        # `plans`: images carry their plan (JSON), stored in their header entry (whenever an item has one)
+        self.dtype, self.store_features, self.pooled = np.dtype(dtype), store_features, pooled
+        super().__init__(path, attrs, queue_size)
+
+    def _open(self) -> None:
+        self.tensors: dict[str, np.ndarray] = {}
+        self.pooled_rows: list[np.ndarray] = []
+        self.images: dict[str, dict[str, Any]] = {}
+
+    def _append(self, items: list[dict[str, Any]]) -> None:
+        for it in items:
+            k = it["key"]
+            if k in self.images or k == POOLED_TENSOR:
+                raise S2Error(f"key {k!r} appears twice in one safetensors shard", fix="make keys unique")
+            if self.store_features:
+                self.tensors[k] = np.ascontiguousarray(np.asarray(it["features"], self.dtype))
+            if self.pooled:
+                self.pooled_rows.append(np.asarray(it["pooled"], self.dtype))
+            self.images[k] = {"source": it["source"], "meta": it.get("meta"), "orig_hw": list(it["orig_hw"]),
+                              "grid_hw": list(it["grid_hw"]), "img_sizes": [list(s) for s in it["img_sizes"]],
+                              "num_prefix_tokens": int(it["num_prefix_tokens"]), "split_mode": it["split_mode"]}
+            if it.get("plan"):
+                self.images[k]["plan"] = it["plan"]
+
+    def _finish(self) -> None:
+        from safetensors.numpy import save_file
+
+        tensors = dict(self.tensors)
+        if self.pooled and self.pooled_rows:
+            tensors[POOLED_TENSOR] = np.stack(self.pooled_rows)
+        attrs = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in self.attrs.items()}
+        attrs.update(num_images=self.n, num_failed=len(self.failures), layout_version=LAYOUT_VERSION)
+        meta = {"s2cli": json.dumps(attrs), "keys": json.dumps(list(self.images)), "images": json.dumps(self.images),
+                "failures": json.dumps(self.failures)}
+        self._reserve(sum(t.nbytes for t in tensors.values()) + sum(map(len, meta.values())))
+        save_file(tensors, str(self.tmp), metadata=meta)
+
+    def _discard(self) -> None:
+        self.tensors = {}
+
+
+SINKS = {"h5": HDF5Sink, "safetensors": SafetensorsSink}
+
+
+def format_of(path: str | os.PathLike) -> str | None:
+    suffix = Path(path).suffix.lower()
+    return next((f for f, s in FORMATS.items() if s == suffix), None)
