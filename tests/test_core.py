@@ -220,3 +220,45 @@ def test_no_function_body_over_80_lines():
                 if n.end_lineno - body[0].lineno + 1 > 80:
                     long.append(f"{p.name}:{n.name} ({n.end_lineno - body[0].lineno + 1} lines)")
     assert not long, long
+
+
+# ---- outputs written before the core was rebuilt (s2cli 0.1.0 at d9e7ddb, the commands below) -------------------
+OLD = Path(__file__).parent / "data" / "written-by-0.1.0"
+OLD_ARGS = ["-m", "timm:test_resnet", "--random-init", "--img-sizes", "64,128", "--max-split-size", "64", "-j", "0",
+            "--shard-size", "2"]  # out/ was: s2 extract imgs -o out/ OLD_ARGS; old.h5: --img-sizes 64;
+# old.safetensors: --strategy dual --img-sizes 128 --pool mean
+
+
+@pytest.mark.parametrize("name", ["out", "old.h5", "old.safetensors"])
+def test_outputs_written_before_open_and_inspect(cli, name):
+    r = cli("inspect", OLD / name, "--json")
+    assert r.exit_code == 0, r.stderr
+    info = json.loads(r.stdout)
+    assert info["num_images"] == 3 and info["model"] == "timm:test_resnet"
+    with s2cli.open_features(OLD / name) as ff:
+        assert sorted(ff) == ["a", "b", "c"] and ff["a"].shape[0] > 0 and ff.meta("b")["orig_hw"] == [64, 48]
+
+
+def test_a_folder_written_before_resumes_and_the_same_settings_give_the_same_features(cli, tmp_path, monkeypatch):
+    """The resume check compares the new flat config with the one saved by 0.1.0 (which also held the retired
+    backbone.extra_prefix): the same command is accepted (nothing left to do), another setting is refused, and a
+    fresh run of the same command computes the same features."""
+    import shutil
+
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(OLD / "imgs", "imgs")
+    shutil.copytree(OLD / "out", "out")
+    r = cli("extract", "imgs", "-o", "out/", *OLD_ARGS, "--json", "-q")
+    assert r.exit_code == 0, r.stderr
+    s = json.loads(r.stdout)
+    assert (s["num_images"], s["resumed_images"], s["complete"]) == (0, 3, True)
+    r = cli("extract", "imgs", "-o", "out/", *OLD_ARGS[:-2], "--shard-size", "3", "-q")
+    assert r.exit_code == 2 and "shard_size: 2 -> 3" in r.stderr
+    r = cli("extract", "imgs", "-o", "new/", *OLD_ARGS, "--json", "-q")
+    assert r.exit_code == 0, r.stderr
+    with s2cli.open_features("out") as old, s2cli.open_features("new") as new:
+        assert list(old) == list(new)
+        for k in old:
+            np.testing.assert_allclose(new[k], old[k], atol=1e-5, rtol=0)
+            assert new.meta(k) == old.meta(k)
+        assert json.loads(new.attrs["config"])["set_by"] == json.loads(old.attrs["config"])["set_by"]
