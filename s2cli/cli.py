@@ -623,7 +623,7 @@ def slurm(
         from .outdir import OutputDir
 
         if OutputDir(res.output).run_file.is_file():  # resubmitting: the tasks would refuse other settings, say so now
-            OutputDir(res.output)._check_same({"input": inp.describe(), "config": res.to_dict()}, res.compare_keys())
+            OutputDir(res.output).check_same({"input": inp.describe(), "config": res.to_dict()}, res.compare_keys())
         if v.get("overwrite"):
             raise ConfigError("--overwrite cannot be forwarded to several ranks", fix=f"remove {res.output} first")
         job = SlurmJob(nodes=nodes, gpus_per_node=gpus_per_node, ntasks=ntasks, array=array, partition=partition,

@@ -25,6 +25,18 @@ RANK_TMP_RE = re.compile(r"^\.part-(\d{5})-\d{5}\.(h5|safetensors|json)\.tmp-\d+
 # what num_prefix_tokens holds): not a difference when a run written then is resumed
 RETIRED = ("backbone.extra_prefix",)
 
+
+def unit_complete(markers: list[dict[str, Any]], parts: int | None) -> bool:
+    """The one rule for a finished unit of the input: every part of it has its done marker. `parts`: how many parts
+    a listed unit has; None for a tar, whose count is known only once it was read to the end: the marker of its
+    last part says so."""
+    have = {m["part"] for m in markers}
+    if parts is not None:
+        return len(have) >= max(1, parts)
+    last = [m["part"] for m in markers if m.get("last_part")]
+    return bool(last) and have >= set(range(last[0] + 1))
+
+
 class OutputDir:
     """OUTDIR/ holds `run.json` (the resolved config, version, input), shards `part-RRRRR-SSSSS.{h5,safetensors}`,
     each followed by its done marker `part-RRRRR-SSSSS.json` (written last: only marked shards count),
@@ -82,17 +94,17 @@ class OutputDir:
             for p in self.path.glob(".*.tmp-*"):
                 p.unlink()
         elif self.run_file.exists():
-            self._check_same(run, compare)
+            self.check_same(run, compare)
         elif entries:
             raise ConfigError("output folder has shards but no run.json", given=str(self.path),
                               fix="pass --overwrite to start over, or another -o")
         if not self.run_file.exists() and not create_exclusive(self.run_file, json.dumps(run, indent=1, sort_keys=True)):
-            self._check_same(run, compare)  # another rank created it first: it must be the same run
+            self.check_same(run, compare)  # another rank created it first: it must be the same run
         self._clean_leftovers(rank)
         if world == 1:
             self.rebuild_errors()
 
-    def _check_same(self, run: dict[str, Any], compare: list[str]) -> None:
+    def check_same(self, run: dict[str, Any], compare: list[str]) -> None:
         old = json.loads(self.run_file.read_text())
         new = json.loads(json.dumps(run))  # compare as saved (tuples are lists there)
         before, after = _flat(old["config"], compare), _flat(new["config"], compare)

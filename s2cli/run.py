@@ -21,7 +21,7 @@ from .extractor import Extractor
 from .launch import Rank, final_barrier, resolve_precision
 from .plan import fit_of
 from .heartbeat import Heartbeat
-from .outdir import OutputDir
+from .outdir import OutputDir, unit_complete
 from .sources import DecodePool, Input, Sample, Unit
 from .strategies import strategy_of
 from .writers import SINKS, ThreadedSink, check_output_file, itemsize
@@ -29,21 +29,16 @@ from .writers import SINKS, ThreadedSink, check_output_file, itemsize
 Progress = Callable[[int, int, int], None]  # (images done, failed, shards written) in this run
 
 
-def unit_complete(unit: Unit, markers: list[dict], shard_size: int) -> bool:
-    """The one rule: every part of the unit has a done marker. A tar's part count is known only once it was read
-    to the end: the marker of its last part says so."""
-    parts = {m["part"] for m in markers}
-    if unit.size is not None:
-        return len(parts) >= max(1, -(-unit.size // shard_size))
-    last = [m["part"] for m in markers if m.get("last_part")]
-    return bool(last) and parts >= set(range(last[0] + 1))
+def parts_of(unit: Unit, shard_size: int) -> int | None:
+    """How many parts (output shards) a unit has: known for a listed unit, not for a tar until it was read."""
+    return None if unit.size is None else -(-unit.size // shard_size)
 
 
 def units_complete(units: list[Unit], markers: list[dict], shard_size: int) -> int:
     by_unit: dict[int, list[dict]] = {}
     for m in markers:
         by_unit.setdefault(m["unit_index"], []).append(m)
-    return sum(1 for unit in units if unit_complete(unit, by_unit.get(unit.index, []), shard_size))
+    return sum(1 for unit in units if unit_complete(by_unit.get(unit.index, []), parts_of(unit, shard_size)))
 
 
 class Target:
@@ -85,7 +80,7 @@ class Target:
 
     def unit_done(self, unit: Unit) -> bool:
         """Every part of the unit is done, so it need not even be read."""
-        return unit_complete(unit, self._by_unit.get(unit.index, []), self.res.shard_size)
+        return unit_complete(self._by_unit.get(unit.index, []), parts_of(unit, self.res.shard_size))
 
     def work(self) -> Iterator[tuple[Unit, int, Sample | dict | None]]:
         """(unit, part, sample) for every sample of this rank still to do; a sample of None marks an already-done

@@ -7,7 +7,7 @@ import time
 from typing import Any
 
 from .heartbeat import liveness, read_heartbeats
-from .outdir import OutputDir
+from .outdir import OutputDir, unit_complete
 
 
 def status_report(path: str | os.PathLike) -> dict[str, Any]:
@@ -23,13 +23,8 @@ def status_report(path: str | os.PathLike) -> dict[str, Any]:
     by_unit: dict[int, list[dict]] = {}
     for m in markers:
         by_unit.setdefault(m["unit_index"], []).append(m)
-    units_done = 0
-    for parts in by_unit.values():
-        if inp.get("kind") == "wds":
-            last = [m["part"] for m in parts if m.get("last_part")]
-            units_done += bool(last) and {m["part"] for m in parts} >= set(range(last[0] + 1))
-        else:
-            units_done += 1  # a folder/list unit is one part
+    # a folder or list unit is one part (units are cut at the shard size); a tar's count its last marker gives
+    units_done = sum(unit_complete(parts, None if inp.get("kind") == "wds" else 1) for parts in by_unit.values())
     shards_total = units_total if inp.get("kind") in ("folder", "list") else None
     ranks = []
     for r in sorted(set(hbs) | {m.get("rank", 0) for m in markers}):

@@ -15,7 +15,8 @@ import pytest
 from PIL import Image, ImageDraw, ImageOps
 
 import s2cli
-from s2cli.run import unit_complete
+from s2cli.outdir import unit_complete
+from s2cli.run import parts_of
 from s2cli.sources import Sample, Unit
 from s2cli.strategies import strategy_of
 
@@ -187,7 +188,7 @@ def test_unit_complete(size, parts, last, complete):
     """A listed unit is complete with ceil(size / shard_size) parts (at least one); a tar once the marker of its
     last part is there and every part before it."""
     markers = [{"part": p, "last_part": p == last} for p in parts]
-    assert unit_complete(_unit(size), markers, shard_size=4) is complete
+    assert unit_complete(markers, parts_of(_unit(size), shard_size=4)) is complete
 
 
 def test_every_strategy_is_one_record_in_the_registry():
