@@ -98,3 +98,33 @@ def load(res: Resolved) -> Any:
                                    any_size=strategy_of(res).any_size)
 
 
+
+
+def extract_on_devices(res: Resolved, devices: str, argv: list[str], *, device: str | None = None,
+                       overwrite: bool = False, log: Any = None) -> dict[str, Any]:
+    """`--devices`: one `argv` worker process (an `s2 extract` of these settings) per device of this machine, as
+    ranks of one run into the shared output folder; waits for all. Returns each worker's exit code and summary,
+    and the folder's status."""
+    import os
+
+    from .errors import ConfigError
+    from .launch import parse_devices, run_workers
+    from .status import status_report
+
+    if "RANK" in os.environ or "SLURM_STEP_ID" in os.environ:
+        raise ConfigError("--devices starts its own workers, and this process is already one rank of a launcher",
+                          given=devices, fix="drop --devices under torchrun/srun (they start one process per GPU)")
+    if device is not None:
+        raise ConfigError("--device and --devices were both given", given=(device, devices),
+                          fix="pass --devices alone: each worker gets one of its devices")
+    if not res.output_is_dir:
+        raise ConfigError("--devices needs an output folder that the workers share", given=res.output,
+                          fix="pass -o OUTDIR/")
+    devs = parse_devices(devices)
+    if overwrite:
+        raise ConfigError("--overwrite cannot be used by several workers at once", given=devices,
+                          fix=f"remove {res.output} first, then run without --overwrite")
+    if log:
+        log(f"{len(devs)} workers ({', '.join(devs)}) -> {res.output}")
+    workers = run_workers(argv, devs)
+    return {"workers": workers, "status": status_report(res.output)}

@@ -23,6 +23,7 @@ DTYPES = ("float32", "float16")
 POOLS = ("none", "mean", "cls")
 ON_ERROR = ("skip", "stop")
 SHARD_BYTES = 1 << 30  # default shard size aims at ~1 GiB files
+DEFAULT_SCALES = (1.0, 2.0)  # times the model's input size, when neither --scales nor --img-sizes is given
 # an option that only decides how fast a run goes or when it stops, not what it writes: a resumed run may change it
 RUN_ONLY = {"run_only": True}
 
@@ -273,7 +274,7 @@ def _sizes(cfg: ExtractConfig, backbone: BackboneCfg) -> tuple[tuple[int, ...], 
         if bad or not sizes:
             raise ConfigError("--img-sizes must be positive", given=",".join(map(str, sizes)), fix="e.g. --img-sizes 336,672")
     else:
-        scales = tuple(cfg.scales) if cfg.scales is not None else (1.0, 2.0)
+        scales = tuple(cfg.scales) if cfg.scales is not None else DEFAULT_SCALES
         bad = [s for s in scales if s <= 0]
         if bad or not scales:
             raise ConfigError("--scales must be positive", given=",".join(map(str, scales)), fix="e.g. --scales 1,2,3")

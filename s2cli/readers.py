@@ -2,6 +2,7 @@
 output folder of shards, all behind one `Reader` interface; `open_features` picks the reader for a path."""
 from __future__ import annotations
 
+import itertools
 import json
 import os
 from abc import abstractmethod
@@ -348,3 +349,44 @@ def open_features(path: str | os.PathLike) -> Reader:
     if p.is_dir():
         return FeatureSet(p)
     return _open_file(p)
+
+
+def summary(ff: Reader) -> dict[str, Any]:
+    """What `s2 inspect PATH` shows: the attributes every output carries (config.FILE_ATTRS), counts, failures,
+    shape, dtype, size on disk, and for a folder its shards and whether the run is complete."""
+    from .config import FILE_ATTRS, JSON_ATTRS  # config -> writers; readers is not imported by either
+
+    a = ff.attrs
+    fails = ff.failures
+    report = {
+        "num_images": len(ff), "num_failed": len(fails),
+        "failed": [{k: f[k] for k in ("key", "source", "stage", "error_class", "error")} for f in fails],
+        "weights": a.get("weights"),
+        **{k: json.loads(a.get(k, "null")) if k in JSON_ATTRS else a.get(k) for k in FILE_ATTRS},
+        "feature_shape": ff.feature_shape, "dtype": ff.dtype, "s2cli_version": a.get("s2cli_version"),
+    }
+    report["pool"] = report["pool"] or "none"  # files written before --pool
+    if isinstance(ff, FeatureSet):
+        report.update(size_bytes=sum((ff.path / s["shard"]).stat().st_size for s in ff.shards),
+                      num_shards=len(ff.shards), complete=ff.complete)
+    else:
+        report["size_bytes"] = Path(ff.path).stat().st_size
+    return report
+
+
+def image_summary(ff: Reader, key: str) -> dict[str, Any]:
+    """What `s2 inspect PATH --key K` shows: the image's metadata, feature shape and statistics."""
+    m = ff.meta(key)
+    try:
+        x = np.asarray(ff[key], dtype=np.float64)
+    except KeyError:  # --pool-only
+        x = np.asarray(ff.pooled(key), dtype=np.float64)
+    return {**m, "shape": list(x.shape), "mean": float(x.mean()), "std": float(x.std()),
+            "finite": bool(np.isfinite(x).all())}
+
+
+def list_keys(ff: Reader, limit: int | None = None) -> list[str]:
+    """The image keys, in order (the first `limit`)."""
+    if limit is not None and limit < 0:
+        raise ConfigError("--limit must be >= 0", given=limit, fix="pass e.g. --limit 10")
+    return list(itertools.islice(iter(ff), limit))

@@ -18,7 +18,8 @@ import typer
 
 from conftest import invoke_json, write_image
 from s2cli import open_features
-from s2cli.cli import _option_argv, app, extract
+from s2cli.cli import app
+from s2cli.commands.extract import extract, option_argv as _option_argv
 from s2cli.errors import ConfigError
 from s2cli.launch import Rank, discover_rank
 from s2cli.fsutil import create_exclusive

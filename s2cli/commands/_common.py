@@ -1,0 +1,63 @@
+"""What every command shares: the two consoles, the one place errors are printed, the parsing of list options,
+and the settings of a command's extraction options."""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import fields
+from typing import Any, Iterator, Optional
+
+import typer
+from rich.console import Console
+
+from ..errors import ConfigError, S2Error
+
+out = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
+
+
+@contextlib.contextmanager
+def reported() -> Iterator[None]:
+    """An S2Error inside becomes one line on stderr (what, given, expected, fix) and the command's exit code."""
+    try:
+        yield
+    except S2Error as e:
+        err.print(f"[red]error:[/red] {e.one_line()}", markup=True, highlight=False)
+        raise typer.Exit(e.exit_code) from None
+
+
+def floats(name: str, text: Optional[str]) -> Optional[tuple[float, ...]]:
+    if text is None:
+        return None
+    try:
+        return tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise ConfigError(f"--{name} must be comma-separated numbers", given=text, fix=f"e.g. --{name} 1,2,3") from None
+
+
+def ints(name: str, text: Optional[str]) -> Optional[tuple[int, ...]]:
+    if text is None:
+        return None
+    try:
+        return tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise ConfigError(f"--{name} must be comma-separated integers", given=text,
+                          fix=f"e.g. --{name} 336,672,1008") from None
+
+
+def given(ctx: typer.Context) -> dict[str, Any]:
+    """The parameters the user set (on the command line or in the environment): an option left at its default
+    is "not set", so a recipe's value stays in force, and only what was set is forwarded to workers and jobs."""
+    return {k: v for k, v in ctx.params.items()
+            if ctx.get_parameter_source(k) is None or ctx.get_parameter_source(k).name not in ("DEFAULT", "DEFAULT_MAP")}
+
+
+def settings(values: dict[str, Any]) -> Any:
+    """The resolved settings of a command's parameters: those that are extraction options (ExtractConfig's fields),
+    the lists parsed; every other parameter is the command's own."""
+    from .. import api
+    from ..config import ExtractConfig
+
+    names = {f.name for f in fields(ExtractConfig)} - {"input", "output", "recipe", "provenance"}
+    options = {k: v for k, v in values.items() if k in names}
+    options.update(scales=floats("scales", values.get("scales")), img_sizes=ints("img-sizes", values.get("img_sizes")))
+    return api.settings(values["input"], values.get("output"), recipe=values.get("recipe"), **options)

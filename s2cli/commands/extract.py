@@ -1,0 +1,217 @@
+"""`s2 extract`: one call to `s2cli.extract` (or `s2cli.plan` with --dry-run, or the `--devices` launcher), with a
+progress bar."""
+from __future__ import annotations
+
+import json
+import sys
+from inspect import signature
+from typing import Any, get_type_hints
+
+import typer
+from rich.table import Table
+from typer.models import ArgumentInfo, ParameterInfo
+
+from .. import api
+from ..errors import S2Error
+from . import options as o
+from ._common import err, given, out, reported, settings
+
+
+def extract(
+    ctx: typer.Context,
+    input: o.Input,
+    output: o.Output = None,
+    recipe: o.Recipe = None,
+    model: o.Model = o.D.model,
+    weights: o.Weights = None,
+    random_init: o.RandomInit = o.D.random_init,
+    seed: o.Seed = o.D.seed,
+    layer: o.Layer = None,
+    keep_cls: o.KeepCls = o.D.keep_cls,
+    scales: o.Scales = None,
+    img_sizes: o.ImgSizes = None,
+    max_split_size: o.MaxSplitSize = None,
+    split_mode: o.SplitMode = o.D.split_mode,
+    resize_output_to_idx: o.ResizeOutputToIdx = o.D.resize_output_to_idx,
+    fit: o.Fit = None,
+    antialias: o.Antialias = o.D.antialias,
+    batch_size: o.BatchSize = o.D.batch_size,
+    workers: o.Workers = o.D.workers,
+    max_tiles_per_call: o.MaxTilesPerCall = None,
+    device: o.Device = o.D.device,
+    devices: o.Devices = None,
+    precision: o.Precision = o.D.precision,
+    dtype: o.Dtype = o.D.dtype,
+    limit: o.Limit = None,
+    input_format: o.InputFormat = o.D.input_format,
+    image_key: o.ImageKey = None,
+    format: o.Format = None,
+    shard_size: o.ShardSize = None,
+    pool: o.Pool = o.D.pool,
+    pool_only: o.PoolOnly = o.D.pool_only,
+    on_error: o.OnError = o.D.on_error,
+    max_failures: o.MaxFailures = None,
+    decode_timeout: o.DecodeTimeout = o.D.decode_timeout,
+    check_finite: o.CheckFinite = o.D.check_finite,
+    compile: o.Compile = o.D.compile,
+    channels_last: o.ChannelsLast = None,
+    decode: o.Decode = o.D.decode,
+    strategy: o.Strategy = o.D.strategy,
+    min_tiles: o.MinTiles = None,
+    max_tiles: o.MaxTiles = None,
+    thumbnail: o.Thumbnail = None,
+    grid_pinpoints: o.GridPinpoints = None,
+    anyres_max: o.AnyresMax = None,
+    min_pixels: o.MinPixels = None,
+    max_pixels: o.MaxPixels = None,
+    overwrite: o.Overwrite = False,
+    dry_run: o.DryRun = False,
+    as_json: o.Json = False,
+    quiet: o.Quiet = False,
+) -> None:
+    """Extract multi-scale features of every image in INPUT into one file or a resumable folder of shards.
+
+    Examples:
+      s2 extract photos/ --model clip-vit-l-336 --scales 1,2,3 -o photos.h5
+      s2 extract 'shards/{00000..00099}.tar' --recipe llava-1.5-s2 -o feats/ --devices all
+    """
+    values = given(ctx)
+    with reported():
+        res = settings(values)
+        inp = api.open_inputs(res)  # checked (a missing input, key clashes) before any weights load
+        if dry_run:
+            plan = api.plan(input, config=res)
+            print(json.dumps(plan)) if as_json else print_plan(plan)
+            return
+        if devices is not None:
+            report = api.extract_on_devices(res, devices, extract_argv(values), device=values.get("device"),
+                                            overwrite=overwrite,
+                                            log=lambda m: err.print(m, highlight=False))
+            return _print_devices(report, devices, res.output, as_json)
+        summary = api.extract(inp, output, config=res, overwrite=overwrite, progress=BarProgress(show=not quiet))
+    if as_json:
+        print(json.dumps(summary.to_dict()))
+    else:
+        err.print(f"{summary.num_images} images, {summary.num_failed} failed -> {summary.output} "
+                  f"({summary.images_per_s} img/s)", highlight=False)
+    if summary.nothing_extracted:
+        with reported():
+            raise S2Error(f"every sample failed ({summary.num_failed}), nothing was extracted",
+                          given=str(input), expected="at least one readable image",
+                          fix="read the failure records (`s2 inspect OUT --json` or OUTDIR/errors.jsonl); relative "
+                              "paths in a .txt list resolve against the list's folder")
+
+
+class BarProgress:
+    """`s2cli.extract`'s progress as a Rich bar on stderr (images/s, ETA when the total is known, failures,
+    shards), on rank 0 only."""
+
+    def __init__(self, show: bool = True) -> None:
+        self.show, self.bar = show, None
+
+    def start(self, res, total, done_before: int, shards_before: int, rank: int) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        if rank != 0 or not self.show:
+            return
+        self.before, self.shards_before = done_before, shards_before
+        columns = [TextColumn("[bold]extract"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]} img/s"),
+                   TimeRemainingColumn(), TextColumn("{task.fields[failed]} failed")]
+        if res.output_is_dir:  # one file has no shards to count
+            columns.append(TextColumn("{task.fields[shards]} shards"))
+        self.bar = Progress(*columns, console=err, transient=False)
+        self.task = self.bar.add_task("extract", total=total, completed=done_before, rate="-", failed=0,
+                                      shards=shards_before)
+        self.bar.start()
+
+    def update(self, done: int, failed: int, shards: int) -> None:
+        if self.bar is None:
+            return
+        elapsed = self.bar.tasks[self.task].elapsed or 0
+        rate = f"{done / elapsed:.1f}" if elapsed > 0 else "-"
+        self.bar.update(self.task, completed=self.before + done + failed, rate=rate, failed=failed,
+                        shards=self.shards_before + shards)
+
+    def note(self, message: str) -> None:
+        err.print(message, highlight=False)
+
+    def finish(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+def print_plan(plan: dict) -> None:
+    t = Table(title=f"plan: {plan['model']} sizes {plan['img_sizes']} split {plan['max_split_size']} fit {plan['fit']}")
+    for c in ("key", "orig h×w", "tiles", "grids", "output (T, C)", "bytes"):
+        t.add_column(c)
+    for im in plan["images"]:
+        t.add_row(im["key"], "×".join(map(str, im["orig_hw"])), str(im["tiles"]),
+                  " ".join(f"{r}×{c}" for r, c in im["grids"]), str(tuple(im["output_shape"])), f"{im['bytes']:,}")
+    out.print(t)
+    flops = plan["flops_estimate"]
+    out.print(f"{plan['num_images']} images, {plan['total_tiles']} tiles, "
+              f"{'%.3g TFLOP' % (flops / 1e12) if flops is not None else 'FLOPs unknown'}, "
+              f"{plan['total_bytes'] / 2**20:.1f} MiB of features -> {plan['output']}", highlight=False)
+    for u in plan["unreadable"]:
+        out.print(f"unreadable: {u['key']} ({u['error_class']}: {u['error']})", highlight=False)
+
+
+# options of `extract` that describe one process's console, not the extraction: not forwarded to workers and jobs
+CONSOLE_ONLY = ("ctx", "devices", "dry_run", "as_json", "quiet")
+
+
+def option_argv(fn, values: dict, skip: tuple[str, ...] = ()) -> list[str]:
+    """The command line that gives `fn`'s Typer parameters these values: arguments in order, options by their
+    first long name; None (not set) and a plain flag left off are omitted, so a recipe's values stay in force."""
+    hints = get_type_hints(fn, include_extras=True)
+    argv: list[str] = []
+    for name in signature(fn).parameters:
+        if name in skip or values.get(name) is None:
+            continue
+        info = next((m for m in getattr(hints[name], "__metadata__", ()) if isinstance(m, ParameterInfo)), None)
+        value = values[name]
+        if isinstance(info, ArgumentInfo):
+            argv.append(str(value))
+            continue
+        decls = [d for d in (info.default, *(info.param_decls or ())) if isinstance(d, str)] if info else []
+        flag = next((d for d in decls if d.startswith("--")), "--" + name.replace("_", "-"))
+        if isinstance(value, bool):
+            on, _, off = flag.partition("/")
+            if value or off:
+                argv.append(on if value else off)
+        elif isinstance(value, (list, tuple)):
+            for v in value:
+                argv += [flag, str(v)]
+        else:
+            argv += [flag, str(value)]
+    return argv
+
+
+def extract_argv(values: dict[str, Any]) -> list[str]:
+    """`python -m s2cli extract …` with the same extraction options as `values` (an extract call's params)."""
+    return [sys.executable, "-m", "s2cli", "extract", *option_argv(extract, values, CONSOLE_ONLY)]
+
+
+def _print_devices(report: dict[str, Any], devices: str, output: str, as_json: bool) -> None:
+    """The per-worker table of a --devices run; exit non-zero if any worker failed."""
+    workers = report["workers"]
+    if as_json:
+        print(json.dumps(report))
+    else:
+        t = Table(title=f"--devices {devices}")
+        for c in ("rank", "device", "exit", "images", "failed", "shards", "img/s", "error"):
+            t.add_column(c, overflow="fold")
+        for w in workers:
+            s = w["summary"] or {}
+            t.add_row(str(w["rank"]), w["device"], str(w["exit_code"]), str(s.get("num_images", "-")),
+                      str(s.get("num_failed", "-")), str(s.get("shards_written", "-")), str(s.get("images_per_s", "-")),
+                      w["error"] or "")
+        err.print(t)
+        st = report["status"]
+        err.print(f"{st['images']} images, {st['failed']} failed in {st['shards_done']} shards; "
+                  f"{'complete' if st['complete'] else 'not complete'} -> {output}", highlight=False)
+    bad = [w["exit_code"] for w in workers if w["exit_code"] != 0]
+    if bad:
+        raise typer.Exit(max(bad))
+
+

@@ -1,0 +1,48 @@
+"""`s2 status`: the progress of a run in an output folder, per rank."""
+from __future__ import annotations
+
+import json
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from . import options as o
+from ._common import out, reported
+
+
+def status(
+    path: Annotated[str, typer.Argument(help="An output folder (s2 extract -o OUTDIR/, s2 slurm -o OUTDIR).")],
+    as_json: o.Json = False,
+) -> None:
+    """Progress of a run in an output folder: shards and units done, images, failures, throughput, each rank's
+    state (running, done, failed, or stale: it stopped without saying so) and the units in flight."""
+    from ..status import status_report
+
+    with reported():
+        st = status_report(path)
+    if as_json:
+        print(json.dumps(st))
+        return
+    t = Table(title=f"{st['output']} ({st['input']})")
+    for c in ("rank", "state", "host", "pid", "shards", "images", "failed", "img/s", "in flight", "updated"):
+        t.add_column(c, overflow="fold", no_wrap=c != "in flight")
+    for r in st["ranks"]:
+        fl = r["in_flight"]
+        t.add_row(str(r["rank"]), r["state"], str(r["host"] or "-"), str(r["pid"] or "-"), str(r["shards"]),
+                  str(r["images"]), str(r["failed"]), str(r["images_per_s"] or "-"),
+                  f"{fl['unit']} part {fl['part']} -> {fl['shard']}" if fl else "-",
+                  "-" if r["updated_s_ago"] is None else f"{r['updated_s_ago']}s ago")
+    out.print(t)
+    total = "?" if st["shards_total"] is None else st["shards_total"]
+    out.print(f"shards {st['shards_done']}/{total}, units {st['units_done']}/{st['units_total']}, {st['images']} images, "
+              f"{st['failed']} failed, {st['images_per_s'] or '-'} img/s overall, {st['images_per_s_now']} img/s now; "
+              f"{'complete' if st['complete'] else 'not complete'}", highlight=False)
+    for s in st["stale"]:
+        out.print(f"stale: rank {s['rank']} ({s['host']} pid {s['pid']}) stopped in {s.get('unit') or 'no unit'}; "
+                  f"rerun the same command (or resubmit) to redo it", highlight=False)
+    for r in st["ranks"]:
+        if r["state"] == "failed":
+            out.print(f"rank {r['rank']} failed: {r['error']}", highlight=False)
+
+

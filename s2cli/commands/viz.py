@@ -1,0 +1,69 @@
+"""`s2 viz plan` and `s2 viz features`: pictures (PNG) of a plan or of stored features."""
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from ..errors import ConfigError
+from . import options as o
+from ._common import err, given, reported, settings
+from pathlib import Path
+
+
+
+def viz_plan(
+    ctx: typer.Context,
+    image: Annotated[str, typer.Argument(help="An image file.")],
+    output: Annotated[str, typer.Option("--output", "-o", help="The PNG to write.")] = "plan.png",
+    recipe: o.Recipe = None,
+    model: o.Model = o.D.model,
+    scales: o.Scales = None,
+    img_sizes: o.ImgSizes = None,
+    max_split_size: o.MaxSplitSize = None,
+    fit: o.Fit = None,
+    strategy: o.Strategy = o.D.strategy,
+    max_tiles: o.MaxTiles = None,
+    grid_pinpoints: o.GridPinpoints = None,
+    as_json: o.Json = False,
+) -> None:
+    """Draw every scale's (or view's) tiles over IMAGE as the backbone sees it. No weights are loaded.
+
+    Example:  s2 viz plan examples/images/chelsea.jpg --recipe llava-next-anyres -o plan.png
+    """
+    from ..viz import plan_figure, plan_summary
+
+    with reported():
+        if not Path(image).is_file():
+            raise ConfigError("no such image", given=image, fix="pass an image file")
+        res = settings({**given(ctx), "input": image, "output": "viz.h5"})
+        fig, panels = plan_figure(image, res)
+        fig.save(output)
+    if as_json:
+        print(plan_summary(panels))
+    else:
+        err.print(f"{len(panels)} panels, {fig.width}x{fig.height} -> {output}", highlight=False)
+
+
+def viz_features(
+    path: Annotated[str, typer.Argument(help="A feature file or output folder written by `s2 extract`.")],
+    key: Annotated[str, typer.Option(help="The image's key.")],
+    output: Annotated[str, typer.Option("--output", "-o", help="The PNG to write.")] = "pca.png",
+    as_json: o.Json = False,
+) -> None:
+    """The image beside a PCA (3 components as RGB) of each scale's or view's feature map and of the merged map.
+
+    Example:  s2 viz features images.efficientnet-lite0.h5 --key chelsea -o pca.png
+    """
+    from ..readers import open_features
+    from ..viz import features_figure, plan_summary
+
+    with reported(), open_features(path) as ff:
+        if key not in ff:
+            raise ConfigError(f"no image with this key in {path}", given=key, fix="list keys with `s2 inspect PATH --json`")
+        fig, panels = features_figure(ff, key)
+        fig.save(output)
+    if as_json:
+        print(plan_summary(panels))
+    else:
+        err.print(f"{len(panels)} panels, {fig.width}x{fig.height} -> {output}", highlight=False)
