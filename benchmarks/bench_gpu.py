@@ -30,11 +30,11 @@ import torch
 from s2cli.backbones import load_backbone, resolve
 from s2cli.bench import decode_compare, measure, synthetic_jpegs
 from s2cli.config import build_config, resolve_config
-from s2cli.launch import resolve_device, resolve_precision
 from s2cli.extractor import Extractor
-from s2cli.strategies import plan_image
+from s2cli.launch import resolve_device, resolve_precision
 from s2cli.plan import fit_of
 from s2cli.sources import decode_sample
+from s2cli.strategies import plan_image
 
 ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 ap.add_argument("--smoke", action="store_true", help="tiny models, few small images, no --compile (a CPU is enough)")

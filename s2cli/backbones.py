@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ._lazy import nn, torch
-
 from .errors import ConfigError, WeightsNotFoundError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

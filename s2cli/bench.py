@@ -21,16 +21,15 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from . import api
 from .backbones import Backbone
 from .config import Resolved
-from .errors import S2Error
-from .launch import resolve_device, resolve_precision
-from . import api
-from .errors import ConfigError
+from .errors import ConfigError, S2Error
 from .extractor import Extractor, use_channels_last
+from .launch import resolve_device, resolve_precision
 from .plan import fit_of, plan_entry
-from .strategies import strategy_of
 from .sources import Fit, Input, Sample, Unit, decode_nice, decode_sample
+from .strategies import strategy_of
 from .tiling import multiscale_forward, plan_multiscale, resize_image
 
 

@@ -10,12 +10,12 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from .version import __version__
 from .backbones import BackboneCfg, resolve
 from .errors import ConfigError
 from .sources import DECODES, FITS, INPUT_FORMATS
 from .strategies import STRATEGIES, BackboneFacts, StrategyArgs, StrategyCfg, parse_pinpoints, resolve_strategy
 from .tiling import SPLIT_MODES
+from .version import __version__
 from .writers import FORMATS, format_of, itemsize
 
 PRECISIONS = ("fp32", "bf16", "fp16")

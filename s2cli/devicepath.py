@@ -107,8 +107,7 @@ def orient(img: torch.Tensor, orientation: int) -> torch.Tensor:
 
 
 def _resize(img: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
-    from torchvision.transforms.v2 import InterpolationMode
-    from torchvision.transforms.v2 import functional as TF
+    from torchvision.transforms.v2 import InterpolationMode, functional as TF
 
     return TF.resize(img, list(hw), interpolation=InterpolationMode.BICUBIC, antialias=True)
 

@@ -7,7 +7,6 @@ from dataclasses import dataclass
 from typing import Mapping
 
 from ._lazy import torch
-
 from .errors import ConfigError
 
 PRECISION_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}  # torch dtype names

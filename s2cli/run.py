@@ -13,17 +13,17 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from .version import __version__
 from .backbones import Backbone
 from .config import Resolved
 from .errors import ConfigError, S2Error
 from .extractor import Extractor
-from .launch import Rank, final_barrier, resolve_precision
-from .plan import fit_of
 from .heartbeat import Heartbeat
+from .launch import Rank, final_barrier, resolve_precision
 from .outdir import OutputDir, unit_complete
+from .plan import fit_of
 from .sources import DecodePool, Input, Sample, Unit
 from .strategies import strategy_of
+from .version import __version__
 from .writers import SINKS, ThreadedSink, check_output_file, itemsize
 
 Progress = Callable[[int, int, int], None]  # (images done, failed, shards written) in this run

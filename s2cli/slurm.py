@@ -8,8 +8,8 @@ import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
-from .version import __version__
 from .errors import ConfigError
+from .version import __version__
 
 
 @dataclass(frozen=True)

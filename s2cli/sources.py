@@ -21,6 +21,7 @@ from PIL import Image, ImageOps
 
 from .errors import ConfigError
 
+
 def printable(text: str) -> str:
     """A file name's bytes that are not UTF-8 (kept by Python as lone surrogates) spelled as `\\xNN`, so keys
     and sources can be stored and printed; stable, so the same file always gets the same key."""

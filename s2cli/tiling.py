@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from typing import Callable, Sequence, Union
 
 from ._lazy import F, torch
-
 from .errors import ConfigError
 
 Size = Union[int, Sequence[int]]

@@ -1,7 +1,14 @@
-"""Shared fixtures: tiny images written in the test, a CLI runner, toy backbones."""
+"""Shared fixtures and helpers: tiny images written in the test, a CLI runner, toy backbones, the tiny model flags,
+WebDataset/tar inputs, the S² golden cases and the hostile-input battery. Test modules take fixtures by name and
+import helpers with `from conftest import ...`; no test module imports another."""
 from __future__ import annotations
 
+import io
 import json
+import os
+import struct
+import tarfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -9,12 +16,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from s2cli.cli import app
 
 DATA = Path(__file__).parent / "data"
 EXAMPLES = Path(__file__).parent.parent / "examples" / "images"
+
+# the tiny random-init model most CLI tests extract with (2 scales, 64 px tiles); FAST also decodes in-process
+MODEL = ["-m", "timm:test_resnet", "--random-init", "--img-sizes", "64,128", "--max-split-size", "64"]
+FAST = [*MODEL, "-j", "0"]
 
 
 def write_image(path: Path, hw: tuple[int, int], seed: int, fmt: str | None = None) -> Path:
@@ -82,6 +94,18 @@ def toy():
     return make
 
 
+# ---- the S² reference's golden cases (tests/data/GOLDEN.md), run on ToyConv
+GOLDEN = json.loads((DATA / "s2_reference.json").read_text())
+TENSORS = load_file(str(DATA / "s2_reference.safetensors"))
+
+
+def golden_kwargs(case):
+    kw = dict(case["kwargs"])
+    if "img_sizes" in kw:
+        kw["img_sizes"] = [tuple(s) if isinstance(s, list) else s for s in kw["img_sizes"]]
+    return kw
+
+
 TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2, image_size=32, patch_size=8)
 
 
@@ -94,3 +118,215 @@ def clip_dir(tmp_path):
     model = CLIPVisionModel(CLIPVisionConfig(**TINY)).eval()
     model.save_pretrained(tmp_path / "clip")
     return tmp_path / "clip", model
+
+
+# ---- WebDataset and plain tar inputs, written in the test
+def jpeg_bytes(seed: int, hw=(40, 56)) -> bytes:
+    arr = np.random.default_rng(seed).integers(0, 256, size=(*hw, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="JPEG", quality=95)
+    return buf.getvalue()
+
+
+def plain_tar(path: Path, members: list[tuple[str, bytes]], cut: int | None = None) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, "w") as tf:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    if cut is not None:
+        data = path.read_bytes()
+        path.write_bytes(data[:cut])
+    return path
+
+
+@pytest.fixture
+def shards(tmp_path) -> Path:
+    """shards/000000.tar and 000001.tar by webdataset.ShardWriter (3 samples each, with json/txt), and
+    shards/000002.tar by plain tar (2 samples + a sample with no image)."""
+    import webdataset as wds
+
+    d = tmp_path / "shards"
+    d.mkdir()
+    with wds.ShardWriter(str(d / "%06d.tar"), maxcount=3, verbose=0) as sink:
+        for i in range(6):
+            sink.write({"__key__": f"s{i:03d}", "jpg": jpeg_bytes(i), "json": {"caption": f"image {i}", "i": i},
+                        "txt": f"caption {i}"})
+    plain_tar(d / "000002.tar", [("p000.png", _png(10)), ("p000.json", b'{"caption": "plain"}'),
+                                 ("p001.jpg", jpeg_bytes(11)), ("junk.txt", b"no image here")])
+    return d
+
+
+def _png(seed: int) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (30, 30, 3), dtype=np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def make_shards(d: Path, n_tars: int, per_tar: int) -> Path:
+    """WebDataset shards 000000.tar… of small JPEGs with a json caption each (webdataset.ShardWriter)."""
+    import webdataset as wds
+
+    d.mkdir(parents=True, exist_ok=True)
+    with wds.ShardWriter(str(d / "%06d.tar"), maxcount=per_tar, verbose=0) as sink:
+        for i in range(n_tars * per_tar):
+            arr = np.random.default_rng(i).integers(0, 256, (36 + i % 5, 48, 3), dtype=np.uint8)
+            buf = io.BytesIO()
+            Image.fromarray(arr).save(buf, format="JPEG", quality=95)
+            sink.write({"__key__": f"k{i:03d}", "jpg": buf.getvalue(), "json": {"i": i}})
+    return d
+
+
+# ---- the hostile-input battery (tests/test_faults.py, tests/test_devicepath.py)
+def goods(d: Path) -> None:
+    write_image(d / "good1.png", (40, 52), 1)
+    write_image(d / "good2.png", (48, 36), 2)
+
+
+def rng_rgb(seed: int, hw=(48, 40)) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, size=(*hw, 3), dtype=np.uint8)
+
+
+def save_png(path: Path, arr: np.ndarray) -> None:
+    Image.fromarray(arr).save(path, format="PNG")
+
+
+def bomb_png(w: int, h: int) -> bytes:
+    """A valid PNG header claiming w x h pixels, with a few bytes of data: a decompression bomb's shape."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+    ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+# ---- the input battery: each case writes its files into `d` (with two good images) and the equivalent plain RGB
+# PNGs into `ref`; it returns the failures expected {key: (stage, error_class)}, the images that must be extracted
+# {key in d: key in ref}, and metadata they must carry {key: {...}}.
+def c_truncated_jpeg(d, ref):
+    data = jpeg_bytes(5, (64, 64))
+    (d / "trunc.jpg").write_bytes(data[: len(data) // 2])
+    return {"trunc": ("decode", "OSError")}, {}, {}
+
+
+def c_zero_byte(d, ref):
+    (d / "empty.jpg").write_bytes(b"")
+    return {"empty": ("decode", "UnidentifiedImageError")}, {}, {}
+
+
+def c_text_named_jpg(d, ref):
+    (d / "notes.jpg").write_text("this is a text file, not a JPEG\n")
+    return {"notes": ("decode", "UnidentifiedImageError")}, {}, {}
+
+
+def c_decompression_bomb(d, ref):
+    (d / "bomb.png").write_bytes(bomb_png(40_000, 40_000))  # 1.6 G pixels, 4.8 GB decoded, 100 bytes on disk
+    return {"bomb": ("decode", "DecompressionBombError")}, {}, {}
+
+
+def c_symlink_loop(d, ref):
+    os.symlink("loop.jpg", d / "loop.jpg")  # a link to itself
+    os.symlink(".", d / "cycle")  # a folder link to its parent: not followed, so no endless walk
+    return {"loop": ("read", "OSError")}, {}, {}
+
+
+def c_cmyk_jpeg(d, ref):
+    Image.fromarray(rng_rgb(6)).convert("CMYK").save(d / "cmyk.jpg", format="JPEG", quality=95)
+    with Image.open(d / "cmyk.jpg") as im:  # Pillow's CMYK -> RGB of the decoded pixels
+        assert im.mode == "CMYK"
+        save_png(ref / "cmyk.png", np.asarray(im.convert("RGB")))
+    return {}, {"cmyk": "cmyk"}, {"cmyk": {"mode": "CMYK"}}
+
+
+def _gray16(seed):
+    return np.random.default_rng(seed).integers(0, 65536, size=(44, 50), dtype=np.uint16)
+
+
+def _gray16_ref(a):
+    g = np.round(a / 257.0).astype(np.uint8)  # 16 bits scaled to 8, not clipped
+    return np.repeat(g[:, :, None], 3, axis=2)
+
+
+def c_png_16bit(d, ref):
+    a = _gray16(7)
+    Image.fromarray(a).save(d / "deep.png")
+    save_png(ref / "deep.png", _gray16_ref(a))
+    return {}, {"deep": "deep"}, {"deep": {"mode": "I;16"}}
+
+
+def c_tiff_16bit_gray(d, ref):
+    a = _gray16(8)
+    Image.fromarray(a).save(d / "deep.tif")
+    save_png(ref / "deep.png", _gray16_ref(a))
+    return {}, {"deep": "deep"}, {"deep": {"mode": "I;16"}}
+
+
+def c_grayscale(d, ref):
+    g = rng_rgb(9)[:, :, 0]
+    Image.fromarray(g, "L").save(d / "gray.png")
+    save_png(ref / "gray.png", np.repeat(g[:, :, None], 3, axis=2))
+    return {}, {"gray": "gray"}, {}
+
+
+def c_rgba(d, ref):
+    rgb = rng_rgb(10)
+    alpha = np.where(np.arange(rgb.shape[1])[None, :] < 20, 0, 255).astype(np.uint8).repeat(rgb.shape[0], 0)
+    Image.fromarray(np.dstack([rgb, alpha]), "RGBA").save(d / "alpha.png")
+    expect = np.where(alpha[:, :, None] == 0, 255, rgb).astype(np.uint8)  # transparent -> white, as HF does
+    save_png(ref / "alpha.png", expect)
+    return {}, {"alpha": "alpha"}, {"alpha": {"mode": "RGBA", "alpha": "composited on white"}}
+
+
+def c_palette(d, ref):
+    idx = np.random.default_rng(11).integers(0, 16, size=(40, 46), dtype=np.uint8)
+    palette = np.random.default_rng(12).integers(0, 256, size=(256, 3), dtype=np.uint8)
+    im = Image.fromarray(idx, "P")
+    im.putpalette(palette.tobytes())
+    im.save(d / "pal.png")
+    save_png(ref / "pal.png", palette[idx])
+    return {}, {"pal": "pal"}, {"pal": {"mode": "P"}}
+
+
+def c_exif_rotated(d, ref):
+    stored = rng_rgb(13, (40, 64))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90° clockwise to display"
+    Image.fromarray(stored).save(d / "rot.jpg", format="JPEG", quality=95, exif=exif.tobytes())
+    with Image.open(d / "rot.jpg") as im:
+        decoded = np.asarray(im.convert("RGB"))  # the pixels as stored, orientation ignored
+    save_png(ref / "rot.png", np.rot90(decoded, k=-1))  # the same pixels, pre-rotated
+    return {}, {"rot": "rot"}, {}
+
+
+def c_one_pixel(d, ref):
+    save_png(d / "dot.png", np.array([[[200, 30, 90]]], dtype=np.uint8))
+    save_png(ref / "dot.png", np.array([[[200, 30, 90]]], dtype=np.uint8))
+    return {}, {"dot": "dot"}, {}
+
+
+def c_animated_gif(d, ref):
+    colors = [(255, 0, 0), (0, 255, 0), (0, 0, 255)]
+    frames = [Image.new("RGB", (30, 40), c) for c in colors]
+    frames[0].save(d / "anim.gif", save_all=True, append_images=frames[1:], duration=50)
+    save_png(ref / "anim.png", np.full((40, 30, 3), colors[0], dtype=np.uint8))
+    return {}, {"anim": "anim"}, {"anim": {"frames": 3, "frame_used": 0}}
+
+
+def c_odd_file_names(d, ref):
+    arrs = [rng_rgb(s) for s in (14, 15, 16)]
+    save_png(d / "with space.png", arrs[0])
+    save_png(d / "ünïcödé 写真.png", arrs[1])
+    fd = os.open(os.fsencode(str(d)) + b"/caf\xe9.png", os.O_WRONLY | os.O_CREAT, 0o644)  # not UTF-8
+    with os.fdopen(fd, "wb") as fh:
+        buf = io.BytesIO()
+        Image.fromarray(arrs[2]).save(buf, format="PNG")
+        fh.write(buf.getvalue())
+    for name, a in zip(("space", "unicode", "bytes"), arrs):
+        save_png(ref / f"{name}.png", a)
+    return {}, {"with space": "space", "ünïcödé 写真": "unicode", "caf\\xe9": "bytes"}, {}
+
+
+CASES = {f.__name__[2:]: f for f in (
+    c_truncated_jpeg, c_zero_byte, c_text_named_jpg, c_decompression_bomb, c_symlink_loop, c_cmyk_jpeg,
+    c_png_16bit, c_tiff_16bit_gray, c_grayscale, c_rgba, c_palette, c_exif_rotated, c_one_pixel, c_animated_gif,
+    c_odd_file_names)}

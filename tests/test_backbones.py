@@ -13,9 +13,6 @@ from s2cli.backbones import list_models, load_backbone, resolve
 from s2cli.sources import fit_image, to_uint8_array
 
 
-
-
-
 def test_aliases_carry_their_preprocessing():
     names = {m.name for m in list_models()}
     assert {"clip-vit-l-336", "clip-vit-b-16", "siglip-so400m-384", "dinov2-l", "efficientnet-lite0"} <= names
@@ -155,8 +152,8 @@ def test_missing_weights_fail_in_one_line_without_network(tmp_path, monkeypatch)
 
 
 def test_flop_estimates_match_flop_counter():
-    from transformers import CLIPVisionConfig, CLIPVisionModel
     import timm
+    from transformers import CLIPVisionConfig, CLIPVisionModel
 
     cfg = resolve("clip-vit-b-16", layer=-1)
     with torch.device("meta"):

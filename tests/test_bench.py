@@ -7,11 +7,10 @@ import dataclasses
 import pytest
 import torch
 
+from conftest import GOLDEN, TENSORS, ToyConv, golden_kwargs, invoke_json
 from s2cli.backbones import load_backbone, resolve
 from s2cli.bench import measure, synthetic_jpegs
 from s2cli.config import ExtractConfig, resolve_config
-
-from conftest import invoke_json
 
 TINY = ("-m", "timm:vit_tiny_patch16_224", "--random-init", "--layer", "2")
 
@@ -83,6 +82,7 @@ def test_compile_is_wired_and_recorded(tmp_path):
     assert dict(res.provenance)["compile"] == "flag" and '"compile": true' in res.to_json()
 
 
+@pytest.mark.slow
 def test_compile_cache_survives_between_runs(tmp_path, image_dir, clip_dir):
     """--compile keeps inductor's graphs in $XDG_CACHE_HOME/s2cli/inductor: the first run compiles (cache
     misses, files written there), a second process reuses them (hits, no misses), and both store the features
@@ -137,7 +137,6 @@ def test_live_tensor_bytes_on_a_known_allocation():
 def test_reference_forward_matches_the_golden_outputs():
     """The reference's forward as bench times it gives the reference's golden outputs (master branch cases)."""
     from s2cli.bench import reference_forward
-    from test_tiling import GOLDEN, TENSORS, ToyConv, golden_kwargs
 
     cases = [n for n, c in GOLDEN["cases"].items() if c["branch"] == "master"]
     assert len(cases) == 5
@@ -166,6 +165,7 @@ def vit_l_memory():
                           output_shape="bnc", antialias=False)
 
 
+@pytest.mark.slow
 def test_chunked_s2_memory_is_below_unchunked_and_reference(vit_l_memory):
     r = vit_l_memory
     assert r["s2_chunked"]["peak"] < r["s2"]["peak"]
@@ -173,12 +173,14 @@ def test_chunked_s2_memory_is_below_unchunked_and_reference(vit_l_memory):
     assert r["single_scale"]["vs_single_scale"] == 1.0
 
 
+@pytest.mark.slow
 @pytest.mark.xfail(strict=True, reason="target missed: 1.29x (the 1008 input, the 3x wider output and the 672 image "
                                        "of scale 2 are held beside the single-scale working set); see README Measured")
 def test_chunked_s2_memory_within_1_2x_of_single_scale(vit_l_memory):
     assert vit_l_memory["s2_chunked"]["vs_single_scale"] <= 1.2
 
 
+@pytest.mark.slow
 def test_bench_gpu_script_smoke_runs_on_the_cpu():
     """benchmarks/bench_gpu.py, the one command a GPU session runs, in --smoke (tiny models, 4 small images, CPU):
     its correctness checks pass and it prints the table last."""

@@ -16,7 +16,6 @@ from s2cli import multiscale_forward, open_features
 from s2cli.backbones import load_backbone, resolve
 
 
-
 def oracle_input(path, side, mean, std, fit="crop"):
     """CLIP-style preprocessing written out: shortest edge to `side` (PIL bicubic), center crop, normalize."""
     im = Image.open(path).convert("RGB")
@@ -228,6 +227,7 @@ def test_models_lists_aliases(cli):
     assert by["clip-vit-l-336"]["layer"] == -2 and by["dinov2-l"]["num_prefix_tokens"] == 1
 
 
+@pytest.mark.slow
 def test_python_m_entry_point():
     r = subprocess.run([sys.executable, "-m", "s2cli", "--version"], capture_output=True, text=True)
     assert r.returncode == 0 and r.stdout.strip() == __import__("s2cli").__version__

@@ -1,11 +1,13 @@
-"""Config precedence (defaults < recipe < flags) and the shipped recipes."""
+"""Config precedence (defaults < recipe < flags) and the shipped recipes. The rules are tested on build_config and
+resolve_config directly (no weights, no images); a few tests check the same through whole extractions."""
 from __future__ import annotations
 
 import pytest
 
 from conftest import EXAMPLES, invoke_json
 from s2cli import ConfigError
-from s2cli.config import build_config, list_recipes, load_recipe
+from s2cli.backbones import resolve
+from s2cli.config import ExtractConfig, build_config, list_recipes, load_recipe, resolve_config
 
 
 @pytest.mark.parametrize("name", sorted(list_recipes()))
@@ -63,3 +65,129 @@ def test_resolved_config_records_recipe_and_provenance(cli, tmp_path, image_dir)
 def test_recipes_command_lists_them(cli):
     rows = invoke_json(cli, "recipes", "--json")
     assert {r["name"] for r in rows} >= {"llava-1.5-s2", "vila-1.5-s2", "dinov2-s2", "default"}
+
+
+# ---- the rules at function level: build_config (defaults < recipe < flags) and resolve_config ---------------------
+def _resolve(cfg):
+    """As the CLI does: the backbone described from the config (no weights), then the config resolved against it."""
+    return resolve_config(cfg, resolve(cfg.model, layer=cfg.layer, keep_cls=cfg.keep_cls))
+
+
+def _recipe(tmp_path, text: str) -> str:
+    p = tmp_path / "r.yaml"
+    p.write_text("config:\n" + "".join(f"  {line}\n" for line in text.strip().splitlines()))
+    return str(p)
+
+
+def test_defaults_alone_set_nothing_and_record_no_provenance():
+    cfg = build_config("in")
+    assert cfg == ExtractConfig(input="in")
+    assert cfg.provenance == () and cfg.recipe is None
+    res = _resolve(cfg)
+    assert res.to_dict()["set_by"] == {} and res.to_dict()["recipe"] is None
+    assert res.fit == res.backbone.fit and res.img_sizes == (224, 448)  # unset: from the backbone, scales 1,2
+
+
+def test_every_recipe_value_is_recorded_as_set_by_the_recipe():
+    values, _ = load_recipe("vila-1.5-s2")
+    cfg = build_config("in", recipe="vila-1.5-s2")
+    assert dict(cfg.provenance) == {k: "recipe" for k in values} and cfg.recipe == "vila-1.5-s2"
+    assert (cfg.model, cfg.img_sizes, cfg.max_split_size, cfg.layer, cfg.fit) == \
+           ("siglip-so400m-384", (384, 768), 384, -2, "squash")
+    res = _resolve(cfg)
+    assert res.to_dict()["set_by"] == dict(cfg.provenance) and res.to_dict()["recipe"] == "vila-1.5-s2"
+    assert (res.img_sizes, res.max_split_size, res.fit) == ((384, 768), 384, "squash")
+
+
+def test_flags_without_a_recipe_are_recorded_as_flags_and_none_is_not_set():
+    cfg = build_config("in", model="timm:test_resnet", random_init=True, batch_size=3, fit=None, layer=None, scales=None)
+    assert dict(cfg.provenance) == {"model": "flag", "random_init": "flag", "batch_size": "flag"}
+    assert (cfg.fit, cfg.layer, cfg.scales) == (None, None, None)
+
+
+def test_a_flag_overrides_the_recipe_and_a_flag_of_none_keeps_the_recipe_value():
+    kept = build_config("in", recipe="llava-1.5-s2", model=None, layer=None, max_split_size=None, fit=None,
+                        img_sizes=None, scales=None)
+    assert kept == build_config("in", recipe="llava-1.5-s2")  # None is "not set": the same config, same provenance
+    assert (kept.layer, kept.max_split_size, kept.fit) == (-2, 336, "crop")
+    cfg = build_config("in", recipe="llava-1.5-s2", layer=-1, max_split_size=168, fit=None)
+    assert (cfg.layer, cfg.max_split_size, cfg.fit, cfg.model) == (-1, 168, "crop", "clip-vit-l-336")
+    prov = dict(cfg.provenance)
+    assert (prov["layer"], prov["max_split_size"], prov["fit"], prov["model"]) == ("flag", "flag", "recipe", "recipe")
+    res = _resolve(cfg)
+    assert res.backbone.layer == -1 and res.max_split_size == 168 and res.img_sizes == (336, 672, 1008)
+    assert res.to_dict()["set_by"] == prov
+
+
+def test_falsy_flags_that_are_not_none_still_override_the_recipe(tmp_path):
+    recipe = _recipe(tmp_path, "model: timm:test_resnet\nseed: 5\nantialias: true\nresize_output_to_idx: 1\n"
+                               "random_init: true")
+    cfg = build_config("in", recipe=recipe, seed=0, antialias=False, resize_output_to_idx=0)
+    assert (cfg.seed, cfg.antialias, cfg.resize_output_to_idx, cfg.random_init) == (0, False, 0, True)
+    prov = dict(cfg.provenance)
+    assert (prov["seed"], prov["antialias"], prov["resize_output_to_idx"]) == ("flag", "flag", "flag")
+    assert prov["random_init"] == "recipe"
+
+
+def test_a_flag_equal_to_the_recipe_value_is_recorded_as_a_flag():
+    cfg = build_config("in", recipe="llava-1.5-s2", layer=-2)
+    assert cfg.layer == -2 and dict(cfg.provenance)["layer"] == "flag"
+
+
+def test_scales_flag_replaces_recipe_img_sizes_at_resolution():
+    cfg = build_config("in", recipe="llava-1.5-s2", scales=[1, 2])
+    prov = dict(cfg.provenance)
+    assert cfg.scales == (1.0, 2.0) and cfg.img_sizes is None
+    assert prov["scales"] == "flag" and "img_sizes" not in prov and prov["max_split_size"] == "recipe"
+    res = _resolve(cfg)  # clip-vit-l-336: scales x 336, tiles of the recipe's 336
+    assert res.img_sizes == (336, 672) and res.scales == (1.0, 2.0) and res.max_split_size == 336
+    assert res.to_dict()["set_by"] == prov
+
+
+def test_img_sizes_flag_replaces_recipe_scales_at_resolution():
+    cfg = build_config("in", recipe="dinov2-s2", img_sizes=[224, 672])
+    prov = dict(cfg.provenance)
+    assert cfg.img_sizes == (224, 672) and cfg.scales is None
+    assert prov["img_sizes"] == "flag" and "scales" not in prov and prov["model"] == "recipe"
+    res = _resolve(cfg)  # dinov2-l: input 224
+    assert res.img_sizes == (224, 672) and res.scales == (1.0, 3.0)
+    assert res.to_dict()["set_by"] == prov
+
+
+def test_scales_and_img_sizes_from_the_same_place_are_both_kept_and_refused(tmp_path):
+    both_flags = build_config("in", model="timm:test_resnet", scales=[1, 2], img_sizes=[160, 320])
+    assert (both_flags.scales, both_flags.img_sizes) == ((1.0, 2.0), (160, 320))
+    assert dict(both_flags.provenance) == {"model": "flag", "scales": "flag", "img_sizes": "flag"}
+    both_recipe = build_config("in", recipe=_recipe(tmp_path, "model: timm:test_resnet\nscales: [1, 2]\n"
+                                                              "img_sizes: [160, 320]"))
+    assert (both_recipe.scales, both_recipe.img_sizes) == ((1.0, 2.0), (160, 320))
+    for cfg in (both_flags, both_recipe):
+        with pytest.raises(ConfigError, match="--scales and --img-sizes were both given"):
+            _resolve(cfg)
+
+
+def test_list_values_are_cast_to_tuples_from_recipes_and_flags(tmp_path):
+    recipe = _recipe(tmp_path, "model: clip-vit-l-336\nstrategy: anyres\ngrid_pinpoints: [336x672, 672x336]\n"
+                               "img_sizes: ['336', 672]")
+    cfg = build_config("in", recipe=recipe)
+    assert cfg.img_sizes == (336, 672) and cfg.grid_pinpoints == ((336, 672), (672, 336))
+    assert build_config("in", scales=[1, "1.5"]).scales == (1.0, 1.5)
+
+
+def test_provenance_is_sorted_and_an_unknown_option_is_a_programming_error():
+    cfg = build_config("in", recipe="llava-1.5-s2", workers=1, batch_size=2)
+    assert list(cfg.provenance) == sorted(cfg.provenance)
+    with pytest.raises(TypeError, match="modle"):
+        build_config("in", modle="x")
+
+
+def test_recipe_or_flags_resolve_alike_and_resume_alike_but_record_their_origin():
+    """The same settings from a recipe or from flags: equal resolved settings (a resumed run compares these), and
+    only set_by and recipe differ."""
+    values, _ = load_recipe("llava-1.5-s2")
+    by_recipe, by_flags = _resolve(build_config("in", recipe="llava-1.5-s2")), _resolve(build_config("in", **values))
+    a, b = by_recipe.to_dict(), by_flags.to_dict()
+    assert by_recipe.compare_keys() == by_flags.compare_keys()
+    assert {k: a[k] for k in by_recipe.compare_keys()} == {k: b[k] for k in by_flags.compare_keys()}
+    assert a["set_by"] == {k: "recipe" for k in values} and b["set_by"] == {k: "flag" for k in values}
+    assert (a["recipe"], b["recipe"]) == ("llava-1.5-s2", None)

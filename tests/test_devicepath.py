@@ -12,16 +12,15 @@ import pytest
 import torch
 from PIL import Image, ImageOps
 
-from conftest import invoke_json, write_image
+from conftest import CASES, MODEL, goods, invoke_json, write_image
 from s2cli import multiscale_forward, open_features
 from s2cli.backbones import load_backbone, resolve
 from s2cli.bench import decode_compare, synthetic_jpegs
 from s2cli.config import ExtractConfig, build_config, resolve_config
 from s2cli.devicepath import Transfer, decode_batch, fit_tensor, orient
 from s2cli.extractor import Extractor, use_channels_last
-from s2cli.strategies import plan_image
 from s2cli.sources import Fit, Sample, decode_sample, fit_image, probe_jpeg, to_uint8_array
-from test_faults import CASES, MODEL, goods
+from s2cli.strategies import plan_image
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 TINY_VIT = ("-m", "timm:test_vit", "--random-init")
@@ -209,9 +208,9 @@ def test_device_decoder_failure_falls_back_to_pillow_per_image(monkeypatch):
 
 
 def test_decode_torch_on_the_fault_battery_equals_pil_but_for_rounding(cli, tmp_path):
-    """Every hostile input of tests/test_faults.py in one folder, `--decode torch` against `--decode pil`: the same
-    keys and failure records (stage, class), Pillow-fallback images bit-identical with the reason in their meta,
-    JPEGs decoded by torch within rounding of Pillow's features."""
+    """Every hostile input of the fault battery (CASES in tests/conftest.py) in one folder, `--decode torch` against
+    `--decode pil`: the same keys and failure records (stage, class), Pillow-fallback images bit-identical with the
+    reason in their meta, JPEGs decoded by torch within rounding of Pillow's features."""
     d, ref = tmp_path / "in", tmp_path / "ref"
     d.mkdir()
     ref.mkdir()

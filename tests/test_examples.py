@@ -5,9 +5,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).parent.parent
 
 
+@pytest.mark.slow
 def test_python_api_example_runs_offline():
     r = subprocess.run([sys.executable, "examples/python_api.py", "--random-init"], cwd=ROOT,
                        capture_output=True, text=True, timeout=300)

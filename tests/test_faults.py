@@ -2,29 +2,23 @@
 stage and reason, the run goes on, and every good image's features equal those of a clean run without the bad ones."""
 from __future__ import annotations
 
-import io
 import json
 import os
 import shutil
 import signal
-import struct
 import subprocess
 import sys
 import tempfile
 import time
-import zlib
 from collections import namedtuple
 from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 
-from conftest import write_image
+from conftest import CASES, MODEL, bomb_png, goods, jpeg_bytes, plain_tar, save_png, write_image
 from s2cli import open_features
-from test_streaming import jpeg_bytes, plain_tar
 
-MODEL = ["-m", "timm:test_resnet", "--random-init", "--img-sizes", "64,128", "--max-split-size", "64"]
 pytestmark = pytest.mark.timeout(180)
 
 
@@ -32,159 +26,6 @@ def run_ok(cli, src, out, *extra) -> dict:
     r = cli("extract", src, *MODEL, "-o", out, "--json", "-q", *extra)
     assert r.exit_code == 0, r.stderr + r.stdout
     return json.loads(r.stdout)
-
-
-def goods(d: Path) -> None:
-    write_image(d / "good1.png", (40, 52), 1)
-    write_image(d / "good2.png", (48, 36), 2)
-
-
-def rng_rgb(seed: int, hw=(48, 40)) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, 256, size=(*hw, 3), dtype=np.uint8)
-
-
-def save_png(path: Path, arr: np.ndarray) -> None:
-    Image.fromarray(arr).save(path, format="PNG")
-
-
-def bomb_png(w: int, h: int) -> bytes:
-    """A valid PNG header claiming w x h pixels, with a few bytes of data: a decompression bomb's shape."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-    ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
-
-
-# ---- the input battery: each case writes its files into `d` (with two good images) and the equivalent plain RGB
-# PNGs into `ref`; it returns the failures expected {key: (stage, error_class)}, the images that must be extracted
-# {key in d: key in ref}, and metadata they must carry {key: {...}}.
-def c_truncated_jpeg(d, ref):
-    data = jpeg_bytes(5, (64, 64))
-    (d / "trunc.jpg").write_bytes(data[: len(data) // 2])
-    return {"trunc": ("decode", "OSError")}, {}, {}
-
-
-def c_zero_byte(d, ref):
-    (d / "empty.jpg").write_bytes(b"")
-    return {"empty": ("decode", "UnidentifiedImageError")}, {}, {}
-
-
-def c_text_named_jpg(d, ref):
-    (d / "notes.jpg").write_text("this is a text file, not a JPEG\n")
-    return {"notes": ("decode", "UnidentifiedImageError")}, {}, {}
-
-
-def c_decompression_bomb(d, ref):
-    (d / "bomb.png").write_bytes(bomb_png(40_000, 40_000))  # 1.6 G pixels, 4.8 GB decoded, 100 bytes on disk
-    return {"bomb": ("decode", "DecompressionBombError")}, {}, {}
-
-
-def c_symlink_loop(d, ref):
-    os.symlink("loop.jpg", d / "loop.jpg")  # a link to itself
-    os.symlink(".", d / "cycle")  # a folder link to its parent: not followed, so no endless walk
-    return {"loop": ("read", "OSError")}, {}, {}
-
-
-def c_cmyk_jpeg(d, ref):
-    Image.fromarray(rng_rgb(6)).convert("CMYK").save(d / "cmyk.jpg", format="JPEG", quality=95)
-    with Image.open(d / "cmyk.jpg") as im:  # Pillow's CMYK -> RGB of the decoded pixels
-        assert im.mode == "CMYK"
-        save_png(ref / "cmyk.png", np.asarray(im.convert("RGB")))
-    return {}, {"cmyk": "cmyk"}, {"cmyk": {"mode": "CMYK"}}
-
-
-def _gray16(seed):
-    return np.random.default_rng(seed).integers(0, 65536, size=(44, 50), dtype=np.uint16)
-
-
-def _gray16_ref(a):
-    g = np.round(a / 257.0).astype(np.uint8)  # 16 bits scaled to 8, not clipped
-    return np.repeat(g[:, :, None], 3, axis=2)
-
-
-def c_png_16bit(d, ref):
-    a = _gray16(7)
-    Image.fromarray(a).save(d / "deep.png")
-    save_png(ref / "deep.png", _gray16_ref(a))
-    return {}, {"deep": "deep"}, {"deep": {"mode": "I;16"}}
-
-
-def c_tiff_16bit_gray(d, ref):
-    a = _gray16(8)
-    Image.fromarray(a).save(d / "deep.tif")
-    save_png(ref / "deep.png", _gray16_ref(a))
-    return {}, {"deep": "deep"}, {"deep": {"mode": "I;16"}}
-
-
-def c_grayscale(d, ref):
-    g = rng_rgb(9)[:, :, 0]
-    Image.fromarray(g, "L").save(d / "gray.png")
-    save_png(ref / "gray.png", np.repeat(g[:, :, None], 3, axis=2))
-    return {}, {"gray": "gray"}, {}
-
-
-def c_rgba(d, ref):
-    rgb = rng_rgb(10)
-    alpha = np.where(np.arange(rgb.shape[1])[None, :] < 20, 0, 255).astype(np.uint8).repeat(rgb.shape[0], 0)
-    Image.fromarray(np.dstack([rgb, alpha]), "RGBA").save(d / "alpha.png")
-    expect = np.where(alpha[:, :, None] == 0, 255, rgb).astype(np.uint8)  # transparent -> white, as HF does
-    save_png(ref / "alpha.png", expect)
-    return {}, {"alpha": "alpha"}, {"alpha": {"mode": "RGBA", "alpha": "composited on white"}}
-
-
-def c_palette(d, ref):
-    idx = np.random.default_rng(11).integers(0, 16, size=(40, 46), dtype=np.uint8)
-    palette = np.random.default_rng(12).integers(0, 256, size=(256, 3), dtype=np.uint8)
-    im = Image.fromarray(idx, "P")
-    im.putpalette(palette.tobytes())
-    im.save(d / "pal.png")
-    save_png(ref / "pal.png", palette[idx])
-    return {}, {"pal": "pal"}, {"pal": {"mode": "P"}}
-
-
-def c_exif_rotated(d, ref):
-    stored = rng_rgb(13, (40, 64))
-    exif = Image.Exif()
-    exif[0x0112] = 6  # "rotate 90° clockwise to display"
-    Image.fromarray(stored).save(d / "rot.jpg", format="JPEG", quality=95, exif=exif.tobytes())
-    with Image.open(d / "rot.jpg") as im:
-        decoded = np.asarray(im.convert("RGB"))  # the pixels as stored, orientation ignored
-    save_png(ref / "rot.png", np.rot90(decoded, k=-1))  # the same pixels, pre-rotated
-    return {}, {"rot": "rot"}, {}
-
-
-def c_one_pixel(d, ref):
-    save_png(d / "dot.png", np.array([[[200, 30, 90]]], dtype=np.uint8))
-    save_png(ref / "dot.png", np.array([[[200, 30, 90]]], dtype=np.uint8))
-    return {}, {"dot": "dot"}, {}
-
-
-def c_animated_gif(d, ref):
-    colors = [(255, 0, 0), (0, 255, 0), (0, 0, 255)]
-    frames = [Image.new("RGB", (30, 40), c) for c in colors]
-    frames[0].save(d / "anim.gif", save_all=True, append_images=frames[1:], duration=50)
-    save_png(ref / "anim.png", np.full((40, 30, 3), colors[0], dtype=np.uint8))
-    return {}, {"anim": "anim"}, {"anim": {"frames": 3, "frame_used": 0}}
-
-
-def c_odd_file_names(d, ref):
-    arrs = [rng_rgb(s) for s in (14, 15, 16)]
-    save_png(d / "with space.png", arrs[0])
-    save_png(d / "ünïcödé 写真.png", arrs[1])
-    fd = os.open(os.fsencode(str(d)) + b"/caf\xe9.png", os.O_WRONLY | os.O_CREAT, 0o644)  # not UTF-8
-    with os.fdopen(fd, "wb") as fh:
-        buf = io.BytesIO()
-        Image.fromarray(arrs[2]).save(buf, format="PNG")
-        fh.write(buf.getvalue())
-    for name, a in zip(("space", "unicode", "bytes"), arrs):
-        save_png(ref / f"{name}.png", a)
-    return {}, {"with space": "space", "ünïcödé 写真": "unicode", "caf\\xe9": "bytes"}, {}
-
-
-CASES = {f.__name__[2:]: f for f in (
-    c_truncated_jpeg, c_zero_byte, c_text_named_jpg, c_decompression_bomb, c_symlink_loop, c_cmyk_jpeg,
-    c_png_16bit, c_tiff_16bit_gray, c_grayscale, c_rgba, c_palette, c_exif_rotated, c_one_pixel, c_animated_gif,
-    c_odd_file_names)}
 
 
 @pytest.mark.timeout(60)
@@ -219,6 +60,7 @@ def test_hostile_inputs(cli, tmp_path, case):
             assert fo.meta("dot")["orig_hw"] == [1, 1]
 
 
+@pytest.mark.slow
 def test_a_decompression_bomb_is_refused_quickly_in_little_memory(tmp_path):
     d = tmp_path / "in"
     goods(d)
@@ -257,6 +99,7 @@ def test_a_file_deleted_between_listing_and_reading(cli, tmp_path, monkeypatch):
         assert "deleted or moved after the input was listed" in f["error"]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(os.geteuid() == 0 and not shutil.which("setpriv"),
                     reason="root reads any file; dropping that needs util-linux `setpriv`, not installed here")
 def test_an_unreadable_file(cli, tmp_path):
@@ -403,6 +246,7 @@ def kill_input(tmp_path_factory):
     return args, clean
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("point,n", [("load", 1), ("mid-batch", 3), ("writing", 2), ("between", 2), ("end", 1)])
 def test_kill_9_at_any_point_then_rerun_equals_a_clean_run(tmp_path, kill_input, point, n):
     args, clean = kill_input
@@ -492,6 +336,7 @@ def _can_mount_tmpfs() -> str | None:
         probe.rmdir()
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(_can_mount_tmpfs() is not None, reason=str(_can_mount_tmpfs()))
 def test_disk_full_on_a_real_small_tmpfs(tmp_path, full_disk_input):
     d, clean = full_disk_input, tmp_path / "clean"
@@ -595,6 +440,7 @@ print("ok")
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args", [["--scales", "0"], ["-m", "vit-huge-9000"], ["--keep-cls"], ["--pool-only"],
                                   ["--max-split-size", "999"], ["--strategy", "tiles-please"]])
 def test_bad_usage_is_refused_before_torch_is_imported(tmp_path, args):

@@ -16,33 +16,14 @@ import numpy as np
 import pytest
 import typer
 
-from conftest import invoke_json, write_image
+from conftest import FAST, invoke_json, make_shards, write_image
 from s2cli import open_features
 from s2cli.cli import app
 from s2cli.commands.extract import extract, option_argv as _option_argv
 from s2cli.errors import ConfigError
-from s2cli.launch import Rank, discover_rank
 from s2cli.fsutil import create_exclusive
+from s2cli.launch import Rank, discover_rank
 from s2cli.outdir import OutputDir
-
-FAST = ["-m", "timm:test_resnet", "--random-init", "--img-sizes", "64,128", "--max-split-size", "64", "-j", "0"]
-
-
-def make_shards(d: Path, n_tars: int, per_tar: int) -> Path:
-    """WebDataset shards 000000.tar… of small JPEGs with a json caption each (webdataset.ShardWriter)."""
-    import io
-
-    import webdataset as wds
-    from PIL import Image
-
-    d.mkdir(parents=True, exist_ok=True)
-    with wds.ShardWriter(str(d / "%06d.tar"), maxcount=per_tar, verbose=0) as sink:
-        for i in range(n_tars * per_tar):
-            arr = np.random.default_rng(i).integers(0, 256, (36 + i % 5, 48, 3), dtype=np.uint8)
-            buf = io.BytesIO()
-            Image.fromarray(arr).save(buf, format="JPEG", quality=95)
-            sink.write({"__key__": f"k{i:03d}", "jpg": buf.getvalue(), "json": {"i": i}})
-    return d
 
 
 def _s2(*args, env=None, **kw) -> subprocess.CompletedProcess:
@@ -152,6 +133,7 @@ def test_several_ranks_need_a_folder(cli, image_dir, tmp_path, monkeypatch):
 
 
 # ---- two ranks equal one --------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_devices_cpu_cpu_equals_one_rank(cli, tmp_path):
     shards = make_shards(tmp_path / "shards", n_tars=3, per_tar=4)
     spec = f"{shards}/{{000000..000002}}.tar"
@@ -168,6 +150,7 @@ def test_devices_cpu_cpu_equals_one_rank(cli, tmp_path):
     assert_same_features(one, two, 12)
 
 
+@pytest.mark.slow
 def test_devices_reports_a_failed_worker_and_exits_non_zero(cli, tmp_path, image_dir):
     r = cli("extract", image_dir, *FAST, "-o", f"{tmp_path}/o/", "--devices", "cpu,cuda:7")
     assert r.exit_code == 2 and "CUDA" in r.stderr  # checked before any worker starts
@@ -182,6 +165,7 @@ def test_devices_reports_a_failed_worker_and_exits_non_zero(cli, tmp_path, image
     assert r.exit_code == 0 and "rank 1 failed: --weights" in r.stdout
 
 
+@pytest.mark.slow
 def test_torchrun_two_ranks_equal_one_rank(tmp_path):
     shards = make_shards(tmp_path / "shards", n_tars=3, per_tar=4)
     spec = f"{shards}/{{000000..000002}}.tar"
@@ -199,6 +183,7 @@ def test_torchrun_two_ranks_equal_one_rank(tmp_path):
     assert_same_features(one, two, 12)
 
 
+@pytest.mark.slow
 def test_three_ranks_killed_then_two_resume(tmp_path):
     d = tmp_path / "imgs"
     for i in range(18):

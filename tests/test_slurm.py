@@ -18,9 +18,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import FAST, make_shards
 from s2cli import open_features
-from test_ranks import FAST, make_shards
 
+pytestmark = pytest.mark.slow  # a real SLURM cluster started in the test, jobs run by subprocesses
 DAEMONS = ("munged", "mungekey", "slurmctld", "slurmd", "sbatch", "srun", "squeue", "sinfo", "scontrol")
 
 

@@ -2,17 +2,34 @@
 10,000 random sizes each), the NVILA tile counts, pixel tests of cutting, and merger oracles with a toy backbone."""
 from __future__ import annotations
 
+import json
 import random
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
+from conftest import invoke_json
+from s2cli import open_features
+from s2cli.backbones import load_backbone, resolve
 from s2cli.errors import ConfigError
 from s2cli.strategies import (
+    LLAVA_NEXT_PINPOINTS,
     BackboneFacts,
-    LLAVA_NEXT_PINPOINTS, StrategyArgs, StrategyCfg, cut_view, grouped_calls, internvl_grid, merge, out_layout,
-    outputs_to_maps, plan_strategy, resolve_strategy, select_best_resolution, smart_resize,
+    StrategyArgs,
+    StrategyCfg,
+    cut_view,
+    grouped_calls,
+    internvl_grid,
+    merge,
+    out_layout,
+    outputs_to_maps,
+    plan_strategy,
+    resolve_strategy,
+    select_best_resolution,
+    smart_resize,
 )
 
 N = 10_000
@@ -97,8 +114,8 @@ def test_tiles_are_row_major_and_strided_crops_interleave_back():
     cfg = _cfg("dual", tile=4, img_sizes=(12,))
     local, strided = plan_strategy(cfg, (12, 12)).views
     tiles = cut_view(x, local)
-    for i, (t, l, b, r) in enumerate(local.boxes()):
-        assert torch.equal(tiles[i], x[:, t:b, l:r])
+    for i, (top, left, bottom, right) in enumerate(local.boxes()):
+        assert torch.equal(tiles[i], x[:, top:bottom, left:right])
     assert torch.equal(tiles[1], x[:, 0:4, 4:8])  # row-major: the second tile is to the right of the first
     sub = cut_view(x, strided)
     assert torch.equal(sub[3 * 1 + 2], x[:, 1::3, 2::3])
@@ -192,17 +209,6 @@ def test_options_that_do_not_apply_are_refused():
 
 
 # ---- through `s2 extract`: folders, WebDataset shards, output folders, resume --------------------------------
-import json  # noqa: E402
-
-import numpy as np  # noqa: E402
-from PIL import Image  # noqa: E402
-
-from s2cli import open_features  # noqa: E402
-from s2cli.backbones import load_backbone, resolve  # noqa: E402
-
-from conftest import invoke_json  # noqa: E402
-from test_streaming import shards  # noqa: E402,F401 - the WebDataset fixture
-
 VIT = ["-m", "timm:test_vit", "--random-init", "-j", "0"]  # 160 px tiles, patch 16, 64 channels, CLS prefix
 PER_STRATEGY = {"dynamic-s2": ["--img-sizes", "160,320"], "anyres": [], "internvl": ["--max-tiles", "6"],
                 "native": ["--max-pixels", "40000"], "dual": ["--img-sizes", "320"]}
@@ -270,7 +276,6 @@ def test_native_refuses_a_fixed_size_backbone_in_one_line(cli, image_dir):
 # ---- s2 viz ------------------------------------------------------------------------------------------------------
 def test_viz_plan_draws_each_views_tiles_in_its_color(cli, tmp_path):
     from conftest import write_image
-
     from s2cli.viz import GAP, LABEL, PALETTE, PANEL
 
     img = write_image(tmp_path / "wide.png", (100, 300), 7)  # internvl, 160 tiles: 1 row x 3 cols + thumbnail

@@ -2,13 +2,11 @@
 after SIGKILL, failure records, pooling, flat memory. Tiny timm models; every shard is written in the test."""
 from __future__ import annotations
 
-import io
 import json
 import os
 import signal
 import subprocess
 import sys
-import tarfile
 import time
 from pathlib import Path
 
@@ -16,53 +14,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import invoke_json, write_image
+from conftest import FAST, invoke_json, jpeg_bytes, plain_tar, write_image
 from s2cli import open_features
-
-FAST = ["-m", "timm:test_resnet", "--random-init", "--img-sizes", "64,128", "--max-split-size", "64", "-j", "0"]
-
-
-def jpeg_bytes(seed: int, hw=(40, 56)) -> bytes:
-    arr = np.random.default_rng(seed).integers(0, 256, size=(*hw, 3), dtype=np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="JPEG", quality=95)
-    return buf.getvalue()
-
-
-def plain_tar(path: Path, members: list[tuple[str, bytes]], cut: int | None = None) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tarfile.open(path, "w") as tf:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tf.addfile(info, io.BytesIO(data))
-    if cut is not None:
-        data = path.read_bytes()
-        path.write_bytes(data[:cut])
-    return path
-
-
-@pytest.fixture
-def shards(tmp_path) -> Path:
-    """shards/000000.tar and 000001.tar by webdataset.ShardWriter (3 samples each, with json/txt), and
-    shards/000002.tar by plain tar (2 samples + a sample with no image)."""
-    import webdataset as wds
-
-    d = tmp_path / "shards"
-    d.mkdir()
-    with wds.ShardWriter(str(d / "%06d.tar"), maxcount=3, verbose=0) as sink:
-        for i in range(6):
-            sink.write({"__key__": f"s{i:03d}", "jpg": jpeg_bytes(i), "json": {"caption": f"image {i}", "i": i},
-                        "txt": f"caption {i}"})
-    plain_tar(d / "000002.tar", [("p000.png", _png(10)), ("p000.json", b'{"caption": "plain"}'),
-                                 ("p001.jpg", jpeg_bytes(11)), ("junk.txt", b"no image here")])
-    return d
-
-
-def _png(seed: int) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (30, 30, 3), dtype=np.uint8)).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 @pytest.mark.parametrize("spec", ["{d}/{{000000..000002}}.tar", "{d}/*.tar", "{d}", "pipe:cat {d}/{{000000..000002}}.tar"])
@@ -246,6 +199,7 @@ def _cmd(*args) -> list[str]:
     return [sys.executable, "-m", "s2cli", "extract", *map(str, args)]
 
 
+@pytest.mark.slow
 def test_sigkill_mid_run_then_resume_equals_clean_run(tmp_path):
     d = folder(tmp_path, 24, bad=(7,))
     slow = ["-m", "timm:test_vit", "--random-init", "--scales", "1,2,3", "-j", "1", "-b", "2", "--shard-size", "3", "-q"]
@@ -298,6 +252,7 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 """
 
 
+@pytest.mark.slow
 def test_host_memory_is_flat_in_the_number_of_images(tmp_path):
     d = tmp_path / "many"
     d.mkdir()
@@ -315,6 +270,7 @@ def test_host_memory_is_flat_in_the_number_of_images(tmp_path):
     assert large <= small * 1.10 + 20_000, (small, large)  # kB
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", ["dies", "stalls"])
 def test_a_decode_worker_that_dies_or_stalls_is_reported_not_waited_on(cli, tmp_path, monkeypatch, how):
     import s2cli.sources as sources

@@ -1,27 +1,15 @@
 """The S² engine against the reference's golden outputs and against oracles written out in the test."""
 from __future__ import annotations
 
-import json
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
 
-from conftest import DATA, ToyConv
+from conftest import GOLDEN, TENSORS, ToyConv, golden_kwargs
 from s2cli import ConfigError, multiscale_forward, plan_multiscale
 from s2cli.tiling import area_resize, plan_multiscale as _plan, scale_image, tokens_to_map
-
-GOLDEN = json.loads((DATA / "s2_reference.json").read_text())
-TENSORS = load_file(str(DATA / "s2_reference.safetensors"))
-
-
-def golden_kwargs(case):
-    kw = dict(case["kwargs"])
-    if "img_sizes" in kw:
-        kw["img_sizes"] = [tuple(s) if isinstance(s, list) else s for s in kw["img_sizes"]]
-    return kw
 
 
 @pytest.mark.parametrize("name", sorted(GOLDEN["cases"]))

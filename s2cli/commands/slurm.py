@@ -2,19 +2,15 @@
 from __future__ import annotations
 
 import json
-from typing import Annotated, Optional
+import sys
+from inspect import Signature, signature
+from typing import Annotated, Optional, get_type_hints
 
 import typer
 
-from ..errors import ConfigError
+from ..errors import ConfigError, S2Error
 from . import options as o
-from ._common import err, out, reported
-from inspect import Signature, signature
-from typing import get_type_hints
-import sys
-
-from ..errors import S2Error
-from ._common import given, settings
+from ._common import err, given, out, reported, settings
 from .extract import CONSOLE_ONLY, extract, extract_argv
 
 

@@ -1,6 +1,7 @@
 """`s2 viz plan` and `s2 viz features`: pictures (PNG) of a plan or of stored features."""
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -8,8 +9,6 @@ import typer
 from ..errors import ConfigError
 from . import options as o
 from ._common import err, given, reported, settings
-from pathlib import Path
-
 
 
 def viz_plan(
