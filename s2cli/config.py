@@ -92,17 +92,28 @@ def list_recipes() -> dict[str, Path]:
     return {Path(str(p)).stem: Path(str(p)) for p in root.iterdir() if str(p).endswith(".yaml")}
 
 
+def recipe_path(name_or_path: str) -> Path:
+    """A shipped recipe's file by name, or a user's .yaml path."""
+    shipped = list_recipes()
+    if name_or_path in shipped:
+        return shipped[name_or_path]
+    if not Path(name_or_path).is_file():
+        raise ConfigError("unknown recipe", given=name_or_path,
+                          expected="one of " + ", ".join(sorted(shipped)) + " or a .yaml path",
+                          fix="run `s2 recipes` to list them")
+    return Path(name_or_path)
+
+
+def recipe_text(name_or_path: str) -> str:
+    """A recipe's YAML as written."""
+    return recipe_path(name_or_path).read_text()
+
+
 def load_recipe(name_or_path: str) -> tuple[dict[str, Any], dict[str, Any]]:
     """A recipe by name or path -> (its config values, the whole file). Unknown keys are an error."""
     import yaml
 
-    shipped = list_recipes()
-    path = Path(name_or_path)
-    if name_or_path in shipped:
-        path = shipped[name_or_path]
-    elif not path.is_file():
-        raise ConfigError("unknown recipe", given=name_or_path, expected="one of " + ", ".join(sorted(shipped)) + " or a .yaml path",
-                          fix="run `s2 recipes` to list them")
+    path = recipe_path(name_or_path)
     try:
         doc = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:

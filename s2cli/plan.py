@@ -109,3 +109,22 @@ def _decode(sample: Sample, res: Resolved) -> dict[str, Any]:
     if fit.decode != "pil":  # the device decoder needs torch; views are Pillow's, which it matches within 2/255
         fit = replace(fit, decode="pil")
     return decode_sample(sample, fit)
+
+
+RECIPE_IMAGE_HW = (768, 1024)  # the image size `s2 recipes` states each recipe's output for
+
+
+def recipe_rows(image_hw: tuple[int, int] = RECIPE_IMAGE_HW) -> list[dict[str, Any]]:
+    """Every shipped recipe: its model, scales (S²) or strategy, the tiles and output (tokens, channels) of an image
+    of `image_hw` as planned (no weights, no torch), the description, the settings and the file."""
+    from .config import list_recipes, load_recipe
+
+    rows = []
+    for name, path in sorted(list_recipes().items()):
+        values, doc = load_recipe(name)
+        res = resolve_options("<recipe>", "recipe.h5", name)
+        entry, _ = plan_entry(res, image_hw)
+        rows.append({"name": name, "model": res.model, "img_sizes": list(res.img_sizes), "strategy": res.strategy,
+                     "image_hw": list(image_hw), "tiles": entry["tiles"], "output_shape": entry["output_shape"],
+                     "description": doc.get("description", ""), "config": values, "path": str(path)})
+    return rows

@@ -2,15 +2,17 @@
 from __future__ import annotations
 
 import json
+from typing import Annotated
 
+import typer
 from rich.table import Table
 
 from . import options as o
-from ._common import out
+from ._common import out, reported
 
 
 def models(as_json: o.Json = False) -> None:
-    """List model aliases with their defaults."""
+    """List the model aliases with their defaults (also: timm:<name>, hf:<hub id or dir>)."""
     from ..backbones import list_models
 
     rows = [{"name": m.name, "source": m.source, "input_size": m.input_size, "patch_size": m.patch_size,
@@ -19,32 +21,51 @@ def models(as_json: o.Json = False) -> None:
     if as_json:
         print(json.dumps(rows))
         return
-    t = Table(title="model aliases (also: timm:<name>, hf:<hub id or dir>)")
-    for c in ("name", "source", "input", "patch", "C", "layer", "prefix", "shape", "fit"):
-        t.add_column(c, no_wrap=c in ("name", "source"))
+    t = Table(title="model aliases (also timm:<name>, hf:<hub id or dir>)", title_justify="left")
+    for c, kw in (("name", {"no_wrap": True}), ("input/patch", {}), ("C", {}), ("layer", {}), ("prefix", {}),
+                  ("fit", {}), ("source", {"overflow": "fold", "ratio": 1})):
+        t.add_column(c, **kw)
     for r in rows:
-        t.add_row(r["name"], r["source"], str(r["input_size"]), str(r["patch_size"]), str(r["channels"]),
-                  str(r["layer"]), str(r["num_prefix_tokens"]), r["output_shape"], r["fit"])
+        t.add_row(r["name"], f"{r['input_size']}/{r['patch_size']}", str(r["channels"]), str(r["layer"]),
+                  str(r["num_prefix_tokens"]), r["fit"], r["source"])
     out.print(t)
 
 
-def recipes(as_json: o.Json = False) -> None:
-    """List the shipped recipes (use one with `s2 extract --recipe NAME`; flags override its values)."""
-    from ..config import list_recipes, load_recipe
+recipes_app = typer.Typer(help="The shipped recipes (use one with `s2 extract --recipe NAME`; options override it).")
 
-    rows = []
-    for name, path in sorted(list_recipes().items()):
-        values, doc = load_recipe(name)
-        rows.append({"name": name, "description": doc.get("description", ""), "output_shape": doc.get("output_shape"),
-                     "config": values, "path": str(path)})
+
+@recipes_app.callback(invoke_without_command=True)
+def recipes(ctx: typer.Context, as_json: o.Json = False) -> None:
+    """List the recipes: model, scales or strategy, and the tiles and output (tokens x channels) of a 1024x768 image.
+
+    Examples:
+      s2 recipes
+      s2 recipes show llava-1.5-s2
+    """
+    from ..plan import recipe_rows
+
+    if ctx.invoked_subcommand is not None:
+        return
+    with reported():
+        rows = recipe_rows()
     if as_json:
         print(json.dumps(rows))
         return
-    t = Table(title="recipes (s2 extract --recipe NAME)")
-    for c in ("name", "output (T, C)", "settings", "description"):
-        t.add_column(c, overflow="fold")
+    h, w = rows[0]["image_hw"] if rows else (0, 0)
+    t = Table(title=f"recipes (s2 extract --recipe NAME); output of a {w}x{h} image", title_justify="left")
+    for c, kw in (("name", {"no_wrap": True}), ("model", {"overflow": "fold"}), ("scales / strategy", {"overflow": "fold"}),
+                  ("tiles", {}), ("output T x C", {"no_wrap": True})):
+        t.add_column(c, **kw)
     for r in rows:
-        t.add_row(r["name"], str(r["output_shape"]), ", ".join(f"{k}={v}" for k, v in r["config"].items()), r["description"])
+        how = r["strategy"] if r["strategy"] != "s2" else ",".join(map(str, r["img_sizes"]))
+        t.add_row(r["name"], r["model"], how, str(r["tiles"]), "{} x {}".format(*r["output_shape"]))
     out.print(t)
 
 
+@recipes_app.command("show")
+def show_recipe(name: Annotated[str, typer.Argument(help="A recipe name (see `s2 recipes`) or a .yaml path.")]) -> None:
+    """Print one recipe's YAML, as shipped."""
+    from ..config import recipe_text
+
+    with reported():
+        print(recipe_text(name), end="")
