@@ -8,6 +8,8 @@ Without weights (a small random-init CLIP, to see the shapes):
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
 import torch
 from PIL import Image
@@ -18,9 +20,12 @@ from s2cli import multiscale_forward
 ap = argparse.ArgumentParser()
 ap.add_argument("--model-dir", help="local CLIPVisionModel/CLIPModel directory")
 ap.add_argument("--random-init", action="store_true", help="a small random CLIP (224 px, patch 16), no weights")
-ap.add_argument("--image", default="examples/images/chelsea.jpg")
+ap.add_argument("--image", default=str(Path(__file__).parent / "images" / "chelsea.jpg"))
 args = ap.parse_args()
 
+if not args.model_dir and not args.random_init:
+    sys.exit("no weights given: pass --model-dir DIR (a local CLIP checkpoint), or --random-init to see the shapes "
+             "with a small random CLIP")
 if args.model_dir:
     clip = CLIPVisionModel.from_pretrained(args.model_dir, local_files_only=True)
 else:

@@ -2,7 +2,7 @@
 
 `multiscale_forward` is a drop-in replacement for the reference `s2wrapper.forward` (Shi et al., ECCV 2024):
 square inputs follow the reference master branch, non-square inputs, (h, w) sizes and `split_mode="pad"`
-follow its any-shape branch (with its `scales=` TypeError fixed). See ../shared/SPEC.md and the README.
+follow its any-shape branch (with its `scales=` TypeError fixed). See docs/reference.md.
 """
 from __future__ import annotations
 

@@ -21,9 +21,9 @@ def models(as_json: o.Json = False) -> None:
     if as_json:
         print(json.dumps(rows))
         return
-    t = Table(title="model aliases (also timm:<name>, hf:<hub id or dir>)", title_justify="left")
-    for c, kw in (("name", {"no_wrap": True}), ("input/patch", {}), ("C", {}), ("layer", {}), ("prefix", {}),
-                  ("fit", {}), ("source", {"overflow": "fold", "ratio": 1})):
+    t = Table(title="model aliases (also timm:<name>, hf:<hub id or dir>); size = input/patch", title_justify="left")
+    for c, kw in (("name", {"no_wrap": True}), ("size", {}), ("C", {}), ("layer", {}), ("prefix", {}), ("fit", {}),
+                  ("source", {"overflow": "fold", "ratio": 1})):
         t.add_column(c, **kw)
     for r in rows:
         t.add_row(r["name"], f"{r['input_size']}/{r['patch_size']}", str(r["channels"]), str(r["layer"]),
@@ -52,9 +52,10 @@ def recipes(ctx: typer.Context, as_json: o.Json = False) -> None:
         print(json.dumps(rows))
         return
     h, w = rows[0]["image_hw"] if rows else (0, 0)
-    t = Table(title=f"recipes (s2 extract --recipe NAME); output of a {w}x{h} image", title_justify="left")
-    for c, kw in (("name", {"no_wrap": True}), ("model", {"overflow": "fold"}), ("scales / strategy", {"overflow": "fold"}),
-                  ("tiles", {}), ("output T x C", {"no_wrap": True})):
+    t = Table(title=f"recipes (s2 extract --recipe NAME), for a {w}x{h} image", title_justify="left",
+              caption="plan: scales or strategy; T x C: output tokens x channels", caption_justify="left")
+    for c, kw in (("name", {"no_wrap": True}), ("model", {"overflow": "fold"}), ("plan", {"overflow": "fold"}),
+                  ("tiles", {}), ("T x C", {"no_wrap": True})):
         t.add_column(c, **kw)
     for r in rows:
         how = r["strategy"] if r["strategy"] != "s2" else ",".join(map(str, r["img_sizes"]))
