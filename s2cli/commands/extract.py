@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from inspect import signature
-from typing import Any, get_type_hints
+from typing import Any
 
 import typer
 from rich.table import Table
@@ -17,78 +17,28 @@ from . import options as o
 from ._common import err, given, out, reported, settings
 
 
-def extract(
-    ctx: typer.Context,
-    input: o.Input,
-    output: o.Output = None,
-    recipe: o.Recipe = None,
-    model: o.Model = o.D.model,
-    weights: o.Weights = None,
-    random_init: o.RandomInit = o.D.random_init,
-    seed: o.Seed = o.D.seed,
-    layer: o.Layer = None,
-    keep_cls: o.KeepCls = o.D.keep_cls,
-    scales: o.Scales = None,
-    img_sizes: o.ImgSizes = None,
-    max_split_size: o.MaxSplitSize = None,
-    split_mode: o.SplitMode = o.D.split_mode,
-    resize_output_to_idx: o.ResizeOutputToIdx = o.D.resize_output_to_idx,
-    fit: o.Fit = None,
-    antialias: o.Antialias = o.D.antialias,
-    batch_size: o.BatchSize = o.D.batch_size,
-    workers: o.Workers = o.D.workers,
-    max_tiles_per_call: o.MaxTilesPerCall = None,
-    device: o.Device = o.D.device,
-    devices: o.Devices = None,
-    precision: o.Precision = o.D.precision,
-    dtype: o.Dtype = o.D.dtype,
-    limit: o.Limit = None,
-    input_format: o.InputFormat = o.D.input_format,
-    image_key: o.ImageKey = None,
-    format: o.Format = None,
-    shard_size: o.ShardSize = None,
-    pool: o.Pool = o.D.pool,
-    pool_only: o.PoolOnly = o.D.pool_only,
-    on_error: o.OnError = o.D.on_error,
-    max_failures: o.MaxFailures = None,
-    decode_timeout: o.DecodeTimeout = o.D.decode_timeout,
-    check_finite: o.CheckFinite = o.D.check_finite,
-    compile: o.Compile = o.D.compile,
-    channels_last: o.ChannelsLast = None,
-    decode: o.Decode = o.D.decode,
-    strategy: o.Strategy = o.D.strategy,
-    min_tiles: o.MinTiles = None,
-    max_tiles: o.MaxTiles = None,
-    thumbnail: o.Thumbnail = None,
-    grid_pinpoints: o.GridPinpoints = None,
-    anyres_max: o.AnyresMax = None,
-    min_pixels: o.MinPixels = None,
-    max_pixels: o.MaxPixels = None,
-    overwrite: o.Overwrite = False,
-    dry_run: o.DryRun = False,
-    as_json: o.Json = False,
-    quiet: o.Quiet = False,
-) -> None:
+@o.with_options()
+def extract(ctx: typer.Context, input: o.Input, **kw: Any) -> None:
     """Extract multi-scale features of every image in INPUT into one file or a resumable folder of shards.
 
     Examples:
       s2 extract photos/ --model clip-vit-l-336 --scales 1,2,3 -o photos.h5
       s2 extract 'shards/{00000..00099}.tar' --recipe llava-1.5-s2 -o feats/ --devices all
     """
-    values = given(ctx)
+    values, as_json, devices = given(ctx), kw["as_json"], kw["devices"]
     with reported():
         res = settings(values)
         inp = api.open_inputs(res)  # checked (a missing input, key clashes) before any weights load
-        if dry_run:
+        if kw["dry_run"]:
             plan = api.plan(input, config=res)
             print(json.dumps(plan)) if as_json else print_plan(plan)
             return
         if devices is not None:
             report = api.extract_on_devices(res, devices, extract_argv(values), device=values.get("device"),
-                                            overwrite=overwrite,
-                                            log=lambda m: err.print(m, highlight=False))
+                                            overwrite=kw["overwrite"], log=lambda m: err.print(m, highlight=False))
             return _print_devices(report, devices, res.output, as_json)
-        summary = api.extract(inp, output, config=res, overwrite=overwrite, progress=BarProgress(show=not quiet))
+        summary = api.extract(inp, kw["output"], config=res, overwrite=kw["overwrite"],
+                              progress=BarProgress(show=not kw["quiet"]))
     if as_json:
         print(json.dumps(summary.to_dict()))
     else:
@@ -163,12 +113,12 @@ CONSOLE_ONLY = ("ctx", "devices", "dry_run", "as_json", "quiet")
 def option_argv(fn, values: dict, skip: tuple[str, ...] = ()) -> list[str]:
     """The command line that gives `fn`'s Typer parameters these values: arguments in order, options by their
     first long name; None (not set) and a plain flag left off are omitted, so a recipe's values stay in force."""
-    hints = get_type_hints(fn, include_extras=True)
+    params = signature(fn, eval_str=True).parameters
     argv: list[str] = []
-    for name in signature(fn).parameters:
+    for name, param in params.items():
         if name in skip or values.get(name) is None:
             continue
-        info = next((m for m in getattr(hints[name], "__metadata__", ()) if isinstance(m, ParameterInfo)), None)
+        info = next((m for m in getattr(param.annotation, "__metadata__", ()) if isinstance(m, ParameterInfo)), None)
         value = values[name]
         if isinstance(info, ArgumentInfo):
             argv.append(str(value))

@@ -5,7 +5,9 @@ is not overridden by a default) and, for a choice, the allowed values (listed in
 completion; checked by the config, which says what was given and the fix)."""
 from __future__ import annotations
 
-from typing import Annotated, Any, Callable, Optional
+from dataclasses import fields
+from inspect import Parameter, Signature, signature
+from typing import Annotated, Any, Callable, Iterable, Optional
 
 import typer
 
@@ -40,7 +42,32 @@ def _flag(on: str, off: str, help: str, panel: str, field: str, shown: str | Non
     return option(f"{on}/{off}", help=help, panel=panel, field=field, shown=shown)
 
 
-D = ExtractConfig  # the defaults of the options, as the commands' parameter defaults: `batch_size: BatchSize = D.batch_size`
+# every option, in the order --help lists them within a panel: name -> (annotation, default). An option's default
+# is ExtractConfig's (None where the model decides, said in its `shown` text); the others' is off.
+OPTIONS: dict[str, tuple[Any, Any]] = {}
+
+
+def declare(name: str, typ: Any, info: Any) -> Any:
+    """Declare the option `name` (an ExtractConfig field, or a console option of a command) once, for every
+    command that takes it (`with_options`)."""
+    annotation = Annotated[typ, info]
+    default = getattr(ExtractConfig, name, None) if name in {f.name for f in fields(ExtractConfig)} else (
+        False if typ is bool else None)
+    OPTIONS[name] = (annotation, default)
+    return annotation
+
+
+def with_options(names: Iterable[str] | None = None, skip: Iterable[str] = ()) -> Callable[[Any], Any]:
+    """Decorator: the command takes these declared options (all, by default) besides its own parameters; they
+    arrive as keyword arguments. One declaration serves `extract`, `bench`, `slurm` and `viz plan`."""
+    def wrap(fn: Any) -> Any:
+        own = [p for p in signature(fn, eval_str=True).parameters.values() if p.kind is not p.VAR_KEYWORD]
+        taken = {p.name for p in own} | set(skip)
+        extra = [Parameter(n, Parameter.KEYWORD_ONLY, annotation=OPTIONS[n][0], default=OPTIONS[n][1])
+                 for n in (names or OPTIONS) if n not in taken]
+        fn.__signature__ = Signature(own + extra)
+        return fn
+    return wrap
 
 
 Str, Int, Float, Bool = Optional[str], Optional[int], Optional[float], Optional[bool]
@@ -48,94 +75,94 @@ Str, Int, Float, Bool = Optional[str], Optional[int], Optional[float], Optional[
 # ---- input ------------------------------------------------------------------------------------------------------
 Input = Annotated[str, typer.Argument(help="A folder (recursive), a .txt/.csv/.parquet list, or WebDataset shards "
                                             "('s/{000..009}.tar', a glob, a folder of .tar, pipe:CMD).")]
-InputFormat = Annotated[Str, option("--input-format", help="What INPUT is (auto: detected).", panel=INPUT,
-                                    field="input_format", choices=INPUT_FORMATS)]
-ImageKey = Annotated[Str, option("--image-key", help="WebDataset image member extensions, in order.", panel=INPUT,
-                                 shown="jpg;jpeg;png;webp")]
-Limit = Annotated[Int, option("--limit", help="Only the first N images.", panel=INPUT)]
+InputFormat = declare("input_format", Str, option("--input-format", help="What INPUT is (auto: detected).", panel=INPUT,
+                                    field="input_format", choices=INPUT_FORMATS))
+ImageKey = declare("image_key", Str, option("--image-key", help="WebDataset image member extensions, in order.", panel=INPUT,
+                                 shown="jpg;jpeg;png;webp"))
+Limit = declare("limit", Int, option("--limit", help="Only the first N images.", panel=INPUT))
 # ---- model ------------------------------------------------------------------------------------------------------
-Recipe = Annotated[Str, option("--recipe", help="A recipe name (see `s2 recipes`) or .yaml path; options override it.",
-                               panel=MODEL)]
-Model = Annotated[Str, option("--model", "-m", help="Alias (see `s2 models`), timm:<name> or hf:<hub id or dir>.",
-                              panel=MODEL, field="model")]
-Weights = Annotated[Str, option("--weights", help="Local checkpoint file or save_pretrained dir.", panel=MODEL)]
-RandomInit = Annotated[Bool, _flag("--random-init", "--no-random-init", "No weights: initialize from --seed (dry "
-                                   "runs, tests).", MODEL, "random_init")]
-Seed = Annotated[Int, option("--seed", help="Seed for --random-init.", panel=MODEL, field="seed")]
-Layer = Annotated[Int, option("--layer", help="Hidden layer (-1: final features).", panel=MODEL, shown="the model's")]
-KeepCls = Annotated[Bool, _flag("--keep-cls", "--drop-cls", "Keep CLIP's CLS token as a prefix token.", MODEL,
-                                "keep_cls")]
+Recipe = declare("recipe", Str, option("--recipe", help="A recipe name (see `s2 recipes`) or .yaml path; options override it.",
+                               panel=MODEL))
+Model = declare("model", Str, option("--model", "-m", help="Alias (see `s2 models`), timm:<name> or hf:<hub id or dir>.",
+                              panel=MODEL, field="model"))
+Weights = declare("weights", Str, option("--weights", help="Local checkpoint file or save_pretrained dir.", panel=MODEL))
+RandomInit = declare("random_init", Bool, _flag("--random-init", "--no-random-init", "No weights: initialize from --seed (dry "
+                                   "runs, tests).", MODEL, "random_init"))
+Seed = declare("seed", Int, option("--seed", help="Seed for --random-init.", panel=MODEL, field="seed"))
+Layer = declare("layer", Int, option("--layer", help="Hidden layer (-1: final features).", panel=MODEL, shown="the model's"))
+KeepCls = declare("keep_cls", Bool, _flag("--keep-cls", "--drop-cls", "Keep CLIP's CLS token as a prefix token.", MODEL,
+                                "keep_cls"))
 # ---- scales and tiles -------------------------------------------------------------------------------------------
-Scales = Annotated[Str, option("--scales", help="Scales times the model's input size, e.g. 1,2,3.", panel=SCALES,
-                               shown=",".join(f"{s:g}" for s in DEFAULT_SCALES))]
-ImgSizes = Annotated[Str, option("--img-sizes", help="Absolute sizes per scale, e.g. 336,672,1008 (instead of "
-                                 "--scales).", panel=SCALES)]
-MaxSplitSize = Annotated[Int, option("--max-split-size", help="Tile size.", panel=SCALES,
-                                     shown="the model's input size")]
-SplitMode = Annotated[Str, option("--split-mode", help="How non-square images are tiled.", panel=SCALES,
-                                  field="split_mode", choices=SPLIT_MODES)]
-ResizeOutputToIdx = Annotated[Int, option("--resize-output-to-idx", help="Scale whose grid the output takes.",
-                                          panel=SCALES, field="resize_output_to_idx")]
-Fit = Annotated[Str, option("--fit", help="How an image is brought to the largest scale.", panel=SCALES,
-                            shown="the model's processor", choices=FITS)]
-Antialias = Annotated[Bool, _flag("--antialias", "--no-antialias", "Antialias bicubic downscaling between scales.",
-                                  SCALES, "antialias")]
+Scales = declare("scales", Str, option("--scales", help="Scales times the model's input size, e.g. 1,2,3.", panel=SCALES,
+                               shown=",".join(f"{s:g}" for s in DEFAULT_SCALES)))
+ImgSizes = declare("img_sizes", Str, option("--img-sizes", help="Absolute sizes per scale, e.g. 336,672,1008 (instead of "
+                                 "--scales).", panel=SCALES))
+MaxSplitSize = declare("max_split_size", Int, option("--max-split-size", help="Tile size.", panel=SCALES,
+                                     shown="the model's input size"))
+SplitMode = declare("split_mode", Str, option("--split-mode", help="How non-square images are tiled.", panel=SCALES,
+                                  field="split_mode", choices=SPLIT_MODES))
+ResizeOutputToIdx = declare("resize_output_to_idx", Int, option("--resize-output-to-idx", help="Scale whose grid the output takes.",
+                                          panel=SCALES, field="resize_output_to_idx"))
+Fit = declare("fit", Str, option("--fit", help="How an image is brought to the largest scale.", panel=SCALES,
+                            shown="the model's processor", choices=FITS))
+Antialias = declare("antialias", Bool, _flag("--antialias", "--no-antialias", "Antialias bicubic downscaling between scales.",
+                                  SCALES, "antialias"))
 # ---- strategy ---------------------------------------------------------------------------------------------------
-Strategy = Annotated[Str, option("--strategy", help="S² or a dynamic-resolution strategy (see docs/strategies.md).",
-                                 panel=STRATEGY, field="strategy", choices=tuple(STRATEGIES))]
-MinTiles = Annotated[Int, option("--min-tiles", help="internvl: fewest tiles.", panel=STRATEGY, shown="1")]
-MaxTiles = Annotated[Int, option("--max-tiles", help="internvl, dynamic-s2: most tiles (of the last scale).",
-                                 panel=STRATEGY, shown="12")]
-Thumbnail = Annotated[Bool, option("--thumbnail/--no-thumbnail", help="internvl: append a squashed thumbnail when "
-                                   "there is more than one tile.", panel=STRATEGY, shown="thumbnail")]
-GridPinpoints = Annotated[Str, option("--grid-pinpoints", help="anyres: candidate canvases HxW, e.g. "
-                                      "336x672,672x336.", panel=STRATEGY, shown="LLaVA-NeXT's")]
-AnyresMax = Annotated[Int, option("--anyres-max", help="anyres: OneVision's anyres_max_N bilinear reduction of the "
-                                  "grid map.", panel=STRATEGY)]
-MinPixels = Annotated[Int, option("--min-pixels", help="native: smart_resize min pixels.", panel=STRATEGY,
-                                  shown="3136")]
-MaxPixels = Annotated[Int, option("--max-pixels", help="native: smart_resize max pixels.", panel=STRATEGY,
-                                  shown="1003520")]
+Strategy = declare("strategy", Str, option("--strategy", help="S² or a dynamic-resolution strategy (see docs/strategies.md).",
+                                 panel=STRATEGY, field="strategy", choices=tuple(STRATEGIES)))
+MinTiles = declare("min_tiles", Int, option("--min-tiles", help="internvl: fewest tiles.", panel=STRATEGY, shown="1"))
+MaxTiles = declare("max_tiles", Int, option("--max-tiles", help="internvl, dynamic-s2: most tiles (of the last scale).",
+                                 panel=STRATEGY, shown="12"))
+Thumbnail = declare("thumbnail", Bool, option("--thumbnail/--no-thumbnail", help="internvl: append a squashed thumbnail when "
+                                   "there is more than one tile.", panel=STRATEGY, shown="thumbnail"))
+GridPinpoints = declare("grid_pinpoints", Str, option("--grid-pinpoints", help="anyres: candidate canvases HxW, e.g. "
+                                      "336x672,672x336.", panel=STRATEGY, shown="LLaVA-NeXT's"))
+AnyresMax = declare("anyres_max", Int, option("--anyres-max", help="anyres: OneVision's anyres_max_N bilinear reduction of the "
+                                  "grid map.", panel=STRATEGY))
+MinPixels = declare("min_pixels", Int, option("--min-pixels", help="native: smart_resize min pixels.", panel=STRATEGY,
+                                  shown="3136"))
+MaxPixels = declare("max_pixels", Int, option("--max-pixels", help="native: smart_resize max pixels.", panel=STRATEGY,
+                                  shown="1003520"))
 # ---- output -----------------------------------------------------------------------------------------------------
-Output = Annotated[Str, option("--output", "-o", help="A .h5/.safetensors file, or OUTDIR/ for resumable shards.",
-                               panel=OUTPUT, shown="<input>.<model>.h5 here")]
-Format = Annotated[Str, option("--format", help="Shard format in OUTDIR/ (a file's suffix says it).", panel=OUTPUT,
-                               shown="h5", choices=tuple(FORMATS))]
-ShardSize = Annotated[Int, option("--shard-size", help="Images per output shard.", panel=OUTPUT,
-                                  shown="~1 GB files")]
-Dtype = Annotated[Str, option("--dtype", help="Stored dtype.", panel=OUTPUT, field="dtype", choices=DTYPES)]
-Pool = Annotated[Str, option("--pool", help="Also store a pooled vector per image.", panel=OUTPUT, field="pool",
-                             choices=POOLS)]
-PoolOnly = Annotated[Bool, _flag("--pool-only", "--with-tokens", "Store only the pooled vectors.", OUTPUT,
-                                 "pool_only")]
-Overwrite = Annotated[bool, option("--overwrite", help="Replace an existing output file, or start OUTDIR/ over.",
-                                   panel=OUTPUT)]
+Output = declare("output", Str, option("--output", "-o", help="A .h5/.safetensors file, or OUTDIR/ for resumable shards.",
+                               panel=OUTPUT, shown="<input>.<model>.h5 here"))
+Format = declare("format", Str, option("--format", help="Shard format in OUTDIR/ (a file's suffix says it).", panel=OUTPUT,
+                               shown="h5", choices=tuple(FORMATS)))
+ShardSize = declare("shard_size", Int, option("--shard-size", help="Images per output shard.", panel=OUTPUT,
+                                  shown="~1 GB files"))
+Dtype = declare("dtype", Str, option("--dtype", help="Stored dtype.", panel=OUTPUT, field="dtype", choices=DTYPES))
+Pool = declare("pool", Str, option("--pool", help="Also store a pooled vector per image.", panel=OUTPUT, field="pool",
+                             choices=POOLS))
+PoolOnly = declare("pool_only", Bool, _flag("--pool-only", "--with-tokens", "Store only the pooled vectors.", OUTPUT,
+                                 "pool_only"))
+Overwrite = declare("overwrite", bool, option("--overwrite", help="Replace an existing output file, or start OUTDIR/ over.",
+                                   panel=OUTPUT))
 # ---- speed ------------------------------------------------------------------------------------------------------
-BatchSize = Annotated[Int, option("--batch-size", "-b", help="Images per batch.", panel=SPEED, field="batch_size")]
-Workers = Annotated[Int, option("--workers", "-j", help="Decode worker processes (0: in the main process).",
-                                panel=SPEED, field="workers")]
-MaxTilesPerCall = Annotated[Int, option("--max-tiles-per-call", help="Cap on tiles per backbone call.", panel=SPEED)]
-Device = Annotated[Str, option("--device", help="auto | cpu | cuda | cuda:K.", panel=SPEED, field="device")]
-Devices = Annotated[Str, option("--devices", help="One worker process per device on this machine: all | 0,1,2,3 | "
-                                "cpu,cpu (needs -o OUTDIR/).", panel=SPEED)]
-Precision = Annotated[Str, option("--precision", help="Compute precision.", panel=SPEED, field="precision",
-                                  choices=PRECISIONS)]
-Compile = Annotated[Bool, _flag("--compile", "--no-compile", "torch.compile the backbone (dynamic=False; the first "
-                                "batch of each tile size compiles).", SPEED, "compile")]
-ChannelsLast = Annotated[Bool, _flag("--channels-last", "--no-channels-last", "channels_last (NHWC) weights and "
-                                     "inputs.", SPEED, "channels_last", shown="on for ConvNets, off for ViTs")]
-Decode = Annotated[Str, option("--decode", help="pil: Pillow in the workers; torch: JPEGs decoded and fitted on the "
+BatchSize = declare("batch_size", Int, option("--batch-size", "-b", help="Images per batch.", panel=SPEED, field="batch_size"))
+Workers = declare("workers", Int, option("--workers", "-j", help="Decode worker processes (0: in the main process).",
+                                panel=SPEED, field="workers"))
+MaxTilesPerCall = declare("max_tiles_per_call", Int, option("--max-tiles-per-call", help="Cap on tiles per backbone call.", panel=SPEED))
+Device = declare("device", Str, option("--device", help="auto | cpu | cuda | cuda:K.", panel=SPEED, field="device"))
+Devices = declare("devices", Str, option("--devices", help="One worker process per device on this machine: all | 0,1,2,3 | "
+                                "cpu,cpu (needs -o OUTDIR/).", panel=SPEED))
+Precision = declare("precision", Str, option("--precision", help="Compute precision.", panel=SPEED, field="precision",
+                                  choices=PRECISIONS))
+Compile = declare("compile", Bool, _flag("--compile", "--no-compile", "torch.compile the backbone (dynamic=False; the first "
+                                "batch of each tile size compiles).", SPEED, "compile"))
+ChannelsLast = declare("channels_last", Bool, _flag("--channels-last", "--no-channels-last", "channels_last (NHWC) weights and "
+                                     "inputs.", SPEED, "channels_last", shown="on for ConvNets, off for ViTs"))
+Decode = declare("decode", Str, option("--decode", help="pil: Pillow in the workers; torch: JPEGs decoded and fitted on the "
                                "device (nvJPEG on CUDA; not bit-identical to Pillow; S² only).", panel=SPEED,
-                               field="decode", choices=DECODES)]
+                               field="decode", choices=DECODES))
 # ---- run control ------------------------------------------------------------------------------------------------
-OnError = Annotated[Str, option("--on-error", help="skip: record the failure and go on; stop: exit at the first.",
-                                panel=RUN, field="on_error", choices=ON_ERROR)]
-MaxFailures = Annotated[Int, option("--max-failures", help="Exit non-zero once more samples than this have failed.",
-                                    panel=RUN)]
-DecodeTimeout = Annotated[Float, option("--decode-timeout", help="Seconds before a stalled decode is recorded as "
-                                        "failed.", panel=RUN, field="decode_timeout")]
-CheckFinite = Annotated[Bool, _flag("--check-finite", "--no-check-finite", "Record images whose features hold "
-                                    "NaN/Inf instead of storing them.", RUN, "check_finite")]
-DryRun = Annotated[bool, option("--dry-run", help="Print the plan; load no weights, read headers only.", panel=RUN)]
-Json = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")]
-Quiet = Annotated[bool, option("--quiet", "-q", help="No progress bar.", panel=RUN)]
+OnError = declare("on_error", Str, option("--on-error", help="skip: record the failure and go on; stop: exit at the first.",
+                                panel=RUN, field="on_error", choices=ON_ERROR))
+MaxFailures = declare("max_failures", Int, option("--max-failures", help="Exit non-zero once more samples than this have failed.",
+                                    panel=RUN))
+DecodeTimeout = declare("decode_timeout", Float, option("--decode-timeout", help="Seconds before a stalled decode is recorded as "
+                                        "failed.", panel=RUN, field="decode_timeout"))
+CheckFinite = declare("check_finite", Bool, _flag("--check-finite", "--no-check-finite", "Record images whose features hold "
+                                    "NaN/Inf instead of storing them.", RUN, "check_finite"))
+DryRun = declare("dry_run", bool, option("--dry-run", help="Print the plan; load no weights, read headers only.", panel=RUN))
+Json = declare("as_json", bool, typer.Option("--json", help="Print machine-readable JSON on stdout."))
+Quiet = declare("quiet", bool, option("--quiet", "-q", help="No progress bar.", panel=RUN))

@@ -3,39 +3,20 @@ from __future__ import annotations
 
 import json
 import sys
-from inspect import Signature, signature
-from typing import Annotated, Optional, get_type_hints
+from typing import Annotated, Any, Optional
 
 import typer
 
 from ..errors import ConfigError, S2Error
 from . import options as o
 from ._common import err, given, out, reported, settings
-from .extract import CONSOLE_ONLY, extract, extract_argv
+from .extract import CONSOLE_ONLY, extract_argv
 
 
-def with_extract_options(fn):
-    """Give a command every extraction option of `extract` (one definition, so `s2 slurm` forwards exactly what
-    `extract` accepts) before its own parameters; `fn` receives them all as keyword arguments."""
-    ext_hints = get_type_hints(extract, include_extras=True)
-    own_hints = get_type_hints(fn, include_extras=True)
-    params = [p.replace(annotation=ext_hints[n]) for n, p in signature(extract).parameters.items()
-              if n not in CONSOLE_ONLY or n == "ctx"]
-    params += [p.replace(annotation=own_hints[n]) for n, p in signature(fn).parameters.items()
-               if n != "extract_values"]
-    extract_names = {p.name for p in params} - set(signature(fn).parameters) - {"ctx"}
-
-    def command(ctx: typer.Context, **kw):
-        set_by_user = given(ctx)
-        return fn(**{k: v for k, v in kw.items() if k not in extract_names}, extract_values={
-            k: v for k, v in set_by_user.items() if k in extract_names})
-
-    command.__signature__ = Signature(params)  # type: ignore[attr-defined]
-    command.__name__, command.__doc__ = fn.__name__, fn.__doc__
-    return command
-
-
+@o.with_options(skip=CONSOLE_ONLY)
 def slurm(
+    ctx: typer.Context,
+    input: o.Input,
     nodes: Annotated[int, typer.Option("--nodes", help="Nodes per job (per array task with --array).")] = 1,
     gpus_per_node: Annotated[int, typer.Option("--gpus-per-node", help="GPUs per node; one task (rank) per GPU.")] = 0,
     ntasks: Annotated[Optional[int], typer.Option("--ntasks", help="Tasks per job instead of nodes × GPUs (e.g. CPU tasks).")] = None,
@@ -50,7 +31,7 @@ def slurm(
     python: Annotated[Optional[str], typer.Option("--python", help="Python that runs s2cli on the nodes. [default: the one running s2]")] = None,
     submit: Annotated[bool, typer.Option("--submit", help="Submit the script with sbatch and print the job id.")] = False,
     as_json: o.Json = False,
-    *, extract_values: dict,
+    **kw: Any,
 ) -> None:
     """Write a SLURM batch script that runs `s2 extract` as ranks of one run (srun: one task per GPU, or a job
     array), into OUTDIR/s2-slurm.sbatch; print it; --submit submits it. Every `s2 extract` option is forwarded.
@@ -66,7 +47,7 @@ def slurm(
     from .. import api
     from ..slurm import SlurmJob, sbatch_script
 
-    v = extract_values
+    v = {k: val for k, val in given(ctx).items() if k in o.OPTIONS or k == "input"}  # forwarded: what was set
     with reported():
         # validate everything a task would (config, recipe, input) before anything is written or submitted
         res = settings(v)
@@ -109,6 +90,5 @@ def slurm(
         print(f"submitted job {job_id}; watch it with: s2 status {shlex.quote(str(outdir))}")
 
 
-slurm_command = with_extract_options(slurm)
 
 

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -11,20 +11,14 @@ from . import options as o
 from ._common import err, given, reported, settings
 
 
+@o.with_options(("recipe", "model", "scales", "img_sizes", "max_split_size", "fit", "strategy", "max_tiles",
+                  "grid_pinpoints"))
 def viz_plan(
     ctx: typer.Context,
     image: Annotated[str, typer.Argument(help="An image file.")],
     output: Annotated[str, typer.Option("--output", "-o", help="The PNG to write.")] = "plan.png",
-    recipe: o.Recipe = None,
-    model: o.Model = o.D.model,
-    scales: o.Scales = None,
-    img_sizes: o.ImgSizes = None,
-    max_split_size: o.MaxSplitSize = None,
-    fit: o.Fit = None,
-    strategy: o.Strategy = o.D.strategy,
-    max_tiles: o.MaxTiles = None,
-    grid_pinpoints: o.GridPinpoints = None,
     as_json: o.Json = False,
+    **kw: Any,
 ) -> None:
     """Draw every scale's (or view's) tiles over IMAGE as the backbone sees it. No weights are loaded.
 
