@@ -78,7 +78,7 @@ def extract(
     device: Annotated[Optional[str], typer.Option(help="auto | cpu | cuda | cuda:K. [default: auto]")] = None,
     devices: Annotated[Optional[str], typer.Option("--devices", help="One worker process per device on this machine: all | 0,1,2,3 | cpu,cpu (needs -o OUTDIR/).")] = None,
     precision: Annotated[Optional[str], typer.Option(help="Compute precision: fp32 | bf16 | fp16. [default: fp32]")] = None,
-    dtype: Annotated[Optional[str], typer.Option(help="Stored dtype: float32 | float16. [default: float32]")] = None,
+    dtype: Annotated[Optional[str], typer.Option(help="Stored dtype: float32 | float16 | bfloat16 (HDF5: uint16 bits, dataset attribute encoding=bfloat16; readers decode it). [default: float32]")] = None,
     limit: Annotated[Optional[int], typer.Option(help="Only the first N images.")] = None,
     input_format: Annotated[Optional[str], typer.Option("--input-format", help="auto | folder | list | wds. [default: auto]")] = None,
     image_key: Annotated[Optional[str], typer.Option("--image-key", help="WebDataset image member extensions, in order. [default: jpg;jpeg;png;webp]")] = None,

@@ -16,13 +16,16 @@ from .errors import ConfigError
 from .sources import DECODES, FITS, INPUT_FORMATS
 from .strategies import STRATEGIES, BackboneFacts, StrategyArgs, StrategyCfg, parse_pinpoints, resolve_strategy
 from .tiling import SPLIT_MODES
-from .writers import FORMATS, format_of, itemsize
+from .writers import FORMATS, SAFETENSORS_HEADER_LIMIT, format_of, itemsize
 
 PRECISIONS = ("fp32", "bf16", "fp16")
-DTYPES = ("float32", "float16")
+DTYPES = ("float32", "float16", "bfloat16")
 POOLS = ("none", "mean", "cls")
 ON_ERROR = ("skip", "stop")
 SHARD_BYTES = 1 << 30  # default shard size aims at ~1 GiB files
+# a safetensors shard keeps every image's record in its JSON header: the default shard size leaves each image this
+# much of the format's header limit (its record and ~1.5 KB of metadata)
+SAFETENSORS_HEADER_PER_IMAGE = 2048
 # an option that only decides how fast a run goes or when it stops, not what it writes: a resumed run may change it
 RUN_ONLY = {"run_only": True}
 
@@ -258,7 +261,10 @@ def resolve_config(cfg: ExtractConfig, backbone: BackboneCfg) -> Resolved:
     res = Resolved(**given, backbone=backbone, output_is_dir=is_dir, strategy_cfg=strategy)
     if cfg.shard_size is None:
         per_image = res.bytes_per_image()
-        res = dataclasses.replace(res, shard_size=max(1, min(100_000, SHARD_BYTES // max(1, per_image))))
+        n = min(100_000, SHARD_BYTES // max(1, per_image))
+        if res.format == "safetensors":
+            n = min(n, SAFETENSORS_HEADER_LIMIT // SAFETENSORS_HEADER_PER_IMAGE)
+        res = dataclasses.replace(res, shard_size=max(1, n))
     return res
 
 

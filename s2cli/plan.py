@@ -59,8 +59,11 @@ def dry_run(res: Resolved, inp: Input) -> dict[str, Any]:
 
 
 def stored_bytes(res: Resolved, output_shape: list[int] | tuple[int, int]) -> int:
-    """Bytes one image's stored features take (tokens x channels of the storage dtype)."""
-    return output_shape[0] * output_shape[1] * itemsize(res.dtype)
+    """Bytes one image's stored arrays take in the storage dtype: its features, tokens x channels (none with
+    --pool-only), and its pooled vector (with --pool mean|cls)."""
+    item = itemsize(res.dtype)
+    tokens, channels = output_shape
+    return (0 if res.pool_only else tokens * channels * item) + (channels * item if res.pool != "none" else 0)
 
 
 def _samples(inp: Input, limit: int | None, unreadable: list[dict[str, str]]) -> Iterator[Sample]:

@@ -15,7 +15,7 @@ import numpy as np
 
 from .errors import ConfigError
 from .outdir import OutputDir
-from .writers import POOLED_TENSOR, format_of
+from .writers import BF16, ENCODING_ATTR, POOLED_TENSOR, format_of, from_bf16_bits
 
 
 def _attr(v: Any) -> Any:
@@ -29,8 +29,8 @@ def _attr(v: Any) -> Any:
 
 
 class Reader(Mapping):
-    """What every reader of s2cli features offers: a read-only mapping key -> features (T, C) numpy array, in
-    input order, plus each image's metadata and pooled vector, the file attributes and the resolved config, the
+    """What every reader of s2cli features offers: a read-only mapping key -> features (T, C) numpy array (bfloat16
+    storage decoded to float32, exactly), in input order, plus each image's metadata and pooled vector, the file attributes and the resolved config, the
     failure records, the feature shape and dtype; `close` (or use it as a context manager)."""
 
     path: Path
@@ -109,6 +109,10 @@ class FeatureFile(Reader):
         self._index = {k: i for i, k in enumerate(self._keys)}
         self.ragged = "offsets" in self.f
         self._offsets = self.f["offsets"][:] if self.ragged else None
+        self._bf16 = {n for n in ("features", "pooled") if n in self.f and _attr(self.f[n].attrs.get(ENCODING_ATTR)) == BF16}
+
+    def _decode(self, name: str, x: np.ndarray) -> np.ndarray:
+        return from_bf16_bits(x) if name in self._bf16 else x
 
     @property
     def attrs(self) -> dict[str, Any]:
@@ -128,13 +132,13 @@ class FeatureFile(Reader):
         if "features" not in self.f:
             raise KeyError(f"{self.path} holds pooled vectors only (--pool-only); use .pooled({key!r})")
         if self.ragged:
-            return self.f["features"][int(self._offsets[i]):int(self._offsets[i + 1])]
-        return self.f["features"][i]
+            return self._decode("features", self.f["features"][int(self._offsets[i]):int(self._offsets[i + 1])])
+        return self._decode("features", self.f["features"][i])
 
     def pooled(self, key: str) -> np.ndarray:
         if "pooled" not in self.f:
             raise KeyError(f"{self.path} has no pooled vectors (extract with --pool mean|cls)")
-        return self.f["pooled"][self._i(key)]
+        return self._decode("pooled", self.f["pooled"][self._i(key)])
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._keys)
@@ -160,7 +164,8 @@ class FeatureFile(Reader):
 
     @property
     def dtype(self) -> str:
-        return str((self.f["features"] if "features" in self.f else self.f["pooled"]).dtype)
+        name = "features" if "features" in self.f else "pooled"
+        return BF16 if name in self._bf16 else str(self.f[name].dtype)
 
     def close(self) -> None:
         self.f.close()
@@ -187,6 +192,20 @@ class SafetensorsFeatureFile(Reader):
         self._failures = json.loads(md["failures"])
         self._index = {k: i for i, k in enumerate(self._keys)}
         self._names = set(self.f.keys())
+        self._raw: np.ndarray | None = None  # the file mapped as bytes, for BF16 tensors (numpy has no bfloat16)
+
+    def _tensor(self, name: str) -> np.ndarray:
+        sl = self.f.get_slice(name)
+        if sl.get_dtype() != "BF16":
+            return self.f.get_tensor(name)
+        if self._raw is None:
+            self._raw = np.memmap(self.path, dtype=np.uint8, mode="r")
+            n = int(self._raw[:8].view("<u8")[0])
+            self._header = json.loads(bytes(self._raw[8:8 + n]))
+            self._data_start = 8 + n
+        a, b = self._header[name]["data_offsets"]
+        bits = self._raw[self._data_start + a:self._data_start + b].view("<u2").reshape(sl.get_shape())
+        return from_bf16_bits(bits)
 
     @property
     def attrs(self) -> dict[str, Any]:
@@ -201,14 +220,17 @@ class SafetensorsFeatureFile(Reader):
             raise self._missing(key)
         if key not in self._names:
             raise KeyError(f"{self.path} holds pooled vectors only (--pool-only); use .pooled({key!r})")
-        return self.f.get_tensor(key)
+        return self._tensor(key)
 
     def pooled(self, key: str) -> np.ndarray:
         if key not in self._index:
             raise self._missing(key)
         if POOLED_TENSOR not in self._names:
             raise KeyError(f"{self.path} has no pooled vectors (extract with --pool mean|cls)")
-        return self.f.get_slice(POOLED_TENSOR)[self._index[key]]
+        sl = self.f.get_slice(POOLED_TENSOR)
+        if sl.get_dtype() == "BF16":
+            return self._tensor(POOLED_TENSOR)[self._index[key]]
+        return sl[self._index[key]]
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._keys)
@@ -239,10 +261,10 @@ class SafetensorsFeatureFile(Reader):
         name = next((k for k in self._keys if k in self._names), POOLED_TENSOR if POOLED_TENSOR in self._names else None)
         if name is None:
             return str(np.dtype(self._attrs.get("dtype", "float32")))
-        return {"F32": "float32", "F16": "float16"}.get(self.f.get_slice(name).get_dtype(), self.f.get_slice(name).get_dtype())
+        return {"F32": "float32", "F16": "float16", "BF16": BF16}.get(self.f.get_slice(name).get_dtype(), self.f.get_slice(name).get_dtype())
 
     def close(self) -> None:
-        self.f = None  # safe_open has no close; the mmap goes with the object
+        self.f = self._raw = None  # safe_open has no close; the mmap goes with the object
 
 
 class FeatureSet(Reader):
