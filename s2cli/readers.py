@@ -77,6 +77,17 @@ class Reader(Mapping):
     @abstractmethod
     def close(self) -> None: ...
 
+    def vector_blocks(self, how: str, block: int = 4096) -> Iterator[tuple[list[str], np.ndarray, list[dict[str, Any]]]]:
+        """One vector per image, in input order, `block` images at a time: (keys, (n, C) float32, records with
+        `source` and `meta`). `how`: "pooled" (the stored pooled vectors) or "mean" (the mean of each image's
+        spatial tokens, prefix tokens left out). Readers override it with bulk reads; this is the per-key way."""
+        keys = list(self)
+        for a in range(0, len(keys), block):
+            part = keys[a:a + block]
+            vecs = np.stack([self.pooled(k) if how == "pooled" else _token_mean(self[k], self.meta(k)["num_prefix_tokens"])
+                             for k in part]).astype(np.float32, copy=False)
+            yield part, vecs, [{"source": m["source"], "meta": m["meta"]} for m in map(self.meta, part)]
+
     @property
     def config(self) -> dict[str, Any]:
         """The resolved config the features were extracted with."""
@@ -90,6 +101,19 @@ class Reader(Mapping):
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def _token_mean(x: np.ndarray, prefix: int) -> np.ndarray:
+    return np.asarray(x, np.float32)[prefix:].mean(0)
+
+
+def _ragged_means(flat: np.ndarray, offsets: np.ndarray, prefix: np.ndarray) -> np.ndarray:
+    """Means of the segments flat[offsets[i] + prefix[i]:offsets[i + 1]] (offsets relative to flat)."""
+    cs = np.zeros((flat.shape[0] + 1, flat.shape[1]), np.float64)
+    np.cumsum(flat, axis=0, dtype=np.float64, out=cs[1:])
+    start = offsets[:-1] + prefix
+    n = np.maximum(offsets[1:] - start, 1)[:, None]
+    return ((cs[offsets[1:]] - cs[start]) / n).astype(np.float32)
 
 
 class FeatureFile(Reader):
@@ -139,6 +163,31 @@ class FeatureFile(Reader):
         if "pooled" not in self.f:
             raise KeyError(f"{self.path} has no pooled vectors (extract with --pool mean|cls)")
         return self._decode("pooled", self.f["pooled"][self._i(key)])
+
+    def vector_blocks(self, how: str, block: int = 4096) -> Iterator[tuple[list[str], np.ndarray, list[dict[str, Any]]]]:
+        """Bulk reads: one slice of each dataset per block."""
+        f = self.f
+        name = "pooled" if how == "pooled" else "features"
+        if name not in f:
+            yield from super().vector_blocks(how, block)  # raises the reader's own KeyError
+            return
+        prefix = f["num_prefix_tokens"][:].astype(np.int64)
+        for a in range(0, len(self._keys), block):
+            b = min(a + block, len(self._keys))
+            if how == "pooled":
+                vecs = self._decode("pooled", f["pooled"][a:b]).astype(np.float32, copy=False)
+            elif self.ragged:
+                off = self._offsets[a:b + 1].astype(np.int64)
+                flat = self._decode("features", f["features"][int(off[0]):int(off[-1])])
+                vecs = _ragged_means(flat, off - off[0], prefix[a:b])
+            else:
+                x = self._decode("features", f["features"][a:b])
+                p = int(prefix[a]) if (prefix[a:b] == prefix[a]).all() else None
+                vecs = (x[:, p:].mean(1, dtype=np.float32) if p is not None
+                        else np.stack([_token_mean(x[i], int(prefix[a + i])) for i in range(b - a)]))
+            metas = [_attr(m) for m in f["meta"][a:b]] if "meta" in f else [""] * (b - a)
+            recs = [{"source": _attr(s), "meta": json.loads(m) if m else None} for s, m in zip(f["source"][a:b], metas)]
+            yield self._keys[a:b], vecs, recs
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._keys)
@@ -238,6 +287,18 @@ class SafetensorsFeatureFile(Reader):
     def __len__(self) -> int:
         return len(self._keys)
 
+    def vector_blocks(self, how: str, block: int = 4096) -> Iterator[tuple[list[str], np.ndarray, list[dict[str, Any]]]]:
+        """Pooled vectors: the one pooled tensor read at once; token means: per key."""
+        if how != "pooled" or POOLED_TENSOR not in self._names:
+            yield from super().vector_blocks(how, block)
+            return
+        vecs = self._tensor(POOLED_TENSOR).astype(np.float32, copy=False)
+        for a in range(0, len(self._keys), block):
+            part = self._keys[a:a + block]
+            yield part, vecs[a:a + block], [{"source": self._images[k]["source"],
+                                             "meta": json.loads(self._images[k]["meta"]) if self._images[k].get("meta") else None}
+                                            for k in part]
+
     def meta(self, key: str) -> dict[str, Any]:
         if key not in self._index:
             raise self._missing(key)
@@ -306,6 +367,16 @@ class FeatureSet(Reader):
 
     def pooled(self, key: str) -> np.ndarray:
         return self._shard_of(key).pooled(key)
+
+    def vector_blocks(self, how: str, block: int = 4096) -> Iterator[tuple[list[str], np.ndarray, list[dict[str, Any]]]]:
+        """Each shard's bulk reads in turn (a key kept by an earlier shard is skipped, as iteration does)."""
+        for i in range(len(self._markers)):
+            for keys, vecs, recs in self._reader(i).vector_blocks(how, block):
+                keep = [j for j, k in enumerate(keys) if self._where[k] == i]
+                if len(keep) < len(keys):
+                    keys, vecs, recs = [keys[j] for j in keep], vecs[keep], [recs[j] for j in keep]
+                if keys:
+                    yield keys, vecs, recs
 
     def meta(self, key: str) -> dict[str, Any]:
         return {**self._shard_of(key).meta(key), "shard": self._markers[self._where[key]]["shard"]}
