@@ -92,6 +92,7 @@ def extract(
     check_finite: Annotated[Optional[bool], typer.Option("--check-finite/--no-check-finite", help="Record images whose features hold NaN/Inf instead of storing them. [default: check]")] = None,
     compile: Annotated[Optional[bool], typer.Option("--compile/--no-compile", help="torch.compile the backbone (dynamic=False; the first batch of each tile size compiles). [default: off]")] = None,
     channels_last: Annotated[Optional[bool], typer.Option("--channels-last/--no-channels-last", help="channels_last (NHWC) weights and inputs. [default: on for ConvNets (bchw), off for ViTs]")] = None,
+    reduce: Annotated[Optional[str], typer.Option("--reduce", help="Reduce each image's token grid before it is stored: avg:K (KxK area pooling) | s2c:K (KxK neighbours on channels, NVILA/Qwen2-VL) | budget:N (bilinear to <= N tokens, LLaVA-OneVision). See docs/features.md.")] = None,
     decode: Annotated[Optional[str], typer.Option("--decode", help="pil (Pillow in the workers) | torch (JPEGs decoded and fitted on the device: nvJPEG on CUDA; not bit-identical to Pillow; S² only). [default: pil]")] = None,
     strategy: Annotated[Optional[str], typer.Option(help="s2 | dynamic-s2 | anyres | internvl | native | dual. [default: s2]")] = None,
     min_tiles: Annotated[Optional[int], typer.Option("--min-tiles", help="internvl: fewest tiles. [default: 1]")] = None,

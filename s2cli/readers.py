@@ -202,7 +202,7 @@ class FeatureFile(Reader):
                 "orig_hw": f["orig_hw"][i].tolist(), "grid_hw": f["grid_hw"][i].tolist(),
                 "img_sizes": f["img_sizes"][i].tolist(), "num_prefix_tokens": int(f["num_prefix_tokens"][i]),
                 "split_mode": _attr(f["split_mode"][i]),
-                **({"plan": json.loads(_attr(f["plan"][i]))} if "plan" in f else {})}
+                **{n: json.loads(_attr(f[n][i])) for n in ("plan", "reduce") if n in f}}
 
     @property
     def feature_shape(self) -> list[int | None] | None:
@@ -304,8 +304,9 @@ class SafetensorsFeatureFile(Reader):
             raise self._missing(key)
         m = dict(self._images[key])
         m["meta"] = json.loads(m["meta"]) if m.get("meta") else None
-        if "plan" in m:
-            m["plan"] = json.loads(m["plan"])
+        for n in ("plan", "reduce"):
+            if n in m:
+                m[n] = json.loads(m[n])
         return {"key": key, **m}
 
     @property

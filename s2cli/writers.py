@@ -182,14 +182,19 @@ class HDF5Sink(ThreadedSink):
       source (N,) str, meta (N,) str (JSON or ""), orig_hw (N, 2), grid_hw (N, 2), img_sizes (N, S, 2),
       num_prefix_tokens (N,), split_mode (N,) str
       plan       (N,) str          with `plans` (a dynamic-resolution strategy): each image's plan and output maps (JSON)
+      reduce     (N,) str          with --reduce: each image's reduction, JSON {"op": "s2c:2", "grid_before": [h, w],
+                                   "grid_hw": [h', w']} (grid_hw holds the grid after it)
+      features/pooled with --dtype bfloat16: uint16 bits, dataset attribute encoding="bfloat16"
       failures   (M,) str          one JSON record per failed image: key, source, stage, error_class, error
     """
 
     suffix = ".h5"
 
     def __init__(self, path, attrs, channels: int, num_scales: int, tokens: int | None, dtype: str,
-                 store_features: bool = True, pooled: bool = False, plans: bool = False, queue_size: int = 4):
+                 store_features: bool = True, pooled: bool = False, plans: bool = False, queue_size: int = 4,
+                 pooled_channels: int | None = None, reduced: bool = False):
         self.channels, self.num_scales, self.tokens, self.plans = channels, num_scales, tokens, plans
+        self.pooled_channels, self.reduced = pooled_channels or channels, reduced
         self.stored, self.store_features, self.pooled = dtype, store_features, pooled
         self.dtype = np.dtype(np.uint16) if dtype == BF16 else np.dtype(dtype)
         super().__init__(path, attrs, queue_size)
@@ -201,7 +206,7 @@ class HDF5Sink(ThreadedSink):
         f.attrs["layout_version"] = LAYOUT_VERSION
         C, S = self.channels, self.num_scales
         R, row = META_ROWS, C * self.dtype.itemsize
-        for name in ("keys", "source", "meta", "split_mode") + (("plan",) if self.plans else ()):
+        for name in ("keys", "source", "meta", "split_mode") + (("plan",) if self.plans else ()) + (("reduce",) if self.reduced else ()):
             f.create_dataset(name, (0,), STR, maxshape=(None,), chunks=(R,))
         if self.store_features:
             if self.tokens is None:
@@ -211,7 +216,8 @@ class HDF5Sink(ThreadedSink):
                 f.create_dataset("features", (0, self.tokens, C), self.dtype, maxshape=(None, self.tokens, C),
                                  chunks=(1, self.tokens, C))
         if self.pooled:
-            f.create_dataset("pooled", (0, C), self.dtype, maxshape=(None, C), chunks=(_rows(row), C))
+            P = self.pooled_channels
+            f.create_dataset("pooled", (0, P), self.dtype, maxshape=(None, P), chunks=(_rows(P * self.dtype.itemsize), P))
         for name in ("features", "pooled"):
             if name in f and self.stored == BF16:
                 f[name].attrs[ENCODING_ATTR] = BF16
@@ -232,8 +238,9 @@ class HDF5Sink(ThreadedSink):
         grow("source", [it["source"] for it in items])
         grow("meta", [it.get("meta") or "" for it in items])
         grow("split_mode", [it["split_mode"] for it in items])
-        if "plan" in f:
-            grow("plan", [it.get("plan") or "" for it in items])
+        for name in ("plan", "reduce"):
+            if name in f:
+                grow(name, [it.get(name) or "" for it in items])
         grow("orig_hw", np.array([it["orig_hw"] for it in items], np.int32))
         grow("grid_hw", np.array([it["grid_hw"] for it in items], np.int32))
         grow("img_sizes", np.array([it["img_sizes"] for it in items], np.int32))
@@ -284,7 +291,8 @@ class SafetensorsSink(ThreadedSink):
     suffix = ".safetensors"
 
     def __init__(self, path, attrs, channels: int, num_scales: int, tokens: int | None, dtype: str,
-                 store_features: bool = True, pooled: bool = False, plans: bool = False, queue_size: int = 4):
+                 store_features: bool = True, pooled: bool = False, plans: bool = False, queue_size: int = 4,
+                 pooled_channels: int | None = None, reduced: bool = False):
         # `plans`: images carry their plan (JSON), stored in their header entry (whenever an item has one)
         self.stored, self.store_features, self.pooled = dtype, store_features, pooled
         super().__init__(path, attrs, queue_size)
@@ -306,8 +314,9 @@ class SafetensorsSink(ThreadedSink):
             self.images[k] = {"source": it["source"], "meta": it.get("meta"), "orig_hw": list(it["orig_hw"]),
                               "grid_hw": list(it["grid_hw"]), "img_sizes": [list(s) for s in it["img_sizes"]],
                               "num_prefix_tokens": int(it["num_prefix_tokens"]), "split_mode": it["split_mode"]}
-            if it.get("plan"):
-                self.images[k]["plan"] = it["plan"]
+            for name in ("plan", "reduce"):
+                if it.get(name):
+                    self.images[k][name] = it[name]
 
     def _finish(self) -> None:
         from safetensors.numpy import save_file
