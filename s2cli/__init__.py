@@ -13,7 +13,7 @@ from .readers import open_features  # noqa: E402
 from .tiling import multiscale_forward, plan_multiscale  # noqa: E402  (torch itself is imported on first use)
 
 # torch-side helpers, imported on first use (`import s2cli` and the dry run never import torch)
-_LAZY = {"FeatureDataset": "dataset", "collate_features": "dataset"}
+_LAZY = {"FeatureDataset": "dataset", "collate_features": "dataset", "to_hf_dataset": "hf"}
 
 
 def __getattr__(name: str):
@@ -24,5 +24,5 @@ def __getattr__(name: str):
     raise AttributeError(f"module 's2cli' has no attribute {name!r}")
 
 
-__all__ = ["FeatureDataset", "collate_features", "extract", "plan", "settings", "views", "Progress", "ExtractConfig", "Resolved", "multiscale_forward",
+__all__ = ["FeatureDataset", "collate_features", "to_hf_dataset", "extract", "plan", "settings", "views", "Progress", "ExtractConfig", "Resolved", "multiscale_forward",
            "plan_multiscale", "open_features", "S2Error", "ConfigError", "WeightsNotFoundError", "__version__"]
