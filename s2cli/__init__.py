@@ -12,5 +12,17 @@ from .readers import open_features  # noqa: E402
 from .tiling import multiscale_forward, plan_multiscale  # noqa: E402  (torch itself is imported on first use)
 from .version import __version__
 
-__all__ = ["extract", "plan", "settings", "views", "Progress", "ExtractConfig", "Resolved", "multiscale_forward",
+# torch-side helpers, imported on first use (`import s2cli` and the dry run never import torch)
+_LAZY = {"FeatureDataset": "dataset", "collate_features": "dataset", "to_hf_dataset": "hf"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module 's2cli' has no attribute {name!r}")
+
+
+__all__ = ["FeatureDataset", "collate_features", "to_hf_dataset", "extract", "plan", "settings", "views", "Progress", "ExtractConfig", "Resolved", "multiscale_forward",
            "plan_multiscale", "open_features", "S2Error", "ConfigError", "WeightsNotFoundError", "__version__"]

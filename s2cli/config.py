@@ -12,18 +12,22 @@ from typing import Any
 
 from .backbones import BackboneCfg, resolve
 from .errors import ConfigError
+from .reduce import parse as parse_reduce
 from .sources import DECODES, FITS, INPUT_FORMATS
 from .strategies import STRATEGIES, BackboneFacts, StrategyArgs, StrategyCfg, parse_pinpoints, resolve_strategy
 from .tiling import SPLIT_MODES
 from .version import __version__
-from .writers import FORMATS, format_of, itemsize
+from .writers import FORMATS, SAFETENSORS_HEADER_LIMIT, format_of, itemsize
 
 PRECISIONS = ("fp32", "bf16", "fp16")
-DTYPES = ("float32", "float16")
+DTYPES = ("float32", "float16", "bfloat16")
 POOLS = ("none", "mean", "cls")
 ON_ERROR = ("skip", "stop")
 SHARD_BYTES = 1 << 30  # default shard size aims at ~1 GiB files
 DEFAULT_SCALES = (1.0, 2.0)  # times the model's input size, when neither --scales nor --img-sizes is given
+# a safetensors shard keeps every image's record in its JSON header: the default shard size leaves each image this
+# much of the format's header limit (its record and ~1.5 KB of metadata)
+SAFETENSORS_HEADER_PER_IMAGE = 2048
 # an option that only decides how fast a run goes or when it stops, not what it writes: a resumed run may change it
 RUN_ONLY = {"run_only": True}
 
@@ -66,6 +70,7 @@ class ExtractConfig:
     check_finite: bool = field(default=True, metadata=RUN_ONLY)
     compile: bool = field(default=False, metadata=RUN_ONLY)  # torch.compile the backbone (dynamic=False); changes speed, not what is written
     channels_last: bool | None = field(default=None, metadata=RUN_ONLY)  # NHWC weights and inputs; None: on for bchw backbones (speed only)
+    reduce: str | None = None  # token reduction at write time: avg:K | s2c:K | budget:N (reduce.py)
     decode: str = "pil"  # pil: Pillow in the decode workers | torch: torchvision on the run's device (S² only)
     recipe: str | None = None
     # dynamic-resolution strategies (strategies.py); None = the strategy's own default
@@ -198,7 +203,11 @@ class Resolved(ExtractConfig):
         tokens = bb.num_prefix_tokens + gh * gw * n0 * n0
         channels = bb.channels * len(self.img_sizes)
         item = itemsize(self.dtype)
-        return (0 if self.pool_only else tokens * channels * item) + (channels * item if self.pool != "none" else 0)
+        pooled = channels * item if self.pool != "none" else 0
+        r = parse_reduce(self.reduce)
+        if r is not None:
+            tokens, channels = r.shape((gh * n0, gw * n0), channels, bb.num_prefix_tokens)
+        return (0 if self.pool_only else tokens * channels * item) + pooled
 
     def to_dict(self) -> dict[str, Any]:
         """The saved config: every option (strategy options inside `strategy`), the backbone and the derived
@@ -211,6 +220,8 @@ class Resolved(ExtractConfig):
         d.update(STRATEGIES[self.strategy].saved(self.strategy_cfg))
         if self.decode == "pil":
             d.pop("decode")  # outputs written before --decode existed resume as pil
+        if self.reduce is None:
+            d.pop("reduce")  # nor did they have --reduce
         return d
 
     def compare_keys(self) -> list[str]:
@@ -268,10 +279,25 @@ def resolve_config(cfg: ExtractConfig, backbone: BackboneCfg) -> Resolved:
     given.update(img_sizes=sizes, scales=tuple(s / backbone.input_size for s in sizes), max_split_size=split, fit=fit,
                  output=output, format=fmt, shard_size=cfg.shard_size or 1, layer=backbone.layer)
     res = Resolved(**given, backbone=backbone, output_is_dir=is_dir, strategy_cfg=strategy)
+    if res.reduce is not None:
+        _check_one_grid(res)
     if cfg.shard_size is None:
         per_image = res.bytes_per_image()
-        res = dataclasses.replace(res, shard_size=max(1, min(100_000, SHARD_BYTES // max(1, per_image))))
+        n = min(100_000, SHARD_BYTES // max(1, per_image))
+        if res.format == "safetensors":
+            n = min(n, SAFETENSORS_HEADER_LIMIT // SAFETENSORS_HEADER_PER_IMAGE)
+        res = dataclasses.replace(res, shard_size=max(1, n))
     return res
+
+
+def _check_one_grid(res: Resolved) -> None:
+    """--reduce works on one token grid per image: the strategy's output of a square image must be one."""
+    entry, _ = STRATEGIES[res.strategy].plan_entry(res, (res.side, res.side))
+    gh, gw = entry["output_grid"]
+    if entry["output_shape"][0] != res.backbone.num_prefix_tokens + gh * gw:
+        raise ConfigError(f"--reduce works on one token grid per image; --strategy {res.strategy} writes several maps",
+                          given=f"--reduce {res.reduce} --strategy {res.strategy}",
+                          expected="a strategy whose output is one map", fix="drop --reduce")
 
 
 def _sizes(cfg: ExtractConfig, backbone: BackboneCfg) -> tuple[tuple[int, ...], int]:
@@ -329,6 +355,10 @@ def _check_options(cfg: ExtractConfig, backbone: BackboneCfg, n: int) -> None:
                           fix="use --pool mean, or --keep-cls for CLIP")
     if cfg.pool_only and cfg.pool == "none":
         raise ConfigError("--pool-only needs --pool mean or cls", fix="add --pool mean")
+    if parse_reduce(cfg.reduce) is not None and cfg.reduce.startswith("s2c") and backbone.num_prefix_tokens:
+        raise ConfigError("--reduce s2c:K merges neighbours on channels, which prefix tokens do not have",
+                          given=f"--reduce {cfg.reduce} with {backbone.num_prefix_tokens} prefix token(s)",
+                          fix="drop --keep-cls, or use --reduce avg:K | budget:N (prefix tokens kept apart)")
     if cfg.max_failures is not None and cfg.max_failures < 0:
         raise ConfigError("--max-failures must be >= 0", given=cfg.max_failures, fix="e.g. --max-failures 100")
 

@@ -11,6 +11,7 @@ import numpy as np
 
 from .config import Resolved, resolve_options
 from .errors import ConfigError
+from .reduce import parse as parse_reduce
 from .sources import Fit, Input, Sample, decode_sample, failure, image_size
 from .strategies import strategy_of
 from .writers import itemsize
@@ -25,6 +26,12 @@ def plan_entry(res: Resolved, orig: tuple[int, int]) -> tuple[dict[str, Any], fl
     """One image's dry-run entry (fitted_hw, tiles = every backbone input, grids, output_shape, and the
     strategy's own fields) and its FLOPs (None when the backbone's FLOPs per tile are unknown)."""
     entry, inputs = strategy_of(res).plan_entry(res, orig)
+    r = parse_reduce(res.reduce)
+    if r is not None:  # what is stored: the grid and shape after the reduction
+        entry["reduced_from"] = {"output_shape": entry["output_shape"], "output_grid": entry["output_grid"]}
+        entry["output_grid"] = list(r.grid(entry["output_grid"]))
+        entry["output_shape"] = list(r.shape(entry["reduced_from"]["output_grid"], entry["output_shape"][1],
+                                             res.backbone.num_prefix_tokens))
     per_tile = [res.backbone.flops_per_tile(tile) for tile, _ in inputs]
     flops = None if any(f is None for f in per_tile) else sum(f * n for f, (_, n) in zip(per_tile, inputs))  # type: ignore[misc]
     return entry, flops
@@ -42,7 +49,7 @@ def dry_run(res: Resolved, inp: Input) -> dict[str, Any]:
             unreadable.append(failure(s, "read", e))
             continue
         entry, flops = plan_entry(res, orig)
-        nbytes = stored_bytes(res, entry["output_shape"])
+        nbytes = stored_bytes(res, entry["output_shape"], entry.get("reduced_from", entry)["output_shape"][1])
         flops_known = flops_known and flops is not None
         images.append({"key": s.key, "orig_hw": list(orig), **entry, "bytes": nbytes})
         total_tiles += entry["tiles"]
@@ -58,9 +65,14 @@ def dry_run(res: Resolved, inp: Input) -> dict[str, Any]:
     }
 
 
-def stored_bytes(res: Resolved, output_shape: list[int] | tuple[int, int]) -> int:
-    """Bytes one image's stored features take (tokens x channels of the storage dtype)."""
-    return output_shape[0] * output_shape[1] * itemsize(res.dtype)
+def stored_bytes(res: Resolved, output_shape: list[int] | tuple[int, int], pooled_channels: int | None = None) -> int:
+    """Bytes one image's stored arrays take in the storage dtype: its features, tokens x channels as stored (none
+    with --pool-only), and its pooled vector (with --pool mean|cls; `pooled_channels` wide, the channels before
+    a space-to-channel reduction)."""
+    item = itemsize(res.dtype)
+    tokens, channels = output_shape
+    pooled = (pooled_channels or channels) * item if res.pool != "none" else 0
+    return (0 if res.pool_only else tokens * channels * item) + pooled
 
 
 def _samples(inp: Input, limit: int | None, unreadable: list[dict[str, str]]) -> Iterator[Sample]:

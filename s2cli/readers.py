@@ -16,7 +16,7 @@ import numpy as np
 
 from .errors import ConfigError
 from .outdir import OutputDir
-from .writers import POOLED_TENSOR, format_of
+from .writers import BF16, ENCODING_ATTR, POOLED_TENSOR, format_of, from_bf16_bits
 
 
 def _attr(v: Any) -> Any:
@@ -30,8 +30,8 @@ def _attr(v: Any) -> Any:
 
 
 class Reader(Mapping):
-    """What every reader of s2cli features offers: a read-only mapping key -> features (T, C) numpy array, in
-    input order, plus each image's metadata and pooled vector, the file attributes and the resolved config, the
+    """What every reader of s2cli features offers: a read-only mapping key -> features (T, C) numpy array (bfloat16
+    storage decoded to float32, exactly), in input order, plus each image's metadata and pooled vector, the file attributes and the resolved config, the
     failure records, the feature shape and dtype; `close` (or use it as a context manager)."""
 
     path: Path
@@ -78,6 +78,17 @@ class Reader(Mapping):
     @abstractmethod
     def close(self) -> None: ...
 
+    def vector_blocks(self, how: str, block: int = 4096) -> Iterator[tuple[list[str], np.ndarray, list[dict[str, Any]]]]:
+        """One vector per image, in input order, `block` images at a time: (keys, (n, C) float32, records with
+        `source` and `meta`). `how`: "pooled" (the stored pooled vectors) or "mean" (the mean of each image's
+        spatial tokens, prefix tokens left out). Readers override it with bulk reads; this is the per-key way."""
+        keys = list(self)
+        for a in range(0, len(keys), block):
+            part = keys[a:a + block]
+            vecs = np.stack([self.pooled(k) if how == "pooled" else _token_mean(self[k], self.meta(k)["num_prefix_tokens"])
+                             for k in part]).astype(np.float32, copy=False)
+            yield part, vecs, [{"source": m["source"], "meta": m["meta"]} for m in map(self.meta, part)]
+
     @property
     def config(self) -> dict[str, Any]:
         """The resolved config the features were extracted with."""
@@ -91,6 +102,19 @@ class Reader(Mapping):
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def _token_mean(x: np.ndarray, prefix: int) -> np.ndarray:
+    return np.asarray(x, np.float32)[prefix:].mean(0)
+
+
+def _ragged_means(flat: np.ndarray, offsets: np.ndarray, prefix: np.ndarray) -> np.ndarray:
+    """Means of the segments flat[offsets[i] + prefix[i]:offsets[i + 1]] (offsets relative to flat)."""
+    cs = np.zeros((flat.shape[0] + 1, flat.shape[1]), np.float64)
+    np.cumsum(flat, axis=0, dtype=np.float64, out=cs[1:])
+    start = offsets[:-1] + prefix
+    n = np.maximum(offsets[1:] - start, 1)[:, None]
+    return ((cs[offsets[1:]] - cs[start]) / n).astype(np.float32)
 
 
 class FeatureFile(Reader):
@@ -110,6 +134,10 @@ class FeatureFile(Reader):
         self._index = {k: i for i, k in enumerate(self._keys)}
         self.ragged = "offsets" in self.f
         self._offsets = self.f["offsets"][:] if self.ragged else None
+        self._bf16 = {n for n in ("features", "pooled") if n in self.f and _attr(self.f[n].attrs.get(ENCODING_ATTR)) == BF16}
+
+    def _decode(self, name: str, x: np.ndarray) -> np.ndarray:
+        return from_bf16_bits(x) if name in self._bf16 else x
 
     @property
     def attrs(self) -> dict[str, Any]:
@@ -129,13 +157,38 @@ class FeatureFile(Reader):
         if "features" not in self.f:
             raise KeyError(f"{self.path} holds pooled vectors only (--pool-only); use .pooled({key!r})")
         if self.ragged:
-            return self.f["features"][int(self._offsets[i]):int(self._offsets[i + 1])]
-        return self.f["features"][i]
+            return self._decode("features", self.f["features"][int(self._offsets[i]):int(self._offsets[i + 1])])
+        return self._decode("features", self.f["features"][i])
 
     def pooled(self, key: str) -> np.ndarray:
         if "pooled" not in self.f:
             raise KeyError(f"{self.path} has no pooled vectors (extract with --pool mean|cls)")
-        return self.f["pooled"][self._i(key)]
+        return self._decode("pooled", self.f["pooled"][self._i(key)])
+
+    def vector_blocks(self, how: str, block: int = 4096) -> Iterator[tuple[list[str], np.ndarray, list[dict[str, Any]]]]:
+        """Bulk reads: one slice of each dataset per block."""
+        f = self.f
+        name = "pooled" if how == "pooled" else "features"
+        if name not in f:
+            yield from super().vector_blocks(how, block)  # raises the reader's own KeyError
+            return
+        prefix = f["num_prefix_tokens"][:].astype(np.int64)
+        for a in range(0, len(self._keys), block):
+            b = min(a + block, len(self._keys))
+            if how == "pooled":
+                vecs = self._decode("pooled", f["pooled"][a:b]).astype(np.float32, copy=False)
+            elif self.ragged:
+                off = self._offsets[a:b + 1].astype(np.int64)
+                flat = self._decode("features", f["features"][int(off[0]):int(off[-1])])
+                vecs = _ragged_means(flat, off - off[0], prefix[a:b])
+            else:
+                x = self._decode("features", f["features"][a:b])
+                p = int(prefix[a]) if (prefix[a:b] == prefix[a]).all() else None
+                vecs = (x[:, p:].mean(1, dtype=np.float32) if p is not None
+                        else np.stack([_token_mean(x[i], int(prefix[a + i])) for i in range(b - a)]))
+            metas = [_attr(m) for m in f["meta"][a:b]] if "meta" in f else [""] * (b - a)
+            recs = [{"source": _attr(s), "meta": json.loads(m) if m else None} for s, m in zip(f["source"][a:b], metas)]
+            yield self._keys[a:b], vecs, recs
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._keys)
@@ -150,7 +203,7 @@ class FeatureFile(Reader):
                 "orig_hw": f["orig_hw"][i].tolist(), "grid_hw": f["grid_hw"][i].tolist(),
                 "img_sizes": f["img_sizes"][i].tolist(), "num_prefix_tokens": int(f["num_prefix_tokens"][i]),
                 "split_mode": _attr(f["split_mode"][i]),
-                **({"plan": json.loads(_attr(f["plan"][i]))} if "plan" in f else {})}
+                **{n: json.loads(_attr(f[n][i])) for n in ("plan", "reduce") if n in f}}
 
     @property
     def feature_shape(self) -> list[int | None] | None:
@@ -161,7 +214,8 @@ class FeatureFile(Reader):
 
     @property
     def dtype(self) -> str:
-        return str((self.f["features"] if "features" in self.f else self.f["pooled"]).dtype)
+        name = "features" if "features" in self.f else "pooled"
+        return BF16 if name in self._bf16 else str(self.f[name].dtype)
 
     def close(self) -> None:
         self.f.close()
@@ -188,6 +242,20 @@ class SafetensorsFeatureFile(Reader):
         self._failures = json.loads(md["failures"])
         self._index = {k: i for i, k in enumerate(self._keys)}
         self._names = set(self.f.keys())
+        self._raw: np.ndarray | None = None  # the file mapped as bytes, for BF16 tensors (numpy has no bfloat16)
+
+    def _tensor(self, name: str) -> np.ndarray:
+        sl = self.f.get_slice(name)
+        if sl.get_dtype() != "BF16":
+            return self.f.get_tensor(name)
+        if self._raw is None:
+            self._raw = np.memmap(self.path, dtype=np.uint8, mode="r")
+            n = int(self._raw[:8].view("<u8")[0])
+            self._header = json.loads(bytes(self._raw[8:8 + n]))
+            self._data_start = 8 + n
+        a, b = self._header[name]["data_offsets"]
+        bits = self._raw[self._data_start + a:self._data_start + b].view("<u2").reshape(sl.get_shape())
+        return from_bf16_bits(bits)
 
     @property
     def attrs(self) -> dict[str, Any]:
@@ -202,14 +270,17 @@ class SafetensorsFeatureFile(Reader):
             raise self._missing(key)
         if key not in self._names:
             raise KeyError(f"{self.path} holds pooled vectors only (--pool-only); use .pooled({key!r})")
-        return self.f.get_tensor(key)
+        return self._tensor(key)
 
     def pooled(self, key: str) -> np.ndarray:
         if key not in self._index:
             raise self._missing(key)
         if POOLED_TENSOR not in self._names:
             raise KeyError(f"{self.path} has no pooled vectors (extract with --pool mean|cls)")
-        return self.f.get_slice(POOLED_TENSOR)[self._index[key]]
+        sl = self.f.get_slice(POOLED_TENSOR)
+        if sl.get_dtype() == "BF16":
+            return self._tensor(POOLED_TENSOR)[self._index[key]]
+        return sl[self._index[key]]
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._keys)
@@ -217,13 +288,26 @@ class SafetensorsFeatureFile(Reader):
     def __len__(self) -> int:
         return len(self._keys)
 
+    def vector_blocks(self, how: str, block: int = 4096) -> Iterator[tuple[list[str], np.ndarray, list[dict[str, Any]]]]:
+        """Pooled vectors: the one pooled tensor read at once; token means: per key."""
+        if how != "pooled" or POOLED_TENSOR not in self._names:
+            yield from super().vector_blocks(how, block)
+            return
+        vecs = self._tensor(POOLED_TENSOR).astype(np.float32, copy=False)
+        for a in range(0, len(self._keys), block):
+            part = self._keys[a:a + block]
+            yield part, vecs[a:a + block], [{"source": self._images[k]["source"],
+                                             "meta": json.loads(self._images[k]["meta"]) if self._images[k].get("meta") else None}
+                                            for k in part]
+
     def meta(self, key: str) -> dict[str, Any]:
         if key not in self._index:
             raise self._missing(key)
         m = dict(self._images[key])
         m["meta"] = json.loads(m["meta"]) if m.get("meta") else None
-        if "plan" in m:
-            m["plan"] = json.loads(m["plan"])
+        for n in ("plan", "reduce"):
+            if n in m:
+                m[n] = json.loads(m[n])
         return {"key": key, **m}
 
     @property
@@ -240,10 +324,10 @@ class SafetensorsFeatureFile(Reader):
         name = next((k for k in self._keys if k in self._names), POOLED_TENSOR if POOLED_TENSOR in self._names else None)
         if name is None:
             return str(np.dtype(self._attrs.get("dtype", "float32")))
-        return {"F32": "float32", "F16": "float16"}.get(self.f.get_slice(name).get_dtype(), self.f.get_slice(name).get_dtype())
+        return {"F32": "float32", "F16": "float16", "BF16": BF16}.get(self.f.get_slice(name).get_dtype(), self.f.get_slice(name).get_dtype())
 
     def close(self) -> None:
-        self.f = None  # safe_open has no close; the mmap goes with the object
+        self.f = self._raw = None  # safe_open has no close; the mmap goes with the object
 
 
 class FeatureSet(Reader):
@@ -285,6 +369,16 @@ class FeatureSet(Reader):
 
     def pooled(self, key: str) -> np.ndarray:
         return self._shard_of(key).pooled(key)
+
+    def vector_blocks(self, how: str, block: int = 4096) -> Iterator[tuple[list[str], np.ndarray, list[dict[str, Any]]]]:
+        """Each shard's bulk reads in turn (a key kept by an earlier shard is skipped, as iteration does)."""
+        for i in range(len(self._markers)):
+            for keys, vecs, recs in self._reader(i).vector_blocks(how, block):
+                keep = [j for j, k in enumerate(keys) if self._where[k] == i]
+                if len(keep) < len(keys):
+                    keys, vecs, recs = [keys[j] for j in keep], vecs[keep], [recs[j] for j in keep]
+                if keys:
+                    yield keys, vecs, recs
 
     def meta(self, key: str) -> dict[str, Any]:
         return {**self._shard_of(key).meta(key), "shard": self._markers[self._where[key]]["shard"]}

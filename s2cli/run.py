@@ -5,6 +5,7 @@ uninterrupted one would. `Target` says where a run writes, `Summary` what it did
 from __future__ import annotations
 
 import dataclasses
+import json
 import socket
 import time
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ from .heartbeat import Heartbeat
 from .launch import Rank, final_barrier, resolve_precision
 from .outdir import OutputDir, unit_complete
 from .plan import fit_of
+from .reduce import parse as parse_reduce
 from .sources import DecodePool, Input, Sample, Unit
 from .strategies import strategy_of
 from .version import __version__
@@ -173,6 +175,7 @@ class Run:
         self.res, self.inp, self.target, self.backbone, self.device = res, inp, target, backbone, device
         self.on_progress = on_progress
         self.strategy = strategy_of(res)
+        self.reduction = parse_reduce(res.reduce)
         self.fit = fit_of(res)
         self.ex = Extractor(res, backbone, device, resolve_precision(res.precision, device), self.fit)
         self.stats = Stats()
@@ -248,7 +251,7 @@ class Run:
             order = {id(rec): i for i, rec in enumerate(recs)}
             results.sort(key=lambda r: order[id(r[0])])
             if results:
-                items = [self.strategy.item(self.res, rec, feats, pooled) for rec, feats, pooled in results]
+                items = [self._reduced(self.strategy.item(self.res, rec, feats, pooled)) for rec, feats, pooled in results]
                 t = time.perf_counter()
                 part.sink.write(items)
                 st.waits["write"] += time.perf_counter() - t
@@ -364,12 +367,28 @@ class Run:
         s.shards_written, s.resumed_images = len(self.stats.shards), t.images_done_before
         s.total_images, s.total_failed, s.complete = manifest["num_images"], manifest["num_failed"], manifest["complete"]
 
+    def _reduced(self, item: dict[str, Any]) -> dict[str, Any]:
+        """The item with its token grid reduced (--reduce) and the reduction recorded; as it was without one."""
+        if self.reduction is None or item["features"] is None:
+            return item
+        feats, grid = self.reduction.apply(item["features"], item["grid_hw"], item["num_prefix_tokens"])
+        record = {"op": self.reduction.spec, "grid_before": list(item["grid_hw"]), "grid_hw": list(grid)}
+        return {**item, "features": feats, "grid_hw": grid, "reduce": json.dumps(record)}
+
     def _new_sink(self, path: str) -> ThreadedSink:
         res = self.res
         shape = self.strategy.sink_shape(res)
+        pooled_channels = shape["channels"]
+        if self.reduction is not None:  # the stored shape: after the reduction (pooled vectors are not reduced)
+            entry, _ = self.strategy.plan_entry(res, (res.side, res.side))
+            tokens, shape["channels"] = self.reduction.shape(entry["output_grid"], shape["channels"],
+                                                             res.backbone.num_prefix_tokens)
+            shape["tokens"] = tokens if shape["tokens"] is not None else None
+            shape["tokens_per_image"] = tokens if shape["tokens_per_image"] is not None else None
         sink = SINKS[res.format](path, res.file_attrs(self.backbone.weights), channels=shape["channels"],
                                  num_scales=shape["num_scales"], tokens=shape["tokens"], dtype=res.dtype,
-                                 store_features=not res.pool_only, pooled=res.pool != "none", plans=shape["plans"])
+                                 store_features=not res.pool_only, pooled=res.pool != "none", plans=shape["plans"],
+                                 pooled_channels=pooled_channels, reduced=self.reduction is not None)
         if res.output_is_dir and shape["tokens_per_image"] is not None:
             sink.need_bytes = res.shard_size * shape["tokens_per_image"] * shape["channels"] * itemsize(res.dtype)
         return sink

@@ -684,7 +684,7 @@ class S2Strategy(Strategy):
     def plan_entry(self, res: Any, orig_hw: tuple[int, int]) -> tuple[dict[str, Any], list[tuple[Any, int]]]:
         p = plan_image(res, orig_hw)
         entry = {"fitted_hw": list(p.fitted_hw), "tiles": p.s2.num_tiles, "grids": p.s2.grids,
-                 "output_shape": [p.tokens, p.channels]}
+                 "output_shape": [p.tokens, p.channels], "output_grid": list(p.grid_hw)}
         return entry, [(sp.tile, sp.num_tiles) for sp in p.s2.scales]
 
     def render(self, im: Any, fit: Any) -> Any:
@@ -752,6 +752,7 @@ class ViewStrategy(Strategy):
         plan, lay = plan_strategy_image(res, orig_hw)
         entry = {"fitted_hw": list(max((v.canvas for v in plan.views), key=lambda hw: hw[0] * hw[1])),
                  "tiles": plan.num_tiles, "grids": plan.grids, "output_shape": [lay.tokens, lay.channels],
+                 "output_grid": list(lay.grid_hw),
                  "strategy": plan.strategy, "views": [v.name for v in plan.views]}
         return entry, [(v.tile, v.num_inputs) for v in plan.views]
 

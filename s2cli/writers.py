@@ -25,9 +25,39 @@ FORMATS = {"h5": ".h5", "safetensors": ".safetensors"}
 POOLED_TENSOR = "__s2cli_pooled__"
 
 
+BF16 = "bfloat16"
+# bfloat16 has no numpy dtype: HDF5 stores its bits as uint16 with the dataset attribute encoding="bfloat16"
+# (the upper half of the float32, rounded to nearest even, as torch's .to(torch.bfloat16)); safetensors stores BF16
+ENCODING_ATTR = "encoding"
+SAFETENSORS_HEADER_LIMIT = 100_000_000  # bytes: safetensors refuses to read (and write) a larger JSON header
+HDF5_CHUNK_BYTES = 1 << 16  # target chunk size of the per-row datasets (pooled, ragged features)
+META_ROWS = 256  # rows per chunk of the small per-image datasets (keys, sizes, ...)
+
+
 def itemsize(dtype: str) -> int:
-    """Bytes one stored element takes for a stored dtype (float32 or float16)."""
-    return np.dtype(dtype).itemsize
+    """Bytes one stored element takes for a stored dtype (float32, float16 or bfloat16)."""
+    return 2 if dtype == BF16 else np.dtype(dtype).itemsize
+
+
+def to_bf16_bits(x: Any) -> np.ndarray:
+    """float32 -> bfloat16 bits (uint16), rounded to nearest even (finite values)."""
+    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    return ((u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)).astype(np.uint16)
+
+
+def from_bf16_bits(b: Any) -> np.ndarray:
+    """bfloat16 bits (uint16) -> float32, exactly."""
+    return (np.asarray(b, dtype=np.uint16).astype(np.uint32) << np.uint32(16)).view(np.float32)
+
+
+def encode(x: Any, dtype: str) -> np.ndarray:
+    """Features as stored: the numpy array of the stored dtype (bfloat16: its bits as uint16)."""
+    return to_bf16_bits(x) if dtype == BF16 else np.ascontiguousarray(np.asarray(x, dtype=dtype))
+
+
+def _rows(row_bytes: int, cap: int = 1024) -> int:
+    """Rows per chunk so that a chunk stays near HDF5_CHUNK_BYTES (a file of 8 vectors is not a MB-sized chunk)."""
+    return max(1, min(cap, HDF5_CHUNK_BYTES // max(1, row_bytes)))
 
 
 def check_output_file(path: Path, overwrite: bool = True) -> None:
@@ -88,6 +118,8 @@ class ThreadedSink:
         except Exception as e:  # h5py reports a full disk as OSError or RuntimeError
             self._discard()
             self.tmp.unlink(missing_ok=True)
+            if isinstance(e, S2Error):  # already says what went wrong (a safetensors header over its limit)
+                raise
             raise write_error(self.path, e, self.need_bytes) from e
         return self.path
 
@@ -150,15 +182,21 @@ class HDF5Sink(ThreadedSink):
       source (N,) str, meta (N,) str (JSON or ""), orig_hw (N, 2), grid_hw (N, 2), img_sizes (N, S, 2),
       num_prefix_tokens (N,), split_mode (N,) str
       plan       (N,) str          with `plans` (a dynamic-resolution strategy): each image's plan and output maps (JSON)
+      reduce     (N,) str          with --reduce: each image's reduction, JSON {"op": "s2c:2", "grid_before": [h, w],
+                                   "grid_hw": [h', w']} (grid_hw holds the grid after it)
+      features/pooled with --dtype bfloat16: uint16 bits, dataset attribute encoding="bfloat16"
       failures   (M,) str          one JSON record per failed image: key, source, stage, error_class, error
     """
 
     suffix = ".h5"
 
     def __init__(self, path, attrs, channels: int, num_scales: int, tokens: int | None, dtype: str,
-                 store_features: bool = True, pooled: bool = False, plans: bool = False, queue_size: int = 4):
+                 store_features: bool = True, pooled: bool = False, plans: bool = False, queue_size: int = 4,
+                 pooled_channels: int | None = None, reduced: bool = False):
         self.channels, self.num_scales, self.tokens, self.plans = channels, num_scales, tokens, plans
-        self.dtype, self.store_features, self.pooled = np.dtype(dtype), store_features, pooled
+        self.pooled_channels, self.reduced = pooled_channels or channels, reduced
+        self.stored, self.store_features, self.pooled = dtype, store_features, pooled
+        self.dtype = np.dtype(np.uint16) if dtype == BF16 else np.dtype(dtype)
         super().__init__(path, attrs, queue_size)
 
     def _open(self) -> None:
@@ -167,21 +205,26 @@ class HDF5Sink(ThreadedSink):
             f.attrs[k] = v
         f.attrs["layout_version"] = LAYOUT_VERSION
         C, S = self.channels, self.num_scales
-        for name in ("keys", "source", "meta", "split_mode") + (("plan",) if self.plans else ()):
-            f.create_dataset(name, (0,), STR, maxshape=(None,), chunks=(1024,))
+        R, row = META_ROWS, C * self.dtype.itemsize
+        for name in ("keys", "source", "meta", "split_mode") + (("plan",) if self.plans else ()) + (("reduce",) if self.reduced else ()):
+            f.create_dataset(name, (0,), STR, maxshape=(None,), chunks=(R,))
         if self.store_features:
             if self.tokens is None:
-                f.create_dataset("features", (0, C), self.dtype, maxshape=(None, C), chunks=(256, C))
-                f.create_dataset("offsets", (1,), np.int64, maxshape=(None,), chunks=(1024,), data=[0])
+                f.create_dataset("features", (0, C), self.dtype, maxshape=(None, C), chunks=(_rows(row, 256), C))
+                f.create_dataset("offsets", (1,), np.int64, maxshape=(None,), chunks=(R,), data=[0])
             else:
                 f.create_dataset("features", (0, self.tokens, C), self.dtype, maxshape=(None, self.tokens, C),
                                  chunks=(1, self.tokens, C))
         if self.pooled:
-            f.create_dataset("pooled", (0, C), self.dtype, maxshape=(None, C), chunks=(min(1024, max(1, 2**20 // C)), C))
-        f.create_dataset("orig_hw", (0, 2), np.int32, maxshape=(None, 2), chunks=(1024, 2))
-        f.create_dataset("grid_hw", (0, 2), np.int32, maxshape=(None, 2), chunks=(1024, 2))
-        f.create_dataset("img_sizes", (0, S, 2), np.int32, maxshape=(None, S, 2), chunks=(1024, S, 2))
-        f.create_dataset("num_prefix_tokens", (0,), np.int16, maxshape=(None,), chunks=(1024,))
+            P = self.pooled_channels
+            f.create_dataset("pooled", (0, P), self.dtype, maxshape=(None, P), chunks=(_rows(P * self.dtype.itemsize), P))
+        for name in ("features", "pooled"):
+            if name in f and self.stored == BF16:
+                f[name].attrs[ENCODING_ATTR] = BF16
+        f.create_dataset("orig_hw", (0, 2), np.int32, maxshape=(None, 2), chunks=(R, 2))
+        f.create_dataset("grid_hw", (0, 2), np.int32, maxshape=(None, 2), chunks=(R, 2))
+        f.create_dataset("img_sizes", (0, S, 2), np.int32, maxshape=(None, S, 2), chunks=(R, S, 2))
+        f.create_dataset("num_prefix_tokens", (0,), np.int16, maxshape=(None,), chunks=(R,))
 
     def _append(self, items: list[dict[str, Any]]) -> None:
         f, n, m = self.f, self.n, len(items)
@@ -195,17 +238,18 @@ class HDF5Sink(ThreadedSink):
         grow("source", [it["source"] for it in items])
         grow("meta", [it.get("meta") or "" for it in items])
         grow("split_mode", [it["split_mode"] for it in items])
-        if "plan" in f:
-            grow("plan", [it.get("plan") or "" for it in items])
+        for name in ("plan", "reduce"):
+            if name in f:
+                grow(name, [it.get(name) or "" for it in items])
         grow("orig_hw", np.array([it["orig_hw"] for it in items], np.int32))
         grow("grid_hw", np.array([it["grid_hw"] for it in items], np.int32))
         grow("img_sizes", np.array([it["img_sizes"] for it in items], np.int32))
         grow("num_prefix_tokens", np.array([it["num_prefix_tokens"] for it in items], np.int16))
         if self.pooled:
-            grow("pooled", np.stack([np.asarray(it["pooled"], self.dtype) for it in items]))
+            grow("pooled", np.stack([encode(it["pooled"], self.stored) for it in items]))
         if not self.store_features:
             return
-        feats = [np.asarray(it["features"], dtype=self.dtype) for it in items]
+        feats = [encode(it["features"], self.stored) for it in items]
         if self.tokens is None:
             off = f["offsets"]
             start = int(off[n])
@@ -247,9 +291,10 @@ class SafetensorsSink(ThreadedSink):
     suffix = ".safetensors"
 
     def __init__(self, path, attrs, channels: int, num_scales: int, tokens: int | None, dtype: str,
-                 store_features: bool = True, pooled: bool = False, plans: bool = False, queue_size: int = 4):
+                 store_features: bool = True, pooled: bool = False, plans: bool = False, queue_size: int = 4,
+                 pooled_channels: int | None = None, reduced: bool = False):
         # `plans`: images carry their plan (JSON), stored in their header entry (whenever an item has one)
-        self.dtype, self.store_features, self.pooled = np.dtype(dtype), store_features, pooled
+        self.stored, self.store_features, self.pooled = dtype, store_features, pooled
         super().__init__(path, attrs, queue_size)
 
     def _open(self) -> None:
@@ -263,14 +308,15 @@ class SafetensorsSink(ThreadedSink):
             if k in self.images or k == POOLED_TENSOR:
                 raise S2Error(f"key {k!r} appears twice in one safetensors shard", fix="make keys unique")
             if self.store_features:
-                self.tensors[k] = np.ascontiguousarray(np.asarray(it["features"], self.dtype))
+                self.tensors[k] = encode(it["features"], self.stored)
             if self.pooled:
-                self.pooled_rows.append(np.asarray(it["pooled"], self.dtype))
+                self.pooled_rows.append(encode(it["pooled"], self.stored))
             self.images[k] = {"source": it["source"], "meta": it.get("meta"), "orig_hw": list(it["orig_hw"]),
                               "grid_hw": list(it["grid_hw"]), "img_sizes": [list(s) for s in it["img_sizes"]],
                               "num_prefix_tokens": int(it["num_prefix_tokens"]), "split_mode": it["split_mode"]}
-            if it.get("plan"):
-                self.images[k]["plan"] = it["plan"]
+            for name in ("plan", "reduce"):
+                if it.get(name):
+                    self.images[k][name] = it[name]
 
     def _finish(self) -> None:
         from safetensors.numpy import save_file
@@ -282,11 +328,39 @@ class SafetensorsSink(ThreadedSink):
         attrs.update(num_images=self.n, num_failed=len(self.failures), layout_version=LAYOUT_VERSION)
         meta = {"s2cli": json.dumps(attrs), "keys": json.dumps(list(self.images)), "images": json.dumps(self.images),
                 "failures": json.dumps(self.failures)}
-        self._reserve(sum(t.nbytes for t in tensors.values()) + sum(map(len, meta.values())))
-        save_file(tensors, str(self.tmp), metadata=meta)
+        header = safetensors_header_bytes(tensors, meta)
+        if header > SAFETENSORS_HEADER_LIMIT:
+            fit = max(1, int(self.n * SAFETENSORS_HEADER_LIMIT / header * 0.9))
+            raise S2Error(f"the safetensors header of {self.path.name} would take {header:,} bytes, over the format's "
+                          f"limit of {SAFETENSORS_HEADER_LIMIT:,}: {self.n} images and their metadata in one shard",
+                          given=f"--shard-size {self.n}", expected=f"about {fit} images per shard or fewer",
+                          fix=f"pass --shard-size {fit} (finished shards are kept), or --format h5")
+        self._reserve(sum(t.nbytes for t in tensors.values()) + header)
+        if self.stored == BF16:
+            _save_bf16(tensors, self.tmp, meta)
+        else:
+            save_file(tensors, str(self.tmp), metadata=meta)
 
     def _discard(self) -> None:
         self.tensors = {}
+
+
+def safetensors_header_bytes(tensors: dict[str, np.ndarray], meta: dict[str, str]) -> int:
+    """The length of the JSON header safetensors writes for these tensors and metadata (within a few bytes)."""
+    entry = sum(len(json.dumps(k)) + len(json.dumps(list(t.shape))) + 70 for k, t in tensors.items())
+    return entry + len(json.dumps(meta)) + 20
+
+
+def _save_bf16(tensors: dict[str, np.ndarray], path: Path, meta: dict[str, str]) -> None:
+    """safetensors file of BF16 tensors from their uint16 bits (numpy has no bfloat16 to hand to save_file)."""
+    from safetensors import serialize_file
+
+    try:
+        from safetensors.numpy import TensorSpec  # safetensors >= 0.6
+        flat = {k: TensorSpec(dtype=BF16, shape=t.shape, data_ptr=t.ctypes.data, data_len=t.nbytes) for k, t in tensors.items()}
+    except ImportError:
+        flat = {k: {"dtype": BF16, "shape": t.shape, "data": t.tobytes()} for k, t in tensors.items()}
+    serialize_file(flat, str(path), metadata=meta)
 
 
 SINKS = {"h5": HDF5Sink, "safetensors": SafetensorsSink}

@@ -303,7 +303,7 @@ def test_export_for_retrieval(cli, tmp_path):
     d = folder(tmp_path, 5)
     out = f"{tmp_path / 'feats'}/"
     invoke_json(cli, "extract", d, *FAST, "-o", out, "--shard-size", 2, "--json")
-    s = invoke_json(cli, "export", out, tmp_path / "emb", "--json")
+    s = invoke_json(cli, "export", out, tmp_path / "emb", "--no-normalize", "--dtype", "float32", "--json")
     assert s["num_images"] == 5 and s["dim"] == 192 and s["pool"] == "mean"
     emb = np.load(tmp_path / "emb" / "img_emb" / "img_emb_0.npy")
     meta = pq.read_table(tmp_path / "emb" / "metadata" / "metadata_0.parquet").to_pylist()

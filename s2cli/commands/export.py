@@ -6,7 +6,6 @@ from typing import Annotated
 
 import typer
 
-from ..errors import ConfigError
 from . import options as o
 from ._common import err, reported
 
@@ -15,21 +14,25 @@ def export(
     path: Annotated[str, typer.Argument(help="A feature file or output folder written by `s2 extract`.")],
     out: Annotated[str, typer.Argument(help="New folder for img_emb/*.npy and metadata/*.parquet.")],
     pool: Annotated[str, typer.Option(help="auto (stored pooled vectors, else token mean) | pooled | mean.")] = "auto",
+    normalize: Annotated[bool, typer.Option("--normalize/--no-normalize", help="L2-normalise each vector (inner product = cosine).")] = True,
+    dtype: Annotated[str, typer.Option(help="float16 (as clip-retrieval writes) | float32.")] = "float16",
     as_json: o.Json = False,
 ) -> None:
-    """Export one vector per image for retrieval (the img_emb/ + metadata/ layout autofaiss reads)."""
+    """Export one vector per image for retrieval (the img_emb/ + metadata/ layout clip-retrieval writes and
+    autofaiss reads; metadata parquet with image_path, key and the images' metadata fields).
+
+    Example:  s2 export feats/ emb/
+    """
     from ..export import export_embeddings
     from ..readers import open_features
 
     with reported():
-        if pool not in ("auto", "pooled", "mean"):
-            raise ConfigError("--pool is not known", given=pool, expected="auto | pooled | mean", fix="pass --pool auto")
         with open_features(path) as ff:
-            summary = export_embeddings(ff, out, pool)
+            summary = export_embeddings(ff, out, pool, normalize=normalize, dtype=dtype)
     if as_json:
         print(json.dumps(summary))
     else:
-        err.print(f"{summary['num_images']} vectors of {summary['dim']} ({summary['pool']}) -> {summary['output']}",
-                  highlight=False)
+        err.print(f"{summary['num_images']} vectors of {summary['dim']} ({summary['pool']}, {summary['dtype']}"
+                  f"{', L2-normalised' if summary['normalized'] else ''}) -> {summary['output']}", highlight=False)
 
 

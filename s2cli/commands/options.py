@@ -130,11 +130,15 @@ Format = declare("format", Str, option("--format", help="Shard format in OUTDIR/
                                shown="h5", choices=tuple(FORMATS)))
 ShardSize = declare("shard_size", Int, option("--shard-size", help="Images per output shard.", panel=OUTPUT,
                                   shown="~1 GB files"))
-Dtype = declare("dtype", Str, option("--dtype", help="Stored dtype.", panel=OUTPUT, field="dtype", choices=DTYPES))
+Dtype = declare("dtype", Str, option("--dtype", help="Stored dtype (bfloat16 in HDF5: uint16 bits with the dataset "
+                                    "attribute encoding=bfloat16, decoded by the readers).", panel=OUTPUT, field="dtype", choices=DTYPES))
 Pool = declare("pool", Str, option("--pool", help="Also store a pooled vector per image.", panel=OUTPUT, field="pool",
                              choices=POOLS))
 PoolOnly = declare("pool_only", Bool, _flag("--pool-only", "--with-tokens", "Store only the pooled vectors.", OUTPUT,
                                  "pool_only"))
+Reduce = declare("reduce", Str, option("--reduce", help="Reduce each image's token grid before it is stored: avg:K (KxK "
+                                      "area pooling) | s2c:K (KxK neighbours on channels, NVILA/Qwen2-VL) | budget:N "
+                                      "(bilinear to <= N tokens, LLaVA-OneVision); see docs/features.md.", panel=OUTPUT))
 Overwrite = declare("overwrite", bool, option("--overwrite", help="Replace an existing output file, or start OUTDIR/ over.",
                                    panel=OUTPUT))
 # ---- speed ------------------------------------------------------------------------------------------------------
