@@ -92,8 +92,12 @@ _TUPLE_FIELDS = {"scales": float, "img_sizes": int}
 
 
 def list_recipes() -> dict[str, Path]:
-    """Recipes shipped in the package (s2cli/recipes/*.yaml), by name."""
-    root = resources.files("s2cli") / "recipes"
+    """Recipes shipped with s2cli (the repository's recipes/, installed as the package data of s2cli.recipes), by
+    name."""
+    try:
+        root = resources.files("s2cli.recipes")
+    except ModuleNotFoundError:  # a checkout on sys.path without an install: the folder itself
+        root = Path(__file__).resolve().parent.parent / "recipes"
     return {Path(str(p)).stem: Path(str(p)) for p in root.iterdir() if str(p).endswith(".yaml")}
 
 

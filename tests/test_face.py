@@ -118,3 +118,26 @@ def test_recipes_show_prints_the_yaml(cli):
     assert r.exit_code == 0 and "model: clip-vit-l-336" in r.stdout
     r = cli("recipes", "show", "nope")
     assert r.exit_code == 2 and "unknown recipe" in r.stderr
+
+
+@pytest.mark.slow
+def test_a_wheel_ships_the_recipes_and_runs_without_the_checkout(tmp_path):
+    """`pip wheel .` packs recipes/ (top level in the repository) as s2cli/recipes; installed from the wheel alone
+    (not editable, the checkout out of reach), `--recipe llava-1.5-s2` plans."""
+    r = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", str(ROOT),
+                        "-w", str(tmp_path / "wheel")], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    (wheel,) = (tmp_path / "wheel").glob("s2_features-*.whl")
+    r = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(tmp_path / "site"),
+                        str(wheel)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "site" / "s2cli" / "recipes" / "llava-1.5-s2.yaml").is_file()
+    env = {**__import__("os").environ, "PYTHONPATH": str(tmp_path / "site")}
+    r = subprocess.run([sys.executable, "-c", "import s2cli, sys; print(s2cli.__file__)"], env=env, cwd=tmp_path,
+                       capture_output=True, text=True)
+    assert r.stdout.strip().startswith(str(tmp_path / "site")), r.stdout
+    r = subprocess.run([sys.executable, "-m", "s2cli", "extract", str(ROOT / "examples" / "images"), "--recipe",
+                        "llava-1.5-s2", "--random-init", "--dry-run", "--json"], env=env, cwd=tmp_path,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert {tuple(i["output_shape"]) for i in json.loads(r.stdout)["images"]} == {(576, 3072)}
