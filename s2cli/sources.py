@@ -530,7 +530,7 @@ def read_for_device(sample: Sample, fit: Fit) -> dict[str, Any]:
             "seconds": (t1 - t0, time.perf_counter() - t1, 0.0)}
 
 
-DECODE_NICE = 10  # niceness added to decode workers (S2CLI_DECODE_NICE overrides); chosen by benchmarks/bench_p3.py
+DECODE_NICE = 10  # niceness added to decode workers (S2CLI_DECODE_NICE overrides); chosen by benchmarks/bench_overlap.py
 
 
 def decode_nice() -> int:

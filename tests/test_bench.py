@@ -68,7 +68,7 @@ def test_bench_usage_errors(cli):
 def test_compile_is_wired_and_recorded(tmp_path):
     """--compile reaches the Extractor (the backbone's forward is wrapped by torch.compile, the eager one kept
     for the flop counter) and is saved with the resolved config. Compiled-vs-eager features are not compared
-    here: inductor takes ~90 s to compile a ViT on a 2-core CPU (measured with benchmarks/bench_p3.py --compile)."""
+    here: inductor takes ~90 s to compile a ViT on a 2-core CPU (measured with benchmarks/bench_overlap.py --compile)."""
     from s2cli.config import build_config
     from s2cli.extractor import Extractor
 
