@@ -141,3 +141,10 @@ def test_a_wheel_ships_the_recipes_and_runs_without_the_checkout(tmp_path):
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert {tuple(i["output_shape"]) for i in json.loads(r.stdout)["images"]} == {(576, 3072)}
+
+
+def test_every_command_ends_its_help_with_an_example(cli, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")
+    for command in (["extract"], ["inspect"], ["export"], ["models"], ["recipes"], ["recipes", "show"], ["bench"],
+                    ["slurm"], ["status"], ["viz", "plan"], ["viz", "features"]):
+        assert re.search(r"Examples?:\s+s2 ", " ".join(_help(cli, *command).split())), command

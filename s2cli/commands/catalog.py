@@ -12,7 +12,12 @@ from ._common import out, reported
 
 
 def models(as_json: o.Json = False) -> None:
-    """List the model aliases with their defaults (also: timm:<name>, hf:<hub id or dir>)."""
+    """List the model aliases with their defaults (also: timm:<name>, hf:<hub id or dir>).
+
+    Examples:
+      s2 models
+      s2 extract photos/ -m timm:vit_base_patch16_224 --random-init --dry-run
+    """
     from ..backbones import list_models
 
     rows = [{"name": m.name, "source": m.source, "input_size": m.input_size, "patch_size": m.patch_size,
@@ -31,7 +36,7 @@ def models(as_json: o.Json = False) -> None:
     out.print(t)
 
 
-recipes_app = typer.Typer(help="The shipped recipes (use one with `s2 extract --recipe NAME`; options override it).")
+recipes_app = typer.Typer()  # its help is the listing callback's docstring
 
 
 @recipes_app.callback(invoke_without_command=True)
@@ -65,7 +70,10 @@ def recipes(ctx: typer.Context, as_json: o.Json = False) -> None:
 
 @recipes_app.command("show")
 def show_recipe(name: Annotated[str, typer.Argument(help="A recipe name (see `s2 recipes`) or a .yaml path.")]) -> None:
-    """Print one recipe's YAML, as shipped."""
+    """Print one recipe's YAML, as shipped.
+
+    Example:  s2 recipes show llava-1.5-s2 > my.yaml   # then: s2 extract photos/ --recipe ./my.yaml
+    """
     from ..config import recipe_text
 
     with reported():

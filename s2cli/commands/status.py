@@ -16,7 +16,10 @@ def status(
     as_json: o.Json = False,
 ) -> None:
     """Progress of a run in an output folder: shards and units done, images, failures, throughput, each rank's
-    state (running, done, failed, or stale: it stopped without saying so) and the units in flight."""
+    state (running, done, failed, or stale: it stopped without saying so) and the units in flight.
+
+    Example:  s2 status feats/
+    """
     from ..status import status_report
 
     with reported():
