@@ -18,13 +18,14 @@ from .backbones import Backbone
 from .config import Resolved
 from .errors import ConfigError, S2Error
 from .extractor import Extractor
+from .fsutil import Claim, file_identity, take_claim
 from .launch import Rank, final_barrier, resolve_precision
 from .plan import fit_of
 from .heartbeat import Heartbeat
 from .outdir import OutputDir, unit_complete
 from .sources import DecodePool, Input, Sample, Unit
 from .strategies import strategy_of
-from .writers import SINKS, ThreadedSink, check_output_file, itemsize
+from .writers import SINKS, ThreadedSink, check_output_file, itemsize, remove_dead_temporaries
 
 Progress = Callable[[int, int, int], None]  # (images done, failed, shards written) in this run
 
@@ -48,6 +49,8 @@ class Target:
         self.res, self.inp, self.ranks, self.rank = res, inp, rank, rank.rank
         self.dir = OutputDir(res.output) if res.output_is_dir else None
         self.heartbeat = None
+        self.claim: Claim | None = None  # a single file's claim (a folder's are its OutputDir's)
+        self.replaces: tuple[int, int, int] | None = None  # the file --overwrite may replace, as it was at the start
         self.done: dict[tuple[int, int], dict] = {}
         if rank.world > 1 and self.dir is None:
             raise ConfigError("several ranks share one output, which must then be a folder",
@@ -59,10 +62,24 @@ class Target:
             self.done = {(m["unit_index"], m["part"]): m for m in self.dir.markers()}
             self.heartbeat = Heartbeat(self.dir.path, rank.rank, rank.world, rank.source)
         else:
-            check_output_file(Path(res.output), overwrite)
+            self._claim_file(Path(res.output), overwrite)
         self._by_unit: dict[int, list[dict]] = {}
         for (u, _), m in self.done.items():
             self._by_unit.setdefault(u, []).append(m)
+
+    def _claim_file(self, out: Path, overwrite: bool) -> None:
+        """Claim a single-file output (`.NAME.lock` beside it) before anything is read or written, then remove
+        the temporaries of dead runs of it. The file there now is the only one the final rename may replace."""
+        check_output_file(out, overwrite)
+        self.claim = take_claim(out.with_name(f".{out.name}.lock"), str(out), fix=(
+            "wait for that run to end, or pass another -o; a killed run's claim ends with its process"))
+        try:
+            check_output_file(out, overwrite)  # again: a run that just ended may have written it
+            self.replaces = file_identity(out)
+            remove_dead_temporaries(out)
+        except BaseException:
+            self.close("failed")
+            raise
 
     @property
     def images_done_before(self) -> int:
@@ -77,6 +94,11 @@ class Target:
         if self.heartbeat is not None:
             self.heartbeat.close(state, error)
             self.heartbeat = None
+        if self.dir is not None:
+            self.dir.release()
+        if self.claim is not None:
+            self.claim.release()
+            self.claim = None
 
     def unit_done(self, unit: Unit) -> bool:
         """Every part of the unit is done, so it need not even be read."""
@@ -180,6 +202,8 @@ class Run:
         self.batch: list[dict] = []
         self.in_flight: list[tuple[_Part, list[dict], list[Callable[[], list]]]] = []
         self.file_sink = self._new_sink(res.output) if target.dir is None else None
+        if self.file_sink is not None:  # never replace a file that appeared under the name during the run
+            self.file_sink.guard, self.file_sink.replaces = True, target.replaces
         self.file_keys: set[str] = set()
         self.next_index = target.dir.next_shard_index(target.rank) if target.dir is not None else 0
 
@@ -338,6 +362,8 @@ class Run:
             s.compile_cache = compile_cache_stats()
         if self.target.dir is not None:
             self._finalize_dir(s)
+        else:
+            self.target.close("done")
         return s
 
     def _finalize_dir(self, s: Summary) -> None:

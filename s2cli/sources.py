@@ -9,6 +9,8 @@ import io
 import json
 import multiprocessing as mp
 import os
+import signal
+import threading
 import time
 import warnings
 from collections import deque
@@ -550,6 +552,11 @@ def decode_nice() -> int:
 
 
 def _worker_init(nice: int = 0) -> None:
+    # Ctrl-C reaches the whole process group: only the parent acts on it (a worker killed by it could die holding
+    # the pool's queue lock, and the parent's pool shutdown would wait for that lock forever); SIGTERM (the pool's
+    # own shutdown) ends a worker at once, whatever handler the parent had when it forked
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     try:
         import torch
 
@@ -604,11 +611,22 @@ class DecodePool:
                           "WorkerTimeout")
             return item, {"key": s.key, "error": err}  # type: ignore[union-attr]
 
-    def close(self) -> None:
-        if self._pool is not None:
-            self._pool.terminate()
-            self._pool.join()
-            self._pool = None
+    def close(self, deadline: float = 10.0) -> None:
+        """Stop the workers, within `deadline` seconds whatever they are doing: the pool's own shutdown waits for
+        its queue lock, which a worker that died (killed, out of memory) may hold forever, so it runs aside and,
+        past the deadline, the workers are killed and it is left behind."""
+        pool, self._pool = self._pool, None
+        if pool is None:
+            return
+        workers = list(getattr(pool, "_pool", ()))
+        stop = threading.Thread(target=lambda: (pool.terminate(), pool.join()), name="s2cli-decode-close", daemon=True)
+        stop.start()
+        stop.join(deadline)
+        if stop.is_alive():
+            for w in workers + list(getattr(pool, "_pool", ())):
+                if w.exitcode is None:
+                    w.kill()
+            stop.join(1.0)
 
     def __enter__(self) -> "DecodePool":
         return self
