@@ -93,6 +93,9 @@ def _extract(res: Resolved, inp: Input, rank: Any, named: bool, overwrite: bool,
     progress = progress or Progress()
     if named:
         progress.note(f"writing {res.output}")
+    if target.changed:
+        progress.note(f"the input changed since {res.output} was written: {target.changed} of its done shards "
+                      "no longer match it (images added, removed or renamed) and are redone")
     if target.done:
         progress.note(f"resuming {res.output}: {len(target.done)} shards ({target.images_done_before} images) already done")
     total = None if inp.total is None or rank.world > 1 else inp.total  # a rank does only its share

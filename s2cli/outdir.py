@@ -178,6 +178,15 @@ class OutputDir:
             if m and p.name not in marked and int(m.group(1)) not in live:
                 p.unlink(missing_ok=True)
 
+    def drop(self, markers: list[dict[str, Any]], log_errors: bool = True) -> None:
+        """Take completed shards back (their input changed): the marker first, so that the shard stops counting
+        before it goes; errors.jsonl is rebuilt without their failures."""
+        for m in markers:
+            (self.path / m["shard"]).with_suffix(".json").unlink(missing_ok=True)
+            (self.path / m["shard"]).unlink(missing_ok=True)
+        if markers and log_errors:
+            self.rebuild_errors()
+
     def next_shard_index(self, rank: int) -> int:
         used = [int(m.group(2)) for p in self.path.iterdir() if (m := SHARD_RE.match(p.name)) and int(m.group(1)) == rank]
         return max(used, default=-1) + 1

@@ -5,6 +5,7 @@ uninterrupted one would. `Target` says where a run writes, `Summary` what it did
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import socket
 import time
 from dataclasses import dataclass, field
@@ -35,6 +36,27 @@ def parts_of(unit: Unit, shard_size: int) -> int | None:
     return None if unit.size is None else -(-unit.size // shard_size)
 
 
+def keys_digest(keys: list[str]) -> str:
+    """What identifies a part of a listed unit: a digest of its keys, in order."""
+    return hashlib.sha256("\n".join(keys).encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def part_matches(marker: dict, unit: Unit | None, shard_size: int) -> bool:
+    """A done marker still describes the part of the input it names: the unit exists and (listed units) the part's
+    keys are the ones it was made from (their digest; markers written before it had one: their first and last
+    keys are among the part's keys). A tar's parts are known only once read: kept."""
+    if unit is None:
+        return False
+    keys = unit.part_keys(marker["part"], shard_size)
+    if keys is None:
+        return True
+    if not keys:
+        return False
+    if "keys_sha256" in marker:
+        return marker["keys_sha256"] == keys_digest(keys)
+    return all(k is None or k in keys for k in (marker.get("first_key"), marker.get("last_key")))
+
+
 def units_complete(units: list[Unit], markers: list[dict], shard_size: int) -> int:
     by_unit: dict[int, list[dict]] = {}
     for m in markers:
@@ -52,6 +74,7 @@ class Target:
         self.claim: Claim | None = None  # a single file's claim (a folder's are its OutputDir's)
         self.replaces: tuple[int, int, int] | None = None  # the file --overwrite may replace, as it was at the start
         self.done: dict[tuple[int, int], dict] = {}
+        self.changed = 0  # done shards that no longer matched the input (it changed since): taken back, redone
         if rank.world > 1 and self.dir is None:
             raise ConfigError("several ranks share one output, which must then be a folder",
                               given=f"-o {res.output} with {rank.world} ranks ({rank.source})", fix="pass -o OUTDIR/")
@@ -59,6 +82,7 @@ class Target:
             run = {"s2cli_version": __version__, "input": inp.describe(), "config": res.to_dict(),
                    "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
             self.dir.prepare(run, overwrite, res.compare_keys(), rank.rank, rank.world)
+            self.changed = self._drop_changed()
             self.done = {(m["unit_index"], m["part"]): m for m in self.dir.markers()}
             self.heartbeat = Heartbeat(self.dir.path, rank.rank, rank.world, rank.source)
         else:
@@ -66,6 +90,16 @@ class Target:
         self._by_unit: dict[int, list[dict]] = {}
         for (u, _), m in self.done.items():
             self._by_unit.setdefault(u, []).append(m)
+
+    def _drop_changed(self) -> int:
+        """Done shards of this rank's units (or of units that are gone) whose part of the input changed since they
+        were written (images added, removed, renamed) are taken back, so they are redone: a resume extracts what
+        a clean run over the input as it is now would."""
+        units = {u.index: u for u in self.inp.units}
+        stale = [m for m in self.dir.markers() if (m["unit_index"] not in units or self.ranks.owns(m["unit_index"]))  # type: ignore[union-attr]
+                 and not part_matches(m, units.get(m["unit_index"]), self.res.shard_size)]
+        self.dir.drop(stale, log_errors=self.ranks.world == 1)  # type: ignore[union-attr]
+        return len(stale)
 
     def _claim_file(self, out: Path, overwrite: bool) -> None:
         """Claim a single-file output (`.NAME.lock` beside it) before anything is read or written, then remove
@@ -303,7 +337,9 @@ class Run:
         st.waits["write"] += time.perf_counter() - t0
         st.busy["write"] += cur.sink.busy_s
         elapsed = time.perf_counter() - cur.started
-        t.dir.commit({
+        keys = cur.unit.part_keys(cur.part, self.res.shard_size)
+        identity = {} if keys is None else {"keys_sha256": keys_digest(keys), "num_keys": len(keys)}
+        t.dir.commit({**identity,
             "shard": path.name, "unit": cur.unit.id, "unit_index": cur.unit.index, "part": cur.part,
             "rank": t.rank, "num_images": cur.sink.n, "num_failed": len(cur.sink.failures),
             "failures": cur.sink.failures, "first_key": cur.first_key, "last_key": cur.last_key,

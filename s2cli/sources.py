@@ -66,6 +66,12 @@ class Unit:
     def size(self) -> int | None:
         return None if self._samples is None else len(self._samples)
 
+    def part_keys(self, part: int, shard_size: int) -> list[str] | None:
+        """The keys of one part of a listed unit, in order ([] past its end); None for a tar (known once read)."""
+        if self._samples is None:
+            return None
+        return [s.key for s in self._samples[part * shard_size:(part + 1) * shard_size]]
+
     def samples(self) -> Iterator[Sample | dict[str, str]]:
         """Samples in order; a dict instead of a Sample is a failure record (unreadable tar, missing image)."""
         if self._samples is not None:
