@@ -373,26 +373,59 @@ def fit_size(orig_hw: tuple[int, int], fit: str, side: int) -> tuple[int, int]:
     return side, side
 
 
+class ImageShapeError(ValueError):
+    """An image whose shape no fit can use (recorded as the image's failure, stage `preprocess`)."""
+
+
+# beyond this aspect ratio a fit does not build the intermediate image a processor would (crop: the crop box alone
+# is resized; pad: the image is reduced before it is padded), so memory stays near the output's size; the pixels
+# are then close to the processor's, not always bit-equal (Pillow's box resize rounds its passes differently)
+LONG_ASPECT = 16
+
+
+def check_shape(w: int, h: int, fit: str, side: int) -> None:
+    """Refuse an image no fit can use at `side` px: one whose aspect ratio exceeds `side` (fitted whole, its short
+    side would be under one pixel; cropped, a sliver of under 1/side of it would be kept), and with fit `keep`
+    one whose fitted size exceeds Pillow's decompression-bomb limit."""
+    ratio = max(w, h) / max(1, min(w, h))
+    if ratio > side:
+        raise ImageShapeError(f"a {w}x{h} image (aspect ratio {ratio:.0f}:1) is beyond what any fit can use at "
+                              f"{side} px (at most {side}:1); crop or split it first")
+    th, tw = fit_size((h, w), "keep", side)
+    limit = Image.MAX_IMAGE_PIXELS
+    if fit == "keep" and limit and th * tw > limit:
+        raise ImageShapeError(f"a {w}x{h} image fitted with --fit keep would be {tw}x{th}, over Pillow's "
+                              f"decompression-bomb limit of {limit} pixels; use --fit crop or pad, or crop it first")
+
+
 def fit_image(im: Image.Image, fit: str, side: int, mean: tuple[float, float, float]) -> Image.Image:
     """crop: shortest edge to `side` then center crop (CLIP's processor); squash: to side x side (SigLIP's);
     pad: to a square filled with the mean color first (LLaVA's `pad`), then resized; keep: shortest edge to
-    `side`, aspect kept. Resizes are Pillow bicubic (antialiased when shrinking), as the HF processors do."""
+    `side`, aspect kept. Resizes are Pillow bicubic (antialiased when shrinking), as the HF processors do. Past
+    an aspect ratio of LONG_ASPECT, crop resizes only the crop box and pad reduces first (close, not always
+    bit-equal); past `check_shape`, an ImageShapeError."""
+    w, h = im.size
+    check_shape(w, h, fit, side)
     if fit == "squash":
         return im.resize((side, side), Image.BICUBIC)
     if fit == "pad":
-        w, h = im.size
+        if max(w, h) > LONG_ASPECT * min(w, h) and max(w, h) > 4 * side:
+            im = im.reduce(max(w, h) // (4 * side))  # the padded canvas stays near (4 side)^2 pixels
+            w, h = im.size
         if w != h:
             canvas = Image.new("RGB", (max(w, h), max(w, h)), tuple(int(m * 255) for m in mean))
             canvas.paste(im, ((max(w, h) - w) // 2, (max(w, h) - h) // 2))
             im = canvas
         return im.resize((side, side), Image.BICUBIC)
-    w, h = im.size
     th, tw = fit_size((h, w), "keep", side)
+    top, left = (th - side) // 2, (tw - side) // 2
+    if fit == "crop" and max(w, h) > LONG_ASPECT * min(w, h):  # never the whole long strip at full size
+        sx, sy = w / tw, h / th
+        return im.resize((side, side), Image.BICUBIC, box=(left * sx, top * sy, (left + side) * sx, (top + side) * sy))
     if (tw, th) != (w, h):
         im = im.resize((tw, th), Image.BICUBIC)
     if fit == "keep":
         return im
-    top, left = (th - side) // 2, (tw - side) // 2
     return im.crop((left, top, left + side, top + side))
 
 
@@ -522,6 +555,8 @@ def read_for_device(sample: Sample, fit: Fit) -> dict[str, Any]:
         return decode_sample(sample, pil)  # the same failure record as the pil path
     t1 = time.perf_counter()
     info, reason = probe_jpeg(data)
+    if info is not None and max(info["stored_hw"]) > LONG_ASPECT * max(1, min(info["stored_hw"])):
+        info, reason = None, f"aspect ratio over {LONG_ASPECT}:1 (Pillow fits it without the full-size resize)"
     if info is None:
         rec = decode_sample(Sample(sample.key, sample.source, data=data, meta=sample.meta), pil)
         if rec["error"] is None:
