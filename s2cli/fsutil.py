@@ -160,7 +160,11 @@ def take_claim(path: Path, what: str, fix: str) -> Claim:
     import time
 
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:  # a read-only folder or mount: said before any work, in one line
+            raise ConfigError(f"cannot write in {path.parent} ({e.strerror or e})", given=str(path.parent),
+                              fix="check the permissions of the output folder, or pass another -o") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -241,7 +241,7 @@ def test_ctrl_c_during_a_run_with_two_decode_workers_ends_it_within_seconds(tmp_
 # ---- 6. SIGTERM to a --devices parent ----------------------------------------------------------------------------
 @pytest.mark.slow
 def test_sigterm_to_a_devices_parent_stops_its_workers(tmp_path):
-    d = images(tmp_path / "in", 8)
+    d = images(tmp_path / "in", 24)  # about a minute of work: the workers cannot simply finish meanwhile
     out = tmp_path / "out"
     slow = ["-m", "timm:test_vit", "--random-init", "--scales", "1,2,3", "-j", "0", "-b", "1", "--shard-size", "1"]
     p = subprocess.Popen([sys.executable, "-m", "s2cli", "extract", str(d), "-o", f"{out}/", *slow, "--devices",
@@ -255,7 +255,7 @@ def test_sigterm_to_a_devices_parent_stops_its_workers(tmp_path):
         assert all(alive(x) for x in pids)
         p.send_signal(signal.SIGTERM)  # the parent alone, as a scheduler or `kill` does
         p.communicate(timeout=60)
-        wait_for(lambda: not any(alive(x) for x in pids), "the workers to end with their parent", 30)
+        wait_for(lambda: not any(alive(x) for x in pids), "the workers to end with their parent", 15)
     finally:
         for x in pids:
             if alive(x):
@@ -265,7 +265,8 @@ def test_sigterm_to_a_devices_parent_stops_its_workers(tmp_path):
     assert p.returncode == 143
     assert not [x for x in out.iterdir() if ".tmp-" in x.name]
     states = {json.loads(h.read_text())["state"] for h in hb}
-    assert states <= {"failed", "done"}  # each worker said how it ended
+    assert states == {"failed"}  # stopped, not finished, and each said so in its heartbeat
+    assert len(list(out.glob("part-*.json"))) < 24
 
 
 # ---- 7. SIGTERM of a single-file run -------------------------------------------------------------------------------
@@ -297,3 +298,21 @@ def test_a_later_run_removes_the_temporaries_of_dead_runs_of_its_file(cli, tmp_p
     r = cli("extract", d, *MODEL, "-j", 0, "-o", out, "-q")
     assert r.exit_code == 0, r.stderr
     assert not leftover.exists() and other.exists()
+
+
+# ---- the claim of an output that cannot be written --------------------------------------------------------------
+@pytest.mark.slow
+def test_a_read_only_output_folder_is_one_line_exit_2_before_any_work(tmp_path):
+    d = images(tmp_path / "in", 1)
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    try:  # as root, drop the capability that ignores permissions (as test_faults does for unreadable files)
+        r = subprocess.run(["setpriv", "--bounding-set=-dac_override,-dac_read_search", sys.executable, "-m", "s2cli",
+                            "extract", str(d), *MODEL, "-o", str(ro / "x.h5"), "-q"], capture_output=True, text=True,
+                           timeout=120)
+    except FileNotFoundError:
+        pytest.skip("setpriv is not installed")
+    finally:
+        ro.chmod(0o755)
+    assert r.returncode == 2 and "cannot write in" in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
