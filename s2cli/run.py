@@ -123,11 +123,17 @@ class Target:
     def failures_before(self) -> int:
         return sum(m["num_failed"] for m in self.done.values())
 
-    def close(self, state: str, error: str | None = None) -> None:
-        """Say in this rank's heartbeat how it ended (done or failed)."""
+    def close(self, state: str, error: str | None = None, release: bool = True) -> None:
+        """Say in this rank's heartbeat how it ended (done or failed) and, unless told not to, give back the claim
+        on the output."""
         if self.heartbeat is not None:
             self.heartbeat.close(state, error)
             self.heartbeat = None
+        if release:
+            self.release()
+
+    def release(self) -> None:
+        """Give back the claim on the output (another run may take it from now on)."""
         if self.dir is not None:
             self.dir.release()
         if self.claim is not None:
@@ -403,9 +409,16 @@ class Run:
         return s
 
     def _finalize_dir(self, s: Summary) -> None:
+        t = self.target
+        t.close("done", release=False)
+        try:
+            self._write_manifest(s)
+        finally:
+            t.release()  # after the manifest: a run that claims the folder next sees it
+
+    def _write_manifest(self, s: Summary) -> None:
         t, units = self.target, self.inp.units
         ranks = t.ranks
-        t.close("done")
 
         def done(markers: list[dict]) -> int:
             return units_complete(units, markers, self.res.shard_size)
