@@ -82,9 +82,13 @@ class Target:
             run = {"s2cli_version": __version__, "input": inp.describe(), "config": res.to_dict(),
                    "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
             self.dir.prepare(run, overwrite, res.compare_keys(), rank.rank, rank.world)
-            self.changed = self._drop_changed()
-            self.done = {(m["unit_index"], m["part"]): m for m in self.dir.markers()}
-            self.heartbeat = Heartbeat(self.dir.path, rank.rank, rank.world, rank.source)
+            try:
+                self.changed = self._drop_changed()
+                self.done = {(m["unit_index"], m["part"]): m for m in self.dir.markers()}
+                self.heartbeat = Heartbeat(self.dir.path, rank.rank, rank.world, rank.source)
+            except BaseException:
+                self.release()
+                raise
         else:
             self._claim_file(Path(res.output), overwrite)
         self._by_unit: dict[int, list[dict]] = {}
