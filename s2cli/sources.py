@@ -306,8 +306,8 @@ def _read(sample: Sample) -> Any:
 
 def load_rgb(fh: Any) -> tuple[Image.Image, dict[str, Any]]:
     """Decode one image to RGB the way the HF processors do, and say what was done when it was not plain RGB:
-    EXIF orientation applied; the first frame of an animation; alpha (RGBA, LA, palette transparency) composited
-    on white; 16-bit grayscale (PNG/TIFF) scaled to 8 bits, not clipped; CMYK, palette, 1-bit and gray converted.
+    EXIF orientation applied; the first frame of an animation; alpha (RGBA, LA, palette transparency, the colour
+    key of an RGB or grayscale PNG) composited on white; 16-bit grayscale (PNG/TIFF) scaled to 8 bits, not clipped; CMYK, palette, 1-bit and gray converted.
     Images over Pillow's decompression-bomb limit (`PIL.Image.MAX_IMAGE_PIXELS`) are refused from their header."""
     notes: dict[str, Any] = {}
     with warnings.catch_warnings():
@@ -338,7 +338,9 @@ def load_rgb(fh: Any) -> tuple[Image.Image, dict[str, Any]]:
         a = np.asarray(im, dtype=np.float64)
         hi = 1.0 if a.size and np.nanmax(a) <= 1.0 else 255.0
         im = Image.fromarray(np.clip(np.round(np.nan_to_num(a) * (255.0 / hi)), 0, 255).astype(np.uint8), "L")
-    if mode in ("RGBA", "LA", "PA", "RGBa", "La") or (mode == "P" and "transparency" in im.info):
+    # transformers' convert_to_rgb composites any image with an alpha band or a transparency entry (a palette's,
+    # or the colour key of an RGB or grayscale PNG: tRNS)
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La") or im.info.get("transparency") is not None:
         rgba = im.convert("RGBA")
         canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         canvas.alpha_composite(rgba)
