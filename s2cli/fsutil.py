@@ -182,8 +182,11 @@ def take_claim(path: Path, what: str, fix: str) -> Claim:
         if current:
             break
         os.close(fd)  # its holder released it between our open and our lock: claim the new file
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "started": time.time()}).encode(), 0)
+    try:  # who holds it, for the message another run gets; the lock itself is what counts (a full disk is no reason to stop)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "started": time.time()}).encode(), 0)
+    except OSError:
+        pass
     return Claim(path, fd)
 
 
