@@ -182,9 +182,10 @@ def take_claim(path: Path, what: str, fix: str) -> Claim:
         if current:
             break
         os.close(fd)  # its holder released it between our open and our lock: claim the new file
-    try:  # who holds it, for the message another run gets; the lock itself is what counts (a full disk is no reason to stop)
+    holder = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time()}
+    try:  # for the message another run gets; the lock is what counts (a full disk is no reason to stop here)
         os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "started": time.time()}).encode(), 0)
+        os.pwrite(fd, json.dumps(holder).encode(), 0)
     except OSError:
         pass
     return Claim(path, fd)

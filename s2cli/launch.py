@@ -184,7 +184,8 @@ def sigterm_raises() -> Iterator[None]:
     """While inside, SIGTERM raises `Terminated` in the main thread, so temporaries are removed, the heartbeat
     says why and `--devices` workers are stopped. Only where SIGTERM still has its default action: a handler the
     caller (or a launcher) installed stays in charge."""
-    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+    main = threading.current_thread() is threading.main_thread()
+    if not main or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
         yield
         return
 
