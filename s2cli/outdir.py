@@ -137,8 +137,9 @@ class OutputDir:
         if liveness(mine) == "running" and mine["pid"] != os.getpid():  # type: ignore[index]
             live.add(f"rank {rank}: host {mine['host']} pid {mine['pid']}")  # type: ignore[index]
         if live:
-            raise ConfigError(f"--overwrite would delete the output of a run that is still writing it ({'; '.join(sorted(live))})",
-                              given=str(self.path), fix="wait for that run to end (or stop it), then rerun; or pass another -o")
+            raise ConfigError(f"--overwrite would delete the output of a run that is still writing it "
+                              f"({'; '.join(sorted(live))})", given=str(self.path),
+                              fix="wait for that run to end (or stop it), then rerun; or pass another -o")
 
     def check_same(self, run: dict[str, Any], compare: list[str]) -> None:
         old = json.loads(self.run_file.read_text())

@@ -100,8 +100,9 @@ class Target:
         were written (images added, removed, renamed) are taken back, so they are redone: a resume extracts what
         a clean run over the input as it is now would."""
         units = {u.index: u for u in self.inp.units}
-        stale = [m for m in self.dir.markers() if (m["unit_index"] not in units or self.ranks.owns(m["unit_index"]))  # type: ignore[union-attr]
-                 and not part_matches(m, units.get(m["unit_index"]), self.res.shard_size)]
+        mine = [m for m in self.dir.markers()  # type: ignore[union-attr]
+                if m["unit_index"] not in units or self.ranks.owns(m["unit_index"])]
+        stale = [m for m in mine if not part_matches(m, units.get(m["unit_index"]), self.res.shard_size)]
         self.dir.drop(stale, log_errors=self.ranks.world == 1)  # type: ignore[union-attr]
         return len(stale)
 

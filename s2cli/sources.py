@@ -307,7 +307,8 @@ def _read(sample: Sample) -> Any:
 def load_rgb(fh: Any) -> tuple[Image.Image, dict[str, Any]]:
     """Decode one image to RGB the way the HF processors do, and say what was done when it was not plain RGB:
     EXIF orientation applied; the first frame of an animation; alpha (RGBA, LA, palette transparency, the colour
-    key of an RGB or grayscale PNG) composited on white; 16-bit grayscale (PNG/TIFF) scaled to 8 bits, not clipped; CMYK, palette, 1-bit and gray converted.
+    key of an RGB or grayscale PNG) composited on white; 16-bit grayscale (PNG/TIFF) scaled to 8 bits, not
+    clipped; CMYK, palette, 1-bit and gray converted.
     Images over Pillow's decompression-bomb limit (`PIL.Image.MAX_IMAGE_PIXELS`) are refused from their header."""
     notes: dict[str, Any] = {}
     with warnings.catch_warnings():

@@ -44,8 +44,8 @@ def test_a_keyed_png_is_extracted_with_the_note(cli, tmp_path):
     d = tmp_path / "in"
     d.mkdir()
     (d / "keyed.png").write_bytes(keyed_png("RGB"))
-    r = cli("extract", d, "-m", "timm:test_resnet", "--random-init", "--img-sizes", "64,128", "--max-split-size", "64", "-j", "0", "-o",
-            tmp_path / "o.h5", "-q")
+    r = cli("extract", d, "-m", "timm:test_resnet", "--random-init", "--img-sizes", "64,128", "--max-split-size", "64",
+            "-j", "0", "-o", tmp_path / "o.h5", "-q")
     assert r.exit_code == 0, r.stderr
     with open_features(tmp_path / "o.h5") as f:
         assert f.meta("keyed")["meta"]["decode"]["alpha"] == "composited on white"
