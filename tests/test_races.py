@@ -86,8 +86,8 @@ def images(d: Path, n: int, seed: int = 0, prefix: str = "img") -> Path:
 def test_two_runs_on_one_file_at_once_one_is_refused_and_nothing_is_replaced(tmp_path):
     a, b = images(tmp_path / "a", 3, 0, "a"), images(tmp_path / "b", 3, 10, "b")
     out = tmp_path / "same.h5"
-    r = together(tmp_path, {"A": (0.4, a, *MODEL, "-j", 0, "-b", 1, "-o", out, "-q"),
-                             "B": (0.4, b, *MODEL, "-j", 0, "-b", 1, "-o", out, "-q")})
+    r = together(tmp_path, {"A": (1.0, a, *MODEL, "-j", 0, "-b", 1, "-o", out, "-q"),
+                             "B": (1.0, b, *MODEL, "-j", 0, "-b", 1, "-o", out, "-q")})
     assert sorted(x.returncode for x in r.values()) == [0, 2], {n: x.stderr[-2000:] for n, x in r.items()}
     won = next(n for n, x in r.items() if x.returncode == 0)
     lost = r["B" if won == "A" else "A"]
@@ -136,7 +136,7 @@ def test_two_runs_on_one_folder_at_once_one_is_refused(tmp_path):
     (d / "broken.jpg").write_bytes(b"not a jpeg")
     out = tmp_path / "out"
     args = (d, *MODEL, "-j", 0, "-b", 1, "--shard-size", 2, "-o", f"{out}/", "-q")
-    r = together(tmp_path, {"A": (0.4, *args), "B": (0.4, *args)})
+    r = together(tmp_path, {"A": (1.0, *args), "B": (1.0, *args)})  # each holds its claim for seconds
     assert sorted(x.returncode for x in r.values()) == [0, 2], {n: x.stderr[-2000:] for n, x in r.items()}
     lost = next(x for x in r.values() if x.returncode == 2)
     assert "rank 0 of" in lost.stderr and "is being written by another run" in lost.stderr
