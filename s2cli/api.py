@@ -64,30 +64,45 @@ def extract(input: str | Input, output: str | None = None, *, recipe: str | None
         >>> s = s2cli.extract("photos/", "feats.h5", model="clip-vit-l-336", scales=(1, 2, 3))
         >>> s.num_images, s.images_per_s
     """
-    from .launch import discover_rank, pin_device, rank_device
-    from .run import Run, Target
+    from .launch import die_with_parent, discover_rank, sigterm_raises
 
     spec = input.spec if isinstance(input, Input) else input
     res = config if config is not None else settings(spec, output, recipe=recipe, **options)
     inp = input if isinstance(input, Input) else open_inputs(res)
     rank = discover_rank()
+    if rank.source == "devices":
+        die_with_parent()
+    with sigterm_raises():  # SIGTERM: the unfinished shard or file is removed, the claim given back, exit 143
+        return _extract(res, inp, rank, output is None and config is None, overwrite, progress, backbone)
+
+
+def _extract(res: Resolved, inp: Input, rank: Any, named: bool, overwrite: bool, progress: Progress | None,
+             backbone: Any) -> Any:
+    from .launch import pin_device, rank_device
+    from .run import Run, Target
+
     device = rank_device(res.device, rank)
-    target = Target(res, inp, overwrite, rank)  # refuses a clashing output before any weights load
-    pin_device(device)  # before the model loads
+    target = Target(res, inp, overwrite, rank)  # claims the output, refuses a clashing one before any weights load
     try:
+        pin_device(device)  # before the model loads
         backbone = backbone if backbone is not None else load(res)
-    except BaseException as e:
+        run = Run(res, inp, target, backbone, device)
+    except BaseException as e:  # the claim is given back (and a folder's heartbeat says why)
         target.close("failed", e.one_line() if isinstance(e, S2Error) else f"{type(e).__name__}: {e}")
         raise
     progress = progress or Progress()
-    if output is None and config is None:
+    if named:
         progress.note(f"writing {res.output}")
+    if target.changed:
+        progress.note(f"the input changed since {res.output} was written: {target.changed} of its done shards "
+                      "no longer match it (images added, removed or renamed) and are redone")
     if target.done:
         progress.note(f"resuming {res.output}: {len(target.done)} shards ({target.images_done_before} images) already done")
     total = None if inp.total is None or rank.world > 1 else inp.total  # a rank does only its share
     progress.start(res, total, target.images_done_before + target.failures_before, len(target.done), rank.rank)
+    run.on_progress = progress.update
     try:
-        return Run(res, inp, target, backbone, device, on_progress=progress.update).execute()
+        return run.execute()
     finally:
         progress.finish()
 

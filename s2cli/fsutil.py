@@ -7,7 +7,7 @@ import os
 import shutil
 from pathlib import Path
 
-from .errors import S2Error
+from .errors import ConfigError, S2Error
 
 
 def human_bytes(n: float) -> str:
@@ -71,11 +71,30 @@ def create_exclusive(path: Path, text: str) -> bool:
         tmp.unlink(missing_ok=True)
 
 
-def fsync_rename(tmp: Path, final: Path) -> None:
-    """Make the complete file `tmp` durable, then give it its final name (and make the rename durable too)."""
+def file_identity(path: Path) -> tuple[int, int, int] | None:
+    """What tells one file from another under the same name (device, inode, mtime); None when there is none."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_dev, st.st_ino, st.st_mtime_ns
+
+
+def fsync_rename(tmp: Path, final: Path, guard: bool = False, replaces: tuple[int, int, int] | None = None) -> None:
+    """Make the complete file `tmp` durable, then give it its final name (and make the rename durable too).
+    `guard`: replace only the file `replaces` (its `file_identity` when the run began; None: nothing), never a
+    file that appeared under the name since: FileExistsError then, and `tmp` stays."""
     with open(tmp, "rb+") as fh:
         os.fsync(fh.fileno())
-    os.replace(tmp, final)
+    if not guard:
+        os.replace(tmp, final)
+    elif replaces is None or file_identity(final) is None:
+        os.link(tmp, final)  # never replaces: FileExistsError when a file appeared under the name
+        os.unlink(tmp)
+    elif file_identity(final) == replaces:
+        os.replace(tmp, final)
+    else:
+        raise FileExistsError(errno.EEXIST, "another file appeared under this name during the run", str(final))
     dfd = os.open(final.parent, os.O_RDONLY)
     try:
         os.fsync(dfd)
@@ -92,3 +111,100 @@ def pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+class Claim:
+    """An exclusive claim on an output, held while this process lives: a lock file, `flock`ed and carrying the
+    holder's host, pid and start time. The kernel drops the lock when its process ends, however it ends (kill -9
+    included), so a dead claim is simply taken over; `release()` removes the file. On a file system without
+    locks nothing is held (`held` is False) and the heartbeats alone tell a live run."""
+
+    def __init__(self, path: Path, fd: int | None):
+        self.path, self.fd = path, fd
+
+    @property
+    def held(self) -> bool:
+        return self.fd is not None
+
+    def release(self) -> None:
+        if self.fd is None:
+            return
+        try:
+            if os.stat(self.path).st_ino == os.fstat(self.fd).st_ino:
+                self.path.unlink()  # while still locked: a waiting claimant finds the file gone and retries
+        except OSError:
+            pass
+        os.close(self.fd)
+        self.fd = None
+
+
+def _holder(fd: int) -> str:
+    """Who holds a claim, from its lock file: `host H pid P since T`."""
+    import json
+    import time
+
+    try:
+        h = json.loads(os.pread(fd, 4096, 0).decode() or "{}")
+        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(h["started"])))
+        return f"host {h['host']} pid {h['pid']} since {since}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "a process that is just starting"
+
+
+def take_claim(path: Path, what: str, fix: str) -> Claim:
+    """Claim `what` through the lock file `path` (created if missing) before anything of it is read or written. A
+    live holder is refused (ConfigError naming its host and pid, with `fix`); a dead one is taken over."""
+    import fcntl
+    import json
+    import socket
+    import time
+
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:  # a read-only folder or mount: said before any work, in one line
+            raise ConfigError(f"cannot write in {path.parent} ({e.strerror or e})", given=str(path.parent),
+                              fix="check the permissions of the output folder, or pass another -o") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _holder(fd)
+            os.close(fd)
+            raise ConfigError(f"{what} is being written by another run ({holder})", given=str(path.parent),
+                              fix=fix) from None
+        except OSError:  # no locks on this file system (ENOLCK, EOPNOTSUPP): the heartbeats still refuse a live run
+            os.close(fd)
+            return Claim(path, None)
+        try:
+            current = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            current = False
+        if current:
+            break
+        os.close(fd)  # its holder released it between our open and our lock: claim the new file
+    holder = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time()}
+    try:  # for the message another run gets; the lock is what counts (a full disk is no reason to stop here)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(holder).encode(), 0)
+    except OSError:
+        pass
+    return Claim(path, fd)
+
+
+def claim_held(path: Path) -> str | None:
+    """Who holds the claim of the lock file `path` now (`host H pid P since T`), or None when nobody does."""
+    import fcntl
+
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return None
+    except BlockingIOError:
+        return _holder(fd)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)

@@ -2,9 +2,13 @@
 this process's rank (torchrun, SLURM tasks or arrays, `--devices` workers) and pins its device."""
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
+import threading
+import time
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Iterator, Mapping
 
 from ._lazy import torch
 from .errors import ConfigError
@@ -169,40 +173,105 @@ def final_barrier(rank: Rank) -> bool:
             dist.destroy_process_group()
 
 
+class Terminated(SystemExit):
+    """SIGTERM arrived (raised by `sigterm_raises`): the run's cleanup runs as for any error, then the process
+    exits with 143, the status a shell shows for a process ended by SIGTERM."""
+
+
+@contextlib.contextmanager
+def sigterm_raises() -> Iterator[None]:
+    """While inside, SIGTERM raises `Terminated` in the main thread, so temporaries are removed, the heartbeat
+    says why and `--devices` workers are stopped. Only where SIGTERM still has its default action: a handler the
+    caller (or a launcher) installed stays in charge."""
+    main = threading.current_thread() is threading.main_thread()
+    if not main or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        yield
+        return
+
+    def handler(signum: int, frame: object) -> None:
+        raise Terminated(128 + signum)
+
+    signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+PARENT_ENV = "S2CLI_PARENT_PID"  # a `--devices` worker's parent: the worker ends when it does
+
+
+def die_with_parent() -> None:
+    """In a `--devices` worker: get SIGTERM when the parent process ends, however it ends (Linux), and end now if
+    it is already gone, so that no worker extracts on unseen as an orphan."""
+    parent = os.environ.get(PARENT_ENV, "")
+    if not parent.isdigit():
+        return
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: the parent still forwards SIGTERM and SIGINT
+        pass
+    if os.getppid() != int(parent):
+        raise Terminated(128 + signal.SIGTERM)
+
+
+def _stop(procs: list, deadline: float = 10.0) -> None:
+    """SIGTERM every worker still running, then SIGKILL those still there after `deadline` seconds; reap all."""
+    import subprocess
+
+    for p in procs:
+        if p.poll() is None:
+            p.terminate()
+    end = time.monotonic() + deadline
+    for p in procs:
+        try:
+            p.wait(timeout=max(0.0, end - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
 def run_workers(argv: list[str], devices: list[str]) -> list[dict]:
     """`--devices`: start `argv --device D --json -q` once per device, as rank i of len(devices) (RANK,
     WORLD_SIZE, LOCAL_RANK in its environment), wait for all, and return each worker's exit code, JSON summary
-    and last error line. Workers share nothing but the output folder; one failing does not stop the others."""
-    import json
+    and last error line. Workers share nothing but the output folder; one failing does not stop the others.
+    SIGTERM or Ctrl-C to this process stops the workers (SIGTERM, then SIGKILL after a deadline) before it ends;
+    a worker also ends when this process dies (`die_with_parent`)."""
     import subprocess
     import tempfile
 
-    procs = []
-    try:
-        for i, dev in enumerate(devices):
-            env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT")}
-            env.update(RANK=str(i), WORLD_SIZE=str(len(devices)), LOCAL_RANK=str(i), S2CLI_RANK_SOURCE="devices")
-            log = tempfile.TemporaryFile(mode="w+")
-            procs.append((dev, log, subprocess.Popen([*argv, "--device", dev, "--json", "-q"], env=env,
-                                                     stdout=subprocess.PIPE, stderr=log, text=True)))
-        results = []
-        for i, (dev, log, p) in enumerate(procs):
-            stdout, _ = p.communicate()
-            log.seek(0)
-            errors = [line.strip() for line in log.read().splitlines() if line.strip()]
-            log.close()
-            summary = None
-            for line in reversed(stdout.splitlines()):
-                try:
-                    summary = json.loads(line)
-                    break
-                except ValueError:
-                    continue
-            results.append({"rank": i, "device": dev, "exit_code": p.returncode, "summary": summary,
-                            "error": errors[-1] if p.returncode != 0 and errors else None})
-        return results
-    finally:
-        for _, _, p in procs:
-            if p.poll() is None:
-                p.terminate()
-                p.wait()
+    procs: list[subprocess.Popen] = []
+    with sigterm_raises():
+        try:
+            logs = []
+            for i, dev in enumerate(devices):
+                env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT")}
+                env.update(RANK=str(i), WORLD_SIZE=str(len(devices)), LOCAL_RANK=str(i), S2CLI_RANK_SOURCE="devices",
+                           **{PARENT_ENV: str(os.getpid())})
+                logs.append(tempfile.TemporaryFile(mode="w+"))
+                procs.append(subprocess.Popen([*argv, "--device", dev, "--json", "-q"], env=env,
+                                              stdout=subprocess.PIPE, stderr=logs[-1], text=True))
+            return [_result(i, dev, p, log) for i, (dev, p, log) in enumerate(zip(devices, procs, logs))]
+        finally:
+            _stop(procs)
+
+
+def _result(i: int, dev: str, p, log) -> dict:
+    """A worker's end: its exit code, its JSON summary (the last JSON line it printed), its last error line."""
+    import json
+
+    stdout, _ = p.communicate()
+    log.seek(0)
+    errors = [line.strip() for line in log.read().splitlines() if line.strip()]
+    log.close()
+    summary = None
+    for line in reversed(stdout.splitlines()):
+        try:
+            summary = json.loads(line)
+            break
+        except ValueError:
+            continue
+    return {"rank": i, "device": dev, "exit_code": p.returncode, "summary": summary,
+            "error": errors[-1] if p.returncode != 0 and errors else None}

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
-from .fsutil import atomic_write_text, create_exclusive, pid_alive, write_error
+from .fsutil import Claim, atomic_write_text, claim_held, create_exclusive, pid_alive, take_claim, write_error
 from .heartbeat import live_ranks, liveness, read_heartbeats
 
 SHARD_RE = re.compile(r"^part-(\d{5})-(\d{5})\.(h5|safetensors)$")
@@ -19,6 +19,7 @@ OURS_RE = re.compile(r"^(part-\d{5}-\d{5}\.(h5|safetensors|json)|run\.json|manif
 # files `s2 slurm` puts beside the run (its script and SLURM's logs): ours, but not output; --overwrite keeps them
 SIDE_RE = re.compile(r"^(s2-slurm\.sbatch|slurm-\d+(_\d+)?\.out)$")
 RANK_TMP_RE = re.compile(r"^\.part-(\d{5})-\d{5}\.(h5|safetensors|json)\.tmp-\d+$")
+LOCK_RE = re.compile(r"^\.rank-(\d{5})\.lock$")
 
 
 # settings an older version saved that no longer exist and decided nothing on their own (extra_prefix repeated
@@ -44,6 +45,18 @@ class OutputDir:
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
+        self.claims: dict[int, Claim] = {}  # rank -> this process's claim on it (`.rank-RRRRR.lock`)
+
+    def claim(self, rank: int) -> None:
+        """Claim `rank` of this folder for this process (held until `release`): a live run holding it is refused."""
+        if rank not in self.claims:
+            self.claims[rank] = take_claim(self.path / f".rank-{rank:05d}.lock", f"rank {rank} of {self.path}", (
+                "wait for that run to end, or pass another -o; a killed run's claim ends with its process"))
+
+    def release(self) -> None:
+        for c in self.claims.values():
+            c.release()
+        self.claims = {}
 
     @property
     def run_file(self) -> Path:
@@ -83,12 +96,21 @@ class OutputDir:
             raise ConfigError("--overwrite cannot be used by several ranks at once (each would delete the others' "
                               "new shards)", given=f"{world} ranks", fix=f"remove {self.path} first, then run without --overwrite")
         self.path.mkdir(parents=True, exist_ok=True)
+        self.claim(rank)  # before anything is read or written: a second run of this rank is refused here
+        try:
+            self._prepare(run, overwrite, compare, rank, world)
+        except BaseException:
+            self.release()
+            raise
+
+    def _prepare(self, run: dict[str, Any], overwrite: bool, compare: list[str], rank: int, world: int) -> None:
         entries = [p for p in self.path.iterdir() if not p.name.startswith(".") and not SIDE_RE.match(p.name)]
         foreign = [p.name for p in entries if not OURS_RE.match(p.name)]
         if foreign:
             raise ConfigError(f"output folder holds files s2cli did not write, e.g. {foreign[0]}", given=str(self.path),
                               fix="pass a new or empty folder")
         if overwrite:
+            self._refuse_live(rank)
             for p in entries:
                 p.unlink()
             for p in self.path.glob(".*.tmp-*"):
@@ -103,6 +125,21 @@ class OutputDir:
         self._clean_leftovers(rank)
         if world == 1:
             self.rebuild_errors()
+
+    def _refuse_live(self, rank: int) -> None:
+        """--overwrite deletes everything: refused while any other rank of this folder is alive (its claim held,
+        or its heartbeat fresh)."""
+        live = {f"rank {int(m.group(1))}: {who}" for p in self.path.glob(".rank-*.lock")
+                if (m := LOCK_RE.match(p.name)) and int(m.group(1)) != rank and (who := claim_held(p))}
+        hbs = read_heartbeats(self.path)
+        live |= {f"rank {r}: host {hbs[r].get('host')} pid {hbs[r].get('pid')}" for r in live_ranks(self.path, rank)}
+        mine = hbs.get(rank)
+        if liveness(mine) == "running" and mine["pid"] != os.getpid():  # type: ignore[index]
+            live.add(f"rank {rank}: host {mine['host']} pid {mine['pid']}")  # type: ignore[index]
+        if live:
+            raise ConfigError(f"--overwrite would delete the output of a run that is still writing it "
+                              f"({'; '.join(sorted(live))})", given=str(self.path),
+                              fix="wait for that run to end (or stop it), then rerun; or pass another -o")
 
     def check_same(self, run: dict[str, Any], compare: list[str]) -> None:
         old = json.loads(self.run_file.read_text())
@@ -141,6 +178,15 @@ class OutputDir:
             m = SHARD_RE.match(p.name)
             if m and p.name not in marked and int(m.group(1)) not in live:
                 p.unlink(missing_ok=True)
+
+    def drop(self, markers: list[dict[str, Any]], log_errors: bool = True) -> None:
+        """Take completed shards back (their input changed): the marker first, so that the shard stops counting
+        before it goes; errors.jsonl is rebuilt without their failures."""
+        for m in markers:
+            (self.path / m["shard"]).with_suffix(".json").unlink(missing_ok=True)
+            (self.path / m["shard"]).unlink(missing_ok=True)
+        if markers and log_errors:
+            self.rebuild_errors()
 
     def next_shard_index(self, rank: int) -> int:
         used = [int(m.group(2)) for p in self.path.iterdir() if (m := SHARD_RE.match(p.name)) and int(m.group(1)) == rank]

@@ -5,6 +5,7 @@ uninterrupted one would. `Target` says where a run writes, `Summary` what it did
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import socket
 import time
@@ -18,6 +19,7 @@ from .backbones import Backbone
 from .config import Resolved
 from .errors import ConfigError, S2Error
 from .extractor import Extractor
+from .fsutil import Claim, file_identity, take_claim
 from .heartbeat import Heartbeat
 from .launch import Rank, final_barrier, resolve_precision
 from .outdir import OutputDir, unit_complete
@@ -26,7 +28,7 @@ from .reduce import parse as parse_reduce
 from .sources import DecodePool, Input, Sample, Unit
 from .strategies import strategy_of
 from .version import __version__
-from .writers import SINKS, ThreadedSink, check_output_file, itemsize
+from .writers import SINKS, ThreadedSink, check_output_file, itemsize, remove_dead_temporaries
 
 Progress = Callable[[int, int, int], None]  # (images done, failed, shards written) in this run
 
@@ -34,6 +36,27 @@ Progress = Callable[[int, int, int], None]  # (images done, failed, shards writt
 def parts_of(unit: Unit, shard_size: int) -> int | None:
     """How many parts (output shards) a unit has: known for a listed unit, not for a tar until it was read."""
     return None if unit.size is None else -(-unit.size // shard_size)
+
+
+def keys_digest(keys: list[str]) -> str:
+    """What identifies a part of a listed unit: a digest of its keys, in order."""
+    return hashlib.sha256("\n".join(keys).encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def part_matches(marker: dict, unit: Unit | None, shard_size: int) -> bool:
+    """A done marker still describes the part of the input it names: the unit exists and (listed units) the part's
+    keys are the ones it was made from (their digest; markers written before it had one: their first and last
+    keys are among the part's keys). A tar's parts are known only once read: kept."""
+    if unit is None:
+        return False
+    keys = unit.part_keys(marker["part"], shard_size)
+    if keys is None:
+        return True
+    if not keys:
+        return False
+    if "keys_sha256" in marker:
+        return marker["keys_sha256"] == keys_digest(keys)
+    return all(k is None or k in keys for k in (marker.get("first_key"), marker.get("last_key")))
 
 
 def units_complete(units: list[Unit], markers: list[dict], shard_size: int) -> int:
@@ -50,7 +73,10 @@ class Target:
         self.res, self.inp, self.ranks, self.rank = res, inp, rank, rank.rank
         self.dir = OutputDir(res.output) if res.output_is_dir else None
         self.heartbeat = None
+        self.claim: Claim | None = None  # a single file's claim (a folder's are its OutputDir's)
+        self.replaces: tuple[int, int, int] | None = None  # the file --overwrite may replace, as it was at the start
         self.done: dict[tuple[int, int], dict] = {}
+        self.changed = 0  # done shards that no longer matched the input (it changed since): taken back, redone
         if rank.world > 1 and self.dir is None:
             raise ConfigError("several ranks share one output, which must then be a folder",
                               given=f"-o {res.output} with {rank.world} ranks ({rank.source})", fix="pass -o OUTDIR/")
@@ -58,13 +84,43 @@ class Target:
             run = {"s2cli_version": __version__, "input": inp.describe(), "config": res.to_dict(),
                    "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
             self.dir.prepare(run, overwrite, res.compare_keys(), rank.rank, rank.world)
-            self.done = {(m["unit_index"], m["part"]): m for m in self.dir.markers()}
-            self.heartbeat = Heartbeat(self.dir.path, rank.rank, rank.world, rank.source)
+            try:
+                self.changed = self._drop_changed()
+                self.done = {(m["unit_index"], m["part"]): m for m in self.dir.markers()}
+                self.heartbeat = Heartbeat(self.dir.path, rank.rank, rank.world, rank.source)
+            except BaseException:
+                self.release()
+                raise
         else:
-            check_output_file(Path(res.output), overwrite)
+            self._claim_file(Path(res.output), overwrite)
         self._by_unit: dict[int, list[dict]] = {}
         for (u, _), m in self.done.items():
             self._by_unit.setdefault(u, []).append(m)
+
+    def _drop_changed(self) -> int:
+        """Done shards of this rank's units (or of units that are gone) whose part of the input changed since they
+        were written (images added, removed, renamed) are taken back, so they are redone: a resume extracts what
+        a clean run over the input as it is now would."""
+        units = {u.index: u for u in self.inp.units}
+        mine = [m for m in self.dir.markers()  # type: ignore[union-attr]
+                if m["unit_index"] not in units or self.ranks.owns(m["unit_index"])]
+        stale = [m for m in mine if not part_matches(m, units.get(m["unit_index"]), self.res.shard_size)]
+        self.dir.drop(stale, log_errors=self.ranks.world == 1)  # type: ignore[union-attr]
+        return len(stale)
+
+    def _claim_file(self, out: Path, overwrite: bool) -> None:
+        """Claim a single-file output (`.NAME.lock` beside it) before anything is read or written, then remove
+        the temporaries of dead runs of it. The file there now is the only one the final rename may replace."""
+        check_output_file(out, overwrite)
+        self.claim = take_claim(out.with_name(f".{out.name}.lock"), str(out), fix=(
+            "wait for that run to end, or pass another -o; a killed run's claim ends with its process"))
+        try:
+            check_output_file(out, overwrite)  # again: a run that just ended may have written it
+            self.replaces = file_identity(out)
+            remove_dead_temporaries(out)
+        except BaseException:
+            self.close("failed")
+            raise
 
     @property
     def images_done_before(self) -> int:
@@ -74,11 +130,22 @@ class Target:
     def failures_before(self) -> int:
         return sum(m["num_failed"] for m in self.done.values())
 
-    def close(self, state: str, error: str | None = None) -> None:
-        """Say in this rank's heartbeat how it ended (done or failed)."""
+    def close(self, state: str, error: str | None = None, release: bool = True) -> None:
+        """Say in this rank's heartbeat how it ended (done or failed) and, unless told not to, give back the claim
+        on the output."""
         if self.heartbeat is not None:
             self.heartbeat.close(state, error)
             self.heartbeat = None
+        if release:
+            self.release()
+
+    def release(self) -> None:
+        """Give back the claim on the output (another run may take it from now on)."""
+        if self.dir is not None:
+            self.dir.release()
+        if self.claim is not None:
+            self.claim.release()
+            self.claim = None
 
     def unit_done(self, unit: Unit) -> bool:
         """Every part of the unit is done, so it need not even be read."""
@@ -183,6 +250,8 @@ class Run:
         self.batch: list[dict] = []
         self.in_flight: list[tuple[_Part, list[dict], list[Callable[[], list]]]] = []
         self.file_sink = self._new_sink(res.output) if target.dir is None else None
+        if self.file_sink is not None:  # never replace a file that appeared under the name during the run
+            self.file_sink.guard, self.file_sink.replaces = True, target.replaces
         self.file_keys: set[str] = set()
         self.next_index = target.dir.next_shard_index(target.rank) if target.dir is not None else 0
 
@@ -282,7 +351,9 @@ class Run:
         st.waits["write"] += time.perf_counter() - t0
         st.busy["write"] += cur.sink.busy_s
         elapsed = time.perf_counter() - cur.started
-        t.dir.commit({
+        keys = cur.unit.part_keys(cur.part, self.res.shard_size)
+        identity = {} if keys is None else {"keys_sha256": keys_digest(keys), "num_keys": len(keys)}
+        t.dir.commit({**identity,
             "shard": path.name, "unit": cur.unit.id, "unit_index": cur.unit.index, "part": cur.part,
             "rank": t.rank, "num_images": cur.sink.n, "num_failed": len(cur.sink.failures),
             "failures": cur.sink.failures, "first_key": cur.first_key, "last_key": cur.last_key,
@@ -341,12 +412,21 @@ class Run:
             s.compile_cache = compile_cache_stats()
         if self.target.dir is not None:
             self._finalize_dir(s)
+        else:
+            self.target.close("done")
         return s
 
     def _finalize_dir(self, s: Summary) -> None:
+        t = self.target
+        t.close("done", release=False)
+        try:
+            self._write_manifest(s)
+        finally:
+            t.release()  # after the manifest: a run that claims the folder next sees it
+
+    def _write_manifest(self, s: Summary) -> None:
         t, units = self.target, self.inp.units
         ranks = t.ranks
-        t.close("done")
 
         def done(markers: list[dict]) -> int:
             return units_complete(units, markers, self.res.shard_size)

@@ -9,6 +9,8 @@ import io
 import json
 import multiprocessing as mp
 import os
+import signal
+import threading
 import time
 import warnings
 from collections import deque
@@ -64,6 +66,12 @@ class Unit:
     @property
     def size(self) -> int | None:
         return None if self._samples is None else len(self._samples)
+
+    def part_keys(self, part: int, shard_size: int) -> list[str] | None:
+        """The keys of one part of a listed unit, in order ([] past its end); None for a tar (known once read)."""
+        if self._samples is None:
+            return None
+        return [s.key for s in self._samples[part * shard_size:(part + 1) * shard_size]]
 
     def samples(self) -> Iterator[Sample | dict[str, str]]:
         """Samples in order; a dict instead of a Sample is a failure record (unreadable tar, missing image)."""
@@ -299,8 +307,9 @@ def _read(sample: Sample) -> Any:
 
 def load_rgb(fh: Any) -> tuple[Image.Image, dict[str, Any]]:
     """Decode one image to RGB the way the HF processors do, and say what was done when it was not plain RGB:
-    EXIF orientation applied; the first frame of an animation; alpha (RGBA, LA, palette transparency) composited
-    on white; 16-bit grayscale (PNG/TIFF) scaled to 8 bits, not clipped; CMYK, palette, 1-bit and gray converted.
+    EXIF orientation applied; the first frame of an animation; alpha (RGBA, LA, palette transparency, the colour
+    key of an RGB or grayscale PNG) composited on white; 16-bit grayscale (PNG/TIFF) scaled to 8 bits, not
+    clipped; CMYK, palette, 1-bit and gray converted.
     Images over Pillow's decompression-bomb limit (`PIL.Image.MAX_IMAGE_PIXELS`) are refused from their header."""
     notes: dict[str, Any] = {}
     with warnings.catch_warnings():
@@ -331,7 +340,9 @@ def load_rgb(fh: Any) -> tuple[Image.Image, dict[str, Any]]:
         a = np.asarray(im, dtype=np.float64)
         hi = 1.0 if a.size and np.nanmax(a) <= 1.0 else 255.0
         im = Image.fromarray(np.clip(np.round(np.nan_to_num(a) * (255.0 / hi)), 0, 255).astype(np.uint8), "L")
-    if mode in ("RGBA", "LA", "PA", "RGBa", "La") or (mode == "P" and "transparency" in im.info):
+    # transformers' convert_to_rgb composites any image with an alpha band or a transparency entry (a palette's,
+    # or the colour key of an RGB or grayscale PNG: tRNS)
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La") or im.info.get("transparency") is not None:
         rgba = im.convert("RGBA")
         canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         canvas.alpha_composite(rgba)
@@ -366,26 +377,59 @@ def fit_size(orig_hw: tuple[int, int], fit: str, side: int) -> tuple[int, int]:
     return side, side
 
 
+class ImageShapeError(ValueError):
+    """An image whose shape no fit can use (recorded as the image's failure, stage `preprocess`)."""
+
+
+# beyond this aspect ratio a fit does not build the intermediate image a processor would (crop: the crop box alone
+# is resized; pad: the image is reduced before it is padded), so memory stays near the output's size; the pixels
+# are then close to the processor's, not always bit-equal (Pillow's box resize rounds its passes differently)
+LONG_ASPECT = 16
+
+
+def check_shape(w: int, h: int, fit: str, side: int) -> None:
+    """Refuse an image no fit can use at `side` px: one whose aspect ratio exceeds `side` (fitted whole, its short
+    side would be under one pixel; cropped, a sliver of under 1/side of it would be kept), and with fit `keep`
+    one whose fitted size exceeds Pillow's decompression-bomb limit."""
+    ratio = max(w, h) / max(1, min(w, h))
+    if ratio > side:
+        raise ImageShapeError(f"a {w}x{h} image (aspect ratio {ratio:.0f}:1) is beyond what any fit can use at "
+                              f"{side} px (at most {side}:1); crop or split it first")
+    th, tw = fit_size((h, w), "keep", side)
+    limit = Image.MAX_IMAGE_PIXELS
+    if fit == "keep" and limit and th * tw > limit:
+        raise ImageShapeError(f"a {w}x{h} image fitted with --fit keep would be {tw}x{th}, over Pillow's "
+                              f"decompression-bomb limit of {limit} pixels; use --fit crop or pad, or crop it first")
+
+
 def fit_image(im: Image.Image, fit: str, side: int, mean: tuple[float, float, float]) -> Image.Image:
     """crop: shortest edge to `side` then center crop (CLIP's processor); squash: to side x side (SigLIP's);
     pad: to a square filled with the mean color first (LLaVA's `pad`), then resized; keep: shortest edge to
-    `side`, aspect kept. Resizes are Pillow bicubic (antialiased when shrinking), as the HF processors do."""
+    `side`, aspect kept. Resizes are Pillow bicubic (antialiased when shrinking), as the HF processors do. Past
+    an aspect ratio of LONG_ASPECT, crop resizes only the crop box and pad reduces first (close, not always
+    bit-equal); past `check_shape`, an ImageShapeError."""
+    w, h = im.size
+    check_shape(w, h, fit, side)
     if fit == "squash":
         return im.resize((side, side), Image.BICUBIC)
     if fit == "pad":
-        w, h = im.size
+        if max(w, h) > LONG_ASPECT * min(w, h) and max(w, h) > 4 * side:
+            im = im.reduce(max(w, h) // (4 * side))  # the padded canvas stays near (4 side)^2 pixels
+            w, h = im.size
         if w != h:
             canvas = Image.new("RGB", (max(w, h), max(w, h)), tuple(int(m * 255) for m in mean))
             canvas.paste(im, ((max(w, h) - w) // 2, (max(w, h) - h) // 2))
             im = canvas
         return im.resize((side, side), Image.BICUBIC)
-    w, h = im.size
     th, tw = fit_size((h, w), "keep", side)
+    top, left = (th - side) // 2, (tw - side) // 2
+    if fit == "crop" and max(w, h) > LONG_ASPECT * min(w, h):  # never the whole long strip at full size
+        sx, sy = w / tw, h / th
+        return im.resize((side, side), Image.BICUBIC, box=(left * sx, top * sy, (left + side) * sx, (top + side) * sy))
     if (tw, th) != (w, h):
         im = im.resize((tw, th), Image.BICUBIC)
     if fit == "keep":
         return im
-    top, left = (th - side) // 2, (tw - side) // 2
     return im.crop((left, top, left + side, top + side))
 
 
@@ -515,6 +559,8 @@ def read_for_device(sample: Sample, fit: Fit) -> dict[str, Any]:
         return decode_sample(sample, pil)  # the same failure record as the pil path
     t1 = time.perf_counter()
     info, reason = probe_jpeg(data)
+    if info is not None and max(info["stored_hw"]) > LONG_ASPECT * max(1, min(info["stored_hw"])):
+        info, reason = None, f"aspect ratio over {LONG_ASPECT}:1 (Pillow fits it without the full-size resize)"
     if info is None:
         rec = decode_sample(Sample(sample.key, sample.source, data=data, meta=sample.meta), pil)
         if rec["error"] is None:
@@ -551,6 +597,11 @@ def decode_nice() -> int:
 
 
 def _worker_init(nice: int = 0) -> None:
+    # Ctrl-C reaches the whole process group: only the parent acts on it (a worker killed by it could die holding
+    # the pool's queue lock, and the parent's pool shutdown would wait for that lock forever); SIGTERM (the pool's
+    # own shutdown) ends a worker at once, whatever handler the parent had when it forked
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     try:
         import torch
 
@@ -605,11 +656,22 @@ class DecodePool:
                           "WorkerTimeout")
             return item, {"key": s.key, "error": err}  # type: ignore[union-attr]
 
-    def close(self) -> None:
-        if self._pool is not None:
-            self._pool.terminate()
-            self._pool.join()
-            self._pool = None
+    def close(self, deadline: float = 10.0) -> None:
+        """Stop the workers, within `deadline` seconds whatever they are doing: the pool's own shutdown waits for
+        its queue lock, which a worker that died (killed, out of memory) may hold forever, so it runs aside and,
+        past the deadline, the workers are killed and it is left behind."""
+        pool, self._pool = self._pool, None
+        if pool is None:
+            return
+        workers = list(getattr(pool, "_pool", ()))
+        stop = threading.Thread(target=lambda: (pool.terminate(), pool.join()), name="s2cli-decode-close", daemon=True)
+        stop.start()
+        stop.join(deadline)
+        if stop.is_alive():
+            for w in workers + list(getattr(pool, "_pool", ())):
+                if w.exitcode is None:
+                    w.kill()
+            stop.join(1.0)
 
     def __enter__(self) -> "DecodePool":
         return self

@@ -17,7 +17,7 @@ import h5py
 import numpy as np
 
 from .errors import ConfigError, S2Error
-from .fsutil import fsync_rename, human_bytes, write_error
+from .fsutil import fsync_rename, human_bytes, pid_alive, write_error
 
 STR = h5py.string_dtype("utf-8")
 LAYOUT_VERSION = 1
@@ -72,6 +72,20 @@ def check_output_file(path: Path, overwrite: bool = True) -> None:
         raise ConfigError("output folder does not exist", given=str(path.parent), fix="create it first")
 
 
+def remove_dead_temporaries(path: Path) -> list[Path]:
+    """Remove the temporaries `.NAME.tmp-PID` beside a single-file output whose process is gone (a killed run's);
+    the caller holds the output's claim, so no live run of it writes them. Returns what was removed."""
+    import glob
+
+    gone = []
+    for p in Path(path).parent.glob(glob.escape(f".{Path(path).name}.tmp-") + "*"):
+        pid = p.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
+            p.unlink(missing_ok=True)
+            gone.append(p)
+    return gone
+
+
 def _nbytes(items: list[dict[str, Any]]) -> int:
     return sum(getattr(it.get(k), "nbytes", 0) for it in items for k in ("features", "pooled"))
 
@@ -82,6 +96,8 @@ class ThreadedSink:
 
     suffix = ""
     need_bytes: int | None = None  # what a complete shard will take, for the message when the disk is full
+    guard = False  # True: the final rename replaces only `replaces` (see fsutil.fsync_rename), never a newcomer
+    replaces: tuple[int, int, int] | None = None
 
     def __init__(self, path: str | os.PathLike, attrs: dict[str, Any], queue_size: int = 4):
         self.path = Path(path)
@@ -114,7 +130,9 @@ class ThreadedSink:
         self._raise_if_failed()
         try:
             self._finish()
-            fsync_rename(self.tmp, self.path)
+            fsync_rename(self.tmp, self.path, self.guard, self.replaces)
+        except FileExistsError as e:
+            raise self._appeared() from e
         except Exception as e:  # h5py reports a full disk as OSError or RuntimeError
             self._discard()
             self.tmp.unlink(missing_ok=True)
@@ -122,6 +140,19 @@ class ThreadedSink:
                 raise
             raise write_error(self.path, e, self.need_bytes) from e
         return self.path
+
+    def _appeared(self) -> S2Error:
+        """A file appeared under the output's name while this run wrote it: it stays, and this run's complete
+        file is kept beside it under a name of its own."""
+        kept = self.path.with_name(f"{self.path.stem}.{os.getpid()}{self.path.suffix}")
+        try:
+            os.link(self.tmp, kept)
+            self.tmp.unlink()
+        except OSError:
+            kept = self.tmp
+        return S2Error(f"{self.path} appeared while this run was writing it (another run?); it was left as it is",
+                       given=str(self.path), fix=f"this run's features are complete in {kept}: rename it, or rerun "
+                       "with another -o")
 
     def abort(self) -> None:
         """Drop everything: the final path is never created."""
