@@ -1,13 +1,15 @@
-"""The library's front door: `extract` puts a run together (settings, rank, device, target, backbone), runs it and
-returns its `Summary`; `plan` is the dry run. The CLI, `s2 bench`, the benchmarks, `--devices` workers and SLURM
-tasks all go through `extract`."""
+"""The library's front door: `extract` puts a run together (settings, weights, rank, device, target, backbone),
+runs it and returns its `Summary`; `plan` is the dry run; `fetch` downloads models ahead of runs. The CLI,
+`s2 bench`, the benchmarks, `--devices` workers and SLURM tasks all go through `extract`."""
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
+from typing import Any, Sequence
 
 from . import backbones
-from .config import Resolved, resolve_options
-from .errors import S2Error
+from .config import Resolved, load_recipe, resolve_options
+from .errors import ConfigError, S2Error
+from .weights import Located, locate
 from .plan import dry_run
 from .sources import Input, open_input
 from .strategies import strategy_of
@@ -65,17 +67,23 @@ def extract(input: str | Input, output: str | None = None, *, recipe: str | None
         >>> s.num_images, s.images_per_s
     """
     from .launch import discover_rank, pin_device, rank_device
-    from .run import Run, Target
 
     spec = input.spec if isinstance(input, Input) else input
     res = config if config is not None else settings(spec, output, recipe=recipe, **options)
     inp = input if isinstance(input, Input) else open_inputs(res)
     rank = discover_rank()
+    located = None
+    if backbone is None:  # before torch: offline, a model not in the cache is one line at once
+        res, located = locate_weights(res)
+    else:
+        res = dataclasses.replace(res, weights_revision=backbone.revision)
+    from .run import Run, Target
+
     device = rank_device(res.device, rank)
-    target = Target(res, inp, overwrite, rank)  # refuses a clashing output before any weights load
+    target = Target(res, inp, overwrite, rank)  # refuses a clashing output (other weights too) before they load
     pin_device(device)  # before the model loads
     try:
-        backbone = backbone if backbone is not None else load(res)
+        backbone = backbone if backbone is not None else load(res, located)
     except BaseException as e:
         target.close("failed", e.one_line() if isinstance(e, S2Error) else f"{type(e).__name__}: {e}")
         raise
@@ -92,9 +100,32 @@ def extract(input: str | Input, output: str | None = None, *, recipe: str | None
         progress.finish()
 
 
-def load(res: Resolved) -> Any:
-    """The backbone of these settings, loaded (weights, --random-init) on the CPU."""
+def locate_weights(res: Resolved) -> tuple[Resolved, Located]:
+    """The run's weights, found before anything loads them (a hub model is downloaded now on first use, by one
+    process per node; offline, a miss is one line), and the settings with their revision, which a resumed run
+    must match. Imports no torch for a hub model."""
+    located = locate(res.backbone, res.weights, res.random_init, res.seed)
+    return dataclasses.replace(res, weights_revision=located.revision), located
+
+
+def load(res: Resolved, located: Located | None = None) -> Any:
+    """The backbone of these settings, loaded (weights, --random-init) on the CPU; `located`: its weights as
+    `locate_weights` found them (else found now)."""
     return backbones.load_backbone(res.backbone, weights=res.weights, random_init=res.random_init, seed=res.seed,
-                                   any_size=strategy_of(res).any_size)
+                                   any_size=strategy_of(res).any_size, located=located)
+
+
+def fetch(*models: str, recipes: Sequence[str] = ()) -> list[dict[str, Any]]:
+    """Download what runs of these models (aliases, hf:org/name[@revision], timm:<name>, timm:hf-hub:org/name)
+    and of these recipes' models will need: config, preprocessor and weights, into the HF cache (HF_HOME). Offline
+    (HF_HUB_OFFLINE=1) it checks the cache instead. One record per model: its revision (org/name@sha) and cache
+    path. Then a run there, or on any machine that sees this cache, works with HF_HUB_OFFLINE=1.
+
+        >>> s2cli.fetch("clip-vit-l-336", recipes=["vila-1.5-s2"])
+    """
+    specs = list(models) + [load_recipe(r)[0].get("model", "efficientnet-lite0") for r in recipes]
+    if not specs:
+        raise ConfigError("nothing to fetch", fix="name models (s2 fetch clip-vit-l-336) or recipes (--recipe llava-1.5-s2)")
+    return [backbones.fetch(spec) for spec in dict.fromkeys(specs)]
 
 

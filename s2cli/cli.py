@@ -51,6 +51,26 @@ def _ints(name: str, text: Optional[str]) -> Optional[tuple[int, ...]]:
 
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")]
+OfflineOpt = Annotated[bool, typer.Option("--offline", help="Never reach the hub: weights come from the HF cache only (as HF_HUB_OFFLINE=1).")]
+
+
+@contextlib.contextmanager
+def _offline(on: bool | None) -> Iterator[None]:
+    """--offline: HF_HUB_OFFLINE=1 while the command runs (processes it starts inherit it)."""
+    import os
+
+    if not on:
+        yield
+        return
+    before = os.environ.get("HF_HUB_OFFLINE")
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("HF_HUB_OFFLINE", None)
+        else:
+            os.environ["HF_HUB_OFFLINE"] = before
 
 
 @app.command()
@@ -59,8 +79,9 @@ def extract(
     input: Annotated[str, typer.Argument(help="A folder (recursive), a .txt/.csv/.parquet list, or WebDataset shards ('s/{000..009}.tar', a glob, a folder of .tar, pipe:CMD).")],
     output: Annotated[Optional[str], typer.Option("--output", "-o", help="A .h5/.safetensors file, or OUTDIR/ for resumable shards (default: <input>.<model>.h5 here).")] = None,
     recipe: Annotated[Optional[str], typer.Option(help="A recipe name (see `s2 recipes`) or .yaml path; flags override it.")] = None,
-    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Alias (see `s2 models`), timm:<name> or hf:<hub id or dir>. [default: efficientnet-lite0]")] = None,
-    weights: Annotated[Optional[str], typer.Option(help="Local checkpoint file or save_pretrained dir.")] = None,
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Alias (see `s2 models`), timm:<name> or hf:<hub id[@revision] or dir>; hub weights download on first use. [default: efficientnet-lite0]")] = None,
+    weights: Annotated[Optional[str], typer.Option(help="Local checkpoint (.safetensors/.pth: plain, state_dict/model-nested, DDP, EMA) or save_pretrained dir.")] = None,
+    offline: OfflineOpt = False,
     random_init: Annotated[Optional[bool], typer.Option("--random-init/--no-random-init", help="No weights: initialize from --seed (dry runs, tests).")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Seed for --random-init. [default: 0]")] = None,
     layer: Annotated[Optional[int], typer.Option(help="Hidden layer (-1 final features; default: the model's).")] = None,
@@ -119,7 +140,7 @@ def extract(
     """
     from . import api
 
-    with _reported():
+    with _reported(), _offline(offline):
         res = _settings(ctx.params)
         inp = api.open_inputs(res)  # checked (a missing input, key clashes) before any weights load
         if dry_run:
@@ -157,7 +178,7 @@ def _settings(values: dict):
 
 
 # `s2 bench` takes these options of `s2 extract` as they are declared there (names, help, defaults)
-_BENCH_OPTIONS = ("recipe", "model", "weights", "random_init", "seed", "layer", "keep_cls", "scales", "img_sizes",
+_BENCH_OPTIONS = ("recipe", "model", "weights", "offline", "random_init", "seed", "layer", "keep_cls", "scales", "img_sizes",
                   "max_split_size", "split_mode", "resize_output_to_idx", "fit", "antialias", "batch_size", "workers",
                   "max_tiles_per_call", "device", "precision", "dtype", "pool", "pool_only", "compile", "channels_last",
                   "decode", "input_format",
@@ -193,7 +214,7 @@ def bench(
     """
     from .bench import bench as run_bench
 
-    with _reported():
+    with _reported(), _offline(kw.pop("offline")):
         try:
             w, h = (int(v) for v in image_size.lower().split("x"))
         except ValueError:
@@ -257,6 +278,36 @@ def recipes(as_json: JsonOpt = False) -> None:
     for r in rows:
         t.add_row(r["name"], str(r["output_shape"]), ", ".join(f"{k}={v}" for k, v in r["config"].items()), r["description"])
     out.print(t)
+
+
+@app.command()
+def fetch(
+    models: Annotated[Optional[list[str]], typer.Argument(help="Models: aliases, hf:org/name[@revision], timm:<name>, timm:hf-hub:org/name.", show_default=False)] = None,
+    recipe: Annotated[Optional[list[str]], typer.Option("--recipe", help="Also the model of this recipe (repeatable).")] = None,
+    offline: OfflineOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Download what runs of these models will need (config, preprocessor and weights only) into the HF cache
+    ($HF_HOME), where there is network; print each one's revision and cache path. With --offline (or
+    HF_HUB_OFFLINE=1), check that the cache holds them. Runs on machines that see this cache then work offline.
+
+    Examples:
+      s2 fetch clip-vit-l-336 dinov2-l
+      s2 fetch --recipe llava-1.5-s2 --recipe vila-1.5-s2
+      HF_HOME=/shared/hf s2 fetch hf:facebook/dinov2-with-registers-base@main
+    """
+    from . import api, hub
+
+    with _reported(), _offline(offline):
+        rows = api.fetch(*(models or ()), recipes=tuple(recipe or ()))
+        if as_json:
+            print(json.dumps(rows))
+            return
+        for r in rows:
+            print(f"{r['model']}\t{r['revision'] or r['weights']}\t{r['path']}")  # tab-separated: cut -f3 gives the path
+        env = " ".join(f"{k}={v}" for k, v in hub.cache_env().items())
+        err.print(f"{len(rows)} model{'s' * (len(rows) != 1)} ready in {hub.cache_dir()}; without network: "
+                  f"{env} HF_HUB_OFFLINE=1 s2 extract ...", highlight=False)
 
 
 class _BarProgress:
@@ -536,8 +587,11 @@ def _extract_on_devices(values: dict, devices: str, res, inp, as_json: bool) -> 
     if values.get("overwrite"):
         raise ConfigError("--overwrite cannot be used by several workers at once", given=devices,
                           fix=f"remove {res.output} first, then run without --overwrite")
-    err.print(f"{len(devs)} workers ({', '.join(devs)}) -> {res.output}", highlight=False)
-    workers = run_workers(_extract_argv(values), devs)
+    from . import api
+
+    _, located = api.locate_weights(res)  # downloaded here once (first use), not by every worker at the same time
+    err.print(f"{len(devs)} workers ({', '.join(devs)}) -> {res.output}; weights {located.record}", highlight=False)
+    workers = run_workers(_extract_argv(values), devs, env={"HF_HUB_OFFLINE": "1"})
     from .status import status_report
 
     report = {"workers": workers, "status": status_report(res.output)}
@@ -613,7 +667,7 @@ def slurm(
     from .slurm import SlurmJob, sbatch_script
 
     v = extract_values
-    with _reported():
+    with _reported(), _offline(v.get("offline")):
         # validate everything a task would (config, recipe, input) before anything is written or submitted
         res = _settings(v)
         inp = api.open_inputs(res)
@@ -622,6 +676,7 @@ def slurm(
                               fix="pass -o OUTDIR/")
         from .outdir import OutputDir
 
+        res, _ = api.locate_weights(res)  # the weights, downloaded here once (the tasks run offline) or checked
         if OutputDir(res.output).run_file.is_file():  # resubmitting: the tasks would refuse other settings, say so now
             OutputDir(res.output).check_same({"input": inp.describe(), "config": res.to_dict()}, res.compare_keys())
         if v.get("overwrite"):
@@ -631,7 +686,9 @@ def slurm(
                        sbatch_args=tuple(sbatch_arg or ()), job_name=job_name)
         outdir = _P(res.output).resolve()
         command = [python or sys.executable, *_extract_argv(v)[1:], "--json", "-q"]
-        script = sbatch_script(job, command, outdir, _P.cwd())
+        from .hub import cache_env
+
+        script = sbatch_script(job, command, outdir, _P.cwd(), env={**cache_env(), "HF_HUB_OFFLINE": "1"})
         outdir.mkdir(parents=True, exist_ok=True)
         path = outdir / "s2-slurm.sbatch"
         path.write_text(script)

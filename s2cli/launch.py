@@ -170,10 +170,10 @@ def final_barrier(rank: Rank) -> bool:
             dist.destroy_process_group()
 
 
-def run_workers(argv: list[str], devices: list[str]) -> list[dict]:
+def run_workers(argv: list[str], devices: list[str], env: Mapping[str, str] | None = None) -> list[dict]:
     """`--devices`: start `argv --device D --json -q` once per device, as rank i of len(devices) (RANK,
-    WORLD_SIZE, LOCAL_RANK in its environment), wait for all, and return each worker's exit code, JSON summary
-    and last error line. Workers share nothing but the output folder; one failing does not stop the others."""
+    WORLD_SIZE, LOCAL_RANK in its environment, and `env`), wait for all, and return each worker's exit code, JSON
+    summary and last error line. Workers share nothing but the output folder; one failing does not stop the others."""
     import json
     import subprocess
     import tempfile
@@ -181,10 +181,11 @@ def run_workers(argv: list[str], devices: list[str]) -> list[dict]:
     procs = []
     try:
         for i, dev in enumerate(devices):
-            env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT")}
-            env.update(RANK=str(i), WORLD_SIZE=str(len(devices)), LOCAL_RANK=str(i), S2CLI_RANK_SOURCE="devices")
+            wenv = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT")}
+            wenv.update(env or {})
+            wenv.update(RANK=str(i), WORLD_SIZE=str(len(devices)), LOCAL_RANK=str(i), S2CLI_RANK_SOURCE="devices")
             log = tempfile.TemporaryFile(mode="w+")
-            procs.append((dev, log, subprocess.Popen([*argv, "--device", dev, "--json", "-q"], env=env,
+            procs.append((dev, log, subprocess.Popen([*argv, "--device", dev, "--json", "-q"], env=wenv,
                                                      stdout=subprocess.PIPE, stderr=log, text=True)))
         results = []
         for i, (dev, log, p) in enumerate(procs):
