@@ -7,13 +7,14 @@ are downloaded on first use, see hub.py) and `load_backbone` builds the module f
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from ._lazy import nn, torch
 
@@ -258,18 +259,19 @@ def _hf_describe(name: str, src: str, path: Path, layer: int | None, keep_cls: b
     if final is not None and len(final[0]) == 4:
         cfg = dataclasses.replace(cfg, output_shape="bchw", drops_cls=False, num_prefix_tokens=0)
     traced = final if cfg.layer == -1 and not cfg.drops_cls else _hf_trace(cls, conf, cfg)
-    if traced is None:  # the config alone (SigLIP2 cannot run on the meta device): no prefix token but CLIP's CLS
-        return cfg
+    hf_config = {k: vc[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "mlp_ratio") if k in vc}
+    if not {"hidden_size", "num_hidden_layers"} <= set(hf_config):
+        hf_config = {}
+    if traced is None:  # the config alone (SigLIP2 cannot run on the meta device): a plain ViT, no prefix but CLIP's CLS
+        return dataclasses.replace(cfg, hf_config=hf_config)
     shape, flops = traced
     if cfg.output_shape == "bchw":
         return dataclasses.replace(cfg, channels=shape[1], patch_size=size // shape[-1], gflops_per_tile=flops / 1e9)
     tokens, channels = shape[1], shape[2]
     extra = tokens - (size // patch) ** 2
     if 0 <= extra <= 16:  # a plain ViT: its grid and the prefix tokens in front (CLS, registers, distillation)
-        hf_config = {k: vc[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "mlp_ratio") if k in vc}
-        plain = {"hidden_size", "num_hidden_layers"} <= set(hf_config)
-        return dataclasses.replace(cfg, channels=channels, num_prefix_tokens=extra, hf_config=hf_config if plain else {},
-                                   gflops_per_tile=None if plain else flops / 1e9)
+        return dataclasses.replace(cfg, channels=channels, num_prefix_tokens=extra, hf_config=hf_config,
+                                   gflops_per_tile=None if hf_config else flops / 1e9)
     side = math.isqrt(tokens)
     if side * side != tokens:
         raise ConfigError("cannot tell the token grid of this model's output", given=f"{tokens} tokens of a {size}px tile",
@@ -557,6 +559,18 @@ def _hf_class_config(cfg: BackboneCfg) -> tuple[type, Any]:
     return cls, cls.config_class.from_dict(vc)
 
 
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    from transformers.utils import logging as tlog
+
+    level = tlog.get_verbosity()
+    tlog.set_verbosity_error()
+    try:
+        yield
+    finally:
+        tlog.set_verbosity(level)
+
+
 def _build_hf(cfg: BackboneCfg, loc: Located, any_size: bool = False) -> nn.Module:
     cls, conf = _hf_class_config(cfg)
     if loc.kind == "random":
@@ -566,7 +580,8 @@ def _build_hf(cfg: BackboneCfg, loc: Located, any_size: bool = False) -> nn.Modu
         load_into(model, read_checkpoint(Path(loc.path)), loc.path, cfg.name)
         return model
     try:  # a save_pretrained folder or a hub snapshot, through transformers' own loading
-        model, info = cls.from_pretrained(loc.path, local_files_only=True, output_loading_info=True)
+        with _quiet_transformers():  # its load report lists another tower's keys; what matters is checked below
+            model, info = cls.from_pretrained(loc.path, local_files_only=True, output_loading_info=True)
     except Exception as e:
         raise WeightsNotFoundError(f"weights for {cfg.name} could not be loaded from {loc.path}: "
                                    f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}",
