@@ -5,12 +5,12 @@ Data flow, module by module: sources (inputs, decode) -> plan (per-image plans, 
 writers -> outdir (the output folder); readers and export read it back; api puts a run together (`extract`), cli is its face.
 """
 from .version import __version__
-from .api import Progress, extract, plan, settings  # noqa: E402
+from .api import Progress, extract, fetch, plan, settings  # noqa: E402
 from .config import ExtractConfig, Resolved  # noqa: E402
 from .errors import ConfigError, S2Error, WeightsNotFoundError  # noqa: E402
 from .plan import views  # noqa: E402
 from .readers import open_features  # noqa: E402
 from .tiling import multiscale_forward, plan_multiscale  # noqa: E402  (torch itself is imported on first use)
 
-__all__ = ["extract", "plan", "settings", "views", "Progress", "ExtractConfig", "Resolved", "multiscale_forward",
+__all__ = ["extract", "fetch", "plan", "settings", "views", "Progress", "ExtractConfig", "Resolved", "multiscale_forward",
            "plan_multiscale", "open_features", "S2Error", "ConfigError", "WeightsNotFoundError", "__version__"]

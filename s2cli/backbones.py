@@ -169,6 +169,7 @@ def _hf_class_and_config(full: dict[str, Any]) -> tuple[type, dict[str, Any]]:
     else:
         vc, vtype = full, _vision_type(model_type, MODEL_MAPPING_NAMES)
     name = MODEL_MAPPING_NAMES.get(vtype)
+    name = name[0] if isinstance(name, (tuple, list)) and name else name
     cls = getattr(T, name, None) if isinstance(name, str) else None
     if cls is None or getattr(cls, "main_input_name", "") != "pixel_values":
         raise ConfigError("this transformers model type is not a vision backbone s2cli can run", given=model_type or None,
