@@ -284,6 +284,9 @@ def _hub_error(e: Exception, ref: Ref, what: str) -> S2Error:
         return WeightsNotFoundError(f"{ref.repo} has no revision {ref.revision} on the hub {where}", given=what,
                                     fix="pass a branch, tag or commit sha of the repo after @")
     status = getattr(getattr(e, "response", None), "status_code", None)
+    if status in (401, 403):
+        return WeightsNotFoundError(f"the hub {where} refused {ref} (HTTP {status}): it needs a login", given=what,
+                                    fix="log in with `hf auth login` (or set HF_TOKEN) with access to the repo")
     if status is not None and name not in ("LocalEntryNotFoundError",):
         return WeightsNotFoundError(f"the hub {where} answered HTTP {status} for {ref}: {first}", given=what,
                                     fix="retry later, or `s2 fetch` where the hub answers and point HF_HOME at that cache")
