@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import EXAMPLES, TINY, invoke_json, write_image
+from conftest import TINY, invoke_json, write_image
 from hubserver import HubServer
 from s2cli import hub as s2hub
 
