@@ -4,7 +4,7 @@ Data flow, module by module: sources (inputs, decode) -> plan (per-image plans, 
 (the S² engine and the dynamic-resolution strategies) + backbones -> extractor (the device) -> run (the loop) ->
 writers -> outdir (the output folder); readers and export read it back; api puts a run together (`extract`), cli is its face.
 """
-from .api import Progress, extract, plan, settings  # noqa: E402
+from .api import Progress, extract, fetch, plan, settings  # noqa: E402
 from .config import ExtractConfig, Resolved  # noqa: E402
 from .errors import ConfigError, S2Error, WeightsNotFoundError  # noqa: E402
 from .plan import views  # noqa: E402
@@ -24,5 +24,5 @@ def __getattr__(name: str):
     raise AttributeError(f"module 's2cli' has no attribute {name!r}")
 
 
-__all__ = ["FeatureDataset", "collate_features", "to_hf_dataset", "extract", "plan", "settings", "views", "Progress", "ExtractConfig", "Resolved", "multiscale_forward",
+__all__ = ["FeatureDataset", "collate_features", "to_hf_dataset", "extract", "fetch", "plan", "settings", "views", "Progress", "ExtractConfig", "Resolved", "multiscale_forward",
            "plan_multiscale", "open_features", "S2Error", "ConfigError", "WeightsNotFoundError", "__version__"]

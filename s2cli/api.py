@@ -1,16 +1,18 @@
-"""The library's front door: `extract` puts a run together (settings, rank, device, target, backbone), runs it and
-returns its `Summary`; `plan` is the dry run. The CLI, `s2 bench`, the benchmarks, `--devices` workers and SLURM
-tasks all go through `extract`."""
+"""The library's front door: `extract` puts a run together (settings, weights, rank, device, target, backbone),
+runs it and returns its `Summary`; `plan` is the dry run; `fetch` downloads models ahead of runs. The CLI,
+`s2 bench`, the benchmarks, `--devices` workers and SLURM tasks all go through `extract`."""
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
+from typing import Any, Sequence
 
 from . import backbones
-from .config import Resolved, resolve_options
-from .errors import S2Error
+from .config import Resolved, load_recipe, resolve_options
+from .errors import ConfigError, S2Error
 from .plan import dry_run
 from .sources import Input, open_input
 from .strategies import strategy_of
+from .weights import Located, locate
 
 
 class Progress:
@@ -72,20 +74,25 @@ def extract(input: str | Input, output: str | None = None, *, recipe: str | None
     rank = discover_rank()
     if rank.source == "devices":
         die_with_parent()
+    located = None
+    if backbone is None:  # before torch: offline, a model not in the cache is one line at once
+        res, located = locate_weights(res)
+    else:
+        res = dataclasses.replace(res, weights_revision=backbone.revision)
     with sigterm_raises():  # SIGTERM: the unfinished shard or file is removed, the claim given back, exit 143
-        return _extract(res, inp, rank, output is None and config is None, overwrite, progress, backbone)
+        return _extract(res, inp, rank, output is None and config is None, overwrite, progress, backbone, located)
 
 
 def _extract(res: Resolved, inp: Input, rank: Any, named: bool, overwrite: bool, progress: Progress | None,
-             backbone: Any) -> Any:
+             backbone: Any, located: Any) -> Any:
     from .launch import pin_device, rank_device
     from .run import Run, Target
 
     device = rank_device(res.device, rank)
-    target = Target(res, inp, overwrite, rank)  # claims the output, refuses a clashing one before any weights load
+    target = Target(res, inp, overwrite, rank)  # claims the output, refuses a clashing one (other weights too) before they load
     try:
         pin_device(device)  # before the model loads
-        backbone = backbone if backbone is not None else load(res)
+        backbone = backbone if backbone is not None else load(res, located)
         run = Run(res, inp, target, backbone, device)
     except BaseException as e:  # the claim is given back (and a folder's heartbeat says why)
         target.close("failed", e.one_line() if isinstance(e, S2Error) else f"{type(e).__name__}: {e}")
@@ -107,10 +114,33 @@ def _extract(res: Resolved, inp: Input, rank: Any, named: bool, overwrite: bool,
         progress.finish()
 
 
-def load(res: Resolved) -> Any:
-    """The backbone of these settings, loaded (weights, --random-init) on the CPU."""
+def locate_weights(res: Resolved) -> tuple[Resolved, Located]:
+    """The run's weights, found before anything loads them (a hub model is downloaded now on first use, by one
+    process per node; offline, a miss is one line), and the settings with their revision, which a resumed run
+    must match. Imports no torch for a hub model."""
+    located = locate(res.backbone, res.weights, res.random_init, res.seed)
+    return dataclasses.replace(res, weights_revision=located.revision), located
+
+
+def load(res: Resolved, located: Located | None = None) -> Any:
+    """The backbone of these settings, loaded (weights, --random-init) on the CPU; `located`: its weights as
+    `locate_weights` found them (else found now)."""
     return backbones.load_backbone(res.backbone, weights=res.weights, random_init=res.random_init, seed=res.seed,
-                                   any_size=strategy_of(res).any_size)
+                                   any_size=strategy_of(res).any_size, located=located)
+
+
+def fetch(*models: str, recipes: Sequence[str] = ()) -> list[dict[str, Any]]:
+    """Download what runs of these models (aliases, hf:org/name[@revision], timm:<name>, timm:hf-hub:org/name)
+    and of these recipes' models will need: config, preprocessor and weights, into the HF cache (HF_HOME). Offline
+    (HF_HUB_OFFLINE=1) it checks the cache instead. One record per model: its revision (org/name@sha) and cache
+    path. Then a run there, or on any machine that sees this cache, works with HF_HUB_OFFLINE=1.
+
+        >>> s2cli.fetch("clip-vit-l-336", recipes=["vila-1.5-s2"])
+    """
+    specs = list(models) + [load_recipe(r)[0].get("model", "efficientnet-lite0") for r in recipes]
+    if not specs:
+        raise ConfigError("nothing to fetch", fix="name models (s2 fetch clip-vit-l-336) or recipes (--recipe llava-1.5-s2)")
+    return [backbones.fetch(spec) for spec in dict.fromkeys(specs)]
 
 
 
@@ -139,7 +169,8 @@ def extract_on_devices(res: Resolved, devices: str, argv: list[str], *, device: 
     if overwrite:
         raise ConfigError("--overwrite cannot be used by several workers at once", given=devices,
                           fix=f"remove {res.output} first, then run without --overwrite")
+    _, located = locate_weights(res)  # downloaded here once (first use), not by every worker at the same time
     if log:
-        log(f"{len(devs)} workers ({', '.join(devs)}) -> {res.output}")
-    workers = run_workers(argv, devs)
+        log(f"{len(devs)} workers ({', '.join(devs)}) -> {res.output}; weights {located.record}")
+    workers = run_workers(argv, devs, env={"HF_HUB_OFFLINE": "1"})
     return {"workers": workers, "status": status_report(res.output)}

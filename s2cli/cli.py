@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from .commands import bench, catalog, export, extract, inspect, slurm, status, viz
+from .commands import bench, catalog, export, extract, fetch, inspect, slurm, status, viz
 from .version import __version__
 
 app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode="rich",
@@ -16,6 +16,7 @@ app.command("extract")(extract.extract)
 app.command("inspect")(inspect.inspect_features)
 app.command("export")(export.export)
 app.command("models")(catalog.models)
+app.command("fetch")(fetch.fetch)
 app.add_typer(catalog.recipes_app, name="recipes")
 app.command("bench")(bench.bench)
 app.command("slurm")(slurm.slurm)

@@ -192,6 +192,7 @@ class Resolved(ExtractConfig):
     backbone: BackboneCfg
     output_is_dir: bool
     strategy_cfg: StrategyCfg | None = None  # a dynamic-resolution strategy's settings; None for s2
+    weights_revision: str | None = None  # the weights pinned for the run (org/name@sha, sha256:...), once located
 
     @property
     def side(self) -> int:
@@ -226,6 +227,8 @@ class Resolved(ExtractConfig):
             d.pop("decode")  # outputs written before --decode existed resume as pil
         if self.reduce is None:
             d.pop("reduce")  # nor did they have --reduce
+        if self.weights_revision is not None:
+            d["weights_revision"] = self.weights_revision  # a resumed run must load the same weights
         return d
 
     def compare_keys(self) -> list[str]:

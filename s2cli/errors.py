@@ -33,4 +33,5 @@ class ConfigError(S2Error, ValueError):
 
 
 class WeightsNotFoundError(ConfigError):
-    """Weights are not on this machine; s2cli never downloads and never waits on a network."""
+    """Weights are not on this machine and cannot be had now: offline and not in the HF cache, the hub unreachable
+    (after one short timeout, no retries), no such repo or revision; or a --weights path that does not exist."""

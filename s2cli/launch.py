@@ -233,9 +233,9 @@ def _stop(procs: list, deadline: float = 10.0) -> None:
             p.wait()
 
 
-def run_workers(argv: list[str], devices: list[str]) -> list[dict]:
+def run_workers(argv: list[str], devices: list[str], env: Mapping[str, str] | None = None) -> list[dict]:
     """`--devices`: start `argv --device D --json -q` once per device, as rank i of len(devices) (RANK,
-    WORLD_SIZE, LOCAL_RANK in its environment), wait for all, and return each worker's exit code, JSON summary
+    WORLD_SIZE, LOCAL_RANK in its environment, and `env`), wait for all, and return each worker's exit code, JSON summary
     and last error line. Workers share nothing but the output folder; one failing does not stop the others.
     SIGTERM or Ctrl-C to this process stops the workers (SIGTERM, then SIGKILL after a deadline) before it ends;
     a worker also ends when this process dies (`die_with_parent`)."""
@@ -247,11 +247,12 @@ def run_workers(argv: list[str], devices: list[str]) -> list[dict]:
         try:
             logs = []
             for i, dev in enumerate(devices):
-                env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT")}
-                env.update(RANK=str(i), WORLD_SIZE=str(len(devices)), LOCAL_RANK=str(i), S2CLI_RANK_SOURCE="devices",
+                wenv = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT")}
+                wenv.update(env or {})
+                wenv.update(RANK=str(i), WORLD_SIZE=str(len(devices)), LOCAL_RANK=str(i), S2CLI_RANK_SOURCE="devices",
                            **{PARENT_ENV: str(os.getpid())})
                 logs.append(tempfile.TemporaryFile(mode="w+"))
-                procs.append(subprocess.Popen([*argv, "--device", dev, "--json", "-q"], env=env,
+                procs.append(subprocess.Popen([*argv, "--device", dev, "--json", "-q"], env=wenv,
                                               stdout=subprocess.PIPE, stderr=logs[-1], text=True))
             return [_result(i, dev, p, log) for i, (dev, p, log) in enumerate(zip(devices, procs, logs))]
         finally:

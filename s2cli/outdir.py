@@ -25,6 +25,9 @@ LOCK_RE = re.compile(r"^\.rank-(\d{5})\.lock$")
 # settings an older version saved that no longer exist and decided nothing on their own (extra_prefix repeated
 # what num_prefix_tokens holds): not a difference when a run written then is resumed
 RETIRED = ("backbone.extra_prefix",)
+# settings an older version did not record: compared only when the run being resumed recorded them (its weights'
+# revision, the hub repo and commit of its backbone)
+ADDED = ("weights_revision", "backbone.hub_id", "backbone.hub_file", "backbone.revision")
 
 
 def unit_complete(markers: list[dict[str, Any]], parts: int | None) -> bool:
@@ -146,7 +149,8 @@ class OutputDir:
         new = json.loads(json.dumps(run))  # compare as saved (tuples are lists there)
         before, after = _flat(old["config"], compare), _flat(new["config"], compare)
         diff = [f"{k}: {before.get(k)!r} -> {after.get(k)!r}" for k in sorted(set(before) | set(after))
-                if before.get(k) != after.get(k) and not k.startswith("backbone.description") and k not in RETIRED]
+                if before.get(k) != after.get(k) and not k.startswith("backbone.description") and k not in RETIRED
+                and not (k in ADDED and before.get(k) is None)]
         if old.get("input", {}).get("spec") != run["input"]["spec"]:
             diff.insert(0, f"input: {old.get('input', {}).get('spec')!r} -> {run['input']['spec']!r}")
         if diff:

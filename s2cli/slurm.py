@@ -7,6 +7,7 @@ from __future__ import annotations
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Mapping
 
 from .errors import ConfigError
 from .version import __version__
@@ -56,8 +57,11 @@ class SlurmJob:
                               fix="write it as --sbatch-arg=--qos=high")
 
 
-def sbatch_script(job: SlurmJob, command: list[str], outdir: Path, workdir: Path) -> str:
-    """A readable batch script: #SBATCH lines for the job's shape, then one srun of `command`."""
+def sbatch_script(job: SlurmJob, command: list[str], outdir: Path, workdir: Path,
+                  env: Mapping[str, str] | None = None) -> str:
+    """A readable batch script: #SBATCH lines for the job's shape, `env` exported (the HF cache that holds the
+    weights, fetched on the submitting host, and HF_HUB_OFFLINE=1: no task reaches the hub), then one srun of
+    `command`."""
     job.check()
     shape = (f"{job.nodes} node{'s' * (job.nodes > 1)} × {job.gpus_per_node} GPUs, one task per GPU"
              if job.ntasks is None else f"{job.ntasks} tasks on {job.nodes} node{'s' * (job.nodes > 1)}")
@@ -88,7 +92,11 @@ def sbatch_script(job: SlurmJob, command: list[str], outdir: Path, workdir: Path
     lines += [f"#SBATCH {a}" for a in job.sbatch_args]
     head = " ".join(shlex.quote(a) for a in command[:5])  # python -m s2cli extract INPUT
     cmd = " \\\n    ".join([head, *_pairs(command[5:])])
-    lines += ["", "set -euo pipefail", f"srun --kill-on-bad-exit=0 {cmd}", ""]
+    lines += ["", "set -euo pipefail"]
+    if env:
+        lines.append("# the weights were fetched on the submitting host into this cache: the tasks read it, offline")
+        lines += [f"export {k}={shlex.quote(str(v))}" for k, v in env.items()]
+    lines += [f"srun --kill-on-bad-exit=0 {cmd}", ""]
     return "\n".join(lines)
 
 

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from hubserver import HubServer, closed_port
 from PIL import Image
 from safetensors.torch import load_file
 from typer.testing import CliRunner
@@ -35,6 +36,25 @@ def write_image(path: Path, hw: tuple[int, int], seed: int, fmt: str | None = No
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(arr).save(path, format=fmt)
     return path
+
+
+@pytest.fixture(autouse=True)
+def _no_real_hub(tmp_path_factory, monkeypatch):
+    """No test reads the user's HF cache or reaches huggingface.co: every test has an empty HF_HOME of its own,
+    and the hub endpoint is a local port where nothing listens (the `hub` fixture serves one)."""
+    monkeypatch.setenv("HF_HOME", str(tmp_path_factory.mktemp("hf-home")))
+    for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{closed_port()}")
+
+
+@pytest.fixture
+def hub(monkeypatch):
+    """A loopback Hugging Face Hub (tests/hubserver.py) at HF_ENDPOINT; publish folders with `hub.add(repo, dir)`."""
+    server = HubServer().start()
+    monkeypatch.setenv("HF_ENDPOINT", server.url)
+    yield server
+    server.stop()
 
 
 @pytest.fixture

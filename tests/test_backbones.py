@@ -136,18 +136,18 @@ def test_default_efficientnet_lite0_sees_a_cat():
     assert feats.shape == (1, 1280, 7, 7)
 
 
-def test_missing_weights_fail_in_one_line_without_network(tmp_path, monkeypatch):
-    import huggingface_hub.constants as c
+def test_missing_weights_offline_fail_in_one_line(monkeypatch):
+    from s2cli import hub
 
-    monkeypatch.setattr(c, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(WeightsNotFoundError) as e:
         load_backbone(resolve("clip-vit-l-336"))
     msg = str(e.value)
     assert "\n" not in msg
-    for part in ("clip-vit-l-336", "openai/clip-vit-large-patch14-336", str(tmp_path / "empty-cache"),
-                 "HF_HOME", "--weights", "--random-init", "hf:"):
+    for part in ("clip-vit-l-336", "openai/clip-vit-large-patch14-336", str(hub.cache_dir()), "HF_HUB_OFFLINE",
+                 "s2 fetch clip-vit-l-336", "HF_HOME", "--weights", "--random-init", "hf:"):
         assert part in msg
-    with pytest.raises(WeightsNotFoundError):
+    with pytest.raises(WeightsNotFoundError, match="someone/not-in-cache"):
         resolve("hf:someone/not-in-cache")
 
 

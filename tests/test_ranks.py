@@ -156,13 +156,18 @@ def test_devices_reports_a_failed_worker_and_exits_non_zero(cli, tmp_path, image
     assert r.exit_code == 2 and "CUDA" in r.stderr  # checked before any worker starts
     r = cli("extract", image_dir, *FAST, "-o", f"{tmp_path}/o/", "--devices", "cpu,cpu", "--weights",
             tmp_path / "missing.safetensors", "--no-random-init", "--json")
+    assert r.exit_code == 2 and "missing.safetensors" in r.stderr  # the launcher locates the weights first
+    assert not (tmp_path / "o").exists()
+    (tmp_path / "broken.safetensors").write_bytes(b"not a checkpoint")  # found, but each worker fails to read it
+    r = cli("extract", image_dir, *FAST, "-o", f"{tmp_path}/o/", "--devices", "cpu,cpu", "--weights",
+            tmp_path / "broken.safetensors", "--no-random-init", "--json")
     assert r.exit_code == 2  # the workers' exit code
     rep = json.loads(r.stdout)
     assert [(w["rank"], w["exit_code"]) for w in rep["workers"]] == [(0, 2), (1, 2)]
-    assert all("missing.safetensors" in w["error"] for w in rep["workers"])
+    assert all("broken.safetensors" in w["error"] for w in rep["workers"])
     assert [(x["rank"], x["state"]) for x in rep["status"]["ranks"]] == [(0, "failed"), (1, "failed")]
     r = cli("status", tmp_path / "o")
-    assert r.exit_code == 0 and "rank 1 failed: --weights" in r.stdout
+    assert r.exit_code == 0 and "rank 1 failed: cannot read the checkpoint" in r.stdout
 
 
 @pytest.mark.slow

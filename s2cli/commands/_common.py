@@ -25,6 +25,25 @@ def reported() -> Iterator[None]:
         raise typer.Exit(e.exit_code) from None
 
 
+@contextlib.contextmanager
+def offline(on: bool | None) -> Iterator[None]:
+    """--offline: HF_HUB_OFFLINE=1 while the command runs (processes it starts inherit it)."""
+    import os
+
+    if not on:
+        yield
+        return
+    before = os.environ.get("HF_HUB_OFFLINE")
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("HF_HUB_OFFLINE", None)
+        else:
+            os.environ["HF_HUB_OFFLINE"] = before
+
+
 def floats(name: str, text: Optional[str]) -> Optional[tuple[float, ...]]:
     if text is None:
         return None

@@ -12,7 +12,7 @@ from . import options as o
 from ._common import out, reported
 
 # `s2 bench` takes these options of `s2 extract` (declared once, in options.py)
-BENCH_OPTIONS = ("recipe", "model", "weights", "random_init", "seed", "layer", "keep_cls", "scales", "img_sizes",
+BENCH_OPTIONS = ("recipe", "model", "weights", "offline", "random_init", "seed", "layer", "keep_cls", "scales", "img_sizes",
                  "max_split_size", "split_mode", "resize_output_to_idx", "fit", "antialias", "batch_size", "workers",
                  "max_tiles_per_call", "device", "precision", "dtype", "pool", "pool_only", "compile", "channels_last",
                  "decode", "input_format", "image_key", "strategy", "min_tiles", "max_tiles", "thumbnail",
@@ -36,11 +36,11 @@ def bench(
       s2 bench photos/ --recipe llava-1.5-s2 --random-init --device cuda --precision bf16 --compile --json
     """
     from ..bench import bench as run_bench
-    from ._common import floats, given, ints
+    from ._common import floats, given, ints, offline
 
     kw = {k: v for k, v in given(ctx).items() if k in BENCH_OPTIONS}
 
-    with reported():
+    with reported(), offline(kw.pop("offline", False)):
         try:
             w, h = (int(v) for v in image_size.lower().split("x"))
         except ValueError:

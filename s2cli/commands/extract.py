@@ -14,7 +14,7 @@ from typer.models import ArgumentInfo, ParameterInfo
 from .. import api
 from ..errors import S2Error
 from . import options as o
-from ._common import err, given, out, reported, settings
+from ._common import err, given, offline, out, reported, settings
 
 
 @o.with_options()
@@ -26,7 +26,7 @@ def extract(ctx: typer.Context, input: o.Input, **kw: Any) -> None:
       s2 extract 'shards/{00000..00099}.tar' --recipe llava-1.5-s2 -o feats/ --devices all
     """
     values, as_json, devices = given(ctx), kw["as_json"], kw["devices"]
-    with reported():
+    with reported(), offline(kw["offline"]):
         res = settings(values)
         inp = api.open_inputs(res)  # checked (a missing input, key clashes) before any weights load
         if kw["dry_run"]:

@@ -83,9 +83,13 @@ Limit = declare("limit", Int, option("--limit", help="Only the first N images.",
 # ---- model ------------------------------------------------------------------------------------------------------
 Recipe = declare("recipe", Str, option("--recipe", help="A recipe name (see `s2 recipes`) or .yaml path; options override it.",
                                panel=MODEL))
-Model = declare("model", Str, option("--model", "-m", help="Alias (see `s2 models`), timm:<name> or hf:<hub id or dir>.",
+Model = declare("model", Str, option("--model", "-m", help="Alias (see `s2 models`), timm:<name> or hf:<hub id[@revision] or dir>; hub weights "
+                              "download on first use.",
                               panel=MODEL, field="model"))
-Weights = declare("weights", Str, option("--weights", help="Local checkpoint file or save_pretrained dir.", panel=MODEL))
+Offline = declare("offline", bool, option("--offline", help="Never reach the hub: weights come from the HF cache only (as "
+                                        "HF_HUB_OFFLINE=1).", panel=MODEL))
+Weights = declare("weights", Str, option("--weights", help="Local checkpoint (.safetensors/.pth: plain, state_dict/model-"
+                                          "nested, DDP, EMA) or save_pretrained dir.", panel=MODEL))
 RandomInit = declare("random_init", Bool, _flag("--random-init", "--no-random-init", "No weights: initialize from --seed (dry "
                                    "runs, tests).", MODEL, "random_init"))
 Seed = declare("seed", Int, option("--seed", help="Seed for --random-init.", panel=MODEL, field="seed"))

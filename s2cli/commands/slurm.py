@@ -9,7 +9,7 @@ import typer
 
 from ..errors import ConfigError, S2Error
 from . import options as o
-from ._common import err, given, out, reported, settings
+from ._common import err, given, offline, out, reported, settings
 from .extract import CONSOLE_ONLY, extract_argv
 
 
@@ -48,7 +48,7 @@ def slurm(
     from ..slurm import SlurmJob, sbatch_script
 
     v = {k: val for k, val in given(ctx).items() if k in o.OPTIONS or k == "input"}  # forwarded: what was set
-    with reported():
+    with reported(), offline(v.get("offline")):
         # validate everything a task would (config, recipe, input) before anything is written or submitted
         res = settings(v)
         inp = api.open_inputs(res)
@@ -57,6 +57,7 @@ def slurm(
                               fix="pass -o OUTDIR/")
         from ..outdir import OutputDir
 
+        res, _ = api.locate_weights(res)  # the weights, downloaded here once (the tasks run offline) or checked
         if OutputDir(res.output).run_file.is_file():  # resubmitting: the tasks would refuse other settings, say so now
             OutputDir(res.output).check_same({"input": inp.describe(), "config": res.to_dict()}, res.compare_keys())
         if v.get("overwrite"):
@@ -66,7 +67,9 @@ def slurm(
                        sbatch_args=tuple(sbatch_arg or ()), job_name=job_name)
         outdir = _P(res.output).resolve()
         command = [python or sys.executable, *extract_argv(v)[1:], "--json", "-q"]
-        script = sbatch_script(job, command, outdir, _P.cwd())
+        from ..hub import cache_env
+
+        script = sbatch_script(job, command, outdir, _P.cwd(), env={**cache_env(), "HF_HUB_OFFLINE": "1"})
         outdir.mkdir(parents=True, exist_ok=True)
         path = outdir / "s2-slurm.sbatch"
         path.write_text(script)

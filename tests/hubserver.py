@@ -1,0 +1,176 @@
+"""A loopback Hugging Face Hub for tests: serves folders (written with save_pretrained) as model repos on
+127.0.0.1, at the routes huggingface_hub uses to download (HF_ENDPOINT points at it), and counts the downloads.
+
+Routes: `GET /api/models/{repo}[/revision/{rev}]` (JSON: sha, siblings), `GET /api/models/{repo}/tree/{rev}`
+(JSON list of files: type, path, size, oid), `HEAD`/`GET /{repo}/resolve/{rev}/{file}` (headers X-Repo-Commit,
+ETag, Content-Length; a 404 says X-Error-Code RepoNotFound, RevisionNotFound or EntryNotFound)."""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import socket
+import threading
+import time
+from collections import Counter
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import unquote, urlsplit
+
+API_RE = re.compile(r"^/api/models/(?P<repo>[^/]+/[^/]+)(?:/(?P<kind>revision|tree)/(?P<rev>[^/]+))?/?$")
+RESOLVE_RE = re.compile(r"^/(?P<repo>[^/]+/[^/]+)/resolve/(?P<rev>[^/]+)/(?P<file>.+)$")
+
+
+class Repo:
+    """One repo: revision name or commit sha -> (sha, {file: bytes})."""
+
+    def __init__(self) -> None:
+        self.commits: dict[str, dict[str, bytes]] = {}
+        self.refs: dict[str, str] = {}
+
+    def resolve(self, rev: str) -> str | None:
+        return self.refs.get(rev) or (rev if rev in self.commits else None)
+
+
+class HubServer:
+    """Start with `start()` (or as a context manager), add repos with `add(repo_id, folder)`, point
+    HF_ENDPOINT at `url`. `downloads[(repo_id, file)]` counts the GETs of each file's content; `requests` every
+    request as (method, path). `delay` seconds are spent before each content GET (to overlap two clients)."""
+
+    def __init__(self, delay: float = 0.0) -> None:
+        self.repos: dict[str, Repo] = {}
+        self.downloads: Counter = Counter()
+        self.requests: list[tuple[str, str]] = []
+        self.delay = delay
+        self._httpd: ThreadingHTTPServer | None = None
+        self._lock = threading.Lock()
+
+    # ---- repos --------------------------------------------------------------------------------------------
+    def add(self, repo_id: str, folder: str | Path, revision: str = "main") -> str:
+        """Publish every file under `folder` as a commit of `repo_id`, named `revision`; returns its sha."""
+        root = Path(folder)
+        files = {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+        h = hashlib.sha1(repo_id.encode())
+        for name, data in files.items():
+            h.update(name.encode() + b"\0" + hashlib.sha256(data).digest())
+        sha = h.hexdigest()
+        repo = self.repos.setdefault(repo_id, Repo())
+        repo.commits[sha] = files
+        repo.refs[revision] = sha
+        return sha
+
+    # ---- server -------------------------------------------------------------------------------------------
+    @property
+    def url(self) -> str:
+        assert self._httpd is not None, "start() the server first"
+        return f"http://127.0.0.1:{self._httpd.server_address[1]}"
+
+    def start(self) -> "HubServer":
+        hub = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args) -> None:  # quiet
+                pass
+
+            def do_HEAD(self) -> None:
+                hub._serve(self, head=True)
+
+            def do_GET(self) -> None:
+                hub._serve(self, head=False)
+
+        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._httpd.daemon_threads = True
+        threading.Thread(target=self._httpd.serve_forever, daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        if self._httpd is not None:
+            self._httpd.shutdown()
+            self._httpd.server_close()
+            self._httpd = None
+
+    def __enter__(self) -> "HubServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    # ---- routes -------------------------------------------------------------------------------------------
+    def _serve(self, h: BaseHTTPRequestHandler, head: bool) -> None:
+        path = unquote(urlsplit(h.path).path)
+        with self._lock:
+            self.requests.append((h.command, path))
+        m = API_RE.match(path)
+        if m and not head:
+            return self._api(h, m["repo"], m["kind"] or "revision", m["rev"] or "main")
+        m = RESOLVE_RE.match(path)
+        if m:
+            return self._resolve(h, m["repo"], m["rev"], m["file"], head)
+        return _send(h, 404, b"not found", {"X-Error-Code": "EntryNotFound"})
+
+    def _api(self, h, repo_id: str, kind: str, rev: str) -> None:
+        repo = self.repos.get(repo_id)
+        if repo is None:
+            return _send(h, 404, b'{"error": "Repository not found"}', {"X-Error-Code": "RepoNotFound"})
+        sha = repo.resolve(rev)
+        if sha is None:
+            return _send(h, 404, b'{"error": "Invalid rev id"}', {"X-Error-Code": "RevisionNotFound"})
+        files = repo.commits[sha]
+        if kind == "tree":
+            body = [{"type": "file", "path": name, "size": len(data), "oid": _git_oid(data)} for name, data in files.items()]
+        else:
+            body = {"_id": sha[:24], "id": repo_id, "modelId": repo_id, "sha": sha, "private": False, "gated": False,
+                    "disabled": False, "downloads": 0, "likes": 0, "tags": [],
+                    "siblings": [{"rfilename": name} for name in files]}
+        return _send(h, 200, json.dumps(body).encode(), {"Content-Type": "application/json"})
+
+    def _resolve(self, h, repo_id: str, rev: str, name: str, head: bool) -> None:
+        repo = self.repos.get(repo_id)
+        if repo is None:
+            return _send(h, 404, b"Repository not found", {"X-Error-Code": "RepoNotFound"}, head)
+        sha = repo.resolve(rev)
+        if sha is None:
+            return _send(h, 404, b"Invalid rev id", {"X-Error-Code": "RevisionNotFound"}, head)
+        data = repo.commits[sha].get(name)
+        if data is None:
+            return _send(h, 404, b"Entry not found", {"X-Error-Code": "EntryNotFound", "X-Repo-Commit": sha}, head)
+        headers = {"X-Repo-Commit": sha, "ETag": f'"{hashlib.sha256(data).hexdigest()}"',
+                   "Content-Type": "application/octet-stream"}
+        if head:
+            return _send(h, 200, data, headers, head=True)
+        if self.delay:
+            time.sleep(self.delay)
+        with self._lock:
+            self.downloads[(repo_id, name)] += 1
+        start = 0
+        rng = re.match(r"bytes=(\d+)-$", h.headers.get("Range", ""))
+        if rng:
+            start = int(rng.group(1))
+            headers["Content-Range"] = f"bytes {start}-{len(data) - 1}/{len(data)}"
+        return _send(h, 206 if rng else 200, data[start:], headers)
+
+
+def _send(h: BaseHTTPRequestHandler, status: int, body: bytes, headers: dict[str, str], head: bool = False) -> None:
+    h.send_response(status)
+    for k, v in headers.items():
+        h.send_header(k, v)
+    h.send_header("Content-Length", str(len(body)))
+    h.end_headers()
+    if not head:
+        try:
+            h.wfile.write(body)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+
+
+def _git_oid(data: bytes) -> str:
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
+def closed_port() -> int:
+    """A local port nothing listens on (bound, then released)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
