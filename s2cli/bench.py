@@ -242,7 +242,7 @@ def memory_figures(model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tenso
 
 
 def _batches(recs: list[dict[str, Any]], size: int) -> list[list[dict[str, Any]]]:
-    """Batches of `size` in order, split further by image shape (as the pipeline's flush groups them)."""
+    """Batches of `size` in order, split further by image shape (as the run's flush groups them)."""
     out = []
     for i in range(0, len(recs), size):
         groups: dict[tuple, list] = {}

@@ -60,6 +60,8 @@ class ExtractConfig:
     limit: int | None = None
     input_format: str = "auto"
     image_key: str | None = None
+    meta_columns: str = "all"  # a list's extra columns kept as each image's metadata: all | none | col,col
+    keep_ext: bool = False  # keys keep the file's extension (folders, lists)
     format: str | None = None  # h5 | safetensors; from -o's suffix when it names a file
     shard_size: int | None = None
     pool: str = "none"
@@ -171,6 +173,8 @@ def build_config(input: str, output: str | None = None, recipe: str | None = Non
 # what a saved config holds besides the options: derived values, and options whose value lives elsewhere there
 _NOT_SAVED = ("keep_cls", "provenance", "min_tiles", "max_tiles", "thumbnail", "grid_pinpoints", "anyres_max",
               "min_pixels", "max_pixels")
+# options added after outputs were first written: saved only when set otherwise, so those outputs still resume
+_SAVED_UNLESS_DEFAULT = {"decode": "pil", "reduce": None, "meta_columns": "all", "keep_ext": False}
 # the settings every output file carries as attributes (besides its version, weights and the whole config)
 FILE_ATTRS = ("model", "layer", "scales", "img_sizes", "max_split_size", "split_mode", "num_prefix_tokens",
               "output_shape", "merge", "fit", "dtype", "pool", "strategy")
@@ -223,10 +227,9 @@ class Resolved(ExtractConfig):
                  merge="concat", set_by=dict(self.provenance))
         d.pop("strategy")
         d.update(STRATEGIES[self.strategy].saved(self.strategy_cfg))
-        if self.decode == "pil":
-            d.pop("decode")  # outputs written before --decode existed resume as pil
-        if self.reduce is None:
-            d.pop("reduce")  # nor did they have --reduce
+        for name, default in _SAVED_UNLESS_DEFAULT.items():  # outputs written before these options existed resume
+            if d.get(name) == default:
+                d.pop(name)
         if self.weights_revision is not None:
             d["weights_revision"] = self.weights_revision  # a resumed run must load the same weights
         return d

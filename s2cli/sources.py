@@ -46,10 +46,30 @@ class Sample:
     key: str  # folder: path relative to the input without extension; list: `key` column; wds: __key__
     source: str  # where the bytes come from (a path, or "<tar url>#<key>")
     data: bytes | None = None  # the image bytes, when they come from a stream (wds); else read from `source`
-    meta: str | None = None  # per-image metadata as JSON text (wds json/txt members)
+    meta: str | None = None  # per-image metadata as JSON text (wds json/txt members, a list's extra columns)
+    sidecars: tuple[str, ...] = ()  # `key.json` / `key.txt` beside a folder's image, read when it is decoded
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "key", printable(self.key))  # `source` stays the real path, for reading
+
+
+def sample_meta(sample: Sample) -> str | None:
+    """The sample's metadata as JSON text: its own, and its sidecar files read as a WebDataset sample's `json` and
+    `txt` members are (`{"json": ..., "txt": ...}`)."""
+    if not sample.sidecars:
+        return sample.meta
+    meta: dict[str, Any] = json.loads(sample.meta) if sample.meta else {}
+    for path in sample.sidecars:
+        with open(path, "rb") as fh:
+            raw = fh.read()
+        if path.endswith(".json"):
+            try:
+                meta["json"] = json.loads(raw)
+            except ValueError:
+                meta["json"] = raw.decode("utf-8", "replace")
+        else:
+            meta["txt"] = raw.decode("utf-8", "replace")
+    return json.dumps(meta) if meta else None
 
 
 @dataclass
@@ -105,41 +125,50 @@ def _check_unique(pairs: list[tuple[str, str]], what: str) -> None:
                           expected="one file per key", fix="rename or remove one file of each pair")
 
 
-def scan_folder(root: str | os.PathLike) -> list[Sample]:
-    """Every image under `root` (recursive, any-case extensions), sorted by relative path. Two files with the
-    same key (`a.jpg`, `a.png`) are an error listing all such pairs, raised before any work starts."""
+def scan_folder(root: str | os.PathLike, keep_ext: bool = False) -> list[Sample]:
+    """Every image under `root` (recursive, any-case extensions), sorted by relative path; its key is that path
+    without the extension (with it: `keep_ext`), and `key.json` / `key.txt` beside it are its metadata. Two files
+    with the same key (`a.jpg`, `a.png`) are an error listing all such pairs, raised before any work starts."""
     root = Path(root)
     if not root.exists():
         raise ConfigError("input does not exist", given=str(root), fix="pass an existing folder, list or shards")
     if not root.is_dir():
         raise ConfigError("input is not a folder", given=str(root), fix="pass a folder of images (read recursively)")
-    found: list[tuple[str, str]] = []
+    found: list[tuple[str, str, tuple[str, ...]]] = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames.sort()
+        names = set(filenames)
         for name in filenames:
             if name.lower().endswith(IMAGE_EXTS) and not name.startswith("."):
                 full = os.path.join(dirpath, name)
-                found.append((Path(full).relative_to(root).as_posix(), full))
+                stem = name.rsplit(".", 1)[0]
+                sidecars = tuple(os.path.join(dirpath, f"{stem}{ext}") for ext in (".json", ".txt")
+                                 if f"{stem}{ext}" in names)
+                found.append((Path(full).relative_to(root).as_posix(), full, sidecars))
     found.sort()
-    pairs = [(rel.rsplit(".", 1)[0], full) for rel, full in found]
+    pairs = [(rel if keep_ext else rel.rsplit(".", 1)[0], full) for rel, full, _ in found]
     _check_unique(pairs, "files (the path without its extension)")
     if not pairs:
         raise ConfigError("input folder holds no images", given=str(root),
                           expected="files ending in " + ", ".join(IMAGE_EXTS), fix="point at a folder with images")
-    return [Sample(k, s) for k, s in pairs]
+    return [Sample(k, s, sidecars=side) for (k, s), (_, _, side) in zip(pairs, found)]
 
 
-def read_list(path: str | os.PathLike) -> list[Sample]:
+def read_list(path: str | os.PathLike, meta_columns: str = "all", keep_ext: bool = False) -> list[Sample]:
     """A .txt (one path per line), or a .csv/.parquet with a `path` column and an optional `key` column.
-    Relative paths resolve against the list's folder; the default key is the path as written, less its extension."""
+    Relative paths resolve against the list's folder; the default key is the path as written, less its extension
+    (with it: `keep_ext`). The other columns (`meta_columns`: all, none, or a comma-separated list) are each
+    image's metadata."""
     path = Path(path)
     base = path.parent
     suffix = path.suffix.lower()
     rows: list[tuple[str, str | None]] = []
+    metas: list[str | None] = []
     if suffix == ".txt":
         for line in path.read_text().splitlines():
             if line.strip() and not line.lstrip().startswith("#"):
                 rows.append((line.strip(), None))
+                metas.append(None)
     elif suffix in (".csv", ".parquet"):
         if suffix == ".csv":
             with open(path, newline="") as fh:
@@ -156,17 +185,40 @@ def read_list(path: str | os.PathLike) -> list[Sample]:
         if "path" not in cols:
             raise ConfigError("list has no `path` column", given=sorted(cols), fix="name the image path column `path`")
         rows = [(str(r["path"]), (str(r["key"]) if r.get("key") not in (None, "") else None)) for r in table]
+        keep = _meta_columns(meta_columns, [c for c in (table[0] if table else {}) if c not in ("path", "key")], path)
+        metas = [json.dumps({c: _plain_value(r.get(c)) for c in keep}, default=str) if keep else None for r in table]
     else:
         raise ConfigError("unknown list format", given=str(path), expected=".txt, .csv or .parquet",
                           fix="pass --input-format to say what the input is")
     pairs = []
     for p, key in rows:
         full = p if os.path.isabs(p) else str(base / p)
-        pairs.append((key if key is not None else p.rsplit(".", 1)[0] if "." in Path(p).name else p, full))
+        stem = p if keep_ext or "." not in Path(p).name else p.rsplit(".", 1)[0]
+        pairs.append((key if key is not None else stem, full))
     _check_unique(pairs, "list rows")
     if not pairs:
         raise ConfigError("input list is empty", given=str(path), fix="list at least one image")
-    return [Sample(k, s) for k, s in pairs]
+    return [Sample(k, s, meta=m) for (k, s), m in zip(pairs, metas)]
+
+
+def _meta_columns(spec: str, columns: list[str], path: Path) -> list[str]:
+    """The extra columns a list's images keep as metadata: all, none, or the ones named (each must exist)."""
+    if spec == "all":
+        return columns
+    if spec == "none":
+        return []
+    named = [c.strip() for c in spec.split(",") if c.strip()]
+    missing = [c for c in named if c not in columns]
+    if missing:
+        raise ConfigError("--meta-columns names columns the list does not have", given=missing,
+                          expected="all | none | some of " + ", ".join(columns or ["(no extra columns)"]),
+                          fix=f"check the columns of {path}")
+    return named
+
+
+def _plain_value(v: Any) -> Any:
+    """A list cell as JSON: numbers, strings, booleans and None as they are; NaN (an empty parquet cell) as None."""
+    return None if isinstance(v, float) and v != v else v
 
 
 # ---- WebDataset ------------------------------------------------------------------------------------------------
@@ -263,18 +315,25 @@ def detect_format(spec: str) -> str:
 
 
 def open_input(spec: str, input_format: str = "auto", shard_size: int = 1000, limit: int | None = None,
-               image_key: str | None = None) -> Input:
+               image_key: str | None = None, meta_columns: str = "all", keep_ext: bool = False) -> Input:
     """Resolve the input into units. Folders and lists are listed now (key clashes are errors before any work);
     shards are only named, and read when their unit runs."""
     if input_format not in INPUT_FORMATS:
         raise ConfigError("--input-format is not known", given=input_format, expected=" | ".join(INPUT_FORMATS),
                           fix="pass --input-format auto")
     kind = detect_format(spec) if input_format == "auto" else input_format
+    if meta_columns != "all" and kind != "list":
+        raise ConfigError("--meta-columns picks the columns of a .csv/.parquet list", given=f"{kind} input {spec}",
+                          fix="drop --meta-columns (folders read key.json/key.txt beside each image, shards their "
+                              "json/txt members)")
+    if keep_ext and kind == "wds":
+        raise ConfigError("--keep-ext keeps file extensions in keys, and WebDataset keys (__key__) have none",
+                          given=spec, fix="drop --keep-ext")
     if kind == "wds":
         urls = expand_shards(spec)
         units = [Unit(i, u, url=u, image_key=image_key or DEFAULT_IMAGE_KEY) for i, u in enumerate(urls)]
         return Input(kind, spec, units, None)
-    samples = scan_folder(spec) if kind == "folder" else read_list(spec)
+    samples = scan_folder(spec, keep_ext) if kind == "folder" else read_list(spec, meta_columns, keep_ext)
     if limit:
         samples = samples[:limit]
     units = [Unit(i, f"{kind}[{s}:{s + len(samples[s:s + shard_size])}]", samples[s:s + shard_size])
@@ -489,11 +548,12 @@ def decode_sample(sample: Sample, fit: Fit) -> dict[str, Any]:
     """Sample -> record with `image` (3, H, W) uint8 and `orig_hw`, or `error` (a failure record)."""
     if fit.decode == "torch":
         return read_for_device(sample, fit)
-    rec: dict[str, Any] = {"key": sample.key, "source": printable(sample.source), "meta": sample.meta, "image": None,
+    rec: dict[str, Any] = {"key": sample.key, "source": printable(sample.source), "meta": None, "image": None,
                            "orig_hw": None, "error": None}
     stage = "read"
     t0 = time.perf_counter()
     try:
+        rec["meta"] = sample_meta(sample)
         fh = _read(sample)
         stage = "decode"
         t1 = time.perf_counter()
@@ -501,7 +561,7 @@ def decode_sample(sample: Sample, fit: Fit) -> dict[str, Any]:
             im, notes = load_rgb(fh)
         t2 = time.perf_counter()
         if notes:
-            meta = json.loads(sample.meta) if sample.meta else {}
+            meta = json.loads(rec["meta"]) if rec["meta"] else {}
             rec["meta"] = json.dumps({**meta, "decode": notes})
         rec["orig_hw"] = (im.height, im.width)
         stage = "preprocess"
@@ -553,6 +613,7 @@ def read_for_device(sample: Sample, fit: Fit) -> dict[str, Any]:
     t0 = time.perf_counter()
     pil = Fit(fit.mode, fit.side, fit.mean)
     try:
+        own_meta = sample_meta(sample)
         with _read(sample) as fh:
             data = fh.read()
     except Exception:
@@ -562,14 +623,14 @@ def read_for_device(sample: Sample, fit: Fit) -> dict[str, Any]:
     if info is not None and max(info["stored_hw"]) > LONG_ASPECT * max(1, min(info["stored_hw"])):
         info, reason = None, f"aspect ratio over {LONG_ASPECT}:1 (Pillow fits it without the full-size resize)"
     if info is None:
-        rec = decode_sample(Sample(sample.key, sample.source, data=data, meta=sample.meta), pil)
+        rec = decode_sample(Sample(sample.key, sample.source, data=data, meta=own_meta), pil)
         if rec["error"] is None:
             rec["meta"] = with_decode_note(rec["meta"], {"path": "pil-fallback", "reason": reason})
             rec["seconds"] = (t1 - t0, *rec["seconds"][1:])
         return rec
     h, w = info["stored_hw"]
-    meta = sample.meta if info["mode"] == "RGB" else with_decode_note(sample.meta, {"mode": info["mode"]})
-    return {"key": sample.key, "source": printable(sample.source), "meta": meta, "source_meta": sample.meta,
+    meta = own_meta if info["mode"] == "RGB" else with_decode_note(own_meta, {"mode": info["mode"]})
+    return {"key": sample.key, "source": printable(sample.source), "meta": meta, "source_meta": own_meta,
             "image": None, "error": None, "jpeg": np.frombuffer(bytearray(data), dtype=np.uint8),
             "stored_hw": info["stored_hw"], "orientation": info["orientation"],
             "orig_hw": (w, h) if info["orientation"] in (5, 6, 7, 8) else (h, w),

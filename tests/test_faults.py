@@ -85,8 +85,8 @@ def test_a_file_deleted_between_listing_and_reading(cli, tmp_path, monkeypatch):
     write_image(d / "gone.png", (30, 30), 3)
     listed = sources.scan_folder
 
-    def scan_then_delete(root):
-        samples = listed(root)
+    def scan_then_delete(root, *args):
+        samples = listed(root, *args)
         (d / "gone.png").unlink()
         return samples
 

@@ -216,8 +216,8 @@ def test_the_decode_pool_stops_within_its_deadline_when_a_worker_died_holding_th
 @pytest.mark.slow
 def test_ctrl_c_during_a_run_with_two_decode_workers_ends_it_within_seconds(tmp_path):
     d = tmp_path / "big"
-    for i in range(40):
-        write_image(d / f"i{i:02d}.png", (700, 900), i)
+    for i in range(120):  # long enough that Ctrl-C lands mid-run on a quiet machine too
+        write_image(d / f"i{i:03d}.png", (700, 900), i)
     for trial in range(2):
         p = subprocess.Popen([sys.executable, "-m", "s2cli", "extract", str(d), *MODEL, "-j", "2", "-o",
                               str(tmp_path / f"o{trial}.h5"), "-q"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
@@ -225,7 +225,7 @@ def test_ctrl_c_during_a_run_with_two_decode_workers_ends_it_within_seconds(tmp_
         children = Path(f"/proc/{p.pid}/task/{p.pid}/children")
         wait_for(lambda: len(children.read_text().split()) >= 2, "two decode workers")
         workers = [int(x) for x in children.read_text().split()]
-        time.sleep(1.5 + trial)  # mid-decode
+        time.sleep(0.3 + 0.5 * trial)  # mid-decode (the 120 images take about 2 s on a quiet 2-core box)
         os.killpg(p.pid, signal.SIGINT)  # what Ctrl-C does: the whole process group
         try:
             _, stderr = p.communicate(timeout=30)

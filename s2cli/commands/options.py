@@ -79,6 +79,11 @@ InputFormat = declare("input_format", Str, option("--input-format", help="What I
                                     field="input_format", choices=INPUT_FORMATS))
 ImageKey = declare("image_key", Str, option("--image-key", help="WebDataset image member extensions, in order.", panel=INPUT,
                                  shown="jpg;jpeg;png;webp"))
+MetaColumns = declare("meta_columns", Str, option("--meta-columns", help="A .csv/.parquet list's other columns kept as "
+                                                 "each image's metadata: all | none | col,col.", panel=INPUT,
+                                                 field="meta_columns"))
+KeepExt = declare("keep_ext", Bool, _flag("--keep-ext", "--drop-ext", "Keys keep the file extension (cats/001.jpg, as "
+                                          "LLaVA's data JSON names images).", INPUT, "keep_ext"))
 Limit = declare("limit", Int, option("--limit", help="Only the first N images.", panel=INPUT))
 # ---- model ------------------------------------------------------------------------------------------------------
 Recipe = declare("recipe", Str, option("--recipe", help="A recipe name (see `s2 recipes`) or .yaml path; options override it.",
