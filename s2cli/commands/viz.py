@@ -24,7 +24,7 @@ def viz_plan(
 
     Example:  s2 viz plan examples/images/chelsea.jpg --recipe llava-next-anyres -o plan.png
     """
-    from ..viz import plan_figure, plan_summary
+    from ..viz import plan_figure
 
     with reported():
         if not Path(image).is_file():
@@ -32,10 +32,7 @@ def viz_plan(
         res = settings({**given(ctx), "input": image, "output": "viz.h5"})
         fig, panels = plan_figure(image, res)
         fig.save(output)
-    if as_json:
-        print(plan_summary(panels))
-    else:
-        err.print(f"{len(panels)} panels, {fig.width}x{fig.height} -> {output}", highlight=False)
+    _said(fig, panels, output, as_json)
 
 
 def viz_features(
@@ -49,13 +46,20 @@ def viz_features(
     Example:  s2 viz features images.efficientnet-lite0.h5 --key chelsea -o pca.png
     """
     from ..readers import open_features
-    from ..viz import features_figure, plan_summary
+    from ..viz import features_figure
 
     with reported(), open_features(path) as ff:
         if key not in ff:
-            raise ConfigError(f"no image with this key in {path}", given=key, fix="list keys with `s2 inspect PATH --json`")
+            raise ConfigError(f"no image with this key in {path}", given=key, fix=f"list the keys with `s2 inspect {path} --keys`")
         fig, panels = features_figure(ff, key)
         fig.save(output)
+    _said(fig, panels, output, as_json)
+
+
+def _said(fig: Any, panels: list, output: str, as_json: bool) -> None:
+    """The panels drawn (JSON) or one line on stderr."""
+    from ..viz import plan_summary
+
     if as_json:
         print(plan_summary(panels))
     else:
