@@ -101,6 +101,8 @@ def _extract(res: Resolved, inp: Input, rank: Any, named: bool, overwrite: bool,
     progress = progress or Progress()
     if named:
         progress.note(f"writing {res.output}")
+    for m in target.broken:
+        progress.note(f"{res.output}: done shard {m['shard']} is broken ({m['broken']}); it is redone")
     if target.changed:
         progress.note(f"the input changed since {res.output} was written: {target.changed} of its done shards "
                       "no longer match it (images added, removed or renamed) and are redone")

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field, fields
 from importlib import resources
+from numbers import Integral, Real
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +16,15 @@ from .backbones import BackboneCfg, resolve
 from .errors import ConfigError
 from .reduce import parse as parse_reduce
 from .sources import DECODES, FITS, INPUT_FORMATS
-from .strategies import STRATEGIES, BackboneFacts, StrategyArgs, StrategyCfg, parse_pinpoints, resolve_strategy
+from .strategies import (
+    SHAPE_OPTIONS,
+    STRATEGIES,
+    BackboneFacts,
+    StrategyArgs,
+    StrategyCfg,
+    parse_pinpoints,
+    resolve_strategy,
+)
 from .tiling import SPLIT_MODES
 from .version import __version__
 from .writers import FORMATS, SAFETENSORS_HEADER_LIMIT, format_of, itemsize
@@ -281,8 +291,11 @@ def resolve_config(cfg: ExtractConfig, backbone: BackboneCfg) -> Resolved:
     _check_options(cfg, backbone, len(sizes))
     output, fmt, is_dir = _output(cfg)
     strategy_fields = ("min_tiles", "max_tiles", "thumbnail", "grid_pinpoints", "anyres_max", "min_pixels", "max_pixels")
+    set_by = dict(cfg.provenance)
+    set_fields = tuple(f for f in strategy_fields if getattr(cfg, f) is not None) + tuple(
+        f for f in SHAPE_OPTIONS if f in set_by)  # a shape option the strategy does not use is refused, not ignored
     strategy = resolve_strategy(
-        StrategyArgs(cfg.strategy, fit=fit, img_sizes=sizes, set_fields=tuple(f for f in strategy_fields if getattr(cfg, f) is not None),
+        StrategyArgs(cfg.strategy, fit=fit, img_sizes=sizes, set_fields=set_fields, set_by=set_by, recipe=cfg.recipe,
                      **{f: getattr(cfg, f) for f in strategy_fields}),
         BackboneFacts(split, backbone.patch_size, backbone.family, backbone.model_type, backbone.output_shape))
     given = {f.name: getattr(cfg, f.name) for f in fields(ExtractConfig)}
@@ -322,9 +335,10 @@ def _sizes(cfg: ExtractConfig, backbone: BackboneCfg) -> tuple[tuple[int, ...], 
             raise ConfigError("--img-sizes must be positive", given=",".join(map(str, sizes)), fix="e.g. --img-sizes 336,672")
     else:
         scales = tuple(cfg.scales) if cfg.scales is not None else DEFAULT_SCALES
-        bad = [s for s in scales if s <= 0]
+        bad = [s for s in scales if not 0 < s < math.inf or int(backbone.input_size * s) <= 0]
         if bad or not scales:
-            raise ConfigError("--scales must be positive", given=",".join(map(str, scales)), fix="e.g. --scales 1,2,3")
+            raise ConfigError("--scales must be positive and finite, each at least one pixel times the model's input "
+                              f"size ({backbone.input_size})", given=",".join(map(str, scales)), fix="e.g. --scales 1,2,3")
         sizes = tuple(int(backbone.input_size * s) for s in scales)
     split = cfg.max_split_size or backbone.input_size
     if split <= 0:
@@ -344,11 +358,7 @@ def _check_options(cfg: ExtractConfig, backbone: BackboneCfg, n: int) -> None:
     if backbone.output_shape == "bchw" and backbone.num_prefix_tokens:
         raise ConfigError("a bchw backbone cannot keep prefix tokens", given=backbone.num_prefix_tokens,
                           fix="drop --keep-cls")
-    for name, v in (("batch-size", cfg.batch_size), ("max-tiles-per-call", cfg.max_tiles_per_call), ("limit", cfg.limit)):
-        if v is not None and v <= 0:
-            raise ConfigError(f"--{name} must be positive", given=v, fix=f"pass --{name} 1 or more")
-    if cfg.workers < 0:
-        raise ConfigError("-j/--workers must be >= 0", given=cfg.workers, fix="pass -j 0 to decode in the main process")
+    _check_numbers(cfg)
     if cfg.random_init and cfg.weights:
         raise ConfigError("--random-init and --weights contradict each other", fix="drop one of them")
     _choice("pool", cfg.pool, POOLS)
@@ -369,8 +379,23 @@ def _check_options(cfg: ExtractConfig, backbone: BackboneCfg, n: int) -> None:
         raise ConfigError("--reduce s2c:K merges neighbours on channels, which prefix tokens do not have",
                           given=f"--reduce {cfg.reduce} with {backbone.num_prefix_tokens} prefix token(s)",
                           fix="drop --keep-cls, or use --reduce avg:K | budget:N (prefix tokens kept apart)")
-    if cfg.max_failures is not None and cfg.max_failures < 0:
-        raise ConfigError("--max-failures must be >= 0", given=cfg.max_failures, fix="e.g. --max-failures 100")
+
+
+def _check_numbers(cfg: ExtractConfig) -> None:
+    """Every numeric option in its range, before anything runs (a value out of range is never clamped)."""
+    for name, v in (("batch-size", cfg.batch_size), ("max-tiles-per-call", cfg.max_tiles_per_call), ("limit", cfg.limit),
+                    ("shard-size", cfg.shard_size)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, Integral) or v <= 0):
+            raise ConfigError(f"--{name} must be a positive integer", given=v, fix=f"pass --{name} 1 or more")
+    if isinstance(cfg.workers, bool) or not isinstance(cfg.workers, Integral) or cfg.workers < 0:
+        raise ConfigError("-j/--workers must be an integer >= 0", given=cfg.workers,
+                          fix="pass -j 0 to decode in the main process")
+    t = cfg.decode_timeout
+    if isinstance(t, bool) or not isinstance(t, Real) or not 0 < t < math.inf:
+        raise ConfigError("--decode-timeout must be a positive number of seconds (every image would fail at it)",
+                          given=t, fix="pass e.g. --decode-timeout 120")
+    if cfg.max_failures is not None and (not isinstance(cfg.max_failures, Integral) or cfg.max_failures < 0):
+        raise ConfigError("--max-failures must be an integer >= 0", given=cfg.max_failures, fix="e.g. --max-failures 100")
 
 
 def _output(cfg: ExtractConfig) -> tuple[str, str, bool]:

@@ -3,6 +3,7 @@ followed by its done marker (only marked shards count), leftovers of dead writer
 `manifest.json` rebuilt from the markers."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -49,6 +50,7 @@ class OutputDir:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         self.claims: dict[int, Claim] = {}  # rank -> this process's claim on it (`.rank-RRRRR.lock`)
+        self.broken: list[dict[str, Any]] = []  # marked shards found broken when the folder was prepared (dropped)
 
     def claim(self, rank: int) -> None:
         """Claim `rank` of this folder for this process (held until `release`): a live run holding it is refused."""
@@ -66,28 +68,57 @@ class OutputDir:
         return self.path / "run.json"
 
     def read_run(self, fix: str) -> dict[str, Any]:
-        """The run this folder holds (its run.json); a folder without one is refused with `fix`."""
+        """The run this folder holds (its run.json); a folder without one is refused with `fix`, a damaged one
+        (truncated, not JSON) in one line."""
         if not self.run_file.is_file():
             raise ConfigError("not an s2cli output folder (no run.json)", given=str(self.path), fix=fix)
-        return json.loads(self.run_file.read_text())
+        try:
+            run = json.loads(self.run_file.read_text())
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"{self.run_file} is damaged ({type(e).__name__}: {e}); it holds the settings of the "
+                              "run", given=str(self.run_file), fix="pass --overwrite to start the folder over, or "
+                              "restore run.json from a copy (its done shards carry the same settings in their "
+                              "`config` attribute)") from None
+        if not isinstance(run, dict) or not isinstance(run.get("config"), dict):
+            raise ConfigError(f"{self.run_file} is not an s2cli run description (no `config`)", given=str(self.run_file),
+                              fix="pass --overwrite to start the folder over, or another -o")
+        return run
 
     @property
     def manifest_complete(self) -> bool:
-        """The manifest is written and says every unit is done."""
+        """The manifest is written and says every unit is done (a damaged manifest says nothing: it is rebuilt
+        from the markers by the next run)."""
         mf = self.path / "manifest.json"
-        return bool(mf.is_file() and json.loads(mf.read_text()).get("complete"))
+        try:
+            return bool(mf.is_file() and json.loads(mf.read_text()).get("complete"))
+        except (OSError, ValueError, AttributeError):
+            return False
 
-    def markers(self) -> list[dict[str, Any]]:
-        """Done markers whose shard exists, in input order (unit, part)."""
-        out = []
+    def scan(self, verify: bool = False) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """(done markers whose shard is whole, in input order (unit, part); the broken ones, each with `broken`:
+        why). A shard is whole when it exists with the size its marker recorded; `verify`: and the same sha256
+        (reads every shard). Markers written before they recorded these are taken on their shard's existence."""
+        good, broken = [], []
         for p in self.path.glob("part-*-*.json"):
             try:
                 m = json.loads(p.read_text())
             except (OSError, ValueError):
+                continue  # a damaged marker marks nothing: its shard is redone (and removed as a leftover)
+            if not isinstance(m, dict) or not {"shard", "unit_index", "part"} <= set(m):
                 continue
-            if (self.path / m.get("shard", "")).is_file():
-                out.append(m)
-        return sorted(out, key=lambda m: (m["unit_index"], m["part"]))
+            shard = self.path / str(m["shard"])
+            if not shard.is_file():
+                continue
+            why = shard_damage(shard, m, verify)
+            if why is None:
+                good.append(m)
+            else:
+                broken.append({**m, "broken": why})
+        return sorted(good, key=_in_order), sorted(broken, key=_in_order)
+
+    def markers(self) -> list[dict[str, Any]]:
+        """Done markers whose shard is whole (`scan`), in input order (unit, part)."""
+        return self.scan()[0]
 
     def prepare(self, run: dict[str, Any], overwrite: bool, compare: list[str], rank: int = 0, world: int = 1) -> None:
         """Create, resume or refuse: an existing run must have the same values for `compare`. Several ranks may
@@ -98,7 +129,12 @@ class OutputDir:
         if overwrite and world > 1:
             raise ConfigError("--overwrite cannot be used by several ranks at once (each would delete the others' "
                               "new shards)", given=f"{world} ranks", fix=f"remove {self.path} first, then run without --overwrite")
-        self.path.mkdir(parents=True, exist_ok=True)
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as e:  # a read-only folder or mount: said before any work, in one line
+            raise ConfigError(f"cannot create the output folder {self.path} ({e.strerror or e})", given=str(self.path),
+                              fix="check the permissions of its parent (or whether it is a read-only mount), or "
+                                  "pass another -o") from None
         self.claim(rank)  # before anything is read or written: a second run of this rank is refused here
         try:
             self._prepare(run, overwrite, compare, rank, world)
@@ -145,7 +181,7 @@ class OutputDir:
                               fix="wait for that run to end (or stop it), then rerun; or pass another -o")
 
     def check_same(self, run: dict[str, Any], compare: list[str]) -> None:
-        old = json.loads(self.run_file.read_text())
+        old = self.read_run(fix="pass --overwrite to start over, or another -o")
         new = json.loads(json.dumps(run))  # compare as saved (tuples are lists there)
         before, after = _flat(old["config"], compare), _flat(new["config"], compare)
         diff = [f"{k}: {before.get(k)!r} -> {after.get(k)!r}" for k in sorted(set(before) | set(after))
@@ -168,7 +204,11 @@ class OutputDir:
                               given=str(self.path), fix=f"wait for it to end; if that process is gone, remove "
                               f"{self.path}/rank-{rank:05d}.json (it is stale after S2CLI_STALE_S seconds anyway)")
         live = live_ranks(self.path, rank)
-        marked = {m["shard"] for m in self.markers()}
+        good, broken = self.scan()
+        marked = {m["shard"] for m in good}
+        # a marked shard that is no longer whole is no longer done: marker and shard go, the unit is redone
+        self.broken = [m for m in broken if int(m.get("rank", 0)) not in live]
+        self.drop(self.broken, log_errors=False)
         for p in self.path.glob(".*.tmp-*"):
             m = RANK_TMP_RE.match(p.name)
             pid = p.name.rsplit("-", 1)[-1]
@@ -244,6 +284,40 @@ class OutputDir:
         return manifest
 
 
+
+
+def _in_order(marker: dict[str, Any]) -> tuple[int, int]:
+    return marker["unit_index"], marker["part"]
+
+
+def file_sha256(path: Path) -> str:
+    """The sha256 of a file's bytes, read in 4 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(1 << 22):
+            h.update(block)
+    return h.hexdigest()
+
+
+def shard_record(path: Path) -> dict[str, Any]:
+    """What makes a shard whole, for its done marker: its size in bytes and its sha256."""
+    return {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
+
+
+def shard_damage(path: Path, marker: dict[str, Any], verify: bool = False) -> str | None:
+    """Why a marked shard is no longer what its marker recorded (None: it is): another size (truncated,
+    overwritten), or with `verify` other bytes."""
+    if "bytes" not in marker:
+        return None  # written before markers recorded it
+    try:
+        size = path.stat().st_size
+    except OSError as e:
+        return f"cannot be read ({e.strerror or e})"
+    if size != marker["bytes"]:
+        return f"{size} bytes where its marker recorded {marker['bytes']} (truncated or overwritten)"
+    if verify and file_sha256(path) != marker.get("sha256"):
+        return "its sha256 differs from the one its marker recorded (its bytes changed)"
+    return None
 
 
 def _flat(config: dict[str, Any], keys: list[str]) -> dict[str, Any]:

@@ -80,13 +80,13 @@ def _samples(inp: Input, limit: int | None, unreadable: list[dict[str, str]]) ->
     n = 0
     for unit in inp.units:
         for s in unit.samples():
+            if limit and n >= limit:  # every sample counts, as in the run: a failure record too
+                return
+            n += 1
             if isinstance(s, dict):
                 unreadable.append(s)
                 continue
             yield s
-            n += 1
-            if limit and n >= limit:
-                return
 
 
 def views(image: str | os.PathLike | bytes, config: Resolved | None = None, **options: Any) -> list[np.ndarray]:

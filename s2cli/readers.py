@@ -15,6 +15,7 @@ import h5py
 import numpy as np
 
 from .errors import ConfigError
+from .heartbeat import liveness, read_heartbeats
 from .outdir import OutputDir
 from .writers import BF16, ENCODING_ATTR, POOLED_TENSOR, format_of, from_bf16_bits
 
@@ -236,10 +237,15 @@ class SafetensorsFeatureFile(Reader):
         if "s2cli" not in md:
             raise ConfigError("not an s2cli feature file (no s2cli metadata)", given=str(path),
                               fix="pass a file written by `s2 extract`")
-        self._attrs = json.loads(md["s2cli"])
-        self._keys = json.loads(md["keys"])
-        self._images = json.loads(md["images"])
-        self._failures = json.loads(md["failures"])
+        try:
+            self._attrs = json.loads(md["s2cli"])
+            self._keys = json.loads(md["keys"])
+            self._images = json.loads(md["images"])
+            self._failures = json.loads(md["failures"])
+        except (KeyError, ValueError) as e:
+            raise ConfigError(f"the s2cli metadata of {path} is damaged ({type(e).__name__}: {e})", given=str(path),
+                              fix="extract it again (in an output folder: rerun the same command, which redoes a "
+                                  "shard it cannot read)") from None
         self._index = {k: i for i, k in enumerate(self._keys)}
         self._names = set(self.f.keys())
         self._raw: np.ndarray | None = None  # the file mapped as bytes, for BF16 tensors (numpy has no bfloat16)
@@ -333,19 +339,29 @@ class SafetensorsFeatureFile(Reader):
 class FeatureSet(Reader):
     """An output directory read as one mapping across its completed shards (those with a done marker)."""
 
-    def __init__(self, path: str | os.PathLike, max_open: int = 32):
+    def __init__(self, path: str | os.PathLike, max_open: int = 32, verify: bool = False):
         self.path = Path(path)
         self.dir = OutputDir(self.path)
         self.run = self.dir.read_run(fix="pass a folder written by `s2 extract -o OUTDIR/`")
-        self._markers = self.dir.markers()
+        markers, self.broken = self.dir.scan(verify)  # broken: marked shards skipped, each with why
+        self._markers: list[dict[str, Any]] = []
         self._where: dict[str, int] = {}
         self._shard_keys: list[list[str]] = []
-        for i, m in enumerate(self._markers):
-            with _open_file(self.path / m["shard"]) as r:
-                ks = list(r)
+        self._shadowed: list[dict[str, str]] = []  # a key already in an earlier shard: the first is kept
+        for m in markers:
+            try:
+                ks = shard_keys(self.path / m["shard"])
+            except (ConfigError, OSError, ValueError, KeyError) as e:
+                self.broken.append({**m, "broken": f"cannot be read: {e}"})
+                continue
+            i = len(self._markers)
+            self._markers.append(m)
             self._shard_keys.append(ks)
             for k in ks:
-                self._where.setdefault(k, i)
+                if self._where.setdefault(k, i) != i:
+                    self._shadowed.append({"key": k, "source": m["shard"], "stage": "read", "error_class": "DuplicateKey",
+                                           "error": f"key {k!r} is also in {self._markers[self._where[k]]['shard']}, "
+                                                    f"which comes first and is kept ({m['shard']} holds it again)"})
         self._open: OrderedDict[int, Reader] = OrderedDict()
         self.max_open = max_open
 
@@ -398,19 +414,41 @@ class FeatureSet(Reader):
     def attrs(self) -> dict[str, Any]:
         if self._markers:
             return self._reader(0).attrs
-        return {"config": json.dumps(self.run["config"])}
+        from .config import FILE_ATTRS, JSON_ATTRS  # no shard yet: what run.json says the shards will carry
+
+        cfg = self.run["config"]
+        strategy = cfg.get("strategy")
+        attrs = {k: json.dumps(cfg.get(k)) if k in JSON_ATTRS else cfg.get(k) for k in FILE_ATTRS}
+        attrs.update(strategy=strategy.get("name") if isinstance(strategy, dict) else strategy or "s2",
+                     weights=cfg.get("weights_revision"), s2cli_version=self.run.get("s2cli_version"),
+                     config=json.dumps(cfg))
+        return attrs
 
     @property
     def failures(self) -> list[dict[str, str]]:
-        return [r for m in self._markers for r in m["failures"]]
+        """The failures of the readable shards, and keys that a later shard holds again (only the first is read)."""
+        return [r for m in self._markers for r in m["failures"]] + self._shadowed
 
     @property
     def shards(self) -> list[dict[str, Any]]:
         return [{k: m[k] for k in ("shard", "unit", "part", "num_images", "num_failed")} for m in self._markers]
 
     @property
+    def broken_shards(self) -> list[dict[str, Any]]:
+        """Marked shards that are skipped: not whole (another size; with verify: other bytes) or unreadable."""
+        return [{"shard": m["shard"], "unit": m.get("unit"), "num_images": m.get("num_images"), "why": m["broken"]}
+                for m in self.broken]
+
+    @property
+    def writing(self) -> list[str]:
+        """The ranks of a run that is writing this folder now (`rank R: host H pid P`); [] when none is."""
+        return [f"rank {r}: host {hb.get('host')} pid {hb.get('pid')}" for r, hb in sorted(read_heartbeats(self.path).items())
+                if liveness(hb) == "running"]
+
+    @property
     def complete(self) -> bool:
-        return self.dir.manifest_complete
+        """Every unit of the input is in a whole shard: the manifest says so and no shard is broken."""
+        return self.dir.manifest_complete and not self.broken
 
     @property
     def feature_shape(self) -> list[int | None] | None:
@@ -436,12 +474,20 @@ def _open_file(path: Path) -> Reader:
     return SafetensorsFeatureFile(path) if format_of(path) == "safetensors" else FeatureFile(path)
 
 
-def open_features(path: str | os.PathLike) -> Reader:
+def shard_keys(path: str | os.PathLike) -> list[str]:
+    """The keys one feature file holds, in order."""
+    with _open_file(Path(path)) as r:
+        return list(r)
+
+
+def open_features(path: str | os.PathLike, verify: bool = False) -> Reader:
     """Open features written by `s2 extract` for lazy reading by key: one .h5 or .safetensors file, or an
-    output folder of shards (read across its completed shards)."""
+    output folder of shards (read across its completed shards; a shard whose size is not the one its marker
+    recorded, or that cannot be read, is skipped and listed in `broken_shards`; `verify`: every shard's sha256
+    is checked too)."""
     p = Path(path)
     if p.is_dir():
-        return FeatureSet(p)
+        return FeatureSet(p, verify=verify)
     return _open_file(p)
 
 
@@ -462,7 +508,8 @@ def summary(ff: Reader) -> dict[str, Any]:
     report["pool"] = report["pool"] or "none"  # files written before --pool
     if isinstance(ff, FeatureSet):
         report.update(size_bytes=sum((ff.path / s["shard"]).stat().st_size for s in ff.shards),
-                      num_shards=len(ff.shards), complete=ff.complete)
+                      num_shards=len(ff.shards), complete=ff.complete, broken_shards=ff.broken_shards,
+                      writing=ff.writing)
     else:
         report["size_bytes"] = Path(ff.path).stat().st_size
     return report

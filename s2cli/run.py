@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import json
 import socket
 import time
@@ -22,7 +23,7 @@ from .extractor import Extractor
 from .fsutil import Claim, file_identity, take_claim
 from .heartbeat import Heartbeat
 from .launch import Rank, final_barrier, resolve_precision
-from .outdir import OutputDir, unit_complete
+from .outdir import OutputDir, shard_record, unit_complete
 from .plan import fit_of
 from .reduce import parse as parse_reduce
 from .sources import DecodePool, Input, Sample, Unit
@@ -46,12 +47,16 @@ def keys_digest(keys: list[str]) -> str:
 def part_matches(marker: dict, unit: Unit | None, shard_size: int) -> bool:
     """A done marker still describes the part of the input it names: the unit exists and (listed units) the part's
     keys are the ones it was made from (their digest; markers written before it had one: their first and last
-    keys are among the part's keys). A tar's parts are known only once read: kept."""
+    keys are among the part's keys); a tar is the same file as when it was read (its name, size and modification
+    time; markers written before they recorded these, and tars that cannot be stat'ed: kept)."""
     if unit is None:
         return False
     keys = unit.part_keys(marker["part"], shard_size)
-    if keys is None:
-        return True
+    if keys is None:  # a tar: the same file (name, then size and modification time when it recorded them)
+        ident = unit.identity()
+        if marker.get("unit", unit.id) != unit.id:
+            return False
+        return ident is None or "tar_bytes" not in marker or all(marker.get(k) == v for k, v in ident.items())
     if not keys:
         return False
     if "keys_sha256" in marker:
@@ -77,6 +82,9 @@ class Target:
         self.replaces: tuple[int, int, int] | None = None  # the file --overwrite may replace, as it was at the start
         self.done: dict[tuple[int, int], dict] = {}
         self.changed = 0  # done shards that no longer matched the input (it changed since): taken back, redone
+        self.broken: list[dict] = []  # done shards found broken (not the size their marker recorded): redone
+        self.identities: dict[int, dict] = {}  # a tar unit's identity, taken before it was read
+        self.units_total = len(inp.units)  # less when --limit ends the input (shards) in an earlier unit
         if rank.world > 1 and self.dir is None:
             raise ConfigError("several ranks share one output, which must then be a folder",
                               given=f"-o {res.output} with {rank.world} ranks ({rank.source})", fix="pass -o OUTDIR/")
@@ -84,6 +92,7 @@ class Target:
             run = {"s2cli_version": __version__, "input": inp.describe(), "config": res.to_dict(),
                    "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
             self.dir.prepare(run, overwrite, res.compare_keys(), rank.rank, rank.world)
+            self.broken = self.dir.broken
             try:
                 self.changed = self._drop_changed()
                 self.done = {(m["unit_index"], m["part"]): m for m in self.dir.markers()}
@@ -153,14 +162,31 @@ class Target:
 
     def work(self) -> Iterator[tuple[Unit, int, Sample | dict | None]]:
         """(unit, part, sample) for every sample of this rank still to do; a sample of None marks an already-done
-        part's sample (read past without decoding, so a resumed tar keeps its part boundaries)."""
-        S = self.res.shard_size
+        part's sample (read past without decoding, so a resumed tar keeps its part boundaries). Shards under
+        --limit: the first N samples of the shards in order (a failure record counts as a sample)."""
+        S, left = self.res.shard_size, self.inp.limit
         for unit in self.inp.units:
+            if left is not None and left <= 0:
+                self.units_total = unit.index
+                return
             if not self.ranks.owns(unit.index) or self.unit_done(unit):
+                if left is not None:  # counted from its markers, or read past (another rank's)
+                    ms = self._by_unit.get(unit.index)
+                    left -= (sum(m["num_images"] + m["num_failed"] for m in ms) if ms and self.unit_done(unit)
+                             else sum(1 for _ in itertools.islice(unit.samples(), left)))
                 continue
+            ident = unit.identity()
+            if ident is not None:
+                self.identities[unit.index] = ident
             for i, s in enumerate(unit.samples()):
+                if left is not None:
+                    if left <= 0:
+                        break
+                    left -= 1
                 part = i // S if self.dir is not None else 0
                 yield unit, part, (None if (unit.index, part) in self.done else s)
+        if left is not None and left <= 0:
+            self.units_total = min(self.units_total, unit.index + 1)
 
 
 @dataclass
@@ -252,7 +278,14 @@ class Run:
         self.file_sink = self._new_sink(res.output) if target.dir is None else None
         if self.file_sink is not None:  # never replace a file that appeared under the name during the run
             self.file_sink.guard, self.file_sink.replaces = True, target.replaces
+        # the keys written so far, across units: one file's, or (shards in a folder: the same key may be in two
+        # tars) the whole folder's, its done shards' included; listed inputs have unique keys, and a part's own
         self.file_keys: set[str] = set()
+        self.folder_keys: set[str] | None = None
+        if target.dir is not None and any(u.size is None for u in inp.units):
+            from .readers import shard_keys
+
+            self.folder_keys = {k for m in target.done.values() for k in shard_keys(target.dir.path / m["shard"])}
         self.next_index = target.dir.next_shard_index(target.rank) if target.dir is not None else 0
 
     def execute(self) -> Summary:
@@ -284,10 +317,11 @@ class Run:
             self.finish_part(last_of_unit=self.part is not None and self.part.unit.index != unit.index)
             self.part = self.start_part(unit, part_no)
         part, key = self.part, rec["key"]
-        if key in part.seen:
+        if key in part.seen:  # one rule for every output kind: the first sample of a key is kept
             self.record_failure(part, {"key": key, "source": rec.get("source") or rec["error"]["source"],
                                        "stage": "read", "error_class": "DuplicateKey",
-                                       "error": f"key {key!r} appears again in {unit.id}; the first one is kept"})
+                                       "error": f"key {key!r} appears again in {unit.id} (a key seen earlier in the "
+                                                "input); the first one is kept"})
             return
         part.seen.add(key)
         if rec["error"] is not None:
@@ -337,7 +371,8 @@ class Run:
         self.next_index += 1
         if t.heartbeat is not None:
             t.heartbeat.update(unit=unit.id, unit_index=unit.index, part=part, shard=name, write=True)
-        return _Part(unit, part, self._new_sink(str(t.dir.path / name)), time.perf_counter(), set())
+        seen = self.folder_keys if self.folder_keys is not None else set()
+        return _Part(unit, part, self._new_sink(str(t.dir.path / name)), time.perf_counter(), seen)
 
     def finish_part(self, last_of_unit: bool) -> None:
         """Write what is left of the part; in a folder, close its shard and commit its done marker."""
@@ -352,8 +387,9 @@ class Run:
         st.busy["write"] += cur.sink.busy_s
         elapsed = time.perf_counter() - cur.started
         keys = cur.unit.part_keys(cur.part, self.res.shard_size)
-        identity = {} if keys is None else {"keys_sha256": keys_digest(keys), "num_keys": len(keys)}
-        t.dir.commit({**identity,
+        identity = t.identities.get(cur.unit.index, {}) if keys is None else {"keys_sha256": keys_digest(keys),
+                                                                               "num_keys": len(keys)}
+        t.dir.commit({**identity, **shard_record(path),
             "shard": path.name, "unit": cur.unit.id, "unit_index": cur.unit.index, "part": cur.part,
             "rank": t.rank, "num_images": cur.sink.n, "num_failed": len(cur.sink.failures),
             "failures": cur.sink.failures, "first_key": cur.first_key, "last_key": cur.last_key,
@@ -432,16 +468,16 @@ class Run:
             return units_complete(units, markers, self.res.shard_size)
 
         if ranks.world == 1:
-            manifest = t.dir.write_manifest(len(units), done(t.dir.markers()))  # type: ignore[union-attr]
+            manifest = t.dir.write_manifest(t.units_total, done(t.dir.markers()))  # type: ignore[union-attr]
         else:
             # every rank rewrites the manifest until it is current, unless a torchrun barrier says all ranks are
             # done, and then rank 0 alone writes it
             together = final_barrier(ranks)
             if together and ranks.rank != 0:
                 ms = t.dir.markers()  # type: ignore[union-attr]
-                manifest = t.dir.manifest(ms, len(units), done(ms))  # type: ignore[union-attr]
+                manifest = t.dir.manifest(ms, t.units_total, done(ms))  # type: ignore[union-attr]
             else:
-                manifest = t.dir.write_manifest(len(units), done)  # type: ignore[union-attr]
+                manifest = t.dir.write_manifest(t.units_total, done)  # type: ignore[union-attr]
             s.rank, s.world, s.rank_source = ranks.rank, ranks.world, ranks.source
             s.writes_summary = together and ranks.rank == 0
         s.shards_written, s.resumed_images = len(self.stats.shards), t.images_done_before

@@ -93,6 +93,17 @@ class Unit:
             return None
         return [s.key for s in self._samples[part * shard_size:(part + 1) * shard_size]]
 
+    def identity(self) -> dict[str, int] | None:
+        """What tells a tar's content apart without reading it: its size and modification time (a local file);
+        None for a listed unit (its keys say it) and for a tar that cannot be stat'ed (pipe:, a URL)."""
+        if self.url is None or self.url.startswith("pipe:"):
+            return None
+        try:
+            st = os.stat(self.url)
+        except OSError:
+            return None
+        return {"tar_bytes": st.st_size, "tar_mtime_ns": st.st_mtime_ns}
+
     def samples(self) -> Iterator[Sample | dict[str, str]]:
         """Samples in order; a dict instead of a Sample is a failure record (unreadable tar, missing image)."""
         if self._samples is not None:
@@ -107,6 +118,7 @@ class Input:
     spec: str
     units: list[Unit]
     total: int | None  # number of samples when known without reading shards
+    limit: int | None = None  # shards: only the first N samples, counted as the shards are read (--limit)
 
     def describe(self) -> dict[str, Any]:
         return {"kind": self.kind, "spec": self.spec, "units": len(self.units), "total": self.total}
@@ -332,7 +344,7 @@ def open_input(spec: str, input_format: str = "auto", shard_size: int = 1000, li
     if kind == "wds":
         urls = expand_shards(spec)
         units = [Unit(i, u, url=u, image_key=image_key or DEFAULT_IMAGE_KEY) for i, u in enumerate(urls)]
-        return Input(kind, spec, units, None)
+        return Input(kind, spec, units, None, limit=limit or None)
     samples = scan_folder(spec, keep_ext) if kind == "folder" else read_list(spec, meta_columns, keep_ext)
     if limit:
         samples = samples[:limit]

@@ -14,7 +14,7 @@ def status_report(path: str | os.PathLike) -> dict[str, Any]:
     """What an output folder says about its run: totals, per-rank progress and units in flight or stale."""
     d = OutputDir(path)
     run = d.read_run(fix="pass the folder given to `s2 extract -o OUTDIR/` or `s2 slurm -o OUTDIR`")
-    markers = d.markers()
+    markers, broken = d.scan()  # broken: marked shards no longer whole, not counted (a rerun redoes them)
     now = time.time()
     hbs = read_heartbeats(d.path)
     inp = run.get("input", {})
@@ -53,6 +53,7 @@ def status_report(path: str | os.PathLike) -> dict[str, Any]:
         "images_per_s_now": round(sum(x["images_per_s"] or 0 for x in ranks if x["state"] == "running"), 3),
         "complete": units_total is not None and units_done >= units_total,
         "manifest_complete": d.manifest_complete,
+        "broken_shards": [{"shard": m["shard"], "unit": m.get("unit"), "why": m["broken"]} for m in broken],
         "ranks": ranks,
         "in_flight": [dict(rank=x["rank"], **x["in_flight"]) for x in ranks if x["in_flight"] and x["state"] == "running"],
         "stale": [dict(rank=x["rank"], host=x["host"], pid=x["pid"], **(x["in_flight"] or {})) for x in ranks

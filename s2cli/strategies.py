@@ -470,12 +470,20 @@ class StrategyArgs:
     max_pixels: int | None = None
     fit: str = "squash"
     img_sizes: tuple[int, ...] = ()
-    set_fields: tuple[str, ...] = field(default=())
+    set_fields: tuple[str, ...] = field(default=())  # the strategy and shape options set (by a flag or a recipe)
+    set_by: dict[str, str] = field(default_factory=dict)  # option -> "flag" | "recipe"
+    recipe: str | None = None
 
 
 OPTION_FLAGS = {"min_tiles": "--min-tiles", "max_tiles": "--max-tiles", "thumbnail": "--thumbnail/--no-thumbnail",
                 "grid_pinpoints": "--grid-pinpoints", "anyres_max": "--anyres-max", "min_pixels": "--min-pixels",
-                "max_pixels": "--max-pixels"}
+                "max_pixels": "--max-pixels", "scales": "--scales", "img_sizes": "--img-sizes",
+                "max_split_size": "--max-split-size", "split_mode": "--split-mode",
+                "resize_output_to_idx": "--resize-output-to-idx", "antialias": "--antialias/--no-antialias",
+                "fit": "--fit"}
+# the options of the S² engine and of the image's fit: a strategy honours those of them its record `uses`; any
+# other one set (by a flag or a recipe) is refused, never ignored
+SHAPE_OPTIONS = ("scales", "img_sizes", "max_split_size", "split_mode", "resize_output_to_idx", "antialias", "fit")
 
 
 def parse_pinpoints(value: Any) -> tuple[tuple[int, int], ...] | None:
@@ -617,7 +625,7 @@ class Strategy:
 
     name: str
     summary: str
-    uses: tuple[str, ...] = ()  # the strategy options it reads; any other one given is an error
+    uses: tuple[str, ...] = ()  # the strategy and shape options (SHAPE_OPTIONS) it reads; any other one set is an error
     device_decode: bool = False  # --decode torch (JPEGs decoded and fitted on the device) applies
     any_size: bool = False  # the backbone is built to accept inputs of any size
 
@@ -794,22 +802,22 @@ class ViewStrategy(Strategy):
 
 STRATEGIES: dict[str, Strategy] = {s.name: s for s in (
     S2Strategy("s2", "S²-Wrapper: every scale fitted from one image, tiles of the backbone's size, stitched, "
-                     "area-pooled to one grid, concatenated on channels", device_decode=True),
+                     "area-pooled to one grid, concatenated on channels", uses=SHAPE_OPTIONS, device_decode=True),
     ViewStrategy("dynamic-s2", "NVILA: every scale but the last squashed to k x k tiles, the last scale's grid by the "
-                               "InternVL rule", uses=("max_tiles",), resolver=_resolve_dynamic_s2,
+                               "InternVL rule", uses=("max_tiles", "scales", "img_sizes", "max_split_size"), resolver=_resolve_dynamic_s2,
                  planner=_plan_dynamic_s2, layout=_layout_dynamic_s2, merger=_merge_dynamic_s2,
                  per_scale=True),
     ViewStrategy("anyres", "LLaVA-NeXT / OneVision: best pinpoint, resize + centered black pad, squashed base image first",
-                 uses=("grid_pinpoints", "anyres_max"), resolver=_resolve_anyres, planner=_plan_anyres,
+                 uses=("grid_pinpoints", "anyres_max", "max_split_size"), resolver=_resolve_anyres, planner=_plan_anyres,
                  layout=_layout_anyres, merger=_merge_anyres),
     ViewStrategy("internvl", "InternVL 1.5: min..max tiles by the InternVL rule, squashed thumbnail last",
-                 uses=("min_tiles", "max_tiles", "thumbnail"), resolver=_resolve_internvl, planner=_plan_internvl,
+                 uses=("min_tiles", "max_tiles", "thumbnail", "max_split_size"), resolver=_resolve_internvl, planner=_plan_internvl,
                  layout=_layout_internvl, merger=_merge_internvl),
     ViewStrategy("native", "Qwen2-VL: smart_resize to multiples of a factor, one input of any size",
-                 uses=("min_pixels", "max_pixels"), any_size=True, resolver=_resolve_native, planner=_plan_native,
+                 uses=("min_pixels", "max_pixels", "max_split_size"), any_size=True, resolver=_resolve_native, planner=_plan_native,
                  layout=_layout_native, merger=_merge_native, views=1),
     ViewStrategy("dual", "INF-LLaVA: local tiles and strided sub-images of one n*S image, recombined into two maps",
-                 resolver=_resolve_dual, planner=_plan_dual, layout=_layout_dual, merger=_merge_dual,
+                 uses=("scales", "img_sizes", "max_split_size", "fit"), resolver=_resolve_dual, planner=_plan_dual, layout=_layout_dual, merger=_merge_dual,
                  channel_groups=("local", "interleaved")),
 )}
 
@@ -828,8 +836,10 @@ def resolve_strategy(a: StrategyArgs, bb: BackboneFacts) -> StrategyCfg | None:
     stray = [f for f in a.set_fields if f not in record.uses]
     if stray:
         users = [s.name for s in STRATEGIES.values() if stray[0] in s.uses]
-        raise ConfigError(f"{OPTION_FLAGS[stray[0]]} does not apply to --strategy {a.strategy}", given=stray,
-                          expected="options of " + " or ".join(users),
+        by = a.set_by.get(stray[0], "flag")
+        where = f" (set by the recipe {a.recipe})" if by == "recipe" and a.recipe else ""
+        raise ConfigError(f"{OPTION_FLAGS[stray[0]]} does not apply to --strategy {a.strategy}{where}: it would be "
+                          "ignored", given=[OPTION_FLAGS[f] for f in stray], expected="options of " + " or ".join(users),
                           fix=f"drop {OPTION_FLAGS[stray[0]]}, or pass --strategy {users[0]}")
     for name in ("min_tiles", "max_tiles", "anyres_max", "min_pixels", "max_pixels"):
         _positive(name, getattr(a, name))

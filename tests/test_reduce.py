@@ -105,4 +105,5 @@ def test_what_cannot_be_reduced_is_refused(image_dir):
         with pytest.raises(s2cli.ConfigError, match="--reduce"):
             s2cli.settings(str(image_dir), "o.h5", reduce=bad, **RESNET)
     with pytest.raises(s2cli.ConfigError, match="one token grid"):
-        s2cli.settings(str(image_dir), "o.h5", reduce="avg:2", strategy="anyres", **VIT)
+        s2cli.settings(str(image_dir), "o.h5", reduce="avg:2", strategy="anyres",
+                       **{k: v for k, v in VIT.items() if k != "img_sizes"})  # anyres refuses --img-sizes

@@ -17,6 +17,8 @@ def inspect_features(
     key: Annotated[Optional[str], typer.Option(help="Show one image's metadata and feature stats.")] = None,
     keys: Annotated[bool, typer.Option("--keys", help="List the image keys, in order, one per line.")] = False,
     limit: Annotated[Optional[int], typer.Option(help="With --keys: only the first N.")] = None,
+    verify: Annotated[bool, typer.Option("--verify", help="A folder: check every shard's sha256 against its done "
+                                         "marker (reads every shard; sizes are always checked).")] = False,
     as_json: o.Json = False,
 ) -> None:
     """Summarize features: model, weights, scales, images, shape, shards, failures; or one image (--key); or the
@@ -28,7 +30,7 @@ def inspect_features(
     """
     from ..readers import image_summary, list_keys, open_features, summary
 
-    with reported(), open_features(path) as ff:
+    with reported(), open_features(path, verify=verify) as ff:
         if keys:
             listed = list_keys(ff, limit)
             print(json.dumps(listed)) if as_json else print("\n".join(listed))
@@ -48,3 +50,9 @@ def inspect_features(
     out.print(t)
     for f in info.get("failed", []):
         out.print(f"failed: {f['key']} [{f['stage']}] {f['error']} ({f['source']})", highlight=False)
+    for b in info.get("broken_shards", []):
+        out.print(f"broken shard skipped: {b['shard']} ({b['unit']}, {b['num_images']} images): {b['why']}; rerun the "
+                  "extract command to redo it", highlight=False)
+    if info.get("writing"):
+        out.print(f"a run is writing this folder now ({'; '.join(info['writing'])}): shown is what is done so far",
+                  highlight=False)

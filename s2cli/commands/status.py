@@ -41,6 +41,9 @@ def status(
     out.print(f"shards {st['shards_done']}/{total}, units {st['units_done']}/{st['units_total']}, {st['images']} images, "
               f"{st['failed']} failed, {st['images_per_s'] or '-'} img/s overall, {st['images_per_s_now']} img/s now; "
               f"{'complete' if st['complete'] else 'not complete'}", highlight=False)
+    for b in st["broken_shards"]:
+        out.print(f"broken: {b['shard']} ({b['unit']}): {b['why']}; not counted, rerun the same command to redo it",
+                  highlight=False)
     for s in st["stale"]:
         out.print(f"stale: rank {s['rank']} ({s['host']} pid {s['pid']}) stopped in {s.get('unit') or 'no unit'}; "
                   f"rerun the same command (or resubmit) to redo it", highlight=False)
