@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 from dataclasses import dataclass, field, fields
 from importlib import resources
 from numbers import Integral, Real
@@ -402,6 +403,10 @@ def _output(cfg: ExtractConfig) -> tuple[str, str, bool]:
     """(the output path, its format, whether it is a folder of shards)."""
     output = cfg.output or default_output(cfg.input, cfg.model)
     suffix_fmt = format_of(output)
+    if suffix_fmt is not None and output.endswith(("/", os.sep)):
+        raise ConfigError("-o ends in a slash (a folder) and in a file suffix (one file): which one is meant is not "
+                          "clear", given=output, fix=f"pass -o {output.rstrip('/' + os.sep)} for one file, or -o "
+                          f"{output.rstrip('/' + os.sep).rsplit('.', 1)[0]}/ for a folder of shards")
     if cfg.format is not None:
         _choice("format", cfg.format, tuple(FORMATS))
         if suffix_fmt is not None and suffix_fmt != cfg.format:

@@ -187,7 +187,7 @@ class OutputDir:
         diff = [f"{k}: {before.get(k)!r} -> {after.get(k)!r}" for k in sorted(set(before) | set(after))
                 if before.get(k) != after.get(k) and not k.startswith("backbone.description") and k not in RETIRED
                 and not (k in ADDED and before.get(k) is None)]
-        if old.get("input", {}).get("spec") != run["input"]["spec"]:
+        if not same_input(old.get("input", {}), run["input"]):
             diff.insert(0, f"input: {old.get('input', {}).get('spec')!r} -> {run['input']['spec']!r}")
         if diff:
             raise ConfigError(f"{self.path} holds a run with a different config ({'; '.join(diff)})",
@@ -284,6 +284,19 @@ class OutputDir:
         return manifest
 
 
+
+
+def same_input(old: dict[str, Any], new: dict[str, Any]) -> bool:
+    """The input a folder was written from and the one given now are the same: the same spec, or the same local
+    path written another way (`dir/`, `./dir`, absolute: compared by the absolute path each run recorded, or that
+    the spec gives from here)."""
+    a, b = old.get("spec"), new.get("spec")
+    if a == b:
+        return True
+    if not isinstance(a, str) or not isinstance(b, str) or "://" in a + b or a.startswith("pipe:") or b.startswith("pipe:"):
+        return False
+    here = os.path.abspath(b)
+    return here in (old.get("path"), os.path.abspath(a))
 
 
 def _in_order(marker: dict[str, Any]) -> tuple[int, int]:

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import ConfigError
 
@@ -121,10 +121,24 @@ class Input:
     limit: int | None = None  # shards: only the first N samples, counted as the shards are read (--limit)
 
     def describe(self) -> dict[str, Any]:
-        return {"kind": self.kind, "spec": self.spec, "units": len(self.units), "total": self.total}
+        d = {"kind": self.kind, "spec": self.spec, "units": len(self.units), "total": self.total}
+        if "://" not in self.spec and not self.spec.startswith("pipe:"):
+            d["path"] = os.path.abspath(self.spec)  # a resume may write the same local input another way
+        return d
 
 
 # ---- folders and lists -----------------------------------------------------------------------------------------
+COMPRESSED_TARS = (".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")
+# what to look at when every sample of an input failed, by the kind of input
+NOTHING_READ_FIX = {
+    "folder": "read the failure records (`s2 inspect OUT --json` or OUTDIR/errors.jsonl): each says why its image failed",
+    "list": "read the failure records (`s2 inspect OUT --json` or OUTDIR/errors.jsonl); relative paths in a .txt list "
+            "resolve against the list's folder",
+    "wds": "read the failure records (`s2 inspect OUT --json` or OUTDIR/errors.jsonl); a MissingImage record lists "
+           "the sample's members: pass their image extension with --image-key",
+}
+
+
 def _check_unique(pairs: list[tuple[str, str]], what: str) -> None:
     by_key: dict[str, list[str]] = {}
     for key, src in pairs:
@@ -161,6 +175,12 @@ def scan_folder(root: str | os.PathLike, keep_ext: bool = False) -> list[Sample]
     pairs = [(rel if keep_ext else rel.rsplit(".", 1)[0], full) for rel, full, _ in found]
     _check_unique(pairs, "files (the path without its extension)")
     if not pairs:
+        tars = sorted(p.name for p in root.iterdir() if p.name.lower().endswith(COMPRESSED_TARS))
+        if tars:  # a folder names its plain .tar shards only; compressed ones are read through a glob
+            ext = next(e for e in COMPRESSED_TARS if tars[0].lower().endswith(e))
+            raise ConfigError(f"input folder holds no images but {len(tars)} compressed WebDataset shards "
+                              f"(e.g. {tars[0]}), and a folder is read as shards only when it holds plain .tar files",
+                              given=str(root), fix=f"pass them as a glob: '{root}/*{ext}' (quoted)")
         raise ConfigError("input folder holds no images", given=str(root),
                           expected="files ending in " + ", ".join(IMAGE_EXTS), fix="point at a folder with images")
     return [Sample(k, s, sidecars=side) for (k, s), (_, _, side) in zip(pairs, found)]
@@ -287,7 +307,8 @@ def _tar_samples(url: str, image_key: str) -> Iterator[Sample | dict[str, str]]:
         if img_ext is None:
             members = sorted(k for k in s if not k.startswith("__"))
             yield {"key": key, "source": f"{url}#{key}", "stage": "read", "error_class": "MissingImage",
-                   "error": f"no image member ({'/'.join(exts)}); the sample has: {', '.join(members) or 'nothing'}"}
+                   "error": f"no image member ({'/'.join(exts)}); the sample has: {', '.join(members) or 'nothing'}"
+                            + _dotted_names_hint(key, members)}
             continue
         meta: dict[str, Any] = {}
         if "json" in s:
@@ -299,6 +320,16 @@ def _tar_samples(url: str, image_key: str) -> Iterator[Sample | dict[str, str]]:
             meta["txt"] = s["txt"].decode("utf-8", "replace")
         yield Sample(key, f"{url}#{key}", data=s[img_ext], meta=json.dumps(meta) if meta else None)
     yield from stream_failures()
+
+
+def _dotted_names_hint(key: str, members: list[str]) -> str:
+    """Why members such as `img.001.jpg`, `img.002.jpg` make one sample without an image: WebDataset's rule."""
+    dotted = [m for m in members if "." in m and m.lower().endswith(IMAGE_EXTS)]
+    if not dotted:
+        return ""
+    return (f". WebDataset takes a sample's key up to the first dot of a member's name, so {key}.{dotted[0]} is member "
+            f"{dotted[0]!r} of sample {key!r} (and files differing after that dot are one sample): name the files "
+            f"without extra dots (e.g. {key}_{dotted[0]}), or pass --image-key {dotted[0]} to read that one")
 
 
 def _stream_failure(url: str, exn: BaseException) -> dict[str, str]:
@@ -389,6 +420,8 @@ def load_rgb(fh: Any) -> tuple[Image.Image, dict[str, Any]]:
             raw = Image.open(fh)
         except Image.DecompressionBombWarning as w:  # between 1x and 2x the limit Pillow only warns: refuse too
             raise Image.DecompressionBombError(str(w)) from None
+        except UnidentifiedImageError:
+            raise UnidentifiedImageError(_unidentified(fh)) from None
     with raw:
         frames = getattr(raw, "n_frames", 1)
         if frames > 1:
@@ -420,6 +453,27 @@ def load_rgb(fh: Any) -> tuple[Image.Image, dict[str, Any]]:
         im = canvas
         notes["alpha"] = "composited on white"
     return (im if im.mode == "RGB" else im.convert("RGB")), notes
+
+
+def _unidentified(fh: Any) -> str:
+    """What Pillow could not identify, in words: a JPEG of a kind it cannot decode (12/16-bit, lossless), or
+    a file that is no image it knows, by its first bytes."""
+    try:
+        fh.seek(0)
+        head = fh.read(1 << 16)
+    except (OSError, ValueError):
+        head = b""
+    name = getattr(fh, "name", None)
+    where = f"{printable(name)}: " if isinstance(name, str) else ""
+    if head[:2] == b"\xff\xd8":
+        for i in range(2, len(head) - 4):  # the first start-of-frame marker: its kind and sample precision
+            if head[i] == 0xFF and 0xC0 <= head[i + 1] <= 0xCF and head[i + 1] not in (0xC4, 0xC8, 0xCC):
+                bits, lossless = head[i + 4], head[i + 1] in (0xC3, 0xC7, 0xCB, 0xCF)
+                kind = f"{bits}-bit" + (" lossless" if lossless else "")
+                return (f"{where}a {kind} JPEG, which Pillow cannot decode (it reads 8-bit lossy JPEGs); convert it "
+                        "to an 8-bit JPEG or a 16-bit PNG")
+        return f"{where}a JPEG whose header Pillow cannot read (damaged or an unsupported kind)"
+    return f"{where}not an image format Pillow knows (it begins with {head[:8]!r})"
 
 
 def _orientation(im: Image.Image) -> int:
