@@ -84,15 +84,19 @@ class OutputDir:
                               fix="pass --overwrite to start the folder over, or another -o")
         return run
 
+    def read_manifest(self) -> dict[str, Any]:
+        """The manifest as written; {} when there is none or it is damaged (it is rebuilt from the markers by the
+        next run)."""
+        try:
+            m = json.loads((self.path / "manifest.json").read_text())
+        except (OSError, ValueError):
+            return {}
+        return m if isinstance(m, dict) else {}
+
     @property
     def manifest_complete(self) -> bool:
-        """The manifest is written and says every unit is done (a damaged manifest says nothing: it is rebuilt
-        from the markers by the next run)."""
-        mf = self.path / "manifest.json"
-        try:
-            return bool(mf.is_file() and json.loads(mf.read_text()).get("complete"))
-        except (OSError, ValueError, AttributeError):
-            return False
+        """The manifest is written and says every unit is done."""
+        return bool(self.read_manifest().get("complete"))
 
     def scan(self, verify: bool = False) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         """(done markers whose shard is whole, in input order (unit, part); the broken ones, each with `broken`:

@@ -15,6 +15,7 @@ import h5py
 import numpy as np
 
 from .errors import ConfigError
+from .fsutil import claim_held
 from .heartbeat import liveness, read_heartbeats
 from .outdir import OutputDir
 from .writers import BF16, ENCODING_ATTR, POOLED_TENSOR, format_of, from_bf16_bits
@@ -354,6 +355,9 @@ class FeatureSet(Reader):
             except (ConfigError, OSError, ValueError, KeyError) as e:
                 self.broken.append({**m, "broken": f"cannot be read: {e}"})
                 continue
+            if len(ks) != m.get("num_images", len(ks)):
+                self.broken.append({**m, "broken": f"holds {len(ks)} keys where its marker recorded {m['num_images']}"})
+                continue
             i = len(self._markers)
             self._markers.append(m)
             self._shard_keys.append(ks)
@@ -470,6 +474,11 @@ class FeatureSet(Reader):
 
 def _open_file(path: Path) -> Reader:
     if not path.is_file():
+        writer = claim_held(path.with_name(f".{path.name}.lock"))
+        if writer:  # a single file appears only when its run has written all of it
+            raise ConfigError(f"{path} is being written by a run ({writer}); it appears when that run ends",
+                              given=str(path), fix="wait for that run to end (a folder, -o OUTDIR/, can be read while "
+                                                   "it is written)")
         raise ConfigError("no such feature file", given=str(path), fix="pass a file or folder written by `s2 extract`")
     return SafetensorsFeatureFile(path) if format_of(path) == "safetensors" else FeatureFile(path)
 

@@ -19,6 +19,9 @@ def status_report(path: str | os.PathLike) -> dict[str, Any]:
     hbs = read_heartbeats(d.path)
     inp = run.get("input", {})
     units_total = inp.get("units")
+    written = d.read_manifest()
+    if written.get("units_total") is not None:  # --limit on shards: the run ends in an earlier unit, as it said
+        units_total = min(units_total, written["units_total"]) if units_total is not None else written["units_total"]
     shard_size = run.get("config", {}).get("shard_size")
     by_unit: dict[int, list[dict]] = {}
     for m in markers:

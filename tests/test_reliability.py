@@ -122,6 +122,8 @@ def test_limit_takes_the_first_samples_of_the_shards(cli, tmp_path):
         assert list(ff) == ["k000", "k001", "k002", "k003"]
     again = run_json(cli, "extract", d, *FAST, "--limit", "4", "-o", f"{out}/")
     assert again["num_images"] == 0 and again["total_images"] == 4 and again["complete"]
+    st = run_json(cli, "status", out)
+    assert (st["images"], st["units_done"], st["units_total"], st["complete"]) == (4, 2, 2, True)
     run_json(cli, "extract", d, *FAST, "--limit", "4", "-o", tmp_path / "one.h5")
     assert_same_features(out, tmp_path / "one.h5")
 
@@ -155,6 +157,21 @@ def test_a_truncated_shard_is_skipped_by_readers_and_redone_on_resume(cli, tmp_p
     assert_same_features(out, clean)
     with open_features(out) as ff:
         assert ff.complete and not ff.broken_shards
+
+
+def test_a_shard_with_other_keys_than_its_old_marker_counted_is_skipped(cli, tmp_path):
+    """Markers written before they recorded sizes: the key count still tells a shard replaced by another."""
+    out = tmp_path / "o"
+    run_json(cli, "extract", six_images(tmp_path / "imgs"), *FAST, "--shard-size", "4", "-o", f"{out}/")
+    first, second = sorted(out.glob("part-*.h5"))
+    marker = second.with_suffix(".json")
+    m = json.loads(marker.read_text())
+    del m["bytes"], m["sha256"]
+    marker.write_text(json.dumps(m))
+    shutil.copy(first, second)  # 4 keys where the marker counted 2
+    with open_features(out) as ff:
+        assert list(ff) == ["im0", "im1", "im2", "im3"]
+        assert [b["shard"] for b in ff.broken_shards] == [second.name] and "4 keys" in ff.broken_shards[0]["why"]
 
 
 def test_a_shard_whose_bytes_changed_is_found_by_verify(cli, tmp_path):
@@ -332,6 +349,19 @@ def test_readers_show_the_done_part_of_a_killed_or_live_run(cli, tmp_path):
         assert r.exit_code == 0 and "a run is writing this folder now" in r.stdout
     finally:
         beat.close("done")
+
+
+def test_a_single_file_being_written_says_so(cli, tmp_path):
+    from s2cli.fsutil import take_claim
+
+    out = tmp_path / "feats.h5"
+    claim = take_claim(tmp_path / ".feats.h5.lock", str(out), fix="")  # what a live run of -o feats.h5 holds
+    try:
+        line = one_line_error(cli("inspect", out))
+        assert f"is being written by a run (host {os.uname().nodename} pid {os.getpid()}" in line
+    finally:
+        claim.release()
+    assert "no such feature file" in one_line_error(cli("inspect", out))
 
 
 # ---- a tar that changed between runs ------------------------------------------------------------------------------
