@@ -8,7 +8,7 @@ from typing import Any, Sequence
 
 from . import backbones
 from .config import Resolved, load_recipe, resolve_options
-from .errors import ConfigError, S2Error
+from .errors import ConfigError
 from .plan import dry_run
 from .sources import Input, open_input
 from .strategies import strategy_of
@@ -80,7 +80,7 @@ def extract(input: str | Input, output: str | None = None, *, recipe: str | None
         res, located = locate_weights(res)
     else:
         res = dataclasses.replace(res, weights_revision=backbone.revision)
-    with sigterm_raises():  # SIGTERM: the unfinished shard or file is removed, the claim given back, exit 143
+    with sigterm_raises():  # SIGTERM/SIGUSR1: the unfinished shard or file removed, the claim given back, exit 143/138
         return _extract(res, inp, rank, output is None and config is None, overwrite, progress, backbone, located)
 
 
@@ -96,7 +96,7 @@ def _extract(res: Resolved, inp: Input, rank: Any, named: bool, overwrite: bool,
         backbone = backbone if backbone is not None else load(res, located)
         run = Run(res, inp, target, backbone, device)
     except BaseException as e:  # the claim is given back (and a folder's heartbeat says why)
-        target.close("failed", e.one_line() if isinstance(e, S2Error) else f"{type(e).__name__}: {e}")
+        target.close_after(e)
         raise
     progress = progress or Progress()
     if named:

@@ -21,7 +21,7 @@ from .errors import ConfigError, S2Error
 from .extractor import Extractor
 from .fsutil import Claim, file_identity, take_claim
 from .heartbeat import Heartbeat
-from .launch import Rank, final_barrier, resolve_precision
+from .launch import Rank, Terminated, final_barrier, resolve_precision, signals_deferred
 from .outdir import OutputDir, unit_complete
 from .plan import fit_of
 from .reduce import parse as parse_reduce
@@ -130,14 +130,22 @@ class Target:
     def failures_before(self) -> int:
         return sum(m["num_failed"] for m in self.done.values())
 
-    def close(self, state: str, error: str | None = None, release: bool = True) -> None:
-        """Say in this rank's heartbeat how it ended (done or failed) and, unless told not to, give back the claim
-        on the output."""
+    def close(self, state: str, error: str | None = None, release: bool = True, **fields: Any) -> None:
+        """Say in this rank's heartbeat how it ended (done, failed or preempted) and, unless told not to, give back
+        the claim on the output."""
         if self.heartbeat is not None:
-            self.heartbeat.close(state, error)
+            self.heartbeat.close(state, error, **fields)
             self.heartbeat = None
         if release:
             self.release()
+
+    def close_after(self, e: BaseException) -> None:
+        """Close after the run ended with `e`: preempted (a stop signal: SIGTERM, SIGUSR1; a rerun resumes) or
+        failed, said in the heartbeat."""
+        if isinstance(e, Terminated):
+            self.close("preempted", f"preempted by {e.signame}", signal=e.signame)
+        else:
+            self.close("failed", e.one_line() if isinstance(e, S2Error) else f"{type(e).__name__}: {e}")
 
     def release(self) -> None:
         """Give back the claim on the output (another run may take it from now on)."""
@@ -343,9 +351,17 @@ class Run:
         """Write what is left of the part; in a folder, close its shard and commit its done marker."""
         self.flush()
         self.drain()
-        cur, t, st = self.part, self.target, self.stats
-        if cur is None or t.dir is None:
+        cur = self.part
+        if cur is None or self.target.dir is None:
             return
+        with signals_deferred():  # a stop signal now waits for the shard's rename and marker: never half of them
+            self._commit(cur, last_of_unit)
+            self.part = None
+        self._progress()
+
+    def _commit(self, cur: _Part, last_of_unit: bool) -> None:
+        """Close the part's shard (rename into place) and write its done marker."""
+        t, st = self.target, self.stats
         t0 = time.perf_counter()
         path = cur.sink.close()
         st.waits["write"] += time.perf_counter() - t0
@@ -353,7 +369,7 @@ class Run:
         elapsed = time.perf_counter() - cur.started
         keys = cur.unit.part_keys(cur.part, self.res.shard_size)
         identity = {} if keys is None else {"keys_sha256": keys_digest(keys), "num_keys": len(keys)}
-        t.dir.commit({**identity,
+        t.dir.commit({**identity,  # type: ignore[union-attr]
             "shard": path.name, "unit": cur.unit.id, "unit_index": cur.unit.index, "part": cur.part,
             "rank": t.rank, "num_images": cur.sink.n, "num_failed": len(cur.sink.failures),
             "failures": cur.sink.failures, "first_key": cur.first_key, "last_key": cur.last_key,
@@ -363,8 +379,6 @@ class Run:
         st.shards.append(path.name)
         if t.heartbeat is not None:
             t.heartbeat.update(shards_written=len(st.shards), images=st.done, failed=st.failed, shard=None, write=True)
-        self.part = None
-        self._progress()
 
     def record_failure(self, part: _Part, rec: dict[str, str]) -> None:
         res = self.res
@@ -393,7 +407,7 @@ class Run:
             self.part.sink.abort()
         if self.file_sink is not None:
             self.file_sink.abort()
-        self.target.close("failed", e.one_line() if isinstance(e, S2Error) else f"{type(e).__name__}: {e}")
+        self.target.close_after(e)
 
     def finalize(self, seconds: float) -> Summary:
         """Close the heartbeat, write the manifest (folders), and say what was done."""

@@ -661,7 +661,10 @@ def _worker_init(nice: int = 0) -> None:
     # Ctrl-C reaches the whole process group: only the parent acts on it (a worker killed by it could die holding
     # the pool's queue lock, and the parent's pool shutdown would wait for that lock forever); SIGTERM (the pool's
     # own shutdown) ends a worker at once, whatever handler the parent had when it forked
+    # SIGUSR1 (SLURM's warning before the time limit, sent to every process of a step) is the parent's to act on:
+    # it stops the pool; a worker that inherited the parent's handler would print a traceback instead
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     try:
         import torch

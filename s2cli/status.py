@@ -1,5 +1,5 @@
 """The `s2 status` report: what an output folder says about its run, from its done markers and the ranks'
-heartbeats: totals, per-rank progress, and units in flight or stale."""
+heartbeats: totals, per-rank progress, and units in flight, stale or preempted."""
 from __future__ import annotations
 
 import os
@@ -35,7 +35,7 @@ def status_report(path: str | os.PathLike) -> dict[str, Any]:
                "world": hb and hb.get("world"), "shards": len(mine), "images": sum(m["num_images"] for m in mine),
                "failed": sum(m["num_failed"] for m in mine),
                "updated_s_ago": None if hb is None else round(now - float(hb.get("updated", now)), 1),
-               "in_flight": None, "images_per_s": None, "error": hb and hb.get("error")}
+               "in_flight": None, "images_per_s": None, "error": hb and hb.get("error"), "signal": hb and hb.get("signal")}
         if hb is not None:
             elapsed = float(hb.get("updated", now)) - float(hb.get("started", now))
             row["images_per_s"] = round(hb.get("images", 0) / elapsed, 3) if elapsed > 0 else None
@@ -57,4 +57,6 @@ def status_report(path: str | os.PathLike) -> dict[str, Any]:
         "in_flight": [dict(rank=x["rank"], **x["in_flight"]) for x in ranks if x["in_flight"] and x["state"] == "running"],
         "stale": [dict(rank=x["rank"], host=x["host"], pid=x["pid"], **(x["in_flight"] or {})) for x in ranks
                   if x["state"] == "stale"],
+        "preempted": [{"rank": x["rank"], "host": x["host"], "signal": x["signal"]} for x in ranks
+                      if x["state"] == "preempted"],
     }
