@@ -207,10 +207,15 @@ def sigterm_raises() -> Iterator[None]:
     main = threading.current_thread() is threading.main_thread()
     mine = [s for s in STOP_SIGNALS if main and signal.getsignal(s) is signal.SIG_DFL]
 
+    raised: list[int] = []
+
     def handler(signum: int, frame: object) -> None:
+        if raised:  # a second signal (SLURM signals the step, and the batch script forwards it) must not cut the cleanup
+            return
         if _deferring:
             _deferred.append(signum)
             return
+        raised.append(signum)
         raise Terminated(128 + signum)
 
     for s in mine:
