@@ -47,7 +47,8 @@ def status_report(path: str | os.PathLike) -> dict[str, Any]:
     wall = (max(e for _, e in spans) - min(s for s, _ in spans)) if spans else 0
     return {
         "output": str(d.path), "input": inp.get("spec"), "kind": inp.get("kind"),
-        "units_done": units_done, "units_total": units_total, "shards_done": len(markers), "shards_total": shards_total,
+        "units_done": units_done, "units_total": units_total, "shards_total": shards_total,
+        "shards_done": sum("retry_of" not in m for m in markers), "retry_shards": sum("retry_of" in m for m in markers),
         "shard_size": shard_size, "images": images, "failed": sum(m["num_failed"] for m in markers),
         "images_per_s": round(sum(m["num_images"] for m in markers if "finished_at" in m) / wall, 3) if wall > 0 else None,
         "images_per_s_now": round(sum(x["images_per_s"] or 0 for x in ranks if x["state"] == "running"), 3),

@@ -69,7 +69,8 @@ def slurm(
                        sbatch_args=tuple(sbatch_arg or ()), job_name=job_name,
                        signal_grace=signal_grace, requeue=requeue)
         outdir = _P(res.output).resolve()
-        command = [python or sys.executable, *extract_argv(v)[1:], "--json", "-q"]
+        # no -q: a task's stderr is the job's log, where it writes a progress line every S2CLI_PROGRESS_S seconds
+        command = [python or sys.executable, *extract_argv(v)[1:], "--json"]
         from ..hub import cache_env
 
         script = sbatch_script(job, command, outdir, _P.cwd(), env={**cache_env(), "HF_HUB_OFFLINE": "1"})
