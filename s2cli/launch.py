@@ -305,6 +305,8 @@ def run_workers(argv: list[str], devices: list[str], env: Mapping[str, str] | No
             while on_tick is not None and any(p.poll() is None for p in procs):
                 time.sleep(tick_s)  # a worker prints one JSON line at its end: its pipe cannot fill meanwhile
                 on_tick()
+            if on_tick is not None:
+                on_tick()  # what they did in the end
             return [_result(i, dev, p, log) for i, (dev, p, log) in enumerate(zip(devices, procs, logs))]
         except Terminated as e:  # the scheduler's signal goes on to the workers: they stop as preempted too
             _stop(procs, signum=e.signum)
