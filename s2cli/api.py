@@ -8,7 +8,7 @@ from typing import Any, Sequence
 
 from . import backbones
 from .config import Resolved, load_recipe, resolve_options
-from .errors import ConfigError, S2Error
+from .errors import ConfigError
 from .plan import dry_run
 from .sources import Input, open_input
 from .strategies import strategy_of
@@ -26,6 +26,9 @@ class Progress:
     def update(self, done: int, failed: int, shards: int) -> None:
         """So far in this run: images written, failed, shards written."""
 
+    def total(self, total: int) -> None:
+        """The total of `start` estimated again (WebDataset input: from the samples of the tars read so far)."""
+
     def note(self, message: str) -> None:
         """A line worth telling (the output name when it was chosen for the user, a resume)."""
 
@@ -40,8 +43,13 @@ def settings(input: str, output: str | None = None, *, recipe: str | None = None
 
 def open_inputs(res: Resolved) -> Input:
     """The run's input, listed (folders, lists) or named (shards)."""
-    return open_input(res.input, res.input_format, res.shard_size, res.limit, res.image_key, res.meta_columns,
-                      res.keep_ext)
+    inp = open_input(res.input, res.input_format, res.shard_size, res.limit, res.image_key, res.meta_columns,
+                     res.keep_ext)
+    if res.num_samples is not None and inp.kind != "wds":
+        raise ConfigError("--num-samples gives the progress total of WebDataset shards; a folder or list is counted "
+                          "as it is listed", given=f"--num-samples {res.num_samples} for {inp.kind} input {inp.spec}",
+                          fix="drop --num-samples")
+    return inp
 
 
 def plan(input: str, output: str | None = None, *, recipe: str | None = None, config: Resolved | None = None,
@@ -80,14 +88,14 @@ def extract(input: str | Input, output: str | None = None, *, recipe: str | None
         res, located = locate_weights(res)
     else:
         res = dataclasses.replace(res, weights_revision=backbone.revision)
-    with sigterm_raises():  # SIGTERM: the unfinished shard or file is removed, the claim given back, exit 143
+    with sigterm_raises():  # SIGTERM/SIGUSR1: the unfinished shard or file removed, the claim given back, exit 143/138
         return _extract(res, inp, rank, output is None and config is None, overwrite, progress, backbone, located)
 
 
 def _extract(res: Resolved, inp: Input, rank: Any, named: bool, overwrite: bool, progress: Progress | None,
              backbone: Any, located: Any) -> Any:
     from .launch import pin_device, rank_device
-    from .run import Run, Target
+    from .run import Run, Target, TotalEstimate
 
     device = rank_device(res.device, rank)
     target = Target(res, inp, overwrite, rank)  # claims the output, refuses a clashing one (other weights too) before they load
@@ -96,25 +104,51 @@ def _extract(res: Resolved, inp: Input, rank: Any, named: bool, overwrite: bool,
         backbone = backbone if backbone is not None else load(res, located)
         run = Run(res, inp, target, backbone, device)
     except BaseException as e:  # the claim is given back (and a folder's heartbeat says why)
-        target.close("failed", e.one_line() if isinstance(e, S2Error) else f"{type(e).__name__}: {e}")
+        target.close_after(e)
         raise
     progress = progress or Progress()
     if named:
         progress.note(f"writing {res.output}")
+    _notes(progress, res, target)
+    before = 0 if res.retry_failed else target.images_done_before + target.failures_before
+    total = share_total(res, inp, target)
+    progress.start(res, total, before, len(target.markers), rank.rank)
+    run.on_progress = progress.update
+    if total is None and inp.kind == "wds":  # estimated from the tars read so far, refined as each one ends
+        run.estimate, run.on_total = TotalEstimate(before, target.units_to_read), progress.total
+    try:
+        return run.execute()
+    finally:
+        progress.finish()
+
+
+def _notes(progress: Progress, res: Resolved, target: Any) -> None:
+    """What is worth telling before a run starts: broken shards, a changed input, a resume, what --retry-failed
+    retries."""
     for m in target.broken:
         progress.note(f"{res.output}: done shard {m['shard']} is broken ({m['broken']}); it is redone")
     if target.changed:
         progress.note(f"the input changed since {res.output} was written: {target.changed} of its done shards "
                       "no longer match it (images added, removed or renamed) and are redone")
-    if target.done:
-        progress.note(f"resuming {res.output}: {len(target.done)} shards ({target.images_done_before} images) already done")
-    total = None if inp.total is None or rank.world > 1 else inp.total  # a rank does only its share
-    progress.start(res, total, target.images_done_before + target.failures_before, len(target.done), rank.rank)
-    run.on_progress = progress.update
-    try:
-        return run.execute()
-    finally:
-        progress.finish()
+    if res.retry_failed:
+        n = target.retry_keys
+        progress.note(f"retrying {n} images recorded as failed in {res.output}" if n else
+                      f"nothing to retry: {res.output} records no failed image (of this rank's share)")
+    elif target.markers:
+        progress.note(f"resuming {res.output}: {len(target.markers)} shards ({target.images_done_before} images) already done")
+
+
+def share_total(res: Resolved, inp: Input, target: Any) -> int | None:
+    """The images this process's run goes through, when known up front: the failures --retry-failed retries; a
+    folder's or list's share (its units' sizes); WebDataset's --num-samples (a rank: its share of the tars)."""
+    if res.retry_failed:
+        return target.retry_keys
+    mine = [u for u in inp.units if target.ranks.owns(u.index)]
+    if inp.total is not None:
+        return sum(u.size or 0 for u in mine)
+    if res.num_samples is not None and inp.units:
+        return round(res.num_samples * len(mine) / len(inp.units))
+    return None
 
 
 def locate_weights(res: Resolved) -> tuple[Resolved, Located]:
@@ -149,10 +183,11 @@ def fetch(*models: str, recipes: Sequence[str] = ()) -> list[dict[str, Any]]:
 
 
 def extract_on_devices(res: Resolved, devices: str, argv: list[str], *, device: str | None = None,
-                       overwrite: bool = False, log: Any = None) -> dict[str, Any]:
+                       overwrite: bool = False, log: Any = None, progress: Progress | None = None,
+                       inp: Input | None = None) -> dict[str, Any]:
     """`--devices`: one `argv` worker process (an `s2 extract` of these settings) per device of this machine, as
-    ranks of one run into the shared output folder; waits for all. Returns each worker's exit code and summary,
-    and the folder's status."""
+    ranks of one run into the shared output folder; waits for all, telling `progress` what they did together (from
+    their heartbeats). Returns each worker's exit code and summary, and the folder's status."""
     import os
 
     from .errors import ConfigError
@@ -175,5 +210,31 @@ def extract_on_devices(res: Resolved, devices: str, argv: list[str], *, device: 
     _, located = locate_weights(res)  # downloaded here once (first use), not by every worker at the same time
     if log:
         log(f"{len(devs)} workers ({', '.join(devs)}) -> {res.output}; weights {located.record}")
-    workers = run_workers(argv, devs, env={"HF_HUB_OFFLINE": "1"})
+    tick = _devices_progress(res, inp or open_inputs(res), len(devs), progress or Progress())
+    try:
+        workers = run_workers(argv, devs, env={"HF_HUB_OFFLINE": "1"}, on_tick=tick)
+    finally:
+        (progress or Progress()).finish()
     return {"workers": workers, "status": status_report(res.output)}
+
+
+def _devices_progress(res: Resolved, inp: Input, n: int, progress: Progress) -> Any:
+    """Start `progress` for the whole folder and return the function that tells it, from the heartbeats of the
+    `n` workers started from now on, what they have done together."""
+    import time
+
+    from .heartbeat import read_heartbeats
+    from .outdir import OutputDir
+
+    d = OutputDir(res.output)
+    markers = d.markers() if d.run_file.is_file() and not res.retry_failed else []
+    before = sum(m["num_images"] + m["num_failed"] for m in markers)
+    total = inp.total if inp.total is not None else res.num_samples
+    progress.start(res, None if res.retry_failed else total, before, len(markers), 0)
+    launched = time.time()
+
+    def tick() -> None:
+        hbs = [hb for r, hb in read_heartbeats(d.path).items() if r < n and float(hb.get("started", 0)) >= launched - 1]
+        progress.update(*(sum(int(hb.get(k) or 0) for hb in hbs) for k in ("images", "failed", "shards_written")))
+
+    return tick

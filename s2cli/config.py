@@ -81,6 +81,9 @@ class ExtractConfig:
     max_failures: int | None = field(default=None, metadata=RUN_ONLY)
     decode_timeout: float = field(default=120.0, metadata=RUN_ONLY)
     check_finite: bool = field(default=True, metadata=RUN_ONLY)
+    retries: int = field(default=0, metadata=RUN_ONLY)  # a read failing with an OSError is tried again N times
+    retry_failed: bool = field(default=False, metadata=RUN_ONLY)  # redo only the images OUTDIR/ records as failed
+    num_samples: int | None = field(default=None, metadata=RUN_ONLY)  # WebDataset: samples in all shards (progress)
     compile: bool = field(default=False, metadata=RUN_ONLY)  # torch.compile the backbone (dynamic=False); changes speed, not what is written
     channels_last: bool | None = field(default=None, metadata=RUN_ONLY)  # NHWC weights and inputs; None: on for bchw backbones (speed only)
     reduce: str | None = None  # token reduction at write time: avg:K | s2c:K | budget:N (reduce.py)
@@ -185,7 +188,8 @@ def build_config(input: str, output: str | None = None, recipe: str | None = Non
 _NOT_SAVED = ("keep_cls", "provenance", "min_tiles", "max_tiles", "thumbnail", "grid_pinpoints", "anyres_max",
               "min_pixels", "max_pixels")
 # options added after outputs were first written: saved only when set otherwise, so those outputs still resume
-_SAVED_UNLESS_DEFAULT = {"decode": "pil", "reduce": None, "meta_columns": "all", "keep_ext": False}
+_SAVED_UNLESS_DEFAULT = {"decode": "pil", "reduce": None, "meta_columns": "all", "keep_ext": False, "retries": 0,
+                         "retry_failed": False, "num_samples": None}
 # the settings every output file carries as attributes (besides its version, weights and the whole config)
 FILE_ATTRS = ("model", "layer", "scales", "img_sizes", "max_split_size", "split_mode", "num_prefix_tokens",
               "output_shape", "merge", "fit", "dtype", "pool", "strategy")
@@ -291,6 +295,10 @@ def resolve_config(cfg: ExtractConfig, backbone: BackboneCfg) -> Resolved:
     sizes, split = _sizes(cfg, backbone)
     _check_options(cfg, backbone, len(sizes))
     output, fmt, is_dir = _output(cfg)
+    if cfg.retry_failed and not is_dir:
+        raise ConfigError("--retry-failed adds the retried images to an output folder as shards of their own; a single "
+                          "file cannot take them without being rewritten whole", given=output,
+                          fix="rerun with --overwrite (every image is extracted again), or extract into a folder: -o OUTDIR/")
     strategy_fields = ("min_tiles", "max_tiles", "thumbnail", "grid_pinpoints", "anyres_max", "min_pixels", "max_pixels")
     set_by = dict(cfg.provenance)
     set_fields = tuple(f for f in strategy_fields if getattr(cfg, f) is not None) + tuple(
@@ -397,6 +405,11 @@ def _check_numbers(cfg: ExtractConfig) -> None:
                           given=t, fix="pass e.g. --decode-timeout 120")
     if cfg.max_failures is not None and (not isinstance(cfg.max_failures, Integral) or cfg.max_failures < 0):
         raise ConfigError("--max-failures must be an integer >= 0", given=cfg.max_failures, fix="e.g. --max-failures 100")
+    if isinstance(cfg.retries, bool) or not isinstance(cfg.retries, Integral) or cfg.retries < 0:
+        raise ConfigError("--retries must be an integer >= 0", given=cfg.retries, fix="e.g. --retries 3")
+    if cfg.num_samples is not None and (not isinstance(cfg.num_samples, Integral) or cfg.num_samples < 1):
+        raise ConfigError("--num-samples must be a positive integer", given=cfg.num_samples,
+                          fix="drop it to estimate the total")
 
 
 def _output(cfg: ExtractConfig) -> tuple[str, str, bool]:

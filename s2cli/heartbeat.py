@@ -44,7 +44,8 @@ def read_heartbeats(outdir: Path) -> dict[int, dict[str, Any]]:
 
 
 def liveness(hb: dict[str, Any] | None, now: float | None = None) -> str:
-    """running (alive), stale (says running but its process is gone or silent), done, failed, or absent."""
+    """running (alive), stale (says running but its process is gone or silent), done, failed, preempted (stopped
+    by a signal: a rerun resumes it), or absent."""
     if hb is None:
         return "absent"
     if hb.get("state") != "running":
@@ -59,7 +60,7 @@ def liveness(hb: dict[str, Any] | None, now: float | None = None) -> str:
 
 class Heartbeat:
     """This rank's `rank-RRRRR.json`, rewritten atomically every `heartbeat_s()` seconds and on every change of
-    unit or shard; `close(state)` writes the final state (done or failed)."""
+    unit or shard; `close(state)` writes the final state (done, failed or preempted)."""
 
     def __init__(self, outdir: Path, rank: int, world: int, source: str):
         self.path = heartbeat_path(outdir, rank)
@@ -93,10 +94,11 @@ class Heartbeat:
         while not self._stop.wait(heartbeat_s()):
             self.write()
 
-    def close(self, state: str, error: str | None = None) -> None:
+    def close(self, state: str, error: str | None = None, **fields: Any) -> None:
+        """The final state: done, failed, or preempted (`signal`: the signal's name)."""
         self._stop.set()
         self._thread.join(timeout=5)
-        self.update(state=state, error=error, unit=None, unit_index=None, part=None, shard=None, write=True)
+        self.update(state=state, error=error, unit=None, unit_index=None, part=None, shard=None, write=True, **fields)
 
 
 def live_ranks(outdir: Path, me: int | None = None) -> set[int]:

@@ -8,7 +8,7 @@ import signal
 import threading
 import time
 from dataclasses import dataclass
-from typing import Iterator, Mapping
+from typing import Callable, Iterator, Mapping
 
 from ._lazy import torch
 from .errors import ConfigError
@@ -173,29 +173,74 @@ def final_barrier(rank: Rank) -> bool:
             dist.destroy_process_group()
 
 
+# the signals that stop a run in good order: SIGTERM (a scheduler's time limit or preemption, `scancel`, `kill`) and
+# SIGUSR1 (what `s2 slurm`'s script asks SLURM to send <grace> seconds before the time limit)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
 class Terminated(SystemExit):
-    """SIGTERM arrived (raised by `sigterm_raises`): the run's cleanup runs as for any error, then the process
-    exits with 143, the status a shell shows for a process ended by SIGTERM."""
+    """A stop signal arrived (raised by `sigterm_raises`): the run's cleanup runs as for any error (the shard in
+    flight is abandoned, temporaries removed, the heartbeat says `preempted`), then the process exits with
+    128 + the signal's number (143 for SIGTERM, 138 for SIGUSR1), the status a shell shows for it."""
+
+    def __init__(self, code: int):
+        super().__init__(code)
+        self.signum = code - 128
+
+    @property
+    def signame(self) -> str:
+        try:
+            return signal.Signals(self.signum).name
+        except ValueError:
+            return f"signal {self.signum}"
+
+
+_deferred: list[int] = []  # signals that arrived inside `signals_deferred`, raised at its end
+_deferring = 0
 
 
 @contextlib.contextmanager
 def sigterm_raises() -> Iterator[None]:
-    """While inside, SIGTERM raises `Terminated` in the main thread, so temporaries are removed, the heartbeat
-    says why and `--devices` workers are stopped. Only where SIGTERM still has its default action: a handler the
-    caller (or a launcher) installed stays in charge."""
+    """While inside, SIGTERM and SIGUSR1 raise `Terminated` in the main thread, so temporaries are removed, the
+    heartbeat says why and `--devices` workers are stopped. Only for a signal that still has its default action:
+    a handler the caller (or a launcher) installed stays in charge."""
     main = threading.current_thread() is threading.main_thread()
-    if not main or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
-        yield
-        return
+    mine = [s for s in STOP_SIGNALS if main and signal.getsignal(s) is signal.SIG_DFL]
+
+    raised: list[int] = []
 
     def handler(signum: int, frame: object) -> None:
+        if raised:  # a second signal (SLURM signals the step, and the batch script forwards it) must not cut the cleanup
+            return
+        if _deferring:
+            _deferred.append(signum)
+            return
+        raised.append(signum)
         raise Terminated(128 + signum)
 
-    signal.signal(signal.SIGTERM, handler)
+    for s in mine:
+        signal.signal(s, handler)
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        for s in mine:
+            signal.signal(s, signal.SIG_DFL)
+
+
+@contextlib.contextmanager
+def signals_deferred() -> Iterator[None]:
+    """A stop signal that arrives inside waits until its end (then raises `Terminated`): a shard being closed and
+    marked done is finished, never left half-renamed or with half a marker."""
+    global _deferring
+    _deferring += 1
+    try:
+        yield
+    finally:
+        _deferring -= 1
+    if not _deferring and _deferred:
+        signum = _deferred.pop(0)
+        _deferred.clear()
+        raise Terminated(128 + signum)
 
 
 PARENT_ENV = "S2CLI_PARENT_PID"  # a `--devices` worker's parent: the worker ends when it does
@@ -217,13 +262,14 @@ def die_with_parent() -> None:
         raise Terminated(128 + signal.SIGTERM)
 
 
-def _stop(procs: list, deadline: float = 10.0) -> None:
-    """SIGTERM every worker still running, then SIGKILL those still there after `deadline` seconds; reap all."""
+def _stop(procs: list, deadline: float = 10.0, signum: int = signal.SIGTERM) -> None:
+    """Send `signum` (SIGTERM) to every worker still running, then SIGKILL those still there after `deadline`
+    seconds; reap all."""
     import subprocess
 
     for p in procs:
         if p.poll() is None:
-            p.terminate()
+            p.send_signal(signum)
     end = time.monotonic() + deadline
     for p in procs:
         try:
@@ -233,12 +279,14 @@ def _stop(procs: list, deadline: float = 10.0) -> None:
             p.wait()
 
 
-def run_workers(argv: list[str], devices: list[str], env: Mapping[str, str] | None = None) -> list[dict]:
+def run_workers(argv: list[str], devices: list[str], env: Mapping[str, str] | None = None,
+                on_tick: Callable[[], None] | None = None, tick_s: float = 1.0) -> list[dict]:
     """`--devices`: start `argv --device D --json -q` once per device, as rank i of len(devices) (RANK,
-    WORLD_SIZE, LOCAL_RANK in its environment, and `env`), wait for all, and return each worker's exit code, JSON summary
-    and last error line. Workers share nothing but the output folder; one failing does not stop the others.
-    SIGTERM or Ctrl-C to this process stops the workers (SIGTERM, then SIGKILL after a deadline) before it ends;
-    a worker also ends when this process dies (`die_with_parent`)."""
+    WORLD_SIZE, LOCAL_RANK in its environment, and `env`), wait for all (calling `on_tick` every `tick_s` seconds
+    meanwhile: the live progress), and return each worker's exit code, JSON summary and last error line. Workers
+    share nothing but the output folder; one failing does not stop the others. SIGTERM, SIGUSR1 or Ctrl-C to this
+    process is passed on to the workers (Ctrl-C as SIGTERM; SIGKILL after a deadline) before it ends; a worker
+    also ends when this process dies (`die_with_parent`)."""
     import subprocess
     import tempfile
 
@@ -254,7 +302,15 @@ def run_workers(argv: list[str], devices: list[str], env: Mapping[str, str] | No
                 logs.append(tempfile.TemporaryFile(mode="w+"))
                 procs.append(subprocess.Popen([*argv, "--device", dev, "--json", "-q"], env=wenv,
                                               stdout=subprocess.PIPE, stderr=logs[-1], text=True))
+            while on_tick is not None and any(p.poll() is None for p in procs):
+                time.sleep(tick_s)  # a worker prints one JSON line at its end: its pipe cannot fill meanwhile
+                on_tick()
+            if on_tick is not None:
+                on_tick()  # what they did in the end
             return [_result(i, dev, p, log) for i, (dev, p, log) in enumerate(zip(devices, procs, logs))]
+        except Terminated as e:  # the scheduler's signal goes on to the workers: they stop as preempted too
+            _stop(procs, signum=e.signum)
+            raise
         finally:
             _stop(procs)
 

@@ -167,7 +167,7 @@ class OutputDir:
             self.check_same(run, compare)  # another rank created it first: it must be the same run
         self._clean_leftovers(rank)
         if world == 1:
-            self.rebuild_errors()
+            self.settle_retries()
 
     def _refuse_live(self, rank: int) -> None:
         """--overwrite deletes everything: refused while any other rank of this folder is alive (its claim held,
@@ -255,9 +255,41 @@ class OutputDir:
             except OSError as e:  # the marker holds them; errors.jsonl is rebuilt from the markers on resume
                 raise write_error(self.path / "errors.jsonl", e) from e
 
+    def settle_retry(self, retry: dict[str, Any], log_errors: bool = True) -> None:
+        """After a retry's shard is marked done (`--retry-failed`): the failures it retried leave the markers that
+        recorded them for their `retried` history, each with the retry's shard and its outcome (ok, or failed
+        again: then the retry's marker records it), so that every image counts once. errors.jsonl is rebuilt (ranks
+        sharing the folder: with the manifest). Done again for a retry whose run stopped before it finished this."""
+        keys, again = set(retry["retried_keys"]), {f["key"] for f in retry["failures"]}
+        for name in retry["retry_of"]:
+            path = self.path / Path(name).with_suffix(".json").name
+            try:
+                m = json.loads(path.read_text())
+            except (OSError, ValueError):  # taken back since (its input changed): nothing to settle
+                continue
+            moved = [f for f in m["failures"] if f["key"] in keys]
+            if not moved:
+                continue
+            m["failures"] = [f for f in m["failures"] if f["key"] not in keys]
+            m["num_failed"] = len(m["failures"])
+            m["retried"] = m.get("retried", []) + [
+                {**f, "retried_in": retry["shard"], "outcome": "failed" if f["key"] in again else "ok"} for f in moved]
+            atomic_write_text(path, json.dumps(m, sort_keys=True))
+        if log_errors:
+            self.rebuild_errors()
+
+    def settle_retries(self, log_errors: bool = True) -> None:
+        """`settle_retry` for every retry's marker (a run stopped between a retry's marker and the settling)."""
+        for m in self.markers():
+            if "retry_of" in m:
+                self.settle_retry(m, log_errors=False)
+        if log_errors:
+            self.rebuild_errors()
+
     def rebuild_errors(self) -> None:
-        """errors.jsonl from the markers: every failure of every completed shard, once."""
-        lines = [json.dumps(r) for m in self.markers() for r in m["failures"]]
+        """errors.jsonl from the markers: every failure of every completed shard, once; a failure retried since
+        (`--retry-failed`) with `retried_in` and `outcome`; a retry's own failures with `retry: true`."""
+        lines = [json.dumps(r) for m in self.markers() for r in m.get("retried", []) + m["failures"]]
         atomic_write_text(self.path / "errors.jsonl", "".join(line + "\n" for line in lines))
 
     def write_manifest(self, units_total: int | None, units_done: int | Any) -> dict[str, Any]:

@@ -22,7 +22,7 @@ from .errors import ConfigError, S2Error
 from .extractor import Extractor
 from .fsutil import Claim, file_identity, take_claim
 from .heartbeat import Heartbeat
-from .launch import Rank, final_barrier, resolve_precision
+from .launch import Rank, Terminated, final_barrier, resolve_precision, signals_deferred
 from .outdir import OutputDir, shard_record, unit_complete
 from .plan import fit_of
 from .reduce import parse as parse_reduce
@@ -80,7 +80,9 @@ class Target:
         self.heartbeat = None
         self.claim: Claim | None = None  # a single file's claim (a folder's are its OutputDir's)
         self.replaces: tuple[int, int, int] | None = None  # the file --overwrite may replace, as it was at the start
-        self.done: dict[tuple[int, int], dict] = {}
+        self.done: dict[tuple[int, int], dict] = {}  # (unit, part) -> its marker (a retry's shards aside)
+        self.markers: list[dict] = []  # every done marker, retries' too
+        self.retry: dict[tuple[int, int], list[dict]] = {}  # --retry-failed: (unit, part) -> markers with its failures
         self.changed = 0  # done shards that no longer matched the input (it changed since): taken back, redone
         self.broken: list[dict] = []  # done shards found broken (not the size their marker recorded): redone
         self.identities: dict[int, dict] = {}  # a tar unit's identity, taken before it was read
@@ -89,13 +91,17 @@ class Target:
             raise ConfigError("several ranks share one output, which must then be a folder",
                               given=f"-o {res.output} with {rank.world} ranks ({rank.source})", fix="pass -o OUTDIR/")
         if self.dir is not None:
+            self._check_retry(overwrite)
             run = {"s2cli_version": __version__, "input": inp.describe(), "config": res.to_dict(),
                    "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
             self.dir.prepare(run, overwrite, res.compare_keys(), rank.rank, rank.world)
             self.broken = self.dir.broken
             try:
                 self.changed = self._drop_changed()
-                self.done = {(m["unit_index"], m["part"]): m for m in self.dir.markers()}
+                self.markers = self.dir.markers()
+                self.done = {(m["unit_index"], m["part"]): m for m in self.markers if "retry_of" not in m}
+                if res.retry_failed:
+                    self.retry = self._failed_parts()
                 self.heartbeat = Heartbeat(self.dir.path, rank.rank, rank.world, rank.source)
             except BaseException:
                 self.release()
@@ -105,6 +111,31 @@ class Target:
         self._by_unit: dict[int, list[dict]] = {}
         for (u, _), m in self.done.items():
             self._by_unit.setdefault(u, []).append(m)
+
+    def _check_retry(self, overwrite: bool) -> None:
+        """--retry-failed needs a run to retry, and keeps what it wrote."""
+        if not self.res.retry_failed:
+            return
+        if overwrite:
+            raise ConfigError("--retry-failed and --overwrite contradict each other: one keeps the output, the other "
+                              "starts it over", fix="drop one of them")
+        if not self.dir.run_file.is_file():  # type: ignore[union-attr]
+            raise ConfigError("--retry-failed retries the failures an output folder records, and this one holds no run",
+                              given=self.res.output, fix="run without --retry-failed first")
+
+    def _failed_parts(self) -> dict[tuple[int, int], list[dict]]:
+        """This rank's parts with failed images to retry, and the markers that record them. Not retried: a repeated
+        key (the first one was kept) and a tar stream that broke (no image of its own: rerun after fixing the tar)."""
+        out: dict[tuple[int, int], list[dict]] = {}
+        for m in self.markers:
+            if self.ranks.owns(m["unit_index"]) and any(retryable(f) for f in m["failures"]):
+                out.setdefault((m["unit_index"], m["part"]), []).append(m)
+        return out
+
+    @property
+    def retry_keys(self) -> int:
+        return len({(u, p, f["key"]) for (u, p), ms in self.retry.items() for m in ms for f in m["failures"]
+                    if retryable(f)})
 
     def _drop_changed(self) -> int:
         """Done shards of this rank's units (or of units that are gone) whose part of the input changed since they
@@ -133,20 +164,28 @@ class Target:
 
     @property
     def images_done_before(self) -> int:
-        return sum(m["num_images"] for m in self.done.values())
+        return sum(m["num_images"] for m in self.markers)
 
     @property
     def failures_before(self) -> int:
-        return sum(m["num_failed"] for m in self.done.values())
+        return sum(m["num_failed"] for m in self.markers)
 
-    def close(self, state: str, error: str | None = None, release: bool = True) -> None:
-        """Say in this rank's heartbeat how it ended (done or failed) and, unless told not to, give back the claim
-        on the output."""
+    def close(self, state: str, error: str | None = None, release: bool = True, **fields: Any) -> None:
+        """Say in this rank's heartbeat how it ended (done, failed or preempted) and, unless told not to, give back
+        the claim on the output."""
         if self.heartbeat is not None:
-            self.heartbeat.close(state, error)
+            self.heartbeat.close(state, error, **fields)
             self.heartbeat = None
         if release:
             self.release()
+
+    def close_after(self, e: BaseException) -> None:
+        """Close after the run ended with `e`: preempted (a stop signal: SIGTERM, SIGUSR1; a rerun resumes) or
+        failed, said in the heartbeat."""
+        if isinstance(e, Terminated):
+            self.close("preempted", f"preempted by {e.signame}", signal=e.signame)
+        else:
+            self.close("failed", e.one_line() if isinstance(e, S2Error) else f"{type(e).__name__}: {e}")
 
     def release(self) -> None:
         """Give back the claim on the output (another run may take it from now on)."""
@@ -156,6 +195,11 @@ class Target:
             self.claim.release()
             self.claim = None
 
+    @property
+    def units_to_read(self) -> int:
+        """The units of this rank's share that this run reads (not already complete)."""
+        return sum(1 for u in self.inp.units if self.ranks.owns(u.index) and not self.unit_done(u))
+
     def unit_done(self, unit: Unit) -> bool:
         """Every part of the unit is done, so it need not even be read."""
         return unit_complete(self._by_unit.get(unit.index, []), parts_of(unit, self.res.shard_size))
@@ -164,6 +208,9 @@ class Target:
         """(unit, part, sample) for every sample of this rank still to do; a sample of None marks an already-done
         part's sample (read past without decoding, so a resumed tar keeps its part boundaries). Shards under
         --limit: the first N samples of the shards in order (a failure record counts as a sample)."""
+        if self.res.retry_failed:
+            yield from self._retry_work()
+            return
         S, left = self.res.shard_size, self.inp.limit
         for unit in self.inp.units:
             if left is not None and left <= 0:
@@ -187,6 +234,25 @@ class Target:
                 yield unit, part, (None if (unit.index, part) in self.done else s)
         if left is not None and left <= 0:
             self.units_total = min(self.units_total, unit.index + 1)
+
+
+    def _retry_work(self) -> Iterator[tuple[Unit, int, Sample | dict]]:
+        """--retry-failed: (unit, part, sample) for the samples recorded as failed, found again in the input."""
+        S = self.res.shard_size
+        for unit in self.inp.units:
+            wanted = {p: {f["key"] for m in ms for f in m["failures"] if retryable(f)}
+                      for (u, p), ms in self.retry.items() if u == unit.index}
+            if not wanted:
+                continue
+            for i, s in enumerate(unit.samples()):
+                key = s["key"] if isinstance(s, dict) else s.key
+                if key in wanted.get(i // S, ()):
+                    yield unit, i // S, s
+
+
+def retryable(failure: dict) -> bool:
+    """A failure `--retry-failed` retries: an image's (not a repeated key's, nor a broken tar stream's)."""
+    return failure.get("error_class") != "DuplicateKey" and not failure["key"].endswith(":<stream>")
 
 
 @dataclass
@@ -240,6 +306,40 @@ class _Part:
     seen: set
     first_key: str | None = None
     last_key: str | None = None
+    retry_of: list[dict] | None = None  # --retry-failed: the markers whose failures this part extracts again
+
+
+@dataclass
+class TotalEstimate:
+    """WebDataset input, whose tars are counted only by reading them: the samples of a run's share estimated as
+    those before it, plus the new samples of the tars read to the end, plus their mean count (read-past samples of
+    done parts included) times the tars still to read; it is refined as each tar ends."""
+
+    before: int  # images done or failed before this run
+    units: int  # tars this run reads
+    finished: int = 0  # tars read to the end
+    samples: int = 0  # their samples
+    fresh: int = 0  # of them, new in this run
+    unit: int | None = None  # the tar being read, its samples and its new ones so far
+    in_unit: int = 0
+    fresh_in_unit: int = 0
+
+    def see(self, unit_index: int, fresh: bool) -> int | None:
+        """A sample of tar `unit_index` (`fresh`: not already done); the new estimate when a tar just ended."""
+        total = None
+        if unit_index != self.unit:
+            total = self.end_unit()
+            self.unit = unit_index
+        self.in_unit += 1
+        self.fresh_in_unit += fresh
+        return total
+
+    def end_unit(self) -> int | None:
+        if self.unit is None:
+            return None
+        self.finished, self.samples, self.fresh = self.finished + 1, self.samples + self.in_unit, self.fresh + self.fresh_in_unit
+        self.in_unit = self.fresh_in_unit = 0
+        return self.before + self.fresh + round(self.samples / self.finished * max(0, self.units - self.finished))
 
 
 @dataclass
@@ -267,6 +367,8 @@ class Run:
                  on_progress: Progress | None = None):
         self.res, self.inp, self.target, self.backbone, self.device = res, inp, target, backbone, device
         self.on_progress = on_progress
+        self.estimate: TotalEstimate | None = None  # WebDataset: the total estimated as the tars are read
+        self.on_total: Callable[[int], None] | None = None
         self.strategy = strategy_of(res)
         self.reduction = parse_reduce(res.reduce)
         self.fit = fit_of(res)
@@ -300,6 +402,8 @@ class Run:
             for (unit, part_no, sample), rec in _timed(decoded, self.stats.waits, "decode"):
                 for stage, s in zip(("read", "decode", "fit"), rec.get("seconds", ())):
                     self.stats.busy[stage] += s
+                if self.estimate is not None and (total := self.estimate.see(unit.index, sample is not None)):
+                    self.on_total(total)  # type: ignore[misc]
                 if sample is not None:  # None: a sample of a part already done, read past
                     self.admit(unit, part_no, rec)
             self.finish_part(last_of_unit=True)
@@ -371,16 +475,26 @@ class Run:
         self.next_index += 1
         if t.heartbeat is not None:
             t.heartbeat.update(unit=unit.id, unit_index=unit.index, part=part, shard=name, write=True)
-        seen = self.folder_keys if self.folder_keys is not None else set()
-        return _Part(unit, part, self._new_sink(str(t.dir.path / name)), time.perf_counter(), seen)
+        retry_of = t.retry.get((unit.index, part)) if self.res.retry_failed else None
+        # keys are unique across the folder (the first kept); a retry's shard holds keys recorded as failed only
+        seen = self.folder_keys if self.folder_keys is not None and retry_of is None else set()
+        return _Part(unit, part, self._new_sink(str(t.dir.path / name)), time.perf_counter(), seen, retry_of=retry_of)
 
     def finish_part(self, last_of_unit: bool) -> None:
         """Write what is left of the part; in a folder, close its shard and commit its done marker."""
         self.flush()
         self.drain()
-        cur, t, st = self.part, self.target, self.stats
-        if cur is None or t.dir is None:
+        cur = self.part
+        if cur is None or self.target.dir is None:
             return
+        with signals_deferred():  # a stop signal now waits for the shard's rename and marker: never half of them
+            self._commit(cur, last_of_unit)
+            self.part = None
+        self._progress()
+
+    def _commit(self, cur: _Part, last_of_unit: bool) -> None:
+        """Close the part's shard (rename into place) and write its done marker."""
+        t, st = self.target, self.stats
         t0 = time.perf_counter()
         path = cur.sink.close()
         st.waits["write"] += time.perf_counter() - t0
@@ -389,18 +503,22 @@ class Run:
         keys = cur.unit.part_keys(cur.part, self.res.shard_size)
         identity = t.identities.get(cur.unit.index, {}) if keys is None else {"keys_sha256": keys_digest(keys),
                                                                                "num_keys": len(keys)}
-        t.dir.commit({**identity, **shard_record(path),
+        retry = {} if cur.retry_of is None else {  # a retry's shard: what it retried; a tar's last part is not its
+            "retry_of": [m["shard"] for m in cur.retry_of], "retried_keys": sorted(cur.seen)}
+        marker = {**identity, **retry, **shard_record(path),
             "shard": path.name, "unit": cur.unit.id, "unit_index": cur.unit.index, "part": cur.part,
             "rank": t.rank, "num_images": cur.sink.n, "num_failed": len(cur.sink.failures),
-            "failures": cur.sink.failures, "first_key": cur.first_key, "last_key": cur.last_key,
-            "seconds": round(elapsed, 3), "s2cli_version": __version__, "last_part": last_of_unit,
+            "failures": [{**f, "retry": True} for f in cur.sink.failures] if retry else cur.sink.failures,
+            "first_key": cur.first_key, "last_key": cur.last_key,
+            "seconds": round(elapsed, 3), "s2cli_version": __version__, "last_part": last_of_unit and not retry,
             "finished_at": time.time(), "started_at": time.time() - elapsed, "host": socket.gethostname(),
-        }, log_errors=t.ranks.world == 1)
+        }
+        t.dir.commit(marker, log_errors=t.ranks.world == 1 and not retry)  # type: ignore[union-attr]
+        if retry:  # the failures it retried move to their shards' history: each image counts once
+            t.dir.settle_retry(marker, log_errors=t.ranks.world == 1)  # type: ignore[union-attr]
         st.shards.append(path.name)
         if t.heartbeat is not None:
             t.heartbeat.update(shards_written=len(st.shards), images=st.done, failed=st.failed, shard=None, write=True)
-        self.part = None
-        self._progress()
 
     def record_failure(self, part: _Part, rec: dict[str, str]) -> None:
         res = self.res
@@ -429,7 +547,7 @@ class Run:
             self.part.sink.abort()
         if self.file_sink is not None:
             self.file_sink.abort()
-        self.target.close("failed", e.one_line() if isinstance(e, S2Error) else f"{type(e).__name__}: {e}")
+        self.target.close_after(e)
 
     def finalize(self, seconds: float) -> Summary:
         """Close the heartbeat, write the manifest (folders), and say what was done."""

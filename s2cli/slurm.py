@@ -26,6 +26,8 @@ class SlurmJob:
     mem: str | None = None
     sbatch_args: tuple[str, ...] = ()
     job_name: str = "s2-extract"
+    signal_grace: int = 120  # seconds before the time limit SLURM sends USR1 to the script (0: no signal asked)
+    requeue: bool = True  # a job stopped by a signal with its work unfinished requeues itself
 
     @property
     def tasks(self) -> int:
@@ -51,6 +53,9 @@ class SlurmJob:
         if self.cpus_per_gpu is not None and not self.gpus_per_node:
             raise ConfigError("--cpus-per-gpu needs --gpus-per-node", given=self.cpus_per_gpu,
                               fix="pass --gpus-per-node G, or --sbatch-arg=--cpus-per-task=C for CPU tasks")
+        if self.signal_grace < 0:
+            raise ConfigError("--signal-grace must be >= 0 seconds", given=self.signal_grace,
+                              fix="e.g. --signal-grace 120 (0: SLURM sends no warning signal)")
         bad = [a for a in self.sbatch_args if not a.startswith("-")]
         if bad:
             raise ConfigError("--sbatch-arg takes an sbatch option", given=bad[0], expected="e.g. --qos=high",
@@ -61,7 +66,7 @@ def sbatch_script(job: SlurmJob, command: list[str], outdir: Path, workdir: Path
                   env: Mapping[str, str] | None = None) -> str:
     """A readable batch script: #SBATCH lines for the job's shape, `env` exported (the HF cache that holds the
     weights, fetched on the submitting host, and HF_HUB_OFFLINE=1: no task reaches the hub), then one srun of
-    `command`."""
+    `command` supervised by the script (signals passed on, requeue when stopped with work left)."""
     job.check()
     shape = (f"{job.nodes} node{'s' * (job.nodes > 1)} × {job.gpus_per_node} GPUs, one task per GPU"
              if job.ntasks is None else f"{job.ntasks} tasks on {job.nodes} node{'s' * (job.nodes > 1)}")
@@ -88,7 +93,13 @@ def sbatch_script(job: SlurmJob, command: list[str], outdir: Path, workdir: Path
             lines.append(f"#SBATCH --{opt}={v}")
     if job.array:
         lines.append(f"#SBATCH --array=0-{job.array - 1}")
+    if job.signal_grace:
+        lines.append(f"#SBATCH --signal=B:USR1@{job.signal_grace}")
+    if job.requeue:
+        lines.append("#SBATCH --requeue")
     lines += [f"#SBATCH --chdir={workdir}", f"#SBATCH --output={outdir / log}"]
+    if job.requeue:
+        lines.append("#SBATCH --open-mode=append")  # a requeued job's log goes on after its first life's
     lines += [f"#SBATCH {a}" for a in job.sbatch_args]
     head = " ".join(shlex.quote(a) for a in command[:5])  # python -m s2cli extract INPUT
     cmd = " \\\n    ".join([head, *_pairs(command[5:])])
@@ -96,8 +107,35 @@ def sbatch_script(job: SlurmJob, command: list[str], outdir: Path, workdir: Path
     if env:
         lines.append("# the weights were fetched on the submitting host into this cache: the tasks read it, offline")
         lines += [f"export {k}={shlex.quote(str(v))}" for k, v in env.items()]
-    lines += [f"srun --kill-on-bad-exit=0 {cmd}", ""]
+    lines += [f"srun --kill-on-bad-exit=0 {cmd} &", *_supervise(job.requeue), ""]
     return "\n".join(lines)
+
+
+def _supervise(requeue: bool) -> list[str]:
+    """The script's end: srun runs in the background so that the script can act on USR1 (SLURM's warning,
+    --signal) and TERM (scancel, preemption) at once: it passes the signal on to the tasks (they stop in good order:
+    finished shards kept, the one in flight abandoned, exit 138/143), waits for them, and when they stopped with
+    work left, requeues the job (`scontrol requeue`), which then resumes."""
+    lines = [
+        "task=$!",
+        "got=",
+        'stop() { got=$1; echo "s2 slurm: SIG$1 received: passing it on to the tasks" >&2; '
+        'kill -s "$1" "$task" 2>/dev/null || true; }',
+        "trap 'stop USR1' USR1",
+        "trap 'stop TERM' TERM",
+        "rc=0",
+        'wait "$task" || rc=$?',
+        'while kill -0 "$task" 2>/dev/null; do rc=0; wait "$task" || rc=$?; done  # a signal interrupts wait',
+    ]
+    if requeue:
+        lines += [
+            'if [ -n "$got" ] && [ "$rc" -ne 0 ]; then',
+            '    echo "s2 slurm: the tasks stopped on SIG$got with work left (exit $rc): requeueing job $SLURM_JOB_ID" >&2',
+            '    scontrol requeue "$SLURM_JOB_ID"',
+            "    exit 0",
+            "fi",
+        ]
+    return [*lines, 'exit "$rc"']
 
 
 def _pairs(argv: list[str]) -> list[str]:

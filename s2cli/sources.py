@@ -390,8 +390,9 @@ def _open(sample: Sample) -> Image.Image:
 
 
 def _read(sample: Sample) -> Any:
-    """The stage `read`: the bytes of a stream sample, or an open file handle, with a plain reason when the file
-    vanished (deleted after the input was listed), is not readable, or is not a file."""
+    """The stage `read`: the bytes of a sample (of a stream, or the whole file), with a plain reason when the file
+    vanished (deleted after the input was listed), is not readable, or is not a file. The file is read whole
+    here, so that an I/O error is this stage's (and retried by --retries), never the decoder's."""
     if sample.data is not None:
         return io.BytesIO(sample.data)
     src = sample.source
@@ -400,11 +401,33 @@ def _read(sample: Sample) -> Any:
     if os.path.isdir(src):
         raise IsADirectoryError(f"a folder, not an image file: {printable(src)}")
     try:
-        return open(src, "rb")
+        with open(src, "rb") as fh:
+            return io.BytesIO(fh.read())
     except PermissionError:
         raise PermissionError(f"permission denied reading {printable(src)}") from None
     except OSError as e:  # a symlink loop (ELOOP), a broken link, an I/O error
         raise type(e)(f"{e.strerror or e} reading {printable(src)}") from None
+
+
+RETRY_BACKOFF_S = 0.2  # --retries: the first wait after a failed read; doubled each time, at most RETRY_MAX_WAIT_S
+RETRY_MAX_WAIT_S = 5.0
+
+
+def read_retrying(sample: Sample, retries: int) -> Any:
+    """`_read`, tried again up to `retries` times after an OSError (a network file system's hiccup, a file being
+    replaced), waiting 0.2 s, 0.4 s, ... (at most 5 s) in between; a folder given as a file is not retried. The
+    last error says how many times the read was tried."""
+    for attempt in range(retries + 1):
+        try:
+            return _read(sample)
+        except (IsADirectoryError, NotADirectoryError):
+            raise
+        except OSError as e:
+            if attempt == retries:
+                if retries:
+                    raise type(e)(f"{e} (tried {retries + 1} times)") from None
+                raise
+            time.sleep(min(RETRY_BACKOFF_S * 2 ** attempt, RETRY_MAX_WAIT_S))
 
 
 def load_rgb(fh: Any) -> tuple[Image.Image, dict[str, Any]]:
@@ -602,6 +625,7 @@ class Fit:
     strategy: Any = None  # a StrategyCfg: the settings of a dynamic-resolution strategy's views
     decode: str = "pil"  # "torch": workers only read and probe (read_for_device); the main thread decodes
     render: Callable[[Image.Image, "Fit"], Any] | None = None  # the strategy's rendering; None: `fit_to_array`
+    retries: int = 0  # --retries: a read that fails with an OSError is tried again this many times
 
     def __post_init__(self) -> None:
         if self.mode not in FITS:
@@ -620,7 +644,7 @@ def decode_sample(sample: Sample, fit: Fit) -> dict[str, Any]:
     t0 = time.perf_counter()
     try:
         rec["meta"] = sample_meta(sample)
-        fh = _read(sample)
+        fh = read_retrying(sample, fit.retries)
         stage = "decode"
         t1 = time.perf_counter()
         with fh:
@@ -680,7 +704,7 @@ def read_for_device(sample: Sample, fit: Fit) -> dict[str, Any]:
     pil = Fit(fit.mode, fit.side, fit.mean)
     try:
         own_meta = sample_meta(sample)
-        with _read(sample) as fh:
+        with read_retrying(sample, fit.retries) as fh:
             data = fh.read()
     except Exception:
         return decode_sample(sample, pil)  # the same failure record as the pil path
@@ -727,7 +751,10 @@ def _worker_init(nice: int = 0) -> None:
     # Ctrl-C reaches the whole process group: only the parent acts on it (a worker killed by it could die holding
     # the pool's queue lock, and the parent's pool shutdown would wait for that lock forever); SIGTERM (the pool's
     # own shutdown) ends a worker at once, whatever handler the parent had when it forked
+    # SIGUSR1 (SLURM's warning before the time limit, sent to every process of a step) is the parent's to act on:
+    # it stops the pool; a worker that inherited the parent's handler would print a traceback instead
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     try:
         import torch

@@ -1,5 +1,5 @@
 """The `s2 status` report: what an output folder says about its run, from its done markers and the ranks'
-heartbeats: totals, per-rank progress, and units in flight or stale."""
+heartbeats: totals, per-rank progress, and units in flight, stale or preempted."""
 from __future__ import annotations
 
 import os
@@ -38,7 +38,7 @@ def status_report(path: str | os.PathLike) -> dict[str, Any]:
                "world": hb and hb.get("world"), "shards": len(mine), "images": sum(m["num_images"] for m in mine),
                "failed": sum(m["num_failed"] for m in mine),
                "updated_s_ago": None if hb is None else round(now - float(hb.get("updated", now)), 1),
-               "in_flight": None, "images_per_s": None, "error": hb and hb.get("error")}
+               "in_flight": None, "images_per_s": None, "error": hb and hb.get("error"), "signal": hb and hb.get("signal")}
         if hb is not None:
             elapsed = float(hb.get("updated", now)) - float(hb.get("started", now))
             row["images_per_s"] = round(hb.get("images", 0) / elapsed, 3) if elapsed > 0 else None
@@ -50,7 +50,8 @@ def status_report(path: str | os.PathLike) -> dict[str, Any]:
     wall = (max(e for _, e in spans) - min(s for s, _ in spans)) if spans else 0
     return {
         "output": str(d.path), "input": inp.get("spec"), "kind": inp.get("kind"),
-        "units_done": units_done, "units_total": units_total, "shards_done": len(markers), "shards_total": shards_total,
+        "units_done": units_done, "units_total": units_total, "shards_total": shards_total,
+        "shards_done": sum("retry_of" not in m for m in markers), "retry_shards": sum("retry_of" in m for m in markers),
         "shard_size": shard_size, "images": images, "failed": sum(m["num_failed"] for m in markers),
         "images_per_s": round(sum(m["num_images"] for m in markers if "finished_at" in m) / wall, 3) if wall > 0 else None,
         "images_per_s_now": round(sum(x["images_per_s"] or 0 for x in ranks if x["state"] == "running"), 3),
@@ -61,4 +62,6 @@ def status_report(path: str | os.PathLike) -> dict[str, Any]:
         "in_flight": [dict(rank=x["rank"], **x["in_flight"]) for x in ranks if x["in_flight"] and x["state"] == "running"],
         "stale": [dict(rank=x["rank"], host=x["host"], pid=x["pid"], **(x["in_flight"] or {})) for x in ranks
                   if x["state"] == "stale"],
+        "preempted": [{"rank": x["rank"], "host": x["host"], "signal": x["signal"]} for x in ranks
+                      if x["state"] == "preempted"],
     }

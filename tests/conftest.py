@@ -7,7 +7,10 @@ import io
 import json
 import os
 import struct
+import subprocess
+import sys
 import tarfile
+import time
 import zlib
 from pathlib import Path
 
@@ -350,3 +353,33 @@ CASES = {f.__name__[2:]: f for f in (
     c_truncated_jpeg, c_zero_byte, c_text_named_jpg, c_decompression_bomb, c_symlink_loop, c_cmyk_jpeg,
     c_png_16bit, c_tiff_16bit_gray, c_grayscale, c_rgba, c_palette, c_exif_rotated, c_one_pixel, c_animated_gif,
     c_odd_file_names)}
+
+
+# ---- a `s2` subprocess whose every batch is slowed (signals and kills land mid-run, deterministically)
+SLOWED = """
+import sys, time
+import s2cli.extractor as extractor
+from s2cli.cli import app
+
+delay = float(sys.argv[1])
+submit = extractor.Extractor.submit
+def slow(*a, **k):
+    time.sleep(delay)
+    return submit(*a, **k)
+extractor.Extractor.submit = slow
+app(sys.argv[2:], prog_name="s2")
+"""
+
+
+def slowed_s2(delay: float, *args, **popen) -> subprocess.Popen:
+    """`s2 ARGS` in a new process group (signal it as a scheduler does, with os.killpg), each batch `delay` s slower;
+    stdout and stderr piped."""
+    return subprocess.Popen([sys.executable, "-c", SLOWED, str(delay), *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True, **popen)
+
+
+def wait_until(cond, what: str, timeout: float = 120.0) -> None:
+    end = time.time() + timeout
+    while not cond():
+        assert time.time() < end, f"timed out waiting for {what}"
+        time.sleep(0.02)

@@ -1,6 +1,8 @@
 """A real single-node SLURM cluster (munged, slurmctld, slurmd on localhost, started by the test with a generated
 slurm.conf in a temp dir, stopped by pid): `s2 slurm --submit` as a job array of 2 and as an srun step of 2
-tasks, on a small WebDataset input; each output folder must equal a local single-rank run.
+tasks, on a small WebDataset input; each output folder must equal a local single-rank run. A job signalled mid-run
+as SLURM does before its time limit (USR1 to the batch script) requeues itself and completes (cred_expire=10 in
+slurm.conf: a requeued job may start again that many seconds later, 120 by default).
 Skipped, with the reason, where Debian's slurm-wlm and munge are not installed or the test is not root; fails
 instead of skipping under CI (CI=true) or S2CLI_REQUIRE_SLURM=1, so CI cannot pass without running it."""
 from __future__ import annotations
@@ -70,7 +72,7 @@ class Cluster:
         self.conf.write_text("\n".join([
             "ClusterName=s2test", f"SlurmctldHost={self.host}", "SlurmUser=root", "SlurmdUser=root",
             f"SlurmctldPort={_free_port()}", f"SlurmdPort={_free_port()}",
-            "AuthType=auth/munge", "CredType=cred/munge", f"AuthInfo=socket={self.sock}",
+            "AuthType=auth/munge", "CredType=cred/munge", f"AuthInfo=socket={self.sock},cred_expire=10",
             f"StateSaveLocation={r / 'state'}", f"SlurmdSpoolDir={r / 'spool'}",
             f"SlurmctldPidFile={r / 'slurmctld.pid'}", f"SlurmdPidFile={r / 'slurmd.pid'}",
             f"SlurmctldLogFile={r / 'slurmctld.log'}", f"SlurmdLogFile={r / 'slurmd.log'}",
@@ -174,3 +176,63 @@ def test_s2_slurm_submit_equals_local_run(cluster, tmp_path, mode):
             np.testing.assert_array_equal(fo[k], fl[k])
     st = json.loads(_s2("status", out, "--json").stdout)
     assert st["complete"] and [x["state"] for x in st["ranks"]] == ["done", "done"]
+
+
+# `--python` for the requeue test: runs `-m s2cli ARGS` with every batch slowed by S2TEST_DELAY seconds
+SLOW_PYTHON = """#!{python}
+import os, sys, time
+import s2cli.extractor as extractor
+from s2cli.cli import app
+
+delay = float(os.environ["S2TEST_DELAY"])
+submit = extractor.Extractor.submit
+def slow(*a, **k):
+    time.sleep(delay)
+    return submit(*a, **k)
+extractor.Extractor.submit = slow
+assert sys.argv[1:3] == ["-m", "s2cli"], sys.argv
+app(sys.argv[3:], prog_name="s2")
+"""
+
+
+def _show(cluster, job_id: str) -> dict[str, str]:
+    r = subprocess.run(["scontrol", "-o", "show", "job", job_id], capture_output=True, text=True, env=cluster.env)
+    return dict(w.split("=", 1) for w in r.stdout.split() if "=" in w)
+
+
+def test_a_job_signalled_mid_run_requeues_itself_and_completes_as_a_local_run(cluster, tmp_path):
+    shards = make_shards(tmp_path / "shards", n_tars=3, per_tar=4)
+    spec = f"{shards}/{{000000..000002}}.tar"
+    local = tmp_path / "local"
+    r = _s2("extract", spec, *FAST, "-o", f"{local}/", "--shard-size", 2, "-b", 1, "-q")
+    assert r.returncode == 0, r.stderr
+    slow = tmp_path / "slowpy"
+    slow.write_text(SLOW_PYTHON.format(python=sys.executable))
+    slow.chmod(0o755)
+    out = tmp_path / "out"
+    env = dict(cluster.env, S2TEST_DELAY="0.4")
+    r = _s2("slurm", spec, *FAST, "-o", f"{out}/", "--shard-size", 2, "-b", 1, "--ntasks", 1, "--job-name", "s2requeue",
+            "--signal-grace", 60, "--python", slow, "--sbatch-arg=--cpus-per-task=1", "--submit", "--json", env=env)
+    assert r.returncode == 0, r.stderr + r.stdout
+    sub = json.loads(r.stdout)
+    assert "#SBATCH --signal=B:USR1@60" in sub["text"] and "#SBATCH --requeue" in sub["text"]
+    job = sub["job_id"]
+    deadline = time.time() + 120
+    while not list(out.glob("part-*.json")):  # mid-run: a shard done, more to do
+        assert time.time() < deadline, (out / f"slurm-{job}.out").read_text() if (out / f"slurm-{job}.out").exists() else job
+        time.sleep(0.2)
+    # what SLURM does <grace> s before the time limit (--signal=B:USR1@N): USR1 to the batch script alone
+    subprocess.run(["scancel", "--batch", "--signal=USR1", job], check=True, env=cluster.env)
+    states = cluster.wait_job(job, timeout=240)
+    log = (out / f"slurm-{job}.out").read_text()
+    assert states == ["COMPLETED"], (states, log)
+    assert int(_show(cluster, job)["Restarts"]) == 1, log
+    assert "SIGUSR1 received" in log and "requeueing job" in log, log
+    summaries = [json.loads(line) for line in log.splitlines() if line.startswith("{")]
+    assert summaries and summaries[-1]["complete"] and summaries[-1]["resumed_images"] > 0, log
+    with open_features(local) as fl, open_features(out) as fo:
+        assert sorted(fo) == sorted(fl) and len(fl) == 12
+        for k in fl:
+            np.testing.assert_array_equal(fo[k], fl[k])
+    st = json.loads(_s2("status", out, "--json").stdout)
+    assert st["complete"] and [x["state"] for x in st["ranks"]] == ["done"]

@@ -36,7 +36,8 @@ def extract(ctx: typer.Context, input: o.Input, **kw: Any) -> None:
             return
         if devices is not None:
             report = api.extract_on_devices(res, devices, extract_argv(values), device=values.get("device"),
-                                            overwrite=kw["overwrite"], log=lambda m: err.print(m, highlight=False))
+                                            overwrite=kw["overwrite"], log=lambda m: err.print(m, highlight=False),
+                                            progress=BarProgress(show=not kw["quiet"]), inp=inp)
             return _print_devices(report, devices, res.output, as_json)
         summary = api.extract(inp, kw["output"], config=res, overwrite=kw["overwrite"],
                               progress=BarProgress(show=not kw["quiet"]))
@@ -52,19 +53,40 @@ def extract(ctx: typer.Context, input: o.Input, **kw: Any) -> None:
                           fix=NOTHING_READ_FIX.get(inp.kind, NOTHING_READ_FIX["folder"]))
 
 
+def progress_s() -> float:
+    """Seconds between the plain progress lines of a run whose stderr is not a terminal (S2CLI_PROGRESS_S,
+    default 60): a SLURM log, a file, a pipe."""
+    import os
+
+    try:
+        return float(os.environ.get("S2CLI_PROGRESS_S", "60"))
+    except ValueError:
+        raise S2Error("S2CLI_PROGRESS_S must be a number of seconds", given=os.environ["S2CLI_PROGRESS_S"],
+                      fix="unset it, or set e.g. S2CLI_PROGRESS_S=60") from None
+
+
 class BarProgress:
-    """`s2cli.extract`'s progress as a Rich bar on stderr (images/s, ETA when the total is known, failures,
-    shards), on rank 0 only."""
+    """`s2cli.extract`'s progress on stderr: a Rich bar (images/s, ETA when the total is known or estimated,
+    failures, shards) on a terminal, on rank 0 only; else (a SLURM log, a file) a plain line every
+    `progress_s()` seconds as batches end, on every rank."""
 
     def __init__(self, show: bool = True) -> None:
-        self.show, self.bar = show, None
+        self.show, self.bar, self.lines = show, None, False
 
     def start(self, res, total, done_before: int, shards_before: int, rank: int) -> None:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-        if rank != 0 or not self.show:
+        self.before, self.shards_before, self.total_n, self.rank = done_before, shards_before, total, rank
+        if not self.show:
             return
-        self.before, self.shards_before = done_before, shards_before
+        if not err.is_terminal:
+            import time
+
+            self.lines, self.every = True, progress_s()
+            self.t0 = self.last = time.monotonic()
+            return
+        if rank != 0:
+            return
         columns = [TextColumn("[bold]extract"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]} img/s"),
                    TimeRemainingColumn(), TextColumn("{task.fields[failed]} failed")]
         if res.output_is_dir:  # one file has no shards to count
@@ -74,13 +96,39 @@ class BarProgress:
                                       shards=shards_before)
         self.bar.start()
 
+    def total(self, total: int) -> None:
+        self.total_n = total
+        if self.bar is not None:
+            self.bar.update(self.task, total=total)
+
     def update(self, done: int, failed: int, shards: int) -> None:
+        if self.lines:
+            return self._line(done, failed, shards)
         if self.bar is None:
             return
         elapsed = self.bar.tasks[self.task].elapsed or 0
         rate = f"{done / elapsed:.1f}" if elapsed > 0 else "-"
         self.bar.update(self.task, completed=self.before + done + failed, rate=rate, failed=failed,
                         shards=self.shards_before + shards)
+
+    def _line(self, done: int, failed: int, shards: int) -> None:
+        """One plain line, when `progress_s()` seconds passed since the last: counts, rate, ETA."""
+        import datetime
+        import time
+
+        now = time.monotonic()
+        if now - self.last < self.every:
+            return
+        self.last = now
+        rate = (done + failed) / (now - self.t0) if now > self.t0 else 0.0
+        seen = self.before + done + failed
+        count = f"{seen}/{self.total_n} images ({100 * seen / max(1, self.total_n):.1f}%)" if self.total_n else f"{seen} images"
+        eta = ""
+        if self.total_n and rate > 0:
+            eta = f", ETA {datetime.timedelta(seconds=round(max(0, self.total_n - seen) / rate))}"
+        who = f"extract rank {self.rank}" if self.rank else "extract"
+        err.print(f"{who}: {count}, {failed} failed, {self.shards_before + shards} shards, {rate:.2f} img/s{eta}",
+                  highlight=False, soft_wrap=True)
 
     def note(self, message: str) -> None:
         err.print(message, highlight=False)

@@ -84,6 +84,8 @@ MetaColumns = declare("meta_columns", Str, option("--meta-columns", help="A .csv
                                                  field="meta_columns"))
 KeepExt = declare("keep_ext", Bool, _flag("--keep-ext", "--drop-ext", "Keys keep the file extension (cats/001.jpg, as "
                                           "LLaVA's data JSON names images).", INPUT, "keep_ext"))
+NumSamples = declare("num_samples", Int, option("--num-samples", help="WebDataset: samples in all shards, for the progress "
+                                    "total and ETA (else estimated from the tars read so far).", panel=INPUT))
 Limit = declare("limit", Int, option("--limit", help="Only the first N images.", panel=INPUT))
 # ---- model ------------------------------------------------------------------------------------------------------
 Recipe = declare("recipe", Str, option("--recipe", help="A recipe name (see `s2 recipes`) or .yaml path; options override it.",
@@ -176,6 +178,11 @@ DecodeTimeout = declare("decode_timeout", Float, option("--decode-timeout", help
                                         "failed.", panel=RUN, field="decode_timeout"))
 CheckFinite = declare("check_finite", Bool, _flag("--check-finite", "--no-check-finite", "Record images whose features hold "
                                     "NaN/Inf instead of storing them.", RUN, "check_finite"))
+Retries = declare("retries", Int, option("--retries", help="Try a read that fails with an I/O error (OSError) again up "
+                              "to N times, waiting 0.2 s, 0.4 s, ... (network file systems).", panel=RUN, field="retries"))
+RetryFailed = declare("retry_failed", Bool, _flag("--retry-failed", "--no-retry-failed", "Extract again only the images "
+                                    "OUTDIR/ records as failed (fixed since?): those that succeed are added as shards "
+                                    "of their own; nothing else changes (docs/clusters.md).", RUN, "retry_failed"))
 DryRun = declare("dry_run", bool, option("--dry-run", help="Print the plan; load no weights, read headers only.", panel=RUN))
 Json = declare("as_json", bool, typer.Option("--json", help="Print machine-readable JSON on stdout."))
 Quiet = declare("quiet", bool, option("--quiet", "-q", help="No progress bar.", panel=RUN))

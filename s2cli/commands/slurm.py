@@ -28,6 +28,8 @@ def slurm(
     mem: Annotated[Optional[str], typer.Option("--mem", help="sbatch --mem (per node), e.g. 200G.")] = None,
     sbatch_arg: Annotated[Optional[list[str]], typer.Option("--sbatch-arg", help="Any other sbatch option, as one #SBATCH line (repeatable), e.g. --sbatch-arg=--qos=high.")] = None,
     job_name: Annotated[str, typer.Option("--job-name", help="sbatch --job-name.")] = "s2-extract",
+    signal_grace: Annotated[int, typer.Option("--signal-grace", help="Seconds before the time limit SLURM sends USR1 (#SBATCH --signal=B:USR1@N): the tasks stop in good order; 0: no warning signal.")] = 120,
+    requeue: Annotated[bool, typer.Option("--requeue/--no-requeue", help="A job stopped by USR1/TERM with work left requeues itself (scontrol requeue) and resumes.")] = True,
     python: Annotated[Optional[str], typer.Option("--python", help="Python that runs s2cli on the nodes. [default: the one running s2]")] = None,
     submit: Annotated[bool, typer.Option("--submit", help="Submit the script with sbatch and print the job id.")] = False,
     as_json: o.Json = False,
@@ -64,9 +66,11 @@ def slurm(
             raise ConfigError("--overwrite cannot be forwarded to several ranks", fix=f"remove {res.output} first")
         job = SlurmJob(nodes=nodes, gpus_per_node=gpus_per_node, ntasks=ntasks, array=array, partition=partition,
                        time=time_limit, account=account, cpus_per_gpu=cpus_per_gpu, mem=mem,
-                       sbatch_args=tuple(sbatch_arg or ()), job_name=job_name)
+                       sbatch_args=tuple(sbatch_arg or ()), job_name=job_name,
+                       signal_grace=signal_grace, requeue=requeue)
         outdir = _P(res.output).resolve()
-        command = [python or sys.executable, *extract_argv(v)[1:], "--json", "-q"]
+        # no -q: a task's stderr is the job's log, where it writes a progress line every S2CLI_PROGRESS_S seconds
+        command = [python or sys.executable, *extract_argv(v)[1:], "--json"]
         from ..hub import cache_env
 
         script = sbatch_script(job, command, outdir, _P.cwd(), env={**cache_env(), "HF_HUB_OFFLINE": "1"})

@@ -16,7 +16,8 @@ def status(
     as_json: o.Json = False,
 ) -> None:
     """Progress of a run in an output folder: shards and units done, images, failures, throughput, each rank's
-    state (running, done, failed, or stale: it stopped without saying so) and the units in flight.
+    state (running, done, failed, preempted: stopped by SIGTERM/SIGUSR1, a rerun resumes; or stale: it stopped
+    without saying so) and the units in flight.
 
     Example:  s2 status feats/
     """
@@ -47,6 +48,9 @@ def status(
     for s in st["stale"]:
         out.print(f"stale: rank {s['rank']} ({s['host']} pid {s['pid']}) stopped in {s.get('unit') or 'no unit'}; "
                   f"rerun the same command (or resubmit) to redo it", highlight=False)
+    for p in st["preempted"]:
+        out.print(f"preempted: rank {p['rank']} ({p['host']}) stopped on {p['signal']}, its finished shards kept; "
+                  f"rerun the same command (or resubmit) to resume", highlight=False)
     for r in st["ranks"]:
         if r["state"] == "failed":
             out.print(f"rank {r['rank']} failed: {r['error']}", highlight=False)
