@@ -174,13 +174,34 @@ def test_a_shard_with_other_keys_than_its_old_marker_counted_is_skipped(cli, tmp
         assert [b["shard"] for b in ff.broken_shards] == [second.name] and "4 keys" in ff.broken_shards[0]["why"]
 
 
-def test_a_shard_whose_bytes_changed_is_found_by_verify(cli, tmp_path):
+def _flip_last_byte(path: Path, keep_mtime: bool) -> None:
+    st = path.stat()
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF  # same size, other bytes
+    path.write_bytes(bytes(data))
+    if keep_mtime:  # bit rot: nothing says the file was written
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def test_a_shard_rewritten_after_its_marker_is_checked_and_redone(cli, tmp_path):
+    d, out, clean = six_images(tmp_path / "imgs"), tmp_path / "o", tmp_path / "clean"
+    run_json(cli, "extract", d, *FAST, "--shard-size", "2", "-o", f"{out}/")
+    shutil.copytree(out, clean)
+    shard = sorted(out.glob("part-*.h5"))[0]
+    os.utime(shard.with_suffix(".json"), ns=(0, shard.stat().st_mtime_ns - 10**9))  # marked a second before
+    _flip_last_byte(shard, keep_mtime=False)
+    with open_features(out) as ff:
+        assert [b["shard"] for b in ff.broken_shards] == [shard.name] and "sha256" in ff.broken_shards[0]["why"]
+    r = cli("extract", d, *FAST, "--shard-size", "2", "-o", f"{out}/")
+    assert r.exit_code == 0 and f"{shard.name} is broken" in r.stderr
+    assert_same_features(out, clean)
+
+
+def test_a_shard_whose_bytes_rotted_is_found_by_verify(cli, tmp_path):
     out = tmp_path / "o"
     run_json(cli, "extract", six_images(tmp_path / "imgs"), *FAST, "--shard-size", "2", "-o", f"{out}/")
     shard = sorted(out.glob("part-*.h5"))[0]
-    data = bytearray(shard.read_bytes())
-    data[-1] ^= 0xFF  # same size, other bytes
-    shard.write_bytes(bytes(data))
+    _flip_last_byte(shard, keep_mtime=True)
     with open_features(out) as ff:
         assert not ff.broken_shards  # sizes only: cheap
     info = run_json(cli, "inspect", out, "--verify")
