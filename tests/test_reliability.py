@@ -12,7 +12,9 @@ import os
 import shutil
 import struct
 import subprocess
+import sys
 import tarfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -370,6 +372,31 @@ def test_readers_show_the_done_part_of_a_killed_or_live_run(cli, tmp_path):
         assert r.exit_code == 0 and "a run is writing this folder now" in r.stdout
     finally:
         beat.close("done")
+
+
+@pytest.mark.slow
+def test_readers_during_a_live_run_show_its_done_part_in_order(tmp_path):
+    d, out = tmp_path / "imgs", tmp_path / "o"
+    for i in range(60):
+        write_image(d / f"im{i:02d}.png", (36 + i % 7, 44), i)
+    cmd = [sys.executable, "-m", "s2cli", "extract", str(d), *FAST, "--shard-size", "2", "-o", f"{out}/", "-q"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not list(out.glob("part-*.json")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    seen = []
+    while proc.poll() is None and time.monotonic() < deadline:
+        with open_features(out) as ff:
+            keys, live, complete = list(ff), ff.writing, ff.complete
+        assert keys == [f"im{i:02d}" for i in range(len(keys))]  # the done part, in order, never a temporary
+        if live:
+            assert not complete and live == [f"rank 0: host {os.uname().nodename} pid {proc.pid}"]
+            seen.append(len(keys))
+        time.sleep(0.1)
+    assert proc.wait(timeout=60) == 0, proc.stderr.read()
+    assert seen, "the run ended before a reader saw it writing"
+    with open_features(out) as ff:
+        assert len(ff) == 60 and ff.complete and ff.writing == []
 
 
 def test_a_single_file_being_written_says_so(cli, tmp_path):
