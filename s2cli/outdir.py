@@ -100,8 +100,9 @@ class OutputDir:
 
     def scan(self, verify: bool = False) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         """(done markers whose shard is whole, in input order (unit, part); the broken ones, each with `broken`:
-        why). A shard is whole when it exists with the size its marker recorded; `verify`: and the same sha256
-        (reads every shard). Markers written before they recorded these are taken on their shard's existence."""
+        why). A shard is whole when it exists with the size its marker recorded and, if it was modified after its
+        marker was written (or with `verify`: always), the same sha256. Markers written before they recorded
+        these are taken on their shard's existence."""
         good, broken = [], []
         for p in self.path.glob("part-*-*.json"):
             try:
@@ -113,7 +114,7 @@ class OutputDir:
             shard = self.path / str(m["shard"])
             if not shard.is_file():
                 continue
-            why = shard_damage(shard, m, verify)
+            why = shard_damage(shard, m, verify, p.stat().st_mtime_ns)
             if why is None:
                 good.append(m)
             else:
@@ -353,18 +354,20 @@ def shard_record(path: Path) -> dict[str, Any]:
     return {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
 
 
-def shard_damage(path: Path, marker: dict[str, Any], verify: bool = False) -> str | None:
+def shard_damage(path: Path, marker: dict[str, Any], verify: bool = False, marked_ns: int | None = None) -> str | None:
     """Why a marked shard is no longer what its marker recorded (None: it is): another size (truncated,
-    overwritten), or with `verify` other bytes."""
+    overwritten), or other bytes: checked with `verify`, and whenever the shard was modified after its marker was
+    written (`marked_ns`: the marker file's mtime), which a run never does."""
     if "bytes" not in marker:
         return None  # written before markers recorded it
     try:
-        size = path.stat().st_size
+        st = path.stat()
     except OSError as e:
         return f"cannot be read ({e.strerror or e})"
-    if size != marker["bytes"]:
-        return f"{size} bytes where its marker recorded {marker['bytes']} (truncated or overwritten)"
-    if verify and file_sha256(path) != marker.get("sha256"):
+    if st.st_size != marker["bytes"]:
+        return f"{st.st_size} bytes where its marker recorded {marker['bytes']} (truncated or overwritten)"
+    touched = marked_ns is not None and st.st_mtime_ns > marked_ns
+    if (verify or touched) and file_sha256(path) != marker.get("sha256"):
         return "its sha256 differs from the one its marker recorded (its bytes changed)"
     return None
 

@@ -12,7 +12,9 @@ import os
 import shutil
 import struct
 import subprocess
+import sys
 import tarfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -174,13 +176,34 @@ def test_a_shard_with_other_keys_than_its_old_marker_counted_is_skipped(cli, tmp
         assert [b["shard"] for b in ff.broken_shards] == [second.name] and "4 keys" in ff.broken_shards[0]["why"]
 
 
-def test_a_shard_whose_bytes_changed_is_found_by_verify(cli, tmp_path):
+def _flip_last_byte(path: Path, keep_mtime: bool) -> None:
+    st = path.stat()
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF  # same size, other bytes
+    path.write_bytes(bytes(data))
+    if keep_mtime:  # bit rot: nothing says the file was written
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def test_a_shard_rewritten_after_its_marker_is_checked_and_redone(cli, tmp_path):
+    d, out, clean = six_images(tmp_path / "imgs"), tmp_path / "o", tmp_path / "clean"
+    run_json(cli, "extract", d, *FAST, "--shard-size", "2", "-o", f"{out}/")
+    shutil.copytree(out, clean)
+    shard = sorted(out.glob("part-*.h5"))[0]
+    os.utime(shard.with_suffix(".json"), ns=(0, shard.stat().st_mtime_ns - 10**9))  # marked a second before
+    _flip_last_byte(shard, keep_mtime=False)
+    with open_features(out) as ff:
+        assert [b["shard"] for b in ff.broken_shards] == [shard.name] and "sha256" in ff.broken_shards[0]["why"]
+    r = cli("extract", d, *FAST, "--shard-size", "2", "-o", f"{out}/")
+    assert r.exit_code == 0 and f"{shard.name} is broken" in r.stderr
+    assert_same_features(out, clean)
+
+
+def test_a_shard_whose_bytes_rotted_is_found_by_verify(cli, tmp_path):
     out = tmp_path / "o"
     run_json(cli, "extract", six_images(tmp_path / "imgs"), *FAST, "--shard-size", "2", "-o", f"{out}/")
     shard = sorted(out.glob("part-*.h5"))[0]
-    data = bytearray(shard.read_bytes())
-    data[-1] ^= 0xFF  # same size, other bytes
-    shard.write_bytes(bytes(data))
+    _flip_last_byte(shard, keep_mtime=True)
     with open_features(out) as ff:
         assert not ff.broken_shards  # sizes only: cheap
     info = run_json(cli, "inspect", out, "--verify")
@@ -349,6 +372,31 @@ def test_readers_show_the_done_part_of_a_killed_or_live_run(cli, tmp_path):
         assert r.exit_code == 0 and "a run is writing this folder now" in r.stdout
     finally:
         beat.close("done")
+
+
+@pytest.mark.slow
+def test_readers_during_a_live_run_show_its_done_part_in_order(tmp_path):
+    d, out = tmp_path / "imgs", tmp_path / "o"
+    for i in range(60):
+        write_image(d / f"im{i:02d}.png", (36 + i % 7, 44), i)
+    cmd = [sys.executable, "-m", "s2cli", "extract", str(d), *FAST, "--shard-size", "2", "-o", f"{out}/", "-q"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not list(out.glob("part-*.json")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    seen = []
+    while proc.poll() is None and time.monotonic() < deadline:
+        with open_features(out) as ff:
+            keys, live, complete = list(ff), ff.writing, ff.complete
+        assert keys == [f"im{i:02d}" for i in range(len(keys))]  # the done part, in order, never a temporary
+        if live:
+            assert not complete and live == [f"rank 0: host {os.uname().nodename} pid {proc.pid}"]
+            seen.append(len(keys))
+        time.sleep(0.1)
+    assert proc.wait(timeout=60) == 0, proc.stderr.read()
+    assert seen, "the run ended before a reader saw it writing"
+    with open_features(out) as ff:
+        assert len(ff) == 60 and ff.complete and ff.writing == []
 
 
 def test_a_single_file_being_written_says_so(cli, tmp_path):
