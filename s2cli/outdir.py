@@ -78,7 +78,7 @@ class OutputDir:
         return bool(mf.is_file() and json.loads(mf.read_text()).get("complete"))
 
     def markers(self) -> list[dict[str, Any]]:
-        """Done markers whose shard exists, in input order (unit, part)."""
+        """Done markers whose shard exists, in input order (unit, part; a part's `--retry-failed` shards after it)."""
         out = []
         for p in self.path.glob("part-*-*.json"):
             try:
@@ -87,7 +87,7 @@ class OutputDir:
                 continue
             if (self.path / m.get("shard", "")).is_file():
                 out.append(m)
-        return sorted(out, key=lambda m: (m["unit_index"], m["part"]))
+        return sorted(out, key=lambda m: (m["unit_index"], m["part"], m["shard"]))  # a part's retries after it
 
     def prepare(self, run: dict[str, Any], overwrite: bool, compare: list[str], rank: int = 0, world: int = 1) -> None:
         """Create, resume or refuse: an existing run must have the same values for `compare`. Several ranks may
