@@ -114,7 +114,7 @@ def _extract(res: Resolved, inp: Input, rank: Any, named: bool, overwrite: bool,
     total = share_total(res, inp, target)
     progress.start(res, total, before, len(target.markers), rank.rank)
     run.on_progress = progress.update
-    if total is None and inp.kind == "wds":  # estimated from the tars read so far, refined as each one ends
+    if total is None and inp.kind == "wds" and hasattr(progress, "total"):  # estimated as the tars are read
         run.estimate, run.on_total = TotalEstimate(before, target.units_to_read), progress.total
     try:
         return run.execute()

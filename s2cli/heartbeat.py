@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .errors import S2Error
 from .fsutil import atomic_write_text, pid_alive
 
 HEARTBEAT_RE = re.compile(r"^rank-(\d{5})\.json$")
@@ -70,6 +71,7 @@ class Heartbeat:
             "state": "running", "started": now, "updated": now, "unit": None, "unit_index": None, "part": None,
             "shard": None, "images": 0, "failed": 0, "shards_written": 0, "error": None}
         self._lock = threading.Lock()
+        self._write_lock = threading.Lock()
         self._stop = threading.Event()
         self.write()
         self._thread = threading.Thread(target=self._beat, name="s2cli-heartbeat", daemon=True)
@@ -82,13 +84,15 @@ class Heartbeat:
             self.write()
 
     def write(self) -> None:
-        with self._lock:
-            self.data["updated"] = time.time()
-            text = json.dumps(self.data, sort_keys=True)
-        try:
-            atomic_write_text(self.path, text)
-        except OSError:  # a full or flaky disk must not stop the extraction; the next beat tries again
-            pass
+        # one writer at a time: the beat thread and the run's thread share the temporary's name (it is per process)
+        with self._write_lock:
+            with self._lock:
+                self.data["updated"] = time.time()
+                text = json.dumps(self.data, sort_keys=True)
+            try:
+                atomic_write_text(self.path, text)
+            except (OSError, S2Error):  # a full or flaky disk must not stop the extraction; the next beat tries again
+                pass
 
     def _beat(self) -> None:
         while not self._stop.wait(heartbeat_s()):

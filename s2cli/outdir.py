@@ -122,7 +122,8 @@ class OutputDir:
         return sorted(good, key=_in_order), sorted(broken, key=_in_order)
 
     def markers(self) -> list[dict[str, Any]]:
-        """Done markers whose shard is whole (`scan`), in input order (unit, part)."""
+        """Done markers whose shard is whole (`scan`), in input order (unit, part; a part's `--retry-failed` shards
+        after it)."""
         return self.scan()[0]
 
     def prepare(self, run: dict[str, Any], overwrite: bool, compare: list[str], rank: int = 0, world: int = 1) -> None:
@@ -336,8 +337,8 @@ def same_input(old: dict[str, Any], new: dict[str, Any]) -> bool:
     return here in (old.get("path"), os.path.abspath(a))
 
 
-def _in_order(marker: dict[str, Any]) -> tuple[int, int]:
-    return marker["unit_index"], marker["part"]
+def _in_order(marker: dict[str, Any]) -> tuple[int, int, str]:
+    return marker["unit_index"], marker["part"], marker["shard"]  # a part's --retry-failed shards after it
 
 
 def file_sha256(path: Path) -> str:

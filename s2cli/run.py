@@ -168,7 +168,8 @@ class Target:
 
     @property
     def failures_before(self) -> int:
-        return sum(m["num_failed"] for m in self.markers)
+        """Failures recorded before this run (--retry-failed: but those it retries, which it records again if so)."""
+        return sum(m["num_failed"] for m in self.markers) - (self.retry_keys if self.res.retry_failed else 0)
 
     def close(self, state: str, error: str | None = None, release: bool = True, **fields: Any) -> None:
         """Say in this rank's heartbeat how it ended (done, failed or preempted) and, unless told not to, give back
@@ -234,7 +235,6 @@ class Target:
                 yield unit, part, (None if (unit.index, part) in self.done else s)
         if left is not None and left <= 0:
             self.units_total = min(self.units_total, unit.index + 1)
-
 
     def _retry_work(self) -> Iterator[tuple[Unit, int, Sample | dict]]:
         """--retry-failed: (unit, part, sample) for the samples recorded as failed, found again in the input."""
@@ -503,7 +503,7 @@ class Run:
         keys = cur.unit.part_keys(cur.part, self.res.shard_size)
         identity = t.identities.get(cur.unit.index, {}) if keys is None else {"keys_sha256": keys_digest(keys),
                                                                                "num_keys": len(keys)}
-        retry = {} if cur.retry_of is None else {  # a retry's shard: what it retried; a tar's last part is not its
+        retry = {} if cur.retry_of is None else {  # a retry's shard names what it retried (never a tar's last part)
             "retry_of": [m["shard"] for m in cur.retry_of], "retried_keys": sorted(cur.seen)}
         marker = {**identity, **retry, **shard_record(path),
             "shard": path.name, "unit": cur.unit.id, "unit_index": cur.unit.index, "part": cur.part,

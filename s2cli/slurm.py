@@ -78,6 +78,8 @@ def sbatch_script(job: SlurmJob, command: list[str], outdir: Path, workdir: Path
         f"# Written by `s2 slurm` (s2cli {__version__}): {shape}; {ranks}.",
         "# Each rank extracts its share of the input into the same folder; resubmit this script to resume (done",
         "# shards are kept, whatever the number of ranks). Watch it with: s2 status " + shlex.quote(str(outdir)),
+        *(["# Stopped by USR1 (before the time limit) or TERM with work left, the job requeues itself and resumes."]
+          if job.requeue else []),
         f"#SBATCH --job-name={job.job_name}",
         f"#SBATCH --nodes={job.nodes}",
     ]
