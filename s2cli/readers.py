@@ -16,6 +16,7 @@ import numpy as np
 
 from .errors import ConfigError
 from .outdir import OutputDir
+from .store import folder, local_of
 from .writers import BF16, ENCODING_ATTR, POOLED_TENSOR, format_of, from_bf16_bits
 
 
@@ -334,14 +335,14 @@ class FeatureSet(Reader):
     """An output directory read as one mapping across its completed shards (those with a done marker)."""
 
     def __init__(self, path: str | os.PathLike, max_open: int = 32):
-        self.path = Path(path)
-        self.dir = OutputDir(self.path)
+        self.dir = OutputDir(path)  # local, or remote storage (its shards are downloaded to a local cache)
+        self.path = self.dir.path
         self.run = self.dir.read_run(fix="pass a folder written by `s2 extract -o OUTDIR/`")
         self._markers = self.dir.markers()
         self._where: dict[str, int] = {}
         self._shard_keys: list[list[str]] = []
         for i, m in enumerate(self._markers):
-            with _open_file(self.path / m["shard"]) as r:
+            with _open_file(self.dir.folder.fetch(m["shard"])) as r:
                 ks = list(r)
             self._shard_keys.append(ks)
             for k in ks:
@@ -353,7 +354,7 @@ class FeatureSet(Reader):
         if i in self._open:
             self._open.move_to_end(i)
             return self._open[i]
-        r = _open_file(self.path / self._markers[i]["shard"])
+        r = _open_file(self.dir.folder.fetch(self._markers[i]["shard"]))
         self._open[i] = r
         if len(self._open) > self.max_open:
             self._open.popitem(last=False)[1].close()
@@ -428,6 +429,10 @@ class FeatureSet(Reader):
         for r in self._open.values():
             r.close()
         self._open.clear()
+        self.dir.folder.close()  # a remote folder's downloaded shards
+
+    def size_bytes(self) -> int:
+        return sum(self.dir.folder.size(s["shard"]) for s in self.shards)
 
 
 def _open_file(path: Path) -> Reader:
@@ -438,8 +443,15 @@ def _open_file(path: Path) -> Reader:
 
 def open_features(path: str | os.PathLike) -> Reader:
     """Open features written by `s2 extract` for lazy reading by key: one .h5 or .safetensors file, or an
-    output folder of shards (read across its completed shards)."""
-    p = Path(path)
+    output folder of shards (read across its completed shards). An output folder's URL (s3://, gs://, any fsspec
+    URL) is read from remote storage: its shards are downloaded to a local cache as they are needed,
+    removed when the reader closes."""
+    if local_of(path) is None:
+        if format_of(str(path)) is not None:  # s2 extract writes none there either
+            raise ConfigError("a single feature file on remote storage is not read in place", given=str(path),
+                              fix="copy it to a local file first, or pass the URL of an output folder")
+        return FeatureSet(folder(str(path)))
+    p = Path(local_of(path))  # type: ignore[arg-type]
     if p.is_dir():
         return FeatureSet(p)
     return _open_file(p)
@@ -461,7 +473,7 @@ def summary(ff: Reader) -> dict[str, Any]:
     }
     report["pool"] = report["pool"] or "none"  # files written before --pool
     if isinstance(ff, FeatureSet):
-        report.update(size_bytes=sum((ff.path / s["shard"]).stat().st_size for s in ff.shards),
+        report.update(size_bytes=ff.size_bytes(),
                       num_shards=len(ff.shards), complete=ff.complete)
     else:
         report["size_bytes"] = Path(ff.path).stat().st_size

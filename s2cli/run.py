@@ -87,7 +87,7 @@ class Target:
             try:
                 self.changed = self._drop_changed()
                 self.done = {(m["unit_index"], m["part"]): m for m in self.dir.markers()}
-                self.heartbeat = Heartbeat(self.dir.path, rank.rank, rank.world, rank.source)
+                self.heartbeat = Heartbeat(self.dir.folder, rank.rank, rank.world, rank.source)
             except BaseException:
                 self.release()
                 raise
@@ -143,6 +143,7 @@ class Target:
         """Give back the claim on the output (another run may take it from now on)."""
         if self.dir is not None:
             self.dir.release()
+            self.dir.folder.close()  # a remote folder's local spool
         if self.claim is not None:
             self.claim.release()
             self.claim = None
@@ -337,7 +338,7 @@ class Run:
         self.next_index += 1
         if t.heartbeat is not None:
             t.heartbeat.update(unit=unit.id, unit_index=unit.index, part=part, shard=name, write=True)
-        return _Part(unit, part, self._new_sink(str(t.dir.path / name)), time.perf_counter(), set())
+        return _Part(unit, part, self._new_sink(str(t.dir.shard_path(name))), time.perf_counter(), set())
 
     def finish_part(self, last_of_unit: bool) -> None:
         """Write what is left of the part; in a folder, close its shard and commit its done marker."""
@@ -359,7 +360,7 @@ class Run:
             "failures": cur.sink.failures, "first_key": cur.first_key, "last_key": cur.last_key,
             "seconds": round(elapsed, 3), "s2cli_version": __version__, "last_part": last_of_unit,
             "finished_at": time.time(), "started_at": time.time() - elapsed, "host": socket.gethostname(),
-        }, log_errors=t.ranks.world == 1)
+        }, written=path, log_errors=t.ranks.world == 1)
         st.shards.append(path.name)
         if t.heartbeat is not None:
             t.heartbeat.update(shards_written=len(st.shards), images=st.done, failed=st.failed, shard=None, write=True)

@@ -16,7 +16,7 @@ def status_report(path: str | os.PathLike) -> dict[str, Any]:
     run = d.read_run(fix="pass the folder given to `s2 extract -o OUTDIR/` or `s2 slurm -o OUTDIR`")
     markers = d.markers()
     now = time.time()
-    hbs = read_heartbeats(d.path)
+    hbs = read_heartbeats(d.folder)
     inp = run.get("input", {})
     units_total = inp.get("units")
     shard_size = run.get("config", {}).get("shard_size")
