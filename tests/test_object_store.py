@@ -16,9 +16,9 @@ from pathlib import Path
 import fsspec
 import numpy as np
 import pytest
-from conftest import FAST, MODEL, make_shards
 
 import s2cli
+from conftest import FAST, MODEL, make_shards
 from s2cli.errors import ConfigError
 from s2cli.outdir import OutputDir
 
@@ -177,6 +177,25 @@ def test_each_shard_is_uploaded_whole_before_its_marker_and_resume_skips_it(imag
     s2cli.extract(str(image_dir), str(tmp_path / "ref") + "/", shard_size=1, **TINY)
     with s2cli.open_features(out) as got, s2cli.open_features(tmp_path / "ref") as want:
         assert_same_features(got, want)
+    ds = s2cli.FeatureDataset(out)
+    assert [ds[i]["key"] for i in range(len(ds))] == ["a", "b", "d", "sub/c"]
+
+
+def test_export_and_inspect_read_a_remote_folder_and_export_refuses_a_url(image_dir, tmp_path, cli, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    out = "memory://t-export/out/"
+    s2cli.extract(str(image_dir), out, pool="mean", **TINY)
+    s2cli.extract(str(image_dir), str(tmp_path / "ref") + "/", pool="mean", **TINY)
+    r = cli("export", out, "memory://t-export/emb/")
+    assert r.exit_code == 2 and "writes a local folder" in r.stderr
+    for src, dst in ((out, "emb"), (tmp_path / "ref", "emb-ref")):
+        r = cli("export", src, tmp_path / dst, "--json")
+        assert r.exit_code == 0, r.stderr
+    for f in sorted((tmp_path / "emb-ref").rglob("*.npy")):
+        np.testing.assert_allclose(np.load(tmp_path / "emb" / f.relative_to(tmp_path / "emb-ref")), np.load(f), atol=1e-3)
+    keys = [json.loads(cli("inspect", p, "--keys", "--json").stdout) for p in (out, tmp_path / "ref")]
+    assert keys[0] == keys[1] and len(keys[0]) == 4
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["emb", "emb-ref", "imgs", "ref"]
 
 
 def test_the_remote_claim_refuses_a_live_run_takes_over_a_dead_one_and_gives_back_what_it_found(tmp_path):
