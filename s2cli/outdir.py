@@ -147,7 +147,8 @@ class OutputDir:
         elif [n for n in entries if not (d.remote and n == mine)]:
             raise ConfigError("output folder has shards but no run.json", given=str(self.path),
                               fix="pass --overwrite to start over, or another -o")
-        if not d.is_file("run.json") and not d.create_exclusive("run.json", json.dumps(run, indent=1, sort_keys=True)):
+        created = not d.is_file("run.json") and d.create_exclusive("run.json", json.dumps(run, indent=1, sort_keys=True))
+        if not created or d.remote:  # another rank created it first (on a store: maybe at the same moment)
             self.check_same(run, compare)  # another rank created it first: it must be the same run
         self._clean_leftovers(rank)
         if world == 1:
