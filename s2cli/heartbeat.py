@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError
+from .errors import ConfigError, S2Error
 from .fsutil import pid_alive
 from .store import Folder, folder
 
@@ -92,7 +92,7 @@ class Heartbeat:
             text = json.dumps(self.data, sort_keys=True)
         try:
             self.folder.write_text(self.name, text)
-        except OSError:  # a full or flaky disk must not stop the extraction; the next beat tries again
+        except (OSError, S2Error):  # a full or flaky disk must not stop the extraction; the next beat tries again
             pass
 
     def _beat(self) -> None:

@@ -12,7 +12,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError
+from .errors import ConfigError, S2Error
 from .fsutil import atomic_write_text, claim_held, create_exclusive, pid_alive, write_error
 
 URL_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+)://")
@@ -187,6 +187,11 @@ class RemoteFolder(Folder):
     def _p(self, name: str) -> str:
         return f"{self.root}/{name}"
 
+    def _failed(self, name: str, e: BaseException) -> S2Error:
+        return S2Error(f"writing {self._url}/{name} failed: {type(e).__name__}: {e}", fix=(
+            "check the store's credentials, the bucket and the network, then rerun the same command: completed "
+            "shards are kept and the run continues after them"))
+
     def _fresh(self) -> None:
         self.fs.invalidate_cache(self.root)
 
@@ -232,8 +237,8 @@ class RemoteFolder(Folder):
     def write_text(self, name: str, text: str) -> None:
         try:
             self.fs.pipe_file(self._p(name), text.encode())
-        except OSError as e:
-            raise write_error(Path(name), e) from e
+        except Exception as e:  # the store's own errors too (botocore's, aiohttp's)
+            raise self._failed(name, e) from e
 
     def create_exclusive(self, name: str, text: str) -> bool:
         """Not atomic on an object store (no create-if-absent): a file written by another process between the
@@ -268,8 +273,8 @@ class RemoteFolder(Folder):
         """Upload the complete local file, then remove it; the object appears whole under `name`."""
         try:
             self.fs.put_file(str(local), self._p(name))
-        except OSError as e:
-            raise write_error(Path(name), e) from e
+        except Exception as e:  # the store's own errors too (botocore's, aiohttp's)
+            raise self._failed(name, e) from e
         local.unlink(missing_ok=True)
 
     def fetch(self, name: str) -> Path:
