@@ -80,6 +80,11 @@ class Heartbeat:
         self._thread = threading.Thread(target=self._beat, name="s2cli-heartbeat", daemon=True)
         self._thread.start()
 
+    @property
+    def path(self) -> Path | str:
+        """The heartbeat file (a Path locally, a URL on remote storage)."""
+        return self.folder.path / self.name if not self.folder.remote else f"{self.folder.url}/{self.name}"  # type: ignore[operator]
+
     def update(self, write: bool = False, **fields: Any) -> None:
         with self._lock:
             self.data.update(fields)

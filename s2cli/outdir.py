@@ -79,6 +79,11 @@ class OutputDir:
         self.claims = {}
 
     @property
+    def run_file(self) -> Path | str:
+        """Where run.json is (a Path locally, a URL on remote storage); ask `has_run` whether it exists."""
+        return self.path / "run.json" if not self.folder.remote else f"{self.path}/run.json"  # type: ignore[operator]
+
+    @property
     def has_run(self) -> bool:
         """The folder holds a run (its run.json)."""
         return self.folder.is_file("run.json")
@@ -229,7 +234,7 @@ class OutputDir:
         """Where the writer puts shard `name`: in the folder, or in the local spool of a remote folder."""
         return self.folder.spool(name)
 
-    def commit(self, marker: dict[str, Any], written: Path | None = None, log_errors: bool = True) -> None:
+    def commit(self, marker: dict[str, Any], log_errors: bool = True, written: Path | None = None) -> None:
         """Publish the shard (`written`, where the writer closed it: uploaded from the spool to a remote folder),
         then write its done marker (last), then log its failures (ranks sharing the folder do not append to
         errors.jsonl: it is rebuilt from the markers with the manifest). Killed at any point before the marker,

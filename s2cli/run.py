@@ -360,7 +360,7 @@ class Run:
             "failures": cur.sink.failures, "first_key": cur.first_key, "last_key": cur.last_key,
             "seconds": round(elapsed, 3), "s2cli_version": __version__, "last_part": last_of_unit,
             "finished_at": time.time(), "started_at": time.time() - elapsed, "host": socket.gethostname(),
-        }, written=path, log_errors=t.ranks.world == 1)
+        }, log_errors=t.ranks.world == 1, written=path)
         st.shards.append(path.name)
         if t.heartbeat is not None:
             t.heartbeat.update(shards_written=len(st.shards), images=st.done, failed=st.failed, shard=None, write=True)

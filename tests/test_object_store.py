@@ -125,7 +125,7 @@ def test_a_remote_folder_and_a_remote_list_keep_the_keys_of_their_local_twins(s3
     for local, url in ((str(image_dir), f"s3://{s3.bucket}/imgs/"),
                        (str(image_dir / "list.csv"), f"s3://{s3.bucket}/imgs/list.csv")):
         name = Path(local).name
-        s2cli.extract(url, str(tmp_path / f"remote-{name}.h5"), **TINY)
+        s2cli.extract(url, str(tmp_path / f"remote-{name}.h5"), **{**TINY, "workers": 2})  # forked readers
         s2cli.extract(local, str(tmp_path / f"local-{name}.h5"), **TINY)
         with s2cli.open_features(tmp_path / f"remote-{name}.h5") as got, \
                 s2cli.open_features(tmp_path / f"local-{name}.h5") as want:
@@ -142,8 +142,10 @@ def test_a_remote_folder_and_a_remote_list_keep_the_keys_of_their_local_twins(s3
 # ---- what cannot be honoured is refused ----------------------------------------------------------------------------
 def test_urls_that_cannot_be_honoured_are_one_line_exit_2_and_no_local_folder(cli, image_dir, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setitem(sys.modules, "gcsfs", None)  # not installed (whether or not it is here)
     for out, said in (("s3://bucket/feats.h5", "single output file on remote storage"),
                       ("nosuch://bucket/out/", "nosuch:// is not a storage protocol"),
+                      ("gs://bucket/out/", "gs:// URLs need the gcsfs package, which is not installed"),
                       ("memory://out/x.safetensors", "single output file on remote storage")):
         r = cli("extract", image_dir, *FAST, "-o", out)
         assert r.exit_code == 2 and said in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
