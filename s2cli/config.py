@@ -17,6 +17,7 @@ from .backbones import BackboneCfg, resolve
 from .errors import ConfigError
 from .reduce import parse as parse_reduce
 from .sources import DECODES, FITS, INPUT_FORMATS
+from .store import check_url, local_of
 from .strategies import (
     SHAPE_OPTIONS,
     STRATEGIES,
@@ -415,7 +416,15 @@ def _check_numbers(cfg: ExtractConfig) -> None:
 def _output(cfg: ExtractConfig) -> tuple[str, str, bool]:
     """(the output path, its format, whether it is a folder of shards)."""
     output = cfg.output or default_output(cfg.input, cfg.model)
+    output = str(local_of(output) or output)  # file://PATH is that local path
     suffix_fmt = format_of(output)
+    if local_of(output) is None:  # remote storage: its file system must be installed; a folder of shards only
+        check_url(output)
+        if suffix_fmt is not None:
+            raise ConfigError("a single output file on remote storage is not supported (it could not be claimed, "
+                              "resumed or replaced safely there)", given=output,
+                              fix=f"pass a folder URL (-o {output.rsplit('/', 1)[0]}/features/) for resumable "
+                                  "shards, or a local file and copy it up when the run ends")
     if suffix_fmt is not None and output.endswith(("/", os.sep)):
         raise ConfigError("-o ends in a slash (a folder) and in a file suffix (one file): which one is meant is not "
                           "clear", given=output, fix=f"pass -o {output.rstrip('/' + os.sep)} for one file, or -o "

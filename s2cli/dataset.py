@@ -20,6 +20,7 @@ import torch
 
 from .errors import ConfigError
 from .readers import Reader, open_features
+from .store import is_url
 
 WHAT = ("features", "pooled")
 
@@ -36,7 +37,8 @@ class FeatureDataset(torch.utils.data.Dataset):
         if what not in WHAT:
             raise ConfigError("FeatureDataset: `what` is not known", given=what, expected=" | ".join(WHAT),
                               fix="pass what='features' or what='pooled'")
-        self.path, self.what, self.dtype, self.with_meta = Path(path), what, dtype, meta
+        self.what, self.dtype, self.with_meta = what, dtype, meta
+        self.path = str(path) if is_url(str(path)) else Path(path)  # a URL stays one (never a local path)
         with open_features(self.path) as r:
             known = list(r)
             if keys is not None:

@@ -10,6 +10,7 @@ import numpy as np
 
 from .errors import ConfigError
 from .readers import Reader
+from .store import local_of
 
 POOLS = ("auto", "pooled", "mean")
 EXPORT_DTYPES = ("float16", "float32")
@@ -31,7 +32,10 @@ def export_embeddings(src: Reader, out: str | os.PathLike, pool: str = "auto", n
     if dtype not in EXPORT_DTYPES:
         raise ConfigError("--dtype is not known for export", given=dtype, expected=" | ".join(EXPORT_DTYPES),
                           fix="pass --dtype float16 (or float32)")
-    out = Path(out)
+    if local_of(str(out)) is None:
+        raise ConfigError("s2 export writes a local folder", given=str(out),
+                          fix="export to a local folder, then copy it to the object store (aws s3 cp --recursive, gsutil cp -r)")
+    out = Path(local_of(str(out)))  # type: ignore[arg-type]
     if out.exists() and any(out.iterdir()):
         raise ConfigError("export folder is not empty", given=str(out), fix="pass a new or empty folder")
     if not len(src):

@@ -11,8 +11,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .errors import S2Error
-from .fsutil import atomic_write_text, pid_alive
+from .errors import ConfigError, S2Error
+from .fsutil import pid_alive
+from .store import Folder, folder
 
 HEARTBEAT_RE = re.compile(r"^rank-(\d{5})\.json$")
 
@@ -31,15 +32,19 @@ def heartbeat_path(outdir: Path, rank: int) -> Path:
     return Path(outdir) / f"rank-{rank:05d}.json"
 
 
-def read_heartbeats(outdir: Path) -> dict[int, dict[str, Any]]:
+def heartbeat_name(rank: int) -> str:
+    return f"rank-{rank:05d}.json"
+
+
+def read_heartbeats(outdir: Path | Folder) -> dict[int, dict[str, Any]]:
+    """Each rank's heartbeat in the folder (a local path, or a Folder: local or remote)."""
+    d = folder(outdir)
+    names = [n for n in d.names() if HEARTBEAT_RE.match(n)]
     out = {}
-    for p in Path(outdir).glob("rank-*.json"):
-        m = HEARTBEAT_RE.match(p.name)
-        if not m:
-            continue
-        try:
-            out[int(m.group(1))] = json.loads(p.read_text())
-        except (OSError, ValueError):  # being replaced right now: atomic, so it reappears complete
+    for name, text in d.read_texts(names).items():
+        try:  # being replaced right now: atomic, so it reappears complete
+            out[int(HEARTBEAT_RE.match(name).group(1))] = json.loads(text)  # type: ignore[union-attr]
+        except ValueError:
             continue
     return out
 
@@ -63,8 +68,8 @@ class Heartbeat:
     """This rank's `rank-RRRRR.json`, rewritten atomically every `heartbeat_s()` seconds and on every change of
     unit or shard; `close(state)` writes the final state (done, failed or preempted)."""
 
-    def __init__(self, outdir: Path, rank: int, world: int, source: str):
-        self.path = heartbeat_path(outdir, rank)
+    def __init__(self, outdir: Path | Folder, rank: int, world: int, source: str):
+        self.folder, self.name = folder(outdir), heartbeat_name(rank)
         now = time.time()
         self.data: dict[str, Any] = {
             "rank": rank, "world": world, "source": source, "host": socket.gethostname(), "pid": os.getpid(),
@@ -76,6 +81,11 @@ class Heartbeat:
         self.write()
         self._thread = threading.Thread(target=self._beat, name="s2cli-heartbeat", daemon=True)
         self._thread.start()
+
+    @property
+    def path(self) -> Path | str:
+        """The heartbeat file (a Path locally, a URL on remote storage)."""
+        return self.folder.path / self.name if not self.folder.remote else f"{self.folder.url}/{self.name}"  # type: ignore[operator]
 
     def update(self, write: bool = False, **fields: Any) -> None:
         with self._lock:
@@ -90,7 +100,7 @@ class Heartbeat:
                 self.data["updated"] = time.time()
                 text = json.dumps(self.data, sort_keys=True)
             try:
-                atomic_write_text(self.path, text)
+                self.folder.write_text(self.name, text)
             except (OSError, S2Error):  # a full or flaky disk must not stop the extraction; the next beat tries again
                 pass
 
@@ -105,7 +115,55 @@ class Heartbeat:
         self.update(state=state, error=error, unit=None, unit_index=None, part=None, shard=None, write=True, **fields)
 
 
-def live_ranks(outdir: Path, me: int | None = None) -> set[int]:
+def live_ranks(outdir: Path | Folder, me: int | None = None) -> set[int]:
     """Ranks other than `me` whose heartbeat says they are running now: their unmarked shards and temporaries
     are work in progress, never leftovers."""
     return {r for r, hb in read_heartbeats(outdir).items() if r != me and liveness(hb) == "running"}
+
+
+class RemoteClaim:
+    """A claim on one rank of a folder on remote storage, where there are no locks and no atomic create: the
+    rank's heartbeat object itself, written with this process's host, pid and a token, then read back. Refused
+    while the heartbeat there says another process runs (alive on this host, or refreshed within S2CLI_STALE_S
+    elsewhere). Two runs started within the same moment on different hosts can both pass (the store keeps the
+    last write): the read-back narrows that window, it cannot close it. `release()` puts back what was there if
+    the claim was never followed by a heartbeat (a run refused or failed before it started)."""
+
+    held = True
+
+    def __init__(self, d: Folder, rank: int, what: str, fix: str):
+        import secrets
+
+        self.folder, self.name = d, heartbeat_name(rank)
+        before = d.read_texts([self.name]).get(self.name)
+        hb = _parsed(before)
+        if liveness(hb) == "running" and (hb["host"], hb["pid"]) != (socket.gethostname(), os.getpid()):  # type: ignore[index]
+            raise ConfigError(f"{what} is being written by another run (host {hb['host']} pid {hb['pid']}, its "  # type: ignore[index]
+                              f"heartbeat {time.time() - float(hb.get('updated', 0)):.0f} s old)", given=d.url, fix=fix)  # type: ignore[union-attr]
+        self.before, self.token = before, secrets.token_hex(8)
+        now = time.time()
+        d.write_text(self.name, json.dumps({"rank": rank, "host": socket.gethostname(), "pid": os.getpid(),
+                                            "state": "running", "started": now, "updated": now, "claim": self.token}))
+        time.sleep(float(os.environ.get("S2CLI_CLAIM_SETTLE_S", "0.2")))
+        back = _parsed(d.read_texts([self.name]).get(self.name)) or {}
+        if back.get("claim") != self.token:
+            raise ConfigError(f"{what} was claimed by another run at the same moment (host {back.get('host')} "
+                              f"pid {back.get('pid')})", given=d.url, fix=fix)
+
+    def release(self) -> None:
+        if self.token is None:
+            return
+        now = _parsed(self.folder.read_texts([self.name]).get(self.name)) or {}
+        if now.get("claim") == self.token:  # no heartbeat took over: leave the folder as it was
+            if self.before is None:
+                self.folder.unlink(self.name)
+            else:
+                self.folder.write_text(self.name, self.before)
+        self.token = None
+
+
+def _parsed(text: str | None) -> dict[str, Any] | None:
+    try:
+        return json.loads(text) if text else None
+    except ValueError:
+        return None

@@ -12,8 +12,9 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
-from .fsutil import Claim, atomic_write_text, claim_held, create_exclusive, pid_alive, take_claim, write_error
-from .heartbeat import live_ranks, liveness, read_heartbeats
+from .fsutil import Claim, pid_alive, take_claim
+from .heartbeat import RemoteClaim, heartbeat_name, live_ranks, liveness, read_heartbeats
+from .store import Folder, folder
 
 SHARD_RE = re.compile(r"^part-(\d{5})-(\d{5})\.(h5|safetensors)$")
 OURS_RE = re.compile(r"^(part-\d{5}-\d{5}\.(h5|safetensors|json)|run\.json|manifest\.json|errors\.jsonl|rank-\d{5}\.json)$")
@@ -21,6 +22,13 @@ OURS_RE = re.compile(r"^(part-\d{5}-\d{5}\.(h5|safetensors|json)|run\.json|manif
 SIDE_RE = re.compile(r"^(s2-slurm\.sbatch|slurm-\d+(_\d+)?\.out)$")
 RANK_TMP_RE = re.compile(r"^\.part-(\d{5})-\d{5}\.(h5|safetensors|json)\.tmp-\d+$")
 LOCK_RE = re.compile(r"^\.rank-(\d{5})\.lock$")
+MARKER_RE = re.compile(r"^part-\d{5}-\d{5}\.json$")
+TMP_RE = re.compile(r"^\..*\.tmp-")
+
+
+def marker_name(shard: str) -> str:
+    """The done marker's name of a shard."""
+    return shard.rsplit(".", 1)[0] + ".json"
 
 
 # settings an older version saved that no longer exist and decided nothing on their own (extra_prefix repeated
@@ -45,18 +53,27 @@ def unit_complete(markers: list[dict[str, Any]], parts: int | None) -> bool:
 class OutputDir:
     """OUTDIR/ holds `run.json` (the resolved config, version, input), shards `part-RRRRR-SSSSS.{h5,safetensors}`,
     each followed by its done marker `part-RRRRR-SSSSS.json` (written last: only marked shards count),
-    `errors.jsonl` (every failed sample once) and `manifest.json` (the completed shards)."""
+    `errors.jsonl` (every failed sample once) and `manifest.json` (the completed shards). The folder is local
+    or on remote storage (a `store.Folder`: an fsspec URL); there, shards are written to a local spool and
+    uploaded before their marker, and a rank's claim is its heartbeat object (`heartbeat.RemoteClaim`)."""
 
-    def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
-        self.claims: dict[int, Claim] = {}  # rank -> this process's claim on it (`.rank-RRRRR.lock`)
+    def __init__(self, path: str | os.PathLike | Folder):
+        self.folder = folder(path)
+        self.path = self.folder.path  # a Path for a local folder; the URL of a remote one
+        self.claims: dict[int, Claim | RemoteClaim] = {}  # rank -> this process's claim on it
         self.broken: list[dict[str, Any]] = []  # marked shards found broken when the folder was prepared (dropped)
 
     def claim(self, rank: int) -> None:
-        """Claim `rank` of this folder for this process (held until `release`): a live run holding it is refused."""
+        """Claim `rank` of this folder for this process (held until `release`): a live run holding it is refused.
+        Locally a flock on `.rank-RRRRR.lock`; on remote storage the rank's heartbeat object."""
         if rank not in self.claims:
-            self.claims[rank] = take_claim(self.path / f".rank-{rank:05d}.lock", f"rank {rank} of {self.path}", (
-                "wait for that run to end, or pass another -o; a killed run's claim ends with its process"))
+            what, fix = f"rank {rank} of {self.path}", ("wait for that run to end, or pass another -o; a killed "
+                                                        "run's claim ends with its process")
+            if self.folder.remote:
+                self.claims[rank] = RemoteClaim(self.folder, rank, what, fix + " (on another host: after "
+                                                "S2CLI_STALE_S seconds without a heartbeat)")
+            else:
+                self.claims[rank] = take_claim(self.path / f".rank-{rank:05d}.lock", what, fix)  # type: ignore[operator]
 
     def release(self) -> None:
         for c in self.claims.values():
@@ -64,23 +81,30 @@ class OutputDir:
         self.claims = {}
 
     @property
-    def run_file(self) -> Path:
-        return self.path / "run.json"
+    def run_file(self) -> Path | str:
+        """Where run.json is (a Path locally, a URL on remote storage); ask `has_run` whether it exists."""
+        return self.path / "run.json" if not self.folder.remote else f"{self.path}/run.json"  # type: ignore[operator]
+
+    @property
+    def has_run(self) -> bool:
+        """The folder holds a run (its run.json)."""
+        return self.folder.is_file("run.json")
 
     def read_run(self, fix: str) -> dict[str, Any]:
         """The run this folder holds (its run.json); a folder without one is refused with `fix`, a damaged one
         (truncated, not JSON) in one line."""
-        if not self.run_file.is_file():
+        if not self.has_run:
             raise ConfigError("not an s2cli output folder (no run.json)", given=str(self.path), fix=fix)
+        where = f"{self.folder.url.rstrip('/')}/run.json"
         try:
-            run = json.loads(self.run_file.read_text())
+            run = json.loads(self.folder.read_text("run.json"))
         except (OSError, ValueError) as e:
-            raise ConfigError(f"{self.run_file} is damaged ({type(e).__name__}: {e}); it holds the settings of the "
-                              "run", given=str(self.run_file), fix="pass --overwrite to start the folder over, or "
+            raise ConfigError(f"{where} is damaged ({type(e).__name__}: {e}); it holds the settings of the "
+                              "run", given=where, fix="pass --overwrite to start the folder over, or "
                               "restore run.json from a copy (its done shards carry the same settings in their "
                               "`config` attribute)") from None
         if not isinstance(run, dict) or not isinstance(run.get("config"), dict):
-            raise ConfigError(f"{self.run_file} is not an s2cli run description (no `config`)", given=str(self.run_file),
+            raise ConfigError(f"{where} is not an s2cli run description (no `config`)", given=where,
                               fix="pass --overwrite to start the folder over, or another -o")
         return run
 
@@ -88,8 +112,8 @@ class OutputDir:
         """The manifest as written; {} when there is none or it is damaged (it is rebuilt from the markers by the
         next run)."""
         try:
-            m = json.loads((self.path / "manifest.json").read_text())
-        except (OSError, ValueError):
+            m = json.loads(self.folder.read_texts(["manifest.json"]).get("manifest.json") or "{}")
+        except ValueError:
             return {}
         return m if isinstance(m, dict) else {}
 
@@ -101,25 +125,41 @@ class OutputDir:
     def scan(self, verify: bool = False) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         """(done markers whose shard is whole, in input order (unit, part); the broken ones, each with `broken`:
         why). A shard is whole when it exists with the size its marker recorded and, if it was modified after its
-        marker was written (or with `verify`: always), the same sha256. Markers written before they recorded
-        these are taken on their shard's existence."""
+        marker was written (a local folder; or with `verify`: always), the same sha256. Markers written before
+        they recorded these are taken on their shard's existence."""
+        d = self.folder
+        files = d.files()
         good, broken = [], []
-        for p in self.path.glob("part-*-*.json"):
+        for name, text in d.read_texts(sorted(n for n in files if MARKER_RE.match(n))).items():
             try:
-                m = json.loads(p.read_text())
-            except (OSError, ValueError):
+                m = json.loads(text)
+            except ValueError:
                 continue  # a damaged marker marks nothing: its shard is redone (and removed as a leftover)
-            if not isinstance(m, dict) or not {"shard", "unit_index", "part"} <= set(m):
+            if not isinstance(m, dict) or not {"shard", "unit_index", "part"} <= set(m) or str(m["shard"]) not in files:
                 continue
-            shard = self.path / str(m["shard"])
-            if not shard.is_file():
-                continue
-            why = shard_damage(shard, m, verify, p.stat().st_mtime_ns)
+            why = self._damage(name, m, verify)
             if why is None:
                 good.append(m)
             else:
                 broken.append({**m, "broken": why})
         return sorted(good, key=_in_order), sorted(broken, key=_in_order)
+
+    def _damage(self, marker_file: str, m: dict[str, Any], verify: bool) -> str | None:
+        d, shard = self.folder, str(m["shard"])
+        if not d.remote:
+            try:
+                marked_ns = (self.path / marker_file).stat().st_mtime_ns  # type: ignore[operator]
+            except OSError:
+                marked_ns = None
+            return shard_damage(self.path / shard, m, verify, marked_ns)  # type: ignore[operator]
+        if "bytes" not in m:
+            return None
+        size = d.size(shard)
+        if size != m["bytes"]:
+            return f"{size} bytes where its marker recorded {m['bytes']} (truncated or overwritten)"
+        if verify and file_sha256(d.fetch(shard)) != m.get("sha256"):
+            return "its sha256 differs from the one its marker recorded (its bytes changed)"
+        return None
 
     def markers(self) -> list[dict[str, Any]]:
         """Done markers whose shard is whole (`scan`), in input order (unit, part; a part's `--retry-failed` shards
@@ -129,14 +169,14 @@ class OutputDir:
     def prepare(self, run: dict[str, Any], overwrite: bool, compare: list[str], rank: int = 0, world: int = 1) -> None:
         """Create, resume or refuse: an existing run must have the same values for `compare`. Several ranks may
         prepare at once: run.json is created by the first of them and checked by all."""
-        if self.path.exists() and not self.path.is_dir():
+        if self.folder.exists() and not self.folder.is_dir():
             raise ConfigError("output path exists and is not a folder", given=str(self.path),
                               fix="pass a new or empty folder, or a .h5/.safetensors file name")
         if overwrite and world > 1:
             raise ConfigError("--overwrite cannot be used by several ranks at once (each would delete the others' "
                               "new shards)", given=f"{world} ranks", fix=f"remove {self.path} first, then run without --overwrite")
         try:
-            self.path.mkdir(parents=True, exist_ok=True)
+            self.folder.mkdir()
         except OSError as e:  # a read-only folder or mount: said before any work, in one line
             raise ConfigError(f"cannot create the output folder {self.path} ({e.strerror or e})", given=str(self.path),
                               fix="check the permissions of its parent (or whether it is a read-only mount), or "
@@ -149,23 +189,29 @@ class OutputDir:
             raise
 
     def _prepare(self, run: dict[str, Any], overwrite: bool, compare: list[str], rank: int, world: int) -> None:
-        entries = [p for p in self.path.iterdir() if not p.name.startswith(".") and not SIDE_RE.match(p.name)]
-        foreign = [p.name for p in entries if not OURS_RE.match(p.name)]
+        d = self.folder
+        names = d.names()
+        entries = [n for n in names if not n.startswith(".") and not SIDE_RE.match(n)]
+        foreign = [n for n in entries if not OURS_RE.match(n)]
         if foreign:
             raise ConfigError(f"output folder holds files s2cli did not write, e.g. {foreign[0]}", given=str(self.path),
                               fix="pass a new or empty folder")
+        mine = heartbeat_name(rank)
         if overwrite:
             self._refuse_live(rank)
-            for p in entries:
-                p.unlink()
-            for p in self.path.glob(".*.tmp-*"):
-                p.unlink()
-        elif self.run_file.exists():
+            for n in entries:
+                if not (d.remote and n == mine):  # on remote storage that is this run's claim
+                    d.unlink(n)
+            for n in names:
+                if TMP_RE.match(n):
+                    d.unlink(n)
+        elif "run.json" in names:
             self.check_same(run, compare)
-        elif entries:
+        elif [n for n in entries if not (d.remote and n == mine)]:
             raise ConfigError("output folder has shards but no run.json", given=str(self.path),
                               fix="pass --overwrite to start over, or another -o")
-        if not self.run_file.exists() and not create_exclusive(self.run_file, json.dumps(run, indent=1, sort_keys=True)):
+        created = not d.is_file("run.json") and d.create_exclusive("run.json", json.dumps(run, indent=1, sort_keys=True))
+        if not created or d.remote:  # another rank created it first (on a store: maybe at the same moment)
             self.check_same(run, compare)  # another rank created it first: it must be the same run
         self._clean_leftovers(rank)
         if world == 1:
@@ -174,10 +220,10 @@ class OutputDir:
     def _refuse_live(self, rank: int) -> None:
         """--overwrite deletes everything: refused while any other rank of this folder is alive (its claim held,
         or its heartbeat fresh)."""
-        live = {f"rank {int(m.group(1))}: {who}" for p in self.path.glob(".rank-*.lock")
-                if (m := LOCK_RE.match(p.name)) and int(m.group(1)) != rank and (who := claim_held(p))}
-        hbs = read_heartbeats(self.path)
-        live |= {f"rank {r}: host {hbs[r].get('host')} pid {hbs[r].get('pid')}" for r in live_ranks(self.path, rank)}
+        live = {f"rank {int(m.group(1))}: {who}" for n in self.folder.names()
+                if (m := LOCK_RE.match(n)) and int(m.group(1)) != rank and (who := self.folder.claim_holder(n))}
+        hbs = read_heartbeats(self.folder)
+        live |= {f"rank {r}: host {hbs[r].get('host')} pid {hbs[r].get('pid')}" for r in live_ranks(self.folder, rank)}
         mine = hbs.get(rank)
         if liveness(mine) == "running" and mine["pid"] != os.getpid():  # type: ignore[index]
             live.add(f"rank {rank}: host {mine['host']} pid {mine['pid']}")  # type: ignore[index]
@@ -204,58 +250,63 @@ class OutputDir:
         Rank-aware: a shard or temporary of another rank that is alive now (its heartbeat says so) is work in
         progress and stays; this rank's own are leftovers of its previous life. Temporaries of shared files
         (manifest, errors, heartbeats) go when their process is gone and no other rank is alive."""
-        mine = read_heartbeats(self.path).get(rank)
+        d = self.folder
+        mine = read_heartbeats(d).get(rank)
         if liveness(mine) == "running" and mine["pid"] != os.getpid():  # type: ignore[index]
             raise ConfigError(f"rank {rank} of this folder is running already ({mine['host']} pid {mine['pid']})",  # type: ignore[index]
                               given=str(self.path), fix=f"wait for it to end; if that process is gone, remove "
                               f"{self.path}/rank-{rank:05d}.json (it is stale after S2CLI_STALE_S seconds anyway)")
-        live = live_ranks(self.path, rank)
+        live = live_ranks(d, rank)
         good, broken = self.scan()
         marked = {m["shard"] for m in good}
         # a marked shard that is no longer whole is no longer done: marker and shard go, the unit is redone
         self.broken = [m for m in broken if int(m.get("rank", 0)) not in live]
         self.drop(self.broken, log_errors=False)
-        for p in self.path.glob(".*.tmp-*"):
-            m = RANK_TMP_RE.match(p.name)
-            pid = p.name.rsplit("-", 1)[-1]
+        names = d.names()
+        for n in names:
+            if not TMP_RE.match(n):
+                continue
+            m = RANK_TMP_RE.match(n)
+            pid = n.rsplit("-", 1)[-1]
             if m:
                 gone = int(m.group(1)) == rank or int(m.group(1)) not in live
             else:
                 gone = not live and (not pid.isdigit() or not pid_alive(int(pid)))
             if gone:
-                p.unlink(missing_ok=True)
-        for p in self.path.iterdir():
-            m = SHARD_RE.match(p.name)
-            if m and p.name not in marked and int(m.group(1)) not in live:
-                p.unlink(missing_ok=True)
+                d.unlink(n)
+        for n in names:
+            m = SHARD_RE.match(n)
+            if m and n not in marked and int(m.group(1)) not in live:
+                d.unlink(n)
 
     def drop(self, markers: list[dict[str, Any]], log_errors: bool = True) -> None:
         """Take completed shards back (their input changed): the marker first, so that the shard stops counting
         before it goes; errors.jsonl is rebuilt without their failures."""
         for m in markers:
-            (self.path / m["shard"]).with_suffix(".json").unlink(missing_ok=True)
-            (self.path / m["shard"]).unlink(missing_ok=True)
+            self.folder.unlink(marker_name(m["shard"]))
+            self.folder.unlink(m["shard"])
         if markers and log_errors:
             self.rebuild_errors()
 
     def next_shard_index(self, rank: int) -> int:
-        used = [int(m.group(2)) for p in self.path.iterdir() if (m := SHARD_RE.match(p.name)) and int(m.group(1)) == rank]
+        used = [int(m.group(2)) for n in self.folder.names() if (m := SHARD_RE.match(n)) and int(m.group(1)) == rank]
         return max(used, default=-1) + 1
 
-    def commit(self, marker: dict[str, Any], log_errors: bool = True) -> None:
-        """Write a shard's done marker (last), then log its failures (ranks sharing the folder do not append to
-        errors.jsonl: it is rebuilt from the markers with the manifest)."""
-        name = Path(marker["shard"]).with_suffix(".json").name
-        atomic_write_text(self.path / name, json.dumps(marker, sort_keys=True))
+    def shard_path(self, name: str) -> Path:
+        """Where the writer puts shard `name`: in the folder, or in the local spool of a remote folder."""
+        return self.folder.spool(name)
+
+    def commit(self, marker: dict[str, Any], log_errors: bool = True, written: Path | None = None) -> None:
+        """Publish the shard (`written`, where the writer closed it: uploaded from the spool to a remote folder),
+        then write its done marker (last), then log its failures (ranks sharing the folder do not append to
+        errors.jsonl: it is rebuilt from the markers with the manifest). Killed at any point before the marker,
+        the shard does not count and is removed on resume."""
+        if written is not None:
+            self.folder.publish(written, marker["shard"])
+        self.folder.write_text(marker_name(marker["shard"]), json.dumps(marker, sort_keys=True))
         if marker["failures"] and log_errors:
-            try:
-                with open(self.path / "errors.jsonl", "a") as fh:
-                    for r in marker["failures"]:
-                        fh.write(json.dumps(r) + "\n")
-                    fh.flush()
-                    os.fsync(fh.fileno())
-            except OSError as e:  # the marker holds them; errors.jsonl is rebuilt from the markers on resume
-                raise write_error(self.path / "errors.jsonl", e) from e
+            # the marker holds them; errors.jsonl is rebuilt from the markers on resume
+            self.folder.append_text("errors.jsonl", "".join(json.dumps(r) + "\n" for r in marker["failures"]))
 
     def settle_retry(self, retry: dict[str, Any], log_errors: bool = True) -> None:
         """After a retry's shard is marked done (`--retry-failed`): the failures it retried leave the markers that
@@ -264,9 +315,9 @@ class OutputDir:
         sharing the folder: with the manifest). Done again for a retry whose run stopped before it finished this."""
         keys, again = set(retry["retried_keys"]), {f["key"] for f in retry["failures"]}
         for name in retry["retry_of"]:
-            path = self.path / Path(name).with_suffix(".json").name
+            mname = marker_name(name)
             try:
-                m = json.loads(path.read_text())
+                m = json.loads(self.folder.read_text(mname))
             except (OSError, ValueError):  # taken back since (its input changed): nothing to settle
                 continue
             moved = [f for f in m["failures"] if f["key"] in keys]
@@ -276,7 +327,7 @@ class OutputDir:
             m["num_failed"] = len(m["failures"])
             m["retried"] = m.get("retried", []) + [
                 {**f, "retried_in": retry["shard"], "outcome": "failed" if f["key"] in again else "ok"} for f in moved]
-            atomic_write_text(path, json.dumps(m, sort_keys=True))
+            self.folder.write_text(mname, json.dumps(m, sort_keys=True))
         if log_errors:
             self.rebuild_errors()
 
@@ -292,7 +343,7 @@ class OutputDir:
         """errors.jsonl from the markers: every failure of every completed shard, once; a failure retried since
         (`--retry-failed`) with `retried_in` and `outcome`; a retry's own failures with `retry: true`."""
         lines = [json.dumps(r) for m in self.markers() for r in m.get("retried", []) + m["failures"]]
-        atomic_write_text(self.path / "errors.jsonl", "".join(line + "\n" for line in lines))
+        self.folder.write_text("errors.jsonl", "".join(line + "\n" for line in lines))
 
     def write_manifest(self, units_total: int | None, units_done: int | Any) -> dict[str, Any]:
         """`units_done`: a number, or a function of the markers (ranks sharing the folder: the manifest is then
@@ -301,12 +352,12 @@ class OutputDir:
             while True:
                 ms = self.markers()
                 manifest = self.manifest(ms, units_total, units_done(ms))
-                atomic_write_text(self.path / "manifest.json", json.dumps(manifest, indent=1))
+                self.folder.write_text("manifest.json", json.dumps(manifest, indent=1))
                 self.rebuild_errors()
                 if [m["shard"] for m in self.markers()] == [m["shard"] for m in ms]:
                     return manifest
         manifest = self.manifest(self.markers(), units_total, units_done)
-        atomic_write_text(self.path / "manifest.json", json.dumps(manifest, indent=1))
+        self.folder.write_text("manifest.json", json.dumps(manifest, indent=1))
         return manifest
 
     def manifest(self, ms: list[dict[str, Any]], units_total: int | None, units_done: int) -> dict[str, Any]:

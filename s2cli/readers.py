@@ -18,6 +18,7 @@ from .errors import ConfigError
 from .fsutil import claim_held
 from .heartbeat import liveness, read_heartbeats
 from .outdir import OutputDir
+from .store import folder, local_of
 from .writers import BF16, ENCODING_ATTR, POOLED_TENSOR, format_of, from_bf16_bits
 
 
@@ -341,8 +342,8 @@ class FeatureSet(Reader):
     """An output directory read as one mapping across its completed shards (those with a done marker)."""
 
     def __init__(self, path: str | os.PathLike, max_open: int = 32, verify: bool = False):
-        self.path = Path(path)
-        self.dir = OutputDir(self.path)
+        self.dir = OutputDir(path)  # local, or remote storage (its shards are downloaded to a local cache)
+        self.path = self.dir.path
         self.run = self.dir.read_run(fix="pass a folder written by `s2 extract -o OUTDIR/`")
         markers, self.broken = self.dir.scan(verify)  # broken: marked shards skipped, each with why
         self._markers: list[dict[str, Any]] = []
@@ -351,7 +352,7 @@ class FeatureSet(Reader):
         self._shadowed: list[dict[str, str]] = []  # a key already in an earlier shard: the first is kept
         for m in markers:
             try:
-                ks = shard_keys(self.path / m["shard"])
+                ks = shard_keys(self.dir.folder.fetch(m["shard"]))
             except (ConfigError, OSError, ValueError, KeyError) as e:
                 self.broken.append({**m, "broken": f"cannot be read: {e}"})
                 continue
@@ -373,7 +374,7 @@ class FeatureSet(Reader):
         if i in self._open:
             self._open.move_to_end(i)
             return self._open[i]
-        r = _open_file(self.path / self._markers[i]["shard"])
+        r = _open_file(self.dir.folder.fetch(self._markers[i]["shard"]))
         self._open[i] = r
         if len(self._open) > self.max_open:
             self._open.popitem(last=False)[1].close()
@@ -446,7 +447,7 @@ class FeatureSet(Reader):
     @property
     def writing(self) -> list[str]:
         """The ranks of a run that is writing this folder now (`rank R: host H pid P`); [] when none is."""
-        return [f"rank {r}: host {hb.get('host')} pid {hb.get('pid')}" for r, hb in sorted(read_heartbeats(self.path).items())
+        return [f"rank {r}: host {hb.get('host')} pid {hb.get('pid')}" for r, hb in sorted(read_heartbeats(self.dir.folder).items())
                 if liveness(hb) == "running"]
 
     @property
@@ -470,6 +471,10 @@ class FeatureSet(Reader):
         for r in self._open.values():
             r.close()
         self._open.clear()
+        self.dir.folder.close()  # a remote folder's downloaded shards
+
+    def size_bytes(self) -> int:
+        return sum(self.dir.folder.size(s["shard"]) for s in self.shards)
 
 
 def _open_file(path: Path) -> Reader:
@@ -493,8 +498,14 @@ def open_features(path: str | os.PathLike, verify: bool = False) -> Reader:
     """Open features written by `s2 extract` for lazy reading by key: one .h5 or .safetensors file, or an
     output folder of shards (read across its completed shards; a shard whose size is not the one its marker
     recorded, or that cannot be read, is skipped and listed in `broken_shards`; `verify`: every shard's sha256
-    is checked too)."""
-    p = Path(path)
+    is checked too). An output folder's URL (s3://, gs://, any fsspec URL) is read from remote storage: its
+    shards are downloaded to a local cache as they are needed, removed when the reader closes."""
+    if local_of(path) is None:
+        if format_of(str(path)) is not None:  # s2 extract writes none there either
+            raise ConfigError("a single feature file on remote storage is not read in place", given=str(path),
+                              fix="copy it to a local file first, or pass the URL of an output folder")
+        return FeatureSet(folder(str(path)), verify=verify)
+    p = Path(local_of(path))  # type: ignore[arg-type]
     if p.is_dir():
         return FeatureSet(p, verify=verify)
     return _open_file(p)
@@ -516,7 +527,7 @@ def summary(ff: Reader) -> dict[str, Any]:
     }
     report["pool"] = report["pool"] or "none"  # files written before --pool
     if isinstance(ff, FeatureSet):
-        report.update(size_bytes=sum((ff.path / s["shard"]).stat().st_size for s in ff.shards),
+        report.update(size_bytes=ff.size_bytes(),
                       num_shards=len(ff.shards), complete=ff.complete, broken_shards=ff.broken_shards,
                       writing=ff.writing)
     else:

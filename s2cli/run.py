@@ -102,7 +102,7 @@ class Target:
                 self.done = {(m["unit_index"], m["part"]): m for m in self.markers if "retry_of" not in m}
                 if res.retry_failed:
                     self.retry = self._failed_parts()
-                self.heartbeat = Heartbeat(self.dir.path, rank.rank, rank.world, rank.source)
+                self.heartbeat = Heartbeat(self.dir.folder, rank.rank, rank.world, rank.source)
             except BaseException:
                 self.release()
                 raise
@@ -192,6 +192,7 @@ class Target:
         """Give back the claim on the output (another run may take it from now on)."""
         if self.dir is not None:
             self.dir.release()
+            self.dir.folder.close()  # a remote folder's local spool
         if self.claim is not None:
             self.claim.release()
             self.claim = None
@@ -387,7 +388,7 @@ class Run:
         if target.dir is not None and any(u.size is None for u in inp.units):
             from .readers import shard_keys
 
-            self.folder_keys = {k for m in target.done.values() for k in shard_keys(target.dir.path / m["shard"])}
+            self.folder_keys = {k for m in target.done.values() for k in shard_keys(target.dir.folder.fetch(m["shard"]))}
         self.next_index = target.dir.next_shard_index(target.rank) if target.dir is not None else 0
 
     def execute(self) -> Summary:
@@ -478,7 +479,8 @@ class Run:
         retry_of = t.retry.get((unit.index, part)) if self.res.retry_failed else None
         # keys are unique across the folder (the first kept); a retry's shard holds keys recorded as failed only
         seen = self.folder_keys if self.folder_keys is not None and retry_of is None else set()
-        return _Part(unit, part, self._new_sink(str(t.dir.path / name)), time.perf_counter(), seen, retry_of=retry_of)
+        return _Part(unit, part, self._new_sink(str(t.dir.shard_path(name))), time.perf_counter(), seen,
+                     retry_of=retry_of)
 
     def finish_part(self, last_of_unit: bool) -> None:
         """Write what is left of the part; in a folder, close its shard and commit its done marker."""
@@ -513,7 +515,7 @@ class Run:
             "seconds": round(elapsed, 3), "s2cli_version": __version__, "last_part": last_of_unit and not retry,
             "finished_at": time.time(), "started_at": time.time() - elapsed, "host": socket.gethostname(),
         }
-        t.dir.commit(marker, log_errors=t.ranks.world == 1 and not retry)  # type: ignore[union-attr]
+        t.dir.commit(marker, log_errors=t.ranks.world == 1 and not retry, written=path)  # type: ignore[union-attr]
         if retry:  # the failures it retried move to their shards' history: each image counts once
             t.dir.settle_retry(marker, log_errors=t.ranks.world == 1)  # type: ignore[union-attr]
         st.shards.append(path.name)

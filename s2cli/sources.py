@@ -22,6 +22,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import ConfigError
+from .store import filesystem, is_url, join_url, local_of, open_url
 
 
 def printable(text: str) -> str:
@@ -60,7 +61,7 @@ def sample_meta(sample: Sample) -> str | None:
         return sample.meta
     meta: dict[str, Any] = json.loads(sample.meta) if sample.meta else {}
     for path in sample.sidecars:
-        with open(path, "rb") as fh:
+        with open_url(path) as fh:
             raw = fh.read()
         if path.endswith(".json"):
             try:
@@ -155,7 +156,25 @@ def scan_folder(root: str | os.PathLike, keep_ext: bool = False) -> list[Sample]
     """Every image under `root` (recursive, any-case extensions), sorted by relative path; its key is that path
     without the extension (with it: `keep_ext`), and `key.json` / `key.txt` beside it are its metadata. Two files
     with the same key (`a.jpg`, `a.png`) are an error listing all such pairs, raised before any work starts."""
-    root = Path(root)
+    found = _walk(str(root)) if local_of(str(root)) is None else _walk_local(Path(local_of(root)))  # type: ignore[arg-type]
+    found.sort()
+    pairs = [(rel if keep_ext else rel.rsplit(".", 1)[0], full) for rel, full, _ in found]
+    _check_unique(pairs, "files (the path without its extension)")
+    if not pairs:
+        local = local_of(str(root))
+        tars = sorted(p.name for p in Path(local).iterdir() if p.name.lower().endswith(COMPRESSED_TARS)) if local else []
+        if tars:  # a folder names its plain .tar shards only; compressed ones are read through a glob
+            ext = next(e for e in COMPRESSED_TARS if tars[0].lower().endswith(e))
+            raise ConfigError(f"input folder holds no images but {len(tars)} compressed WebDataset shards "
+                              f"(e.g. {tars[0]}), and a folder is read as shards only when it holds plain .tar files",
+                              given=str(root), fix=f"pass them as a glob: '{root}/*{ext}' (quoted)")
+        raise ConfigError("input folder holds no images", given=str(root),
+                          expected="files ending in " + ", ".join(IMAGE_EXTS), fix="point at a folder with images")
+    return [Sample(k, s, sidecars=side) for (k, s), (_, _, side) in zip(pairs, found)]
+
+
+def _walk_local(root: Path) -> list[tuple[str, str, tuple[str, ...]]]:
+    """(relative path, path, sidecars) of every image under a local folder."""
     if not root.exists():
         raise ConfigError("input does not exist", given=str(root), fix="pass an existing folder, list or shards")
     if not root.is_dir():
@@ -171,19 +190,27 @@ def scan_folder(root: str | os.PathLike, keep_ext: bool = False) -> list[Sample]
                 sidecars = tuple(os.path.join(dirpath, f"{stem}{ext}") for ext in (".json", ".txt")
                                  if f"{stem}{ext}" in names)
                 found.append((Path(full).relative_to(root).as_posix(), full, sidecars))
-    found.sort()
-    pairs = [(rel if keep_ext else rel.rsplit(".", 1)[0], full) for rel, full, _ in found]
-    _check_unique(pairs, "files (the path without its extension)")
-    if not pairs:
-        tars = sorted(p.name for p in root.iterdir() if p.name.lower().endswith(COMPRESSED_TARS))
-        if tars:  # a folder names its plain .tar shards only; compressed ones are read through a glob
-            ext = next(e for e in COMPRESSED_TARS if tars[0].lower().endswith(e))
-            raise ConfigError(f"input folder holds no images but {len(tars)} compressed WebDataset shards "
-                              f"(e.g. {tars[0]}), and a folder is read as shards only when it holds plain .tar files",
-                              given=str(root), fix=f"pass them as a glob: '{root}/*{ext}' (quoted)")
-        raise ConfigError("input folder holds no images", given=str(root),
-                          expected="files ending in " + ", ".join(IMAGE_EXTS), fix="point at a folder with images")
-    return [Sample(k, s, sidecars=side) for (k, s), (_, _, side) in zip(pairs, found)]
+    return found
+
+
+def _walk(url: str) -> list[tuple[str, str, tuple[str, ...]]]:
+    """(relative path, URL, sidecar URLs) of every image under a folder on remote storage, as `_walk_local`
+    finds them in a local one (the keys are the same relative paths)."""
+    fs, root = filesystem(url)
+    root = root.rstrip("/")
+    fs.invalidate_cache()
+    if not fs.isdir(root):
+        what = "input is not a folder" if fs.exists(root) else "input does not exist"
+        raise ConfigError(what, given=url, fix="pass an existing folder, list or shards")
+    paths = set(fs.find(root))
+    found: list[tuple[str, str, tuple[str, ...]]] = []
+    for full in paths:
+        name = full.rsplit("/", 1)[-1]
+        if name.lower().endswith(IMAGE_EXTS) and not name.startswith("."):
+            stem = full.rsplit(".", 1)[0]
+            sidecars = tuple(fs.unstrip_protocol(f"{stem}{ext}") for ext in (".json", ".txt") if f"{stem}{ext}" in paths)
+            found.append((full[len(root) + 1:], fs.unstrip_protocol(full), sidecars))
+    return found
 
 
 def read_list(path: str | os.PathLike, meta_columns: str = "all", keep_ext: bool = False) -> list[Sample]:
@@ -191,27 +218,32 @@ def read_list(path: str | os.PathLike, meta_columns: str = "all", keep_ext: bool
     Relative paths resolve against the list's folder; the default key is the path as written, less its extension
     (with it: `keep_ext`). The other columns (`meta_columns`: all, none, or a comma-separated list) are each
     image's metadata."""
-    path = Path(path)
+    remote = local_of(str(path)) is None  # a list on remote storage: relative rows resolve against its URL
+    url = str(path)
+    path = Path(local_of(path) or url.rsplit("/", 1)[-1])  # type: ignore[arg-type]
     base = path.parent
     suffix = path.suffix.lower()
     rows: list[tuple[str, str | None]] = []
     metas: list[str | None] = []
     if suffix == ".txt":
-        for line in path.read_text().splitlines():
+        for line in _list_text(url if remote else path).splitlines():
             if line.strip() and not line.lstrip().startswith("#"):
                 rows.append((line.strip(), None))
                 metas.append(None)
     elif suffix in (".csv", ".parquet"):
         if suffix == ".csv":
-            with open(path, newline="") as fh:
-                table = list(csv.DictReader(fh))
+            if remote:
+                table = list(csv.DictReader(io.StringIO(_list_text(url), newline="")))
+            else:
+                with open(path, newline="") as fh:
+                    table = list(csv.DictReader(fh))
             cols = set(table[0]) if table else set()
         else:
             try:
                 import pyarrow.parquet as pq
             except ImportError:
                 raise ConfigError("reading .parquet lists needs pyarrow", given=str(path), fix="pip install pyarrow") from None
-            t = pq.read_table(path)
+            t = pq.read_table(open_url(url) if remote else path)
             cols = set(t.column_names)
             table = t.to_pylist()
         if "path" not in cols:
@@ -224,13 +256,21 @@ def read_list(path: str | os.PathLike, meta_columns: str = "all", keep_ext: bool
                           fix="pass --input-format to say what the input is")
     pairs = []
     for p, key in rows:
-        full = p if os.path.isabs(p) else str(base / p)
+        full = p if os.path.isabs(p) or is_url(p) else join_url(url.rsplit("/", 1)[0], p) if remote else str(base / p)
         stem = p if keep_ext or "." not in Path(p).name else p.rsplit(".", 1)[0]
         pairs.append((key if key is not None else stem, full))
     _check_unique(pairs, "list rows")
     if not pairs:
         raise ConfigError("input list is empty", given=str(path), fix="list at least one image")
     return [Sample(k, s, meta=m) for (k, s), m in zip(pairs, metas)]
+
+
+def _list_text(path: str | Path) -> str:
+    """A .txt/.csv list's text, local or at a URL."""
+    if isinstance(path, Path):
+        return path.read_text()
+    with open_url(path) as fh:
+        return fh.read().decode()
 
 
 def _meta_columns(spec: str, columns: list[str], path: Path) -> list[str]:
@@ -260,6 +300,8 @@ def expand_shards(spec: str) -> list[str]:
         from braceexpand import braceexpand
 
         return list(braceexpand(spec))
+    if local_of(spec) is None:
+        return _expand_remote(spec)
     p = Path(spec)
     if p.is_dir():
         urls = sorted(str(x) for x in p.iterdir() if x.name.endswith(".tar") and x.is_file())
@@ -278,9 +320,47 @@ def expand_shards(spec: str) -> list[str]:
     return urls
 
 
-def _tar_samples(url: str, image_key: str) -> Iterator[Sample | dict[str, str]]:
-    from webdataset.tariterators import tarfile_samples
+def _expand_remote(spec: str) -> list[str]:
+    """`expand_shards` for URLs: the brace pattern expanded as for local paths; globs and a folder of .tar listed,
+    and every shard checked to exist, through the URL's file system."""
+    from braceexpand import braceexpand
 
+    fs, root = filesystem(spec)
+    fs.invalidate_cache()
+    if not glob.has_magic(spec) and "{" not in spec and not spec.endswith(".tar") and fs.isdir(root):
+        urls = sorted(fs.unstrip_protocol(p) for p in fs.ls(root, detail=False) if p.endswith(".tar"))
+    else:
+        urls = []
+        for part in braceexpand(spec):
+            urls.extend(sorted(fs.unstrip_protocol(p) for p in fs.glob(filesystem(part)[1])) if glob.has_magic(part)
+                        else [part])
+    missing = [u for u in urls if not fs.exists(filesystem(u)[1])]
+    if missing:
+        raise ConfigError(f"{len(missing)} of {len(urls)} shards do not exist, e.g. {missing[0]}", given=spec,
+                          fix="check the URL and the pattern (quote braces in the shell: 's3://b/{00000..00009}.tar')")
+    if not urls:
+        raise ConfigError("no shards match", given=spec, fix="pass a brace pattern, a glob, or a folder of .tar files")
+    return urls
+
+
+def _tar_stream(url: str, handler: Callable[[BaseException], bool]) -> Iterator[dict[str, Any]]:
+    """The samples of one tar as webdataset groups them: a local path (or pipe:) through webdataset's own
+    opener, a URL streamed through its fsspec file system."""
+    from webdataset.tariterators import group_by_keys, tar_file_expander, tarfile_samples
+
+    if local_of(url) is not None or url.startswith("pipe:"):
+        yield from tarfile_samples([{"url": str(local_of(url) or url)}], handler=handler)
+        return
+    try:
+        stream = open_url(url)
+    except Exception as e:  # unreachable, refused, gone since it was listed: the unit's one failure
+        handler(e)
+        return
+    with stream:
+        yield from group_by_keys(tar_file_expander([{"url": url, "stream": stream}], handler=handler), handler=handler)
+
+
+def _tar_samples(url: str, image_key: str) -> Iterator[Sample | dict[str, str]]:
     errors: list[BaseException] = []
 
     def handler(exn: BaseException) -> bool:
@@ -300,7 +380,7 @@ def _tar_samples(url: str, image_key: str) -> Iterator[Sample | dict[str, str]]:
                 reported = True
                 yield _stream_failure(url, exn)
 
-    for s in tarfile_samples([{"url": url}], handler=handler):
+    for s in _tar_stream(url, handler):
         yield from stream_failures()
         key = s["__key__"]
         img_ext = next((e for e in exts if e in s), None)
@@ -342,7 +422,9 @@ def _stream_failure(url: str, exn: BaseException) -> dict[str, str]:
 def detect_format(spec: str) -> str:
     if spec.startswith("pipe:") or "{" in spec or spec.endswith(".tar") or glob.has_magic(spec):
         return "wds"
-    p = Path(spec)
+    if local_of(spec) is None:
+        return _detect_remote(spec)
+    p = Path(local_of(spec))  # type: ignore[arg-type]
     if p.is_file() and p.suffix.lower() in (".txt", ".csv", ".parquet"):
         return "list"
     if p.is_dir():
@@ -353,6 +435,24 @@ def detect_format(spec: str) -> str:
     if not p.exists():
         raise ConfigError("input does not exist", given=spec, fix="pass an existing folder, list or shards")
     raise ConfigError("cannot tell what kind of input this is", given=spec,
+                      expected="a folder, a .txt/.csv/.parquet list, or .tar shards",
+                      fix="pass --input-format folder|list|wds")
+
+
+def _detect_remote(url: str) -> str:
+    """`detect_format` for a URL, asked of its file system."""
+    fs, path = filesystem(url)
+    fs.invalidate_cache()
+    if url.lower().endswith((".txt", ".csv", ".parquet")) and fs.isfile(path):
+        return "list"
+    if fs.isdir(path):
+        names = [n.rsplit("/", 1)[-1] for n in fs.ls(path, detail=False)]
+        if any(n.endswith(".tar") for n in names) and not any(n.lower().endswith(IMAGE_EXTS) for n in names):
+            return "wds"
+        return "folder"
+    if not fs.exists(path):
+        raise ConfigError("input does not exist", given=url, fix="pass an existing folder, list or shards")
+    raise ConfigError("cannot tell what kind of input this is", given=url,
                       expected="a folder, a .txt/.csv/.parquet list, or .tar shards",
                       fix="pass --input-format folder|list|wds")
 
@@ -386,6 +486,8 @@ def open_input(spec: str, input_format: str = "auto", shard_size: int = 1000, li
 
 # ---- decode and fit ----------------------------------------------------------------------------------------------
 def _open(sample: Sample) -> Image.Image:
+    if sample.data is None and local_of(sample.source) != sample.source:  # at a URL
+        return Image.open(_read(sample))
     return Image.open(io.BytesIO(sample.data) if sample.data is not None else sample.source)
 
 
@@ -396,6 +498,9 @@ def _read(sample: Sample) -> Any:
     if sample.data is not None:
         return io.BytesIO(sample.data)
     src = sample.source
+    if local_of(src) is None:
+        return _read_url(src)
+    src = str(local_of(src))
     if not os.path.lexists(src):
         raise FileNotFoundError(f"no such file: {printable(src)} (deleted or moved after the input was listed?)")
     if os.path.isdir(src):
@@ -428,6 +533,15 @@ def read_retrying(sample: Sample, retries: int) -> Any:
                     raise type(e)(f"{e} (tried {retries + 1} times)") from None
                 raise
             time.sleep(min(RETRY_BACKOFF_S * 2 ** attempt, RETRY_MAX_WAIT_S))
+
+
+def _read_url(url: str) -> io.BytesIO:
+    """The bytes of an image at a URL (a remote folder's or list's image), with a plain reason when it is gone."""
+    try:
+        with open_url(url) as fh:
+            return io.BytesIO(fh.read())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no such object: {printable(url)} (deleted or moved after the input was listed?)") from None
 
 
 def load_rgb(fh: Any) -> tuple[Image.Image, dict[str, Any]]:

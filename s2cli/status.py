@@ -16,7 +16,7 @@ def status_report(path: str | os.PathLike) -> dict[str, Any]:
     run = d.read_run(fix="pass the folder given to `s2 extract -o OUTDIR/` or `s2 slurm -o OUTDIR`")
     markers, broken = d.scan()  # broken: marked shards no longer whole, not counted (a rerun redoes them)
     now = time.time()
-    hbs = read_heartbeats(d.path)
+    hbs = read_heartbeats(d.folder)
     inp = run.get("input", {})
     units_total = inp.get("units")
     written = d.read_manifest()

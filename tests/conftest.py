@@ -383,3 +383,74 @@ def wait_until(cond, what: str, timeout: float = 120.0) -> None:
     while not cond():
         assert time.time() < end, f"timed out waiting for {what}"
         time.sleep(0.02)
+
+
+# ---- object stores: a real S3 API on loopback (moto's server) ----------------------------------------------------
+@pytest.fixture(scope="session")
+def _moto_server():
+    import logging
+
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    yield f"http://127.0.0.1:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def s3(_moto_server, monkeypatch):
+    """A fresh bucket on moto's S3 server (loopback), with AWS_ENDPOINT_URL and test credentials set for the test
+    and its subprocesses, and s3fs's cached instances and listings cleared around it. Yields the s3fs file
+    system; the bucket's name is `s3.bucket`."""
+    import uuid
+
+    import s3fs
+
+    for var in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", _moto_server)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    s3fs.S3FileSystem.clear_instance_cache()
+    fs = s3fs.S3FileSystem(skip_instance_cache=True)
+    fs.bucket = f"b-{uuid.uuid4().hex[:12]}"
+    fs.mkdir(fs.bucket)
+    yield fs
+    s3fs.S3FileSystem.clear_instance_cache()
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def http_folder():
+    """Serve a local folder over HTTP on loopback: `serve(path) -> base URL`; stopped after the test."""
+    import functools
+    import threading
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    servers = []
+
+    class Quiet(SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    def serve(path: Path) -> str:
+        server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(path)))
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        return f"http://127.0.0.1:{server.server_address[1]}"
+
+    yield serve
+    for server in servers:
+        server.shutdown()
+        server.server_close()

@@ -58,9 +58,14 @@ def slurm(
             raise ConfigError("s2 slurm needs an output folder that its tasks share", given=v.get("output"),
                               fix="pass -o OUTDIR/")
         from ..outdir import OutputDir
+        from ..store import local_of
 
+        if local_of(res.output) is None:
+            raise ConfigError("s2 slurm writes its script and SLURM's logs into the output folder, which must be "
+                              "local", given=res.output, fix="pass a local -o OUTDIR/ (or write your own batch "
+                              "script that runs s2 extract -o URL/)")
         res, _ = api.locate_weights(res)  # the weights, downloaded here once (the tasks run offline) or checked
-        if OutputDir(res.output).run_file.is_file():  # resubmitting: the tasks would refuse other settings, say so now
+        if OutputDir(res.output).has_run:  # resubmitting: the tasks would refuse other settings, say so now
             OutputDir(res.output).check_same({"input": inp.describe(), "config": res.to_dict()}, res.compare_keys())
         if v.get("overwrite"):
             raise ConfigError("--overwrite cannot be forwarded to several ranks", fix=f"remove {res.output} first")
