@@ -41,7 +41,7 @@ def settings(input: str, output: str | None = None, *, recipe: str | None = None
 def open_inputs(res: Resolved) -> Input:
     """The run's input, listed (folders, lists) or named (shards)."""
     return open_input(res.input, res.input_format, res.shard_size, res.limit, res.image_key, res.meta_columns,
-                      res.keep_ext)
+                      res.keep_ext, videos=res.sampling.active)
 
 
 def plan(input: str, output: str | None = None, *, recipe: str | None = None, config: Resolved | None = None,

@@ -19,7 +19,7 @@ from .writers import itemsize
 
 def fit_of(res: Resolved) -> Fit:
     """How the decode workers bring every image of this config to the engine's input."""
-    return Fit(res.fit, res.side, res.backbone.mean, res.strategy_cfg, res.decode, strategy_of(res).render)
+    return Fit(res.fit, res.side, res.backbone.mean, res.strategy_cfg, res.decode, strategy_of(res).render, res.sampling)
 
 
 def plan_entry(res: Resolved, orig: tuple[int, int]) -> tuple[dict[str, Any], float | None]:

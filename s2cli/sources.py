@@ -22,6 +22,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from .errors import ConfigError
+from .video import VIDEO_EXTS, VIDEO_MEMBERS, Sampling, looks_like_video, read_clip, require_av
 
 
 def printable(text: str) -> str:
@@ -126,7 +127,7 @@ def _check_unique(pairs: list[tuple[str, str]], what: str) -> None:
 
 
 def scan_folder(root: str | os.PathLike, keep_ext: bool = False) -> list[Sample]:
-    """Every image under `root` (recursive, any-case extensions), sorted by relative path; its key is that path
+    """Every image and video (VIDEO_EXTS) under `root` (recursive, any-case extensions), sorted by relative path; its key is that path
     without the extension (with it: `keep_ext`), and `key.json` / `key.txt` beside it are its metadata. Two files
     with the same key (`a.jpg`, `a.png`) are an error listing all such pairs, raised before any work starts."""
     root = Path(root)
@@ -139,7 +140,7 @@ def scan_folder(root: str | os.PathLike, keep_ext: bool = False) -> list[Sample]
         dirnames.sort()
         names = set(filenames)
         for name in filenames:
-            if name.lower().endswith(IMAGE_EXTS) and not name.startswith("."):
+            if name.lower().endswith(IMAGE_EXTS + VIDEO_EXTS) and not name.startswith("."):
                 full = os.path.join(dirpath, name)
                 stem = name.rsplit(".", 1)[0]
                 sidecars = tuple(os.path.join(dirpath, f"{stem}{ext}") for ext in (".json", ".txt")
@@ -150,7 +151,8 @@ def scan_folder(root: str | os.PathLike, keep_ext: bool = False) -> list[Sample]
     _check_unique(pairs, "files (the path without its extension)")
     if not pairs:
         raise ConfigError("input folder holds no images", given=str(root),
-                          expected="files ending in " + ", ".join(IMAGE_EXTS), fix="point at a folder with images")
+                          expected="files ending in " + ", ".join(IMAGE_EXTS + VIDEO_EXTS),
+                          fix="point at a folder with images or videos")
     return [Sample(k, s, sidecars=side) for (k, s), (_, _, side) in zip(pairs, found)]
 
 
@@ -315,9 +317,11 @@ def detect_format(spec: str) -> str:
 
 
 def open_input(spec: str, input_format: str = "auto", shard_size: int = 1000, limit: int | None = None,
-               image_key: str | None = None, meta_columns: str = "all", keep_ext: bool = False) -> Input:
+               image_key: str | None = None, meta_columns: str = "all", keep_ext: bool = False,
+               videos: bool = False) -> Input:
     """Resolve the input into units. Folders and lists are listed now (key clashes are errors before any work);
-    shards are only named, and read when their unit runs."""
+    shards are only named, and read when their unit runs. `videos`: frames of videos are sampled (--num-frames,
+    --fps, --max-frames; shards then also read video members); without it, a listed video file is refused."""
     if input_format not in INPUT_FORMATS:
         raise ConfigError("--input-format is not known", given=input_format, expected=" | ".join(INPUT_FORMATS),
                           fix="pass --input-format auto")
@@ -331,14 +335,30 @@ def open_input(spec: str, input_format: str = "auto", shard_size: int = 1000, li
                           given=spec, fix="drop --keep-ext")
     if kind == "wds":
         urls = expand_shards(spec)
-        units = [Unit(i, u, url=u, image_key=image_key or DEFAULT_IMAGE_KEY) for i, u in enumerate(urls)]
+        key = image_key or (f"{DEFAULT_IMAGE_KEY};{VIDEO_MEMBERS}" if videos else DEFAULT_IMAGE_KEY)
+        if videos:
+            require_av()
+        units = [Unit(i, u, url=u, image_key=key) for i, u in enumerate(urls)]
         return Input(kind, spec, units, None)
     samples = scan_folder(spec, keep_ext) if kind == "folder" else read_list(spec, meta_columns, keep_ext)
     if limit:
         samples = samples[:limit]
+    _check_videos(samples, videos)
     units = [Unit(i, f"{kind}[{s}:{s + len(samples[s:s + shard_size])}]", samples[s:s + shard_size])
              for i, s in enumerate(range(0, len(samples), shard_size))]
     return Input(kind, spec, units, len(samples))
+
+
+def _check_videos(samples: list[Sample], videos: bool) -> None:
+    """Listed video files (by name) need PyAV and a frame sampling, said before any work starts."""
+    named = [s for s in samples if s.source.lower().endswith(VIDEO_EXTS)]
+    if not named:
+        return
+    require_av()
+    if not videos:
+        raise ConfigError(f"the input holds {len(named)} video file(s) (e.g. {printable(named[0].source)}) and no "
+                          "frame sampling was given", expected="--num-frames N, --fps F or --max-frames M",
+                          fix="add e.g. --num-frames 8 (docs/video.md)")
 
 
 # ---- decode and fit ----------------------------------------------------------------------------------------------
@@ -536,6 +556,7 @@ class Fit:
     strategy: Any = None  # a StrategyCfg: the settings of a dynamic-resolution strategy's views
     decode: str = "pil"  # "torch": workers only read and probe (read_for_device); the main thread decodes
     render: Callable[[Image.Image, "Fit"], Any] | None = None  # the strategy's rendering; None: `fit_to_array`
+    video: Sampling = Sampling()  # how a video's frames are chosen; inactive: a video is a failure
 
     def __post_init__(self) -> None:
         if self.mode not in FITS:
@@ -558,6 +579,10 @@ def decode_sample(sample: Sample, fit: Fit) -> dict[str, Any]:
         stage = "decode"
         t1 = time.perf_counter()
         with fh:
+            head = fh.read(16)
+            fh.seek(0)
+            if looks_like_video(head):
+                return _decode_video(sample, fit, rec, t0, t1)
             im, notes = load_rgb(fh)
         t2 = time.perf_counter()
         if notes:
@@ -569,6 +594,26 @@ def decode_sample(sample: Sample, fit: Fit) -> dict[str, Any]:
         rec["seconds"] = (t1 - t0, t2 - t1, time.perf_counter() - t2)  # read, decode, fit: the run's stage split
     except Exception as e:  # recorded per sample; the run goes on (plain dict: it crosses process borders)
         rec["error"] = failure(sample, stage, e)
+    return rec
+
+
+def _decode_video(sample: Sample, fit: Fit, rec: dict[str, Any], t0: float, t1: float) -> dict[str, Any]:
+    """A video's record: `frames`, each chosen frame fitted as an image is, `orig_hw` (upright), and in `video` the
+    chosen frames' indices and timestamps (video.read_clip); or `error`, one record for the whole video."""
+    stage = "decode"
+    try:
+        if not fit.video.active:
+            raise ValueError("a video, and no frame sampling was given (--num-frames N, --fps F or --max-frames M)")
+        clip = read_clip(sample.data if sample.data is not None else sample.source, fit.video)
+        t2 = time.perf_counter()
+        stage = "preprocess"
+        rec["orig_hw"] = (clip.frames[0].height, clip.frames[0].width)
+        rec["frames"] = [(fit.render or fit_to_array)(im, fit) for im in clip.frames]
+        rec["video"] = clip.meta()
+        rec["seconds"] = (t1 - t0, t2 - t1, time.perf_counter() - t2)
+    except Exception as e:  # the whole video fails: no entry, one record
+        rec["error"] = failure(sample, stage, e)
+        rec.pop("frames", None)
     return rec
 
 
