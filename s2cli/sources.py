@@ -22,7 +22,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from .errors import ConfigError
-from .video import VIDEO_EXTS, VIDEO_MEMBERS, Sampling, looks_like_video, read_clip, require_av
+from .video import VIDEO_EXTS, VIDEO_MEMBERS, Sampling, header, looks_like_video, read_clip, require_av
 
 
 def printable(text: str) -> str:
@@ -436,6 +436,17 @@ def _orientation(im: Image.Image) -> int:
         return int(im.getexif().get(0x0112, 1) or 1)
     except Exception:
         return 1
+
+
+def is_video(sample: Sample) -> bool:
+    """The sample's first bytes are a video container's (`video.looks_like_video`), whatever its name."""
+    with _read(sample) as fh:
+        return looks_like_video(fh.read(16))
+
+
+def video_header(sample: Sample) -> Any:
+    """A video sample's container header (`video.header`)."""
+    return header(sample.data if sample.data is not None else sample.source)
 
 
 def image_size(sample: Sample) -> tuple[int, int]:

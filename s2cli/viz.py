@@ -70,6 +70,21 @@ def plan_figure(path: str | Path, res: Any) -> tuple[Image.Image, list[Panel]]:
     return _compose(items)
 
 
+def video_figure(path: str | Path, res: Any) -> tuple[Image.Image, list[Panel]]:
+    """One panel per sampled frame of a video, as the backbone receives it (the extraction's decode, sampling and
+    fit), labelled with the frame's index and timestamp."""
+    from .plan import decoded_video
+
+    facts, frames = decoded_video(path, res)
+    items = []
+    for idx, ts, views in zip(facts["frame_indices"], facts["timestamps"], frames):
+        a = views[0]
+        size, f = _panel_size(a.shape[1:])
+        pic = Image.fromarray(a.transpose(1, 2, 0)).resize(size, Image.BILINEAR)
+        items.append((pic, f"frame {idx} t={ts:.3f}s", (0, 0, 0), f, ()))
+    return _compose(items)
+
+
 def pca_rgb(tokens: np.ndarray) -> np.ndarray:
     """(N, C) features -> (N, 3) uint8: the first 3 principal components, each min-max scaled to 0..255 (sign
     chosen so the largest loading is positive, so a picture does not flip between runs)."""
