@@ -217,6 +217,7 @@ def read_clip(src: str | bytes, s: Sampling) -> Clip:
                 raise VideoError(f"the header says {st.frames} frames but only {len(pts)} can be read (truncated?)")
             tb = float(st.time_base)
             times = [(p - pts[0]) * tb for p in pts]
+            _check_complete(st, times)
             chosen = choose(times, s)
             images = _decode_at(c, st, sorted({pts[i] for i in chosen}), keys)
     except av.FFmpegError as e:
@@ -224,6 +225,33 @@ def read_clip(src: str | bytes, s: Sampling) -> Clip:
     rot = images.pop("rotation", 0)
     return Clip([images[pts[i]] for i in chosen], chosen, [round(times[i], 6) for i in chosen], len(pts), rot,
                 st.codec_context.name)
+
+
+def _stream_duration(st: Any) -> float | None:
+    """The video stream's own duration in seconds, as its header states it (mp4: the track's; Matroska/WebM: the
+    DURATION tag its muxer writes), or None."""
+    if st.duration and st.time_base:
+        return float(st.duration * st.time_base)
+    tag = (st.metadata or {}).get("DURATION")
+    try:
+        h, m, s = tag.split(":")  # type: ignore[union-attr]
+        return int(h) * 3600 + int(m) * 60 + float(s)
+    except (AttributeError, ValueError):
+        return None
+
+
+def _check_complete(st: Any, times: list[float]) -> None:
+    """Refuse a stream whose readable frames end well before the duration its header states (a truncated file):
+    more than 1.5 frame intervals missing at the end."""
+    declared = _stream_duration(st)
+    if declared is None:
+        return
+    gaps = np.diff(times)
+    step = float(np.median(gaps)) if len(gaps) else (1.0 / float(st.average_rate) if st.average_rate else 0.0)
+    readable = times[-1] + step
+    if declared - readable > 1.5 * step + 1e-3:
+        raise VideoError(f"the header says {declared:.3f} s but the readable frames end at {readable:.3f} s "
+                         f"({len(times)} frames; truncated?)")
 
 
 def _decode_at(c: Any, st: Any, wanted: list[int], keys: list[int]) -> dict[Any, Any]:
