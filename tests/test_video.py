@@ -388,3 +388,21 @@ def test_viz_plan_shows_each_sampled_frame_with_its_timestamp(cli, clips, tmp_pa
     want = fps_rule(times, 1)
     assert [p["label"] for p in panels] == [f"frame {i} t={times[i]:.3f}s" for i in want]
     assert Image.open(png).size[0] == panels[-1]["x"] + panels[-1]["size"][0] + 8
+
+
+@pytest.mark.slow
+def test_decode_workers_and_the_cli_process_give_the_in_process_features(cli, clips, tmp_path):
+    """`s2 extract` in its own process with two decode workers (videos decoded in forked workers, frames sent back)
+    writes what the in-process run with -j 0 writes."""
+    import subprocess
+
+    ref = tmp_path / "ref.h5"
+    invoke_json(cli, "extract", clips, *FAST, "--num-frames", "4", "-o", ref, "--json")
+    out = tmp_path / "out"
+    p = subprocess.run([sys.executable, "-m", "s2cli", "extract", str(clips), *MODEL, "-j", "2", "--num-frames", "4",
+                        "-o", f"{out}/", "--json", "-q"], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    with open_features(out) as fo, open_features(ref) as fr:
+        assert list(fo) == list(fr)
+        for k in fo:
+            np.testing.assert_array_equal(fo[k], fr[k])
