@@ -133,6 +133,9 @@ def decoded(image: str | os.PathLike | bytes, res: Resolved) -> tuple[tuple[int,
         e = rec["error"]
         raise ConfigError(f"cannot decode the image ({e['stage']}: {e['error_class']}: {e['error']})",
                           given=e["source"], fix="pass a readable image file")
+    if "frames" in rec:
+        raise ConfigError("this is a video: its frames are chosen by a sampling", given=sample.source,
+                          fix="use s2cli.plan.decoded_video (or `s2 viz plan VIDEO --num-frames N`)")
     out = rec["image"]
     return tuple(rec["orig_hw"]), (list(out) if isinstance(out, list) else [out])
 

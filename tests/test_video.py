@@ -236,6 +236,9 @@ def test_the_done_when_layout_eight_frames_at_three_scales(cli, clips, tmp_path)
             assert ff[key].shape == (8, t, c)
             assert len(ff.meta(key)["timestamps"]) == 8
         assert ff.attrs["img_sizes"] == "[64, 128, 192]"
+    shown = invoke_json(cli, "inspect", out, "--key", "a", "--json")
+    assert shown["shape"] == [8, t, c] and shown["frame_indices"] == [int(x) for x in np.linspace(0, 11, 8)]
+    assert invoke_json(cli, "inspect", out, "--json")["num_images"] == 5
 
 
 def test_dry_run_plans_frames_tiles_and_bytes_per_video_from_the_header(cli, clips, tmp_path):
