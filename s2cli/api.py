@@ -106,7 +106,8 @@ def _extract(res: Resolved, inp: Input, rank: Any, named: bool, overwrite: bool,
                       "no longer match it (images added, removed or renamed) and are redone")
     if target.done:
         progress.note(f"resuming {res.output}: {len(target.done)} shards ({target.images_done_before} images) already done")
-    total = None if inp.total is None or rank.world > 1 else inp.total  # a rank does only its share
+    # a rank does only its share; with --frames-as-images a sample gives as many entries as it has frames
+    total = None if inp.total is None or rank.world > 1 or res.frames_as_images else inp.total
     progress.start(res, total, target.images_done_before + target.failures_before, len(target.done), rank.rank)
     run.on_progress = progress.update
     try:

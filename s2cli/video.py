@@ -27,10 +27,17 @@ def require_av() -> Any:
     return av
 
 
+# ISO BMFF brands of still images (HEIF/HEIC, AVIF): an `ftyp` box, and still an image
+IMAGE_BRANDS = (b"heic", b"heix", b"heim", b"heis", b"hevc", b"mif1", b"msf1", b"avif", b"avci")
+
+
 def looks_like_video(head: bytes) -> bool:
-    """A container signature in the first bytes: ISO BMFF (mp4, mov: `ftyp`/`moov`/`mdat` box at 4), Matroska/WebM
-    (EBML), AVI (RIFF....AVI ). Images (JPEG, PNG, WebP = RIFF....WEBP, GIF, TIFF, BMP) are not."""
-    if len(head) >= 12 and head[4:8] in (b"ftyp", b"moov", b"mdat", b"wide", b"free", b"skip"):
+    """A container signature in the first bytes: ISO BMFF (mp4, mov: `ftyp`/`moov`/`mdat` box at 4; not the brands
+    of HEIF/AVIF images), Matroska/WebM (EBML), AVI (RIFF....AVI ). Images (JPEG, PNG, WebP = RIFF....WEBP, GIF,
+    TIFF, BMP) are not."""
+    if len(head) >= 12 and head[4:8] == b"ftyp":
+        return head[8:12] not in IMAGE_BRANDS
+    if len(head) >= 8 and head[4:8] in (b"moov", b"mdat", b"wide", b"free", b"skip"):
         return True
     if head[:4] == b"\x1a\x45\xdf\xa3":
         return True

@@ -126,25 +126,32 @@ def test_variable_frame_rate_is_sampled_by_timestamps(tmp_path):
 
 
 def test_seeking_gives_the_frames_a_full_decode_gives(tmp_path):
-    """A long GOP-structured clip (keyframe every 5 frames): frames reached by seeking equal frames decoded in order."""
+    """A clip with a keyframe every 5 frames and B-frames (decode order is not presentation order): the frames
+    reached by seeking to the keyframe before each equal the frames of a decode of everything in order."""
     v = tmp_path / "g.mp4"
+    rng = np.random.default_rng(0)
     with av.open(str(v), "w") as c:
         s = c.add_stream("libx264", rate=10)
         s.width, s.height, s.pix_fmt = 64, 48, "yuv420p"
         s.codec_context.gop_size = 5
-        s.codec_context.options = {"crf": "0", "keyint": "5", "min-keyint": "5", "scenecut": "0"}
+        s.codec_context.options = {"x264-params": "keyint=5:min-keyint=5:scenecut=0:bframes=2"}
         for i in range(40):
-            f = av.VideoFrame.from_ndarray(np.full((48, 64, 3), 6 * i, np.uint8), format="rgb24")
+            f = av.VideoFrame.from_ndarray(rng.integers(0, 40, (48, 64, 3), dtype=np.uint8) + 5 * i, format="rgb24")
             f.pts = i
             for p in s.encode(f):
                 c.mux(p)
         for p in s.encode():
             c.mux(p)
     with av.open(str(v)) as c:
+        packets = [p for p in c.demux(video=0) if p.size]
+        assert sum(p.is_keyframe for p in packets) == 8 and any(p.pts != p.dts for p in packets)
+    with av.open(str(v)) as c:
         every = [np.asarray(f.to_image()) for f in c.decode(video=0)]
-    clip = read_clip(str(v), Sampling(num_frames=6))
-    for i, im in zip(clip.indices, clip.frames):
-        np.testing.assert_array_equal(np.asarray(im), every[i])
+    for sampling in (Sampling(num_frames=6), Sampling(fps=3), Sampling(max_frames=3), Sampling(num_frames=40)):
+        clip = read_clip(str(v), sampling)
+        assert clip.indices == choose([i / 10 for i in range(40)], sampling)
+        for i, im in zip(clip.indices, clip.frames):
+            np.testing.assert_array_equal(np.asarray(im), every[i])
 
 
 def test_rotation_metadata_is_applied_as_ffmpeg_does(tmp_path):
@@ -409,3 +416,20 @@ def test_decode_workers_and_the_cli_process_give_the_in_process_features(cli, cl
         assert list(fo) == list(fr)
         for k in fo:
             np.testing.assert_array_equal(fo[k], fr[k])
+
+
+def test_a_video_is_told_by_its_content_not_its_name(cli, clips, tmp_path):
+    from s2cli.video import looks_like_video
+
+    d = tmp_path / "mixed"
+    d.mkdir()
+    (d / "clip.jpg").write_bytes((clips / "a.mp4").read_bytes())  # a video named like an image
+    (d / "still.mp4").write_bytes((clips / "img.png").read_bytes())  # an image named like a video
+    out, ref = tmp_path / "m.h5", tmp_path / "r.h5"
+    invoke_json(cli, "extract", d, *FAST, "--num-frames", "3", "-o", out, "--json")
+    invoke_json(cli, "extract", clips, *FAST, "--num-frames", "3", "-o", ref, "--json")
+    with open_features(out) as fm, open_features(ref) as fr:
+        np.testing.assert_array_equal(fm["clip"], fr["a"])
+        np.testing.assert_array_equal(fm["still"], fr["img"])
+    assert not looks_like_video(b"\x00\x00\x00\x1cftypavif\x00\x00\x00\x00")  # an AVIF image is an image
+    assert not looks_like_video(b"RIFF\x00\x00\x00\x00WEBPVP8 ")
