@@ -667,7 +667,7 @@ def read_for_device(sample: Sample, fit: Fit) -> dict[str, Any]:
     decoded here with Pillow exactly as `--decode pil` does, its meta.decode saying path "pil-fallback" and why.
     A read failure is the same record as with Pillow."""
     t0 = time.perf_counter()
-    pil = Fit(fit.mode, fit.side, fit.mean)
+    pil = Fit(fit.mode, fit.side, fit.mean, video=fit.video)
     try:
         own_meta = sample_meta(sample)
         with _read(sample) as fh:

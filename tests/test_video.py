@@ -189,14 +189,16 @@ def frames_as_pngs(clips: Path, d: Path, sampling: Sampling) -> dict[str, list[s
     return keys
 
 
-def test_each_frames_features_equal_the_same_frame_extracted_as_a_png(cli, clips, tmp_path):
+@pytest.mark.parametrize("extra", [[], ["--reduce", "avg:2"], ["--decode", "torch", "--format", "safetensors"]])
+def test_each_frames_features_equal_the_same_frame_extracted_as_a_png(cli, clips, tmp_path, extra):
     out = tmp_path / "v.h5"
-    invoke_json(cli, "extract", clips, *FAST, "--num-frames", "5", "-o", out, "--json")
+    invoke_json(cli, "extract", clips, *FAST, *extra, "--num-frames", "5", "-o", f"{tmp_path}/v/", "--json")
+    out = tmp_path / "v"
     pngs = tmp_path / "pngs"
     pngs.mkdir()
     keys = frames_as_pngs(clips, pngs, Sampling(num_frames=5))
-    ref = tmp_path / "ref.h5"
-    invoke_json(cli, "extract", pngs, *FAST, "-o", ref, "--json")
+    ref = tmp_path / "ref"
+    invoke_json(cli, "extract", pngs, *FAST, *extra, "-o", f"{ref}/", "--json")
     with open_features(out) as ff, open_features(ref) as fr:
         assert sorted(ff) == sorted([*keys, "img"])  # one entry per video, the image one entry
         for key, names in keys.items():
@@ -272,6 +274,8 @@ def test_resume_mid_folder_of_videos_extracts_what_a_clean_run_would(cli, clips,
             m.unlink()
             m.with_suffix(".h5").unlink()
     (out / "manifest.json").unlink()
+    r = cli("extract", clips, *[a if a != "3" else "4" for a in args], "-o", f"{out}/")
+    assert r.exit_code == 2 and "num_frames" in r.stderr  # another sampling would mix two kinds of entries
     s = invoke_json(cli, "extract", clips, *args, "-o", f"{out}/")
     assert (s["resumed_images"], s["num_images"], s["complete"]) == (2, 3, True)
     with open_features(out) as fo, open_features(clean) as fc:
@@ -279,6 +283,18 @@ def test_resume_mid_folder_of_videos_extracts_what_a_clean_run_would(cli, clips,
         for k in fo:
             np.testing.assert_array_equal(fo[k], fc[k])
             assert fo.meta(k).get("timestamps") == fc.meta(k).get("timestamps")
+
+
+def test_a_lists_videos_keep_its_columns_beside_their_frames_facts(cli, clips, tmp_path):
+    lst = tmp_path / "l.csv"
+    lst.write_text(f"path,key,caption\n{clips / 'v.mkv'},clip,a cat\n{clips / 'img.png'},still,a dog\n")
+    out = tmp_path / "l.h5"
+    invoke_json(cli, "extract", lst, *FAST, "--fps", "1", "-o", out, "--json")
+    times = [ms / 1000 for ms in VFR_MS]
+    with open_features(out) as ff:
+        m = ff.meta("clip")
+        assert m["meta"]["caption"] == "a cat" and m["frame_indices"] == fps_rule(times, 1)
+        assert ff["clip"].shape[0] == len(fps_rule(times, 1)) and ff.meta("still")["meta"] == {"caption": "a dog"}
 
 
 # ---- bad input ----------------------------------------------------------------------------------------------------
