@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import FAST, MODEL, invoke_json, write_image
+from conftest import FAST, MODEL, NO_TORCH, invoke_json, write_image
 from s2cli import open_features
 from s2cli.video import Sampling, choose, read_clip
 
@@ -449,3 +449,22 @@ def test_a_video_is_told_by_its_content_not_its_name(cli, clips, tmp_path):
         np.testing.assert_array_equal(fm["still"], fr["img"])
     assert not looks_like_video(b"\x00\x00\x00\x1cftypavif\x00\x00\x00\x00")  # an AVIF image is an image
     assert not looks_like_video(b"RIFF\x00\x00\x00\x00WEBPVP8 ")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("argv", [
+    ["extract", "{clips}", "--recipe", "llava-1.5-s2", "--random-init", "--num-frames", "8", "--dry-run", "--json"],
+    ["viz", "plan", "{clips}/b.webm", "--recipe", "llava-1.5-s2", "--num-frames", "3", "-o", "{tmp}/p.png", "--json"],
+])
+def test_the_video_dry_run_and_viz_plan_import_no_torch(clips, tmp_path, argv):
+    import subprocess
+
+    args = [a.format(clips=clips, tmp=tmp_path) for a in argv]
+    r = subprocess.run([sys.executable, "-c", NO_TORCH, *args], capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    if isinstance(out, dict):  # the done-when plan: (8, 576, 3072) per video, 8 x 14 tiles
+        assert {tuple(i["output_shape"]) for i in out["images"] if "video" in i} == {(8, 576, 3072)}
+        assert {i["tiles"] for i in out["images"] if "video" in i} == {8 * 14}
+    else:
+        assert len(out) == 3
