@@ -134,8 +134,9 @@ def _stream(container: Any) -> Any:
         raise VideoError(f"no video stream (the file holds: {', '.join(kinds)})")
     stream = container.streams.video[0]
     if stream.codec_context is None or not stream.codec_context.name:
-        raise VideoError(f"the video codec ({stream.codec_context and stream.codec_context.codec_tag}) has no decoder "
-                         "in this FFmpeg build")
+        fmt = getattr(container.format, "name", "?")
+        raise VideoError(f"the video stream's codec has no decoder in this FFmpeg build (container {fmt}); "
+                         "re-encode it, e.g. to H.264")
     stream.thread_type = "AUTO"
     return stream
 

@@ -57,10 +57,13 @@ def _compose(items: list[tuple[Image.Image, str, tuple[int, int, int], float, tu
 
 def plan_figure(path: str | Path, res: Any) -> tuple[Image.Image, list[Panel]]:
     """One panel per scale (s2) or view (other strategies): the image exactly as the backbone receives it (the
-    extraction's own decode and fit: `s2cli.views`), with its tiles."""
+    extraction's own decode and fit: `s2cli.views`), with its tiles. A video (told by its content): `video_figure`."""
     from .plan import decoded
+    from .sources import Sample, is_video
     from .strategies import strategy_of
 
+    if is_video(Sample("viz", str(path))):
+        return video_figure(path, res)
     orig_hw, arrays = decoded(path, res)
     items = []
     for i, (a, label, boxes) in enumerate(strategy_of(res).pictures(res, orig_hw, arrays)):

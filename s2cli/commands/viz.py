@@ -26,14 +26,13 @@ def viz_plan(
     Example:  s2 viz plan examples/images/chelsea.jpg --recipe llava-next-anyres -o plan.png
               s2 viz plan clip.mp4 --recipe llava-1.5-s2 --num-frames 8 -o frames.png
     """
-    from ..sources import Sample, is_video
-    from ..viz import plan_figure, video_figure
+    from ..viz import plan_figure
 
     with reported():
         if not Path(image).is_file():
             raise ConfigError("no such image", given=image, fix="pass an image file")
         res = settings({**given(ctx), "input": image, "output": "viz.h5"})
-        fig, panels = (video_figure if is_video(Sample("viz", image)) else plan_figure)(image, res)
+        fig, panels = plan_figure(image, res)
         fig.save(output)
     _said(fig, panels, output, as_json)
 
