@@ -209,10 +209,10 @@ class Clip:
                 "rotation": self.rotation, "codec": self.codec}
 
 
-def read_clip(src: str | bytes, s: Sampling) -> Clip:
-    """Decode the frames `s` chooses (duplicates decoded once), or raise VideoError: no video stream, no decoder,
-    frames over the pixel limit, a header that promises more frames than the file holds (truncated), a chosen frame
-    that does not decode."""
+def read_clip(src: str | bytes, s: Sampling, indices: list[int] | None = None) -> Clip:
+    """Decode the frames `s` chooses (or the frames at `indices`; duplicates decoded once), or raise VideoError: no
+    video stream, no decoder, frames over the pixel limit, a header that promises more frames than the file holds
+    (truncated), a chosen frame that does not decode."""
     av = require_av()
     try:
         with _open(src) as c:
@@ -226,7 +226,9 @@ def read_clip(src: str | bytes, s: Sampling) -> Clip:
             tb = float(st.time_base)
             times = [(p - pts[0]) * tb for p in pts]
             _check_complete(st, times)
-            chosen = choose(times, s)
+            chosen = choose(times, s) if indices is None else indices
+            if any(not 0 <= i < len(pts) for i in chosen):
+                raise VideoError(f"frame indices {chosen} are not all within the video's {len(pts)} frames")
             images = _decode_at(c, st, sorted({pts[i] for i in chosen}), keys)
     except av.FFmpegError as e:
         raise VideoError(f"decoding failed ({e})") from None

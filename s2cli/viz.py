@@ -127,11 +127,22 @@ def feature_maps(ff: Any, key: str) -> list[tuple[str, np.ndarray]]:
 
 def features_figure(ff: Any, key: str) -> tuple[Image.Image, list[Panel]]:
     """The image (when its source is a readable file) beside a PCA picture of every map."""
+    from .errors import ConfigError
+
+    m = ff.meta(key)
+    if m.get("frames"):
+        raise ConfigError("this entry is a video (frames, tokens, channels), and `s2 viz features` draws one image's maps",
+                          given=key, fix="extract with --frames-as-images and pass a frame's key (key#000123)")
     items = []
-    src = Path(ff.meta(key)["source"])
+    src = Path(m["source"])
     if src.is_file():
-        with open(src, "rb") as fh:
-            im, _ = load_rgb(fh)  # decoded as the extraction decodes it
+        if m.get("frame_index") is not None:  # a video's frame (--frames-as-images), decoded as the extraction does
+            from .video import Sampling, read_clip
+
+            im = read_clip(str(src), Sampling(), indices=[m["frame_index"]]).frames[0]
+        else:
+            with open(src, "rb") as fh:
+                im, _ = load_rgb(fh)  # decoded as the extraction decodes it
         size, f = _panel_size((im.height, im.width))
         items.append((im.resize(size, Image.BILINEAR), key, (0, 0, 0), f, ()))
     for label, fm in feature_maps(ff, key):

@@ -231,6 +231,9 @@ def test_frames_as_images_stores_each_distinct_frame_under_key_hash_index(cli, c
                 np.testing.assert_array_equal(fp[name], fw[key][j])
                 assert (fp.meta(name)["frame_index"], fp.meta(name)["timestamp"]) == (idx, ts)
         assert sorted(fp) == sorted(expected) and s["total_images"] == len(expected)
+    r = cli("viz", "features", whole, "--key", "a", "-o", tmp_path / "f.png")
+    assert r.exit_code == 2 and "--frames-as-images" in r.stderr
+    assert len(invoke_json(cli, "viz", "features", per, "--key", "a#000000", "-o", tmp_path / "f.png", "--json")) == 4
 
 
 def test_the_done_when_layout_eight_frames_at_three_scales(cli, clips, tmp_path):
