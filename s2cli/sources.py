@@ -127,9 +127,10 @@ def _check_unique(pairs: list[tuple[str, str]], what: str) -> None:
 
 
 def scan_folder(root: str | os.PathLike, keep_ext: bool = False) -> list[Sample]:
-    """Every image and video (VIDEO_EXTS) under `root` (recursive, any-case extensions), sorted by relative path; its key is that path
-    without the extension (with it: `keep_ext`), and `key.json` / `key.txt` beside it are its metadata. Two files
-    with the same key (`a.jpg`, `a.png`) are an error listing all such pairs, raised before any work starts."""
+    """Every image and video (VIDEO_EXTS) under `root` (recursive, any-case extensions), sorted by relative path;
+    its key is that path without the extension (with it: `keep_ext`), and `key.json` / `key.txt` beside it are its
+    metadata. Two files with the same key (`a.jpg`, `a.png`) are an error listing all such pairs, raised before any
+    work starts."""
     root = Path(root)
     if not root.exists():
         raise ConfigError("input does not exist", given=str(root), fix="pass an existing folder, list or shards")
@@ -150,7 +151,7 @@ def scan_folder(root: str | os.PathLike, keep_ext: bool = False) -> list[Sample]
     pairs = [(rel if keep_ext else rel.rsplit(".", 1)[0], full) for rel, full, _ in found]
     _check_unique(pairs, "files (the path without its extension)")
     if not pairs:
-        raise ConfigError("input folder holds no images", given=str(root),
+        raise ConfigError("input folder holds no images or videos", given=str(root),
                           expected="files ending in " + ", ".join(IMAGE_EXTS + VIDEO_EXTS),
                           fix="point at a folder with images or videos")
     return [Sample(k, s, sidecars=side) for (k, s), (_, _, side) in zip(pairs, found)]
