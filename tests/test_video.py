@@ -101,7 +101,7 @@ def test_max_frames_caps_uniformly_and_alone_caps_every_frame():
 
 
 # ---- decoding ---------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("codec,ext", [("libx264", "mp4"), ("libvpx-vp9", "webm"), ("mpeg4", "avi")])
+@pytest.mark.parametrize("codec,ext", [("libx264", "mp4"), ("libvpx-vp9", "webm"), ("mpeg4", "avi"), ("libx264", "mov")])
 @pytest.mark.parametrize("sampling", [Sampling(num_frames=5), Sampling(fps=3), Sampling(max_frames=4)])
 def test_decoded_frames_are_the_chosen_ones_at_their_timestamps(tmp_path, codec, ext, sampling):
     if codec not in av.codecs_available:
