@@ -44,7 +44,7 @@ def settings(input: str, output: str | None = None, *, recipe: str | None = None
 def open_inputs(res: Resolved) -> Input:
     """The run's input, listed (folders, lists) or named (shards)."""
     inp = open_input(res.input, res.input_format, res.shard_size, res.limit, res.image_key, res.meta_columns,
-                     res.keep_ext)
+                     res.keep_ext, videos=res.sampling.active)
     if res.num_samples is not None and inp.kind != "wds":
         raise ConfigError("--num-samples gives the progress total of WebDataset shards; a folder or list is counted "
                           "as it is listed", given=f"--num-samples {res.num_samples} for {inp.kind} input {inp.spec}",

@@ -29,6 +29,7 @@ from .strategies import (
 )
 from .tiling import SPLIT_MODES
 from .version import __version__
+from .video import Sampling
 from .writers import FORMATS, SAFETENSORS_HEADER_LIMIT, format_of, itemsize
 
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -74,6 +75,10 @@ class ExtractConfig:
     image_key: str | None = None
     meta_columns: str = "all"  # a list's extra columns kept as each image's metadata: all | none | col,col
     keep_ext: bool = False  # keys keep the file's extension (folders, lists)
+    fps: float | None = None  # video: frames at this rate, by presentation timestamps (video.choose)
+    num_frames: int | None = None  # video: N frames uniformly over the clip (numpy.linspace, LLaVA-OneVision)
+    max_frames: int | None = None  # video: at most M frames (uniform subsampling of the chosen ones)
+    frames_as_images: bool = False  # video: each frame stored as its own entry `key#000123` instead of one (F, T, C)
     format: str | None = None  # h5 | safetensors; from -o's suffix when it names a file
     shard_size: int | None = None
     pool: str = "none"
@@ -190,7 +195,8 @@ _NOT_SAVED = ("keep_cls", "provenance", "min_tiles", "max_tiles", "thumbnail", "
               "min_pixels", "max_pixels")
 # options added after outputs were first written: saved only when set otherwise, so those outputs still resume
 _SAVED_UNLESS_DEFAULT = {"decode": "pil", "reduce": None, "meta_columns": "all", "keep_ext": False, "retries": 0,
-                         "retry_failed": False, "num_samples": None}
+                         "retry_failed": False, "num_samples": None, "fps": None, "num_frames": None,
+                         "max_frames": None, "frames_as_images": False}
 # the settings every output file carries as attributes (besides its version, weights and the whole config)
 FILE_ATTRS = ("model", "layer", "scales", "img_sizes", "max_split_size", "split_mode", "num_prefix_tokens",
               "output_shape", "merge", "fit", "dtype", "pool", "strategy")
@@ -213,6 +219,11 @@ class Resolved(ExtractConfig):
     output_is_dir: bool
     strategy_cfg: StrategyCfg | None = None  # a dynamic-resolution strategy's settings; None for s2
     weights_revision: str | None = None  # the weights pinned for the run (org/name@sha, sha256:...), once located
+
+    @property
+    def sampling(self) -> Sampling:
+        """How the frames of a video are chosen (inactive: videos are not read)."""
+        return Sampling(self.fps, self.num_frames, self.max_frames)
 
     @property
     def side(self) -> int:
@@ -315,7 +326,7 @@ def resolve_config(cfg: ExtractConfig, backbone: BackboneCfg) -> Resolved:
     if res.reduce is not None:
         _check_one_grid(res)
     if cfg.shard_size is None:
-        per_image = res.bytes_per_image()
+        per_image = res.bytes_per_image() * (res.sampling.max_count() or 1)  # a video entry holds its frames
         n = min(100_000, SHARD_BYTES // max(1, per_image))
         if res.format == "safetensors":
             n = min(n, SAFETENSORS_HEADER_LIMIT // SAFETENSORS_HEADER_PER_IMAGE)
@@ -389,6 +400,15 @@ def _check_options(cfg: ExtractConfig, backbone: BackboneCfg, n: int) -> None:
         raise ConfigError("--reduce s2c:K merges neighbours on channels, which prefix tokens do not have",
                           given=f"--reduce {cfg.reduce} with {backbone.num_prefix_tokens} prefix token(s)",
                           fix="drop --keep-cls, or use --reduce avg:K | budget:N (prefix tokens kept apart)")
+    sampling = Sampling(cfg.fps, cfg.num_frames, cfg.max_frames)
+    sampling.check()
+    if cfg.frames_as_images and not sampling.active:
+        raise ConfigError("--frames-as-images stores a video's chosen frames, and no frame sampling was given",
+                          expected="--num-frames N, --fps F or --max-frames M with it", fix="add e.g. --num-frames 8")
+    if sampling.active and not cfg.frames_as_images and cfg.pool != "none":
+        raise ConfigError("--pool stores one vector per entry, and a video's entry holds all its frames",
+                          given=f"--pool {cfg.pool} with frame sampling", expected="--frames-as-images with --pool",
+                          fix="add --frames-as-images (one entry, and one pooled vector, per frame), or drop --pool")
 
 
 def _check_numbers(cfg: ExtractConfig) -> None:

@@ -12,14 +12,16 @@ import numpy as np
 from .config import Resolved, resolve_options
 from .errors import ConfigError
 from .reduce import parse as parse_reduce
-from .sources import Fit, Input, Sample, decode_sample, failure, image_size
+from .sources import Fit, Input, Sample, decode_sample, failure, image_size, is_video, video_header
 from .strategies import strategy_of
+from .video import choose
 from .writers import itemsize
 
 
 def fit_of(res: Resolved) -> Fit:
     """How the decode workers bring every image of this config to the engine's input."""
-    return Fit(res.fit, res.side, res.backbone.mean, res.strategy_cfg, res.decode, strategy_of(res).render, res.retries)
+    return Fit(res.fit, res.side, res.backbone.mean, res.strategy_cfg, res.decode, strategy_of(res).render, res.retries,
+               res.sampling)
 
 
 def plan_entry(res: Resolved, orig: tuple[int, int]) -> tuple[dict[str, Any], float | None]:
@@ -44,14 +46,21 @@ def dry_run(res: Resolved, inp: Input) -> dict[str, Any]:
     total_tiles, total_flops, total_bytes, flops_known = 0, 0.0, 0, True
     for s in _samples(inp, res.limit, unreadable):
         try:
-            orig = image_size(s)
+            video = video_plan(res, s) if is_video(s) else None
+            orig = tuple(video["hw"]) if video else image_size(s)
         except Exception as e:
             unreadable.append(failure(s, "read", e))
             continue
         entry, flops = plan_entry(res, orig)
         nbytes = stored_bytes(res, entry["output_shape"], entry.get("reduced_from", entry)["output_shape"][1])
+        if video:  # every chosen frame is planned as an image of the video's size
+            n = len(video["frame_indices"])
+            entry["tiles"], flops, nbytes = entry["tiles"] * n, None if flops is None else flops * n, nbytes * n
+            if not res.frames_as_images:
+                entry["output_shape"] = [n, *entry["output_shape"]]
         flops_known = flops_known and flops is not None
-        images.append({"key": s.key, "orig_hw": list(orig), **entry, "bytes": nbytes})
+        images.append({"key": s.key, "orig_hw": list(orig), **({"video": video} if video else {}), **entry,
+                       "bytes": nbytes})
         total_tiles += entry["tiles"]
         total_flops += flops or 0.0
         total_bytes += nbytes
@@ -63,6 +72,19 @@ def dry_run(res: Resolved, inp: Input) -> dict[str, Any]:
         "bytes_per_image": images[0]["bytes"] if images and len({i["bytes"] for i in images}) == 1 else None,
         "total_bytes": total_bytes, "flops_estimate": total_flops if flops_known else None,
     }
+
+
+def video_plan(res: Resolved, sample: Sample) -> dict[str, Any]:
+    """A video's dry-run facts from its container header: frames, duration, rate, size, rotation, codec, and the
+    frames the sampling would take, with their timestamps, for frames evenly spaced at the header's rate (the run
+    reads the real timestamps)."""
+    if not res.sampling.active:
+        raise ValueError("a video, and no frame sampling was given (--num-frames N, --fps F or --max-frames M)")
+    h = video_header(sample)
+    rate = h.rate or 1.0
+    times = [i / rate for i in range(h.frames)]
+    chosen = choose(times, res.sampling)
+    return {**h.to_dict(), "frame_indices": chosen, "timestamps": [round(times[i], 6) for i in chosen]}
 
 
 def stored_bytes(res: Resolved, output_shape: list[int] | tuple[int, int], pooled_channels: int | None = None) -> int:
@@ -112,8 +134,26 @@ def decoded(image: str | os.PathLike | bytes, res: Resolved) -> tuple[tuple[int,
         e = rec["error"]
         raise ConfigError(f"cannot decode the image ({e['stage']}: {e['error_class']}: {e['error']})",
                           given=e["source"], fix="pass a readable image file")
+    if "frames" in rec:
+        raise ConfigError("this is a video: its frames are chosen by a sampling", given=sample.source,
+                          fix="use s2cli.plan.decoded_video (or `s2 viz plan VIDEO --num-frames N`)")
     out = rec["image"]
     return tuple(rec["orig_hw"]), (list(out) if isinstance(out, list) else [out])
+
+
+def decoded_video(video: str | os.PathLike | bytes, res: Resolved) -> tuple[dict[str, Any], list[list[np.ndarray]]]:
+    """A video's chosen frames as the backbone receives them: (the chosen frames' indices and timestamps, with the
+    video facts, as stored in its entry's metadata; each frame's views, as `views` gives an image's)."""
+    sample = Sample("video", "<bytes>", data=video) if isinstance(video, bytes) else Sample("video", os.fspath(video))
+    rec = _decode(sample, res)
+    if rec["error"] is not None:
+        e = rec["error"]
+        raise ConfigError(f"cannot decode the video ({e['stage']}: {e['error_class']}: {e['error']})",
+                          given=e["source"], fix="pass a readable video file, with --num-frames N or --fps F")
+    if "frames" not in rec:
+        raise ConfigError("not a video", given=e["source"] if (e := rec["error"]) else sample.source,
+                          fix="pass a video file (mp4, webm, mkv, mov, avi)")
+    return rec["video"], [list(f) if isinstance(f, list) else [f] for f in rec["frames"]]
 
 
 def _decode(sample: Sample, res: Resolved) -> dict[str, Any]:

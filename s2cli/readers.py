@@ -108,7 +108,20 @@ class Reader(Mapping):
 
 
 def _token_mean(x: np.ndarray, prefix: int) -> np.ndarray:
-    return np.asarray(x, np.float32)[prefix:].mean(0)
+    """The mean of an entry's tokens past its prefix tokens (a video's: over all its frames' tokens)."""
+    x = np.asarray(x, np.float32)
+    return x[:, prefix:].mean((0, 1)) if x.ndim == 3 else x[prefix:].mean(0)
+
+
+def _video_fields(m: dict[str, Any]) -> dict[str, Any]:
+    """A video entry's record with its frames' `frame_indices` and `timestamps` (seconds) at the top, from the
+    `video` facts in its metadata (also those of one frame stored with --frames-as-images)."""
+    v = (m.get("meta") or {}).get("video") if isinstance(m.get("meta"), dict) else None
+    if not isinstance(v, dict):
+        return m
+    if "frame_indices" in v:
+        return {**m, "frame_indices": v["frame_indices"], "timestamps": v["timestamps"]}
+    return {**m, "frame_index": v.get("frame_index"), "timestamp": v.get("timestamp")}
 
 
 def _ragged_means(flat: np.ndarray, offsets: np.ndarray, prefix: np.ndarray) -> np.ndarray:
@@ -137,6 +150,7 @@ class FeatureFile(Reader):
         self._index = {k: i for i, k in enumerate(self._keys)}
         self.ragged = "offsets" in self.f
         self._offsets = self.f["offsets"][:] if self.ragged else None
+        self._frames = self.f["frames"][:] if "frames" in self.f else None  # video entries: (F, T, C)
         self._bf16 = {n for n in ("features", "pooled") if n in self.f and _attr(self.f[n].attrs.get(ENCODING_ATTR)) == BF16}
 
     def _decode(self, name: str, x: np.ndarray) -> np.ndarray:
@@ -160,7 +174,9 @@ class FeatureFile(Reader):
         if "features" not in self.f:
             raise KeyError(f"{self.path} holds pooled vectors only (--pool-only); use .pooled({key!r})")
         if self.ragged:
-            return self._decode("features", self.f["features"][int(self._offsets[i]):int(self._offsets[i + 1])])
+            x = self._decode("features", self.f["features"][int(self._offsets[i]):int(self._offsets[i + 1])])
+            frames = 0 if self._frames is None else int(self._frames[i])
+            return x.reshape(frames, -1, x.shape[-1]) if frames else x
         return self._decode("features", self.f["features"][i])
 
     def pooled(self, key: str) -> np.ndarray:
@@ -180,6 +196,8 @@ class FeatureFile(Reader):
             b = min(a + block, len(self._keys))
             if how == "pooled":
                 vecs = self._decode("pooled", f["pooled"][a:b]).astype(np.float32, copy=False)
+            elif self._frames is not None and self._frames[a:b].any():  # videos: each entry's own mean
+                vecs = np.stack([_token_mean(self[k], int(prefix[a + i])) for i, k in enumerate(self._keys[a:b])])
             elif self.ragged:
                 off = self._offsets[a:b + 1].astype(np.int64)
                 flat = self._decode("features", f["features"][int(off[0]):int(off[-1])])
@@ -202,11 +220,12 @@ class FeatureFile(Reader):
     def meta(self, key: str) -> dict[str, Any]:
         i, f = self._i(key), self.f
         m = _attr(f["meta"][i]) if "meta" in f else ""
-        return {"key": key, "source": _attr(f["source"][i]), "meta": json.loads(m) if m else None,
-                "orig_hw": f["orig_hw"][i].tolist(), "grid_hw": f["grid_hw"][i].tolist(),
-                "img_sizes": f["img_sizes"][i].tolist(), "num_prefix_tokens": int(f["num_prefix_tokens"][i]),
-                "split_mode": _attr(f["split_mode"][i]),
-                **{n: json.loads(_attr(f[n][i])) for n in ("plan", "reduce") if n in f}}
+        return _video_fields({
+            "key": key, "source": _attr(f["source"][i]), "meta": json.loads(m) if m else None,
+            "orig_hw": f["orig_hw"][i].tolist(), "grid_hw": f["grid_hw"][i].tolist(),
+            "img_sizes": f["img_sizes"][i].tolist(), "num_prefix_tokens": int(f["num_prefix_tokens"][i]),
+            "split_mode": _attr(f["split_mode"][i]), **{n: json.loads(_attr(f[n][i])) for n in ("plan", "reduce") if n in f},
+            **({"frames": int(self._frames[i])} if self._frames is not None and self._frames[i] else {})})
 
     @property
     def feature_shape(self) -> list[int | None] | None:
@@ -316,7 +335,7 @@ class SafetensorsFeatureFile(Reader):
         for n in ("plan", "reduce"):
             if n in m:
                 m[n] = json.loads(m[n])
-        return {"key": key, **m}
+        return _video_fields({"key": key, **m})
 
     @property
     def feature_shape(self) -> list[int | None] | None:
@@ -325,7 +344,7 @@ class SafetensorsFeatureFile(Reader):
             return None
         if len(shapes) == 1:
             return list(next(iter(shapes)))
-        return [None, next(iter(shapes))[1]]
+        return [None, next(iter(shapes))[-1]]
 
     @property
     def dtype(self) -> str:
@@ -461,7 +480,7 @@ class FeatureSet(Reader):
         shapes = [s for s in shapes if s is not None]
         if not shapes:
             return None
-        return shapes[0] if all(s == shapes[0] for s in shapes) else [None, shapes[0][1]]
+        return shapes[0] if all(s == shapes[0] for s in shapes) else [None, shapes[0][-1]]
 
     @property
     def dtype(self) -> str:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+import numpy as np
 import torch
 
 from .backbones import Backbone
@@ -355,6 +356,82 @@ class Stats:
     waits: dict[str, float] = field(default_factory=lambda: {"decode": 0.0, "write": 0.0})
 
 
+@dataclass
+class _Video:
+    """A video whose frames are in the engine: its record, each frame's stored item once computed, how many frames
+    are still out, and whether one of them failed (then the whole video is one failure and nothing is stored)."""
+
+    rec: dict[str, Any]
+    positions: list[int]  # which of the chosen frames are computed (all; with --frames-as-images each index once)
+    items: list[dict[str, Any] | None]
+    waiting: int
+    failed: bool = False
+
+
+class VideoFrames:
+    """Videos through the image path: a video's record becomes one record per chosen frame (batched with the other
+    frames and images), and its frames' results become one entry (frames, tokens, channels) with the frames'
+    indices and timestamps in its metadata, or (`as_images`) one entry per distinct frame, `key#000123`."""
+
+    def __init__(self, as_images: bool):
+        self.as_images = as_images
+        self.open: dict[str, _Video] = {}  # frame record key -> its video, while frames are out
+
+    def expand(self, rec: dict[str, Any]) -> list[dict[str, Any]]:
+        frames, idx = rec.pop("frames"), rec["video"]["frame_indices"]
+        keep = [j for j in range(len(frames)) if not self.as_images or idx[j] not in idx[:j]]
+        v = _Video(rec, keep, [None] * len(keep), len(keep))
+        out = []
+        for pos, j in enumerate(keep):
+            key = f"{rec['key']}#{idx[j]:06d}" if self.as_images else rec["key"]
+            out.append({**rec, "key": key, "image": frames[j], "frame_of": (v, pos)})
+            self.open[key] = v
+        return out
+
+    def failed(self, record: dict[str, str]) -> dict[str, str] | None:
+        """A frame's failure: the video's one failure record (the first time), else None; a record that is not a
+        frame's passes through."""
+        v = self.open.get(record["key"])
+        if v is None:
+            return record
+        self._done(v, record["key"])
+        if v.failed:
+            return None
+        v.failed = True
+        return {**record, "key": v.rec["key"], "error": f"a frame ({record['key']}) failed: {record['error']}"}
+
+    def add(self, rec: dict[str, Any], item: dict[str, Any]) -> list[dict[str, Any]]:
+        """A frame's item; returns the video's entries once its last frame is in (none if a frame failed)."""
+        v, pos = rec["frame_of"]
+        v.items[pos] = item
+        self._done(v, rec["key"])
+        if v.waiting or v.failed:
+            return []
+        facts = v.rec["video"]
+        if self.as_images:
+            return [{**it, "meta": _with_video(v.rec.get("meta"), {  # type: ignore[dict-item]
+                "frame_index": facts["frame_indices"][j], "timestamp": facts["timestamps"][j],
+                **{k: facts[k] for k in ("num_frames_total", "rotation", "codec")}})}
+                for j, it in zip(v.positions, v.items)]
+        first = v.items[0]
+        feats = [it["features"] for it in v.items]  # type: ignore[index]
+        return [{**first, "key": v.rec["key"], "meta": _with_video(v.rec.get("meta"), v.rec["video"]),  # type: ignore[dict-item]
+                 "features": None if feats[0] is None else np.stack(feats), "pooled": None}]
+
+    def _done(self, v: _Video, key: str) -> None:
+        v.waiting -= 1
+        if v.waiting == 0:
+            for k in [k for k, o in self.open.items() if o is v]:
+                del self.open[k]
+
+
+def _with_video(meta: str | None, video: dict[str, Any]) -> str:
+    """An entry's metadata (JSON text) with the video facts under `video`."""
+    m = json.loads(meta) if meta else {}
+    m["video"] = video
+    return json.dumps(m)
+
+
 # what the decode pool is given for a sample of a part already done: passed through, never decoded
 _ALREADY_DONE = {"key": "", "stage": "", "error": "", "error_class": "", "source": ""}
 
@@ -389,6 +466,7 @@ class Run:
             from .readers import shard_keys
 
             self.folder_keys = {k for m in target.done.values() for k in shard_keys(target.dir.folder.fetch(m["shard"]))}
+        self.videos = VideoFrames(res.frames_as_images)
         self.next_index = target.dir.next_shard_index(target.rank) if target.dir is not None else 0
 
     def execute(self) -> Summary:
@@ -434,6 +512,13 @@ class Run:
             return
         part.first_key = part.first_key or key
         part.last_key = key
+        if "frames" in rec:  # a video: its chosen frames go through the image path
+            for frame in self.videos.expand(rec):
+                self._batch(frame)
+            return
+        self._batch(rec)
+
+    def _batch(self, rec: dict[str, Any]) -> None:
         img = rec["image"]
         if img is not None:  # None: JPEG bytes for the device decoder (--decode torch)
             rec["image"] = [torch.from_numpy(a) for a in img] if isinstance(img, list) else torch.from_numpy(img)
@@ -446,7 +531,7 @@ class Run:
         if not self.batch:
             return
         part, recs, self.batch = self.part, self.batch, []
-        resolvers = self.strategy.compute(self.ex, recs, lambda r: self.record_failure(part, r))  # type: ignore[arg-type]
+        resolvers = self.strategy.compute(self.ex, recs, lambda r: self._frame_or_sample_failed(part, r))  # type: ignore[arg-type]
         self.drain()
         self.in_flight.append((part, recs, resolvers))  # type: ignore[arg-type]
 
@@ -458,8 +543,11 @@ class Run:
             results = [r for resolve in resolvers for r in resolve()]
             order = {id(rec): i for i, rec in enumerate(recs)}
             results.sort(key=lambda r: order[id(r[0])])
-            if results:
-                items = [self._reduced(self.strategy.item(self.res, rec, feats, pooled)) for rec, feats, pooled in results]
+            items = []
+            for rec, feats, pooled in results:
+                item = self._reduced(self.strategy.item(self.res, rec, feats, pooled))
+                items += self.videos.add(rec, item) if "frame_of" in rec else [item]
+            if items:
                 t = time.perf_counter()
                 part.sink.write(items)
                 st.waits["write"] += time.perf_counter() - t
@@ -521,6 +609,12 @@ class Run:
         st.shards.append(path.name)
         if t.heartbeat is not None:
             t.heartbeat.update(shards_written=len(st.shards), images=st.done, failed=st.failed, shard=None, write=True)
+
+    def _frame_or_sample_failed(self, part: _Part, rec: dict[str, str]) -> None:
+        """A failure in the engine: a frame's is its video's (recorded once), a sample's its own."""
+        record = self.videos.failed(rec)
+        if record is not None:
+            self.record_failure(part, record)
 
     def record_failure(self, part: _Part, rec: dict[str, str]) -> None:
         res = self.res
@@ -614,6 +708,9 @@ class Run:
     def _new_sink(self, path: str) -> ThreadedSink:
         res = self.res
         shape = self.strategy.sink_shape(res)
+        videos = res.sampling.active and not res.frames_as_images
+        if videos:  # an entry is (frames, tokens, channels) or (tokens, channels): the ragged layout holds both
+            shape["tokens"] = shape["tokens_per_image"] = None
         pooled_channels = shape["channels"]
         if self.reduction is not None:  # the stored shape: after the reduction (pooled vectors are not reduced)
             entry, _ = self.strategy.plan_entry(res, (res.side, res.side))
@@ -624,7 +721,7 @@ class Run:
         sink = SINKS[res.format](path, res.file_attrs(self.backbone.weights), channels=shape["channels"],
                                  num_scales=shape["num_scales"], tokens=shape["tokens"], dtype=res.dtype,
                                  store_features=not res.pool_only, pooled=res.pool != "none", plans=shape["plans"],
-                                 pooled_channels=pooled_channels, reduced=self.reduction is not None)
+                                 pooled_channels=pooled_channels, reduced=self.reduction is not None, videos=videos)
         if res.output_is_dir and shape["tokens_per_image"] is not None:
             sink.need_bytes = res.shard_size * shape["tokens_per_image"] * shape["channels"] * itemsize(res.dtype)
         return sink

@@ -23,6 +23,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import ConfigError
 from .store import filesystem, is_url, join_url, local_of, open_url
+from .video import VIDEO_EXTS, VIDEO_MEMBERS, Sampling, header, looks_like_video, read_clip, require_av
 
 
 def printable(text: str) -> str:
@@ -153,9 +154,10 @@ def _check_unique(pairs: list[tuple[str, str]], what: str) -> None:
 
 
 def scan_folder(root: str | os.PathLike, keep_ext: bool = False) -> list[Sample]:
-    """Every image under `root` (recursive, any-case extensions), sorted by relative path; its key is that path
-    without the extension (with it: `keep_ext`), and `key.json` / `key.txt` beside it are its metadata. Two files
-    with the same key (`a.jpg`, `a.png`) are an error listing all such pairs, raised before any work starts."""
+    """Every image and video (VIDEO_EXTS) under `root` (recursive, any-case extensions), sorted by relative path;
+    its key is that path without the extension (with it: `keep_ext`), and `key.json` / `key.txt` beside it are its
+    metadata. Two files with the same key (`a.jpg`, `a.png`) are an error listing all such pairs, raised before any
+    work starts."""
     found = _walk(str(root)) if local_of(str(root)) is None else _walk_local(Path(local_of(root)))  # type: ignore[arg-type]
     found.sort()
     pairs = [(rel if keep_ext else rel.rsplit(".", 1)[0], full) for rel, full, _ in found]
@@ -165,16 +167,17 @@ def scan_folder(root: str | os.PathLike, keep_ext: bool = False) -> list[Sample]
         tars = sorted(p.name for p in Path(local).iterdir() if p.name.lower().endswith(COMPRESSED_TARS)) if local else []
         if tars:  # a folder names its plain .tar shards only; compressed ones are read through a glob
             ext = next(e for e in COMPRESSED_TARS if tars[0].lower().endswith(e))
-            raise ConfigError(f"input folder holds no images but {len(tars)} compressed WebDataset shards "
+            raise ConfigError(f"input folder holds no images or videos but {len(tars)} compressed WebDataset shards "
                               f"(e.g. {tars[0]}), and a folder is read as shards only when it holds plain .tar files",
                               given=str(root), fix=f"pass them as a glob: '{root}/*{ext}' (quoted)")
-        raise ConfigError("input folder holds no images", given=str(root),
-                          expected="files ending in " + ", ".join(IMAGE_EXTS), fix="point at a folder with images")
+        raise ConfigError("input folder holds no images or videos", given=str(root),
+                          expected="files ending in " + ", ".join(IMAGE_EXTS + VIDEO_EXTS),
+                          fix="point at a folder with images or videos")
     return [Sample(k, s, sidecars=side) for (k, s), (_, _, side) in zip(pairs, found)]
 
 
 def _walk_local(root: Path) -> list[tuple[str, str, tuple[str, ...]]]:
-    """(relative path, path, sidecars) of every image under a local folder."""
+    """(relative path, path, sidecars) of every image and video under a local folder."""
     if not root.exists():
         raise ConfigError("input does not exist", given=str(root), fix="pass an existing folder, list or shards")
     if not root.is_dir():
@@ -184,7 +187,7 @@ def _walk_local(root: Path) -> list[tuple[str, str, tuple[str, ...]]]:
         dirnames.sort()
         names = set(filenames)
         for name in filenames:
-            if name.lower().endswith(IMAGE_EXTS) and not name.startswith("."):
+            if name.lower().endswith(IMAGE_EXTS + VIDEO_EXTS) and not name.startswith("."):
                 full = os.path.join(dirpath, name)
                 stem = name.rsplit(".", 1)[0]
                 sidecars = tuple(os.path.join(dirpath, f"{stem}{ext}") for ext in (".json", ".txt")
@@ -194,7 +197,7 @@ def _walk_local(root: Path) -> list[tuple[str, str, tuple[str, ...]]]:
 
 
 def _walk(url: str) -> list[tuple[str, str, tuple[str, ...]]]:
-    """(relative path, URL, sidecar URLs) of every image under a folder on remote storage, as `_walk_local`
+    """(relative path, URL, sidecar URLs) of every image and video under a folder on remote storage, as `_walk_local`
     finds them in a local one (the keys are the same relative paths)."""
     fs, root = filesystem(url)
     root = root.rstrip("/")
@@ -206,7 +209,7 @@ def _walk(url: str) -> list[tuple[str, str, tuple[str, ...]]]:
     found: list[tuple[str, str, tuple[str, ...]]] = []
     for full in paths:
         name = full.rsplit("/", 1)[-1]
-        if name.lower().endswith(IMAGE_EXTS) and not name.startswith("."):
+        if name.lower().endswith(IMAGE_EXTS + VIDEO_EXTS) and not name.startswith("."):
             stem = full.rsplit(".", 1)[0]
             sidecars = tuple(fs.unstrip_protocol(f"{stem}{ext}") for ext in (".json", ".txt") if f"{stem}{ext}" in paths)
             found.append((full[len(root) + 1:], fs.unstrip_protocol(full), sidecars))
@@ -458,9 +461,11 @@ def _detect_remote(url: str) -> str:
 
 
 def open_input(spec: str, input_format: str = "auto", shard_size: int = 1000, limit: int | None = None,
-               image_key: str | None = None, meta_columns: str = "all", keep_ext: bool = False) -> Input:
+               image_key: str | None = None, meta_columns: str = "all", keep_ext: bool = False,
+               videos: bool = False) -> Input:
     """Resolve the input into units. Folders and lists are listed now (key clashes are errors before any work);
-    shards are only named, and read when their unit runs."""
+    shards are only named, and read when their unit runs. `videos`: frames of videos are sampled (--num-frames,
+    --fps, --max-frames; shards then also read video members); without it, a listed video file is refused."""
     if input_format not in INPUT_FORMATS:
         raise ConfigError("--input-format is not known", given=input_format, expected=" | ".join(INPUT_FORMATS),
                           fix="pass --input-format auto")
@@ -474,14 +479,30 @@ def open_input(spec: str, input_format: str = "auto", shard_size: int = 1000, li
                           given=spec, fix="drop --keep-ext")
     if kind == "wds":
         urls = expand_shards(spec)
-        units = [Unit(i, u, url=u, image_key=image_key or DEFAULT_IMAGE_KEY) for i, u in enumerate(urls)]
+        key = image_key or (f"{DEFAULT_IMAGE_KEY};{VIDEO_MEMBERS}" if videos else DEFAULT_IMAGE_KEY)
+        if videos:
+            require_av()
+        units = [Unit(i, u, url=u, image_key=key) for i, u in enumerate(urls)]
         return Input(kind, spec, units, None, limit=limit or None)
     samples = scan_folder(spec, keep_ext) if kind == "folder" else read_list(spec, meta_columns, keep_ext)
     if limit:
         samples = samples[:limit]
+    _check_videos(samples, videos)
     units = [Unit(i, f"{kind}[{s}:{s + len(samples[s:s + shard_size])}]", samples[s:s + shard_size])
              for i, s in enumerate(range(0, len(samples), shard_size))]
     return Input(kind, spec, units, len(samples))
+
+
+def _check_videos(samples: list[Sample], videos: bool) -> None:
+    """Listed video files (by name) need PyAV and a frame sampling, said before any work starts."""
+    named = [s for s in samples if s.source.lower().endswith(VIDEO_EXTS)]
+    if not named:
+        return
+    require_av()
+    if not videos:
+        raise ConfigError(f"the input holds {len(named)} video file(s) (e.g. {printable(named[0].source)}) and no "
+                          "frame sampling was given", expected="--num-frames N, --fps F or --max-frames M",
+                          fix="add e.g. --num-frames 8 (docs/video.md)")
 
 
 # ---- decode and fit ----------------------------------------------------------------------------------------------
@@ -621,6 +642,27 @@ def _orientation(im: Image.Image) -> int:
         return 1
 
 
+def is_video(sample: Sample) -> bool:
+    """The sample's first bytes are a video container's (`video.looks_like_video`), whatever its name."""
+    with _read(sample) as fh:
+        return looks_like_video(fh.read(16))
+
+
+def video_header(sample: Sample) -> Any:
+    """A video sample's container header (`video.header`)."""
+    return header(_video_src(sample))
+
+
+def _video_src(sample: Sample) -> str | bytes:
+    """What PyAV opens for a video sample: its bytes (a stream member, or a file on remote storage, fetched
+    whole), or its local path (PyAV seeks in it)."""
+    if sample.data is not None:
+        return sample.data
+    if local_of(sample.source) is None:
+        return _read_url(sample.source).getvalue()
+    return str(local_of(sample.source))
+
+
 def image_size(sample: Sample) -> tuple[int, int]:
     """(h, w) as displayed, from the header alone (EXIF orientation applied, no pixels decoded)."""
     with _open(sample) as im:
@@ -740,6 +782,7 @@ class Fit:
     decode: str = "pil"  # "torch": workers only read and probe (read_for_device); the main thread decodes
     render: Callable[[Image.Image, "Fit"], Any] | None = None  # the strategy's rendering; None: `fit_to_array`
     retries: int = 0  # --retries: a read that fails with an OSError is tried again this many times
+    video: Sampling = Sampling()  # how a video's frames are chosen; inactive: a video is a failure
 
     def __post_init__(self) -> None:
         if self.mode not in FITS:
@@ -762,6 +805,11 @@ def decode_sample(sample: Sample, fit: Fit) -> dict[str, Any]:
         stage = "decode"
         t1 = time.perf_counter()
         with fh:
+            head = fh.read(16)
+            fh.seek(0)
+            if looks_like_video(head):
+                fetched = fh.getvalue() if sample.data is None and local_of(sample.source) is None else None
+                return _decode_video(sample, fit, rec, t0, t1, fetched)
             im, notes = load_rgb(fh)
         t2 = time.perf_counter()
         if notes:
@@ -773,6 +821,27 @@ def decode_sample(sample: Sample, fit: Fit) -> dict[str, Any]:
         rec["seconds"] = (t1 - t0, t2 - t1, time.perf_counter() - t2)  # read, decode, fit: the run's stage split
     except Exception as e:  # recorded per sample; the run goes on (plain dict: it crosses process borders)
         rec["error"] = failure(sample, stage, e)
+    return rec
+
+
+def _decode_video(sample: Sample, fit: Fit, rec: dict[str, Any], t0: float, t1: float,
+                  fetched: bytes | None = None) -> dict[str, Any]:
+    """A video's record: `frames`, each chosen frame fitted as an image is, `orig_hw` (upright), and in `video` the
+    chosen frames' indices and timestamps (video.read_clip); or `error`, one record for the whole video."""
+    stage = "decode"
+    try:
+        if not fit.video.active:
+            raise ValueError("a video, and no frame sampling was given (--num-frames N, --fps F or --max-frames M)")
+        clip = read_clip(fetched if fetched is not None else _video_src(sample), fit.video)
+        t2 = time.perf_counter()
+        stage = "preprocess"
+        rec["orig_hw"] = (clip.frames[0].height, clip.frames[0].width)
+        rec["frames"] = [(fit.render or fit_to_array)(im, fit) for im in clip.frames]
+        rec["video"] = clip.meta()
+        rec["seconds"] = (t1 - t0, t2 - t1, time.perf_counter() - t2)
+    except Exception as e:  # the whole video fails: no entry, one record
+        rec["error"] = failure(sample, stage, e)
+        rec.pop("frames", None)
     return rec
 
 
@@ -815,7 +884,7 @@ def read_for_device(sample: Sample, fit: Fit) -> dict[str, Any]:
     decoded here with Pillow exactly as `--decode pil` does, its meta.decode saying path "pil-fallback" and why.
     A read failure is the same record as with Pillow."""
     t0 = time.perf_counter()
-    pil = Fit(fit.mode, fit.side, fit.mean)
+    pil = Fit(fit.mode, fit.side, fit.mean, video=fit.video)
     try:
         own_meta = sample_meta(sample)
         with read_retrying(sample, fit.retries) as fh:

@@ -57,16 +57,34 @@ def _compose(items: list[tuple[Image.Image, str, tuple[int, int, int], float, tu
 
 def plan_figure(path: str | Path, res: Any) -> tuple[Image.Image, list[Panel]]:
     """One panel per scale (s2) or view (other strategies): the image exactly as the backbone receives it (the
-    extraction's own decode and fit: `s2cli.views`), with its tiles."""
+    extraction's own decode and fit: `s2cli.views`), with its tiles. A video (told by its content): `video_figure`."""
     from .plan import decoded
+    from .sources import Sample, is_video
     from .strategies import strategy_of
 
+    if is_video(Sample("viz", str(path))):
+        return video_figure(path, res)
     orig_hw, arrays = decoded(path, res)
     items = []
     for i, (a, label, boxes) in enumerate(strategy_of(res).pictures(res, orig_hw, arrays)):
         size, f = _panel_size(a.shape[1:])
         pic = Image.fromarray(a.transpose(1, 2, 0)).resize(size, Image.BILINEAR)
         items.append((pic, label, PALETTE[i % len(PALETTE)], f, boxes))
+    return _compose(items)
+
+
+def video_figure(path: str | Path, res: Any) -> tuple[Image.Image, list[Panel]]:
+    """One panel per sampled frame of a video, as the backbone receives it (the extraction's decode, sampling and
+    fit), labelled with the frame's index and timestamp."""
+    from .plan import decoded_video
+
+    facts, frames = decoded_video(path, res)
+    items = []
+    for idx, ts, views in zip(facts["frame_indices"], facts["timestamps"], frames):
+        a = views[0]
+        size, f = _panel_size(a.shape[1:])
+        pic = Image.fromarray(a.transpose(1, 2, 0)).resize(size, Image.BILINEAR)
+        items.append((pic, f"frame {idx} t={ts:.3f}s", (0, 0, 0), f, ()))
     return _compose(items)
 
 
@@ -109,11 +127,22 @@ def feature_maps(ff: Any, key: str) -> list[tuple[str, np.ndarray]]:
 
 def features_figure(ff: Any, key: str) -> tuple[Image.Image, list[Panel]]:
     """The image (when its source is a readable file) beside a PCA picture of every map."""
+    from .errors import ConfigError
+
+    m = ff.meta(key)
+    if m.get("frames"):
+        raise ConfigError("this entry is a video (frames, tokens, channels), and `s2 viz features` draws one image's maps",
+                          given=key, fix="extract with --frames-as-images and pass a frame's key (key#000123)")
     items = []
-    src = Path(ff.meta(key)["source"])
+    src = Path(m["source"])
     if src.is_file():
-        with open(src, "rb") as fh:
-            im, _ = load_rgb(fh)  # decoded as the extraction decodes it
+        if m.get("frame_index") is not None:  # a video's frame (--frames-as-images), decoded as the extraction does
+            from .video import Sampling, read_clip
+
+            im = read_clip(str(src), Sampling(), indices=[m["frame_index"]]).frames[0]
+        else:
+            with open(src, "rb") as fh:
+                im, _ = load_rgb(fh)  # decoded as the extraction decodes it
         size, f = _panel_size((im.height, im.width))
         items.append((im.resize(size, Image.BILINEAR), key, (0, 0, 0), f, ()))
     for label, fm in feature_maps(ff, key):

@@ -213,6 +213,8 @@ class HDF5Sink(ThreadedSink):
       source (N,) str, meta (N,) str (JSON or ""), orig_hw (N, 2), grid_hw (N, 2), img_sizes (N, S, 2),
       num_prefix_tokens (N,), split_mode (N,) str
       plan       (N,) str          with `plans` (a dynamic-resolution strategy): each image's plan and output maps (JSON)
+      frames     (N,) int32        with video input (flat layout): an entry's frame count (its rows are F x T,
+                                   read back as (F, T, C)); 0 for an image
       reduce     (N,) str          with --reduce: each image's reduction, JSON {"op": "s2c:2", "grid_before": [h, w],
                                    "grid_hw": [h', w']} (grid_hw holds the grid after it)
       features/pooled with --dtype bfloat16: uint16 bits, dataset attribute encoding="bfloat16"
@@ -223,7 +225,8 @@ class HDF5Sink(ThreadedSink):
 
     def __init__(self, path, attrs, channels: int, num_scales: int, tokens: int | None, dtype: str,
                  store_features: bool = True, pooled: bool = False, plans: bool = False, queue_size: int = 4,
-                 pooled_channels: int | None = None, reduced: bool = False):
+                 pooled_channels: int | None = None, reduced: bool = False, videos: bool = False):
+        self.videos = videos
         self.channels, self.num_scales, self.tokens, self.plans = channels, num_scales, tokens, plans
         self.pooled_channels, self.reduced = pooled_channels or channels, reduced
         self.stored, self.store_features, self.pooled = dtype, store_features, pooled
@@ -256,6 +259,8 @@ class HDF5Sink(ThreadedSink):
         f.create_dataset("grid_hw", (0, 2), np.int32, maxshape=(None, 2), chunks=(R, 2))
         f.create_dataset("img_sizes", (0, S, 2), np.int32, maxshape=(None, S, 2), chunks=(R, S, 2))
         f.create_dataset("num_prefix_tokens", (0,), np.int16, maxshape=(None,), chunks=(R,))
+        if self.videos:
+            f.create_dataset("frames", (0,), np.int32, maxshape=(None,), chunks=(R,))
 
     def _append(self, items: list[dict[str, Any]]) -> None:
         f, n, m = self.f, self.n, len(items)
@@ -276,11 +281,14 @@ class HDF5Sink(ThreadedSink):
         grow("grid_hw", np.array([it["grid_hw"] for it in items], np.int32))
         grow("img_sizes", np.array([it["img_sizes"] for it in items], np.int32))
         grow("num_prefix_tokens", np.array([it["num_prefix_tokens"] for it in items], np.int16))
+        if self.videos:
+            grow("frames", np.array([_frames(it) for it in items], np.int32))
         if self.pooled:
             grow("pooled", np.stack([encode(it["pooled"], self.stored) for it in items]))
         if not self.store_features:
             return
         feats = [encode(it["features"], self.stored) for it in items]
+        feats = [x.reshape(-1, x.shape[-1]) for x in feats]  # a video's (F, T, C) as F x T rows
         if self.tokens is None:
             off = f["offsets"]
             start = int(off[n])
@@ -323,7 +331,7 @@ class SafetensorsSink(ThreadedSink):
 
     def __init__(self, path, attrs, channels: int, num_scales: int, tokens: int | None, dtype: str,
                  store_features: bool = True, pooled: bool = False, plans: bool = False, queue_size: int = 4,
-                 pooled_channels: int | None = None, reduced: bool = False):
+                 pooled_channels: int | None = None, reduced: bool = False, videos: bool = False):
         # `plans`: images carry their plan (JSON), stored in their header entry (whenever an item has one)
         self.stored, self.store_features, self.pooled = dtype, store_features, pooled
         super().__init__(path, attrs, queue_size)
@@ -348,6 +356,8 @@ class SafetensorsSink(ThreadedSink):
             for name in ("plan", "reduce"):
                 if it.get(name):
                     self.images[k][name] = it[name]
+            if _frames(it):
+                self.images[k]["frames"] = _frames(it)
 
     def _finish(self) -> None:
         from safetensors.numpy import save_file
@@ -374,6 +384,12 @@ class SafetensorsSink(ThreadedSink):
 
     def _discard(self) -> None:
         self.tensors = {}
+
+
+def _frames(item: dict[str, Any]) -> int:
+    """A video entry's frame count (its features are (F, T, C)); 0 for an image."""
+    f = item.get("features")
+    return int(f.shape[0]) if f is not None and f.ndim == 3 else 0
 
 
 def safetensors_header_bytes(tensors: dict[str, np.ndarray], meta: dict[str, str]) -> int:

@@ -33,6 +33,23 @@ MODEL = ["-m", "timm:test_resnet", "--random-init", "--img-sizes", "64,128", "--
 FAST = [*MODEL, "-j", "0"]
 
 
+# runs argv as `s2` in a fresh interpreter in which importing torch (or any torch.*) raises
+NO_TORCH = """
+import importlib.abc, sys
+class Blocked(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name == "torch" or name.startswith("torch."):
+            raise ImportError("torch is blocked in this test")
+sys.meta_path.insert(0, Blocked())
+sys.argv = ["s2"] + sys.argv[1:]
+from s2cli.cli import main
+try:
+    main()
+finally:
+    assert "torch" not in sys.modules
+"""
+
+
 def write_image(path: Path, hw: tuple[int, int], seed: int, fmt: str | None = None) -> Path:
     rng = np.random.default_rng(seed)
     arr = rng.integers(0, 256, size=(*hw, 3), dtype=np.uint8)

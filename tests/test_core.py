@@ -15,6 +15,7 @@ import pytest
 from PIL import Image, ImageDraw, ImageOps
 
 import s2cli
+from conftest import NO_TORCH
 from s2cli.outdir import unit_complete
 from s2cli.run import parts_of
 from s2cli.sources import Sample, Unit
@@ -23,21 +24,6 @@ from s2cli.strategies import strategy_of
 ROOT = Path(__file__).parent.parent
 PKG = ROOT / "s2cli"
 
-# runs argv as `s2` in a fresh interpreter in which importing torch (or any torch.*) raises
-NO_TORCH = """
-import importlib.abc, sys
-class Blocked(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path, target=None):
-        if name == "torch" or name.startswith("torch."):
-            raise ImportError("torch is blocked in this test")
-sys.meta_path.insert(0, Blocked())
-sys.argv = ["s2"] + sys.argv[1:]
-from s2cli.cli import main
-try:
-    main()
-finally:
-    assert "torch" not in sys.modules
-"""
 
 
 def _rgba(path: Path) -> Path:

@@ -8,6 +8,7 @@ from typing import Any, Iterator, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from ..errors import ConfigError, S2Error
 
@@ -21,7 +22,8 @@ def reported() -> Iterator[None]:
     try:
         yield
     except S2Error as e:
-        err.print(f"[red]error:[/red] {e.one_line()}", markup=True, highlight=False)
+        # escaped: a message's own brackets (pip install 's2-features[video]', a key "a[1]") are text, not markup
+        err.print(f"[red]error:[/red] {escape(e.one_line())}", markup=True, highlight=False)
         raise typer.Exit(e.exit_code) from None
 
 

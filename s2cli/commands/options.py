@@ -86,6 +86,14 @@ KeepExt = declare("keep_ext", Bool, _flag("--keep-ext", "--drop-ext", "Keys keep
                                           "LLaVA's data JSON names images).", INPUT, "keep_ext"))
 NumSamples = declare("num_samples", Int, option("--num-samples", help="WebDataset: samples in all shards, for the progress "
                                     "total and ETA (else estimated from the tars read so far).", panel=INPUT))
+Fps = declare("fps", Float, option("--fps", help="Video: frames at F per second, by timestamps (docs/video.md).",
+                                   panel=INPUT))
+NumFrames = declare("num_frames", Int, option("--num-frames", help="Video: N frames uniformly over the clip "
+                                              "(numpy.linspace, as LLaVA-OneVision).", panel=INPUT))
+MaxFrames = declare("max_frames", Int, option("--max-frames", help="Video: at most M frames (uniform subsampling).",
+                                              panel=INPUT))
+FramesAsImages = declare("frames_as_images", Bool, _flag("--frames-as-images", "--frames-as-video", "Video: store each "
+                                                         "frame as its own entry key#000123.", INPUT, "frames_as_images"))
 Limit = declare("limit", Int, option("--limit", help="Only the first N images.", panel=INPUT))
 # ---- model ------------------------------------------------------------------------------------------------------
 Recipe = declare("recipe", Str, option("--recipe", help="A recipe name (see `s2 recipes`) or .yaml path; options override it.",

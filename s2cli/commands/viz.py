@@ -12,17 +12,19 @@ from ._common import err, given, reported, settings
 
 
 @o.with_options(("recipe", "model", "scales", "img_sizes", "max_split_size", "fit", "strategy", "max_tiles",
-                  "grid_pinpoints"))
+                  "grid_pinpoints", "fps", "num_frames", "max_frames"))
 def viz_plan(
     ctx: typer.Context,
-    image: Annotated[str, typer.Argument(help="An image file.")],
+    image: Annotated[str, typer.Argument(help="An image file, or a video file (with --num-frames or --fps).")],
     output: Annotated[str, typer.Option("--output", "-o", help="The PNG to write.")] = "plan.png",
     as_json: o.Json = False,
     **kw: Any,
 ) -> None:
-    """Draw every scale's (or view's) tiles over IMAGE as the backbone sees it. No weights are loaded.
+    """Draw every scale's (or view's) tiles over IMAGE as the backbone sees it; for a video, each sampled frame with
+    its index and timestamp. No weights are loaded.
 
     Example:  s2 viz plan examples/images/chelsea.jpg --recipe llava-next-anyres -o plan.png
+              s2 viz plan clip.mp4 --recipe llava-1.5-s2 --num-frames 8 -o frames.png
     """
     from ..viz import plan_figure
 
