@@ -455,7 +455,14 @@ class Run:
         self.part: _Part | None = None
         self.batch: list[dict] = []
         self.in_flight: list[tuple[_Part, list[dict], list[Callable[[], list]]]] = []
-        self.file_sink = self._new_sink(res.output) if target.dir is None else None
+        self.file_sink: ThreadedSink | None = None
+        try:
+            with signals_deferred():  # a signal while its temporary is made ends the run once it can be removed
+                self.file_sink = self._new_sink(res.output) if target.dir is None else None
+        except Terminated:
+            if self.file_sink is not None:
+                self.file_sink.abort()
+            raise
         if self.file_sink is not None:  # never replace a file that appeared under the name during the run
             self.file_sink.guard, self.file_sink.replaces = True, target.replaces
         # the keys written so far, across units: one file's, or (shards in a folder: the same key may be in two
@@ -498,7 +505,8 @@ class Run:
         """A decoded sample: into the current part's batch, or recorded as failed."""
         if self.part is None or (self.part.unit.index, self.part.part) != (unit.index, part_no):
             self.finish_part(last_of_unit=self.part is not None and self.part.unit.index != unit.index)
-            self.part = self.start_part(unit, part_no)
+            with signals_deferred():  # the new shard's temporary exists only once `abort` can find it
+                self.part = self.start_part(unit, part_no)
         part, key = self.part, rec["key"]
         if key in part.seen:  # one rule for every output kind: the first sample of a key is kept
             self.record_failure(part, {"key": key, "source": rec.get("source") or rec["error"]["source"],
@@ -670,7 +678,8 @@ class Run:
         t = self.target
         t.close("done", release=False)
         try:
-            self._write_manifest(s)
+            with signals_deferred():  # every shard is done: the manifest is written whole, then a signal ends it
+                self._write_manifest(s)
         finally:
             t.release()  # after the manifest: a run that claims the folder next sees it
 

@@ -67,3 +67,26 @@ def test_a_signal_mid_shard_preempts_the_run_and_a_rerun_resumes_to_the_clean_re
         for k in fc:
             np.testing.assert_allclose(fo[k], fc[k], atol=1e-5, rtol=0)
     assert json.loads(s2("status", out, "--json").stdout)["ranks"][0]["state"] == "done"
+
+
+def test_devices_pass_sigusr1_on_to_their_workers(tmp_path):
+    d = tmp_path / "in"
+    for i in range(24):  # about a minute of work: the workers cannot simply finish meanwhile
+        write_image(d / f"im{i:02d}.png", (40, 52), i)
+    out = tmp_path / "out"
+    slow = ["-m", "timm:test_vit", "--random-init", "--scales", "1,2,3", "-j", "0", "-b", "1", "--shard-size", "1"]
+    p = subprocess.Popen([sys.executable, "-m", "s2cli", "extract", str(d), "-o", f"{out}/", *slow, "--devices",
+                          "cpu,cpu", "-q"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                         start_new_session=True)
+    hb = [out / "rank-00000.json", out / "rank-00001.json"]
+    try:
+        wait_until(lambda: all(h.exists() for h in hb), "both workers' heartbeats", 180)
+        p.send_signal(signal.SIGUSR1)  # the parent alone: it passes the signal on
+        _, stderr = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+    assert p.returncode == 138, stderr
+    beats = [json.loads(h.read_text()) for h in hb]
+    assert [(b["state"], b["signal"]) for b in beats] == [("preempted", "SIGUSR1")] * 2
+    assert not [x.name for x in out.iterdir() if ".tmp-" in x.name]

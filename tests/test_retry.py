@@ -11,7 +11,7 @@ import numpy as np
 
 import s2cli
 import s2cli.sources as sources
-from conftest import FAST, invoke_json, write_image
+from conftest import FAST, invoke_json, jpeg_bytes, plain_tar, write_image
 from s2cli import open_features
 
 LIB = dict(model="timm:test_resnet", random_init=True, img_sizes=(64, 128), max_split_size=64, workers=0)
@@ -153,3 +153,28 @@ def test_a_decode_error_is_not_retried(tmp_path, monkeypatch):
     calls = flaky_reads(monkeypatch, "none", 0)
     s = s2cli.extract(str(d), str(tmp_path / "r.h5"), retries=3, **LIB)
     assert (s.num_images, s.num_failed, calls.count("broken")) == (5, 1, 1)
+
+
+def test_retry_failed_finds_a_failed_sample_again_in_its_tar(cli, tmp_path):
+    def tars(d, k001: bytes):
+        plain_tar(d / "000000.tar", [("k000.jpg", jpeg_bytes(0)), ("k001.jpg", k001), ("k002.jpg", jpeg_bytes(2)),
+                                     ("k003.jpg", jpeg_bytes(3))])
+        plain_tar(d / "000001.tar", [("k004.jpg", jpeg_bytes(4)), ("k005.jpg", jpeg_bytes(5))])
+        return f"{d}/{{000000..000001}}.tar"
+
+    spec = tars(tmp_path / "bad", b"garbage, not a JPEG")
+    out = tmp_path / "out"
+    s = invoke_json(cli, "extract", spec, *FAST, "-o", f"{out}/", "--shard-size", 2, "--json")
+    assert (s["num_images"], s["num_failed"]) == (5, 1)
+    shards, _, feats = snapshot(out)
+    tars(tmp_path / "bad", jpeg_bytes(1))  # the tar rewritten with the sample fixed
+    invoke_json(cli, "extract", spec, *FAST, "-o", f"{tmp_path / 'clean'}/", "--shard-size", 2, "--json")
+    s = invoke_json(cli, "extract", spec, *FAST, "-o", f"{out}/", "--shard-size", 2, "--retry-failed", "--json")
+    assert (s["num_images"], s["total_images"], s["total_failed"], s["complete"]) == (1, 6, 0, True)
+    shards2, markers2, feats2 = snapshot(out)
+    assert {k: v for k, v in shards2.items() if k in shards} == shards
+    assert sorted(feats2) == sorted([*feats, "k001"]) and all(np.array_equal(feats2[k], feats[k]) for k in feats)
+    with open_features(tmp_path / "clean") as fc:
+        np.testing.assert_allclose(feats2["k001"], fc["k001"], atol=1e-5, rtol=0)
+    retry = next(m for m in markers2.values() if "retry_of" in m)
+    assert (retry["unit_index"], retry["part"], retry["last_part"]) == (0, 0, False)
