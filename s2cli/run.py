@@ -88,6 +88,7 @@ class Target:
         self.broken: list[dict] = []  # done shards found broken (not the size their marker recorded): redone
         self.identities: dict[int, dict] = {}  # a tar unit's identity, taken before it was read
         self.units_total = len(inp.units)  # less when --limit ends the input (shards) in an earlier unit
+        self.keys: set[str] | None = None  # shards into a folder: the keys of its done shards (a key in two tars)
         if rank.world > 1 and self.dir is None:
             raise ConfigError("several ranks share one output, which must then be a folder",
                               given=f"-o {res.output} with {rank.world} ranks ({rank.source})", fix="pass -o OUTDIR/")
@@ -99,6 +100,7 @@ class Target:
             self.broken = self.dir.broken
             try:
                 self.changed = self._drop_changed()
+                self.keys = self._done_keys()
                 self.markers = self.dir.markers()
                 self.done = {(m["unit_index"], m["part"]): m for m in self.markers if "retry_of" not in m}
                 if res.retry_failed:
@@ -148,6 +150,30 @@ class Target:
         stale = [m for m in mine if not part_matches(m, units.get(m["unit_index"]), self.res.shard_size)]
         self.dir.drop(stale, log_errors=self.ranks.world == 1)  # type: ignore[union-attr]
         return len(stale)
+
+    def _done_keys(self) -> set[str] | None:
+        """The keys the done shards hold, when the input has tars (listed inputs have unique keys): a key met again
+        in another tar is a duplicate. A done shard of this rank's that cannot be read, or holds another number of
+        keys than its marker says, is broken: taken back and redone."""
+        if self.dir is None or all(u.size is not None for u in self.inp.units):
+            return None
+        from .readers import shard_keys
+
+        keys: set[str] = set()
+        bad = []
+        for m in self.dir.markers():
+            try:
+                ks = shard_keys(self.dir.folder.fetch(m["shard"]))
+                why = None if len(ks) == m["num_images"] else f"holds {len(ks)} keys where its marker recorded {m['num_images']}"
+            except (S2Error, OSError, ValueError, KeyError) as e:
+                ks, why = [], f"cannot be read: {e}"
+            if why is None:
+                keys.update(ks)
+            elif self.ranks.owns(m["unit_index"]):
+                bad.append({**m, "broken": why})
+        self.dir.drop(bad, log_errors=self.ranks.world == 1)
+        self.broken += bad
+        return keys
 
     def _claim_file(self, out: Path, overwrite: bool) -> None:
         """Claim a single-file output (`.NAME.lock` beside it) before anything is read or written, then remove
@@ -468,11 +494,7 @@ class Run:
         # the keys written so far, across units: one file's, or (shards in a folder: the same key may be in two
         # tars) the whole folder's, its done shards' included; listed inputs have unique keys, and a part's own
         self.file_keys: set[str] = set()
-        self.folder_keys: set[str] | None = None
-        if target.dir is not None and any(u.size is None for u in inp.units):
-            from .readers import shard_keys
-
-            self.folder_keys = {k for m in target.done.values() for k in shard_keys(target.dir.folder.fetch(m["shard"]))}
+        self.folder_keys = target.keys
         self.videos = VideoFrames(res.frames_as_images)
         self.next_index = target.dir.next_shard_index(target.rank) if target.dir is not None else 0
 

@@ -227,6 +227,25 @@ def test_damaged_run_json_manifest_and_metadata_are_one_line(cli, tmp_path):
     assert "s2cli metadata" in one_line_error(cli("inspect", one))
 
 
+def test_a_done_shard_of_a_tar_run_that_cannot_be_read_is_redone(cli, tmp_path):
+    """An old marker (no size recorded) over a shard whose metadata broke: readers skip it, resume redoes it."""
+    d, out, clean = make_shards(tmp_path / "s", 2, 3), tmp_path / "o", tmp_path / "clean"
+    args = (d, *FAST, "--format", "safetensors", "-o")
+    run_json(cli, "extract", *args, f"{out}/")
+    shutil.copytree(out, clean)
+    shard = sorted(out.glob("part-*.safetensors"))[1]
+    marker = shard.with_suffix(".json")
+    m = json.loads(marker.read_text())
+    del m["bytes"], m["sha256"]
+    marker.write_text(json.dumps(m))
+    _set_metadata(shard, "keys", "[not json")
+    with open_features(out) as ff:
+        assert list(ff) == ["k000", "k001", "k002"] and "s2cli metadata" in ff.broken_shards[0]["why"]
+    r = cli("extract", *args, f"{out}/")
+    assert r.exit_code == 0 and f"{shard.name} is broken" in r.stderr
+    assert_same_features(out, clean)
+
+
 def _set_metadata(path: Path, name: str, value: str) -> None:
     """Rewrite one entry of a safetensors file's metadata (the tensors' offsets are relative to the data)."""
     raw = path.read_bytes()
