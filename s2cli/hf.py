@@ -1,7 +1,7 @@
 """Hugging Face `datasets`: any output of `s2 extract` (a file or an output folder, fixed or ragged token counts,
 HDF5 or safetensors) as one `datasets.Dataset`, one row per image, with its metadata as columns.
 
-    pip install 's2cli[hf]'
+    pip install 's2-features[hf]'
     >>> ds = s2cli.to_hf_dataset("feats/")          # columns: key, features, pooled?, source, orig_hw, ...
     >>> ds.with_format("torch")[0]["features"]        # (T, C)
 
@@ -28,7 +28,7 @@ def to_hf_dataset(path: str | os.PathLike, features: bool = True, cache_dir: str
     try:
         import datasets
     except ImportError:
-        raise ConfigError("to_hf_dataset needs the `datasets` package", fix="pip install 's2cli[hf]'") from None
+        raise ConfigError("to_hf_dataset needs the `datasets` package", fix="pip install 's2-features[hf]'") from None
     p = Path(path)
     with open_features(p) as r:
         if not len(r):

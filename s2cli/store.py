@@ -49,7 +49,7 @@ def filesystem(url: str) -> tuple[Any, str]:
         pkg = PACKAGES.get(protocol) or protocol
         raise ConfigError(f"{protocol}:// URLs need the {pkg} package, which is not installed", given=url,
                           fix=f"pip install {pkg}" + (" (or pip install 's2cli[s3]')" if pkg == "s3fs" else
-                                                       " (or pip install 's2cli[gcs]')" if pkg == "gcsfs" else "")) from None
+                                                       " (or pip install 's2-features[gcs]')" if pkg == "gcsfs" else "")) from None
     except ValueError:
         raise ConfigError(f"{protocol}:// is not a storage protocol fsspec knows", given=url,
                           expected="a local path, or an fsspec URL (s3://, gs://, az://, https://, memory://, ...)",
