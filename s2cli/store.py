@@ -48,7 +48,7 @@ def filesystem(url: str) -> tuple[Any, str]:
     except ImportError:
         pkg = PACKAGES.get(protocol) or protocol
         raise ConfigError(f"{protocol}:// URLs need the {pkg} package, which is not installed", given=url,
-                          fix=f"pip install {pkg}" + (" (or pip install 's2cli[s3]')" if pkg == "s3fs" else
+                          fix=f"pip install {pkg}" + (" (or pip install 's2-features[s3]')" if pkg == "s3fs" else
                                                        " (or pip install 's2-features[gcs]')" if pkg == "gcsfs" else "")) from None
     except ValueError:
         raise ConfigError(f"{protocol}:// is not a storage protocol fsspec knows", given=url,
