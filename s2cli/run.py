@@ -105,9 +105,13 @@ class Target:
                 self.done = {(m["unit_index"], m["part"]): m for m in self.markers if "retry_of" not in m}
                 if res.retry_failed:
                     self.retry = self._failed_parts()
-                self.heartbeat = Heartbeat(self.dir.folder, rank.rank, rank.world, rank.source)
-            except BaseException:
-                self.release()
+                with signals_deferred():  # a stop signal once the heartbeat exists: it says so (below), never "running"
+                    self.heartbeat = Heartbeat(self.dir.folder, rank.rank, rank.world, rank.source)
+            except BaseException as e:
+                if self.heartbeat is not None:
+                    self.close_after(e)  # preempted or failed, and the claim given back
+                else:
+                    self.release()
                 raise
         else:
             self._claim_file(Path(res.output), overwrite)
