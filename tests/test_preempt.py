@@ -49,6 +49,7 @@ def test_a_signal_mid_shard_preempts_the_run_and_a_rerun_resumes_to_the_clean_re
             os.killpg(p.pid, signal.SIGKILL)
     assert p.returncode == 128 + sig, stderr
     assert "Traceback" not in stderr, stderr  # neither the run nor its decode workers
+    assert f"stopped: {sig.name} (exit {128 + sig})" in stderr and "resumes" in stderr  # s2 says what happened
     beat = json.loads(hb.read_text())
     assert (beat["state"], beat["signal"]) == ("preempted", sig.name)
     assert not [x.name for x in out.iterdir() if ".tmp-" in x.name]

@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from ..errors import ConfigError, S2Error
+from ..launch import Terminated
 
 out = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
@@ -18,9 +19,15 @@ err = Console(stderr=True, soft_wrap=True)
 
 @contextlib.contextmanager
 def reported() -> Iterator[None]:
-    """An S2Error inside becomes one line on stderr (what, given, expected, fix) and the command's exit code."""
+    """An S2Error inside becomes one line on stderr (what, given, expected, fix) and the command's exit code; a stop
+    signal (SIGTERM, SIGUSR1) one line saying what was kept, and 128 + the signal's number."""
     try:
         yield
+    except Terminated as e:
+        err.print(f"[yellow]stopped:[/yellow] {e.signame} (exit {e.code}); the shard in progress was abandoned and its "
+                  "temporaries removed. An output folder keeps its done shards and the same command resumes it; an "
+                  "output file was not written (the same command starts it over).", markup=True, highlight=False)
+        raise
     except S2Error as e:
         # escaped: a message's own brackets (pip install 's2-features[video]', a key "a[1]") are text, not markup
         err.print(f"[red]error:[/red] {escape(e.one_line())}", markup=True, highlight=False)
