@@ -94,8 +94,8 @@ class Target:
                 if res.retry_failed:
                     self.retry = self._failed_parts()
                 self.heartbeat = Heartbeat(self.dir.path, rank.rank, rank.world, rank.source)
-            except BaseException:
-                self.release()
+            except BaseException as e:  # a signal just after the heartbeat started: it says so (preempted)
+                self.close_after(e)
                 raise
         else:
             self._claim_file(Path(res.output), overwrite)
