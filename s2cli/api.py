@@ -130,6 +130,9 @@ def _notes(progress: Progress, res: Resolved, target: Any) -> None:
     if target.changed:
         progress.note(f"the input changed since {res.output} was written: {target.changed} of its done shards "
                       "no longer match it (images added, removed or renamed) and are redone")
+    if target.accepted:
+        progress.note(f"{target.accepted} done shards of {res.output} come from tars rewritten since; --retry-failed "
+                      "keeps them and retries their recorded failures from the tars as they are now")
     if res.retry_failed:
         n = target.retry_keys
         progress.note(f"retrying {n} images recorded as failed in {res.output}" if n else

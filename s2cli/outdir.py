@@ -288,6 +288,10 @@ class OutputDir:
         if markers and log_errors:
             self.rebuild_errors()
 
+    def refresh(self, marker: dict[str, Any], identity: dict[str, Any]) -> None:
+        """Record a tar's identity as it is now in a done shard's marker (`--retry-failed` over a rewritten tar)."""
+        self.folder.write_text(marker_name(marker["shard"]), json.dumps({**marker, **identity}, sort_keys=True))
+
     def next_shard_index(self, rank: int) -> int:
         used = [int(m.group(2)) for n in self.folder.names() if (m := SHARD_RE.match(n)) and int(m.group(1)) == rank]
         return max(used, default=-1) + 1

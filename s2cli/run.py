@@ -85,6 +85,7 @@ class Target:
         self.markers: list[dict] = []  # every done marker, retries' too
         self.retry: dict[tuple[int, int], list[dict]] = {}  # --retry-failed: (unit, part) -> markers with its failures
         self.changed = 0  # done shards that no longer matched the input (it changed since): taken back, redone
+        self.accepted = 0  # --retry-failed: done shards of tars rewritten since, kept (their failures retried)
         self.broken: list[dict] = []  # done shards found broken (not the size their marker recorded): redone
         self.identities: dict[int, dict] = {}  # a tar unit's identity, taken before it was read
         self.units_total = len(inp.units)  # less when --limit ends the input (shards) in an earlier unit
@@ -152,8 +153,28 @@ class Target:
         mine = [m for m in self.dir.markers()  # type: ignore[union-attr]
                 if m["unit_index"] not in units or self.ranks.owns(m["unit_index"])]
         stale = [m for m in mine if not part_matches(m, units.get(m["unit_index"]), self.res.shard_size)]
+        if self.res.retry_failed and stale:
+            stale = self._retry_changed(stale, units)
         self.dir.drop(stale, log_errors=self.ranks.world == 1)  # type: ignore[union-attr]
         return len(stale)
+
+    def _retry_changed(self, stale: list[dict], units: dict[int, Unit]) -> list[dict]:
+        """--retry-failed over an input that changed since: a tar rewritten (the usual way to fix a sample in it) is
+        taken as it is now (its done shards kept, their markers given its new size and time) and its recorded
+        failures are retried from it; images added, removed or renamed are refused: a plain rerun brings the
+        folder up to date first (nothing is taken back here)."""
+        S = self.res.shard_size
+        tars = [m for m in stale if (u := units.get(m["unit_index"])) is not None and u.part_keys(m["part"], S) is None
+                and m.get("unit", u.id) == u.id]
+        if len(tars) < len(stale):
+            raise ConfigError(f"the input changed since {self.res.output} was written: {len(stale) - len(tars)} of its "
+                              "done shards no longer match it (images added, removed or renamed), and --retry-failed "
+                              "retries recorded failures only", given=self.inp.spec,
+                              fix="rerun without --retry-failed first (it redoes what changed), then retry")
+        for m in tars:
+            self.dir.refresh(m, units[m["unit_index"]].identity() or {})  # type: ignore[union-attr]
+        self.accepted = len(tars)
+        return []
 
     def _done_keys(self) -> set[str] | None:
         """The keys the done shards hold, when the input has tars (listed inputs have unique keys): a key met again

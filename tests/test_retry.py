@@ -178,3 +178,31 @@ def test_retry_failed_finds_a_failed_sample_again_in_its_tar(cli, tmp_path):
         np.testing.assert_allclose(feats2["k001"], fc["k001"], atol=1e-5, rtol=0)
     retry = next(m for m in markers2.values() if "retry_of" in m)
     assert (retry["unit_index"], retry["part"], retry["last_part"]) == (0, 0, False)
+
+
+def test_retry_failed_over_added_images_is_refused_and_takes_nothing_back(cli, tmp_path):
+    d = folder(tmp_path / "in")
+    out = tmp_path / "out"
+    invoke_json(cli, "extract", d, *FAST, "-o", f"{out}/", "--shard-size", 2, "--json")
+    shards, markers, _ = snapshot(out)
+    write_image(d / "aa.png", (40, 40), 7)  # a new image: the first unit's keys are no longer the marked ones
+    r = cli("extract", d, *FAST, "-o", f"{out}/", "--shard-size", 2, "--retry-failed")
+    assert r.exit_code == 2 and "the input changed since" in r.output and "rerun without --retry-failed" in r.output
+    assert snapshot(out)[:2] == (shards, markers)  # nothing taken back, nothing written
+
+
+def test_retry_failed_keeps_a_rewritten_tar_and_a_later_rerun_keeps_it_too(cli, tmp_path):
+    def tar(k1: bytes):
+        plain_tar(tmp_path / "000000.tar", [("k0.jpg", jpeg_bytes(0)), ("k1.jpg", k1), ("k2.jpg", jpeg_bytes(2))])
+        return str(tmp_path / "000000.tar")
+
+    spec, out = tar(b"not a JPEG"), tmp_path / "out"
+    invoke_json(cli, "extract", spec, *FAST, "-o", f"{out}/", "--shard-size", 2, "--json")
+    shards, _, _ = snapshot(out)
+    tar(jpeg_bytes(1))
+    s = invoke_json(cli, "extract", spec, *FAST, "-o", f"{out}/", "--shard-size", 2, "--retry-failed", "--json")
+    assert (s["num_images"], s["total_images"], s["total_failed"]) == (1, 3, 0)
+    again = invoke_json(cli, "extract", spec, *FAST, "-o", f"{out}/", "--shard-size", 2, "--json")
+    assert again["num_images"] == 0 and again["total_images"] == 3  # the tar as it is now is the one marked
+    shards2, _, _ = snapshot(out)
+    assert {k: v for k, v in shards2.items() if k in shards} == shards
