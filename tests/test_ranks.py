@@ -201,7 +201,10 @@ def test_three_ranks_killed_then_two_resume(tmp_path):
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
              for r in range(3)]
     deadline = time.time() + 180
-    while time.time() < deadline and len(list(out.glob("part-*.json"))) < 3:
+    beats = [out / f"rank-{r:05d}.json" for r in range(3)]
+    # three shards done, and every rank started (a rank still loading when killed leaves no heartbeat: under load
+    # the others could then all be done, and no rank would be seen killed)
+    while time.time() < deadline and (len(list(out.glob("part-*.json"))) < 3 or not all(b.exists() for b in beats)):
         time.sleep(0.05)
     for p in procs:
         os.killpg(p.pid, signal.SIGKILL)
