@@ -127,7 +127,7 @@ class BarProgress:
         if self.total_n and rate > 0:
             eta = f", ETA {datetime.timedelta(seconds=round(max(0, self.total_n - seen) / rate))}"
         who = f"extract rank {self.rank}" if self.rank else "extract"
-        err.print(f"{who}: {count}, {failed} failed, {self.shards_before + shards} shards, {rate:.2f} img/s{eta}",
+        err.print(f"{who}: {count}, {failed} failed, {self.shards_before + shards} shards, {_rate(rate)} img/s{eta}",
                   highlight=False, soft_wrap=True)
 
     def note(self, message: str) -> None:
@@ -213,3 +213,7 @@ def _print_devices(report: dict[str, Any], devices: str, output: str, as_json: b
         raise typer.Exit(max(bad))
 
 
+def _rate(per_s: float) -> str:
+    """A rate as the plain lines print it: two decimals, or two significant digits below 0.1 (a video of 8 large
+    frames on a CPU takes minutes: 0.0031, not 0.00)."""
+    return f"{per_s:.2f}" if per_s >= 0.1 or per_s == 0 else f"{per_s:.2g}"
