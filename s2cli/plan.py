@@ -126,14 +126,20 @@ def views(image: str | os.PathLike | bytes, config: Resolved | None = None, **op
     return decoded(image, res)[1]
 
 
-def decoded(image: str | os.PathLike | bytes, res: Resolved) -> tuple[tuple[int, int], list[np.ndarray]]:
-    """(the image's (h, w) as displayed, its views): see `views`."""
-    sample = Sample("image", "<bytes>", data=image) if isinstance(image, bytes) else Sample("image", os.fspath(image))
+def _decoded_or_raise(src: str | os.PathLike | bytes, res: Resolved, what: str, fix: str) -> tuple[Sample, dict[str, Any]]:
+    """(the sample, its decode record) as the extraction's decode path makes it; a failure is one ConfigError."""
+    sample = Sample(what, "<bytes>", data=src) if isinstance(src, bytes) else Sample(what, os.fspath(src))
     rec = _decode(sample, res)
     if rec["error"] is not None:
         e = rec["error"]
-        raise ConfigError(f"cannot decode the image ({e['stage']}: {e['error_class']}: {e['error']})",
-                          given=e["source"], fix="pass a readable image file")
+        raise ConfigError(f"cannot decode the {what} ({e['stage']}: {e['error_class']}: {e['error']})",
+                          given=e["source"], fix=fix)
+    return sample, rec
+
+
+def decoded(image: str | os.PathLike | bytes, res: Resolved) -> tuple[tuple[int, int], list[np.ndarray]]:
+    """(the image's (h, w) as displayed, its views): see `views`."""
+    sample, rec = _decoded_or_raise(image, res, "image", "pass a readable image file")
     if "frames" in rec:
         raise ConfigError("this is a video: its frames are chosen by a sampling", given=sample.source,
                           fix="use s2cli.plan.decoded_video (or `s2 viz plan VIDEO --num-frames N`)")
@@ -144,15 +150,9 @@ def decoded(image: str | os.PathLike | bytes, res: Resolved) -> tuple[tuple[int,
 def decoded_video(video: str | os.PathLike | bytes, res: Resolved) -> tuple[dict[str, Any], list[list[np.ndarray]]]:
     """A video's chosen frames as the backbone receives them: (the chosen frames' indices and timestamps, with the
     video facts, as stored in its entry's metadata; each frame's views, as `views` gives an image's)."""
-    sample = Sample("video", "<bytes>", data=video) if isinstance(video, bytes) else Sample("video", os.fspath(video))
-    rec = _decode(sample, res)
-    if rec["error"] is not None:
-        e = rec["error"]
-        raise ConfigError(f"cannot decode the video ({e['stage']}: {e['error_class']}: {e['error']})",
-                          given=e["source"], fix="pass a readable video file, with --num-frames N or --fps F")
+    sample, rec = _decoded_or_raise(video, res, "video", "pass a readable video file, with --num-frames N or --fps F")
     if "frames" not in rec:
-        raise ConfigError("not a video", given=e["source"] if (e := rec["error"]) else sample.source,
-                          fix="pass a video file (mp4, webm, mkv, mov, avi)")
+        raise ConfigError("not a video", given=sample.source, fix="pass a video file (mp4, webm, mkv, mov, avi)")
     return rec["video"], [list(f) if isinstance(f, list) else [f] for f in rec["frames"]]
 
 

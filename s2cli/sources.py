@@ -314,10 +314,15 @@ def expand_shards(spec: str) -> list[str]:
         urls = []
         for part in braceexpand(spec):
             urls.extend(sorted(glob.glob(part)) if glob.has_magic(part) else [part])
-    missing = [u for u in urls if not os.path.exists(u)]
+    return _checked_shards(urls, spec, os.path.exists, "check the pattern (quote braces in the shell: "
+                           "'shards/{00000..00009}.tar')")
+
+
+def _checked_shards(urls: list[str], spec: str, exists: Callable[[str], bool], fix: str) -> list[str]:
+    """The expanded shards, each of which exists; else one line naming how many are missing (or that none match)."""
+    missing = [u for u in urls if not exists(u)]
     if missing:
-        raise ConfigError(f"{len(missing)} of {len(urls)} shards do not exist, e.g. {missing[0]}", given=spec,
-                          fix="check the pattern (quote braces in the shell: 'shards/{00000..00009}.tar')")
+        raise ConfigError(f"{len(missing)} of {len(urls)} shards do not exist, e.g. {missing[0]}", given=spec, fix=fix)
     if not urls:
         raise ConfigError("no shards match", given=spec, fix="pass a brace pattern, a glob, or a folder of .tar files")
     return urls
@@ -337,13 +342,8 @@ def _expand_remote(spec: str) -> list[str]:
         for part in braceexpand(spec):
             urls.extend(sorted(fs.unstrip_protocol(p) for p in fs.glob(filesystem(part)[1])) if glob.has_magic(part)
                         else [part])
-    missing = [u for u in urls if not fs.exists(filesystem(u)[1])]
-    if missing:
-        raise ConfigError(f"{len(missing)} of {len(urls)} shards do not exist, e.g. {missing[0]}", given=spec,
-                          fix="check the URL and the pattern (quote braces in the shell: 's3://b/{00000..00009}.tar')")
-    if not urls:
-        raise ConfigError("no shards match", given=spec, fix="pass a brace pattern, a glob, or a folder of .tar files")
-    return urls
+    return _checked_shards(urls, spec, lambda u: fs.exists(filesystem(u)[1]), "check the URL and the pattern "
+                           "(quote braces in the shell: 's3://b/{00000..00009}.tar')")
 
 
 def _tar_stream(url: str, handler: Callable[[BaseException], bool]) -> Iterator[dict[str, Any]]:

@@ -395,6 +395,26 @@ def slowed_s2(delay: float, *args, **popen) -> subprocess.Popen:
                             stderr=subprocess.PIPE, text=True, start_new_session=True, **popen)
 
 
+def cannot_run(why: str) -> None:
+    """A test that this machine cannot run (no SLURM, no root, no mount): skipped on a developer's box, a failure in
+    CI (`.ci/run` sets S2CLI_REQUIRE_SLURM=1; CI=true too), where every test must run."""
+    if os.environ.get("CI") == "true" or os.environ.get("S2CLI_REQUIRE_SLURM") == "1":
+        pytest.fail(f"this test must run in CI but cannot: {why}")
+    pytest.skip(why)
+
+
+DEVICES_SLOW = ["-m", "timm:test_vit", "--random-init", "--scales", "1,2,3", "-j", "0", "-b", "1", "--shard-size", "1"]
+
+
+def devices_s2(d: Path, out: Path) -> tuple[subprocess.Popen, list[Path]]:
+    """`s2 extract d -o out/ --devices cpu,cpu` slowed to about a minute of work (the workers cannot simply finish
+    while a test signals them), in a new process group, stderr piped; and the two workers' heartbeat files."""
+    p = subprocess.Popen([sys.executable, "-m", "s2cli", "extract", str(d), "-o", f"{out}/", *DEVICES_SLOW, "--devices",
+                          "cpu,cpu", "-q"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                         start_new_session=True)
+    return p, [out / "rank-00000.json", out / "rank-00001.json"]
+
+
 def wait_until(cond, what: str, timeout: float = 120.0) -> None:
     end = time.time() + timeout
     while not cond():

@@ -13,7 +13,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import MODEL, slowed_s2, wait_until, write_image
+from conftest import MODEL, devices_s2, slowed_s2, wait_until, write_image
 from s2cli import open_features
 
 pytestmark = pytest.mark.slow  # subprocess runs, signals
@@ -75,11 +75,7 @@ def test_devices_pass_sigusr1_on_to_their_workers(tmp_path):
     for i in range(24):  # about a minute of work: the workers cannot simply finish meanwhile
         write_image(d / f"im{i:02d}.png", (40, 52), i)
     out = tmp_path / "out"
-    slow = ["-m", "timm:test_vit", "--random-init", "--scales", "1,2,3", "-j", "0", "-b", "1", "--shard-size", "1"]
-    p = subprocess.Popen([sys.executable, "-m", "s2cli", "extract", str(d), "-o", f"{out}/", *slow, "--devices",
-                          "cpu,cpu", "-q"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                         start_new_session=True)
-    hb = [out / "rank-00000.json", out / "rank-00001.json"]
+    p, hb = devices_s2(d, out)
     try:
         wait_until(lambda: all(h.exists() for h in hb), "both workers' heartbeats", 180)
         p.send_signal(signal.SIGUSR1)  # the parent alone: it passes the signal on

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import write_image
+from conftest import devices_s2, wait_until, write_image
 from s2cli import open_features
 
 MODEL = ["-m", "timm:test_resnet", "--random-init", "--img-sizes", "64,128", "--max-split-size", "64"]
@@ -46,18 +46,11 @@ def start(tmp: Path, name: str, go: Path, delay: float, *args) -> subprocess.Pop
                             start_new_session=True)
 
 
-def wait_for(cond, what: str, timeout: float = 120.0) -> None:
-    end = time.time() + timeout
-    while not cond():
-        assert time.time() < end, f"timed out waiting for {what}"
-        time.sleep(0.02)
-
-
 def together(tmp: Path, runs: dict[str, tuple]) -> dict[str, subprocess.CompletedProcess]:
     """Start the runs at the same instant (a barrier file) and wait for all."""
     go = tmp / "go"
     procs = {name: start(tmp, name, go, delay, *args) for name, (delay, *args) in runs.items()}
-    wait_for(lambda: all((tmp / f"{n}.ready").exists() for n in runs), "the runs to be ready")
+    wait_until(lambda: all((tmp / f"{n}.ready").exists() for n in runs), "the runs to be ready")
     go.touch()
     out = {}
     for name, p in procs.items():
@@ -156,7 +149,7 @@ def test_overwrite_of_a_folder_a_live_run_is_writing_is_refused(tmp_path):
     go = tmp_path / "go"
     go.touch()
     a = start(tmp_path, "A", go, 3.0, *args, "--json")  # 6 batches of 3 s: alive throughout
-    wait_for(lambda: (out / "rank-00000.json").exists(), "the first run's heartbeat")
+    wait_until(lambda: (out / "rank-00000.json").exists(), "the first run's heartbeat")
     run_json = (out / "run.json").read_text()
     b = subprocess.run([sys.executable, "-m", "s2cli", "extract", *map(str, args), "--overwrite", "--pool", "mean"],
                        capture_output=True, text=True, timeout=120)
@@ -223,7 +216,7 @@ def test_ctrl_c_during_a_run_with_two_decode_workers_ends_it_within_seconds(tmp_
                               str(tmp_path / f"o{trial}.h5"), "-q"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                              text=True, start_new_session=True)
         children = Path(f"/proc/{p.pid}/task/{p.pid}/children")
-        wait_for(lambda: len(children.read_text().split()) >= 2, "two decode workers")
+        wait_until(lambda: len(children.read_text().split()) >= 2, "two decode workers")
         workers = [int(x) for x in children.read_text().split()]
         time.sleep(0.3 + 0.5 * trial)  # mid-decode (the 120 images take about 2 s on a quiet 2-core box)
         os.killpg(p.pid, signal.SIGINT)  # what Ctrl-C does: the whole process group
@@ -234,7 +227,7 @@ def test_ctrl_c_during_a_run_with_two_decode_workers_ends_it_within_seconds(tmp_
             p.wait()
             pytest.fail("Ctrl-C did not end the run within 30 s")
         assert p.returncode != 0 and "Traceback" not in stderr, stderr[-3000:]
-        wait_for(lambda: not any(alive(w) for w in workers), "the decode workers to end", 10)
+        wait_until(lambda: not any(alive(w) for w in workers), "the decode workers to end", 10)
         assert not [x for x in tmp_path.iterdir() if ".tmp-" in x.name]
 
 
@@ -243,19 +236,15 @@ def test_ctrl_c_during_a_run_with_two_decode_workers_ends_it_within_seconds(tmp_
 def test_sigterm_to_a_devices_parent_stops_its_workers(tmp_path):
     d = images(tmp_path / "in", 24)  # about a minute of work: the workers cannot simply finish meanwhile
     out = tmp_path / "out"
-    slow = ["-m", "timm:test_vit", "--random-init", "--scales", "1,2,3", "-j", "0", "-b", "1", "--shard-size", "1"]
-    p = subprocess.Popen([sys.executable, "-m", "s2cli", "extract", str(d), "-o", f"{out}/", *slow, "--devices",
-                          "cpu,cpu", "-q"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                         start_new_session=True)
-    hb = [out / "rank-00000.json", out / "rank-00001.json"]
+    p, hb = devices_s2(d, out)
     pids = []
     try:
-        wait_for(lambda: all(h.exists() for h in hb), "both workers' heartbeats", 180)
+        wait_until(lambda: all(h.exists() for h in hb), "both workers' heartbeats", 180)
         pids = [json.loads(h.read_text())["pid"] for h in hb]
         assert all(alive(x) for x in pids)
         p.send_signal(signal.SIGTERM)  # the parent alone, as a scheduler or `kill` does
         p.communicate(timeout=60)
-        wait_for(lambda: not any(alive(x) for x in pids), "the workers to end with their parent", 15)
+        wait_until(lambda: not any(alive(x) for x in pids), "the workers to end with their parent", 15)
     finally:
         for x in pids:
             if alive(x):
@@ -278,7 +267,7 @@ def test_sigterm_of_a_single_file_run_leaves_no_temporary(tmp_path):
     go.touch()
     p = start(tmp_path, "A", go, 0.5, d, *MODEL, "-j", 0, "-b", 1, "-o", out, "-q")
     tmp = out.with_name(f".o.h5.tmp-{p.pid}")
-    wait_for(tmp.exists, "the run's temporary file")
+    wait_until(tmp.exists, "the run's temporary file")
     time.sleep(1.0)
     p.send_signal(signal.SIGTERM)
     _, stderr = p.communicate(timeout=60)

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 import s2cli
-from conftest import FAST, jpeg_bytes, make_shards, plain_tar, write_image
+from conftest import FAST, cannot_run, jpeg_bytes, make_shards, plain_tar, write_image
 from s2cli import ConfigError, open_features
 from s2cli.config import list_recipes
 
@@ -269,7 +269,7 @@ def read_only_dir(tmp_path):
         return
     r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k,ro", "tmpfs", str(d)], capture_output=True, text=True)
     if r.returncode != 0:
-        pytest.skip(f"as root a chmod does not stop writes, and a read-only tmpfs cannot be mounted here: {r.stderr.strip()}")
+        cannot_run(f"as root a chmod does not stop writes, and a read-only tmpfs cannot be mounted here: {r.stderr.strip()}")
     try:
         yield d
     finally:

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import FAST, make_shards
+from conftest import FAST, cannot_run, free_port, make_shards
 from s2cli import open_features
 
 pytestmark = pytest.mark.slow  # a real SLURM cluster started in the test, jobs run by subprocesses
@@ -34,16 +34,6 @@ def _unavailable() -> str | None:
     if os.geteuid() != 0:
         return "starting munged/slurmd needs root (slurmd runs jobs as their user); run as root, as CI does"
     return None
-
-
-def _required() -> bool:
-    return os.environ.get("CI") == "true" or os.environ.get("S2CLI_REQUIRE_SLURM") == "1"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Cluster:
@@ -71,7 +61,7 @@ class Cluster:
             (r / d).mkdir(exist_ok=True)
         self.conf.write_text("\n".join([
             "ClusterName=s2test", f"SlurmctldHost={self.host}", "SlurmUser=root", "SlurmdUser=root",
-            f"SlurmctldPort={_free_port()}", f"SlurmdPort={_free_port()}",
+            f"SlurmctldPort={free_port()}", f"SlurmdPort={free_port()}",
             "AuthType=auth/munge", "CredType=cred/munge", f"AuthInfo=socket={self.sock},cred_expire=10",
             f"StateSaveLocation={r / 'state'}", f"SlurmdSpoolDir={r / 'spool'}",
             f"SlurmctldPidFile={r / 'slurmctld.pid'}", f"SlurmdPidFile={r / 'slurmd.pid'}",
@@ -135,9 +125,7 @@ class Cluster:
 def cluster(tmp_path_factory):
     why = _unavailable()
     if why:
-        if _required():
-            pytest.fail(f"the real-SLURM test must run in CI but cannot: {why}")
-        pytest.skip(why)
+        cannot_run(f"the real-SLURM test: {why}")
     c = Cluster(tmp_path_factory.mktemp("slurm"))
     try:
         c.start()
