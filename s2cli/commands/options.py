@@ -12,7 +12,9 @@ from typing import Annotated, Any, Callable, Iterable, Optional
 import typer
 
 from ..config import DEFAULT_SCALES, DTYPES, ON_ERROR, POOLS, PRECISIONS, ExtractConfig
-from ..sources import DECODES, FITS, INPUT_FORMATS
+from ..inputs.decode import DECODES
+from ..inputs.resolve import INPUT_FORMATS
+from ..pixels import FITS
 from ..strategies import STRATEGIES
 from ..tiling import SPLIT_MODES
 from ..writers import FORMATS
