@@ -16,7 +16,7 @@ from typing import Any
 from .backbones import BackboneCfg, resolve
 from .errors import ConfigError
 from .inputs.decode import DECODES
-from .inputs.resolve import INPUT_FORMATS
+from .inputs.resolve import input_formats
 from .pixels import FITS
 from .reduce import parse as parse_reduce
 from .store import check_url, local_of
@@ -77,6 +77,8 @@ class ExtractConfig:
     image_key: str | None = None
     meta_columns: str = "all"  # a list's extra columns kept as each image's metadata: all | none | col,col
     keep_ext: bool = False  # keys keep the file's extension (folders, lists)
+    image_column: str | None = None  # tables: the column holding the image (bytes, a path, an HF Image struct)
+    key_column: str | None = None  # tables: the column holding the key (default: `key`, else row numbers)
     fps: float | None = None  # video: frames at this rate, by presentation timestamps (video.choose)
     num_frames: int | None = None  # video: N frames uniformly over the clip (numpy.linspace, LLaVA-OneVision)
     max_frames: int | None = None  # video: at most M frames (uniform subsampling of the chosen ones)
@@ -196,7 +198,8 @@ def build_config(input: str, output: str | None = None, recipe: str | None = Non
 _NOT_SAVED = ("keep_cls", "provenance", "min_tiles", "max_tiles", "thumbnail", "grid_pinpoints", "anyres_max",
               "min_pixels", "max_pixels")
 # options added after outputs were first written: saved only when set otherwise, so those outputs still resume
-_SAVED_UNLESS_DEFAULT = {"decode": "pil", "reduce": None, "meta_columns": "all", "keep_ext": False, "retries": 0,
+_SAVED_UNLESS_DEFAULT = {"decode": "pil", "reduce": None, "meta_columns": "all", "keep_ext": False,
+                         "image_column": None, "key_column": None, "retries": 0,
                          "retry_failed": False, "num_samples": None, "fps": None, "num_frames": None,
                          "max_frames": None, "frames_as_images": False}
 # the settings every output file carries as attributes (besides its version, weights and the whole config)
@@ -386,7 +389,7 @@ def _check_options(cfg: ExtractConfig, backbone: BackboneCfg, n: int) -> None:
         raise ConfigError("--random-init and --weights contradict each other", fix="drop one of them")
     _choice("pool", cfg.pool, POOLS)
     _choice("on-error", cfg.on_error, ON_ERROR)
-    _choice("input-format", cfg.input_format, INPUT_FORMATS)
+    _choice("input-format", cfg.input_format, input_formats())
     _choice("decode", cfg.decode, DECODES)
     record = STRATEGIES.get(cfg.strategy)
     if cfg.decode == "torch" and record is not None and not record.device_decode:

@@ -75,8 +75,10 @@ def with_options(names: Iterable[str] | None = None, skip: Iterable[str] = ()) -
 Str, Int, Float, Bool = Optional[str], Optional[int], Optional[float], Optional[bool]
 
 # ---- input ------------------------------------------------------------------------------------------------------
-Input = Annotated[str, typer.Argument(help="A folder (recursive), a .txt/.csv/.parquet list, or WebDataset shards "
-                                            "('s/{000..009}.tar', a glob, a folder of .tar, pipe:CMD).")]
+Input = Annotated[str, typer.Argument(help="A folder (recursive), an image or video file, a glob of them "
+                                            "('photos/**/*.png'), a .txt/.csv/.parquet list, .parquet/Arrow tables, "
+                                            "hf://datasets/ORG/NAME, or WebDataset shards ('s/{000..009}.tar', a "
+                                            "folder of .tar, pipe:CMD).")]
 InputFormat = declare("input_format", Str, option("--input-format", help="What INPUT is (auto: detected).", panel=INPUT,
                                     field="input_format", choices=INPUT_FORMATS))
 ImageKey = declare("image_key", Str, option("--image-key", help="WebDataset image member extensions, in order.", panel=INPUT,
@@ -84,6 +86,10 @@ ImageKey = declare("image_key", Str, option("--image-key", help="WebDataset imag
 MetaColumns = declare("meta_columns", Str, option("--meta-columns", help="A .csv/.parquet list's other columns kept as "
                                                  "each image's metadata: all | none | col,col.", panel=INPUT,
                                                  field="meta_columns"))
+ImageColumn = declare("image_column", Str, option("--image-column", help="Tables: the image column (bytes, a path, or "
+                                                 "an HF Image struct; default: image, jpg, png, ...).", panel=INPUT))
+KeyColumn = declare("key_column", Str, option("--key-column", help="Tables: the key column (default: key, else row "
+                                             "numbers).", panel=INPUT))
 KeepExt = declare("keep_ext", Bool, _flag("--keep-ext", "--drop-ext", "Keys keep the file extension (cats/001.jpg, as "
                                           "LLaVA's data JSON names images).", INPUT, "keep_ext"))
 NumSamples = declare("num_samples", Int, option("--num-samples", help="WebDataset: samples in all shards, for the progress "
