@@ -4,15 +4,13 @@ outside the package (a test's toy kind) is detected and opened the same way."""
 from __future__ import annotations
 
 import glob
-import os
 from typing import Any
 
 from ..errors import ConfigError
-from ..store import local_of
 from .dataset import DatasetKind
 from .files import FilesKind
 from .folder import FolderKind
-from .kind import InputKind, InputOptions
+from .kind import InputKind, InputOptions, where
 from .lists import ListKind
 from .tables import TableKind
 from .units import Input
@@ -49,7 +47,7 @@ def detect_format(spec: Any, opts: InputOptions = InputOptions()) -> str:
     for name, kind in KINDS.items():
         if kind.detect(spec, opts):
             return name
-    if isinstance(spec, str) and local_of(spec) is not None and not glob.has_magic(spec) and not os.path.exists(spec):
+    if isinstance(spec, str) and not glob.has_magic(spec) and where(spec)[0] is None:
         raise ConfigError("input does not exist", given=spec, fix="pass an existing folder, list, file or shards")
     raise ConfigError("cannot tell what kind of input this is", given=spec if isinstance(spec, str) else type(spec).__name__,
                       expected="a folder, an image or video file, a glob of them, a .txt/.csv list, .parquet/Arrow "
