@@ -769,9 +769,7 @@ class Run:
             shape["tokens"] = shape["tokens_per_image"] = None
         pooled_channels = shape["channels"]
         if self.reduction is not None:  # the stored shape: after the reduction (pooled vectors are not reduced)
-            entry, _ = self.strategy.plan_entry(res, (res.side, res.side))
-            tokens, shape["channels"] = self.reduction.shape(entry["output_grid"], shape["channels"],
-                                                             res.backbone.num_prefix_tokens)
+            tokens, shape["channels"] = res.stored(self.strategy.plan_entry(res, (res.side, res.side))[0])["output_shape"]
             shape["tokens"] = tokens if shape["tokens"] is not None else None
             shape["tokens_per_image"] = tokens if shape["tokens_per_image"] is not None else None
         sink = SINKS[res.format](path, res.file_attrs(self.backbone.weights), channels=shape["channels"],
