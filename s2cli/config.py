@@ -15,8 +15,10 @@ from typing import Any
 
 from .backbones import BackboneCfg, resolve
 from .errors import ConfigError
+from .inputs.decode import DECODES
+from .inputs.resolve import INPUT_FORMATS
+from .pixels import FITS
 from .reduce import parse as parse_reduce
-from .sources import DECODES, FITS, INPUT_FORMATS
 from .store import check_url, local_of
 from .strategies import (
     SHAPE_OPTIONS,

@@ -1,6 +1,6 @@
 """Planning, without torch: what the engine does with each image, from its header and the backbone's config alone
 (`plan_image`, `dry_run`), and `views`: the decoded, fitted pixels of one image exactly as the backbone receives
-them, through the extraction's own decode path (`sources.decode_sample`)."""
+them, through the extraction's own decode path (`inputs.decode.decode_sample`)."""
 from __future__ import annotations
 
 import os
@@ -11,7 +11,10 @@ import numpy as np
 
 from .config import Resolved, resolve_options
 from .errors import ConfigError
-from .sources import Fit, Input, Sample, decode_sample, failure, image_size, is_video, video_header
+from .inputs.decode import Fit, decode_sample
+from .inputs.reading import image_size, is_video, video_header
+from .inputs.samples import Sample, failure
+from .inputs.units import Input
 from .strategies import strategy_of
 from .video import choose
 from .writers import itemsize

@@ -23,11 +23,13 @@ from .errors import ConfigError, S2Error
 from .extractor import Extractor
 from .fsutil import Claim, file_identity, take_claim
 from .heartbeat import Heartbeat
+from .inputs.pool import DecodePool
+from .inputs.samples import Sample
+from .inputs.units import Input, Unit
 from .launch import Rank, Terminated, final_barrier, resolve_precision, signals_deferred
 from .outdir import OutputDir, shard_record, unit_complete
 from .plan import fit_of
 from .reduce import parse as parse_reduce
-from .sources import DecodePool, Input, Sample, Unit
 from .strategies import strategy_of
 from .version import __version__
 from .writers import SINKS, ThreadedSink, check_output_file, itemsize, remove_dead_temporaries

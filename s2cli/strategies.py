@@ -20,7 +20,7 @@ from typing import Any, Callable, Sequence
 
 from ._lazy import F, torch
 from .errors import ConfigError
-from .sources import fit_size, fit_to_array, render_views, to_uint8_array
+from .pixels import fit_size, fit_to_array, render_views, to_uint8_array
 from .tiling import S2Plan, area_resize, plan_multiscale
 
 # LLaVA-NeXT's grid pinpoints for CLIP-336, (h, w); for another tile the same grids of that tile are the default
