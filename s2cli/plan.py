@@ -15,7 +15,6 @@ from .inputs.decode import Fit, decode_sample
 from .inputs.reading import image_size, is_video, video_header
 from .inputs.samples import Sample, failure
 from .inputs.units import Input
-from .reduce import parse as parse_reduce
 from .strategies import strategy_of
 from .video import choose
 from .writers import itemsize
@@ -31,12 +30,7 @@ def plan_entry(res: Resolved, orig: tuple[int, int]) -> tuple[dict[str, Any], fl
     """One image's dry-run entry (fitted_hw, tiles = every backbone input, grids, output_shape, and the
     strategy's own fields) and its FLOPs (None when the backbone's FLOPs per tile are unknown)."""
     entry, inputs = strategy_of(res).plan_entry(res, orig)
-    r = parse_reduce(res.reduce)
-    if r is not None:  # what is stored: the grid and shape after the reduction
-        entry["reduced_from"] = {"output_shape": entry["output_shape"], "output_grid": entry["output_grid"]}
-        entry["output_grid"] = list(r.grid(entry["output_grid"]))
-        entry["output_shape"] = list(r.shape(entry["reduced_from"]["output_grid"], entry["output_shape"][1],
-                                             res.backbone.num_prefix_tokens))
+    entry = res.stored(entry)  # what is stored: the grid and shape after --reduce
     per_tile = [res.backbone.flops_per_tile(tile) for tile, _ in inputs]
     flops = None if any(f is None for f in per_tile) else sum(f * n for f, (_, n) in zip(per_tile, inputs))  # type: ignore[misc]
     return entry, flops

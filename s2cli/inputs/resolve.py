@@ -35,11 +35,19 @@ def unregister(name: str) -> None:
 for _kind in (DatasetKind(), FilesKind(), TableKind(), ListKind(), WdsKind(), FolderKind()):
     register(_kind)
 
-INPUT_FORMATS = ("auto", *KINDS)  # the built-in kinds (`input_formats()` includes kinds registered since)
+class _Formats:
+    """The --input-format values: auto and every registered kind, as they are when asked (a kind registered
+    later too)."""
+
+    def __iter__(self):
+        return iter(("auto", *KINDS))
+
+
+INPUT_FORMATS = _Formats()
 
 
 def input_formats() -> tuple[str, ...]:
-    return ("auto", *KINDS)
+    return tuple(INPUT_FORMATS)
 
 
 def detect_format(spec: Any, opts: InputOptions = InputOptions()) -> str:
