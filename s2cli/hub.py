@@ -20,6 +20,8 @@ CONFIG_FILES = ("config.json", "preprocessor_config.json", "open_clip_config.jso
 # the weights of a repo, in the order they are preferred: one file, or an index and the shards it names
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json",
                 "open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+# a .bin's safetensors twin where its name is not the .bin's with another suffix
+TWINS = {"open_clip_pytorch_model.bin": "open_clip_model.safetensors"}
 SHA_RE = re.compile(r"^[0-9a-f]{40}$")
 NAME_RE = re.compile(r"^[A-Za-z0-9_](?:[\w.-]{0,94}[A-Za-z0-9_])?$")  # an org or a name: no leading/trailing . or -
 _TRUE = ("1", "ON", "YES", "TRUE")
@@ -122,7 +124,7 @@ def _snapshot_of(ref: Ref, anchors: list[str]) -> Path | None:
 def _preferred(filename: str | None) -> list[str]:
     """The weight files to look for, best first: `filename` (after its safetensors twin), else WEIGHT_FILES."""
     if filename:
-        return [*([filename[:-4] + ".safetensors"] if filename.endswith(".bin") else []), filename]
+        return [*([TWINS.get(filename) or filename[:-4] + ".safetensors"] if filename.endswith(".bin") else []), filename]
     return list(WEIGHT_FILES)
 
 
