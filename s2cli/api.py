@@ -9,8 +9,9 @@ from typing import Any, Sequence
 from . import backbones
 from .config import Resolved, load_recipe, resolve_options
 from .errors import ConfigError
+from .inputs.resolve import open_input
+from .inputs.units import Input
 from .plan import dry_run
-from .sources import Input, open_input
 from .strategies import strategy_of
 from .weights import Located, locate
 
