@@ -129,7 +129,7 @@ class Target:
         if overwrite:
             raise ConfigError("--retry-failed and --overwrite contradict each other: one keeps the output, the other "
                               "starts it over", fix="drop one of them")
-        if not self.dir.run_file.is_file():  # type: ignore[union-attr]
+        if not self.dir.has_run:  # type: ignore[union-attr]
             raise ConfigError("--retry-failed retries the failures an output folder records, and this one holds no run",
                               given=self.res.output, fix="run without --retry-failed first")
 
