@@ -449,7 +449,7 @@ def resolve_config(cfg: ExtractConfig, backbone: BackboneCfg) -> Resolved:
         StrategyArgs(cfg.strategy, fit=fit, img_sizes=sizes, set_fields=set_fields, set_by=set_by, recipe=cfg.recipe,
                      flags={n: o.flag for n, o in OPTION_DECLS.items()},
                      **{f: getattr(cfg, f) for f in strategy_fields}),
-        BackboneFacts(split, backbone.patch_size, backbone.family, backbone.model_type, backbone.output_shape))
+        BackboneFacts(split, backbone.patch_size, backbone.any_size, backbone.name))
     given = {f.name: getattr(cfg, f.name) for f in fields(ExtractConfig)}
     given.update(img_sizes=sizes, scales=_scales(cfg, sizes, backbone), max_split_size=split, fit=fit,
                  output=output, format=fmt, shard_size=cfg.shard_size or 1, layer=backbone.layer)
