@@ -321,3 +321,14 @@ def test_a_fifo_named_like_an_image_is_a_failure_record_whatever_the_workers(cli
     assert (f["key"], f["stage"], f["error_class"]) == ("pipe", "read", "NotAFileError") and "FIFO" in f["error"]
     r = cli("extract", d, *FAST, "--dry-run", "--json")  # the dry run reads headers: it must not block either
     assert r.exit_code == 0, r.stderr
+
+
+def test_the_same_dataset_on_the_loopback_hub_as_parquet_extracts_as_the_folder(tmp_path, reference, hub):
+    ds = hf_dataset()
+    (tmp_path / "repo" / "data").mkdir(parents=True)
+    ds.to_parquet(str(tmp_path / "repo" / "data" / "train-00000-of-00001.parquet"))
+    hub.add("org/tiny", tmp_path / "repo", repo_type="dataset")
+    s2cli.extract("hf://datasets/org/tiny", str(tmp_path / "h.h5"), **LIB)
+    assert_same(features(tmp_path / "h.h5"), reference)
+    with pytest.raises(ConfigError, match="no such dataset on the hub"):
+        s2cli.plan("hf://datasets/org/missing")
