@@ -332,3 +332,19 @@ def test_the_same_dataset_on_the_loopback_hub_as_parquet_extracts_as_the_folder(
     assert_same(features(tmp_path / "h.h5"), reference)
     with pytest.raises(ConfigError, match="no such dataset on the hub"):
         s2cli.plan("hf://datasets/org/missing")
+
+
+def test_a_single_video_file_extracts_as_from_its_folder(cli, tmp_path):
+    pytest.importorskip("av")
+    from test_video import make_video
+
+    d = tmp_path / "clips"
+    make_video(d / "clip.mp4", n=12)
+    make_video(d / "other.mp4", n=8)
+    for src, out in ((d, "f.h5"), (d / "clip.mp4", "one.h5")):
+        r = cli("extract", src, *FAST, "--num-frames", "3", "-o", tmp_path / out)
+        assert r.exit_code == 0, r.stderr
+    with open_features(tmp_path / "f.h5") as ff, open_features(tmp_path / "one.h5") as fo:
+        assert list(fo) == ["clip"] and fo["clip"].shape[0] == 3
+        np.testing.assert_allclose(fo["clip"], ff["clip"], atol=1e-5, rtol=0)
+        assert fo.meta("clip")["frame_indices"] == ff.meta("clip")["frame_indices"]
