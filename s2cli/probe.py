@@ -463,6 +463,8 @@ def plot(report: ProbeReport, path: str) -> None:
     for what, marker in (("probe_accuracy", "o"), ("knn_accuracy", "s")):
         ax.errorbar(xs, [r[f"{what}_mean"] for r in rows], yerr=[r[f"{what}_std"] for r in rows], fmt=marker,
                     capsize=3, label="linear probe" if what == "probe_accuracy" else f"{report.k}-NN")
+    ax.axhline(max(report.classes.values()) / len(report.keys), color="grey", linestyle="--", linewidth=1,
+               label="chance (the largest class)")
     for x, r in zip(xs, rows):
         ax.annotate(r["name"], (x, r["probe_accuracy_mean"]), textcoords="offset points", xytext=(5, 5), fontsize=8)
     ax.set_xlabel("GFLOPs per image" if by_flops else "stored MB per image")

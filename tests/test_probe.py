@@ -4,6 +4,10 @@ inputs are one line each (exit 2)."""
 from __future__ import annotations
 
 import csv
+import importlib.util
+import json
+import subprocess
+import sys
 from dataclasses import fields
 from pathlib import Path
 
@@ -21,6 +25,8 @@ from conftest import invoke_json
 from s2cli.config import ExtractConfig
 from s2cli.probe import SAME_FOR_EVERY_VARIANT, label_of, parse_try, stratified
 
+ROOT = Path(__file__).parent.parent
+EXAMPLE = ROOT / "examples" / "make_probe_set.py"
 TINY = dict(model="timm:test_resnet", random_init=True, max_split_size=64, workers=0)
 TINY_FLAGS = ["-m", "timm:test_resnet", "--random-init", "--max-split-size", "64", "-j", "0", "-q"]
 
@@ -202,3 +208,59 @@ def test_outputs_and_images_are_not_mixed_and_bad_outputs_are_refused(probed, cl
     _one_line_error(cli("probe", report.variants[0].source, "--folds", "2", "--vector", "pooled"), "--vector pooled",
                     "pooled vectors")
     _one_line_error(cli("probe", report.variants[0].source, "--vector", "max"), "--vector is not known")
+
+
+def _example():
+    """examples/make_probe_set.py, imported."""
+    spec = importlib.util.spec_from_file_location("make_probe_set", EXAMPLE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_example_fine_lines_are_grey_at_the_model_size_and_the_coarse_ones_are_not():
+    import torch
+    import torch.nn.functional as F
+
+    m = _example()
+    for kind in m.KINDS:
+        for (count, size, period), grey in ((m.FINE, True), (m.COARSE, False)):
+            canvas = np.full((m.SIDE, m.SIDE), 128, np.uint8)
+            y, x = 101, 58  # any place: the lines are laid in the image's coordinates
+            canvas[y:y + size, x:x + size] = m.lines(kind, y, x, size, period)
+            assert canvas[y:y + size, x:x + size].std() > 120  # black and white at 448
+            pil = np.asarray(Image.fromarray(canvas).resize((224, 224), Image.Resampling.BICUBIC), np.float32)
+            engine = F.interpolate(torch.from_numpy(canvas).float()[None, None], size=(224, 224), mode="bicubic",
+                                   align_corners=False)[0, 0].numpy()
+            for half in (pil, engine):  # Pillow's fit (scale 1 alone), the S² engine's resize (scale 1 of 1,2)
+                inner = half[(y + 8) // 2:(y + size - 8) // 2, (x + 8) // 2:(x + size - 8) // 2]
+                assert (inner.std() < 1) == grey, (kind, size, inner.std())
+
+
+# the worked example of docs/probe.md, as it is written there
+WORKED = [["python", "examples/make_probe_set.py", "probe-set/"],
+          ["s2", "probe", "probe-set/list.csv", "--label-column", "fine", "--try", "scales=1", "--try", "scales=1,2",
+           "--workdir", "probe-feats/", "-o", "fine.png"],
+          ["s2", "probe", "probe-feats/0-scales=1.h5", "probe-feats/1-scales=1,2.h5", "--label-column", "coarse"]]
+
+
+@pytest.mark.slow
+def test_the_worked_example_runs_as_documented_and_shows_where_scale_2_pays(tmp_path):
+    doc = (ROOT / "docs" / "probe.md").read_text()
+    for argv in WORKED:
+        assert " ".join(argv) in doc
+    (tmp_path / "examples").mkdir()
+    (tmp_path / "examples" / "make_probe_set.py").symlink_to(EXAMPLE)
+    (tmp_path / "examples" / "images").symlink_to(ROOT / "examples" / "images")
+    got = []
+    for argv in WORKED:
+        cmd = [sys.executable, *argv[1:]] if argv[0] == "python" else [sys.executable, "-m", "s2cli", *argv[1:], "--json"]
+        r = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=900)
+        assert r.returncode == 0, r.stderr
+        got.append(r.stdout)
+    fine, coarse = ({v["name"]: v["probe_accuracy_mean"] for v in json.loads(out)["variants"]} for out in got[1:])
+    assert fine["scales=1,2"] >= fine["scales=1"] + 0.25  # the fine lines: only scale 2 sees them
+    assert coarse["probe-feats/0-scales=1.h5"] >= 0.8  # the coarse lines: scale 1 suffices ...
+    assert coarse["probe-feats/1-scales=1,2.h5"] <= coarse["probe-feats/0-scales=1.h5"] + 0.1  # ... and 2 adds little
+    with Image.open(tmp_path / "fine.png") as im:
+        assert im.format == "PNG"

@@ -85,13 +85,13 @@ def _cost(v: float | None, fmt: str) -> str:
 def print_report(report: Any) -> None:
     classes = ", ".join(f"{c} {n}" for c, n in report.classes.items())
     t = Table(title=f"s2 probe: {len(report.keys)} images ({classes}), {report.folds}-fold CV, seed {report.seed}")
-    for c in ("variant", "linear probe", f"{report.k}-NN", "dim", "stored/img", "tiles/img", "GFLOPs/img", "img/s"):
+    for c in ("variant", "probe acc", f"{report.k}-NN acc", "dim", "KiB/img", "tiles/img", "GFLOP/img", "img/s"):
         t.add_column(c, overflow="fold")
     for v in report.variants:
         d = v.to_dict()
-        t.add_row(v.name, f"{d['probe_accuracy_mean']:.3f} ± {d['probe_accuracy_std']:.3f}",
-                  f"{d['knn_accuracy_mean']:.3f} ± {d['knn_accuracy_std']:.3f}", str(v.dim),
-                  f"{v.bytes_per_image / 1024:,.1f} KiB", _cost(v.tiles_per_image, "{:g}"),
+        t.add_row(v.name, f"{d['probe_accuracy_mean']:.3f}±{d['probe_accuracy_std']:.3f}",
+                  f"{d['knn_accuracy_mean']:.3f}±{d['knn_accuracy_std']:.3f}", str(v.dim),
+                  f"{v.bytes_per_image / 1024:,.1f}", _cost(v.tiles_per_image, "{:g}"),
                   _cost(None if v.flops_per_image is None else v.flops_per_image / 1e9, "{:.2f}"),
                   _cost(v.images_per_s, "{:g}"))
     out.print(t)
