@@ -12,18 +12,19 @@ import shutil
 import tempfile
 import types
 import typing
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from .config import ExtractConfig, Resolved
+from .config import OPTION_DECLS, ExtractConfig, Resolved
 from .errors import ConfigError
+from .inputs.samples import Sample, sample_meta
+from .inputs.units import Input, Unit
 from .outdir import OutputDir
 from .plan import dry_run
 from .readers import Reader, open_features
-from .sources import Input, Sample, Unit, sample_meta
 from .store import local_of
 from .writers import format_of, itemsize
 
@@ -93,9 +94,10 @@ class ProbeReport:
 
 # ---- variants -------------------------------------------------------------------------------------------------
 def option_types() -> dict[str, Any]:
-    """Every extraction option a variant can set, by name, with its type (ExtractConfig's fields)."""
+    """Every extraction option a variant can set (those ExtractConfig declares, but the input and the output), by
+    name, with its field's type."""
     hints = typing.get_type_hints(ExtractConfig)
-    return {f.name: hints[f.name] for f in fields(ExtractConfig) if f.name not in NOT_OPTIONS}
+    return {name: hints[name] for name, decl in OPTION_DECLS.items() if decl.flags and name not in NOT_OPTIONS}
 
 
 def parse_try(text: str) -> Variant:
@@ -113,7 +115,7 @@ def parse_try(text: str) -> Variant:
                               fix="join options with ';', each as name=value")
         if name not in types_:
             raise ConfigError(f"--try sets an unknown option {name!r}", given=text,
-                              expected="extract options: " + ", ".join(sorted(types_)),
+                              expected="extract options: " + ", ".join(n.replace("_", "-") for n in sorted(types_)),
                               fix="name options as `s2 extract --help` lists them, e.g. scales=1,2 or max-split-size=448")
         if name in SAME_FOR_EVERY_VARIANT:
             raise ConfigError(f"--try cannot change {name}: it decides which images are read, and every variant "
