@@ -502,6 +502,7 @@ class Run:
         self.on_total: Callable[[int], None] | None = None
         self.strategy = strategy_of(res)
         self.reduction = parse_reduce(res.reduce)
+        self.written = (0, 0)  # bytes and images of the shards this run committed (what a shard takes)
         self.fit = fit_of(res)
         self.ex = Extractor(res, backbone, device, resolve_precision(res.precision, device), self.fit)
         self.stats = Stats()
@@ -664,6 +665,8 @@ class Run:
         if retry:  # the failures it retried move to their shards' history: each image counts once
             t.dir.settle_retry(marker, log_errors=t.ranks.world == 1)  # type: ignore[union-attr]
         st.shards.append(path.name)
+        if cur.sink.n:
+            self.written = (self.written[0] + marker["bytes"], self.written[1] + cur.sink.n)
         if t.heartbeat is not None:
             t.heartbeat.update(shards_written=len(st.shards), images=st.done, failed=st.failed, shard=None, write=True)
 
@@ -778,9 +781,21 @@ class Run:
                                  num_scales=shape["num_scales"], tokens=shape["tokens"], dtype=res.dtype,
                                  store_features=not res.pool_only, pooled=res.pool != "none", plans=shape["plans"],
                                  pooled_channels=pooled_channels, reduced=self.reduction is not None, videos=videos)
-        if res.output_is_dir and shape["tokens_per_image"] is not None:
-            sink.need_bytes = res.shard_size * shape["tokens_per_image"] * shape["channels"] * itemsize(res.dtype)
+        if res.output_is_dir:
+            sink.need_bytes = self._shard_bytes(shape, pooled_channels)
         return sink
+
+    def _shard_bytes(self, shape: dict[str, Any], pooled_channels: int) -> int | None:
+        """What a whole shard takes, for the message when its disk (or a remote output's spool) is full: as the
+        shards this run wrote took, per image; before the first, its arrays (tokens, pooled vectors; None when the
+        tokens vary)."""
+        res, (nbytes, images) = self.res, self.written
+        if images:
+            return round(nbytes / images * res.shard_size)
+        if shape["tokens_per_image"] is None:
+            return None
+        tokens = 0 if res.pool_only else shape["tokens_per_image"] * shape["channels"]
+        return res.shard_size * (tokens + (pooled_channels if res.pool != "none" else 0)) * itemsize(res.dtype)
 
     def _progress(self) -> None:
         if self.on_progress:
