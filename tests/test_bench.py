@@ -13,6 +13,7 @@ from s2cli.bench import measure, synthetic_jpegs
 from s2cli.config import ExtractConfig, resolve_config
 
 TINY = ("-m", "timm:vit_tiny_patch16_224", "--random-init", "--layer", "2")
+STAGES = {"read", "decode", "fit", "preprocess", "forward", "check", "collect", "commit", "write", "other"}
 
 
 def test_bench_json_fields_and_sane_values(cli):
@@ -21,7 +22,7 @@ def test_bench_json_fields_and_sane_values(cli):
     assert r["e2e_img_s"] > 0 and r["model_only_img_s"] > 0 and r["e2e_over_model_only"] > 0
     assert r["flops_per_image"] > 0 and r["matmul_ceiling_flops_per_s"] > 0 and 0 < r["mfu_model_only"]
     st, wt = r["stage_seconds"], r["wait_seconds"]
-    assert set(st) == {"read", "decode", "fit", "preprocess", "forward", "write"} and set(wt) == {"decode", "write"}
+    assert set(st) == STAGES and set(wt) == {"decode", "write"}
     assert all(v >= 0 for v in [*st.values(), *wt.values()]) and st["forward"] > 0 and st["decode"] > 0 and st["write"] > 0
     # with -j 0 read/decode/fit run on the main thread too: its stages and waits fit inside the wall time
     main = st["read"] + st["decode"] + st["fit"] + st["preprocess"] + st["forward"] + wt["write"]
@@ -50,7 +51,7 @@ def test_bench_flops_equal_the_formula():
 def test_extract_summary_has_stage_timing(cli, image_dir, tmp_path):
     r = invoke_json(cli, "extract", str(image_dir), *TINY, "-o", tmp_path / "o.h5", "-j", "1", "--json", "-q")
     assert r["compile"] is False and r["num_images"] > 0
-    assert set(r["stage_seconds"]) == {"read", "decode", "fit", "preprocess", "forward", "write"}
+    assert set(r["stage_seconds"]) == STAGES
     assert r["stage_seconds"]["forward"] > 0 and r["stage_seconds"]["decode"] > 0
     assert r["stage_seconds"]["preprocess"] + r["stage_seconds"]["forward"] + sum(r["wait_seconds"].values()) <= r["seconds"]
 
@@ -196,3 +197,43 @@ def test_bench_gpu_script_smoke_runs_on_the_cpu():
     assert "| P1 llava-1.5-s2, bf16, eager | 4 |" in out and "--decode torch | 4 |" in out
     assert "| single_scale | " in out and "| s2_chunked | " in out
     assert out.rstrip().splitlines()[-1].startswith("| reference_split_forward | ")
+
+
+def test_main_thread_stages_and_waits_add_up_to_the_run(cli, image_dir, tmp_path):
+    """Every second of the main thread is in stage_seconds or wait_seconds: its stages (the Extractor's, collect,
+    commit, and `other` for the loop itself) and its waits add up to the run's seconds, `other` never negative
+    (a second counted twice would make it so)."""
+    r = invoke_json(cli, "extract", str(image_dir), *TINY, "-o", str(tmp_path / "o") + "/", "--shard-size", "3",
+                    "-b", "2", "-j", "1", "--json", "-q")
+    st, wt = r["stage_seconds"], r["wait_seconds"]
+    main = sum(st[k] for k in ("preprocess", "forward", "check", "collect", "commit", "other")) + sum(wt.values())
+    assert st["other"] >= 0 and main == pytest.approx(r["seconds"], abs=0.01), (st, wt, r["seconds"])
+    assert st["collect"] > 0 and st["commit"] > 0 and st["check"] >= 0, st
+
+
+def test_shards_are_hashed_and_marked_on_the_writer_thread(monkeypatch, image_dir, tmp_path):
+    """A folder shard's end (serialisation, rename, sha256, done marker) runs on its writer thread, not the main
+    thread; the markers still hold each shard's size and sha256, and a marker is written only once its shard is
+    in place."""
+    import threading
+
+    import s2cli
+    from s2cli import run as run_mod
+    from s2cli.outdir import OutputDir, file_sha256, marker_name
+
+    seen = []
+    record = run_mod.shard_record
+
+    def spy(path):
+        seen.append((threading.current_thread() is threading.main_thread(), path.is_file(),
+                     (path.parent / marker_name(path.name)).exists()))
+        return record(path)
+
+    monkeypatch.setattr(run_mod, "shard_record", spy)
+    out = tmp_path / "o"
+    s = s2cli.extract(str(image_dir), str(out) + "/", model="timm:vit_tiny_patch16_224", random_init=True, layer=2,
+                      shard_size=3, batch_size=2, workers=0)
+    assert s.num_images == 8 and s.shards_written == 3 and len(seen) == 3
+    assert seen == [(False, True, False)] * 3  # off the main thread, the shard in place, no marker yet
+    for m in OutputDir(out).markers():
+        assert m["sha256"] == file_sha256(out / m["shard"]) and m["bytes"] == (out / m["shard"]).stat().st_size
