@@ -649,8 +649,8 @@ class Run:
     def _commit(self, cur: _Part, last_of_unit: bool) -> None:
         """End the part's shard: its writer thread serialises and renames it, hashes it and writes its done marker
         (last). One shard ends at a time: the one before is settled first."""
-        t0 = time.perf_counter()
         self.settle()
+        t0 = time.perf_counter()
         t = self.target
         keys = cur.unit.part_keys(cur.part, self.res.shard_size)
         identity = t.identities.get(cur.unit.index, {}) if keys is None else {"keys_sha256": keys_digest(keys),
@@ -685,7 +685,6 @@ class Run:
         path = cur.sink.wait()
         st.waits["write"] += time.perf_counter() - t0
         st.busy["write"] += cur.sink.busy_s
-        st.main["commit"] -= time.perf_counter() - t0  # (a wait, counted as one, inside `_commit`'s time)
         st.shards.append(path.name)
         if t.heartbeat is not None:
             t.heartbeat.update(shards_written=len(st.shards), images=st.done, failed=st.failed, shard=None, write=True)
