@@ -134,7 +134,8 @@ def run_variant(images: Path, work: Path, jobs: int, fmt: str, host_normalize: b
 def decode_limit(paths: list[Path], res: Any) -> dict[str, Any]:
     """Decode + fit of every image on one core, in this process (CPU seconds; the records' own decode/fit split)."""
     from s2cli.plan import fit_of
-    from s2cli.sources import Sample, decode_sample
+    from s2cli.inputs.decode import decode_sample
+    from s2cli.inputs.samples import Sample
 
     fit = fit_of(res)
     samples = [Sample(p.stem, str(p)) for p in paths]

@@ -64,8 +64,8 @@ def resize_kept(im: Image.Image, size: tuple[int, int], box: tuple[int, int, int
     cannot be promised (then resize the whole image and crop)."""
     (w, h), (tw, th) = im.size, size
     left, top, right, bottom = box
-    if th < h:  # shrinking vertically, Pillow may take its passes in the other order
-        return None
+    if th < h or im.mode not in ("RGB", "L"):  # shrinking vertically, Pillow may take its passes in the other
+        return None  # order; other modes are resampled in floats or converted first
     xs = kept_interval(w, tw, left, right - left) if tw != w else (left, right)
     ys = kept_interval(h, th, top, bottom - top) if th != h else (top, bottom)
     if xs is None or ys is None:
