@@ -4,6 +4,7 @@ the limits it cannot beat (decode + fit on the cores it has, the disk's write sp
     python benchmarks/bench_host.py                      # 200 synthetic 1024x768 JPEGs, -j 0 and -j 2, 2 repeats
     python benchmarks/bench_host.py --quick              # 48 images, -j 2 only, 1 repeat: a minute
     python benchmarks/bench_host.py --jobs 0,1,2 --repeat 3 --json out.json
+    python benchmarks/bench_host.py --baseline /tmp/base    # the same runs with another s2cli, side by side
 
 The instant device: the backbone is a stub whose engine call returns correctly shaped zeros at once (576 x 3072
 float16 per image, 3.54 MB), and the device-side tensor work around it (normalize, the non-finite reduction) is
@@ -14,8 +15,9 @@ the issue's first measurement did). Each variant runs in a fresh process; its CP
 `s2cli.extract` alone: the main thread (thread_time), the main process (all its threads, RUSAGE_SELF) and the
 decode workers (RUSAGE_CHILDREN: reaped when the run closes its pool).
 
-Limits measured in the same run: decode + fit of the same JPEGs on one core in this process (ms per image, split
-into decode and fit; the limit of -j N is N cores' worth, capped by the CPUs), and the disk's write speed for the
+Limits measured in the same run: decode + fit of the same JPEGs on one core in a fresh process (CPU-ms per image,
+split into decode and fit by their wall time; the limit of -j N is N cores' worth, capped by the CPUs; with
+--baseline, each code against its own), and the disk's write speed for the
 same bytes (a plain write + fsync, and an h5py contiguous dataset). Sections are functions in SECTIONS, so
 another measurement (a shard-count sweep) is one more entry.
 """
@@ -114,12 +116,15 @@ def child(args: argparse.Namespace) -> None:
                       "stage_seconds": summary.stage_seconds, "wait_seconds": summary.wait_seconds}))
 
 
-def run_variant(images: Path, work: Path, jobs: int, fmt: str, host_normalize: bool) -> dict[str, Any]:
+def run_variant(images: Path, work: Path, jobs: int, fmt: str, host_normalize: bool,
+                code: str | None = None) -> dict[str, Any]:
+    """One variant in a fresh process; `code`: a folder holding another s2cli to run instead of this one."""
     out = work / f"out-j{jobs}"
     shutil.rmtree(out, ignore_errors=True)
     cmd = [sys.executable, __file__, "--child", "--images", str(images), "--out", str(out), "--jobs", str(jobs),
            "--format", fmt] + (["--host-normalize"] if host_normalize else [])
-    p = subprocess.run(cmd, capture_output=True, text=True)
+    env = {**os.environ, "PYTHONPATH": code} if code else None
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if p.returncode:
         raise SystemExit(f"variant -j {jobs} failed:\n{p.stderr[-3000:]}")
     r = json.loads(p.stdout.strip().splitlines()[-1])
@@ -134,8 +139,12 @@ def run_variant(images: Path, work: Path, jobs: int, fmt: str, host_normalize: b
 def decode_limit(paths: list[Path], res: Any) -> dict[str, Any]:
     """Decode + fit of every image on one core, in this process (CPU seconds; the records' own decode/fit split)."""
     from s2cli.plan import fit_of
-    from s2cli.inputs.decode import decode_sample
-    from s2cli.inputs.samples import Sample
+
+    try:
+        from s2cli.inputs.decode import decode_sample
+        from s2cli.inputs.samples import Sample
+    except ImportError:  # an s2cli from before the inputs/ package (--baseline)
+        from s2cli.sources import Sample, decode_sample  # type: ignore[no-redef]
 
     fit = fit_of(res)
     samples = [Sample(p.stem, str(p)) for p in paths]
@@ -150,6 +159,16 @@ def decode_limit(paths: list[Path], res: Any) -> dict[str, Any]:
     n = len(samples)
     return {"ms_per_image": 1e3 * cpu / n, "ms_decode": 1e3 * dec / n, "ms_fit": 1e3 * fitted / n,
             "img_s_per_core": n / cpu}
+
+
+def decode_child(images: Path, work: Path, fmt: str, code: str | None = None) -> dict[str, Any]:
+    """`decode_limit` in a fresh process, with this s2cli or the one in `code`."""
+    cmd = [sys.executable, __file__, "--child", "--images", str(images), "--out", str(work / "probe"), "--jobs",
+           "decode", "--format", fmt]
+    p = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": code} if code else None)
+    if p.returncode:
+        raise SystemExit(f"the decode limit failed:\n{p.stderr[-3000:]}")
+    return json.loads(p.stdout.strip().splitlines()[-1])
 
 
 def write_limit(work: Path, n: int) -> dict[str, Any]:
@@ -184,24 +203,28 @@ def write_limit(work: Path, n: int) -> dict[str, Any]:
 # ---- sections ----------------------------------------------------------------------------------------------------
 def section_run(args: argparse.Namespace, ctx: dict[str, Any]) -> list[str]:
     """The instant-device runs, each variant `--repeat` times (interleaved), the best wall time kept."""
-    rows: dict[int, list[dict[str, Any]]] = {}
-    for _ in range(args.repeat):
+    codes = {"this": None, **({"baseline": args.baseline} if args.baseline else {})}
+    rows: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    for _ in range(args.repeat):  # interleaved, so a burst of load elsewhere hits every variant alike
         for j in args.jobs:
-            rows.setdefault(j, []).append(run_variant(ctx["images"], ctx["work"], j, args.format, args.host_normalize))
+            for name, code in codes.items():
+                rows.setdefault((name, j), []).append(
+                    run_variant(ctx["images"], ctx["work"], j, args.format, args.host_normalize, code))
     lim, cpus = ctx["decode"], os.cpu_count() or 1
-    out = ["| -j | img/s | MB/s | CPU ms/img total | main process | main thread | decode workers | "
-           "of decode limit | of write limit (h5py) | stage_seconds | wait_seconds |", "|---|" * 1 + "---|" * 10]
+    out = ["| code | -j | img/s | MB/s | CPU ms/img total | main process | main thread | decode workers | "
+           "of decode limit | of write limit (h5py) | stage_seconds | wait_seconds |", "|---|" * 1 + "---|" * 11]
     ctx["runs"] = []
-    for j, rs in rows.items():
+    for (name, j), rs in sorted(rows.items(), key=lambda kv: (kv[0][1], kv[0][0] == "this")):
         r = min(rs, key=lambda r: r["wall_s"])
-        limit = lim["img_s_per_core"] * max(1, min(j, cpus))
+        own = ctx["decode_baseline"] if name == "baseline" else lim
+        limit = own["img_s_per_core"] * max(1, min(j, cpus))
         r["of_decode_limit"] = r["img_s"] / limit
         r["of_write_limit"] = r["mb_s"] / ctx["write"]["h5py_mb_s"]
-        r["all_walls"] = [x["wall_s"] for x in rs]
+        r["all_walls"], r["code"] = [x["wall_s"] for x in rs], args.baseline if name == "baseline" else "this"
         ctx["runs"].append(r)
         st = ", ".join(f"{k} {v:.2f}" for k, v in r["stage_seconds"].items())
         wt = ", ".join(f"{k} {v:.2f}" for k, v in r["wait_seconds"].items())
-        out.append(f"| {j} | {r['img_s']:.1f} | {r['mb_s']:.0f} | {r['ms_total']:.1f} | {r['ms_process']:.1f} | "
+        out.append(f"| {name} | {j} | {r['img_s']:.1f} | {r['mb_s']:.0f} | {r['ms_total']:.1f} | {r['ms_process']:.1f} | "
                    f"{r['ms_main_thread']:.1f} | {r['ms_children']:.1f} | {r['of_decode_limit']:.2f} | "
                    f"{r['of_write_limit']:.2f} | {st} | {wt} |")
     return out
@@ -218,12 +241,18 @@ def main() -> None:
     ap.add_argument("--format", default="h5", choices=("h5", "safetensors"))
     ap.add_argument("--host-normalize", action="store_true", help="normalize on the host CPU (not taken out)")
     ap.add_argument("--sections", default=",".join(SECTIONS), help=f"which of {', '.join(SECTIONS)} to run")
+    ap.add_argument("--baseline", default=None, help="a folder holding another s2cli (e.g. `git archive REV s2cli "
+                    "recipes | tar -x -C DIR`): every variant also runs with it, side by side")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--work", default=None, help="scratch folder (default: a temporary one; needs ~2x the output)")
     ap.add_argument("--json", default=None, help="also write every figure here")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.child and args.jobs == "decode":  # the decode limit with this process's s2cli
+        paths = sorted(Path(args.images).glob("*.jpg"))
+        print(json.dumps(decode_limit(paths, settings(Path(args.images), Path(args.out), 0, args.format))))
+        return None
     if args.child:
         args.jobs = int(args.jobs)
         return child(args)
@@ -238,21 +267,25 @@ def main() -> None:
         images = work / "images"
         paths = make_images(images, n)
         ctx: dict[str, Any] = {"images": images, "work": work, "n": n}
-        res = settings(images, work / "probe", 0, args.format)
-        ctx["decode"] = decode_limit(paths, res)
+        ctx["decode"] = decode_child(images, work, args.format)
+        if args.baseline:
+            ctx["decode_baseline"] = decode_child(images, work, args.format, args.baseline)
         ctx["write"] = write_limit(work, n)
         lines = []
         for name in args.sections.split(","):
             lines += SECTIONS[name](args, ctx)
         load1 = os.getloadavg()
         d, w = ctx["decode"], ctx["write"]
+        b = ctx.get("decode_baseline")
+        base = (f"; with the baseline's code {b['ms_per_image']:.1f} CPU-ms/img (decode {b['ms_decode']:.1f} + fit "
+                f"{b['ms_fit']:.1f})" if b else "")
         head = [f"# bench_host: {n} synthetic 1024x768 JPEGs -> llava-1.5-s2 (576x3072 float16, "
                 f"{IMAGE_BYTES / 1e6:.2f} MB/img), instant device{' (normalize on the host)' if args.host_normalize else ''}, "
                 f"--format {args.format}, best of {args.repeat}; {platform.machine()}, {os.cpu_count()} CPUs, "
                 f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, load average {load0[0]:.2f} at the start, "
                 f"{load1[0]:.2f} at the end; {time.perf_counter() - t0:.0f} s",
-                f"decode limit: {d['ms_per_image']:.1f} CPU-ms/img on one core (decode {d['ms_decode']:.1f} + fit "
-                f"{d['ms_fit']:.1f}), {d['img_s_per_core']:.1f} img/s per core; write limit: plain write + fsync "
+                f"decode limit: {d['ms_per_image']:.1f} CPU-ms/img on one core (wall split: decode {d['ms_decode']:.1f} + fit "
+                f"{d['ms_fit']:.1f}), {d['img_s_per_core']:.1f} img/s per core{base}; write limit: plain write + fsync "
                 f"{w['plain_fsync_mb_s']:.0f} MB/s, h5py contiguous {w['h5py_mb_s']:.0f} MB/s", ""]
         print("\n".join(head + lines))
         if args.json:

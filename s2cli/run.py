@@ -616,6 +616,8 @@ class Run:
                 part.sink.write(items)
                 st.waits["write"] += time.perf_counter() - t
                 st.done += len(items)
+            if self.ending is not None and self.ending.sink.ended:  # the shard before is done: counted (or its
+                self.settle()  # failure raised) now, not only when the next one ends
             self._progress()
             if self.target.heartbeat is not None:
                 self.target.heartbeat.update(images=st.done, failed=st.failed)

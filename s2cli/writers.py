@@ -143,8 +143,15 @@ class ThreadedSink:
         self._thread.join()
         if self._end_error is not None:
             raise self._end_error
+        if self._error is not None:  # a write failed (the file emptied then): nothing of it stays
+            self.tmp.unlink(missing_ok=True)
         self._raise_if_failed()
         return self.path
+
+    @property
+    def ended(self) -> bool:
+        """The writer thread is done (after `end`: `wait` returns at once)."""
+        return not self._thread.is_alive()
 
     def _end(self) -> None:
         """On the writer thread, after the last write: finish, fsync and rename, then `then`. A failure is kept for

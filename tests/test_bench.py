@@ -182,6 +182,28 @@ def test_chunked_s2_memory_within_1_2x_of_single_scale(vit_l_memory):
 
 
 @pytest.mark.slow
+def test_bench_host_quick_runs_and_reports_every_figure(tmp_path):
+    """benchmarks/bench_host.py --quick on 6 images: the decode and write limits and the instant-device run (its
+    CPU per image in total, main process, main thread and decode workers, img/s, MB/s), each positive."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parent.parent / "benchmarks" / "bench_host.py"
+    r = subprocess.run([sys.executable, str(script), "--quick", "--images", "6", "--json", str(tmp_path / "r.json")],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "| code | -j | img/s |" in r.stdout and "decode limit:" in r.stdout and "write limit:" in r.stdout
+    got = json.loads((tmp_path / "r.json").read_text())
+    [run] = got["runs"]
+    assert run["images"] == 6 and run["failed"] == 0 and run["bytes"] > 6 * 576 * 3072 * 2
+    for k in ("img_s", "mb_s", "ms_total", "ms_process", "ms_main_thread", "ms_children", "of_decode_limit"):
+        assert run[k] > 0, k
+    assert got["decode"]["ms_per_image"] > 0 and got["write"]["h5py_mb_s"] > 0
+
+
+@pytest.mark.slow
 def test_bench_gpu_script_smoke_runs_on_the_cpu():
     """benchmarks/bench_gpu.py, the one command a GPU session runs, in --smoke (tiny models, 4 small images, CPU):
     its correctness checks pass and it prints the table last."""
@@ -232,8 +254,8 @@ def test_shards_are_hashed_and_marked_on_the_writer_thread(monkeypatch, image_di
     monkeypatch.setattr(run_mod, "shard_record", spy)
     out = tmp_path / "o"
     s = s2cli.extract(str(image_dir), str(out) + "/", model="timm:vit_tiny_patch16_224", random_init=True, layer=2,
-                      shard_size=3, batch_size=2, workers=0)
-    assert s.num_images == 8 and s.shards_written == 3 and len(seen) == 3
-    assert seen == [(False, True, False)] * 3  # off the main thread, the shard in place, no marker yet
+                      shard_size=2, batch_size=1, workers=0)
+    assert s.num_images == 4 and s.shards_written == 2 and len(seen) == 2
+    assert seen == [(False, True, False)] * 2  # off the main thread, the shard in place, no marker yet
     for m in OutputDir(out).markers():
         assert m["sha256"] == file_sha256(out / m["shard"]) and m["bytes"] == (out / m["shard"]).stat().st_size
