@@ -59,7 +59,7 @@ def part_matches(marker: dict, unit: Unit | None, shard_size: int) -> bool:
         ident = unit.identity()
         if marker.get("unit", unit.id) != unit.id:
             return False
-        return ident is None or "tar_bytes" not in marker or all(marker.get(k) == v for k, v in ident.items())
+        return ident is None or not ident.keys() & marker.keys() or all(marker.get(k) == v for k, v in ident.items())
     if not keys:
         return False
     if "keys_sha256" in marker:

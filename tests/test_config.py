@@ -203,6 +203,7 @@ RESUME_OF = {
     "img_sizes": "compared", "max_split_size": "compared", "split_mode": "compared", "resize_output_to_idx": "compared",
     "fit": "compared", "antialias": "compared", "precision": "compared", "dtype": "compared", "limit": "compared",
     "input_format": "compared", "image_key": "compared", "meta_columns": "compared", "keep_ext": "compared",
+    "image_column": "compared", "key_column": "compared",
     "fps": "compared", "num_frames": "compared", "max_frames": "compared", "frames_as_images": "compared",
     "format": "compared", "shard_size": "compared", "pool": "compared", "pool_only": "compared",
     "check_finite": "compared", "reduce": "compared", "decode": "compared",

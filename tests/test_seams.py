@@ -12,7 +12,6 @@ import pytest
 
 import s2cli
 from conftest import FAST, write_image
-from s2cli.errors import ConfigError
 
 TINY = dict(model="timm:test_resnet", random_init=True, img_sizes=(64, 128), max_split_size=64, workers=0)
 
