@@ -18,7 +18,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from .config import OPTION_DECLS, ExtractConfig, Resolved
+from .config import INPUT, OPTION_DECLS, ExtractConfig, Resolved
 from .errors import ConfigError
 from .inputs.samples import Sample, sample_meta
 from .inputs.units import Input, Unit
@@ -29,10 +29,6 @@ from .store import local_of
 from .writers import format_of, itemsize
 
 VECTORS = ("auto", "mean", "pooled")  # auto: the mean of the stored tokens, or the pooled vector where only it is stored
-# extraction options a variant may not change: they decide which images are read and under which keys, and every
-# variant must see the same images
-SAME_FOR_EVERY_VARIANT = ("input_format", "image_key", "meta_columns", "keep_ext", "limit", "num_samples",
-                          "retry_failed", "frames_as_images")
 NOT_OPTIONS = ("input", "output", "provenance")
 EXTRA_FIX = "pip install 's2-features[probe]'"
 
@@ -117,9 +113,9 @@ def parse_try(text: str) -> Variant:
             raise ConfigError(f"--try sets an unknown option {name!r}", given=text,
                               expected="extract options: " + ", ".join(n.replace("_", "-") for n in sorted(types_)),
                               fix="name options as `s2 extract --help` lists them, e.g. scales=1,2 or max-split-size=448")
-        if name in SAME_FOR_EVERY_VARIANT:
-            raise ConfigError(f"--try cannot change {name}: it decides which images are read, and every variant "
-                              "sees the same images", given=text, fix=f"give {name} once, outside --try")
+        if OPTION_DECLS[name].panel == INPUT:  # which images are read, and as what: the same for every variant
+            raise ConfigError(f"--try cannot change {name}: an input option decides which images are read, and "
+                              "every variant sees the same images", given=text, fix=f"give {name} once, outside --try")
         options[name] = _convert(name, value.strip(), types_[name])
     if not options:
         raise ConfigError("--try sets nothing", given=text, fix="e.g. --try 'scales=1,2'")
