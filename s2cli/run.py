@@ -362,6 +362,7 @@ class _Part:
     first_key: str | None = None
     last_key: str | None = None
     retry_of: list[dict] | None = None  # --retry-failed: the markers whose failures this part extracts again
+    nbytes: int = 0  # the shard's size, once committed
 
 
 @dataclass
@@ -672,6 +673,7 @@ class Run:
                       "num_failed": len(cur.sink.failures),
                       "failures": [{**f, "retry": True} for f in cur.sink.failures] if retry else cur.sink.failures,
                       "seconds": round(elapsed, 3), "finished_at": time.time(), "started_at": time.time() - elapsed}
+            cur.nbytes = marker["bytes"]
             t.dir.commit(marker, log_errors=t.ranks.world == 1 and not retry, written=path)  # type: ignore[union-attr]
             if retry:  # the failures it retried move to their shards' history: each image counts once
                 t.dir.settle_retry(marker, log_errors=t.ranks.world == 1)  # type: ignore[union-attr]
@@ -692,7 +694,7 @@ class Run:
         st.busy["write"] += cur.sink.busy_s
         st.shards.append(path.name)
         if cur.sink.n:
-            self.written = (self.written[0] + marker["bytes"], self.written[1] + cur.sink.n)
+            self.written = (self.written[0] + cur.nbytes, self.written[1] + cur.sink.n)
         if t.heartbeat is not None:
             t.heartbeat.update(shards_written=len(st.shards), images=st.done, failed=st.failed, shard=None, write=True)
 
