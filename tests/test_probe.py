@@ -290,3 +290,13 @@ def _png_bytes(arr: np.ndarray) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(arr).save(buf, format="PNG")
     return buf.getvalue()
+
+
+@pytest.mark.slow  # extracts with a random-init model (seconds)
+def test_an_output_folder_is_probed_through_its_reader(probed, tmp_path):
+    _, data, report = probed
+    s2cli.extract(str(data), f"{tmp_path}/feats/", img_sizes=(64,), shard_size=3, seed=1, **TINY)
+    got = s2cli.probe([f"{tmp_path}/feats/", report.variants[0].source], folds=2, k=3, seed=1)
+    folder, file = got.variants  # the same features (same weights, images, sizes), in shards and in one file
+    assert folder.probe_accuracy == file.probe_accuracy == report.variants[0].probe_accuracy
+    assert folder.bytes_per_image == file.bytes_per_image
