@@ -92,7 +92,7 @@ def test_probe_costs_come_from_the_plan_and_the_stored_arrays(probed):
 def test_outputs_that_exist_are_scored_as_they_are(probed, cli, tmp_path):
     d, _, report = probed
     labels = tmp_path / "labels.csv"
-    with open(labels, "w", newline="") as fh:
+    with open(labels, "w", newline="", encoding="utf-8-sig") as fh:  # with a byte-order mark, as spreadsheets save
         w = csv.writer(fh)
         w.writerow(["key", "label"])
         w.writerows(zip(report.keys, report.labels))
@@ -193,6 +193,7 @@ def test_bad_inputs_are_one_line_errors(cli, tmp_path):
     labels.write_text("key,label\nblue/0,b\nblue/1,b\nred/0,r\n")
     _one_line_error(cli("probe", data, *TINY_FLAGS, "--labels", labels), "5 of 8 images have no label", "blue/2")
     _one_line_error(cli("probe", data, *TINY_FLAGS, "--label-column", "tone"), "have no label", "--label-column tone")
+    _one_line_error(cli("probe", data, *TINY_FLAGS, "--k", "0"), "--k", "positive")
     (tmp_path / "bad.csv").write_text("name,class\n")
     _one_line_error(cli("probe", data, *TINY_FLAGS, "--labels", tmp_path / "bad.csv"), "`key` and `label`")
     assert not list(tmp_path.glob("**/*.h5"))  # nothing was extracted
