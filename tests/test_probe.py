@@ -301,3 +301,12 @@ def test_an_output_folder_is_probed_through_its_reader(probed, tmp_path):
     folder, file = got.variants  # the same features (same weights, images, sizes), in shards and in one file
     assert folder.probe_accuracy == file.probe_accuracy == report.variants[0].probe_accuracy
     assert folder.bytes_per_image == file.bytes_per_image
+
+
+@pytest.mark.slow  # extracts with a random-init model (seconds)
+def test_an_image_that_fails_is_left_out_of_every_variant_and_named(tmp_path):
+    data = labelled_folder(tmp_path / "data")
+    (data / "red" / "broken.png").write_bytes(b"not an image")
+    report = s2cli.probe(str(data), ["img_sizes=64", "img_sizes=64,128"], folds=2, **TINY)
+    assert report.dropped == ["red/broken"] and "red/broken" not in report.keys and len(report.keys) == 8
+    assert all(len(v.probe_accuracy) == 2 for v in report.variants)
