@@ -20,7 +20,7 @@ def export_embeddings(src: Reader, out: str | os.PathLike, pool: str = "auto", n
                       dtype: str = "float16", chunk: int = 100_000, block: int = 4096) -> dict[str, Any]:
     """One vector per image, in the layout clip-retrieval writes and autofaiss reads: OUT/img_emb/img_emb_{i}.npy
     (n, C) and OUT/metadata/metadata_{i}.parquet in the same order, with the columns `image_path` (the image's
-    source), `key`, and each top-level field of the images' metadata (caption, url, ...; see --meta-columns).
+    source, absolute: a relative one is resolved against the folder the extraction ran in, `source_root`), `key`, and each top-level field of the images' metadata (caption, url, ...; see --meta-columns).
     `pool`: auto (the stored pooled vectors, else the mean of the spatial tokens), pooled, or mean. `normalize`:
     L2-normalise each vector (computed in float32; as clip-retrieval does, so inner product is cosine), then
     store as `dtype` (float16, as clip-retrieval, or float32). Reads in bulk, `block` images at a time."""
@@ -51,7 +51,7 @@ def export_embeddings(src: Reader, out: str | os.PathLike, pool: str = "auto", n
         if normalize:
             vecs = vecs / np.maximum(np.linalg.norm(vecs, axis=1, keepdims=True), 1e-12)
         np.save(out / "img_emb" / f"img_emb_{i}.npy", vecs.astype(dtype))
-        pq.write_table(pa.Table.from_pylist(_rows(keys, recs)), out / "metadata" / f"metadata_{i}.parquet")
+        pq.write_table(pa.Table.from_pylist(_rows(keys, recs, src.attrs.get("source_root"))), out / "metadata" / f"metadata_{i}.parquet")
         files.append(f"img_emb/img_emb_{i}.npy")
         n, dim = n + len(keys), int(vecs.shape[1])
     return {"output": str(out), "num_images": n, "dim": dim, "files": files, "pool": "stored" if use_stored else "mean",
@@ -75,11 +75,11 @@ def _chunks(blocks: Iterator[tuple[list[str], np.ndarray, list[dict]]], chunk: i
         yield keys, np.concatenate(vecs), recs
 
 
-def _rows(keys: list[str], recs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def _rows(keys: list[str], recs: list[dict[str, Any]], root: str | None) -> list[dict[str, Any]]:
     """Parquet rows: image_path, key, and the images' metadata fields as columns (non-dict metadata as `meta`)."""
     rows = []
     for k, r in zip(keys, recs):
-        row: dict[str, Any] = {"image_path": r["source"], "key": k}
+        row: dict[str, Any] = {"image_path": image_path(r["source"], root), "key": k}
         m = r["meta"]
         if isinstance(m, dict):
             row.update({c: v for c, v in m.items() if c not in row})
@@ -87,6 +87,15 @@ def _rows(keys: list[str], recs: list[dict[str, Any]]) -> list[dict[str, Any]]:
             row["meta"] = m
         rows.append(row)
     return rows
+
+
+def image_path(source: str, root: str | None) -> str:
+    """A source as an export writes it: a relative local path joined to `root` (the extraction's folder), so that it
+    opens from anywhere; an absolute path, a URL, a `pipe:` (or a relative path with no root: an output written
+    before s2cli recorded it) as stored."""
+    if root is None or os.path.isabs(source) or "://" in source or source.startswith("pipe:"):
+        return source
+    return os.path.normpath(os.path.join(root, source))
 
 
 def _has_pooled(src: Reader, key: str) -> bool:

@@ -126,7 +126,8 @@ def feature_maps(ff: Any, key: str) -> list[tuple[str, np.ndarray]]:
 
 
 def features_figure(ff: Any, key: str) -> tuple[Image.Image, list[Panel]]:
-    """The image (when its source is a readable file) beside a PCA picture of every map."""
+    """The image as the backbone saw it (when its source is a readable file: `seen`) beside a PCA picture of every
+    map."""
     from .errors import ConfigError
 
     m = ff.meta(key)
@@ -143,6 +144,7 @@ def features_figure(ff: Any, key: str) -> tuple[Image.Image, list[Panel]]:
         else:
             with open(src, "rb") as fh:
                 im, _ = load_rgb(fh)  # decoded as the extraction decodes it
+        im = seen(im, ff, m)
         size, f = _panel_size((im.height, im.width))
         items.append((im.resize(size, Image.BILINEAR), key, (0, 0, 0), f, ()))
     for label, fm in feature_maps(ff, key):
@@ -151,6 +153,19 @@ def features_figure(ff: Any, key: str) -> tuple[Image.Image, list[Panel]]:
         size, f = _panel_size((h, w))
         items.append((Image.fromarray(rgb).resize(size, Image.NEAREST), f"{label} {h}x{w}", (0, 0, 0), f, ()))
     return _compose(items)
+
+
+def seen(im: Image.Image, ff: Any, m: dict[str, Any]) -> Image.Image:
+    """A decoded image as the backbone saw it: for S², fitted once to the largest scale as the extraction fits it
+    (the run's --fit, side and pad color, from the stored config), so a centre crop shows the crop; a strategy's
+    views (the image's plan in its metadata) cover the whole image, shown as decoded."""
+    from .sources import Fit, fit_to_array
+
+    if m.get("plan") is not None:
+        return im
+    cfg = json.loads(ff.attrs["config"])
+    fit = Fit(cfg["fit"], max(cfg["img_sizes"]), tuple(cfg["backbone"]["mean"]))
+    return Image.fromarray(fit_to_array(im, fit).transpose(1, 2, 0))
 
 
 def plan_summary(panels: list[Panel]) -> str:

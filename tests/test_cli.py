@@ -288,3 +288,86 @@ def test_a_run_where_every_sample_failed_exits_1(cli, tmp_path):
     assert "every sample failed (2)" in r.stderr and "list's folder" in r.stderr
     with open_features(out) as ff:  # the failure records are kept
         assert len(ff) == 0
+
+
+# ---- the face: one error prefix, -o wherever a command writes, entries counted as entries -------------------------
+@pytest.mark.parametrize("args", [
+    ["export", "feats/", "--nope"],                       # click's usage error
+    ["extract", "imgs/", "--batch-size", "x"],            # click's bad value
+    ["recipes", "show", "nope"],                          # an S2Error
+    ["inspect", "nowhere.h5"],
+])
+def test_every_error_is_one_line_with_one_prefix(cli, tmp_path, monkeypatch, args):
+    monkeypatch.chdir(tmp_path)
+    r = cli(*args)
+    assert r.exit_code == 2, (r.exit_code, r.stderr)
+    assert r.stderr.startswith("error: ") and "\n" not in r.stderr.strip() and "Traceback" not in r.stderr, r.stderr
+
+
+def _tiny_h5(cli, d, out, *extra):
+    r = cli("extract", d, "-m", "timm:test_resnet", "--random-init", "--img-sizes", "64", "--max-split-size", "64",
+            "-j", 0, "-o", out, *extra)
+    assert r.exit_code == 0, r.stderr
+    return r
+
+
+def test_export_takes_o_and_its_image_paths_open_from_anywhere(cli, tmp_path, monkeypatch):
+    """`s2 export feats -o emb/` as every writing command takes -o; `image_path` is absolute: a source recorded
+    relative to the folder the extraction ran in (`imgs/a.png`) is joined to that folder (`source_root`)."""
+    import pyarrow.parquet as pq
+
+    run = tmp_path / "run"
+    write_image(run / "imgs" / "a.png", (40, 60), 1)
+    write_image(run / "imgs" / "b.png", (30, 50), 2)
+    monkeypatch.chdir(run)
+    _tiny_h5(cli, "imgs", "o.h5")
+    with open_features(run / "o.h5") as ff:
+        assert ff.meta("a")["source"] == "imgs/a.png" and ff.attrs["source_root"] == str(run)
+    monkeypatch.chdir(tmp_path)  # exported from elsewhere
+    r = cli("export", run / "o.h5", "-o", "emb/", "--json")
+    assert r.exit_code == 0, r.stderr
+    paths = pq.read_table(tmp_path / "emb" / "metadata" / "metadata_0.parquet").column("image_path").to_pylist()
+    assert paths == [str(run / "imgs" / "a.png"), str(run / "imgs" / "b.png")] and all(map(os.path.isfile, paths))
+    assert cli("export", run / "o.h5", "emb2/").exit_code == 0  # the positional OUT still works
+    for args in ([], ["a/", "-o", "b/"]):
+        r = cli("export", run / "o.h5", *args)
+        assert r.exit_code == 2 and "OUT or as -o" in r.stderr, r.stderr
+
+
+def test_export_image_path_rule():
+    from s2cli.export import image_path
+
+    assert image_path("imgs/a.png", "/data/run") == "/data/run/imgs/a.png"
+    assert image_path("/abs/a.png", "/data/run") == "/abs/a.png"
+    assert image_path("s3://b/a.png", "/data/run") == "s3://b/a.png"
+    assert image_path("shards/0.tar#k", "/r") == "/r/shards/0.tar#k"
+    assert image_path("imgs/a.png", None) == "imgs/a.png"  # written before the root was recorded: as stored
+
+
+def test_runs_count_entries(cli, tmp_path):
+    write_image(tmp_path / "one" / "a.png", (40, 60), 1)
+    r = _tiny_h5(cli, tmp_path / "one", tmp_path / "o.h5")
+    assert "1 entry, 0 failed" in r.stderr and "images" not in r.stderr
+    r = _tiny_h5(cli, tmp_path / "one", tmp_path / "d/", "--dry-run")
+    assert "1 entry, " in r.stdout
+
+
+def test_viz_features_shows_what_the_backbone_saw(cli, tmp_path):
+    """A wide photo extracted with the centre crop: its panel is the crop the backbone saw (the pixels of
+    `s2cli.views`), not the whole photo; with --fit keep, the whole photo."""
+    import s2cli
+    from s2cli.viz import LABEL
+
+    img = write_image(tmp_path / "imgs" / "w.png", (40, 120), 7)
+    for fit in ("crop", "keep"):
+        out = tmp_path / f"{fit}.h5"
+        _tiny_h5(cli, tmp_path / "imgs", out, "--fit", fit)
+        png = tmp_path / f"{fit}.png"
+        panels = invoke_json(cli, "viz", "features", out, "--key", "w", "-o", png, "--json")
+        (view,) = s2cli.views(img, model="timm:test_resnet", img_sizes=(64,), max_split_size=64, fit=fit)
+        w, h = panels[0]["size"]
+        assert (w == h) is (fit == "crop")
+        want = Image.fromarray(view.transpose(1, 2, 0)).resize((w, h), Image.BILINEAR)
+        x = panels[0]["x"]
+        got = Image.open(png).convert("RGB").crop((x, LABEL, x + w, LABEL + h))
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))

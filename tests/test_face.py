@@ -9,6 +9,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
+
+from s2cli.cli import app
 
 ROOT = Path(__file__).parent.parent
 
@@ -56,17 +59,109 @@ def test_examples_run_from_another_folder(tmp_path):
 def _help(cli, *args) -> str:
     r = cli(*args, "--help")
     assert r.exit_code == 0, r.stderr
-    return re.sub(r"[│╭╮╰╯─]", " ", r.stdout)
+    return r.stdout
+
+
+def _commands(cmd=None, path: tuple[str, ...] = ()):
+    """Every command of `s2`, groups included, as (its words after `s2`, its click command)."""
+    if cmd is None:
+        from typer.main import get_command
+
+        cmd = get_command(app)
+    yield path, cmd
+    for name, sub in sorted(getattr(cmd, "commands", {}).items()):
+        yield from _commands(sub, (*path, name))
+
+
+COMMANDS = [" ".join(p) for p, _ in _commands()]
 
 
 def test_help_shows_defaults_choices_and_panels(cli, monkeypatch):
     monkeypatch.setenv("COLUMNS", "200")
     text = " ".join(_help(cli, "extract").split())
-    assert re.search(r"--batch-size -b INTEGER Images per batch\. \[default: 8\]", text)
-    assert "crop|squash|pad|keep" in text and "s2|dynamic-s2|anyres|internvl|native|dual" in text
-    for panel in ("Input", "Model", "Scales and tiles", "Strategy", "Output", "Speed", "Run control"):
-        assert f" {panel} " in text
-    assert "Examples:" in text
+    assert re.search(r"-b, --batch-size INTEGER Images per batch\. \[default: 8\]", text)
+    assert "--fit crop|squash|pad|keep" in text and "--strategy s2|dynamic-s2|anyres|internvl|native|dual" in text
+    for panel in ("Common options", "Input", "Model", "Scales and tiles", "Strategy", "Output", "Speed", "Run control"):
+        assert f" {panel}: " in text
+    assert text.index("Common options:") < text.index("Input:") and "Examples:" in text
+
+
+def _words(text: str) -> list[str]:
+    """The words of a help text, a shell line's continuation ` \\` left out: what wrapping cannot change."""
+    return [w for w in text.split() if w != "\\"]
+
+
+@pytest.mark.parametrize("columns", [80, 120])
+@pytest.mark.parametrize("command", COMMANDS)
+def test_help_fits_the_terminal_with_nothing_cut(command, columns):
+    """Every command's help at 80 and 120 columns: no line wider than the terminal, no cut (`…`, a truncated
+    listing) and no word split across lines (a flag, a choice, a default, a hyphenated name): its words are the
+    words of the same help laid out on a line of 10,000 columns, in the same order."""
+    runner = CliRunner()
+    args = [*command.split(), "--help"]
+    r = runner.invoke(app, args, terminal_width=columns)  # as COLUMNS sets it outside CliRunner (which forces 80)
+    assert r.exit_code == 0, r.output
+    wide = runner.invoke(app, args, terminal_width=10_000, max_content_width=10_000)
+    assert wide.exit_code == 0, wide.output
+    lines = r.stdout.splitlines()
+    assert max(map(len, lines)) <= columns, [line for line in lines if len(line) > columns]
+    assert "…" not in r.stdout
+    assert _words(r.stdout) == _words(wide.stdout)  # nothing cut short for want of room (click's "..."), nor split
+    if columns == 120:  # the room is used: the option table is not held to 80 columns
+        assert max(map(len, lines)) > 80 or max(map(len, wide.stdout.splitlines())) <= 80
+
+
+def test_the_help_test_sees_a_cut_and_a_split_word():
+    assert _words("--frames-as-imag… x") != _words("--frames-as-images x")
+    assert _words("float32|float16|bfl\n  oat16") != _words("float32|float16|bfloat16")
+    assert _words("s2 extract a \\\n    -o b") == _words("s2 extract a -o b")
+
+
+def test_every_command_is_in_the_help_test():
+    assert {"extract", "inspect", "export", "models", "fetch", "bench", "slurm", "status", "recipes",
+            "recipes show", "viz", "viz plan", "viz features", ""} <= set(COMMANDS)
+
+
+def _completions(*args: str) -> list[str]:
+    """What shell completion offers for the last word of `s2 ARGS` (click's completion API, as bash asks it)."""
+    from typer._completion_classes import BashComplete
+    from typer.main import get_command
+
+    *done, incomplete = args
+    return [c.value for c in BashComplete(get_command(app), {}, "s2", "_S2_COMPLETE").get_completions(done, incomplete)]
+
+
+def test_completion_offers_model_aliases_family_prefixes_and_recipes(monkeypatch):
+    from s2cli import backbones
+    from s2cli.commands.complete import family_prefixes
+    from s2cli.config import list_recipes
+
+    aliases = [m.name for m in backbones.list_models()]
+    assert {"timm:", "hf:"} <= set(family_prefixes())
+    assert _completions("extract", "x", "--model", "") == aliases + family_prefixes()
+    assert _completions("extract", "x", "-m", "clip") == [a for a in aliases if a.startswith("clip")]
+    assert _completions("extract", "x", "-m", "ti") == ["timm:"]
+    assert _completions("fetch", "dino") == [a for a in aliases if a.startswith("dino")]
+    assert _completions("recipes", "show", "") == sorted(list_recipes())
+    assert _completions("bench", "--recipe", "llava") == sorted(n for n in list_recipes() if n.startswith("llava"))
+    assert _completions("extract", "x", "--fit", "") == ["crop", "squash", "pad", "keep"]
+    # read from the registry: an alias registered later is offered too
+    toy = backbones.list_models()[0]
+    monkeypatch.setattr(backbones, "list_models", lambda: [toy, type(toy)(**{**toy.to_dict(), "name": "zz-toy"})])
+    assert _completions("extract", "x", "--model", "zz") == ["zz-toy"]
+
+
+def test_every_model_and_recipe_parameter_completes():
+    """Whichever command takes --model, --recipe or MODELS (now or added later) completes them."""
+    found = 0
+    for path, cmd in _commands():
+        for param in cmd.params:
+            if param.name in ("model", "models", "recipe"):
+                word = (param.opts[-1],) if param.param_type_name == "option" else ()
+                args = [*path, *(["x"] if path[-1:] in (("extract",), ("slurm",), ("plan",)) else []), *word]
+                assert _completions(*args, ""), (path, param.name)
+                found += 1
+    assert found >= 8
 
 
 def test_a_shown_default_does_not_override_a_recipe(cli, image_dir, tmp_path):

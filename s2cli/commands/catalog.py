@@ -7,8 +7,9 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from . import options as o
+from . import complete, options as o
 from ._common import out, reported
+from .layout import App
 
 
 def models(as_json: o.Json = False) -> None:
@@ -36,7 +37,7 @@ def models(as_json: o.Json = False) -> None:
     out.print(t)
 
 
-recipes_app = typer.Typer()  # its help is the listing callback's docstring
+recipes_app = App()  # its help is the listing callback's docstring
 
 
 @recipes_app.callback(invoke_without_command=True)
@@ -63,13 +64,13 @@ def recipes(ctx: typer.Context, as_json: o.Json = False) -> None:
                   ("tiles", {}), ("T x C", {"no_wrap": True})):
         t.add_column(c, **kw)
     for r in rows:
-        how = r["strategy"] if r["strategy"] != "s2" else ",".join(map(str, r["img_sizes"]))
-        t.add_row(r["name"], r["model"], how, str(r["tiles"]), "{} x {}".format(*r["output_shape"]))
+        t.add_row(r["name"], r["model"], r["plan"], str(r["tiles"]), "{} x {}".format(*r["output_shape"]))
     out.print(t)
 
 
 @recipes_app.command("show")
-def show_recipe(name: Annotated[str, typer.Argument(help="A recipe name (see `s2 recipes`) or a .yaml path.")]) -> None:
+def show_recipe(name: Annotated[str, typer.Argument(help="A recipe name (see `s2 recipes`) or a .yaml path.",
+                                                    autocompletion=complete.recipes)]) -> None:
     """Print one recipe's YAML, as shipped.
 
     Example:  s2 recipes show llava-1.5-s2 > my.yaml   # then: s2 extract photos/ --recipe ./my.yaml

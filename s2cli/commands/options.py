@@ -193,4 +193,5 @@ RetryFailed = declare("retry_failed", Bool, _flag("--retry-failed", "--no-retry-
                                     "of their own; nothing else changes (docs/clusters.md).", RUN, "retry_failed"))
 DryRun = declare("dry_run", bool, option("--dry-run", help="Print the plan; load no weights, read headers only.", panel=RUN))
 Json = declare("as_json", bool, typer.Option("--json", help="Print machine-readable JSON on stdout."))
-Quiet = declare("quiet", bool, option("--quiet", "-q", help="No progress bar.", panel=RUN))
+Quiet = declare("quiet", bool, option("--quiet", "-q", help="No progress bar or log line, s2's or its libraries' "
+                                      "(errors still print).", panel=RUN))

@@ -8,7 +8,7 @@ import typer
 from rich.table import Table
 
 from . import options as o
-from ._common import out, reported
+from ._common import entries, out, reported
 
 
 def status(
@@ -29,7 +29,7 @@ def status(
         print(json.dumps(st))
         return
     t = Table(title=f"{st['output']} ({st['input']})")
-    for c in ("rank", "state", "host", "pid", "shards", "images", "failed", "img/s", "in flight", "updated"):
+    for c in ("rank", "state", "host", "pid", "shards", "entries", "failed", "img/s", "in flight", "updated"):
         t.add_column(c, overflow="fold", no_wrap=c != "in flight")
     for r in st["ranks"]:
         fl = r["in_flight"]
@@ -39,7 +39,7 @@ def status(
                   "-" if r["updated_s_ago"] is None else f"{r['updated_s_ago']}s ago")
     out.print(t)
     total = "?" if st["shards_total"] is None else st["shards_total"]
-    out.print(f"shards {st['shards_done']}/{total}, units {st['units_done']}/{st['units_total']}, {st['images']} images, "
+    out.print(f"shards {st['shards_done']}/{total}, units {st['units_done']}/{st['units_total']}, {entries(st['images'])}, "
               f"{st['failed']} failed, {st['images_per_s'] or '-'} img/s overall, {st['images_per_s_now']} img/s now; "
               f"{'complete' if st['complete'] else 'not complete'}", highlight=False)
     for b in st["broken_shards"]:
