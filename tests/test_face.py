@@ -3,6 +3,7 @@ defaults and choices, shell completion, `s2 inspect --keys`, `s2 recipes` and `s
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -11,6 +12,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from conftest import caller_env
 from s2cli.cli import app
 
 ROOT = Path(__file__).parent.parent
@@ -243,3 +245,137 @@ def test_every_command_ends_its_help_with_an_example(cli, monkeypatch):
     for command in (["extract"], ["inspect"], ["export"], ["models"], ["recipes"], ["recipes", "show"], ["bench"],
                     ["slurm"], ["status"], ["viz", "plan"], ["viz", "features"]):
         assert re.search(r"Examples?:\s+s2 ", " ".join(_help(cli, *command).split())), command
+
+
+# ---- quiet means quiet ----------------------------------------------------------------------------------------------
+def _s2(*args, cwd):
+    return subprocess.run([sys.executable, "-m", "s2cli", *map(str, args)], cwd=cwd, capture_output=True, text=True,
+                          timeout=600)
+
+
+SUMMARY = r"\d+ entr(y|ies), 0 failed -> \S+ \([\d.]+ img/s\)\n"
+
+
+@pytest.mark.slow
+def test_quiet_first_run_prints_the_summary_line_only(tmp_path):
+    """The README's first run with -q, in a process of its own as a user runs it: one line on stderr, nothing on
+    stdout; with --json, the JSON on stdout and nothing on stderr."""
+    (tmp_path / "examples").symlink_to(ROOT / "examples")
+    r = _s2("extract", "examples/images", "-q", cwd=tmp_path)
+    assert r.returncode == 0 and r.stdout == "" and re.fullmatch(SUMMARY, r.stderr), r.stderr
+    r = _s2("extract", "examples/images", "-q", "--json", "--overwrite", cwd=tmp_path)
+    assert r.returncode == 0 and r.stderr == "" and json.loads(r.stdout)["num_images"] == 8, r.stderr
+
+
+def tiny_clip_repo(folder: Path) -> Path:
+    """A tiny random CLIP vision tower with its image processor, as save_pretrained writes them."""
+    import torch
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+
+    from conftest import TINY
+
+    torch.manual_seed(0)
+    CLIPVisionModel(CLIPVisionConfig(**TINY)).save_pretrained(folder)
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.slow
+def test_a_hub_download_with_q_prints_the_summary_line_only(hub, tmp_path):
+    """A first use that downloads from the (loopback) hub and loads through transformers' from_pretrained: with -q
+    not one progress bar or log line of huggingface_hub or transformers ("Fetching 3 files", "Loading weights");
+    without -q, stderr not being a terminal, no progress bar either."""
+    from conftest import write_image
+
+    hub.add("org/tiny-clip", tiny_clip_repo(tmp_path / "clip"))
+    hub.add("org/tiny-clip-2", tmp_path / "clip")
+    for i in range(2):
+        write_image(tmp_path / "imgs" / f"{i}.png", (40, 60), i)
+    r = _s2("extract", "imgs", "-m", "hf:org/tiny-clip", "-o", "a.h5", "-q", cwd=tmp_path)
+    assert r.returncode == 0 and r.stdout == "" and re.fullmatch(SUMMARY, r.stderr), r.stderr
+    r = _s2("extract", "imgs", "-m", "hf:org/tiny-clip-2", "-o", "b.h5", cwd=tmp_path)
+    assert r.returncode == 0 and "%|" not in r.stderr and "Fetching" not in r.stderr, r.stderr
+    assert re.search(SUMMARY, r.stderr), r.stderr
+
+
+def test_quiet_restores_the_libraries_after_the_command(cli, image_dir, tmp_path):
+    """-q turns the libraries' bars and loggers off for the command only (an in-process caller keeps its own)."""
+    import logging
+
+    from huggingface_hub.utils import are_progress_bars_disabled
+
+    logging.getLogger("transformers").setLevel(logging.INFO)
+    r = cli("extract", image_dir, "-m", "timm:test_resnet", "--random-init", "--img-sizes", "64", "--max-split-size",
+            "64", "-j", 0, "-o", tmp_path / "o.h5", "-q")
+    assert r.exit_code == 0 and r.stderr == "" or re.fullmatch(SUMMARY, r.stderr), r.stderr
+    assert logging.getLogger("transformers").level == logging.INFO and not are_progress_bars_disabled()
+    assert "HF_HUB_DISABLE_PROGRESS_BARS" not in os.environ and "TRANSFORMERS_VERBOSITY" not in os.environ
+
+
+# ---- the suite sets every variable it depends on -------------------------------------------------------------------
+HOSTILE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+           "HF_HUB_ENABLE_HF_TRANSFER": "1", "HF_HUB_CACHE": "/nonexistent/hub", "HF_TOKEN": "hf_not_a_token",
+           "S2CLI_HUB_TIMEOUT": "0.001", "S2CLI_PROGRESS_S": "0", "S2CLI_SPOOL": "/nonexistent",
+           "COLUMNS": "40", "FORCE_COLOR": "1", "RANK": "1", "WORLD_SIZE": "2"}
+
+
+def test_the_callers_variables_are_cleared():
+    assert caller_env({**HOSTILE, "PATH": "/bin", "HOME": "/root", "S2CLI_REQUIRE_SLURM": "1"}) == sorted(HOSTILE)
+    # what is left is the test's own: an empty cache of its own and a hub endpoint on loopback
+    assert caller_env() == ["HF_ENDPOINT", "HF_HOME"], "a variable of the caller reached the test"
+    assert os.environ["HF_ENDPOINT"].startswith("http://127.0.0.1:") and not os.listdir(os.environ["HF_HOME"])
+
+
+def test_a_hub_download_in_process(hub, cli, tmp_path):
+    """A first use that downloads from the loopback hub, in process: what the next test runs in a hostile
+    environment."""
+    from conftest import write_image
+
+    hub.add("org/tiny-clip", tiny_clip_repo(tmp_path / "clip"))
+    write_image(tmp_path / "imgs" / "a.png", (40, 60), 1)
+    r = cli("extract", tmp_path / "imgs", "-m", "hf:org/tiny-clip", "-o", tmp_path / "a.h5", "--json")
+    assert r.exit_code == 0 and json.loads(r.stdout)["num_images"] == 1, r.stderr
+
+
+@pytest.mark.slow
+def test_the_suite_passes_whatever_the_caller_exports(tmp_path):
+    """HF_HUB_OFFLINE=1 (a cluster node), a narrow COLUMNS, torchrun's RANK, ...: a hub download and the help
+    test still pass, because conftest clears them for every test (and before huggingface_hub is imported)."""
+    env = {**os.environ, **HOSTILE}
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x",
+                        f"{__file__}::test_a_hub_download_in_process", f"{__file__}::test_the_callers_variables_are_cleared",
+                        f"{__file__}::test_help_fits_the_terminal_with_nothing_cut[extract-80]"],
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and "3 passed" in r.stdout, r.stdout[-3000:]
+
+
+# ---- docs that cannot drift ------------------------------------------------------------------------------------------
+def test_the_docs_say_what_the_code_does():
+    """The model aliases, the recipes, the extract synopsis and every command's options in README.md and docs/ are
+    the ones the registries and the commands declare (generated by `python -m s2cli.reference`)."""
+    from s2cli import reference
+
+    assert reference.stale() == [], "the docs and the code disagree: run `python -m s2cli.reference`"
+
+
+def test_an_alias_added_to_the_code_only_makes_the_docs_stale(monkeypatch):
+    import dataclasses
+
+    from s2cli import backbones, reference
+
+    real = backbones.list_models()
+    monkeypatch.setattr(backbones, "list_models", lambda: [*real, dataclasses.replace(real[-1], name="toy-alias")])
+    assert reference.stale() == ["docs/models.md"]
+    assert "`toy-alias`" in reference.models_table()
+
+
+def test_a_generated_block_removed_from_a_doc_is_stale(tmp_path):
+    from s2cli import reference
+
+    for file, text in reference.expected().items():
+        (tmp_path / file).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / file).write_text(text)
+    assert reference.stale(tmp_path) == []
+    text = (tmp_path / "README.md").read_text()
+    (tmp_path / "README.md").write_text(reference.BLOCK.sub("", text))
+    assert reference.stale(tmp_path) == ["README.md (no block recipes)"]
