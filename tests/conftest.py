@@ -114,10 +114,9 @@ def _inner_loop_starts_no_interpreter(request, monkeypatch):
     init = subprocess.Popen.__init__
 
     def watched(self, args, *a, **k):
-        program = spawned_program(args)
-        if program is not None:
+        init(self, args, *a, **k)  # a program that is not there (FileNotFoundError) started nothing
+        if spawned_program(args) is not None:
             started.append(" ".join(map(os.fsdecode, [args] if isinstance(args, (str, bytes)) else args))[:200])
-        init(self, args, *a, **k)
 
     monkeypatch.setattr(subprocess.Popen, "__init__", watched)
     yield

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import EXAMPLES, invoke_json, write_image
+from conftest import EXAMPLES, MODEL, invoke_json, write_image
 from s2cli import multiscale_forward, open_features
 from s2cli.backbones import load_backbone, resolve
 
@@ -30,22 +30,23 @@ def oracle_input(path, side, mean, std, fit="crop"):
 
 
 def test_round_trip_tiny_timm_vit(cli, image_dir, tmp_path):
+    """timm's test_vit (160 px, patch 16, 64 channels, a CLS token): the smallest ViT timm has."""
     out = tmp_path / "vit.h5"
-    summary = invoke_json(cli, "extract", image_dir, "-m", "timm:vit_tiny_patch16_224", "--random-init", "--seed", 3,
+    summary = invoke_json(cli, "extract", image_dir, "-m", "timm:test_vit", "--random-init", "--seed", 3,
                           "--scales", "1,2", "-o", out, "-j", 0, "-b", 3, "--json")
     assert summary["num_images"] == 4 and summary["num_failed"] == 0
-    bb = load_backbone(resolve("timm:vit_tiny_patch16_224"), random_init=True, seed=3)
+    bb = load_backbone(resolve("timm:test_vit"), random_init=True, seed=3)
     with open_features(out) as ff:
         assert list(ff) == ["a", "b", "d", "sub/c"]
         for key, name in [("a", "a.png"), ("sub/c", "sub/c.PNG")]:
-            x = oracle_input(image_dir / name, 448, bb.cfg.mean, bb.cfg.std)
+            x = oracle_input(image_dir / name, 320, bb.cfg.mean, bb.cfg.std)
             with torch.no_grad():
-                expect = multiscale_forward(bb, x, img_sizes=[224, 448], max_split_size=224, num_prefix_token=1)[0]
-            assert ff[key].shape == (1 + 196, 192 * 2)
+                expect = multiscale_forward(bb, x, img_sizes=[160, 320], max_split_size=160, num_prefix_token=1)[0]
+            assert ff[key].shape == (1 + 100, 64 * 2)
             np.testing.assert_allclose(ff[key], expect.numpy(), atol=1e-4, rtol=1e-4)
         meta = ff.meta("b")
-        assert meta["orig_hw"] == [64, 48] and meta["grid_hw"] == [14, 14] and meta["num_prefix_tokens"] == 1
-        assert meta["img_sizes"] == [[224, 224], [448, 448]] and meta["split_mode"] == "resize"
+        assert meta["orig_hw"] == [64, 48] and meta["grid_hw"] == [10, 10] and meta["num_prefix_tokens"] == 1
+        assert meta["img_sizes"] == [[160, 160], [320, 320]] and meta["split_mode"] == "resize"
         assert ff.attrs["weights"] == "random-init(seed=3)"
 
 
@@ -168,7 +169,7 @@ def test_inspect_json_fields(cli, tmp_path, image_dir):
 
 def test_float16_storage(cli, tmp_path, image_dir):
     out = tmp_path / "h.h5"
-    invoke_json(cli, "extract", image_dir, "--random-init", "-o", out, "-j", 0, "--dtype", "float16", "--json")
+    invoke_json(cli, "extract", image_dir, *MODEL, "-o", out, "-j", 0, "--dtype", "float16", "--json")
     with open_features(out) as ff:
         assert ff.dtype == "float16" and ff["a"].dtype == np.float16
 
@@ -209,7 +210,7 @@ def test_output_is_atomic(cli, tmp_path, image_dir, monkeypatch):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(writers.HDF5Sink, "_finish", explode)
-    r = cli("extract", image_dir, "--random-init", "-o", tmp_path / "never.h5", "-j", 0)
+    r = cli("extract", image_dir, *MODEL, "-o", tmp_path / "never.h5", "-j", 0)
     assert r.exit_code != 0
     assert os.listdir(tmp_path) == ["imgs"]  # neither the final file nor a temporary one is left
 
@@ -247,7 +248,7 @@ def test_model_stage_failure_isolates_the_bad_image(cli, tmp_path, image_dir, mo
     import s2cli.extractor as extractor
 
     clean = tmp_path / "clean.h5"
-    invoke_json(cli, "extract", image_dir, "--random-init", "-o", clean, "-j", 0, "-b", 4, "--json")
+    invoke_json(cli, "extract", image_dir, *MODEL, "-o", clean, "-j", 0, "-b", 4, "--json")
     Image.new("RGB", (20, 20), (7, 7, 7)).save(image_dir / "poison.png")
     original = extractor.Extractor.submit
 
@@ -258,7 +259,7 @@ def test_model_stage_failure_isolates_the_bad_image(cli, tmp_path, image_dir, mo
 
     monkeypatch.setattr(extractor.Extractor, "submit", submit)
     out = tmp_path / "dirty.h5"
-    summary = invoke_json(cli, "extract", image_dir, "--random-init", "-o", out, "-j", 0, "-b", 5, "--json")
+    summary = invoke_json(cli, "extract", image_dir, *MODEL, "-o", out, "-j", 0, "-b", 5, "--json")
     assert summary["num_images"] == 4 and summary["num_failed"] == 1
     with open_features(out) as fd, open_features(clean) as fc:
         assert [f["key"] for f in fd.failures] == ["poison"] and fd.failures[0]["stage"] == "model"

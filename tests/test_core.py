@@ -43,6 +43,7 @@ def _gray16(path: Path) -> Path:
     return path
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("argv", [
     ["extract", "{img}", "--recipe", "llava-1.5-s2", "--random-init", "--dry-run", "--json"],
     ["extract", "{img}", "--recipe", "llava-next-anyres", "--random-init", "--dry-run", "--json"],
@@ -61,6 +62,7 @@ def test_dry_run_and_viz_plan_run_without_torch(tmp_path, argv):
     assert out  # a plan with images, or the panels drawn
 
 
+@pytest.mark.slow
 def test_the_blocker_really_blocks_torch(tmp_path):
     """The test above would fail if the command imported torch: a real run (which needs torch) fails under it."""
     img = tmp_path / "imgs"

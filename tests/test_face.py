@@ -18,32 +18,6 @@ from s2cli.cli import app
 ROOT = Path(__file__).parent.parent
 
 
-def _first_run_commands() -> list[str]:
-    text = (ROOT / "README.md").read_text()
-    section = text.split("## Install and first run", 1)[1].split("\n## ", 1)[0]
-    block = re.search(r"```bash\n(.*?)```", section, re.S).group(1)
-    return [line.split("#")[0].strip() for line in block.splitlines() if line.strip()]
-
-
-@pytest.mark.slow
-def test_the_readme_first_run_works_as_written(tmp_path):
-    """The install lines need a network and minutes (CI does them); every `s2` line runs here, in a folder of
-    the user's own beside a copy of `examples/`."""
-    commands = _first_run_commands()
-    assert any(c.startswith("pip install") for c in commands)
-    (tmp_path / "examples").symlink_to(ROOT / "examples")
-    ran = 0
-    for line in commands:
-        for cmd in line.split("&&"):
-            cmd = cmd.strip()
-            if cmd.startswith("s2 "):
-                r = subprocess.run([sys.executable, "-m", "s2cli", *cmd.split()[1:]], cwd=tmp_path,
-                                   capture_output=True, text=True, timeout=600)
-                assert r.returncode == 0, (cmd, r.stderr)
-                ran += 1
-    assert ran == 2 and (tmp_path / "images.efficientnet-lite0.h5").is_file()
-
-
 @pytest.mark.slow
 def test_examples_run_from_another_folder(tmp_path):
     r = subprocess.run([sys.executable, str(ROOT / "examples" / "python_api.py"), "--random-init"], cwd=tmp_path,
@@ -379,3 +353,151 @@ def test_a_generated_block_removed_from_a_doc_is_stale(tmp_path):
     text = (tmp_path / "README.md").read_text()
     (tmp_path / "README.md").write_text(reference.BLOCK.sub("", text))
     assert reference.stale(tmp_path) == ["README.md (no block recipes)"]
+
+
+# ---- every command line of the docs runs -----------------------------------------------------------------------------
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+# why a line of the docs cannot run on an offline CPU box (first match wins); every other line is run
+CANNOT = [
+    (r"^pip install", "installs packages (CI runs the README's install)"),
+    (r"s3://|gs://|https?://", "an object store or a web server"),
+    (r"\b(srun|sbatch|torchrun|watch)\b|--submit|--devices all|--device cuda", "GPUs or a SLURM cluster"),
+    (r"\s\[-|\bINPUT\b|\bOUTDIR/", "a synopsis, not a command"),
+    (r"\bs2 fetch\b", "the hub"),
+]
+
+
+def doc_lines(path: Path) -> list[list[str]]:
+    """The command lines of a document's bash blocks, block by block: comments dropped, continued lines joined (a
+    block holding a script's text, `#!...`, is not a list of commands)."""
+    blocks = []
+    for block in re.findall(r"```bash\n(.*?)```", path.read_text(), re.S):
+        if block.startswith("#!"):
+            continue
+        lines = []
+        for line in block.replace("\\\n", " ").splitlines():
+            line = re.sub(r"(^|\s)#.*$", "", line).strip()
+            if line:
+                lines.append(line)
+        blocks.append(lines)
+    return blocks
+
+
+def needs_the_hub(line: str) -> bool:
+    """An extraction (or `s2 slurm`, which fetches) with hub weights: its model (or its recipe's) is not the
+    default one, whose weights ship with a package, and neither --random-init nor --dry-run is given."""
+    from s2cli.config import ExtractConfig, load_recipe
+
+    m = re.search(r"\bs2 (extract|slurm|bench)\b", line)
+    if not m or re.search(r"--random-init|--dry-run|--weights", line):
+        return False
+    model = re.search(r"(?:--model|-m)[ =](\S+)", line)
+    recipe = re.search(r"--recipe[ =](\S+)", line)
+    name = model[1] if model else load_recipe(recipe[1])[0].get("model") if recipe else ExtractConfig.model
+    return name != ExtractConfig.model
+
+
+def why_not(line: str) -> str | None:
+    for pattern, reason in CANNOT:
+        if re.search(pattern, line):
+            return reason
+    return "the hub's weights" if needs_the_hub(line) else None
+
+
+def _sandbox(d: Path, doc: str) -> Path:
+    """What the docs' commands name: examples/, photos/ (cats/001 among them), photos.h5 and (if the document
+    names it) feats/ written from them (the default settings, as a document's own `-o feats/` writes it), clips/
+    with a short video; `s2` and `python` on PATH are this checkout's."""
+    import shutil
+
+    import av
+    import numpy as np
+
+    import s2cli
+
+    (d / "examples").symlink_to(ROOT / "examples")
+    shutil.copytree(ROOT / "examples" / "images", d / "photos")
+    (d / "photos" / "cats").mkdir()
+    shutil.copy(ROOT / "examples" / "images" / "chelsea.jpg", d / "photos" / "cats" / "001.jpg")
+    tiny = dict(model="timm:test_resnet", random_init=True, img_sizes=(64,), max_split_size=64, workers=0)
+    s2cli.extract(str(d / "photos"), str(d / "photos.h5"), **tiny)
+    if "feats/" in doc:
+        s2cli.extract(str(d / "photos"), f"{d / 'feats'}/", workers=0)
+    (d / "clips").mkdir()
+    with av.open(str(d / "clips" / "cat.mp4"), "w") as c:
+        s = c.add_stream("libx264", rate=10)
+        s.width, s.height, s.pix_fmt = 64, 48, "yuv420p"
+        for i in range(12):
+            for p in s.encode(av.VideoFrame.from_ndarray(np.full((48, 64, 3), 20 * i, np.uint8), format="rgb24")):
+                c.mux(p)
+        for p in s.encode():
+            c.mux(p)
+    (d / "bin").mkdir()
+    for name, cmd in (("s2", f"{sys.executable} -m s2cli"), ("python", sys.executable)):
+        (d / "bin" / name).write_text(f'#!/bin/sh\nexec {cmd} "$@"\n')
+        (d / "bin" / name).chmod(0o755)
+    return d
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("doc", DOCS, ids=lambda p: p.name)
+def test_every_command_line_of_the_docs_runs_offline(doc, tmp_path):
+    """Each bash block of the document runs as written, line by line in one shell (a `cd` holds for its block),
+    offline (HF_HUB_OFFLINE=1), in a folder holding what the commands name (/tmp/ there too); a line that cannot
+    run here is left out for the reason `why_not` gives, and a document's lines are not all left out."""
+    blocks = doc_lines(doc)
+    run = [[line for line in b if why_not(line) is None] for b in blocks]
+    if not any(blocks):
+        return  # a document with no commands
+    assert any(run) or all(why_not(line) == "a synopsis, not a command" for b in blocks for line in b), \
+        [(line, why_not(line)) for b in blocks for line in b]
+    d = _sandbox(tmp_path, doc.read_text())
+    env = {**os.environ, "PATH": f"{d / 'bin'}:{os.environ['PATH']}", "HF_HUB_OFFLINE": "1"}
+    for lines in filter(None, run):
+        script = "".join(f"{line.replace('/tmp/', f'{d}/tmp/')}\necho \"@@ $?\"\n" for line in lines)
+        r = subprocess.run(["bash", "-c", f"mkdir -p {d}/tmp; cd {d}\n{script}"], env=env, capture_output=True,
+                           text=True, timeout=900)
+        codes = [int(c) for c in re.findall(r"^@@ (\d+)$", r.stdout, re.M)]
+        assert len(codes) == len(lines), (lines, r.stdout[-2000:], r.stderr[-2000:])
+        for line, code in zip(lines, codes):
+            assert code == 0 or "kill " in line, (line, code, r.stderr[-3000:])
+
+
+def test_the_docs_lines_left_out_are_the_ones_that_cannot_run_here():
+    assert why_not("pip install -e .") and why_not("s2 fetch clip-vit-l-336")
+    assert why_not("s2 extract photos/ --model clip-vit-l-336 -o photos.h5") == "the hub's weights"
+    assert why_not("s2 extract photos/ --recipe llava-1.5-s2 -o a.h5") == "the hub's weights"
+    assert why_not("s2 slurm INPUT -o OUTDIR/ [extract options] --nodes N") == "a synopsis, not a command"
+    for runnable in ("s2 extract examples/images", "s2 extract photos/ --recipe llava-1.5-s2 --random-init --dry-run",
+                     "s2 viz plan clips/cat.mp4 --recipe llava-1.5-s2 --num-frames 8 -o frames.png",
+                     "s2 inspect photos.h5 --key cats/001", "s2 extract examples/images -o /tmp/run/ --shard-size 3"):
+        assert why_not(runnable) is None, runnable
+    readme = [line for b in doc_lines(ROOT / "README.md") for line in b]
+    assert "s2 extract examples/images && s2 inspect images.efficientnet-lite0.h5" in readme
+
+
+def test_status_reads_at_80_columns(cli, tmp_path):
+    """`s2 status` of a rank at work: every column keeps its header and values, the unit in flight (as long as
+    its path) is said whole on its own line, nothing is cut."""
+    import time
+
+    from conftest import FAST, write_image
+
+    for i in range(3):
+        write_image(tmp_path / "a-rather-long-folder-name-for-the-images" / f"{i}.png", (40, 60), i)
+    out = tmp_path / "out"
+    assert cli("extract", tmp_path / "a-rather-long-folder-name-for-the-images", *FAST, "-o", f"{out}/", "-q",
+               "--shard-size", 2).exit_code == 0
+    hb = out / "rank-00000.json"
+    unit = f"{tmp_path / 'a-rather-long-folder-name-for-the-images'}[0:2]"
+    beat = {**json.loads(hb.read_text()), "state": "running", "pid": os.getpid(), "updated": time.time(),
+            "unit": unit, "part": 0, "shard": "part-00000-00000.h5"}
+    hb.write_text(json.dumps(beat))
+    r = cli("status", out)
+    assert r.exit_code == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert max(map(len, lines)) <= 80 and "…" not in r.stdout, r.stdout
+    header = next(line for line in lines if "rank" in line and "state" in line)
+    assert header.split() == ["rank", "state", "host:pid", "shards", "entries", "failed", "img/s", "updated"]
+    said = f"rank 0 in flight: {unit} part 0 -> part-00000-00000.h5"
+    assert "".join(said.split()) in "".join(r.stdout.split())  # a path longer than a line is folded
