@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .sources import load_rgb
+from .inputs.decode import load_rgb
 
 PANEL = 256  # the longer side of every panel, in pixels
 LABEL = 18  # height of the label strip above the panels
@@ -58,8 +58,9 @@ def _compose(items: list[tuple[Image.Image, str, tuple[int, int, int], float, tu
 def plan_figure(path: str | Path, res: Any) -> tuple[Image.Image, list[Panel]]:
     """One panel per scale (s2) or view (other strategies): the image exactly as the backbone receives it (the
     extraction's own decode and fit: `s2cli.views`), with its tiles. A video (told by its content): `video_figure`."""
+    from .inputs.reading import is_video
+    from .inputs.samples import Sample
     from .plan import decoded
-    from .sources import Sample, is_video
     from .strategies import strategy_of
 
     if is_video(Sample("viz", str(path))):
@@ -159,13 +160,12 @@ def seen(im: Image.Image, ff: Any, m: dict[str, Any]) -> Image.Image:
     """A decoded image as the backbone saw it: for S², fitted once to the largest scale as the extraction fits it
     (the run's --fit, side and pad color, from the stored config), so a centre crop shows the crop; a strategy's
     views (the image's plan in its metadata) cover the whole image, shown as decoded."""
-    from .sources import Fit, fit_to_array
+    from .pixels import fit_image
 
     if m.get("plan") is not None:
         return im
     cfg = json.loads(ff.attrs["config"])
-    fit = Fit(cfg["fit"], max(cfg["img_sizes"]), tuple(cfg["backbone"]["mean"]))
-    return Image.fromarray(fit_to_array(im, fit).transpose(1, 2, 0))
+    return fit_image(im, cfg["fit"], max(cfg["img_sizes"]), tuple(cfg["backbone"]["mean"]))
 
 
 def plan_summary(panels: list[Panel]) -> str:
