@@ -60,12 +60,12 @@ def libraries(quiet: bool) -> Iterator[None]:
     import logging
     import warnings
 
+    bars = _bars(False)  # first: huggingface_hub reads HF_HUB_DISABLE_PROGRESS_BARS once, when imported
     saved_env = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     levels = {n: logging.getLogger(n).level for n in LOGGERS} if quiet else {}
     for name in levels:
         logging.getLogger(name).setLevel(logging.ERROR)
-    bars = _bars(False)
     try:
         with warnings.catch_warnings():
             if quiet:

@@ -11,14 +11,9 @@ def _starting(names: list[str], incomplete: str) -> list[str]:
 
 
 def family_prefixes() -> list[str]:
-    """`family:` for every backbone family: the family registry's names, else (before it) the families of the
-    registered aliases."""
-    try:
-        from ..families import family_names  # type: ignore[import-not-found]
-    except ImportError:
-        from ..backbones import list_models
+    """`family:` for every registered backbone family (timm:, hf:, open_clip:, ...)."""
+    from ..families import family_names
 
-        return [f"{f}:" for f in dict.fromkeys(m.family for m in list_models())]
     return [f"{f}:" for f in family_names()]
 
 
