@@ -399,11 +399,12 @@ class Resolved(ExtractConfig):
         return json.dumps(self.to_dict(), sort_keys=True)
 
     def file_attrs(self, weights: str) -> dict[str, Any]:
-        """The attributes of every output file: FILE_ATTRS, the version, the weights loaded, the whole config."""
+        """The attributes of every output file: FILE_ATTRS, the version, the weights loaded, the whole config, and
+        `source_root`: the folder the run ran in, against which the images' relative sources resolve (export)."""
         d = self.to_dict()
         attrs = {k: json.dumps(d[k]) if k in JSON_ATTRS else d[k] for k in FILE_ATTRS if k != "strategy"}
         return {"s2cli_version": __version__, **attrs, "weights": weights, "config": self.to_json(),
-                "strategy": self.strategy}
+                "strategy": self.strategy, "source_root": os.getcwd()}
 
 
 def _plain(v: Any) -> Any:
