@@ -36,7 +36,7 @@ from .writers import FORMATS, SAFETENSORS_HEADER_LIMIT, format_of, itemsize
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 DTYPES = ("float32", "float16", "bfloat16")
-POOLS = ("none", "mean", "cls")
+POOLS = ("none", "mean", "cls", "embed")
 ON_ERROR = ("skip", "stop")
 SHARD_BYTES = 1 << 30  # default shard size aims at ~1 GiB files
 DEFAULT_SCALES = (1.0, 2.0)  # times the model's input size, when neither --scales nor --img-sizes is given
@@ -348,10 +348,15 @@ class Resolved(ExtractConfig):
         tokens = bb.num_prefix_tokens + gh * gw * n0 * n0
         channels = bb.channels * len(self.img_sizes)
         item = itemsize(self.dtype)
-        pooled = channels * item if self.pool != "none" else 0
+        pooled = self.pooled_width(channels) * item if self.pool != "none" else 0
         tokens, channels = self.stored({"output_grid": [gh * n0, gw * n0], "output_shape": [tokens, channels]})[
             "output_shape"]
         return (0 if self.pool_only else tokens * channels * item) + pooled
+
+    def pooled_width(self, channels: int) -> int:
+        """The width of the stored pooled vector: the features' channels (before --reduce), or with --pool embed
+        the combined embedding and each scale's, (1 + scales) x the model's embedding width."""
+        return (1 + len(self.img_sizes)) * int(self.backbone.embed_dim or 0) if self.pool == "embed" else channels
 
     def stored(self, entry: dict[str, Any]) -> dict[str, Any]:
         """A plan entry's `output_grid` and `output_shape` as they are stored: after --reduce, the grid and shape
@@ -525,6 +530,10 @@ def _check_options(cfg: ExtractConfig, backbone: BackboneCfg, n: int) -> None:
     if cfg.pool == "cls" and backbone.num_prefix_tokens == 0:
         raise ConfigError("--pool cls needs a prefix token, and this model keeps none", given=cfg.model,
                           fix="use --pool mean, or --keep-cls for CLIP")
+    if cfg.pool == "embed" and (backbone.embed_dim is None or cfg.strategy != "s2"):
+        raise ConfigError("--pool embed needs a model with a projection head into an image-text space (CLIP, SigLIP, "
+                          "open_clip) and the S² engine", given=f"{cfg.model} --strategy {cfg.strategy}",
+                          fix="use --pool mean, or a CLIP/SigLIP/open_clip model without --strategy")
     if cfg.pool_only and cfg.pool == "none":
         raise ConfigError("--pool-only needs --pool mean or cls", fix="add --pool mean")
     if parse_reduce(cfg.reduce) is not None and cfg.reduce.startswith("s2c") and backbone.num_prefix_tokens:

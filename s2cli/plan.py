@@ -90,7 +90,7 @@ def stored_bytes(res: Resolved, output_shape: list[int] | tuple[int, int], poole
     a space-to-channel reduction)."""
     item = itemsize(res.dtype)
     tokens, channels = output_shape
-    pooled = (pooled_channels or channels) * item if res.pool != "none" else 0
+    pooled = res.pooled_width(pooled_channels or channels) * item if res.pool != "none" else 0
     return (0 if res.pool_only else tokens * channels * item) + pooled
 
 
