@@ -84,6 +84,7 @@ class Backbone:
         self._eager: Callable[[torch.Tensor], list[torch.Tensor]] | None = None  # the forward before compile()
         self.nhwc = False  # channels_last() was applied
         self.embeddings: list[torch.Tensor] | None = [] if embed else None
+        self._first: tuple[Callable, Callable[[torch.Tensor], torch.Tensor]] | None = None  # eager_forward, kept
 
     def take_embeddings(self) -> torch.Tensor:
         """The image embeddings of every input since the last take, (inputs, D), in call order."""
@@ -114,7 +115,9 @@ class Backbone:
     def eager_forward(self) -> Callable[[torch.Tensor], torch.Tensor]:
         """The forward as built, before any compile()."""
         fn = self._eager or self._fn
-        return lambda x: fn(x)[0]
+        if self._first is None or self._first[0] is not fn:
+            self._first = (fn, lambda x: fn(x)[0])
+        return self._first[1]
 
     @property
     def compiled(self) -> bool:
