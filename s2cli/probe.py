@@ -150,7 +150,7 @@ def _convert(name: str, text: str, typ: Any) -> Any:
 def read_labels(path: str) -> dict[str, str]:
     """A key,label CSV (a header row naming both)."""
     try:
-        with open(path, newline="") as fh:
+        with open(path, newline="", encoding="utf-8-sig") as fh:  # a byte-order mark (a spreadsheet's export) skipped
             rows = list(csv.DictReader(fh))
     except OSError as e:
         raise ConfigError(f"cannot read --labels ({e.strerror})", given=path, fix="pass a key,label CSV file") from None
@@ -337,6 +337,8 @@ def probe(data: str | Sequence[str], tries: Sequence[str] = (), *, labels: str |
     require_sklearn()
     if vector not in VECTORS:
         raise ConfigError("--vector is not known", given=vector, expected=" | ".join(VECTORS), fix="pass --vector auto")
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ConfigError("--k (the k-NN's neighbours) must be a positive integer", given=k, fix="pass --k 5")
     proto = Protocol(read_labels(labels) if labels is not None else None, label_column, limit, folds, k, seed, vector)
     log = log or (lambda m: None)
     outputs = [is_output(p) for p in paths]
