@@ -13,7 +13,9 @@ from numbers import Integral, Real
 from pathlib import Path
 from typing import Any
 
+from . import formats
 from .backbones import BackboneCfg, resolve
+from .dtypes import DTYPES, QUANTIZED, entry_bytes, itemsize, pooled_dtype
 from .errors import ConfigError
 from .reduce import parse as parse_reduce
 from .sources import DECODES, FITS, INPUT_FORMATS
@@ -30,17 +32,12 @@ from .strategies import (
 from .tiling import SPLIT_MODES
 from .version import __version__
 from .video import Sampling
-from .writers import FORMATS, SAFETENSORS_HEADER_LIMIT, format_of, itemsize
 
 PRECISIONS = ("fp32", "bf16", "fp16")
-DTYPES = ("float32", "float16", "bfloat16")
 POOLS = ("none", "mean", "cls")
 ON_ERROR = ("skip", "stop")
 SHARD_BYTES = 1 << 30  # default shard size aims at ~1 GiB files
 DEFAULT_SCALES = (1.0, 2.0)  # times the model's input size, when neither --scales nor --img-sizes is given
-# a safetensors shard keeps every image's record in its JSON header: the default shard size leaves each image this
-# much of the format's header limit (its record and ~1.5 KB of metadata)
-SAFETENSORS_HEADER_PER_IMAGE = 2048
 # an option that only decides how fast a run goes or when it stops, not what it writes: a resumed run may change it
 RUN_ONLY = {"run_only": True}
 
@@ -79,7 +76,7 @@ class ExtractConfig:
     num_frames: int | None = None  # video: N frames uniformly over the clip (numpy.linspace, LLaVA-OneVision)
     max_frames: int | None = None  # video: at most M frames (uniform subsampling of the chosen ones)
     frames_as_images: bool = False  # video: each frame stored as its own entry `key#000123` instead of one (F, T, C)
-    format: str | None = None  # h5 | safetensors; from -o's suffix when it names a file
+    format: str | None = None  # a registered format (formats.names()); from -o's suffix when it names a file
     shard_size: int | None = None
     pool: str = "none"
     pool_only: bool = False
@@ -213,7 +210,7 @@ class Resolved(ExtractConfig):
     max_split_size: int
     fit: str
     output: str
-    format: str  # h5 | safetensors
+    format: str  # a registered format (formats.names())
     shard_size: int
     backbone: BackboneCfg
     output_is_dir: bool
@@ -238,12 +235,11 @@ class Resolved(ExtractConfig):
         n0 = max(1, -(-self.img_sizes[self.resize_output_to_idx] // side))
         tokens = bb.num_prefix_tokens + gh * gw * n0 * n0
         channels = bb.channels * len(self.img_sizes)
-        item = itemsize(self.dtype)
-        pooled = channels * item if self.pool != "none" else 0
+        pooled = channels * itemsize(pooled_dtype(self.dtype)) if self.pool != "none" else 0
         r = parse_reduce(self.reduce)
         if r is not None:
             tokens, channels = r.shape((gh * n0, gw * n0), channels, bb.num_prefix_tokens)
-        return (0 if self.pool_only else tokens * channels * item) + pooled
+        return (0 if self.pool_only else entry_bytes(tokens, channels, self.dtype)) + pooled
 
     def to_dict(self) -> dict[str, Any]:
         """The saved config: every option (strategy options inside `strategy`), the backbone and the derived
@@ -328,8 +324,7 @@ def resolve_config(cfg: ExtractConfig, backbone: BackboneCfg) -> Resolved:
     if cfg.shard_size is None:
         per_image = res.bytes_per_image() * (res.sampling.max_count() or 1)  # a video entry holds its frames
         n = min(100_000, SHARD_BYTES // max(1, per_image))
-        if res.format == "safetensors":
-            n = min(n, SAFETENSORS_HEADER_LIMIT // SAFETENSORS_HEADER_PER_IMAGE)
+        n = min(n, formats.get(res.format).max_images() or n)  # a format's header limit (safetensors)
         res = dataclasses.replace(res, shard_size=max(1, n))
     return res
 
@@ -396,6 +391,10 @@ def _check_options(cfg: ExtractConfig, backbone: BackboneCfg, n: int) -> None:
                           fix="use --pool mean, or --keep-cls for CLIP")
     if cfg.pool_only and cfg.pool == "none":
         raise ConfigError("--pool-only needs --pool mean or cls", fix="add --pool mean")
+    if cfg.pool_only and cfg.dtype in QUANTIZED:
+        raise ConfigError(f"--dtype {cfg.dtype} stores token features as codes with scales; pooled vectors are kept in "
+                          f"{pooled_dtype(cfg.dtype)}, and --pool-only stores nothing else",
+                          given=f"--dtype {cfg.dtype} --pool-only", fix=f"pass --dtype {pooled_dtype(cfg.dtype)}, or drop --pool-only")
     if parse_reduce(cfg.reduce) is not None and cfg.reduce.startswith("s2c") and backbone.num_prefix_tokens:
         raise ConfigError("--reduce s2c:K merges neighbours on channels, which prefix tokens do not have",
                           given=f"--reduce {cfg.reduce} with {backbone.num_prefix_tokens} prefix token(s)",
@@ -437,7 +436,12 @@ def _output(cfg: ExtractConfig) -> tuple[str, str, bool]:
     """(the output path, its format, whether it is a folder of shards)."""
     output = cfg.output or default_output(cfg.input, cfg.model)
     output = str(local_of(output) or output)  # file://PATH is that local path
-    suffix_fmt = format_of(output)
+    fmt = formats.of_path(output)
+    suffix_fmt = fmt.name if fmt is not None and not output.endswith(("/", os.sep)) else None
+    if fmt is not None and output.endswith(("/", os.sep)):
+        raise ConfigError("-o ends in a slash (a folder) and in a file suffix (one file): which one is meant is not "
+                          "clear", given=output, fix=f"pass -o {output.rstrip('/' + os.sep)} for one file, or -o "
+                          f"{output.rstrip('/' + os.sep).rsplit('.', 1)[0]}/ for a folder of shards")
     if local_of(output) is None:  # remote storage: its file system must be installed; a folder of shards only
         check_url(output)
         if suffix_fmt is not None:
@@ -445,16 +449,16 @@ def _output(cfg: ExtractConfig) -> tuple[str, str, bool]:
                               "resumed or replaced safely there)", given=output,
                               fix=f"pass a folder URL (-o {output.rsplit('/', 1)[0]}/features/) for resumable "
                                   "shards, or a local file and copy it up when the run ends")
-    if suffix_fmt is not None and output.endswith(("/", os.sep)):
-        raise ConfigError("-o ends in a slash (a folder) and in a file suffix (one file): which one is meant is not "
-                          "clear", given=output, fix=f"pass -o {output.rstrip('/' + os.sep)} for one file, or -o "
-                          f"{output.rstrip('/' + os.sep).rsplit('.', 1)[0]}/ for a folder of shards")
     if cfg.format is not None:
-        _choice("format", cfg.format, tuple(FORMATS))
+        _choice("format", cfg.format, formats.names())
         if suffix_fmt is not None and suffix_fmt != cfg.format:
             raise ConfigError("--format contradicts the output file's suffix", given=(cfg.format, output),
-                              fix=f"name the file *{FORMATS[cfg.format]} or drop --format")
-    return output, cfg.format or suffix_fmt or "h5", suffix_fmt is None
+                              fix=f"name the file *{formats.get(cfg.format).suffix} or drop --format")
+    name = cfg.format or suffix_fmt or "h5"
+    if local_of(output) is None and not formats.get(name).remote:
+        raise ConfigError(f"--format {name} writes each shard as a folder, which is written to local folders only",
+                          given=output, fix="pass a local -o OUTDIR/, or another --format")
+    return output, name, suffix_fmt is None
 
 
 def resolve_options(input: str, output: str | None = None, recipe: str | None = None, **options: Any) -> Resolved:

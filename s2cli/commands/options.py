@@ -11,11 +11,11 @@ from typing import Annotated, Any, Callable, Iterable, Optional
 
 import typer
 
+from .. import formats
 from ..config import DEFAULT_SCALES, DTYPES, ON_ERROR, POOLS, PRECISIONS, ExtractConfig
 from ..sources import DECODES, FITS, INPUT_FORMATS
 from ..strategies import STRATEGIES
 from ..tiling import SPLIT_MODES
-from ..writers import FORMATS
 
 INPUT, MODEL, SCALES, STRATEGY, OUTPUT, SPEED, RUN = ("Input", "Model", "Scales and tiles", "Strategy", "Output",
                                                       "Speed", "Run control")
@@ -146,7 +146,7 @@ MaxPixels = declare("max_pixels", Int, option("--max-pixels", help="native: smar
 Output = declare("output", Str, option("--output", "-o", help="A .h5/.safetensors file, or OUTDIR/ for resumable shards.",
                                panel=OUTPUT, shown="<input>.<model>.h5 here"))
 Format = declare("format", Str, option("--format", help="Shard format in OUTDIR/ (a file's suffix says it).", panel=OUTPUT,
-                               shown="h5", choices=tuple(FORMATS)))
+                               shown="h5", choices=formats.names()))
 ShardSize = declare("shard_size", Int, option("--shard-size", help="Images per output shard.", panel=OUTPUT,
                                   shown="~1 GB files"))
 Dtype = declare("dtype", Str, option("--dtype", help="Stored dtype (bfloat16 in HDF5: uint16 bits with the dataset "
