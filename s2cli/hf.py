@@ -14,23 +14,40 @@ import os
 from pathlib import Path
 from typing import Any, Iterator
 
+import numpy as np
+
+from .dtypes import QUANTIZED
 from .errors import ConfigError
+from .items import ATTR, ATTRS, Attr
 from .readers import open_features
 
 
-def to_hf_dataset(path: str | os.PathLike, features: bool = True, cache_dir: str | os.PathLike | None = None) -> Any:
+def _hf_type(datasets: Any, a: Attr, num_scales: int) -> Any:
+    """The `datasets` feature type of a per-image attribute's column (JSON as text)."""
+    if a.kind != "int":
+        return datasets.Value("string")
+    t = datasets.Value("int32")
+    for d in reversed(a.shape_for(num_scales)):
+        t = datasets.Sequence(t, length=d)
+    return t
+
+
+def to_hf_dataset(path: str | os.PathLike, features: bool = True, cache_dir: str | os.PathLike | None = None,
+                  raw: bool = False) -> Any:
     """The features at `path` as a `datasets.Dataset`, in input order. Columns: `key`; `features` (T, C) float32
-    (Array2D, T varying for ragged outputs; bfloat16/float16 storage decoded to float32; left out with
-    `features=False` or when only pooled vectors were stored); `pooled` (C,) when stored; `source`, `orig_hw`,
-    `grid_hw`, `num_prefix_tokens`, `split_mode`; `plan` and `reduce` (JSON text) when written; and one string
-    column per field of the first image's metadata (`meta`: caption, url, ...; values that are not strings as
-    JSON), None where an image lacks it."""
+    (Array2D, T varying for ragged outputs; bfloat16/float16 storage decoded to float32, int8/float8 dequantized;
+    left out with `features=False` or when only pooled vectors were stored); `pooled` (C,) when stored; one column
+    per per-image attribute (`items.ATTRS`: source, orig_hw, grid_hw, img_sizes, num_prefix_tokens, split_mode;
+    plan, reduce (JSON text) and frames when written) and one string column per field of the first image's
+    metadata (`meta`: caption, url, ...; values that are not strings as JSON), None where an image lacks it.
+    `raw`: the stored codes instead (int8, float8/bfloat16 bits), with int8/float8 `token_scales` and
+    `channel_scales` columns."""
     try:
         import datasets
     except ImportError:
         raise ConfigError("to_hf_dataset needs the `datasets` package", fix="pip install 's2-features[hf]'") from None
     p = Path(path)
-    with open_features(p) as r:
+    with open_features(p, raw=raw) as r:
         if not len(r):
             raise ConfigError("no images to convert", given=str(p), fix="extract some images first")
         first = next(iter(r))
@@ -38,32 +55,38 @@ def to_hf_dataset(path: str | os.PathLike, features: bool = True, cache_dir: str
         shape = r.feature_shape if features else None
         pooled = _has_pooled(r, first)
         width = int(r.pooled(first).shape[0]) if pooled else None
+        codes = r[first].dtype if shape is not None and raw else np.dtype(np.float32)
+        scaled = raw and shape is not None and r.dtype in QUANTIZED
     meta_cols = sorted(m["meta"]) if isinstance(m["meta"], dict) else []
-    extra = [n for n in ("plan", "reduce") if n in m]
     cols: dict[str, Any] = {"key": datasets.Value("string")}
     if shape is not None:
-        cols["features"] = datasets.Array2D(shape=(shape[0], shape[1]), dtype="float32")
+        cols["features"] = datasets.Array2D(shape=(shape[0], shape[1]), dtype=str(codes))
+    if scaled:
+        cols.update(token_scales=datasets.Sequence(datasets.Value("float32")),
+                    channel_scales=datasets.Sequence(datasets.Value("float32"), length=shape[1]))  # type: ignore[index]
     if pooled:
         cols["pooled"] = datasets.Sequence(datasets.Value("float32"), length=width)
-    cols.update(source=datasets.Value("string"), orig_hw=datasets.Sequence(datasets.Value("int32"), length=2),
-                grid_hw=datasets.Sequence(datasets.Value("int32"), length=2), num_prefix_tokens=datasets.Value("int32"),
-                split_mode=datasets.Value("string"))
-    cols.update({n: datasets.Value("string") for n in extra + [c for c in meta_cols if c not in cols]})
+    num_scales = len(m["img_sizes"])
+    cols.update({a.name: _hf_type(datasets, a, num_scales) for a in ATTRS
+                 if a.name != "meta" and (not a.sparse or a.name in m)})
+    cols.update({c: datasets.Value("string") for c in meta_cols if c not in cols})
     return datasets.Dataset.from_generator(
         _rows, features=datasets.Features(cols), cache_dir=None if cache_dir is None else str(cache_dir),
-        gen_kwargs={"path": str(p), "columns": json.dumps(list(cols)), "mtime": _mtime(p)})  # a list would be sharded
+        gen_kwargs={"path": str(p), "columns": json.dumps(list(cols)), "mtime": _mtime(p), "raw": raw})  # a list would be sharded
 
 
-def _rows(path: str, columns: str, mtime: float) -> Iterator[dict[str, Any]]:
+def _rows(path: str, columns: str, mtime: float, raw: bool = False) -> Iterator[dict[str, Any]]:
     """One row per image; `columns` a JSON list (`mtime` is there so that the datasets cache tells a rewritten
     output apart)."""
     cols = json.loads(columns)
-    with open_features(path) as r:
+    with open_features(path, raw=raw) as r:
         for k in r:
             m = r.meta(k)
             row: dict[str, Any] = {"key": k}
             if "features" in cols:
                 row["features"] = r[k]
+            if "token_scales" in cols:
+                row["token_scales"], row["channel_scales"] = r.scales(k)
             if "pooled" in cols:
                 row["pooled"] = r.pooled(k)
             user = m.get("meta") if isinstance(m.get("meta"), dict) else {}
@@ -71,7 +94,7 @@ def _rows(path: str, columns: str, mtime: float) -> Iterator[dict[str, Any]]:
                 if c in row:
                     continue
                 v = m[c] if c in m else user.get(c)
-                plain = c in ("orig_hw", "grid_hw", "num_prefix_tokens") or v is None or isinstance(v, str)
+                plain = (c in ATTR and ATTR[c].kind == "int") or v is None or isinstance(v, str)
                 row[c] = v if plain else json.dumps(v)
             yield row
 

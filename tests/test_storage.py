@@ -46,23 +46,32 @@ def test_hdf5_bfloat16_is_documented_uint16_bits():
 
 
 def _stored_bytes(path) -> int:
-    with s2cli.open_features(path) as r:  # elements x the stored dtype's size (bfloat16 reads back as float32)
+    """Elements x the stored dtype's size (bfloat16 reads back as float32), the int8/float8 scales, the pooled
+    vectors in their dtype."""
+    with s2cli.open_features(path, raw=True) as r:
         total, item = 0, dtypes.itemsize(r.dtype)
         for k in r:
-            total += r[k].size * item if r.feature_shape is not None else 0
+            if r.feature_shape is not None:
+                assert r[k].dtype.itemsize == item
+                total += r[k].nbytes
+            total += sum(s.nbytes for s in r.scales(k)) if r.dtype in dtypes.QUANTIZED else 0
             try:
-                total += r.pooled(k).size * item
+                total += r.pooled(k).nbytes
             except KeyError:
                 pass
         return total
 
 
 @pytest.mark.parametrize("options", [dict(pool="mean"), dict(pool="mean", pool_only=True), dict(dtype="float16"),
-                                     dict(pool="mean", pool_only=True, dtype="bfloat16")])
+                                     dict(pool="mean", pool_only=True, dtype="bfloat16"), dict(dtype="int8", pool="mean"),
+                                     dict(dtype="float8"), dict(dtype="int8", out="o.safetensors"),
+                                     dict(dtype="float8", pool="cls", model="timm:test_vit", keep_cls=True, out="f/")])
 def test_dry_run_bytes_are_the_stored_bytes(image_dir, tmp_path, options):
-    plan = s2cli.plan(str(image_dir), str(tmp_path / "o.h5"), **TINY, **options)
-    s2cli.extract(str(image_dir), str(tmp_path / "o.h5"), **TINY, **options)
-    stored = _stored_bytes(tmp_path / "o.h5")
+    options = {**TINY, **options}
+    out = str(tmp_path / options.pop("out", "o.h5"))
+    plan = s2cli.plan(str(image_dir), out, **options)
+    s2cli.extract(str(image_dir), out, **options)
+    stored = _stored_bytes(out)
     assert abs(plan["total_bytes"] - stored) <= 0.01 * stored
 
 
@@ -143,3 +152,35 @@ def test_default_safetensors_shards_leave_room_for_a_kilobyte_of_metadata_per_im
     per_image = len(json.dumps({one.key: record})) + 2 * len(json.dumps(one.key))
     assert res.shard_size * per_image < formats.SAFETENSORS_HEADER_LIMIT
     assert res.shard_size < 87_381
+
+
+def _sink_peak(path, dtype: str, n: int, T: int = 96, C: int = 1024, batch: int = 4) -> int:
+    """The peak of Python allocations (numpy's included) while a safetensors sink writes n images of (T, C)."""
+    import tracemalloc
+
+    sink = SafetensorsSink(path, {}, Layout(channels=C, num_scales=1, tokens=T, dtype=dtype))
+    base = np.random.default_rng(0).standard_normal((T, C)).astype(np.float32)
+    tracemalloc.start()
+    try:
+        for a in range(0, n, batch):
+            sink.write([StoredItem(key=f"k{i}", source="s", meta=None, orig_hw=(4, 4), grid_hw=(1, 1), img_sizes=[(4, 4)],
+                                   num_prefix_tokens=0, split_mode="resize", features=base + i) for i in range(a, a + batch)])
+        sink.close()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_safetensors_sink_memory_is_bounded_by_its_batches_not_its_shard(tmp_path, dtype):
+    """Shards of 24 and 96 MB (float32; bfloat16 half) written in 1.5 MB batches: the sink streams each batch to
+    the file, so its peak is the queue's batches, the same for both and under 1.2x of a shard (it held the whole
+    shard, twice over, until close before)."""
+    small = _sink_peak(tmp_path / "small.safetensors", dtype, 64)
+    big = _sink_peak(tmp_path / "big.safetensors", dtype, 256)
+    shard = (tmp_path / "big.safetensors").stat().st_size
+    assert shard >= 256 * 96 * 1024 * dtypes.itemsize(dtype)
+    assert big <= 1.2 * (tmp_path / "small.safetensors").stat().st_size and big <= 1.25 * small, (small, big, shard)
+    base = np.random.default_rng(0).standard_normal((96, 1024)).astype(np.float32)
+    with s2cli.open_features(tmp_path / "big.safetensors") as r:
+        np.testing.assert_array_equal(r["k177"], dtypes.decode(dtypes.encode(base + 177, dtype).codes, dtype))

@@ -149,8 +149,9 @@ Format = declare("format", Str, option("--format", help="Shard format in OUTDIR/
                                shown="h5", choices=formats.names()))
 ShardSize = declare("shard_size", Int, option("--shard-size", help="Images per output shard.", panel=OUTPUT,
                                   shown="~1 GB files"))
-Dtype = declare("dtype", Str, option("--dtype", help="Stored dtype (bfloat16 in HDF5: uint16 bits with the dataset "
-                                    "attribute encoding=bfloat16, decoded by the readers).", panel=OUTPUT, field="dtype", choices=DTYPES))
+Dtype = declare("dtype", Str, option("--dtype", help="Stored dtype: float32, float16, bfloat16, or int8/float8 codes "
+                                    "with per-channel x per-token scales (~1/4 of float32); readers decode to float32 "
+                                    "(docs/features.md).", panel=OUTPUT, field="dtype", choices=DTYPES))
 Pool = declare("pool", Str, option("--pool", help="Also store a pooled vector per image.", panel=OUTPUT, field="pool",
                              choices=POOLS))
 PoolOnly = declare("pool_only", Bool, _flag("--pool-only", "--with-tokens", "Store only the pooled vectors.", OUTPUT,

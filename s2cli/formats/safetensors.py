@@ -30,13 +30,15 @@ ST_DTYPES = {"float32": "F32", "float16": "F16", BF16: "BF16", INT8: "I8", FLOAT
 NP_OF = {"F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": np.dtype("<u2"), "I8": np.dtype("i1"),
          "F8_E4M3": np.dtype("u1")}
 HEADER_ROOM = 1 << 20  # bytes left for the header before the first tensor; a larger header moves the data once
+MAX_PADDING = 64 << 10  # room left over past this (and 1% of the data) moves the data back instead of padding
 MOVE_BLOCK = 16 << 20  # bytes moved at a time when it must
 
 
 class SafetensorsSink(ThreadedSink):
     """Streams each image's tensors to the file as its batch is written (memory: the batches in the queue, and the
-    pooled vectors); the header, known at the end, goes into the room left for it at the start (when it does not
-    fit, the data moves once, `MOVE_BLOCK` at a time)."""
+    pooled vectors); the header, known at the end, goes into the room left for it at the start, padded with spaces
+    as safetensors allows (when it does not fit, or would leave much of the room empty, the data moves once,
+    `MOVE_BLOCK` at a time)."""
 
     def _open(self) -> None:
         self.fh = open(self.tmp, "wb+")
@@ -91,22 +93,24 @@ class SafetensorsSink(ThreadedSink):
         room = -(-len(header) // 8) * 8  # the data starts 8-byte aligned, as safetensors writes it
         if room > self.room:
             self._reserve(room - self.room)
-            self._move_data(room - self.room)
+        if room > self.room or self.room - room > max(MAX_PADDING, self.end // 100):
+            self._move_data(room - self.room)  # too little room, or too much left over: the data moves once
             self.room = room
         self.fh.seek(0)
         self.fh.write(len(header.ljust(self.room)).to_bytes(8, "little") + header.ljust(self.room))
+        self.fh.truncate(8 + self.room + self.end)
         self.fh.flush()
         self.fh.close()
 
     def _move_data(self, by: int) -> None:
-        """Move the tensor data `by` bytes towards the end of the file, last block first (bounded memory)."""
-        start, pos = 8 + self.room, 8 + self.room + self.end
-        while pos > start:
-            n = min(MOVE_BLOCK, pos - start)
-            pos -= n
-            self.fh.seek(pos)
+        """Move the tensor data `by` bytes (towards the end: the last block first; towards the start: the first
+        block first), `MOVE_BLOCK` at a time."""
+        start, stop = 8 + self.room, 8 + self.room + self.end
+        blocks = [(a, min(MOVE_BLOCK, stop - a)) for a in range(start, stop, MOVE_BLOCK)]
+        for a, n in reversed(blocks) if by > 0 else blocks:
+            self.fh.seek(a)
             block = self.fh.read(n)
-            self.fh.seek(pos + by)
+            self.fh.seek(a + by)
             self.fh.write(block)
 
     def _discard(self) -> None:
