@@ -31,7 +31,7 @@ NP_OF = {"F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": np.dtype("<u2")
          "F8_E4M3": np.dtype("u1")}
 HEADER_ROOM = 1 << 20  # bytes left for the header before the first tensor; a larger header moves the data once
 MAX_PADDING = 64 << 10  # room left over past this (and 1% of the data) moves the data back instead of padding
-MOVE_BLOCK = 16 << 20  # bytes moved at a time when it must
+MOVE_BLOCK = 1 << 20  # bytes moved at a time when it must
 
 
 class SafetensorsSink(ThreadedSink):
