@@ -1,8 +1,9 @@
 """s2cli: multi-scale (S²) vision features for image collections, from the command line or Python.
 
-Data flow, module by module: sources (inputs, decode) -> plan (per-image plans, no torch) -> strategies + tiling
-(the S² engine and the dynamic-resolution strategies) + backbones -> extractor (the device) -> run (the loop) ->
-writers -> outdir (the output folder); readers and export read it back; api puts a run together (`extract`), cli is its face.
+Data flow, module by module: inputs (listing, reading, decode; pixels fits) -> plan (per-image plans, no torch)
+-> strategies + tiling (the S² engine and the dynamic-resolution strategies) + backbones -> extractor (the device)
+-> run (the loop) -> writers -> outdir (the output folder); readers and export read it back; api puts a run
+together (`extract`), cli is its face.
 """
 from .api import Progress, extract, fetch, plan, settings  # noqa: E402
 from .config import ExtractConfig, Resolved  # noqa: E402

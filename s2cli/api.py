@@ -9,8 +9,9 @@ from typing import Any, Sequence
 from . import backbones
 from .config import Resolved, load_recipe, resolve_options
 from .errors import ConfigError
+from .inputs.resolve import open_input
+from .inputs.units import Input
 from .plan import dry_run
-from .sources import Input, open_input
 from .strategies import strategy_of
 from .weights import Located, locate
 
@@ -230,7 +231,7 @@ def _devices_progress(res: Resolved, inp: Input, n: int, progress: Progress) -> 
     from .outdir import OutputDir
 
     d = OutputDir(res.output)
-    markers = d.markers() if d.run_file.is_file() and not res.retry_failed else []
+    markers = d.markers() if d.has_run and not res.retry_failed else []
     before = sum(m["num_images"] + m["num_failed"] for m in markers)
     total = inp.total if inp.total is not None else res.num_samples
     progress.start(res, None if res.retry_failed else total, before, len(markers), 0)

@@ -16,10 +16,12 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from .columns import Columns, flatten
 from .dtypes import QUANTIZED
 from .errors import ConfigError
-from .items import ATTR, ATTRS, Attr
+from .items import ATTRS, Attr
 from .readers import open_features
+from .store import local_of
 
 
 def _hf_type(datasets: Any, a: Attr, num_scales: int) -> Any:
@@ -34,22 +36,23 @@ def _hf_type(datasets: Any, a: Attr, num_scales: int) -> Any:
 
 def to_hf_dataset(path: str | os.PathLike, features: bool = True, cache_dir: str | os.PathLike | None = None,
                   raw: bool = False) -> Any:
-    """The features at `path` as a `datasets.Dataset`, in input order. Columns: `key`; `features` (T, C) float32
-    (Array2D, T varying for ragged outputs; bfloat16/float16 storage decoded to float32, int8/float8 dequantized;
-    left out with `features=False` or when only pooled vectors were stored); `pooled` (C,) when stored; one column
-    per per-image attribute (`items.ATTRS`: source, orig_hw, grid_hw, img_sizes, num_prefix_tokens, split_mode;
-    plan, reduce (JSON text) and frames when written) and one string column per field of the first image's
-    metadata (`meta`: caption, url, ...; values that are not strings as JSON), None where an image lacks it.
-    `raw`: the stored codes instead (int8, float8/bfloat16 bits), with int8/float8 `token_scales` and
-    `channel_scales` columns."""
+    """The features at `path` (a file or a folder, local or a URL as `open_features` reads it) as a
+    `datasets.Dataset`, in input order. Columns: `key`; `features` (T, C) float32 (Array2D, T varying for ragged
+    outputs; bfloat16/float16 storage decoded to float32, int8/float8 dequantized; left out with `features=False`
+    or when only pooled vectors were stored); `pooled` (C,) when stored; one column per per-image attribute
+    (`items.ATTRS`: source, orig_hw, grid_hw, img_sizes, num_prefix_tokens, split_mode; plan and reduce (JSON
+    text) and frames when written); and one column per field of any image's metadata (`meta`: caption, url, ...;
+    the union over all images, JSON objects flattened to dotted columns, one type per column, mixed types as
+    strings: the rules in columns.py), None where an image lacks it. `raw`: the stored codes instead (int8,
+    float8/bfloat16 bits), with int8/float8 `token_scales` and `channel_scales` columns."""
     try:
         import datasets
     except ImportError:
         raise ConfigError("to_hf_dataset needs the `datasets` package", fix="pip install 's2-features[hf]'") from None
-    p = Path(path)
-    with open_features(p, raw=raw) as r:
+    where = str(local_of(path) or path)  # a URL stays a URL (Path would make s3://b/run the local s3:/b/run)
+    with open_features(where, raw=raw) as r:
         if not len(r):
-            raise ConfigError("no images to convert", given=str(p), fix="extract some images first")
+            raise ConfigError("no images to convert", given=where, fix="extract some images first")
         first = next(iter(r))
         m = r.meta(first)
         shape = r.feature_shape if features else None
@@ -57,7 +60,10 @@ def to_hf_dataset(path: str | os.PathLike, features: bool = True, cache_dir: str
         width = int(r.pooled(first).shape[0]) if pooled else None
         codes = r[first].dtype if shape is not None and raw else np.dtype(np.float32)
         scaled = raw and shape is not None and r.dtype in QUANTIZED
-    meta_cols = sorted(m["meta"]) if isinstance(m["meta"], dict) else []
+        attrs = [a for a in ATTRS if a.name != "meta" and (not a.sparse or a.name in m)]
+        own = ("key", "features", "pooled", "token_scales", "channel_scales", *(a.name for a in attrs))
+        meta_cols = Columns().add([flatten(r.meta(k)["meta"], own) for k in r])  # every image's fields
+        stamp = _stamp(where, r)
     cols: dict[str, Any] = {"key": datasets.Value("string")}
     if shape is not None:
         cols["features"] = datasets.Array2D(shape=(shape[0], shape[1]), dtype=str(codes))
@@ -66,19 +72,22 @@ def to_hf_dataset(path: str | os.PathLike, features: bool = True, cache_dir: str
                     channel_scales=datasets.Sequence(datasets.Value("float32"), length=shape[1]))  # type: ignore[index]
     if pooled:
         cols["pooled"] = datasets.Sequence(datasets.Value("float32"), length=width)
-    num_scales = len(m["img_sizes"])
-    cols.update({a.name: _hf_type(datasets, a, num_scales) for a in ATTRS
-                 if a.name != "meta" and (not a.sparse or a.name in m)})
-    cols.update({c: datasets.Value("string") for c in meta_cols if c not in cols})
+    cols.update({a.name: _hf_type(datasets, a, len(m["img_sizes"])) for a in attrs})
+    arrow = {"bool": "bool", "int": "int64", "float": "float64", "string": "string"}
+    cols.update({n: datasets.Value(arrow[t]) for n, t in meta_cols.types().items()})
     return datasets.Dataset.from_generator(
         _rows, features=datasets.Features(cols), cache_dir=None if cache_dir is None else str(cache_dir),
-        gen_kwargs={"path": str(p), "columns": json.dumps(list(cols)), "mtime": _mtime(p), "raw": raw})  # a list would be sharded
+        gen_kwargs={"path": where, "columns": json.dumps(list(cols)), "meta_types": json.dumps(meta_cols.types()),
+                    "stamp": stamp, "raw": raw})  # a list would be sharded
 
 
-def _rows(path: str, columns: str, mtime: float, raw: bool = False) -> Iterator[dict[str, Any]]:
-    """One row per image; `columns` a JSON list (`mtime` is there so that the datasets cache tells a rewritten
-    output apart)."""
+def _rows(path: str, columns: str, meta_types: str, stamp: str, raw: bool = False) -> Iterator[dict[str, Any]]:
+    """One row per image; `columns` a JSON list, `meta_types` the metadata columns' types (`stamp` is there so
+    that the datasets cache tells a rewritten output apart)."""
     cols = json.loads(columns)
+    meta_cols = Columns()
+    meta_cols.kinds = {n: {t} for n, t in json.loads(meta_types).items()}
+    own = tuple(c for c in cols if c not in meta_cols.kinds)
     with open_features(path, raw=raw) as r:
         for k in r:
             m = r.meta(k)
@@ -89,19 +98,25 @@ def _rows(path: str, columns: str, mtime: float, raw: bool = False) -> Iterator[
                 row["token_scales"], row["channel_scales"] = r.scales(k)
             if "pooled" in cols:
                 row["pooled"] = r.pooled(k)
-            user = m.get("meta") if isinstance(m.get("meta"), dict) else {}
-            for c in cols:
-                if c in row:
-                    continue
-                v = m[c] if c in m else user.get(c)
-                plain = (c in ATTR and ATTR[c].kind == "int") or v is None or isinstance(v, str)
-                row[c] = v if plain else json.dumps(v)
+            for a in ATTRS:
+                if a.name in cols and a.name != "meta":
+                    v = m.get(a.name)
+                    row[a.name] = json.dumps(v) if a.kind == "json" and v is not None else v
+            row.update(meta_cols.cast([flatten(m.get("meta"), own)])[0])
             yield row
 
 
-def _mtime(p: Path) -> float:
-    files = [p] if p.is_file() else list(p.iterdir())
-    return max(f.stat().st_mtime for f in files)
+def _stamp(where: str, r: Any) -> str:
+    """What changes when the output is rewritten: a local output's newest file time; a remote folder's shards
+    (their markers: names, sizes, store identities)."""
+    local = local_of(where)
+    if local is not None:
+        p = Path(local)
+        files = [p] if p.is_file() else list(p.iterdir())
+        return str(max(f.stat().st_mtime for f in files))
+    import hashlib
+
+    return hashlib.sha256(json.dumps(getattr(r, "shards", None), sort_keys=True, default=str).encode()).hexdigest()
 
 
 def _has_pooled(r: Any, key: str) -> bool:

@@ -133,7 +133,7 @@ def test_a_streamed_safetensors_shard_is_what_safetensors_itself_reads(tmp_path,
 def test_an_overfull_safetensors_header_says_so(tmp_path, monkeypatch):
     import dataclasses
 
-    monkeypatch.setitem(formats._FORMATS, "safetensors", dataclasses.replace(formats.get("safetensors"), header_limit=20_000))
+    monkeypatch.setitem(formats.FORMATS, "safetensors", dataclasses.replace(formats.get("safetensors"), header_limit=20_000))
     sink = SafetensorsSink(tmp_path / "s.safetensors", {}, Layout(channels=4, num_scales=3, tokens=None,
                                                                   dtype="float32", pooled=True))
     sink.write(_items(100, 300))

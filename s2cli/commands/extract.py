@@ -13,7 +13,7 @@ from typer.models import ArgumentInfo, ParameterInfo
 
 from .. import api
 from ..errors import S2Error
-from ..sources import NOTHING_READ_FIX
+from ..inputs.resolve import NOTHING_READ_FIX
 from . import options as o
 from ._common import err, given, offline, out, reported, settings
 

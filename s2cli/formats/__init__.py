@@ -96,46 +96,46 @@ SAFETENSORS_HEADER_LIMIT = 100_000_000  # bytes: safetensors refuses to read (an
 # the default shard size leaves each image this much of the safetensors header (its record and ~1.5 KB of metadata)
 SAFETENSORS_HEADER_PER_IMAGE = 2048
 
-_FORMATS: dict[str, Format] = {}
+FORMATS: dict[str, Format] = {}  # by name, built-ins first (read it; add with `register`)
 
 
 def register(fmt: Format, replace: bool = False) -> Format:
     """Add an output format (`replace`: over one of the same name). Its suffix must be its own."""
     if not fmt.suffix.startswith(".") or len(fmt.suffix) < 2:
         raise ValueError(f"a format's suffix starts with a dot: {fmt.suffix!r}")
-    other = next((f for f in _FORMATS.values() if f.suffix == fmt.suffix and f.name != fmt.name), None)
-    if other is not None or (fmt.name in _FORMATS and not replace):
+    other = next((f for f in FORMATS.values() if f.suffix == fmt.suffix and f.name != fmt.name), None)
+    if other is not None or (fmt.name in FORMATS and not replace):
         raise ValueError(f"format {fmt.name!r} ({fmt.suffix}) is registered already" +
                          (f" as {other.name!r}" if other else ""))
-    _FORMATS[fmt.name] = fmt
+    FORMATS[fmt.name] = fmt
     return fmt
 
 
 def unregister(name: str) -> None:
-    _FORMATS.pop(name, None)
+    FORMATS.pop(name, None)
 
 
 def names() -> tuple[str, ...]:
     """The formats' names, built-ins first."""
-    return tuple(_FORMATS)
+    return tuple(FORMATS)
 
 
 def get(name: str) -> Format:
     """The format named `name`; a name not registered is a ConfigError listing them."""
-    if name not in _FORMATS:
-        raise ConfigError("--format is not known", given=name, expected=" | ".join(_FORMATS),
-                          fix=f"pass --format {next(iter(_FORMATS))}")
-    return _FORMATS[name]
+    if name not in FORMATS:
+        raise ConfigError("--format is not known", given=name, expected=" | ".join(FORMATS),
+                          fix=f"pass --format {next(iter(FORMATS))}")
+    return FORMATS[name]
 
 
 def of_path(path: str | os.PathLike) -> Format | None:
     """The format a path's suffix names (case-insensitive), or None."""
     suffix = Path(str(path).rstrip("/" + os.sep)).suffix.lower()
-    return next((f for f in _FORMATS.values() if f.suffix == suffix), None)
+    return next((f for f in FORMATS.values() if f.suffix == suffix), None)
 
 
 def suffixes() -> tuple[str, ...]:
-    return tuple(f.suffix for f in _FORMATS.values())
+    return tuple(f.suffix for f in FORMATS.values())
 
 
 class NamePattern:
