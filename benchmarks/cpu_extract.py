@@ -23,7 +23,7 @@ from s2cli import multiscale_forward
 from s2cli.bench import reference_forward
 from s2cli.extractor import use_channels_last
 from s2cli.inputs.decode import decode_sample
-from s2cli.inputs.listing import scan_folder
+from s2cli.inputs.folder import scan_folder
 from s2cli.plan import fit_of
 
 ROOT = Path(__file__).parent.parent

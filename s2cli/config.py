@@ -93,8 +93,9 @@ class ExtractConfig:
     """What the user asked for. None means "not set": the model's default applies. Every field declares its option
     (`opt`): flags, help, panel, choices and what a resumed run does with it (`OPTION_DECLS`)."""
 
-    input: str = opt(help="A folder (recursive), a .txt/.csv/.parquet list, or WebDataset shards ('s/{000..009}.tar', "
-                     "a glob, a folder of .tar, pipe:CMD).", panel=INPUT, resume=AS_ASKED, default=dataclasses.MISSING)
+    input: str = opt(help="A folder (recursive), an image or video file, a glob of them ('photos/**/*.png'), a "
+                     ".txt/.csv/.parquet list, .parquet/Arrow tables, hf://datasets/ORG/NAME, or WebDataset shards "
+                     "('s/{000..009}.tar', a folder of .tar, pipe:CMD).", panel=INPUT, resume=AS_ASKED, default=dataclasses.MISSING)
     output: str | None = opt("--output", "-o", help="A .h5/.safetensors file, or OUTDIR/ for resumable shards.",
                              panel=OUTPUT, resume=AS_ASKED, shown="<input>.<model>.h5 here")
     model: str = opt("--model", "-m", default="efficientnet-lite0", panel=MODEL,
@@ -141,6 +142,11 @@ class ExtractConfig:
     meta_columns: str = opt("--meta-columns", default="all", panel=INPUT, added=True,
                             help="A .csv/.parquet list's other columns kept as each image's metadata: all | none | "
                                  "col,col.")
+    image_column: str | None = opt("--image-column", panel=INPUT, added=True,
+                                   help="Tables: the image column (bytes, a path, or an HF Image struct; default: "
+                                        "image, jpg, png, ...).")
+    key_column: str | None = opt("--key-column", panel=INPUT, added=True,
+                                 help="Tables: the key column (default: key, else row numbers).")
     keep_ext: bool = opt("--keep-ext/--drop-ext", default=False, panel=INPUT, added=True,
                          help="Keys keep the file extension (cats/001.jpg, as LLaVA's data JSON names images).")
     fps: float | None = opt("--fps", help="Video: frames at F per second, by timestamps (docs/video.md).", panel=INPUT,
@@ -439,7 +445,7 @@ def resolve_config(cfg: ExtractConfig, backbone: BackboneCfg) -> Resolved:
         StrategyArgs(cfg.strategy, fit=fit, img_sizes=sizes, set_fields=set_fields, set_by=set_by, recipe=cfg.recipe,
                      flags={n: o.flag for n, o in OPTION_DECLS.items()},
                      **{f: getattr(cfg, f) for f in strategy_fields}),
-        BackboneFacts(split, backbone.patch_size, backbone.family, backbone.model_type, backbone.output_shape))
+        BackboneFacts(split, backbone.patch_size, backbone.any_size, backbone.name))
     given = {f.name: getattr(cfg, f.name) for f in fields(ExtractConfig)}
     given.update(img_sizes=sizes, scales=_scales(cfg, sizes, backbone), max_split_size=split, fit=fit,
                  output=output, format=fmt, shard_size=cfg.shard_size or 1, layer=backbone.layer)

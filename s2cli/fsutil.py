@@ -9,6 +9,8 @@ from pathlib import Path
 
 from .errors import ConfigError, S2Error
 
+SPOOL_PREFIX = "s2cli-spool-"  # a remote output's local spool (store.new_spool): S2CLI_SPOOL/s2cli-spool-HOST-PID-*
+
 
 def human_bytes(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
@@ -28,6 +30,12 @@ def write_error(path: Path, e: BaseException, need_bytes: int | None = None, fix
             free = "free space unknown"
         detail = getattr(e, "strerror", None) if getattr(e, "filename", None) else None  # a refused reservation
         need = f"; a whole shard needs about {human_bytes(need_bytes)}" if need_bytes else ""
+        spool = next((p for p in path.parents if p.name.startswith(SPOOL_PREFIX)), None)
+        if spool is not None:  # what ran out is the local spool of a remote output, not the output
+            return S2Error(f"no space left in the local spool of a remote output ({spool.parent}, S2CLI_SPOOL) "
+                           f"writing {path.name} ({detail or free}{need})", given=str(spool.parent),
+                           fix="free space there, or set S2CLI_SPOOL to a folder on a disk with room for a shard per "
+                               "rank, then rerun the same command: completed shards are kept")
         return S2Error(f"no space left on device writing {path} ({detail or free}{need})", given=str(path.parent),
                        fix=fix or "free space or point -o elsewhere, then rerun the same command: completed shards "
                                   "are kept and the run continues after them")

@@ -20,7 +20,7 @@ import torch
 from . import formats
 from .backbones import Backbone
 from .config import Resolved
-from .dtypes import entry_bytes
+from .dtypes import entry_bytes, itemsize, pooled_dtype
 from .errors import ConfigError, S2Error
 from .extractor import Extractor
 from .fsutil import Claim, file_identity, take_claim
@@ -62,7 +62,7 @@ def part_matches(marker: dict, unit: Unit | None, shard_size: int) -> bool:
         ident = unit.identity()
         if marker.get("unit", unit.id) != unit.id:
             return False
-        return ident is None or "tar_bytes" not in marker or all(marker.get(k) == v for k, v in ident.items())
+        return ident is None or not ident.keys() & marker.keys() or all(marker.get(k) == v for k, v in ident.items())
     if not keys:
         return False
     if "keys_sha256" in marker:
@@ -366,6 +366,7 @@ class _Part:
     first_key: str | None = None
     last_key: str | None = None
     retry_of: list[dict] | None = None  # --retry-failed: the markers whose failures this part extracts again
+    nbytes: int = 0  # the shard's size, once committed
 
 
 @dataclass
@@ -411,6 +412,9 @@ class Stats:
     shards: list[str] = field(default_factory=list)
     busy: dict[str, float] = field(default_factory=lambda: {"read": 0.0, "decode": 0.0, "fit": 0.0, "write": 0.0})
     waits: dict[str, float] = field(default_factory=lambda: {"decode": 0.0, "write": 0.0})
+    # the main thread's own stages besides the Extractor's (preprocess, forward, check): the stored items made from
+    # the results (collect), a shard's end queued with its marker's fields (commit)
+    main: dict[str, float] = field(default_factory=lambda: {"collect": 0.0, "commit": 0.0})
 
 
 @dataclass
@@ -499,6 +503,7 @@ class Run:
         self.on_total: Callable[[int], None] | None = None
         self.strategy = strategy_of(res)
         self.reduction = parse_reduce(res.reduce)
+        self.written = (0, 0)  # bytes and images of the shards this run committed (what a shard takes)
         self.fit = fit_of(res)
         self.ex = Extractor(res, backbone, device, resolve_precision(res.precision, device), self.fit)
         self.stats = Stats()
@@ -506,6 +511,7 @@ class Run:
         self.batch: list[dict] = []
         self.in_flight: list[tuple[_Part, list[dict], list[Callable[[], list]]]] = []
         self.file_sink: ThreadedSink | None = None
+        self.ending: _Part | None = None  # the part whose shard is being ended on its writer thread
         try:
             with signals_deferred():  # a signal while its temporary is made ends the run once it can be removed
                 self.file_sink = self._new_sink(res.output) if target.dir is None else None
@@ -539,6 +545,8 @@ class Run:
                 if sample is not None:  # None: a sample of a part already done, read past
                     self.admit(unit, part_no, rec)
             self.finish_part(last_of_unit=True)
+            self.settle()
+            self._progress()
             self.close_file()
         except BaseException as e:
             self.abort(e)
@@ -595,6 +603,7 @@ class Run:
         while self.in_flight:
             part, recs, resolvers = self.in_flight.pop(0)
             results = [r for resolve in resolvers for r in resolve()]
+            t0, waited = time.perf_counter(), st.waits["write"]
             order = {id(rec): i for i, rec in enumerate(recs)}
             results.sort(key=lambda r: order[id(r[0])])
             items = []
@@ -606,9 +615,12 @@ class Run:
                 part.sink.write(items)
                 st.waits["write"] += time.perf_counter() - t
                 st.done += len(items)
+            if self.ending is not None and self.ending.sink.ended:  # the shard before is done: counted (or its
+                self.settle()  # failure raised) now, not only when the next one ends
             self._progress()
             if self.target.heartbeat is not None:
                 self.target.heartbeat.update(images=st.done, failed=st.failed)
+            st.main["collect"] += time.perf_counter() - t0 - (st.waits["write"] - waited)
 
     def start_part(self, unit: Unit, part: int) -> _Part:
         t = self.target
@@ -625,42 +637,61 @@ class Run:
                      retry_of=retry_of)
 
     def finish_part(self, last_of_unit: bool) -> None:
-        """Write what is left of the part; in a folder, close its shard and commit its done marker."""
+        """Write what is left of the part; in a folder, end its shard and commit its done marker (on the writer
+        thread: the main thread goes on with the next part meanwhile)."""
         self.flush()
         self.drain()
         cur = self.part
         if cur is None or self.target.dir is None:
             return
-        with signals_deferred():  # a stop signal now waits for the shard's rename and marker: never half of them
+        with signals_deferred():  # a stop signal now waits until the shard's end is queued (then `abort` settles it)
             self._commit(cur, last_of_unit)
             self.part = None
         self._progress()
 
     def _commit(self, cur: _Part, last_of_unit: bool) -> None:
-        """Close the part's shard (rename into place) and write its done marker."""
-        t, st = self.target, self.stats
+        """End the part's shard: its writer thread serialises and renames it, hashes it and writes its done marker
+        (last). One shard ends at a time: the one before is settled first."""
+        self.settle()
         t0 = time.perf_counter()
-        path = cur.sink.close()
-        st.waits["write"] += time.perf_counter() - t0
-        st.busy["write"] += cur.sink.busy_s
-        elapsed = time.perf_counter() - cur.started
+        t = self.target
         keys = cur.unit.part_keys(cur.part, self.res.shard_size)
         identity = t.identities.get(cur.unit.index, {}) if keys is None else {"keys_sha256": keys_digest(keys),
                                                                                "num_keys": len(keys)}
         retry = {} if cur.retry_of is None else {  # a retry's shard names what it retried (never a tar's last part)
             "retry_of": [m["shard"] for m in cur.retry_of], "retried_keys": sorted(cur.seen)}
-        marker = {**identity, **retry, **shard_record(path),
-            "shard": path.name, "unit": cur.unit.id, "unit_index": cur.unit.index, "part": cur.part,
-            "rank": t.rank, "num_images": cur.sink.n, "num_failed": len(cur.sink.failures),
-            "failures": [{**f, "retry": True} for f in cur.sink.failures] if retry else cur.sink.failures,
-            "first_key": cur.first_key, "last_key": cur.last_key,
-            "seconds": round(elapsed, 3), "s2cli_version": __version__, "last_part": last_of_unit and not retry,
-            "finished_at": time.time(), "started_at": time.time() - elapsed, "host": socket.gethostname(),
-        }
-        t.dir.commit(marker, log_errors=t.ranks.world == 1 and not retry, written=path)  # type: ignore[union-attr]
-        if retry:  # the failures it retried move to their shards' history: each image counts once
-            t.dir.settle_retry(marker, log_errors=t.ranks.world == 1)  # type: ignore[union-attr]
+        known = {**identity, **retry, "unit": cur.unit.id, "unit_index": cur.unit.index, "part": cur.part,
+                 "rank": t.rank, "first_key": cur.first_key, "last_key": cur.last_key, "s2cli_version": __version__,
+                 "last_part": last_of_unit and not retry, "host": socket.gethostname()}
+
+        def commit(path: Path) -> None:  # on the writer thread, once the shard is in place
+            elapsed = time.perf_counter() - cur.started
+            marker = {**known, **shard_record(path), "shard": path.name, "num_images": cur.sink.n,
+                      "num_failed": len(cur.sink.failures),
+                      "failures": [{**f, "retry": True} for f in cur.sink.failures] if retry else cur.sink.failures,
+                      "seconds": round(elapsed, 3), "finished_at": time.time(), "started_at": time.time() - elapsed}
+            cur.nbytes = marker["bytes"]
+            t.dir.commit(marker, log_errors=t.ranks.world == 1 and not retry, written=path)  # type: ignore[union-attr]
+            if retry:  # the failures it retried move to their shards' history: each image counts once
+                t.dir.settle_retry(marker, log_errors=t.ranks.world == 1)  # type: ignore[union-attr]
+
+        cur.sink.end(commit)
+        self.ending = cur
+        self.stats.main["commit"] += time.perf_counter() - t0
+
+    def settle(self) -> None:
+        """Wait for the shard being ended (its marker written), and count it."""
+        cur, self.ending = self.ending, None
+        if cur is None:
+            return
+        t, st = self.target, self.stats
+        t0 = time.perf_counter()
+        path = cur.sink.wait()
+        st.waits["write"] += time.perf_counter() - t0
+        st.busy["write"] += cur.sink.busy_s
         st.shards.append(path.name)
+        if cur.sink.n:
+            self.written = (self.written[0] + cur.nbytes, self.written[1] + cur.sink.n)
         if t.heartbeat is not None:
             t.heartbeat.update(shards_written=len(st.shards), images=st.done, failed=st.failed, shard=None, write=True)
 
@@ -692,7 +723,12 @@ class Run:
             self.stats.busy["write"] += self.file_sink.busy_s
 
     def abort(self, e: BaseException) -> None:
-        """Throw away the unfinished shard or file (finished shards stay) and say in the heartbeat why."""
+        """Throw away the unfinished shard or file (finished shards stay: one being ended gets its marker first)
+        and say in the heartbeat why."""
+        try:
+            self.settle()
+        except BaseException:  # that shard failed too (its file removed, no marker): `e` is what the run ends with
+            pass
         if self.part is not None and self.part.sink is not self.file_sink:
             self.part.sink.abort()
         if self.file_sink is not None:
@@ -702,9 +738,13 @@ class Run:
     def finalize(self, seconds: float) -> Summary:
         """Close the heartbeat, write the manifest (folders), and say what was done."""
         st, res = self.stats, self.res
-        stage = {**st.busy, **self.ex.seconds}
+        stage = {**st.busy, **self.ex.seconds, **st.main}
         for k, v in self.ex.decode_seconds.items():
             stage[k] += v
+        # the main thread's seconds in no stage above and no wait (the loop itself, starting and stopping the decode
+        # pool, opening shards): with it, the main thread's stages and waits add up to the run's seconds
+        named = self.ex.seconds | st.main | self.ex.decode_seconds  # (-j 0: decoding is inside the decode wait)
+        stage["other"] = seconds - sum(named.values()) - sum(st.waits.values())
         s = Summary(
             output=res.output, num_images=st.done, num_failed=st.failed, seconds=round(seconds, 3),
             images_per_s=round(st.done / seconds, 3) if seconds > 0 else None, weights=self.backbone.weights,
@@ -778,9 +818,22 @@ class Run:
         fmt = formats.get(res.format)
         sink = fmt.sink_class()(path, res.file_attrs(self.backbone.weights), layout,
                                 directory=fmt.store == formats.DIR)
-        if res.output_is_dir and shape["tokens_per_image"] is not None:
-            sink.need_bytes = res.shard_size * entry_bytes(shape["tokens_per_image"], shape["channels"], res.dtype)
+        if res.output_is_dir:
+            sink.need_bytes = self._shard_bytes(shape, pooled_channels)
         return sink
+
+    def _shard_bytes(self, shape: dict[str, Any], pooled_channels: int) -> int | None:
+        """What a whole shard takes, for the message when its disk (or a remote output's spool) is full: as the
+        shards this run wrote took, per image; before the first, its arrays (tokens, pooled vectors; None when the
+        tokens vary)."""
+        res, (nbytes, images) = self.res, self.written
+        if images:
+            return round(nbytes / images * res.shard_size)
+        if shape["tokens_per_image"] is None:
+            return None
+        tokens = 0 if res.pool_only else entry_bytes(shape["tokens_per_image"], shape["channels"], res.dtype)
+        pooled = pooled_channels * itemsize(pooled_dtype(res.dtype)) if res.pool != "none" else 0
+        return res.shard_size * (tokens + pooled)
 
     def _progress(self) -> None:
         if self.on_progress:

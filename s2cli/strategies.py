@@ -510,20 +510,15 @@ def _positive(a: StrategyArgs, name: str) -> None:
         raise ConfigError(f"{a.flag(name)} must be a positive integer", given=v, fix=f"pass {a.flag(name)} 1 or more")
 
 
-def accepts_any_size(family: str, model_type: str, output_shape: str) -> bool:
-    """Backbones that run on inputs of any size: ConvNets, timm ViTs (built with dynamic_img_size=True), DINOv2."""
-    return output_shape == "bchw" or family == "timm" or model_type.startswith("dinov2")
-
-
 @dataclass(frozen=True)
 class BackboneFacts:
-    """What a strategy's settings depend on in the backbone: its tile (input side), patch, family and shape."""
+    """What a strategy's settings depend on in the backbone: its tile (input side), patch, and whether it runs on
+    inputs of any size (its family says: ConvNets, timm ViTs built with dynamic_img_size=True, DINOv2)."""
 
     tile: int
     patch: int
-    family: str
-    model_type: str
-    output_shape: str
+    any_size: bool
+    name: str = ""  # the model, for messages
 
 
 def _resolve_dynamic_s2(a: StrategyArgs, base: StrategyCfg, bb: BackboneFacts) -> StrategyCfg:
@@ -562,9 +557,9 @@ def _resolve_internvl(a: StrategyArgs, base: StrategyCfg, bb: BackboneFacts) -> 
 
 
 def _resolve_native(a: StrategyArgs, base: StrategyCfg, bb: BackboneFacts) -> StrategyCfg:
-    if not accepts_any_size(bb.family, bb.model_type, bb.output_shape):
+    if not bb.any_size:
         raise ConfigError("--strategy native needs a backbone that accepts any input size, and this one has "
-                          "a fixed position embedding", given=f"{bb.family} {bb.model_type}".strip(),
+                          "a fixed position embedding", given=bb.name,
                           expected="a ConvNet, a timm ViT (built with dynamic_img_size=True) or DINOv2",
                           fix="use -m dinov2-l or -m timm:vit_base_patch16_224, or another --strategy")
     lo = a.min_pixels if a.min_pixels is not None else base.min_pixels

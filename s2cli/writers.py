@@ -10,7 +10,7 @@ import shutil
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from .errors import ConfigError, S2Error
 from .fsutil import fsync_rename, human_bytes, pid_alive, remove_path, write_error
@@ -72,6 +72,9 @@ class ThreadedSink:
         self.busy_s = 0.0  # seconds the writer thread spent writing (the run's "write" stage)
         self._q: queue.Queue = queue.Queue(maxsize=queue_size)
         self._error: BaseException | None = None
+        self._end_error: BaseException | None = None  # what failed in `_end` (raised by `wait`)
+        self._then: Callable[[Path], None] | None = None
+        self._aborted = False
         self._open()
         self._thread = threading.Thread(target=self._run, name="s2cli-writer", daemon=True)
         self._thread.start()
@@ -86,21 +89,59 @@ class ThreadedSink:
 
     def close(self) -> Path:
         """Flush, record failures, fsync and rename into place. Returns the final path."""
+        self.end()
+        return self.wait()
+
+    def end(self, then: Callable[[Path], None] | None = None) -> None:
+        """Queue the end of the file and return at once: the writer thread writes what is left (the format's
+        serialisation included), fsyncs and renames it into place, then runs `then(path)` (a folder's shard: its
+        hash and done marker, so the marker is still written last). `wait()` says how it went."""
+        self._then = then
         self._q.put(None)
+
+    def wait(self) -> Path:
+        """Wait for `end` to be done; the final path, or what failed (the file then removed)."""
         self._thread.join()
+        if self._end_error is not None:
+            raise self._end_error
+        if self._error is not None:  # a write failed (the file emptied then): nothing of it stays
+            remove_path(self.tmp)
         self._raise_if_failed()
+        return self.path
+
+    @property
+    def ended(self) -> bool:
+        """The writer thread is done (after `end`: `wait` returns at once)."""
+        return not self._thread.is_alive()
+
+    def _end(self) -> None:
+        """On the writer thread, after the last write: finish, fsync and rename, then `then`. A failure is kept for
+        `wait` (as `close` raised it before): a file that appeared under the name, a full disk, an S2Error."""
+        t = time.perf_counter()
         try:
             self._finish()
             fsync_rename(self.tmp, self.path, self.guard, self.replaces)
         except FileExistsError as e:
-            raise self._appeared() from e
+            self._end_error = self._appeared()
+            self._end_error.__cause__ = e
+            return
         except Exception as e:  # h5py reports a full disk as OSError or RuntimeError
             self._discard()
             remove_path(self.tmp)
-            if isinstance(e, S2Error):  # already says what went wrong (a safetensors header over its limit)
-                raise
-            raise write_error(self.path, e, self.need_bytes) from e
-        return self.path
+            # an S2Error already says what went wrong (a safetensors header over its limit)
+            self._end_error = e if isinstance(e, S2Error) else write_error(self.path, e, self.need_bytes)
+            self._end_error.__cause__ = e if self._end_error is not e else None
+            return
+        finally:
+            self.busy_s += time.perf_counter() - t
+        if self._then is not None:
+            t = time.perf_counter()
+            try:
+                self._then(self.path)
+            except BaseException as e:
+                self._end_error = e
+            finally:
+                self.busy_s += time.perf_counter() - t
 
     def _appeared(self) -> S2Error:
         """A file appeared under the output's name while this run wrote it: it stays, and this run's complete
@@ -120,6 +161,7 @@ class ThreadedSink:
 
     def abort(self) -> None:
         """Drop everything: the final path is never created."""
+        self._aborted = True
         try:
             self._q.put_nowait(None)
         except queue.Full:
@@ -138,6 +180,8 @@ class ThreadedSink:
         while True:
             items = self._q.get()
             if items is None:
+                if self._error is None and not self._aborted:
+                    self._end()
                 return
             if self._error is None:
                 try:

@@ -323,7 +323,7 @@ def test_decode_workers_run_at_the_configured_niceness(monkeypatch, image_dir):
 
     from s2cli.errors import ConfigError
     from s2cli.inputs.decode import Fit, decode_sample
-    from s2cli.inputs.listing import scan_folder
+    from s2cli.inputs.folder import scan_folder
     from s2cli.inputs.pool import DecodePool
 
     samples = scan_folder(image_dir)

@@ -35,6 +35,19 @@ def reported() -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def stops_quietly() -> Iterator[None]:
+    """A command that only reads: SIGTERM or SIGUSR1 unwinds it (readers closed, downloaded shards removed) and
+    exits with 128 + the signal's number, without the run's "stopped" message."""
+    from ..launch import sigterm_raises
+
+    try:
+        with sigterm_raises():
+            yield
+    except Terminated as e:
+        raise SystemExit(e.code) from None
+
+
+@contextlib.contextmanager
 def offline(on: bool | None) -> Iterator[None]:
     """--offline: HF_HUB_OFFLINE=1 while the command runs (processes it starts inherit it)."""
     import os

@@ -9,7 +9,7 @@ from rich.table import Table
 
 from ..errors import ConfigError
 from . import options as o
-from ._common import out, reported
+from ._common import out, reported, stops_quietly
 
 
 def inspect_features(
@@ -30,7 +30,7 @@ def inspect_features(
     """
     from ..readers import image_summary, list_keys, open_features, summary
 
-    with reported(), open_features(path, verify=verify) as ff:
+    with reported(), stops_quietly(), open_features(path, verify=verify) as ff:  # SIGTERM: closed, cache removed
         if keys:
             listed = list_keys(ff, limit)
             print(json.dumps(listed)) if as_json else print("\n".join(listed))

@@ -49,6 +49,11 @@ def load_rgb(fh: Any) -> tuple[Image.Image, dict[str, Any]]:
             im = ImageOps.exif_transpose(raw)
             if im is raw:  # older Pillow returns the image itself when there is nothing to do
                 im = raw.copy()
+    return as_rgb(im, notes)
+
+
+def as_rgb(im: Image.Image, notes: dict[str, Any]) -> tuple[Image.Image, dict[str, Any]]:
+    """A decoded image in RGB, as `load_rgb` makes it (16-bit and float scaled, alpha composited on white)."""
     mode = im.mode
     if mode != "RGB":
         notes["mode"] = mode
@@ -122,16 +127,20 @@ def decode_sample(sample: Sample, fit: Fit) -> dict[str, Any]:
     t0 = time.perf_counter()
     try:
         rec["meta"] = sample_meta(sample)
-        fh = read_retrying(sample, fit.retries)
-        stage = "decode"
-        t1 = time.perf_counter()
-        with fh:
-            head = fh.read(16)
-            fh.seek(0)
-            if looks_like_video(head):
-                fetched = fh.getvalue() if sample.data is None and local_of(sample.source) is None else None
-                return _decode_video(sample, fit, rec, t0, t1, fetched)
-            im, notes = load_rgb(fh)
+        if sample.pixels is not None:  # a Python dataset's item, already in memory
+            stage, t1 = "decode", t0
+            im, notes = pixels_rgb(sample.pixels)
+        else:
+            fh = read_retrying(sample, fit.retries)
+            stage = "decode"
+            t1 = time.perf_counter()
+            with fh:
+                head = fh.read(16)
+                fh.seek(0)
+                if looks_like_video(head):
+                    fetched = fh.getvalue() if sample.data is None and local_of(sample.source) is None else None
+                    return _decode_video(sample, fit, rec, t0, t1, fetched)
+                im, notes = load_rgb(fh)
         t2 = time.perf_counter()
         if notes:
             meta = json.loads(rec["meta"]) if rec["meta"] else {}
@@ -143,6 +152,24 @@ def decode_sample(sample: Sample, fit: Fit) -> dict[str, Any]:
     except Exception as e:  # recorded per sample; the run goes on (plain dict: it crosses process borders)
         rec["error"] = failure(sample, stage, e)
     return rec
+
+
+def pixels_rgb(pixels: Any) -> tuple[Image.Image, dict[str, Any]]:
+    """An image already in memory -> RGB: a PIL image (converted as a decoded file is), or uint8 pixels as an
+    array or tensor, (H, W, 3), (3, H, W) or (H, W)."""
+    if isinstance(pixels, Image.Image):
+        return as_rgb(pixels, {})
+    a = pixels.numpy() if hasattr(pixels, "numpy") else np.asarray(pixels)
+    if a.dtype != np.uint8 or a.ndim not in (2, 3):
+        raise ValueError(f"pixels of dtype {a.dtype} and shape {tuple(a.shape)}; expected uint8 (H, W, 3), (3, H, W) "
+                         "or (H, W)")
+    if a.ndim == 3 and a.shape[0] in (1, 3) and a.shape[-1] not in (1, 3):
+        a = a.transpose(1, 2, 0)
+    if a.ndim == 3 and a.shape[-1] == 1:
+        a = a[..., 0]
+    if a.ndim == 3 and a.shape[-1] != 3:
+        raise ValueError(f"pixels of shape {tuple(a.shape)}; expected 3 channels (H, W, 3) or (3, H, W)")
+    return as_rgb(Image.fromarray(np.ascontiguousarray(a)), {})
 
 
 def _decode_video(sample: Sample, fit: Fit, rec: dict[str, Any], t0: float, t1: float,
@@ -206,6 +233,8 @@ def read_for_device(sample: Sample, fit: Fit) -> dict[str, Any]:
     A read failure is the same record as with Pillow."""
     t0 = time.perf_counter()
     pil = Fit(fit.mode, fit.side, fit.mean, video=fit.video)
+    if sample.pixels is not None:  # already in memory: no bytes to probe
+        return decode_sample(sample, pil)
     try:
         own_meta = sample_meta(sample)
         with read_retrying(sample, fit.retries) as fh:

@@ -84,6 +84,8 @@ def exif_orientation(im: Image.Image) -> int:
 
 def is_video(sample: Sample) -> bool:
     """The sample's first bytes are a video container's (`video.looks_like_video`), whatever its name."""
+    if sample.pixels is not None:
+        return False
     with _read(sample) as fh:
         return looks_like_video(fh.read(16))
 
@@ -105,6 +107,11 @@ def video_src(sample: Sample) -> str | bytes:
 
 def image_size(sample: Sample) -> tuple[int, int]:
     """(h, w) as displayed, from the header alone (EXIF orientation applied, no pixels decoded)."""
+    if sample.pixels is not None:  # in memory: PIL (w, h), or an array/tensor (H, W, 3), (3, H, W), (H, W)
+        if hasattr(sample.pixels, "getbands"):
+            return sample.pixels.size[::-1]
+        shape = tuple(sample.pixels.shape)
+        return shape[1:] if len(shape) == 3 and shape[0] in (1, 3) and shape[-1] not in (1, 3) else shape[:2]
     with _open(sample) as im:
         w, h = im.size
         orientation = exif_orientation(im)

@@ -1,108 +1,79 @@
-"""Resolving an input spec: its kind detected (or given), listed into units, its options checked."""
+"""The input-kind registry: an input (a path, a pattern, a URL, a Python dataset) -> its kind (detected, or
+given with --input-format) -> its units. Kinds register here in detection order (`register`); a kind added from
+outside the package (a test's toy kind) is detected and opened the same way."""
 from __future__ import annotations
 
 import glob
-from pathlib import Path
+from typing import Any
 
 from ..errors import ConfigError
-from ..store import filesystem, local_of
-from ..video import VIDEO_EXTS, VIDEO_MEMBERS, require_av
-from .listing import read_list, scan_folder
-from .samples import DEFAULT_IMAGE_KEY, IMAGE_EXTS, Sample, printable
-from .units import Input, Unit
-from .wds import expand_shards
+from .dataset import DatasetKind
+from .files import FilesKind
+from .folder import FolderKind
+from .kind import InputKind, InputOptions, where
+from .lists import ListKind
+from .tables import TableKind
+from .units import Input
+from .wds import WdsKind
 
-INPUT_FORMATS = ("auto", "folder", "list", "wds")
-# what to look at when every sample of an input failed, by the kind of input
-NOTHING_READ_FIX = {
-    "folder": "read the failure records (`s2 inspect OUT --json` or OUTDIR/errors.jsonl): each says why its image failed",
-    "list": "read the failure records (`s2 inspect OUT --json` or OUTDIR/errors.jsonl); relative paths in a .txt list "
-            "resolve against the list's folder",
-    "wds": "read the failure records (`s2 inspect OUT --json` or OUTDIR/errors.jsonl); a MissingImage record lists "
-           "the sample's members: pass their image extension with --image-key",
-}
+KINDS: dict[str, InputKind] = {}
 
 
-
-def detect_format(spec: str) -> str:
-    if spec.startswith("pipe:") or "{" in spec or spec.endswith(".tar") or glob.has_magic(spec):
-        return "wds"
-    if local_of(spec) is None:
-        return _detect_remote(spec)
-    p = Path(local_of(spec))  # type: ignore[arg-type]
-    if p.is_file() and p.suffix.lower() in (".txt", ".csv", ".parquet"):
-        return "list"
-    if p.is_dir():
-        if any(x.name.endswith(".tar") for x in p.iterdir()) and not any(
-                x.name.lower().endswith(IMAGE_EXTS) for x in p.iterdir()):
-            return "wds"
-        return "folder"
-    if not p.exists():
-        raise ConfigError("input does not exist", given=spec, fix="pass an existing folder, list or shards")
-    raise ConfigError("cannot tell what kind of input this is", given=spec,
-                      expected="a folder, a .txt/.csv/.parquet list, or .tar shards",
-                      fix="pass --input-format folder|list|wds")
+def register(kind: InputKind, first: bool = False) -> InputKind:
+    """Add a kind (replacing one of the same name). Detection asks the kinds in order; `first`: before the others."""
+    KINDS.pop(kind.name, None)
+    items = list(KINDS.items())
+    KINDS.clear()
+    KINDS.update(([(kind.name, kind)] if first else []) + items + ([] if first else [(kind.name, kind)]))
+    return kind
 
 
-def _detect_remote(url: str) -> str:
-    """`detect_format` for a URL, asked of its file system."""
-    fs, path = filesystem(url)
-    fs.invalidate_cache()
-    if url.lower().endswith((".txt", ".csv", ".parquet")) and fs.isfile(path):
-        return "list"
-    if fs.isdir(path):
-        names = [n.rsplit("/", 1)[-1] for n in fs.ls(path, detail=False)]
-        if any(n.endswith(".tar") for n in names) and not any(n.lower().endswith(IMAGE_EXTS) for n in names):
-            return "wds"
-        return "folder"
-    if not fs.exists(path):
-        raise ConfigError("input does not exist", given=url, fix="pass an existing folder, list or shards")
-    raise ConfigError("cannot tell what kind of input this is", given=url,
-                      expected="a folder, a .txt/.csv/.parquet list, or .tar shards",
-                      fix="pass --input-format folder|list|wds")
+def unregister(name: str) -> None:
+    KINDS.pop(name, None)
 
 
-def open_input(spec: str, input_format: str = "auto", shard_size: int = 1000, limit: int | None = None,
+for _kind in (DatasetKind(), FilesKind(), TableKind(), ListKind(), WdsKind(), FolderKind()):
+    register(_kind)
+
+class _Formats:
+    """The --input-format values: auto and every registered kind, as they are when asked (a kind registered
+    later too)."""
+
+    def __iter__(self):
+        return iter(("auto", *KINDS))
+
+
+INPUT_FORMATS = _Formats()
+
+
+def input_formats() -> tuple[str, ...]:
+    return tuple(INPUT_FORMATS)
+
+
+def detect_format(spec: Any, opts: InputOptions = InputOptions()) -> str:
+    """The name of the first kind that recognizes `spec`; else one line saying what inputs are read."""
+    for name, kind in KINDS.items():
+        if kind.detect(spec, opts):
+            return name
+    if isinstance(spec, str) and not glob.has_magic(spec) and where(spec)[0] is None:
+        raise ConfigError("input does not exist", given=spec, fix="pass an existing folder, list, file or shards")
+    raise ConfigError("cannot tell what kind of input this is", given=spec if isinstance(spec, str) else type(spec).__name__,
+                      expected="a folder, an image or video file, a glob of them, a .txt/.csv list, .parquet/Arrow "
+                               "tables, hf://datasets/ORG/NAME, .tar shards, or a torch/datasets Dataset",
+                      fix="pass --input-format " + "|".join(KINDS))
+
+
+def open_input(spec: Any, input_format: str = "auto", shard_size: int = 1000, limit: int | None = None,
                image_key: str | None = None, meta_columns: str = "all", keep_ext: bool = False,
-               videos: bool = False) -> Input:
-    """Resolve the input into units. Folders and lists are listed now (key clashes are errors before any work);
-    shards are only named, and read when their unit runs. `videos`: frames of videos are sampled (--num-frames,
-    --fps, --max-frames; shards then also read video members); without it, a listed video file is refused."""
-    if input_format not in INPUT_FORMATS:
-        raise ConfigError("--input-format is not known", given=input_format, expected=" | ".join(INPUT_FORMATS),
+               videos: bool = False, image_column: str | None = None, key_column: str | None = None) -> Input:
+    """Resolve the input into units. Listed kinds (folders, lists, files) are listed now (key clashes are errors
+    before any work); streamed kinds (shards, tables, datasets) are named, and read when their unit runs.
+    `videos`: frames of videos are sampled (--num-frames, --fps, --max-frames); without it, a listed video file is
+    refused."""
+    if input_format not in input_formats():
+        raise ConfigError("--input-format is not known", given=input_format, expected=" | ".join(input_formats()),
                           fix="pass --input-format auto")
-    kind = detect_format(spec) if input_format == "auto" else input_format
-    if meta_columns != "all" and kind != "list":
-        raise ConfigError("--meta-columns picks the columns of a .csv/.parquet list", given=f"{kind} input {spec}",
-                          fix="drop --meta-columns (folders read key.json/key.txt beside each image, shards their "
-                              "json/txt members)")
-    if keep_ext and kind == "wds":
-        raise ConfigError("--keep-ext keeps file extensions in keys, and WebDataset keys (__key__) have none",
-                          given=spec, fix="drop --keep-ext")
-    if kind == "wds":
-        urls = expand_shards(spec)
-        key = image_key or (f"{DEFAULT_IMAGE_KEY};{VIDEO_MEMBERS}" if videos else DEFAULT_IMAGE_KEY)
-        if videos:
-            require_av()
-        units = [Unit(i, u, url=u, image_key=key) for i, u in enumerate(urls)]
-        return Input(kind, spec, units, None, limit=limit or None)
-    samples = scan_folder(spec, keep_ext) if kind == "folder" else read_list(spec, meta_columns, keep_ext)
-    if limit:
-        samples = samples[:limit]
-    _check_videos(samples, videos)
-    units = [Unit(i, f"{kind}[{s}:{s + len(samples[s:s + shard_size])}]", samples[s:s + shard_size])
-             for i, s in enumerate(range(0, len(samples), shard_size))]
-    return Input(kind, spec, units, len(samples))
-
-
-def _check_videos(samples: list[Sample], videos: bool) -> None:
-    """Listed video files (by name) need PyAV and a frame sampling, said before any work starts."""
-    named = [s for s in samples if s.source.lower().endswith(VIDEO_EXTS)]
-    if not named:
-        return
-    require_av()
-    if not videos:
-        raise ConfigError(f"the input holds {len(named)} video file(s) (e.g. {printable(named[0].source)}) and no "
-                          "frame sampling was given", expected="--num-frames N, --fps F or --max-frames M",
-                          fix="add e.g. --num-frames 8 (docs/video.md)")
-
+    opts = InputOptions(shard_size, limit, image_key, meta_columns, keep_ext, videos, image_column, key_column)
+    kind = KINDS[detect_format(spec, opts) if input_format == "auto" else input_format]
+    kind.check_options(spec, opts)
+    return kind.open(spec, opts)

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+from ..errors import ConfigError
 from ..store import open_url
 
 
@@ -30,6 +32,7 @@ class Sample:
     data: bytes | None = None  # the image bytes, when they come from a stream (wds); else read from `source`
     meta: str | None = None  # per-image metadata as JSON text (wds json/txt members, a list's extra columns)
     sidecars: tuple[str, ...] = ()  # `key.json` / `key.txt` beside a folder's image, read when it is decoded
+    pixels: Any = None  # an image already in memory (a Python dataset's item: PIL, or uint8 array/tensor)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "key", printable(self.key))  # `source` stays the real path, for reading
@@ -60,3 +63,15 @@ def failure(sample: Sample, stage: str, error: BaseException | str, error_class:
     return {"key": sample.key, "source": printable(sample.source), "stage": stage,
             "error_class": error_class or type(error).__name__, "error": str(error)}
 
+
+
+def check_unique(pairs: list[tuple[str, str]], what: str) -> None:
+    by_key: dict[str, list[str]] = {}
+    for key, src in pairs:  # as stored: two names whose bytes differ can print alike (`caf\xe9`)
+        by_key.setdefault(printable(key), []).append(src)
+    clashes = {k: v for k, v in by_key.items() if len(v) > 1}
+    if clashes:
+        shown = "; ".join(f"{k}: {', '.join(printable(Path(p).name) for p in v)}" for k, v in list(clashes.items())[:5])
+        more = f" (and {len(clashes) - 5} more)" if len(clashes) > 5 else ""
+        raise ConfigError(f"{len(clashes)} keys are shared by several {what}: {shown}{more}",
+                          expected="one file per key", fix="rename or remove one file of each pair")

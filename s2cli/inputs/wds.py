@@ -10,7 +10,10 @@ from typing import Any, Callable, Iterator
 
 from ..errors import ConfigError
 from ..store import filesystem, local_of, open_url
-from .samples import IMAGE_EXTS, Sample
+from ..video import VIDEO_MEMBERS, require_av
+from .kind import InputKind, InputOptions, where
+from .samples import DEFAULT_IMAGE_KEY, IMAGE_EXTS, Sample
+from .units import Input, Unit
 
 
 def expand_shards(spec: str) -> list[str]:
@@ -136,3 +139,45 @@ def _stream_failure(url: str, exn: BaseException) -> dict[str, str]:
     return {"key": f"{Path(url).name}:<stream>", "source": url, "stage": "read", "error_class": type(exn).__name__,
             "error": f"reading the tar failed: {msg}"}
 
+
+
+class WdsKind(InputKind):
+    """WebDataset shards: a brace pattern, a glob, a folder of .tar files, pipe:CMD; one unit per tar, read when
+    it runs; a local tar's identity is its size and modification time."""
+
+    name = "wds"
+    streamed = True
+    takes = ("image_key",)
+    why_not = {"keep_ext": "--keep-ext keeps file extensions in keys, and WebDataset keys (__key__) have none"}
+    nothing_read_fix = ("read the failure records (`s2 inspect OUT --json` or OUTDIR/errors.jsonl); a MissingImage "
+                        "record lists the sample's members: pass their image extension with --image-key")
+
+    def detect(self, spec: Any, opts: InputOptions) -> bool:
+        if not isinstance(spec, str):
+            return False
+        if spec.startswith("pipe:") or "{" in spec or spec.endswith(".tar") or glob.has_magic(spec):
+            return True
+        what, names = where(spec)
+        return (what == "dir" and any(n.endswith(".tar") for n in names)
+                and not any(n.lower().endswith(IMAGE_EXTS) for n in names))
+
+    def open(self, spec: str, opts: InputOptions) -> Input:
+        urls = expand_shards(spec)
+        key = opts.image_key or (f"{DEFAULT_IMAGE_KEY};{VIDEO_MEMBERS}" if opts.videos else DEFAULT_IMAGE_KEY)
+        if opts.videos:
+            require_av()
+        units = [Unit(i, u, url=u, image_key=key, kind=self) for i, u in enumerate(urls)]
+        return self.input(spec, units, None, limit=opts.limit or None)
+
+    def read(self, unit: Unit) -> Iterator[Sample | dict[str, str]]:
+        yield from tar_samples(unit.url, unit.image_key)  # type: ignore[arg-type]
+
+    def identity(self, unit: Unit) -> dict[str, Any] | None:
+        """A local tar's size and modification time; None for pipe: and URLs."""
+        if unit.url is None or unit.url.startswith("pipe:"):
+            return None
+        try:
+            st = os.stat(unit.url)
+        except OSError:
+            return None
+        return {"tar_bytes": st.st_size, "tar_mtime_ns": st.st_mtime_ns}
