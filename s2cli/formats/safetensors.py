@@ -45,15 +45,15 @@ class SafetensorsSink(ThreadedSink):
         self.room = HEADER_ROOM
         self.fh.seek(8 + self.room)
         self.entries: dict[str, dict[str, Any]] = {}  # tensor name -> dtype, shape, data_offsets (in write order)
-        self.end = 0  # bytes of tensor data written
+        self.data_end = 0  # bytes of tensor data written
         self.pooled_rows: list[np.ndarray] = []
         self.images: dict[str, dict[str, Any]] = {}
 
     def _put(self, name: str, dtype: str, a: np.ndarray) -> None:
         a = np.ascontiguousarray(a)
         self.fh.write(memoryview(a.reshape(-1).view(np.uint8)))
-        self.entries[name] = {"dtype": ST_DTYPES[dtype], "shape": list(a.shape), "data_offsets": [self.end, self.end + a.nbytes]}
-        self.end += a.nbytes
+        self.entries[name] = {"dtype": ST_DTYPES[dtype], "shape": list(a.shape), "data_offsets": [self.data_end, self.data_end + a.nbytes]}
+        self.data_end += a.nbytes
 
     def _append(self, items: list[StoredItem]) -> None:
         lay = self.layout
@@ -93,19 +93,19 @@ class SafetensorsSink(ThreadedSink):
         room = -(-len(header) // 8) * 8  # the data starts 8-byte aligned, as safetensors writes it
         if room > self.room:
             self._reserve(room - self.room)
-        if room > self.room or self.room - room > max(MAX_PADDING, self.end // 100):
+        if room > self.room or self.room - room > max(MAX_PADDING, self.data_end // 100):
             self._move_data(room - self.room)  # too little room, or too much left over: the data moves once
             self.room = room
         self.fh.seek(0)
         self.fh.write(len(header.ljust(self.room)).to_bytes(8, "little") + header.ljust(self.room))
-        self.fh.truncate(8 + self.room + self.end)
+        self.fh.truncate(8 + self.room + self.data_end)
         self.fh.flush()
         self.fh.close()
 
     def _move_data(self, by: int) -> None:
         """Move the tensor data `by` bytes (towards the end: the last block first; towards the start: the first
         block first), `MOVE_BLOCK` at a time."""
-        start, stop = 8 + self.room, 8 + self.room + self.end
+        start, stop = 8 + self.room, 8 + self.room + self.data_end
         blocks = [(a, min(MOVE_BLOCK, stop - a)) for a in range(start, stop, MOVE_BLOCK)]
         for a, n in reversed(blocks) if by > 0 else blocks:
             self.fh.seek(a)
