@@ -395,11 +395,12 @@ class Resolved(ExtractConfig):
         return json.dumps(self.to_dict(), sort_keys=True)
 
     def file_attrs(self, weights: str) -> dict[str, Any]:
-        """The attributes of every output file: FILE_ATTRS, the version, the weights loaded, the whole config."""
+        """The attributes of every output file: FILE_ATTRS, the version, the weights loaded, the whole config, and
+        `source_root`: the folder the run ran in, against which the images' relative sources resolve (export)."""
         d = self.to_dict()
         attrs = {k: json.dumps(d[k]) if k in JSON_ATTRS else d[k] for k in FILE_ATTRS if k != "strategy"}
         return {"s2cli_version": __version__, **attrs, "weights": weights, "config": self.to_json(),
-                "strategy": self.strategy}
+                "strategy": self.strategy, "source_root": os.getcwd()}
 
 
 def _plain(v: Any) -> Any:
@@ -549,24 +550,20 @@ def _check_options(cfg: ExtractConfig, backbone: BackboneCfg, n: int) -> None:
 
 def _check_numbers(cfg: ExtractConfig) -> None:
     """Every numeric option in its range, before anything runs (a value out of range is never clamped)."""
-    for name in ("batch_size", "max_tiles_per_call", "limit", "shard_size"):
+    for name in ("batch_size", "max_tiles_per_call", "limit", "shard_size", "num_samples"):
         v = getattr(cfg, name)
         if v is not None and (isinstance(v, bool) or not isinstance(v, Integral) or v <= 0):
-            raise ConfigError(f"{flag(name)} must be a positive integer", given=v, fix=f"pass {flag(name)} 1 or more")
-    if isinstance(cfg.workers, bool) or not isinstance(cfg.workers, Integral) or cfg.workers < 0:
-        raise ConfigError("-j/--workers must be an integer >= 0", given=cfg.workers,
-                          fix="pass -j 0 to decode in the main process")
+            raise ConfigError(f"{flag(name)} must be a positive integer", given=v, fix=(
+                "drop it to estimate the total" if name == "num_samples" else f"pass {flag(name)} 1 or more"))
+    for name, fix in (("workers", "pass -j 0 to decode in the main process"), ("max_failures", "e.g. 100"),
+                      ("retries", "e.g. 3")):
+        v = getattr(cfg, name)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, Integral) or v < 0):
+            raise ConfigError(f"{flag(name)} must be an integer >= 0", given=v, fix=fix)
     t = cfg.decode_timeout
     if isinstance(t, bool) or not isinstance(t, Real) or not 0 < t < math.inf:
-        raise ConfigError("--decode-timeout must be a positive number of seconds (every image would fail at it)",
-                          given=t, fix="pass e.g. --decode-timeout 120")
-    if cfg.max_failures is not None and (not isinstance(cfg.max_failures, Integral) or cfg.max_failures < 0):
-        raise ConfigError("--max-failures must be an integer >= 0", given=cfg.max_failures, fix="e.g. --max-failures 100")
-    if isinstance(cfg.retries, bool) or not isinstance(cfg.retries, Integral) or cfg.retries < 0:
-        raise ConfigError("--retries must be an integer >= 0", given=cfg.retries, fix="e.g. --retries 3")
-    if cfg.num_samples is not None and (not isinstance(cfg.num_samples, Integral) or cfg.num_samples < 1):
-        raise ConfigError("--num-samples must be a positive integer", given=cfg.num_samples,
-                          fix="drop it to estimate the total")
+        raise ConfigError(f"{flag('decode_timeout')} must be a positive number of seconds (every image would fail at "
+                          "it)", given=t, fix=f"pass e.g. {flag('decode_timeout')} 120")
 
 
 def _output(cfg: ExtractConfig) -> tuple[str, str, bool]:

@@ -177,6 +177,7 @@ def recipe_rows(image_hw: tuple[int, int] = RECIPE_IMAGE_HW) -> list[dict[str, A
         res = resolve_options("<recipe>", "recipe.h5", name)
         entry, _ = plan_entry(res, image_hw)
         rows.append({"name": name, "model": res.model, "img_sizes": list(res.img_sizes), "strategy": res.strategy,
+                     "plan": strategy_of(res).describe(res),
                      "image_hw": list(image_hw), "tiles": entry["tiles"], "output_shape": entry["output_shape"],
                      "description": doc.get("description", ""), "config": values, "path": str(path)})
     return rows

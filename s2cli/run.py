@@ -692,6 +692,8 @@ class Run:
         st.shards.append(path.name)
         if cur.sink.n:
             self.written = (self.written[0] + cur.nbytes, self.written[1] + cur.sink.n)
+            if self.part is not None and self.res.output_is_dir:  # the shard being written: as this one took
+                self.part.sink.need_bytes = round(self.written[0] / self.written[1] * self.res.shard_size)
         if t.heartbeat is not None:
             t.heartbeat.update(shards_written=len(st.shards), images=st.done, failed=st.failed, shard=None, write=True)
 

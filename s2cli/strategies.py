@@ -668,6 +668,10 @@ class Strategy:
         engine (benchmarks compare it with the reference implementation)."""
         return None
 
+    def describe(self, res: Any) -> str:
+        """A resolved config's plan in a few characters, as `s2 recipes` lists it: the strategy's name."""
+        return self.name
+
 
 def _item(res: Any, rec: dict[str, Any], grid_hw: tuple[int, int], sizes: list, feats: Any, pooled: Any,
           plan: str | None = None) -> StoredItem:
@@ -687,6 +691,9 @@ class S2Strategy(Strategy):
 
     def saved(self, cfg: StrategyCfg | None) -> dict[str, Any]:
         return {}  # outputs of the S² engine predate strategies: their config has no `strategy` entry
+
+    def describe(self, res: Any) -> str:
+        return ",".join(map(str, res.img_sizes))  # the scales' sizes
 
     def plan_entry(self, res: Any, orig_hw: tuple[int, int]) -> tuple[dict[str, Any], list[tuple[Any, int]]]:
         p = plan_image(res, orig_hw)
