@@ -96,8 +96,14 @@ def _caches(spool: Path) -> list[Path]:
 
 @pytest.fixture
 def spool(tmp_path, monkeypatch) -> Path:
+    """S2CLI_SPOOL and the temporary folder both here: a cache left anywhere a run puts one is seen."""
+    import tempfile
+
     d = tmp_path / "spool"
+    d.mkdir()
     monkeypatch.setenv("S2CLI_SPOOL", str(d))
+    monkeypatch.setenv("TMPDIR", str(d))
+    monkeypatch.setattr(tempfile, "tempdir", None)  # asked again: TMPDIR
     return d
 
 
