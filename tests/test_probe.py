@@ -92,7 +92,7 @@ def test_probe_costs_come_from_the_plan_and_the_stored_arrays(probed):
 def test_outputs_that_exist_are_scored_as_they_are(probed, cli, tmp_path):
     d, _, report = probed
     labels = tmp_path / "labels.csv"
-    with open(labels, "w", newline="") as fh:
+    with open(labels, "w", newline="", encoding="utf-8-sig") as fh:  # with a byte-order mark, as spreadsheets save
         w = csv.writer(fh)
         w.writerow(["key", "label"])
         w.writerows(zip(report.keys, report.labels))
@@ -193,6 +193,7 @@ def test_bad_inputs_are_one_line_errors(cli, tmp_path):
     labels.write_text("key,label\nblue/0,b\nblue/1,b\nred/0,r\n")
     _one_line_error(cli("probe", data, *TINY_FLAGS, "--labels", labels), "5 of 8 images have no label", "blue/2")
     _one_line_error(cli("probe", data, *TINY_FLAGS, "--label-column", "tone"), "have no label", "--label-column tone")
+    _one_line_error(cli("probe", data, *TINY_FLAGS, "--k", "0"), "--k", "positive")
     (tmp_path / "bad.csv").write_text("name,class\n")
     _one_line_error(cli("probe", data, *TINY_FLAGS, "--labels", tmp_path / "bad.csv"), "`key` and `label`")
     assert not list(tmp_path.glob("**/*.h5"))  # nothing was extracted
@@ -300,3 +301,12 @@ def test_an_output_folder_is_probed_through_its_reader(probed, tmp_path):
     folder, file = got.variants  # the same features (same weights, images, sizes), in shards and in one file
     assert folder.probe_accuracy == file.probe_accuracy == report.variants[0].probe_accuracy
     assert folder.bytes_per_image == file.bytes_per_image
+
+
+@pytest.mark.slow  # extracts with a random-init model (seconds)
+def test_an_image_that_fails_is_left_out_of_every_variant_and_named(tmp_path):
+    data = labelled_folder(tmp_path / "data")
+    (data / "red" / "broken.png").write_bytes(b"not an image")
+    report = s2cli.probe(str(data), ["img_sizes=64", "img_sizes=64,128"], folds=2, **TINY)
+    assert report.dropped == ["red/broken"] and "red/broken" not in report.keys and len(report.keys) == 8
+    assert all(len(v.probe_accuracy) == 2 for v in report.variants)
