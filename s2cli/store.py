@@ -111,6 +111,28 @@ class Folder:
     def is_file(self, name: str) -> bool:
         return (self.path / name).is_file()
 
+    def stats(self) -> dict[str, dict[str, Any]]:
+        """Every file's name -> what the store tells of it for free: `size`, and `id`, what changes whenever the
+        file is written or replaced (here inode, ctime and mtime in ns: a `cp -p` over a file keeps its inode and
+        mtime, never its ctime)."""
+        out = {}
+        try:
+            with os.scandir(self.path) as it:
+                for e in it:
+                    try:
+                        if e.is_file():
+                            st = e.stat()
+                            out[e.name] = {"size": st.st_size, "id": _local_id(st)}
+                    except OSError:  # removed meanwhile
+                        continue
+        except OSError:
+            return {}
+        return out
+
+    def identity(self, name: str) -> Any:
+        """The `id` of `stats` for one file."""
+        return _local_id((self.path / name).stat())
+
     def read_text(self, name: str) -> str:
         return (self.path / name).read_text()
 
@@ -225,6 +247,15 @@ class RemoteFolder(Folder):
         self.fs.invalidate_cache(self._p(name))
         return bool(self.fs.isfile(self._p(name)))
 
+    def stats(self) -> dict[str, dict[str, Any]]:
+        """Every file's name -> `size` and `id` (its ETag, or what the store has in its place), from one listing."""
+        return {e["name"].rsplit("/", 1)[-1]: {"size": int(e.get("size") or 0), "id": _remote_id(e)}
+                for e in self._listing() if e.get("type") == "file"}
+
+    def identity(self, name: str) -> Any:
+        self.fs.invalidate_cache(self._p(name))
+        return _remote_id(self.fs.info(self._p(name)))
+
     def read_text(self, name: str) -> str:
         return self.fs.cat_file(self._p(name)).decode()
 
@@ -292,6 +323,22 @@ class RemoteFolder(Folder):
             if d is not None:
                 shutil.rmtree(d, ignore_errors=True)
         self._spool = self._cache = None
+
+
+def _local_id(st: os.stat_result) -> list[int]:
+    return [st.st_ino, st.st_ctime_ns, st.st_mtime_ns]
+
+
+def _remote_id(entry: dict[str, Any]) -> str | None:
+    """What changes when an object is written again: its ETag (S3, GCS), version, or else its time."""
+    for k in ("ETag", "etag", "VersionId", "generation", "md5Hash"):
+        if entry.get(k):
+            return str(entry[k])
+    for k in ("LastModified", "last_modified", "mtime", "updated", "created"):
+        v = entry.get(k)
+        if v is not None:
+            return repr(round(v.timestamp() if hasattr(v, "timestamp") else float(v), 6))
+    return None
 
 
 def spool_root() -> Path:
