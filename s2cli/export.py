@@ -55,7 +55,9 @@ def export_embeddings(src: Reader, out: str | os.PathLike, pool: str = "auto", n
         files.append(f"img_emb/img_emb_{i}.npy")
         n, dim = n + len(keys), int(vecs.shape[1])
     return {"output": str(out), "num_images": n, "dim": dim, "files": files, "pool": "stored" if use_stored else "mean",
-            "normalized": normalize, "dtype": dtype}
+            "normalized": normalize, "dtype": dtype,
+            # an output folder: what readers say of it (an unfinished run, or broken shards, exports the rest)
+            "complete": getattr(src, "complete", True), "broken_shards": getattr(src, "broken_shards", [])}
 
 
 def _chunks(blocks: Iterator[tuple[list[str], np.ndarray, list[dict]]], chunk: int) -> Iterator[tuple[list[str], np.ndarray, list[dict]]]:

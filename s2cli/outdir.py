@@ -87,7 +87,8 @@ class OutputDir:
         self.claims: dict[int, Claim | RemoteClaim] = {}  # rank -> this process's claim on it
         self.broken: list[dict[str, Any]] = []  # marked shards found broken when the folder was prepared (dropped)
         self._known: dict[str, tuple[Any, dict[str, Any]]] | None = None  # the markers as last seen (see snapshot)
-        self.unindexed = 0  # markers the last look found that index.json lacks
+        self._on_disk: dict[str, Any] = {}  # marker name -> its identity, as index.json holds them
+        self.unindexed = 0  # markers the last look found that index.json lacks (or has otherwise, or has gone)
         self._committed = 0  # shards this process marked done since it last wrote the index
 
     def claim(self, rank: int, world: int = 1) -> None:
@@ -211,7 +212,10 @@ class OutputDir:
     def _markers_of(self, stats: dict[str, dict[str, Any]]) -> dict[str, tuple[Any, dict[str, Any]]]:
         """marker name -> (its file's identity, the marker) for every marker in the listing `stats`: from the index
         (on disk, or as this process last saw it) where the identity is the one recorded, else read now."""
-        known = self._known if self._known is not None else self._read_index()
+        if self._known is None:
+            self._known = self._read_index()
+            self._on_disk = {n: i for n, (i, _) in self._known.items()}
+        known = self._known
         recs, pending = {}, []
         for name, st in stats.items():
             if MARKER_RE.match(name):
@@ -227,7 +231,8 @@ class OutputDir:
                 continue  # a damaged marker marks nothing: its shard is redone (and removed as a leftover)
             if isinstance(m, dict) and {"shard", "unit_index", "part"} <= set(m):
                 recs[name] = (stats[name]["id"], m)
-        self._known, self.unindexed = recs, len(pending) + (set(known) != set(recs))
+        self._known = recs
+        self.unindexed = sum(self._on_disk.get(n) != i for n, (i, _) in recs.items()) + len(set(self._on_disk) - set(recs))
         return recs
 
     def _read_index(self) -> dict[str, tuple[Any, dict[str, Any]]]:
@@ -247,6 +252,7 @@ class OutputDir:
         recs = self._known or {}
         self.folder.write_text(INDEX, json.dumps({"version": INDEX_VERSION, "markers": {
             n: [i, m] for n, (i, m) in sorted(recs.items())}}, separators=(",", ":")))
+        self._on_disk = {n: i for n, (i, _) in recs.items()}
         self.unindexed, self._committed = 0, 0
 
     def index_if_stale(self) -> None:
