@@ -90,6 +90,7 @@ class OutputDir:
         self._on_disk: dict[str, Any] = {}  # marker name -> its identity, as index.json holds them
         self.unindexed = 0  # markers the last look found that index.json lacks (or has otherwise, or has gone)
         self._committed = 0  # shards this process marked done since it last wrote the index
+        self._snap: Snapshot | None = None  # the last look (`markers`), forgotten when this process writes a marker
 
     def claim(self, rank: int, world: int = 1) -> None:
         """Claim `rank` of `world` ranks of this folder for this process (held until `release`): a live run holding
@@ -206,8 +207,9 @@ class OutputDir:
                 gone = "" if s["shard"] in stats else ", and so is its shard file"
                 broken.append({**s, "failures": [], "broken": f"its done marker is missing (the manifest lists it){gone}"})
         sizes = {str(m["shard"]): stats[str(m["shard"])]["size"] for m in good}
-        return Snapshot(sorted(good, key=_in_order), sorted(broken, key=_in_order), manifest, sizes,
-                        sorted(moved, key=_in_order))
+        self._snap = Snapshot(sorted(good, key=_in_order), sorted(broken, key=_in_order), manifest, sizes,
+                              sorted(moved, key=_in_order))
+        return self._snap
 
     def _markers_of(self, stats: dict[str, dict[str, Any]]) -> dict[str, tuple[Any, dict[str, Any]]]:
         """marker name -> (its file's identity, the marker) for every marker in the listing `stats`: from the index
@@ -268,10 +270,13 @@ class OutputDir:
         snap = self.snapshot(verify)
         return snap.good, snap.broken
 
-    def markers(self) -> list[dict[str, Any]]:
-        """Done markers whose shard is whole (`scan`), in input order (unit, part; a part's `--retry-failed` shards
-        after it)."""
-        return self.scan()[0]
+    def markers(self, fresh: bool = False) -> list[dict[str, Any]]:
+        """Done markers whose shard is whole (`snapshot`), in input order (unit, part; a part's `--retry-failed`
+        shards after it): as this process last looked, unless it wrote a marker since or `fresh` (what other ranks
+        wrote meanwhile is then seen too)."""
+        if fresh or self._snap is None:
+            self.snapshot()
+        return self._snap.good  # type: ignore[union-attr]
 
     def prepare(self, run: dict[str, Any], overwrite: bool, compare: list[str], rank: int = 0, world: int = 1) -> None:
         """Create, resume or refuse: an existing run must have the same values for `compare`. Several ranks may
@@ -377,6 +382,7 @@ class OutputDir:
         self.drop(self.broken, log_errors=False)
         for m in snap.moved:  # copied or restored with the same bytes: its marker records where it is now
             if int(m.get("rank", 0)) not in live:
+                self._snap = None
                 self.folder.write_text(marker_name(m["shard"]), json.dumps({**m, "stat": d.identity(m["shard"])},
                                                                           sort_keys=True))
         names = d.names()
@@ -400,6 +406,7 @@ class OutputDir:
         """Take completed shards back (their input changed): the marker first, so that the shard stops counting
         before it goes; errors.jsonl is rebuilt without their failures."""
         for m in markers:
+            self._snap = None
             self.folder.unlink(marker_name(m["shard"]))
             self.folder.unlink(m["shard"])
         if markers and log_errors:
@@ -407,6 +414,7 @@ class OutputDir:
 
     def refresh(self, marker: dict[str, Any], identity: dict[str, Any]) -> None:
         """Record a tar's identity as it is now in a done shard's marker (`--retry-failed` over a rewritten tar)."""
+        self._snap = None
         self.folder.write_text(marker_name(marker["shard"]), json.dumps({**marker, **identity}, sort_keys=True))
 
     def next_shard_index(self, rank: int) -> int:
@@ -426,6 +434,7 @@ class OutputDir:
             self.folder.publish(written, marker["shard"])
         # the shard's identity as the store gives it (inode + ctime, ETag): a file put in its place later is not it
         marker = {**marker, "stat": self.folder.identity(marker["shard"])}
+        self._snap = None
         self.folder.write_text(marker_name(marker["shard"]), json.dumps(marker, sort_keys=True))
         if marker["failures"] and log_errors:
             # the marker holds them; errors.jsonl is rebuilt from the markers on resume
@@ -451,6 +460,7 @@ class OutputDir:
                 continue
             m["failures"] = [f for f in m["failures"] if f["key"] not in keys]
             m["num_failed"] = len(m["failures"])
+            self._snap = None
             m["retried"] = m.get("retried", []) + [
                 {**f, "retried_in": retry["shard"], "outcome": "failed" if f["key"] in again else "ok"} for f in moved]
             self.folder.write_text(mname, json.dumps(m, sort_keys=True))
@@ -468,23 +478,31 @@ class OutputDir:
     def rebuild_errors(self) -> None:
         """errors.jsonl from the markers: every failure of every completed shard, once; a failure retried since
         (`--retry-failed`) with `retried_in` and `outcome`; a retry's own failures with `retry: true`."""
-        lines = [json.dumps(r) for m in self.markers() for r in m.get("retried", []) + m["failures"]]
-        self.folder.write_text("errors.jsonl", "".join(line + "\n" for line in lines))
+        text = "".join(json.dumps(r) + "\n" for m in self.markers() for r in m.get("retried", []) + m["failures"])
+        if self.folder.read_texts(["errors.jsonl"]).get("errors.jsonl") != text:
+            self.folder.write_text("errors.jsonl", text)
 
     def write_manifest(self, units_total: int | None, units_done: int | Any) -> dict[str, Any]:
         """`units_done`: a number, or a function of the markers (ranks sharing the folder: the manifest is then
         rewritten until the markers it was made from are still all there are, so the last writer is complete)."""
         if callable(units_done):
             while True:
-                ms = self.markers()
-                manifest = self.manifest(ms, units_total, units_done(ms))
-                self.folder.write_text("manifest.json", json.dumps(manifest, indent=1))
+                ms = self.markers(fresh=True)
+                manifest = self._write_manifest(self.manifest(ms, units_total, units_done(ms)))
                 self.rebuild_errors()
-                if [m["shard"] for m in self.markers()] == [m["shard"] for m in ms]:
+                if [m["shard"] for m in self.markers(fresh=True)] == [m["shard"] for m in ms]:
                     return manifest
-        manifest = self.manifest(self.markers(), units_total, units_done)
-        self.folder.write_text("manifest.json", json.dumps(manifest, indent=1))
-        return manifest
+        return self._write_manifest(self.manifest(self.markers(), units_total, units_done))
+
+    def _write_manifest(self, manifest: dict[str, Any]) -> dict[str, Any]:
+        """Written unless the one there says the same (a rerun of a finished folder rewrites nothing)."""
+        old = self._snap.manifest if self._snap is not None else self.read_manifest()
+        if {k: v for k, v in old.items() if k != "updated_at"} != {k: v for k, v in manifest.items() if k != "updated_at"}:
+            self.folder.write_text("manifest.json", json.dumps(manifest, indent=1))
+            if self._snap is not None:
+                self._snap.manifest = manifest
+            return manifest
+        return old
 
     def manifest(self, ms: list[dict[str, Any]], units_total: int | None, units_done: int) -> dict[str, Any]:
         """The manifest's content for these markers (not written)."""

@@ -277,7 +277,7 @@ class Target:
             # done, and then rank 0 alone writes it
             together = final_barrier(ranks)
             if together and ranks.rank != 0:
-                ms = d.markers()  # type: ignore[union-attr]
+                ms = d.markers(fresh=True)  # type: ignore[union-attr]
                 manifest = d.manifest(ms, self.units_total, done(ms))  # type: ignore[union-attr]
             else:
                 manifest = d.write_manifest(self.units_total, done)  # type: ignore[union-attr]

@@ -103,7 +103,10 @@ class Folder:
 
     def names(self) -> list[str]:
         """Every entry's name (files and folders)."""
-        return [p.name for p in self.path.iterdir()] if self.path.is_dir() else []
+        try:
+            return os.listdir(self.path)
+        except (FileNotFoundError, NotADirectoryError):
+            return []
 
     def files(self) -> set[str]:
         return {p.name for p in self.path.iterdir() if p.is_file()} if self.path.is_dir() else set()
