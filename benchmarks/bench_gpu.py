@@ -31,9 +31,9 @@ from s2cli.backbones import load_backbone, resolve
 from s2cli.bench import decode_compare, measure, synthetic_jpegs
 from s2cli.config import build_config, resolve_config
 from s2cli.extractor import Extractor
+from s2cli.inputs.decode import decode_sample
 from s2cli.launch import resolve_device, resolve_precision
 from s2cli.plan import fit_of
-from s2cli.sources import decode_sample
 from s2cli.strategies import plan_image
 
 ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])

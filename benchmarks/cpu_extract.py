@@ -22,8 +22,9 @@ import s2cli
 from s2cli import multiscale_forward
 from s2cli.bench import reference_forward
 from s2cli.extractor import use_channels_last
+from s2cli.inputs.decode import decode_sample
+from s2cli.inputs.folder import scan_folder
 from s2cli.plan import fit_of
-from s2cli.sources import decode_sample, scan_folder
 
 ROOT = Path(__file__).parent.parent
 ap = argparse.ArgumentParser()

@@ -4,13 +4,16 @@ runs it and returns its `Summary`; `plan` is the dry run; `fetch` downloads mode
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any, Sequence
 
 from . import backbones
 from .config import Resolved, load_recipe, resolve_options
 from .errors import ConfigError
+from .inputs.dataset import spec_of
+from .inputs.resolve import open_input
+from .inputs.units import Input
 from .plan import dry_run
-from .sources import Input, open_input
 from .strategies import strategy_of
 from .weights import Located, locate
 
@@ -41,14 +44,16 @@ def settings(input: str, output: str | None = None, *, recipe: str | None = None
     return resolve_options(input, output, recipe, **options)
 
 
-def open_inputs(res: Resolved) -> Input:
-    """The run's input, listed (folders, lists) or named (shards)."""
-    inp = open_input(res.input, res.input_format, res.shard_size, res.limit, res.image_key, res.meta_columns,
-                     res.keep_ext, videos=res.sampling.active)
-    if res.num_samples is not None and inp.kind != "wds":
-        raise ConfigError("--num-samples gives the progress total of WebDataset shards; a folder or list is counted "
-                          "as it is listed", given=f"--num-samples {res.num_samples} for {inp.kind} input {inp.spec}",
-                          fix="drop --num-samples")
+def open_inputs(res: Resolved, obj: Any = None) -> Input:
+    """The run's input, listed (folders, lists, files) or named (shards, tables, datasets); `obj`: a Python
+    dataset given in place of a path."""
+    inp = open_input(res.input if obj is None else obj, res.input_format, res.shard_size, res.limit, res.image_key,
+                     res.meta_columns, res.keep_ext, videos=res.sampling.active, image_column=res.image_column,
+                     key_column=res.key_column)
+    if res.num_samples is not None and inp.total is not None:
+        raise ConfigError("--num-samples gives the progress total of WebDataset shards; a folder, list or table is "
+                          "counted as it is listed", given=f"--num-samples {res.num_samples} for {inp.kind} input "
+                          f"{inp.spec}", fix="drop --num-samples")
     return inp
 
 
@@ -77,9 +82,10 @@ def extract(input: str | Input, output: str | None = None, *, recipe: str | None
     """
     from .launch import die_with_parent, discover_rank, sigterm_raises
 
-    spec = input.spec if isinstance(input, Input) else input
+    obj = None if isinstance(input, (str, os.PathLike, Input)) else input  # a torch / datasets Dataset
+    spec = input.spec if isinstance(input, Input) else spec_of(obj) if obj is not None else os.fspath(input)
     res = config if config is not None else settings(spec, output, recipe=recipe, **options)
-    inp = input if isinstance(input, Input) else open_inputs(res)
+    inp = input if isinstance(input, Input) else open_inputs(res, obj)
     rank = discover_rank()
     if rank.source == "devices":
         die_with_parent()
@@ -117,7 +123,7 @@ def _extract(res: Resolved, inp: Input, rank: Any, named: bool, overwrite: bool,
     total = share_total(res, inp, target)
     progress.start(res, total, before, len(target.markers), rank.rank)
     run.on_progress = progress.update
-    if total is None and inp.kind == "wds" and hasattr(progress, "total"):  # estimated as the tars are read
+    if total is None and inp.streamed and hasattr(progress, "total"):  # estimated as the tars are read
         run.estimate, run.on_total = TotalEstimate(before, target.units_to_read), progress.total
     try:
         return run.execute()
@@ -163,7 +169,7 @@ def share_total(res: Resolved, inp: Input, target: Any) -> int | None:
         return target.retry_keys
     mine = [u for u in inp.units if target.ranks.owns(u.index)]
     if inp.total is not None:
-        return sum(u.size or 0 for u in mine)
+        return min(inp.total, sum(u.count or 0 for u in mine))
     if res.num_samples is not None and inp.units:
         return round(res.num_samples * len(mine) / len(inp.units))
     return None
@@ -248,7 +254,7 @@ def _devices_progress(res: Resolved, inp: Input, n: int, progress: Progress) -> 
     from .outdir import OutputDir
 
     d = OutputDir(res.output)
-    markers = d.markers() if d.run_file.is_file() and not res.retry_failed else []
+    markers = d.markers() if d.has_run and not res.retry_failed else []
     before = sum(m["num_images"] + m["num_failed"] for m in markers)
     total = inp.total if inp.total is not None else res.num_samples
     progress.start(res, None if res.retry_failed else total, before, len(markers), 0)

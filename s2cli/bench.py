@@ -26,9 +26,12 @@ from .backbones import Backbone
 from .config import Resolved
 from .errors import ConfigError, S2Error
 from .extractor import Extractor, use_channels_last
+from .inputs.decode import Fit, decode_sample
+from .inputs.pool import decode_nice
+from .inputs.samples import Sample
+from .inputs.units import Input, Unit
 from .launch import resolve_device, resolve_precision
 from .plan import fit_of, plan_entry
-from .sources import Fit, Input, Sample, Unit, decode_nice, decode_sample
 from .strategies import strategy_of
 from .tiling import multiscale_forward, plan_multiscale, resize_image
 

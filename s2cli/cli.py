@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from .commands import bench, catalog, export, extract, fetch, inspect, slurm, status, viz
+from .commands import bench, catalog, export, extract, fetch, inspect, probe, slurm, status, viz
 from .version import __version__
 
 app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode="rich",
@@ -21,6 +21,7 @@ app.add_typer(catalog.recipes_app, name="recipes")
 app.command("bench")(bench.bench)
 app.command("slurm")(slurm.slurm)
 app.command("status")(status.status)
+app.command("probe")(probe.probe)
 viz_app = typer.Typer(no_args_is_help=True, help="Pictures of a plan or of stored features (PNG).")
 viz_app.command("plan")(viz.viz_plan)
 viz_app.command("features")(viz.viz_features)

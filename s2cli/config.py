@@ -15,8 +15,10 @@ from typing import Any
 
 from .backbones import BackboneCfg, resolve
 from .errors import ConfigError
+from .inputs.decode import DECODES
+from .inputs.resolve import INPUT_FORMATS
+from .pixels import FITS
 from .reduce import parse as parse_reduce
-from .sources import DECODES, FITS, INPUT_FORMATS
 from .store import check_url, local_of
 from .strategies import (
     SHAPE_OPTIONS,
@@ -41,73 +43,192 @@ DEFAULT_SCALES = (1.0, 2.0)  # times the model's input size, when neither --scal
 # a safetensors shard keeps every image's record in its JSON header: the default shard size leaves each image this
 # much of the format's header limit (its record and ~1.5 KB of metadata)
 SAFETENSORS_HEADER_PER_IMAGE = 2048
-# an option that only decides how fast a run goes or when it stops, not what it writes: a resumed run may change it
-RUN_ONLY = {"run_only": True}
+
+# the panels `s2 extract --help` lists its options in
+PANELS = INPUT, MODEL, SCALES, STRATEGY, OUTPUT, SPEED, RUN = ("Input", "Model", "Scales and tiles", "Strategy",
+                                                               "Output", "Speed", "Run control")
+# what a resumed run does with an option (each option's `resume`):
+COMPARED = "compared"  # saved with the output; a resumed run must give the same value (it changes what is stored)
+RUN_ONLY = "run-only"  # saved; decides only how fast a run goes or when it stops: a resumed run may change it
+IN_STRATEGY = "in strategy"  # saved and compared inside the strategy's resolved settings (`strategy`)
+IN_BACKBONE = "in backbone"  # saved and compared inside the backbone's description (`backbone`)
+AS_ASKED = "as asked"  # saved as given, not compared: what it decides is compared (scales: img_sizes; output: the
+# folder itself; recipe: its values; input: run.json's `input`)
+RESUME = (COMPARED, RUN_ONLY, IN_STRATEGY, IN_BACKBONE, AS_ASKED)
+
+
+@dataclass(frozen=True)
+class Opt:
+    """One option of `s2 extract`, declared once (as its ExtractConfig field's metadata): the flags (a switch as
+    "--on/--off"; none for the input argument), the help, the --help panel, the default shown where it is None
+    ("not set": the model's or the strategy's decides), the allowed values, and what a resumed run does with it.
+    The CLI's options, their checks' messages, the saved config and the resume comparison all read it."""
+
+    flags: tuple[str, ...]
+    help: str
+    panel: str
+    resume: str
+    choices: Any = ()  # a tuple, or a registry (a dict: its names as they are when asked, a format added later too)
+    shown: str | None = None
+    added: bool = False  # added after outputs were first written: saved only when set otherwise, so those resume
+
+    @property
+    def flag(self) -> str:
+        """The option's name in messages: its first long flag (a switch: both, "--keep-cls/--drop-cls")."""
+        return next((f for f in self.flags if f.startswith("--")), self.flags[0] if self.flags else "INPUT")
+
+    @property
+    def allowed(self) -> tuple[str, ...]:
+        """The values it takes (empty: any)."""
+        return tuple(self.choices)
+
+
+def opt(*flags: str, help: str, panel: str, resume: str = COMPARED, default: Any = None,
+        choices: Any = (), shown: str | None = None, added: bool = False) -> Any:
+    """An ExtractConfig field declaring its option (see `Opt`)."""
+    assert resume in RESUME, resume
+    decl = Opt(flags, help, panel, resume, choices, shown, added)
+    return field(default=default, metadata={"opt": decl})
 
 
 @dataclass(frozen=True)
 class ExtractConfig:
-    """What the user asked for. None means "not set": the model's default applies."""
+    """What the user asked for. None means "not set": the model's default applies. Every field declares its option
+    (`opt`): flags, help, panel, choices and what a resumed run does with it (`OPTION_DECLS`)."""
 
-    input: str
-    output: str | None = None
-    model: str = "efficientnet-lite0"
-    weights: str | None = None
-    random_init: bool = False
-    seed: int = 0
-    layer: int | None = None
-    keep_cls: bool = False
-    scales: tuple[float, ...] | None = None
-    img_sizes: tuple[int, ...] | None = None
-    max_split_size: int | None = None
-    split_mode: str = "resize"
-    resize_output_to_idx: int = 0
-    fit: str | None = None
-    antialias: bool = False
-    batch_size: int = field(default=8, metadata=RUN_ONLY)
-    workers: int = field(default=2, metadata=RUN_ONLY)
-    max_tiles_per_call: int | None = field(default=None, metadata=RUN_ONLY)
-    device: str = field(default="auto", metadata=RUN_ONLY)
-    precision: str = "fp32"
-    dtype: str = "float32"
-    limit: int | None = None
-    input_format: str = "auto"
-    image_key: str | None = None
-    meta_columns: str = "all"  # a list's extra columns kept as each image's metadata: all | none | col,col
-    keep_ext: bool = False  # keys keep the file's extension (folders, lists)
-    fps: float | None = None  # video: frames at this rate, by presentation timestamps (video.choose)
-    num_frames: int | None = None  # video: N frames uniformly over the clip (numpy.linspace, LLaVA-OneVision)
-    max_frames: int | None = None  # video: at most M frames (uniform subsampling of the chosen ones)
-    frames_as_images: bool = False  # video: each frame stored as its own entry `key#000123` instead of one (F, T, C)
-    format: str | None = None  # h5 | safetensors; from -o's suffix when it names a file
-    shard_size: int | None = None
-    pool: str = "none"
-    pool_only: bool = False
-    on_error: str = field(default="skip", metadata=RUN_ONLY)
-    max_failures: int | None = field(default=None, metadata=RUN_ONLY)
-    decode_timeout: float = field(default=120.0, metadata=RUN_ONLY)
-    check_finite: bool = field(default=True, metadata=RUN_ONLY)
-    retries: int = field(default=0, metadata=RUN_ONLY)  # a read failing with an OSError is tried again N times
-    retry_failed: bool = field(default=False, metadata=RUN_ONLY)  # redo only the images OUTDIR/ records as failed
-    num_samples: int | None = field(default=None, metadata=RUN_ONLY)  # WebDataset: samples in all shards (progress)
-    compile: bool = field(default=False, metadata=RUN_ONLY)  # torch.compile the backbone (dynamic=False); changes speed, not what is written
-    channels_last: bool | None = field(default=None, metadata=RUN_ONLY)  # NHWC weights and inputs; None: on for bchw backbones (speed only)
-    reduce: str | None = None  # token reduction at write time: avg:K | s2c:K | budget:N (reduce.py)
-    decode: str = "pil"  # pil: Pillow in the decode workers | torch: torchvision on the run's device (S² only)
-    recipe: str | None = None
-    # dynamic-resolution strategies (strategies.py); None = the strategy's own default
-    strategy: str = "s2"
-    min_tiles: int | None = None
-    max_tiles: int | None = None
-    thumbnail: bool | None = None
-    grid_pinpoints: tuple[tuple[int, int], ...] | None = None  # (h, w) each
-    anyres_max: int | None = None
-    min_pixels: int | None = None
-    max_pixels: int | None = None
-    provenance: tuple[tuple[str, str], ...] = ()  # (field, "recipe" | "flag") for every value not a default
+    input: str = opt(help="A folder (recursive), an image or video file, a glob of them ('photos/**/*.png'), a "
+                     ".txt/.csv/.parquet list, .parquet/Arrow tables, hf://datasets/ORG/NAME, or WebDataset shards "
+                     "('s/{000..009}.tar', a folder of .tar, pipe:CMD).", panel=INPUT, resume=AS_ASKED, default=dataclasses.MISSING)
+    output: str | None = opt("--output", "-o", help="A .h5/.safetensors file, or OUTDIR/ for resumable shards.",
+                             panel=OUTPUT, resume=AS_ASKED, shown="<input>.<model>.h5 here")
+    model: str = opt("--model", "-m", default="efficientnet-lite0", panel=MODEL,
+                     help="Alias (see `s2 models`), timm:<name> or hf:<hub id[@revision] or dir>; hub weights download "
+                          "on first use.")
+    weights: str | None = opt("--weights", panel=MODEL, help="Local checkpoint (.safetensors/.pth: plain, state_dict/"
+                              "model-nested, DDP, EMA) or save_pretrained dir.")
+    random_init: bool = opt("--random-init/--no-random-init", default=False, panel=MODEL,
+                            help="No weights: initialize from --seed (dry runs, tests).")
+    seed: int = opt("--seed", default=0, help="Seed for --random-init.", panel=MODEL)
+    layer: int | None = opt("--layer", help="Hidden layer (-1: final features).", panel=MODEL, shown="the model's")
+    keep_cls: bool = opt("--keep-cls/--drop-cls", default=False, help="Keep CLIP's CLS token as a prefix token.",
+                         panel=MODEL, resume=IN_BACKBONE)
+    scales: tuple[float, ...] | None = opt("--scales", help="Scales times the model's input size, e.g. 1,2,3 (saved as "
+                                           "given; the sizes they make are compared on resume).", panel=SCALES,
+                                           resume=AS_ASKED, shown=",".join(f"{s:g}" for s in DEFAULT_SCALES))
+    img_sizes: tuple[int, ...] | None = opt("--img-sizes", help="Absolute sizes per scale, e.g. 336,672,1008 (instead "
+                                            "of --scales).", panel=SCALES)
+    max_split_size: int | None = opt("--max-split-size", help="Tile size.", panel=SCALES,
+                                     shown="the model's input size")
+    split_mode: str = opt("--split-mode", default="resize", help="How non-square images are tiled.", panel=SCALES,
+                          choices=SPLIT_MODES)
+    resize_output_to_idx: int = opt("--resize-output-to-idx", default=0, help="Scale whose grid the output takes.",
+                                    panel=SCALES)
+    fit: str | None = opt("--fit", help="How an image is brought to the largest scale.", panel=SCALES,
+                          shown="the model's processor", choices=FITS)
+    antialias: bool = opt("--antialias/--no-antialias", default=False, panel=SCALES,
+                          help="Antialias bicubic downscaling between scales.")
+    batch_size: int = opt("--batch-size", "-b", default=8, help="Images per batch.", panel=SPEED, resume=RUN_ONLY)
+    workers: int = opt("--workers", "-j", default=2, help="Decode worker processes (0: in the main process).",
+                       panel=SPEED, resume=RUN_ONLY)
+    max_tiles_per_call: int | None = opt("--max-tiles-per-call", help="Cap on tiles per backbone call.", panel=SPEED,
+                                         resume=RUN_ONLY)
+    device: str = opt("--device", default="auto", help="auto | cpu | cuda | cuda:K.", panel=SPEED, resume=RUN_ONLY)
+    precision: str = opt("--precision", default="fp32", help="Compute precision.", panel=SPEED, choices=PRECISIONS)
+    dtype: str = opt("--dtype", default="float32", panel=OUTPUT, choices=DTYPES,
+                     help="Stored dtype (bfloat16 in HDF5: uint16 bits with the dataset attribute encoding=bfloat16, "
+                          "decoded by the readers).")
+    limit: int | None = opt("--limit", help="Only the first N images.", panel=INPUT)
+    input_format: str = opt("--input-format", default="auto", help="What INPUT is (auto: detected).", panel=INPUT,
+                            choices=INPUT_FORMATS)
+    image_key: str | None = opt("--image-key", help="WebDataset image member extensions, in order.", panel=INPUT,
+                                shown="jpg;jpeg;png;webp")
+    meta_columns: str = opt("--meta-columns", default="all", panel=INPUT, added=True,
+                            help="A .csv/.parquet list's other columns kept as each image's metadata: all | none | "
+                                 "col,col.")
+    image_column: str | None = opt("--image-column", panel=INPUT, added=True,
+                                   help="Tables: the image column (bytes, a path, or an HF Image struct; default: "
+                                        "image, jpg, png, ...).")
+    key_column: str | None = opt("--key-column", panel=INPUT, added=True,
+                                 help="Tables: the key column (default: key, else row numbers).")
+    keep_ext: bool = opt("--keep-ext/--drop-ext", default=False, panel=INPUT, added=True,
+                         help="Keys keep the file extension (cats/001.jpg, as LLaVA's data JSON names images).")
+    fps: float | None = opt("--fps", help="Video: frames at F per second, by timestamps (docs/video.md).", panel=INPUT,
+                            added=True)
+    num_frames: int | None = opt("--num-frames", panel=INPUT, added=True,
+                                 help="Video: N frames uniformly over the clip (numpy.linspace, as LLaVA-OneVision).")
+    max_frames: int | None = opt("--max-frames", help="Video: at most M frames (uniform subsampling).", panel=INPUT,
+                                 added=True)
+    frames_as_images: bool = opt("--frames-as-images/--frames-as-video", default=False, panel=INPUT, added=True,
+                                 help="Video: store each frame as its own entry key#000123.")
+    format: str | None = opt("--format", help="Shard format in OUTDIR/ (a file's suffix says it).", panel=OUTPUT,
+                             shown="h5", choices=FORMATS)
+    shard_size: int | None = opt("--shard-size", help="Images per output shard.", panel=OUTPUT, shown="~1 GB files")
+    pool: str = opt("--pool", default="none", help="Also store a pooled vector per image.", panel=OUTPUT,
+                    choices=POOLS)
+    pool_only: bool = opt("--pool-only/--with-tokens", default=False, help="Store only the pooled vectors.",
+                          panel=OUTPUT)
+    on_error: str = opt("--on-error", default="skip", panel=RUN, resume=RUN_ONLY, choices=ON_ERROR,
+                        help="skip: record the failure and go on; stop: exit at the first.")
+    max_failures: int | None = opt("--max-failures", help="Exit non-zero once more samples than this have failed.",
+                                   panel=RUN, resume=RUN_ONLY)
+    decode_timeout: float = opt("--decode-timeout", default=120.0, panel=RUN, resume=RUN_ONLY,
+                                help="Seconds before a stalled decode is recorded as failed.")
+    # compared: with it off, features holding NaN/Inf are stored where a checked run records them as failed
+    check_finite: bool = opt("--check-finite/--no-check-finite", default=True, panel=RUN,
+                             help="Record images whose features hold NaN/Inf instead of storing them.")
+    retries: int = opt("--retries", default=0, panel=RUN, resume=RUN_ONLY, added=True,
+                       help="Try a read that fails with an I/O error (OSError) again up to N times, waiting 0.2 s, "
+                            "0.4 s, ... (network file systems).")
+    retry_failed: bool = opt("--retry-failed/--no-retry-failed", default=False, panel=RUN, resume=RUN_ONLY, added=True,
+                             help="Extract again only the images OUTDIR/ records as failed (fixed since?): those that "
+                                  "succeed are added as shards of their own; nothing else changes (docs/clusters.md).")
+    num_samples: int | None = opt("--num-samples", panel=INPUT, resume=RUN_ONLY, added=True,
+                                  help="WebDataset: samples in all shards, for the progress total and ETA (else "
+                                       "estimated from the tars read so far).")
+    compile: bool = opt("--compile/--no-compile", default=False, panel=SPEED, resume=RUN_ONLY,
+                        help="torch.compile the backbone (dynamic=False; the first batch of each tile size compiles).")
+    channels_last: bool | None = opt("--channels-last/--no-channels-last", panel=SPEED, resume=RUN_ONLY,
+                                     help="channels_last (NHWC) weights and inputs.", shown="on for ConvNets, off for ViTs")
+    reduce: str | None = opt("--reduce", panel=OUTPUT, added=True,
+                             help="Reduce each image's token grid before it is stored: avg:K (KxK area pooling) | s2c:K "
+                                  "(KxK neighbours on channels, NVILA/Qwen2-VL) | budget:N (bilinear to <= N tokens, "
+                                  "LLaVA-OneVision); see docs/features.md.")
+    decode: str = opt("--decode", default="pil", panel=SPEED, choices=DECODES, added=True,
+                      help="pil: Pillow in the workers; torch: JPEGs decoded and fitted on the device (nvJPEG on CUDA; "
+                           "not bit-identical to Pillow; S² only).")
+    recipe: str | None = opt("--recipe", help="A recipe name (see `s2 recipes`) or .yaml path; options override it.",
+                             panel=MODEL, resume=AS_ASKED)
+    # dynamic-resolution strategies (strategies.py); None = the strategy's own default (StrategyCfg's)
+    strategy: str = opt("--strategy", default="s2", panel=STRATEGY, resume=IN_STRATEGY, choices=STRATEGIES,
+                        help="S² or a dynamic-resolution strategy (see docs/strategies.md).")
+    min_tiles: int | None = opt("--min-tiles", help="internvl: fewest tiles.", panel=STRATEGY, resume=IN_STRATEGY,
+                                shown=str(StrategyCfg.min_tiles))
+    max_tiles: int | None = opt("--max-tiles", help="internvl, dynamic-s2: most tiles (of the last scale).",
+                                panel=STRATEGY, resume=IN_STRATEGY, shown=str(StrategyCfg.max_tiles))
+    thumbnail: bool | None = opt("--thumbnail/--no-thumbnail", panel=STRATEGY, resume=IN_STRATEGY, shown="thumbnail",
+                                 help="internvl: append a squashed thumbnail when there is more than one tile.")
+    grid_pinpoints: tuple[tuple[int, int], ...] | None = opt(  # (h, w) each
+        "--grid-pinpoints", help="anyres: candidate canvases HxW, e.g. 336x672,672x336.", panel=STRATEGY,
+        resume=IN_STRATEGY, shown="LLaVA-NeXT's")
+    anyres_max: int | None = opt("--anyres-max", panel=STRATEGY, resume=IN_STRATEGY,
+                                 help="anyres: OneVision's anyres_max_N bilinear reduction of the grid map.")
+    min_pixels: int | None = opt("--min-pixels", help="native: smart_resize min pixels.", panel=STRATEGY,
+                                 resume=IN_STRATEGY, shown=str(StrategyCfg.min_pixels))
+    max_pixels: int | None = opt("--max-pixels", help="native: smart_resize max pixels.", panel=STRATEGY,
+                                 resume=IN_STRATEGY, shown=str(StrategyCfg.max_pixels))
+    provenance: tuple[tuple[str, str], ...] = ()  # (field, "recipe" | "flag") for every value not a default; no option
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+# every option's declaration, by field name, in the order --help lists them within a panel
+OPTION_DECLS: dict[str, Opt] = {f.name: f.metadata["opt"] for f in fields(ExtractConfig) if "opt" in f.metadata}
+
+
+def flag(name: str) -> str:
+    """The option `name` (a field) as messages name it: "--max-tiles", "--keep-cls/--drop-cls"."""
+    return OPTION_DECLS[name].flag
 
 
 _TUPLE_FIELDS = {"scales": float, "img_sizes": int}
@@ -190,13 +311,7 @@ def build_config(input: str, output: str | None = None, recipe: str | None = Non
     return ExtractConfig(input=input, output=output, recipe=recipe, provenance=tuple(sorted(prov.items())), **values)
 
 
-# what a saved config holds besides the options: derived values, and options whose value lives elsewhere there
-_NOT_SAVED = ("keep_cls", "provenance", "min_tiles", "max_tiles", "thumbnail", "grid_pinpoints", "anyres_max",
-              "min_pixels", "max_pixels")
-# options added after outputs were first written: saved only when set otherwise, so those outputs still resume
-_SAVED_UNLESS_DEFAULT = {"decode": "pil", "reduce": None, "meta_columns": "all", "keep_ext": False, "retries": 0,
-                         "retry_failed": False, "num_samples": None, "fps": None, "num_frames": None,
-                         "max_frames": None, "frames_as_images": False}
+_DEFAULTS = {f.name: f.default for f in fields(ExtractConfig)}
 # the settings every output file carries as attributes (besides its version, weights and the whole config)
 FILE_ATTRS = ("model", "layer", "scales", "img_sizes", "max_split_size", "split_mode", "num_prefix_tokens",
               "output_shape", "merge", "fit", "dtype", "pool", "strategy")
@@ -209,7 +324,7 @@ class Resolved(ExtractConfig):
     what was derived from it; this is what runs, and what is saved with the output (`to_dict`, `file_attrs`)."""
 
     img_sizes: tuple[int, ...]  # square side per scale, in the order given
-    scales: tuple[float, ...]  # img_sizes over the backbone's input size
+    scales: tuple[float, ...]  # as asked (--scales, or the default); with --img-sizes, those over the input size
     max_split_size: int
     fit: str
     output: str
@@ -240,31 +355,45 @@ class Resolved(ExtractConfig):
         channels = bb.channels * len(self.img_sizes)
         item = itemsize(self.dtype)
         pooled = channels * item if self.pool != "none" else 0
-        r = parse_reduce(self.reduce)
-        if r is not None:
-            tokens, channels = r.shape((gh * n0, gw * n0), channels, bb.num_prefix_tokens)
+        tokens, channels = self.stored({"output_grid": [gh * n0, gw * n0], "output_shape": [tokens, channels]})[
+            "output_shape"]
         return (0 if self.pool_only else tokens * channels * item) + pooled
+
+    def stored(self, entry: dict[str, Any]) -> dict[str, Any]:
+        """A plan entry's `output_grid` and `output_shape` as they are stored: after --reduce, the grid and shape
+        before it kept as `reduced_from`; the entry as it is without a reduction. The one place that shape is made
+        (the dry run, the default shard size and the writers' shapes ask it)."""
+        r = parse_reduce(self.reduce)
+        if r is None:
+            return entry
+        before = {"output_shape": list(entry["output_shape"]), "output_grid": list(entry["output_grid"])}
+        shape = r.shape(before["output_grid"], before["output_shape"][1], self.backbone.num_prefix_tokens)
+        return {**entry, "reduced_from": before, "output_grid": list(r.grid(before["output_grid"])),
+                "output_shape": list(shape)}
 
     def to_dict(self) -> dict[str, Any]:
         """The saved config: every option (strategy options inside `strategy`), the backbone and the derived
         values, and where each option's value came from (`set_by`)."""
-        d: dict[str, Any] = {f.name: _plain(getattr(self, f.name)) for f in fields(ExtractConfig) if f.name not in _NOT_SAVED}
+        d: dict[str, Any] = {name: _plain(getattr(self, name)) for name, o in OPTION_DECLS.items()
+                             if o.resume not in (IN_STRATEGY, IN_BACKBONE)}  # those two: inside `strategy`, `backbone`
         d.update(backbone=self.backbone.to_dict(), layer=self.backbone.layer, scales=list(self.scales),
                  num_prefix_tokens=self.backbone.num_prefix_tokens, output_shape=self.backbone.output_shape,
                  merge="concat", set_by=dict(self.provenance))
-        d.pop("strategy")
         d.update(STRATEGIES[self.strategy].saved(self.strategy_cfg))
-        for name, default in _SAVED_UNLESS_DEFAULT.items():  # outputs written before these options existed resume
-            if d.get(name) == default:
+        for name, o in OPTION_DECLS.items():  # outputs written before these options existed resume
+            if o.added and d.get(name) == _DEFAULTS[name]:
                 d.pop(name)
         if self.weights_revision is not None:
             d["weights_revision"] = self.weights_revision  # a resumed run must load the same weights
         return d
 
     def compare_keys(self) -> list[str]:
-        """The saved settings a resumed run must share with the run it continues."""
-        run_only = {f.name for f in fields(ExtractConfig) if f.metadata.get("run_only")}
-        return [k for k in self.to_dict() if k not in run_only | {"output", "set_by", "recipe", "input"}]
+        """The saved settings a resumed run must share with the run it continues: every option declared COMPARED
+        or IN_STRATEGY, and every derived value (the backbone, its shape, the weights' revision) but `set_by`."""
+        def compared(k: str) -> bool:
+            o = OPTION_DECLS.get(k)
+            return k != "set_by" if o is None else o.resume in (COMPARED, IN_STRATEGY)
+        return [k for k in self.to_dict() if compared(k)]
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
@@ -282,10 +411,12 @@ def _plain(v: Any) -> Any:
     return [_plain(x) for x in v] if isinstance(v, (tuple, list)) else v
 
 
-def _choice(name: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ConfigError(f"--{name} is not known", given=value, expected=" | ".join(choices),
-                          fix=f"pass --{name} {choices[0]}")
+def _choice(name: str, value: str) -> None:
+    """`value` of the option `name` is one of its declared choices."""
+    o = OPTION_DECLS[name]
+    if value not in o.allowed:
+        raise ConfigError(f"{o.flag} is not known", given=value, expected=" | ".join(o.allowed),
+                          fix=f"pass {o.flag} {o.allowed[0]}")
 
 
 def default_output(input_path: str, model: str) -> str:
@@ -299,11 +430,10 @@ def default_output(input_path: str, model: str) -> str:
 
 def resolve_config(cfg: ExtractConfig, backbone: BackboneCfg) -> Resolved:
     """Validate every option (before any weights load) and fill defaults from the backbone."""
-    _choice("split-mode", cfg.split_mode, SPLIT_MODES)
-    _choice("precision", cfg.precision, PRECISIONS)
-    _choice("dtype", cfg.dtype, DTYPES)
+    for name in ("split_mode", "precision", "dtype"):
+        _choice(name, getattr(cfg, name))
     fit = cfg.fit or backbone.fit
-    _choice("fit", fit, FITS)
+    _choice("fit", fit)
     sizes, split = _sizes(cfg, backbone)
     _check_options(cfg, backbone, len(sizes))
     output, fmt, is_dir = _output(cfg)
@@ -311,16 +441,17 @@ def resolve_config(cfg: ExtractConfig, backbone: BackboneCfg) -> Resolved:
         raise ConfigError("--retry-failed adds the retried images to an output folder as shards of their own; a single "
                           "file cannot take them without being rewritten whole", given=output,
                           fix="rerun with --overwrite (every image is extracted again), or extract into a folder: -o OUTDIR/")
-    strategy_fields = ("min_tiles", "max_tiles", "thumbnail", "grid_pinpoints", "anyres_max", "min_pixels", "max_pixels")
+    strategy_fields = tuple(n for n, o in OPTION_DECLS.items() if o.resume == IN_STRATEGY and n != "strategy")
     set_by = dict(cfg.provenance)
     set_fields = tuple(f for f in strategy_fields if getattr(cfg, f) is not None) + tuple(
         f for f in SHAPE_OPTIONS if f in set_by)  # a shape option the strategy does not use is refused, not ignored
     strategy = resolve_strategy(
         StrategyArgs(cfg.strategy, fit=fit, img_sizes=sizes, set_fields=set_fields, set_by=set_by, recipe=cfg.recipe,
+                     flags={n: o.flag for n, o in OPTION_DECLS.items()},
                      **{f: getattr(cfg, f) for f in strategy_fields}),
-        BackboneFacts(split, backbone.patch_size, backbone.family, backbone.model_type, backbone.output_shape))
+        BackboneFacts(split, backbone.patch_size, backbone.any_size, backbone.name))
     given = {f.name: getattr(cfg, f.name) for f in fields(ExtractConfig)}
-    given.update(img_sizes=sizes, scales=tuple(s / backbone.input_size for s in sizes), max_split_size=split, fit=fit,
+    given.update(img_sizes=sizes, scales=_scales(cfg, sizes, backbone), max_split_size=split, fit=fit,
                  output=output, format=fmt, shard_size=cfg.shard_size or 1, layer=backbone.layer)
     res = Resolved(**given, backbone=backbone, output_is_dir=is_dir, strategy_cfg=strategy)
     if res.reduce is not None:
@@ -371,6 +502,14 @@ def _sizes(cfg: ExtractConfig, backbone: BackboneCfg) -> tuple[tuple[int, ...], 
     return sizes, split
 
 
+def _scales(cfg: ExtractConfig, sizes: tuple[int, ...], backbone: BackboneCfg) -> tuple[float, ...]:
+    """The scales as the user asked for them (--scales 0.7,1.3 stays [0.7, 1.3], beside the sizes it makes), or the
+    sizes over the model's input size where --img-sizes was given."""
+    if cfg.img_sizes is not None:
+        return tuple(s / backbone.input_size for s in sizes)
+    return tuple(float(s) for s in (cfg.scales if cfg.scales is not None else DEFAULT_SCALES))
+
+
 def _check_options(cfg: ExtractConfig, backbone: BackboneCfg, n: int) -> None:
     """Every option that is checked on its own or against the backbone (`n`: the number of scales)."""
     if not -n <= cfg.resize_output_to_idx < n:
@@ -382,10 +521,8 @@ def _check_options(cfg: ExtractConfig, backbone: BackboneCfg, n: int) -> None:
     _check_numbers(cfg)
     if cfg.random_init and cfg.weights:
         raise ConfigError("--random-init and --weights contradict each other", fix="drop one of them")
-    _choice("pool", cfg.pool, POOLS)
-    _choice("on-error", cfg.on_error, ON_ERROR)
-    _choice("input-format", cfg.input_format, INPUT_FORMATS)
-    _choice("decode", cfg.decode, DECODES)
+    for name in ("pool", "on_error", "input_format", "decode"):
+        _choice(name, getattr(cfg, name))
     record = STRATEGIES.get(cfg.strategy)
     if cfg.decode == "torch" and record is not None and not record.device_decode:
         raise ConfigError("--decode torch decodes and fits for the S² engine only; the strategies render their views "
@@ -413,10 +550,10 @@ def _check_options(cfg: ExtractConfig, backbone: BackboneCfg, n: int) -> None:
 
 def _check_numbers(cfg: ExtractConfig) -> None:
     """Every numeric option in its range, before anything runs (a value out of range is never clamped)."""
-    for name, v in (("batch-size", cfg.batch_size), ("max-tiles-per-call", cfg.max_tiles_per_call), ("limit", cfg.limit),
-                    ("shard-size", cfg.shard_size)):
+    for name in ("batch_size", "max_tiles_per_call", "limit", "shard_size"):
+        v = getattr(cfg, name)
         if v is not None and (isinstance(v, bool) or not isinstance(v, Integral) or v <= 0):
-            raise ConfigError(f"--{name} must be a positive integer", given=v, fix=f"pass --{name} 1 or more")
+            raise ConfigError(f"{flag(name)} must be a positive integer", given=v, fix=f"pass {flag(name)} 1 or more")
     if isinstance(cfg.workers, bool) or not isinstance(cfg.workers, Integral) or cfg.workers < 0:
         raise ConfigError("-j/--workers must be an integer >= 0", given=cfg.workers,
                           fix="pass -j 0 to decode in the main process")
@@ -450,7 +587,7 @@ def _output(cfg: ExtractConfig) -> tuple[str, str, bool]:
                           "clear", given=output, fix=f"pass -o {output.rstrip('/' + os.sep)} for one file, or -o "
                           f"{output.rstrip('/' + os.sep).rsplit('.', 1)[0]}/ for a folder of shards")
     if cfg.format is not None:
-        _choice("format", cfg.format, tuple(FORMATS))
+        _choice("format", cfg.format)
         if suffix_fmt is not None and suffix_fmt != cfg.format:
             raise ConfigError("--format contradicts the output file's suffix", given=(cfg.format, output),
                               fix=f"name the file *{FORMATS[cfg.format]} or drop --format")

@@ -11,7 +11,9 @@ from typing import Any, Sequence
 
 import torch
 
-from .sources import Fit, Sample, decode_sample, fit_size, with_decode_note
+from .inputs.decode import Fit, decode_sample, with_decode_note
+from .inputs.samples import Sample
+from .pixels import fit_size
 
 
 # ---- host <-> device ---------------------------------------------------------------------------------------------
@@ -113,7 +115,7 @@ def _resize(img: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
 
 
 def fit_tensor(img: torch.Tensor, fit: str, side: int, mean: tuple[float, float, float]) -> torch.Tensor:
-    """`sources.fit_image` on a uint8 (3, H, W) tensor, on its device: the same geometry (crop, squash, pad with
+    """`pixels.fit_image` on a uint8 (3, H, W) tensor, on its device: the same geometry (crop, squash, pad with
     the mean color, keep), with torch's bicubic antialias resize (Pillow's filter, a = -0.5, computed in float
     and rounded) instead of Pillow's fixed-point one."""
     h, w = img.shape[-2:]
@@ -138,7 +140,7 @@ def fit_tensor(img: torch.Tensor, fit: str, side: int, mean: tuple[float, float,
 
 
 def decode_batch(recs: list[dict[str, Any]], fit: Fit, device: torch.device) -> list[dict[str, Any]]:
-    """Records from `sources.read_for_device` (`jpeg` bytes, `orientation`) -> the same records with `image`, the
+    """Records from `inputs.decode.read_for_device` (`jpeg` bytes, `orientation`) -> the same records with `image`, the
     fitted uint8 (3, H, W) on `device`. One batched torchvision call (nvJPEG on CUDA); when it fails, each image
     alone, and an image the device decoder refuses is decoded with Pillow here (meta.decode.path =
     "pil-fallback", with the reason); an image Pillow cannot decode either gets its failure record in `error`.

@@ -12,7 +12,8 @@ import torch
 from .backbones import Backbone
 from .config import Resolved
 from .errors import ConfigError
-from .sources import Fit, Sample, failure
+from .inputs.decode import Fit
+from .inputs.samples import Sample, failure
 from .strategies import cut_view, grouped_calls, merge as merge_views, outputs_to_maps, plan_image, plan_strategy_image
 from .tiling import multiscale_forward
 

@@ -18,9 +18,9 @@ def human_bytes(n: float) -> str:
     return f"{n:.1f} TiB"
 
 
-def write_error(path: Path, e: BaseException, need_bytes: int | None = None) -> S2Error:
+def write_error(path: Path, e: BaseException, need_bytes: int | None = None, fix: str | None = None) -> S2Error:
     """The one error for a failed write. A full disk says so, with the space left and the space a shard needs;
-    completed shards are untouched, so the fix is to make room and rerun."""
+    completed shards are untouched, so the fix is to make room and rerun (`fix`: the writer's own words for it)."""
     if getattr(e, "errno", None) == errno.ENOSPC or "No space left" in str(e):
         try:
             free = f"{human_bytes(shutil.disk_usage(path.parent).free)} free"
@@ -29,8 +29,8 @@ def write_error(path: Path, e: BaseException, need_bytes: int | None = None) -> 
         detail = getattr(e, "strerror", None) if getattr(e, "filename", None) else None  # a refused reservation
         need = f"; a whole shard needs about {human_bytes(need_bytes)}" if need_bytes else ""
         return S2Error(f"no space left on device writing {path} ({detail or free}{need})", given=str(path.parent),
-                       fix="free space or point -o elsewhere, then rerun the same command: completed shards are "
-                           "kept and the run continues after them")
+                       fix=fix or "free space or point -o elsewhere, then rerun the same command: completed shards "
+                                  "are kept and the run continues after them")
     return S2Error(f"writing {path} failed: {type(e).__name__}: {e}",
                    fix="check free space and permissions of the output folder")
 

@@ -14,32 +14,37 @@ import os
 from pathlib import Path
 from typing import Any, Iterator
 
+from .columns import Columns, flatten
 from .errors import ConfigError
 from .readers import open_features
+from .store import local_of
 
 
 def to_hf_dataset(path: str | os.PathLike, features: bool = True, cache_dir: str | os.PathLike | None = None) -> Any:
-    """The features at `path` as a `datasets.Dataset`, in input order. Columns: `key`; `features` (T, C) float32
-    (Array2D, T varying for ragged outputs; bfloat16/float16 storage decoded to float32; left out with
-    `features=False` or when only pooled vectors were stored); `pooled` (C,) when stored; `source`, `orig_hw`,
-    `grid_hw`, `num_prefix_tokens`, `split_mode`; `plan` and `reduce` (JSON text) when written; and one string
-    column per field of the first image's metadata (`meta`: caption, url, ...; values that are not strings as
-    JSON), None where an image lacks it."""
+    """The features at `path` (a file or a folder, local or a URL as `open_features` reads it) as a
+    `datasets.Dataset`, in input order. Columns: `key`; `features` (T, C) float32 (Array2D, T varying for ragged
+    outputs; bfloat16/float16 storage decoded to float32; left out with `features=False` or when only pooled
+    vectors were stored); `pooled` (C,) when stored; `source`, `orig_hw`, `grid_hw`, `num_prefix_tokens`,
+    `split_mode`; `plan` and `reduce` (JSON text) when written; and one column per field of any image's metadata
+    (`meta`: caption, url, ...; the union over all images, JSON objects flattened to dotted columns, one type per
+    column, mixed types as strings: the rules in columns.py), None where an image lacks it."""
     try:
         import datasets
     except ImportError:
         raise ConfigError("to_hf_dataset needs the `datasets` package", fix="pip install 's2-features[hf]'") from None
-    p = Path(path)
-    with open_features(p) as r:
+    where = str(local_of(path) or path)  # a URL stays a URL (Path would make s3://b/run the local s3:/b/run)
+    with open_features(where) as r:
         if not len(r):
-            raise ConfigError("no images to convert", given=str(p), fix="extract some images first")
+            raise ConfigError("no images to convert", given=where, fix="extract some images first")
         first = next(iter(r))
         m = r.meta(first)
         shape = r.feature_shape if features else None
         pooled = _has_pooled(r, first)
         width = int(r.pooled(first).shape[0]) if pooled else None
-    meta_cols = sorted(m["meta"]) if isinstance(m["meta"], dict) else []
-    extra = [n for n in ("plan", "reduce") if n in m]
+        extra = [n for n in ("plan", "reduce") if n in m]
+        own = ("key", "features", "pooled", *BASE_COLUMNS, *extra)
+        meta_cols = Columns().add([flatten(r.meta(k)["meta"], own) for k in r])  # every image's fields
+        stamp = _stamp(where, r)
     cols: dict[str, Any] = {"key": datasets.Value("string")}
     if shape is not None:
         cols["features"] = datasets.Array2D(shape=(shape[0], shape[1]), dtype="float32")
@@ -48,16 +53,25 @@ def to_hf_dataset(path: str | os.PathLike, features: bool = True, cache_dir: str
     cols.update(source=datasets.Value("string"), orig_hw=datasets.Sequence(datasets.Value("int32"), length=2),
                 grid_hw=datasets.Sequence(datasets.Value("int32"), length=2), num_prefix_tokens=datasets.Value("int32"),
                 split_mode=datasets.Value("string"))
-    cols.update({n: datasets.Value("string") for n in extra + [c for c in meta_cols if c not in cols]})
+    cols.update({n: datasets.Value("string") for n in extra})
+    arrow = {"bool": "bool", "int": "int64", "float": "float64", "string": "string"}
+    cols.update({n: datasets.Value(arrow[t]) for n, t in meta_cols.types().items()})
     return datasets.Dataset.from_generator(
         _rows, features=datasets.Features(cols), cache_dir=None if cache_dir is None else str(cache_dir),
-        gen_kwargs={"path": str(p), "columns": json.dumps(list(cols)), "mtime": _mtime(p)})  # a list would be sharded
+        gen_kwargs={"path": where, "columns": json.dumps(list(cols)), "meta_types": json.dumps(meta_cols.types()),
+                    "stamp": stamp})  # a list would be sharded
 
 
-def _rows(path: str, columns: str, mtime: float) -> Iterator[dict[str, Any]]:
-    """One row per image; `columns` a JSON list (`mtime` is there so that the datasets cache tells a rewritten
-    output apart)."""
+BASE_COLUMNS = ("source", "orig_hw", "grid_hw", "num_prefix_tokens", "split_mode")
+
+
+def _rows(path: str, columns: str, meta_types: str, stamp: str) -> Iterator[dict[str, Any]]:
+    """One row per image; `columns` a JSON list, `meta_types` the metadata columns' types (`stamp` is there so
+    that the datasets cache tells a rewritten output apart)."""
     cols = json.loads(columns)
+    meta_cols = Columns()
+    meta_cols.kinds = {n: {t} for n, t in json.loads(meta_types).items()}
+    own = tuple(c for c in cols if c not in meta_cols.kinds)
     with open_features(path) as r:
         for k in r:
             m = r.meta(k)
@@ -66,19 +80,25 @@ def _rows(path: str, columns: str, mtime: float) -> Iterator[dict[str, Any]]:
                 row["features"] = r[k]
             if "pooled" in cols:
                 row["pooled"] = r.pooled(k)
-            user = m.get("meta") if isinstance(m.get("meta"), dict) else {}
-            for c in cols:
-                if c in row:
-                    continue
-                v = m[c] if c in m else user.get(c)
-                plain = c in ("orig_hw", "grid_hw", "num_prefix_tokens") or v is None or isinstance(v, str)
-                row[c] = v if plain else json.dumps(v)
+            for c in ("plan", "reduce", *BASE_COLUMNS):
+                if c in cols:
+                    v = m.get(c)
+                    row[c] = json.dumps(v) if c in ("plan", "reduce") and v is not None else v
+            row.update(meta_cols.cast([flatten(m.get("meta"), own)])[0])
             yield row
 
 
-def _mtime(p: Path) -> float:
-    files = [p] if p.is_file() else list(p.iterdir())
-    return max(f.stat().st_mtime for f in files)
+def _stamp(where: str, r: Any) -> str:
+    """What changes when the output is rewritten: a local output's newest file time; a remote folder's shards
+    (their markers: names, sizes, store identities)."""
+    local = local_of(where)
+    if local is not None:
+        p = Path(local)
+        files = [p] if p.is_file() else list(p.iterdir())
+        return str(max(f.stat().st_mtime for f in files))
+    import hashlib
+
+    return hashlib.sha256(json.dumps(getattr(r, "shards", None), sort_keys=True, default=str).encode()).hexdigest()
 
 
 def _has_pooled(r: Any, key: str) -> bool:

@@ -1,8 +1,8 @@
 """Hub: model repos on the Hugging Face Hub, kept in its standard cache (HF_HOME, HF_HUB_CACHE). A repo is
 downloaded on first use by one process per node (a file lock in the cache; the others wait for it and read
-what it fetched), never when offline (HF_HUB_OFFLINE=1, or --offline); `s2 fetch` asks the hub again. Reading
-the cache needs neither the network nor huggingface_hub, so a miss offline is one line at once; only a download
-imports huggingface_hub, with a short timeout and no retries before the first answer."""
+what it fetched), never when offline (HF_HUB_OFFLINE=1, or --offline); `s2 fetch` asks the hub again. The cache
+is read with huggingface_hub's `try_to_load_from_cache` (no network), so a miss offline is one line at once; a
+download has a short timeout and no retries before the first answer."""
 from __future__ import annotations
 
 import contextlib
@@ -16,10 +16,12 @@ from typing import Iterator
 
 from .errors import ConfigError, S2Error, WeightsNotFoundError
 
-CONFIG_FILES = ("config.json", "preprocessor_config.json")
+CONFIG_FILES = ("config.json", "preprocessor_config.json", "open_clip_config.json")
 # the weights of a repo, in the order they are preferred: one file, or an index and the shards it names
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json",
                 "open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+# a .bin's safetensors twin where its name is not the .bin's with another suffix
+TWINS = {"open_clip_pytorch_model.bin": "open_clip_model.safetensors"}
 SHA_RE = re.compile(r"^[0-9a-f]{40}$")
 NAME_RE = re.compile(r"^[A-Za-z0-9_](?:[\w.-]{0,94}[A-Za-z0-9_])?$")  # an org or a name: no leading/trailing . or -
 _TRUE = ("1", "ON", "YES", "TRUE")
@@ -102,31 +104,34 @@ def parse_ref(text: str, spec: str) -> Ref:
     return Ref(repo, rev or None)
 
 
-# ---- the cache, read without huggingface_hub --------------------------------------------------------------------
+# ---- the cache, read with huggingface_hub's try_to_load_from_cache -------------------------------------------------
 def repo_folder(repo: str) -> Path:
     return cache_dir() / ("models--" + repo.replace("/", "--"))
 
 
-def cached_sha(ref: Ref) -> str | None:
-    """The commit the cache knows for this revision (a sha is itself; a branch or tag from refs/)."""
-    rev = ref.revision or "main"
-    if SHA_RE.match(rev):
-        return rev
-    try:
-        return (repo_folder(ref.repo) / "refs" / rev).read_text().strip() or None
-    except OSError:
-        return None
+def _snapshot_of(ref: Ref, anchors: list[str]) -> Path | None:
+    """The cached snapshot folder of `ref` that holds the first of `anchors` found there (huggingface_hub resolves
+    the branch or tag through the cache's refs/), or None."""
+    from huggingface_hub import try_to_load_from_cache
+
+    for name in anchors:
+        hit = try_to_load_from_cache(ref.repo, name, cache_dir=str(cache_dir()), revision=ref.revision)
+        if isinstance(hit, str):
+            return Path(hit).parent
+    return None
+
+
+def _preferred(filename: str | None) -> list[str]:
+    """The weight files to look for, best first: `filename` (after its safetensors twin), else WEIGHT_FILES."""
+    if filename:
+        return [*([TWINS.get(filename) or filename[:-4] + ".safetensors"] if filename.endswith(".bin") else []), filename]
+    return list(WEIGHT_FILES)
 
 
 def _weights_in(names: set[str], read_index, filename: str | None) -> tuple[str, ...]:
     """The weight files to use among `names` (the first kind present of WEIGHT_FILES, or `filename` and its
     safetensors twin); an index comes with every shard it names (`read_index(name)` -> its weight_map)."""
-    if filename:
-        twins = [filename[:-4] + ".safetensors"] if filename.endswith(".bin") else []
-        order = [*twins, filename]
-    else:
-        order = list(WEIGHT_FILES)
-    for name in order:
+    for name in _preferred(filename):
         if name not in names:
             continue
         if not name.endswith(".index.json"):
@@ -158,18 +163,17 @@ def cached_weights(folder: Path, filename: str | None = None) -> tuple[str, ...]
     return _weights_in(names, _local_index(folder), filename)
 
 
-def cached(ref: Ref, *, weights: bool = True, filename: str | None = None, need_config: bool = True) -> Snapshot | None:
-    """The snapshot of `ref` in the cache if it holds what is asked (config.json; the weights), else None."""
-    sha = cached_sha(ref)
-    if sha is None or not (repo_folder(ref.repo) / "snapshots" / sha).is_dir():
-        return None
-    folder = repo_folder(ref.repo) / "snapshots" / sha
-    if need_config and not (folder / "config.json").is_file():
+def cached(ref: Ref, *, weights: bool = True, filename: str | None = None,
+           config: str | None = "config.json") -> Snapshot | None:
+    """The snapshot of `ref` in the cache if it holds what is asked (the `config` file; the weights), else None."""
+    anchors = [config] if config else _preferred(filename)
+    folder = _snapshot_of(ref, anchors)
+    if folder is None:
         return None
     files = cached_weights(folder, filename) if weights else ()
     if weights and not files:
         return None
-    return Snapshot(ref.repo, sha, folder, files)
+    return Snapshot(ref.repo, folder.name, folder, files)
 
 
 def offline_miss(ref: Ref, what: str) -> WeightsNotFoundError:
@@ -182,23 +186,23 @@ def offline_miss(ref: Ref, what: str) -> WeightsNotFoundError:
 
 # ---- downloads --------------------------------------------------------------------------------------------------
 def ensure(ref: Ref, *, what: str, weights: bool = True, filename: str | None = None,
-           need_config: bool = True) -> Snapshot:
+           config: str | None = "config.json") -> Snapshot:
     """On first use: the cached snapshot, else downloaded now (by one process of this node at a time: a process
     that finds another downloading waits for it, then reads the cache), else one line saying why not."""
-    hit = cached(ref, weights=weights, filename=filename, need_config=need_config)
+    hit = cached(ref, weights=weights, filename=filename, config=config)
     if hit is not None:
         return hit
     if offline():
         raise offline_miss(ref, what)
     with node_lock(ref.repo):
-        hit = cached(ref, weights=weights, filename=filename, need_config=need_config)
+        hit = cached(ref, weights=weights, filename=filename, config=config)
         if hit is not None:
             return hit
-        return download(ref, what=what, weights=weights, filename=filename, need_config=need_config)
+        return download(ref, what=what, weights=weights, filename=filename, config=config)
 
 
 def download(ref: Ref, *, what: str, weights: bool = True, filename: str | None = None,
-             need_config: bool = True) -> Snapshot:
+             config: str | None = "config.json") -> Snapshot:
     """Ask the hub for `ref` now and download what a run needs of it (configs and the weights; no optimizer
     states, no other frameworks' files) into the cache; the revision asked for then names that commit there."""
     try:
@@ -211,14 +215,14 @@ def download(ref: Ref, *, what: str, weights: bool = True, filename: str | None 
     except Exception as e:
         raise _hub_error(e, ref, what) from None
     siblings = {s.rfilename for s in (info.siblings or [])}
-    if need_config and "config.json" not in siblings:
-        raise WeightsNotFoundError(f"{ref} on the hub has no config.json, so s2cli cannot tell what model it is",
+    if config and config not in siblings:
+        raise WeightsNotFoundError(f"{ref} on the hub has no {config}, so s2cli cannot tell what model it is",
                                    given=what, fix="pass a transformers checkpoint repo, or a timm:<name> model")
     files = _weights_in(siblings, lambda name: None, filename) if weights else ()
     if weights and not files:
         raise WeightsNotFoundError(f"{ref} on the hub has no weights s2cli can load (looked for {', '.join(WEIGHT_FILES)})",
                                    given=what, fix="pass a repo with safetensors or PyTorch weights, or --weights PATH")
-    wanted = [f for f in CONFIG_FILES if f in siblings] + list(files)
+    wanted = list(dict.fromkeys([f for f in (config, *CONFIG_FILES) if f in siblings] + list(files)))
     try:
         snapshot_download(ref.repo, revision=info.sha, allow_patterns=wanted, cache_dir=str(cache_dir()),
                           endpoint=endpoint(), etag_timeout=timeout())
@@ -226,7 +230,7 @@ def download(ref: Ref, *, what: str, weights: bool = True, filename: str | None 
         raise _hub_error(e, ref, what) from None
     if ref.revision != info.sha:
         _write_ref(ref.repo, ref.revision or "main", info.sha)
-    snap = cached(Ref(ref.repo, info.sha), weights=weights, filename=filename, need_config=need_config)
+    snap = cached(Ref(ref.repo, info.sha), weights=weights, filename=filename, config=config)
     if snap is None:
         raise S2Error(f"downloaded {ref} but its files are not complete in the cache {cache_dir()}", given=what,
                       fix=f"run `s2 fetch {what}` again")

@@ -21,6 +21,7 @@ SHARD_RE = re.compile(r"^part-(\d{5})-(\d{5})\.(h5|safetensors)$")
 OURS_RE = re.compile(r"^(part-\d{5}-\d{5}\.(h5|safetensors|json)|run\.json|manifest\.json|index\.json|errors\.jsonl|"
                      r"rank-\d{5}\.json)$")
 # files `s2 slurm` puts beside the run (its script and SLURM's logs): ours, but not output; --overwrite keeps them
+HEARTBEAT_NAME_RE = re.compile(r"^rank-\d{5}\.json$")  # a rank's heartbeat (on remote storage: its claim)
 SIDE_RE = re.compile(r"^(s2-slurm\.sbatch|slurm-\d+(_\d+)?\.out)$")
 RANK_TMP_RE = re.compile(r"^\.part-(\d{5})-\d{5}\.(h5|safetensors|json)\.tmp-\d+$")
 LOCK_RE = re.compile(r"^\.rank-(\d{5})\.lock$")
@@ -319,7 +320,7 @@ class OutputDir:
                     d.unlink(n)
         elif "run.json" in names:
             self.check_same(run, compare)
-        elif [n for n in entries if not (d.remote and n == mine)]:
+        elif [n for n in entries if not (d.remote and HEARTBEAT_NAME_RE.match(n))]:  # on a store: ranks' claims
             raise ConfigError("output folder has shards but no run.json", given=str(self.path),
                               fix="pass --overwrite to start over, or another -o")
         created = not d.is_file("run.json") and d.create_exclusive("run.json", json.dumps(run, indent=1, sort_keys=True))

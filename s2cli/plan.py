@@ -1,6 +1,6 @@
 """Planning, without torch: what the engine does with each image, from its header and the backbone's config alone
 (`plan_image`, `dry_run`), and `views`: the decoded, fitted pixels of one image exactly as the backbone receives
-them, through the extraction's own decode path (`sources.decode_sample`)."""
+them, through the extraction's own decode path (`inputs.decode.decode_sample`)."""
 from __future__ import annotations
 
 import os
@@ -11,8 +11,10 @@ import numpy as np
 
 from .config import Resolved, resolve_options
 from .errors import ConfigError
-from .reduce import parse as parse_reduce
-from .sources import Fit, Input, Sample, decode_sample, failure, image_size, is_video, video_header
+from .inputs.decode import Fit, decode_sample
+from .inputs.reading import image_size, is_video, video_header
+from .inputs.samples import Sample, failure
+from .inputs.units import Input
 from .strategies import strategy_of
 from .video import choose
 from .writers import itemsize
@@ -28,12 +30,7 @@ def plan_entry(res: Resolved, orig: tuple[int, int]) -> tuple[dict[str, Any], fl
     """One image's dry-run entry (fitted_hw, tiles = every backbone input, grids, output_shape, and the
     strategy's own fields) and its FLOPs (None when the backbone's FLOPs per tile are unknown)."""
     entry, inputs = strategy_of(res).plan_entry(res, orig)
-    r = parse_reduce(res.reduce)
-    if r is not None:  # what is stored: the grid and shape after the reduction
-        entry["reduced_from"] = {"output_shape": entry["output_shape"], "output_grid": entry["output_grid"]}
-        entry["output_grid"] = list(r.grid(entry["output_grid"]))
-        entry["output_shape"] = list(r.shape(entry["reduced_from"]["output_grid"], entry["output_shape"][1],
-                                             res.backbone.num_prefix_tokens))
+    entry = res.stored(entry)  # what is stored: the grid and shape after --reduce
     per_tile = [res.backbone.flops_per_tile(tile) for tile, _ in inputs]
     flops = None if any(f is None for f in per_tile) else sum(f * n for f, (_, n) in zip(per_tile, inputs))  # type: ignore[misc]
     return entry, flops

@@ -23,11 +23,13 @@ from .errors import ConfigError, S2Error
 from .extractor import Extractor
 from .fsutil import Claim, file_identity, take_claim
 from .heartbeat import Heartbeat
+from .inputs.pool import DecodePool
+from .inputs.samples import Sample
+from .inputs.units import Input, Unit
 from .launch import Rank, Terminated, final_barrier, resolve_precision, signals_deferred
 from .outdir import OutputDir, shard_record, unit_complete
 from .plan import fit_of
 from .reduce import parse as parse_reduce
-from .sources import DecodePool, Input, Sample, Unit
 from .strategies import strategy_of
 from .version import __version__
 from .writers import SINKS, ThreadedSink, check_output_file, itemsize, remove_dead_temporaries
@@ -57,7 +59,7 @@ def part_matches(marker: dict, unit: Unit | None, shard_size: int) -> bool:
         ident = unit.identity()
         if marker.get("unit", unit.id) != unit.id:
             return False
-        return ident is None or "tar_bytes" not in marker or all(marker.get(k) == v for k, v in ident.items())
+        return ident is None or not ident.keys() & marker.keys() or all(marker.get(k) == v for k, v in ident.items())
     if not keys:
         return False
     if "keys_sha256" in marker:
@@ -127,7 +129,7 @@ class Target:
         if overwrite:
             raise ConfigError("--retry-failed and --overwrite contradict each other: one keeps the output, the other "
                               "starts it over", fix="drop one of them")
-        if not self.dir.run_file.is_file():  # type: ignore[union-attr]
+        if not self.dir.has_run:  # type: ignore[union-attr]
             raise ConfigError("--retry-failed retries the failures an output folder records, and this one holds no run",
                               given=self.res.output, fix="run without --retry-failed first")
 
@@ -791,9 +793,7 @@ class Run:
             shape["tokens"] = shape["tokens_per_image"] = None
         pooled_channels = shape["channels"]
         if self.reduction is not None:  # the stored shape: after the reduction (pooled vectors are not reduced)
-            entry, _ = self.strategy.plan_entry(res, (res.side, res.side))
-            tokens, shape["channels"] = self.reduction.shape(entry["output_grid"], shape["channels"],
-                                                             res.backbone.num_prefix_tokens)
+            tokens, shape["channels"] = res.stored(self.strategy.plan_entry(res, (res.side, res.side))[0])["output_shape"]
             shape["tokens"] = tokens if shape["tokens"] is not None else None
             shape["tokens_per_image"] = tokens if shape["tokens_per_image"] is not None else None
         sink = SINKS[res.format](path, res.file_attrs(self.backbone.weights), channels=shape["channels"],

@@ -27,9 +27,11 @@ def status_report(path: str | os.PathLike) -> dict[str, Any]:
     by_unit: dict[int, list[dict]] = {}
     for m in markers:
         by_unit.setdefault(m["unit_index"], []).append(m)
-    # a folder or list unit is one part (units are cut at the shard size); a tar's count its last marker gives
-    units_done = sum(unit_complete(parts, None if inp.get("kind") == "wds" else 1) for parts in by_unit.values())
-    shards_total = units_total if inp.get("kind") in ("folder", "list") else None
+    # a listed unit is one part (units are cut at the shard size); a streamed unit's count its last marker gives
+    # (run.json written before it said `streamed`: a streamed input's total was unknown)
+    streamed = inp.get("streamed", inp.get("total") is None)
+    units_done = sum(unit_complete(parts, None if streamed else 1) for parts in by_unit.values())
+    shards_total = units_total if not streamed else None
     ranks = []
     for r in sorted(set(hbs) | {m.get("rank", 0) for m in markers}):
         hb = hbs.get(r)

@@ -20,7 +20,7 @@ from typing import Any, Callable, Sequence
 
 from ._lazy import F, torch
 from .errors import ConfigError
-from .sources import fit_size, fit_to_array, render_views, to_uint8_array
+from .pixels import fit_size, fit_to_array, render_views, to_uint8_array
 from .tiling import S2Plan, area_resize, plan_multiscale
 
 # LLaVA-NeXT's grid pinpoints for CLIP-336, (h, w); for another tile the same grids of that tile are the default
@@ -473,14 +473,13 @@ class StrategyArgs:
     set_fields: tuple[str, ...] = field(default=())  # the strategy and shape options set (by a flag or a recipe)
     set_by: dict[str, str] = field(default_factory=dict)  # option -> "flag" | "recipe"
     recipe: str | None = None
+    flags: dict[str, str] = field(default_factory=dict)  # option -> its flag, from its declaration (config.py)
+
+    def flag(self, name: str) -> str:
+        """The option `name` as the user wrote it: its declared flag (a caller without declarations: --name)."""
+        return self.flags.get(name, "--" + name.replace("_", "-"))
 
 
-OPTION_FLAGS = {"min_tiles": "--min-tiles", "max_tiles": "--max-tiles", "thumbnail": "--thumbnail/--no-thumbnail",
-                "grid_pinpoints": "--grid-pinpoints", "anyres_max": "--anyres-max", "min_pixels": "--min-pixels",
-                "max_pixels": "--max-pixels", "scales": "--scales", "img_sizes": "--img-sizes",
-                "max_split_size": "--max-split-size", "split_mode": "--split-mode",
-                "resize_output_to_idx": "--resize-output-to-idx", "antialias": "--antialias/--no-antialias",
-                "fit": "--fit"}
 # the options of the S² engine and of the image's fit: a strategy honours those of them its record `uses`; any
 # other one set (by a flag or a recipe) is refused, never ignored
 SHAPE_OPTIONS = ("scales", "img_sizes", "max_split_size", "split_mode", "resize_output_to_idx", "antialias", "fit")
@@ -504,25 +503,21 @@ def parse_pinpoints(value: Any) -> tuple[tuple[int, int], ...] | None:
     return tuple(out)
 
 
-def _positive(name: str, v: int | None) -> None:
+def _positive(a: StrategyArgs, name: str) -> None:
+    v = getattr(a, name)
     if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v <= 0):
-        raise ConfigError(f"{OPTION_FLAGS.get(name, name)} must be a positive integer", given=v, fix=f"pass {OPTION_FLAGS.get(name, name)} 1 or more")
-
-
-def accepts_any_size(family: str, model_type: str, output_shape: str) -> bool:
-    """Backbones that run on inputs of any size: ConvNets, timm ViTs (built with dynamic_img_size=True), DINOv2."""
-    return output_shape == "bchw" or family == "timm" or model_type.startswith("dinov2")
+        raise ConfigError(f"{a.flag(name)} must be a positive integer", given=v, fix=f"pass {a.flag(name)} 1 or more")
 
 
 @dataclass(frozen=True)
 class BackboneFacts:
-    """What a strategy's settings depend on in the backbone: its tile (input side), patch, family and shape."""
+    """What a strategy's settings depend on in the backbone: its tile (input side), patch, and whether it runs on
+    inputs of any size (its family says: ConvNets, timm ViTs built with dynamic_img_size=True, DINOv2)."""
 
     tile: int
     patch: int
-    family: str
-    model_type: str
-    output_shape: str
+    any_size: bool
+    name: str = ""  # the model, for messages
 
 
 def _resolve_dynamic_s2(a: StrategyArgs, base: StrategyCfg, bb: BackboneFacts) -> StrategyCfg:
@@ -532,10 +527,11 @@ def _resolve_dynamic_s2(a: StrategyArgs, base: StrategyCfg, bb: BackboneFacts) -
                           given=list(sizes), expected=f"e.g. {tile},{2 * tile},{3 * tile} with --max-split-size {tile}",
                           fix=f"pass --img-sizes {tile},{2 * tile},{3 * tile}")
     min_num = (sizes[-1] // sizes[0]) ** 2
-    max_tiles = a.max_tiles if a.max_tiles is not None else 12
+    max_tiles = a.max_tiles if a.max_tiles is not None else base.max_tiles
     if max_tiles < min_num:
-        raise ConfigError("--max-tiles is below the last scale's minimum grid", given=max_tiles,
-                          expected=f">= (last // first)² = {min_num}", fix=f"pass --max-tiles {max(12, min_num)}")
+        raise ConfigError(f"{a.flag('max_tiles')} is below the last scale's minimum grid", given=max_tiles,
+                          expected=f">= (last // first)² = {min_num}",
+                          fix=f"pass {a.flag('max_tiles')} {max(base.max_tiles, min_num)}")
     return replace(base, img_sizes=sizes, min_tiles=min_num, max_tiles=max_tiles)
 
 
@@ -551,24 +547,25 @@ def _resolve_anyres(a: StrategyArgs, base: StrategyCfg, bb: BackboneFacts) -> St
 
 
 def _resolve_internvl(a: StrategyArgs, base: StrategyCfg, bb: BackboneFacts) -> StrategyCfg:
-    lo = a.min_tiles if a.min_tiles is not None else 1
-    hi = a.max_tiles if a.max_tiles is not None else 12
+    lo = a.min_tiles if a.min_tiles is not None else base.min_tiles
+    hi = a.max_tiles if a.max_tiles is not None else base.max_tiles
     if lo > hi:
-        raise ConfigError("--min-tiles is above --max-tiles", given=(lo, hi), fix="pass e.g. --min-tiles 1 --max-tiles 12")
+        raise ConfigError(f"{a.flag('min_tiles')} is above {a.flag('max_tiles')}", given=(lo, hi),
+                          fix=f"pass e.g. {a.flag('min_tiles')} {base.min_tiles} {a.flag('max_tiles')} {base.max_tiles}")
     return replace(base, min_tiles=lo, max_tiles=hi, thumbnail=True if a.thumbnail is None else a.thumbnail)
 
 
 def _resolve_native(a: StrategyArgs, base: StrategyCfg, bb: BackboneFacts) -> StrategyCfg:
-    if not accepts_any_size(bb.family, bb.model_type, bb.output_shape):
+    if not bb.any_size:
         raise ConfigError("--strategy native needs a backbone that accepts any input size, and this one has "
-                          "a fixed position embedding", given=f"{bb.family} {bb.model_type}".strip(),
+                          "a fixed position embedding", given=bb.name,
                           expected="a ConvNet, a timm ViT (built with dynamic_img_size=True) or DINOv2",
                           fix="use -m dinov2-l or -m timm:vit_base_patch16_224, or another --strategy")
-    lo = a.min_pixels if a.min_pixels is not None else QWEN2_MIN_PIXELS
-    hi = a.max_pixels if a.max_pixels is not None else QWEN2_MAX_PIXELS
+    lo = a.min_pixels if a.min_pixels is not None else base.min_pixels
+    hi = a.max_pixels if a.max_pixels is not None else base.max_pixels
     if lo > hi:
-        raise ConfigError("--min-pixels is above --max-pixels", given=(lo, hi),
-                          fix=f"e.g. --min-pixels {QWEN2_MIN_PIXELS} --max-pixels {QWEN2_MAX_PIXELS}")
+        raise ConfigError(f"{a.flag('min_pixels')} is above {a.flag('max_pixels')}", given=(lo, hi),
+                          fix=f"e.g. {a.flag('min_pixels')} {base.min_pixels} {a.flag('max_pixels')} {base.max_pixels}")
     return replace(base, factor=2 * bb.patch, min_pixels=lo, max_pixels=hi)
 
 
@@ -838,9 +835,9 @@ def resolve_strategy(a: StrategyArgs, bb: BackboneFacts) -> StrategyCfg | None:
         users = [s.name for s in STRATEGIES.values() if stray[0] in s.uses]
         by = a.set_by.get(stray[0], "flag")
         where = f" (set by the recipe {a.recipe})" if by == "recipe" and a.recipe else ""
-        raise ConfigError(f"{OPTION_FLAGS[stray[0]]} does not apply to --strategy {a.strategy}{where}: it would be "
-                          "ignored", given=[OPTION_FLAGS[f] for f in stray], expected="options of " + " or ".join(users),
-                          fix=f"drop {OPTION_FLAGS[stray[0]]}, or pass --strategy {users[0]}")
+        raise ConfigError(f"{a.flag(stray[0])} does not apply to --strategy {a.strategy}{where}: it would be "
+                          "ignored", given=[a.flag(f) for f in stray], expected="options of " + " or ".join(users),
+                          fix=f"drop {a.flag(stray[0])}, or pass --strategy {users[0]}")
     for name in ("min_tiles", "max_tiles", "anyres_max", "min_pixels", "max_pixels"):
-        _positive(name, getattr(a, name))
+        _positive(a, name)
     return record.resolve(a, bb)

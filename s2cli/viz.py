@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .sources import load_rgb
+from .inputs.decode import load_rgb
 
 PANEL = 256  # the longer side of every panel, in pixels
 LABEL = 18  # height of the label strip above the panels
@@ -58,8 +58,9 @@ def _compose(items: list[tuple[Image.Image, str, tuple[int, int, int], float, tu
 def plan_figure(path: str | Path, res: Any) -> tuple[Image.Image, list[Panel]]:
     """One panel per scale (s2) or view (other strategies): the image exactly as the backbone receives it (the
     extraction's own decode and fit: `s2cli.views`), with its tiles. A video (told by its content): `video_figure`."""
+    from .inputs.reading import is_video
+    from .inputs.samples import Sample
     from .plan import decoded
-    from .sources import Sample, is_video
     from .strategies import strategy_of
 
     if is_video(Sample("viz", str(path))):

@@ -77,7 +77,7 @@ def locate(cfg: Any, weights: str | None = None, random_init: bool = False, seed
         raise WeightsNotFoundError(f"{cfg.name} has no pretrained weights on the hub", given=cfg.name,
                                    fix="pass --weights PATH (a checkpoint of this architecture), or --random-init")
     snap = hub.ensure(hub.Ref(cfg.hub_id, cfg.revision or None), what=cfg.name, weights=True,
-                      filename=cfg.hub_file or None, need_config=cfg.family == "hf" or cfg.source.startswith("hf-hub:"))
+                      filename=cfg.hub_file or None, config=cfg.hub_config)
     return Located("hub", str(snap.path), snap.ident, snap.ident, snap.weights[0])
 
 

@@ -10,7 +10,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from conftest import EXAMPLES, TINY
 from s2cli import ConfigError, WeightsNotFoundError
 from s2cli.backbones import list_models, load_backbone, resolve
-from s2cli.sources import fit_image, to_uint8_array
+from s2cli.pixels import fit_image, to_uint8_array
 
 
 def test_aliases_carry_their_preprocessing():

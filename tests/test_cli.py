@@ -102,7 +102,7 @@ def test_dry_run_reports_llava_s2_plan_without_building_a_model(cli, monkeypatch
         raise AssertionError("dry-run must not load a model")
 
     monkeypatch.setattr(backbones, "load_backbone", forbidden)
-    monkeypatch.setattr(backbones, "_build_hf", forbidden)
+    monkeypatch.setattr(backbones.resolve("clip-vit-l-336").kind, "build", forbidden)
     plan = invoke_json(cli, "extract", EXAMPLES, "--model", "clip-vit-l-336", "--random-init", "--scales", "1,2,3",
                        "--dry-run", "--json")
     assert len(plan["images"]) == 8

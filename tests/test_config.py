@@ -191,3 +191,100 @@ def test_recipe_or_flags_resolve_alike_and_resume_alike_but_record_their_origin(
     assert {k: a[k] for k in by_recipe.compare_keys()} == {k: b[k] for k in by_flags.compare_keys()}
     assert a["set_by"] == {k: "recipe" for k in values} and b["set_by"] == {k: "flag" for k in values}
     assert (a["recipe"], b["recipe"]) == ("llava-1.5-s2", None)
+
+
+# ---- options that declare themselves (config.py `opt`) --------------------------------------------------------
+# What a resumed run does with every option. A new option must be classified here: an option that changes what is
+# stored is COMPARED (a resume giving another value is refused); RUN_ONLY only if it changes how fast a run goes or
+# when it stops, never a stored byte.
+RESUME_OF = {
+    "input": "as asked", "output": "as asked", "recipe": "as asked", "scales": "as asked",
+    "model": "compared", "weights": "compared", "random_init": "compared", "seed": "compared", "layer": "compared",
+    "img_sizes": "compared", "max_split_size": "compared", "split_mode": "compared", "resize_output_to_idx": "compared",
+    "fit": "compared", "antialias": "compared", "precision": "compared", "dtype": "compared", "limit": "compared",
+    "input_format": "compared", "image_key": "compared", "meta_columns": "compared", "keep_ext": "compared",
+    "image_column": "compared", "key_column": "compared",
+    "fps": "compared", "num_frames": "compared", "max_frames": "compared", "frames_as_images": "compared",
+    "format": "compared", "shard_size": "compared", "pool": "compared", "pool_only": "compared",
+    "check_finite": "compared", "reduce": "compared", "decode": "compared",
+    "keep_cls": "in backbone",
+    "strategy": "in strategy", "min_tiles": "in strategy", "max_tiles": "in strategy", "thumbnail": "in strategy",
+    "grid_pinpoints": "in strategy", "anyres_max": "in strategy", "min_pixels": "in strategy",
+    "max_pixels": "in strategy",
+    "batch_size": "run-only", "workers": "run-only", "max_tiles_per_call": "run-only", "device": "run-only",
+    "on_error": "run-only", "max_failures": "run-only", "decode_timeout": "run-only", "retries": "run-only",
+    "retry_failed": "run-only", "num_samples": "run-only", "compile": "run-only", "channels_last": "run-only",
+}
+
+
+def test_every_option_is_classified_for_resume_and_the_saved_config_follows_it():
+    from dataclasses import fields
+
+    from s2cli.config import OPTION_DECLS, resolve_options
+
+    assert {n: d.resume for n, d in OPTION_DECLS.items()} == RESUME_OF
+    assert {f.name for f in fields(ExtractConfig)} - set(OPTION_DECLS) == {"provenance"}  # the only field not an option
+    res = resolve_options("in", "out/", random_init=True, strategy="internvl", model="timm:test_resnet",
+                          decode="pil", retries=1, keep_cls=False, meta_columns="none", num_frames=4)
+    saved, compared = res.to_dict(), set(res.compare_keys())
+    for name, how in RESUME_OF.items():
+        if how in ("in strategy", "in backbone"):
+            assert name not in saved or name == "strategy"  # inside `strategy` / `backbone`, which are compared
+        elif how == "compared" and name in saved:
+            assert name in compared
+        elif how != "compared":
+            assert name not in compared
+    assert {"strategy", "backbone"} <= compared and "set_by" not in compared
+    assert saved["strategy"]["max_tiles"] == 12 and saved["backbone"]["num_prefix_tokens"] == 0
+
+
+def test_a_resume_that_changes_what_is_stored_is_refused_and_a_run_only_change_is_not(tmp_path, image_dir):
+    import s2cli
+
+    tiny = dict(model="timm:test_resnet", random_init=True, img_sizes=(64, 128), max_split_size=64, workers=0)
+    out = str(tmp_path / "o") + "/"
+    s2cli.extract(str(image_dir), out, **tiny, limit=2)
+    with pytest.raises(ConfigError, match="check_finite: True -> False"):
+        s2cli.extract(str(image_dir), out, **tiny, limit=2, check_finite=False)
+    s2cli.extract(str(image_dir), out, **tiny, limit=2, batch_size=3, retries=2)  # run-only: resumes (nothing left)
+
+
+def test_requested_scales_are_saved_as_given_beside_the_sizes_they_make(tmp_path, image_dir):
+    import s2cli
+    from s2cli.config import resolve_options
+
+    res = resolve_options("in", "o.h5", model="timm:test_resnet", random_init=True, scales=(0.7, 1.3))
+    assert res.to_dict()["scales"] == [0.7, 1.3] and res.img_sizes == (112, 208)  # 160 * 0.7, 160 * 1.3
+    out = tmp_path / "o.h5"
+    s2cli.extract(str(image_dir), str(out), model="timm:test_resnet", random_init=True, scales=(0.5, 0.75),
+                  max_split_size=80, workers=0, limit=1)
+    with s2cli.open_features(out) as ff:
+        assert ff.config["scales"] == [0.5, 0.75] and ff.config["img_sizes"] == [80, 120]
+    by_sizes = resolve_options("in", "o.h5", model="timm:test_resnet", random_init=True, img_sizes=(80, 240))
+    assert by_sizes.scales == (0.5, 1.5)
+
+
+def test_messages_help_and_defaults_name_options_by_their_declaration():
+    from s2cli.config import OPTION_DECLS, resolve_options
+    from s2cli.strategies import StrategyCfg
+
+    for name, decl in OPTION_DECLS.items():
+        if decl.allowed:  # every choice is checked against its declared values, named by its declared flag
+            with pytest.raises(ConfigError) as e:
+                resolve_options("in", "o.h5", random_init=True, **{name: "no-such-value"})
+            assert decl.flag in str(e.value) and " | ".join(decl.allowed) in e.value.one_line()
+    with pytest.raises(ConfigError, match="--batch-size must be a positive integer"):
+        resolve_options("in", "o.h5", batch_size=0)
+    with pytest.raises(ConfigError, match="--max-tiles does not apply to --strategy anyres"):
+        resolve_options("in", "o.h5", strategy="anyres", max_tiles=4)
+    with pytest.raises(ConfigError, match="--min-tiles is above --max-tiles"):
+        resolve_options("in", "o.h5", strategy="internvl", min_tiles=5, max_tiles=3)
+    assert OPTION_DECLS["max_tiles"].shown == str(StrategyCfg.max_tiles) == "12"  # the strategy's default, once
+    res = resolve_options("in", "o.h5", strategy="internvl", model="timm:test_resnet", random_init=True)
+    assert res.strategy_cfg.max_tiles == StrategyCfg.max_tiles
+    from s2cli.commands import options as o
+
+    for name, decl in OPTION_DECLS.items():  # the command line's parameter of each option is made from it
+        if decl.flags:
+            info = o.OPTIONS[name][0].__metadata__[0]
+            assert (info.default, *info.param_decls) == decl.flags or tuple(info.param_decls) == decl.flags

@@ -16,9 +16,11 @@ from PIL import Image, ImageDraw, ImageOps
 
 import s2cli
 from conftest import NO_TORCH
+from s2cli.inputs.decode import load_rgb
+from s2cli.inputs.samples import Sample
+from s2cli.inputs.units import Unit
 from s2cli.outdir import unit_complete
 from s2cli.run import parts_of
-from s2cli.sources import Sample, Unit
 from s2cli.strategies import strategy_of
 
 ROOT = Path(__file__).parent.parent
@@ -120,7 +122,7 @@ def test_views_and_viz_plan_are_what_the_backbone_receives(tmp_path, monkeypatch
         shown += 1
     assert shown >= len(views) if strategy_of(res).name != "s2" else shown == 1
     with open(path, "rb") as fh:
-        decoded, _ = s2cli.sources.load_rgb(fh)
+        decoded, _ = load_rgb(fh)
     assert not np.array_equal(naive, np.asarray(decoded))  # the picture used to show other pixels
 
 

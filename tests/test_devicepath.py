@@ -19,7 +19,9 @@ from s2cli.bench import decode_compare, synthetic_jpegs
 from s2cli.config import ExtractConfig, build_config, resolve_config
 from s2cli.devicepath import Transfer, decode_batch, fit_tensor, orient
 from s2cli.extractor import Extractor, use_channels_last
-from s2cli.sources import Fit, Sample, decode_sample, fit_image, probe_jpeg, to_uint8_array
+from s2cli.inputs.decode import Fit, decode_sample, probe_jpeg
+from s2cli.inputs.samples import Sample
+from s2cli.pixels import fit_image, to_uint8_array
 from s2cli.strategies import plan_image
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -133,7 +135,7 @@ def test_orient_matches_pillow_exif_transpose(orientation):
 @pytest.mark.parametrize("fit", ["crop", "squash", "pad", "keep"])
 @pytest.mark.parametrize("hw,side", [((60, 90), 48), ((90, 60), 128), ((50, 50), 50)])
 def test_fit_tensor_matches_pillow_within_rounding(fit, hw, side):
-    """The same geometry as sources.fit_image; torch's bicubic antialias resize is Pillow's filter in float, so
+    """The same geometry as pixels.fit_image; torch's bicubic antialias resize is Pillow's filter in float, so
     the pixels differ by rounding only (at most 2 of 255, on a few percent of values)."""
     arr = smooth(1, hw)
     mean = (0.48, 0.46, 0.41)

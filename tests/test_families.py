@@ -178,3 +178,75 @@ def test_timm_models_download_their_pretrained_weights_on_first_use(hub, tmp_pat
     with pytest.raises(Exception, match="s2 fetch timm:test_resnet") as e:
         load_backbone(resolve("timm:test_resnet"))
     assert "\n" not in str(e.value)
+
+
+class ToyFamily:
+    """A backbone family written in a test: `toy:<channels>` is one patch-embedding convolution (patch 4, 16 px
+    tiles), tokens (B, N, C) at its one layer."""
+
+    name = "toy"
+
+    def describe(self, spec, rest, *, layer, keep_cls):
+        from s2cli.families import BackboneCfg
+
+        return BackboneCfg(name=spec, family=self.name, source=rest, input_size=16, patch_size=4, channels=int(rest),
+                           num_prefix_tokens=0, layer=-1 if layer is None else layer, output_shape="bnc",
+                           mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), fit="squash", description="a toy family")
+
+    def build(self, cfg, loc, any_size):
+        assert loc.kind == "random"
+        return torch.nn.Conv2d(3, cfg.channels, 4, stride=4)
+
+    def forward(self, module, cfg, layers):
+        assert list(layers) == [-1]
+        return lambda x: [module(x).flatten(2).transpose(1, 2)]
+
+    def hub_target(self, spec, rest):
+        return None
+
+    def hub_config(self, cfg):
+        return None
+
+    def local_dir(self, cfg):
+        return False
+
+    def any_size(self, cfg):
+        return True
+
+
+@pytest.fixture
+def toy_family():
+    from s2cli.families import register_family, unregister_family
+
+    fam = register_family(ToyFamily())
+    yield fam
+    unregister_family(fam.name)
+
+
+def test_a_family_registered_from_a_test_extracts_end_to_end(toy_family, image_dir, tmp_path):
+    """The family seam: `toy:` is parsed, described, built, run by the engine, written and read back, and the
+    native strategy asks the family whether it takes any size; nothing in the package names it."""
+    import s2cli
+    from s2cli.extractor import normalize_images
+
+    out = tmp_path / "toy.h5"
+    summary = s2cli.extract(str(image_dir), str(out), model="toy:8", scales=(1, 2), random_init=True, seed=4, workers=0)
+    assert summary.num_images == 4 and summary.weights == "random-init(seed=4)"
+    torch.manual_seed(4)
+    conv = torch.nn.Conv2d(3, 8, 4, stride=4)
+    with s2cli.open_features(out) as ff:
+        assert ff["a"].shape == (16, 16) and ff.attrs["model"] == "toy:8"
+        view = s2cli.views(image_dir / "a.png", model="toy:8", scales=(1, 2))[0]
+        x = normalize_images(torch.from_numpy(view)[None], torch.full((3, 1, 1), 0.5), torch.full((3, 1, 1), 0.25),
+                             torch.float32)
+        with torch.no_grad():
+            expect = s2cli.multiscale_forward(lambda t: conv(t).flatten(2).transpose(1, 2), x, img_sizes=[16, 32],
+                                              max_split_size=16)[0]
+        np.testing.assert_allclose(ff["a"], expect.numpy(), atol=1e-6, rtol=1e-6)
+    plan = s2cli.plan(str(image_dir), model="toy:8", strategy="native")
+    assert len(plan["images"]) == 4
+
+
+def test_which_backbones_take_any_input_size_is_their_familys_answer():
+    assert resolve("dinov2-l").any_size and resolve("efficientnet-lite0").any_size
+    assert resolve("timm:vit_tiny_patch16_224").any_size and not resolve("clip-vit-l-336").any_size

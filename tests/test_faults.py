@@ -78,19 +78,19 @@ def test_a_decompression_bomb_is_refused_quickly_in_little_memory(tmp_path):
 
 
 def test_a_file_deleted_between_listing_and_reading(cli, tmp_path, monkeypatch):
-    import s2cli.sources as sources
+    import s2cli.inputs.folder as folder
 
     d = tmp_path / "in"
     goods(d)
     write_image(d / "gone.png", (30, 30), 3)
-    listed = sources.scan_folder
+    listed = folder.scan_folder
 
     def scan_then_delete(root, *args):
         samples = listed(root, *args)
         (d / "gone.png").unlink()
         return samples
 
-    monkeypatch.setattr(sources, "scan_folder", scan_then_delete)
+    monkeypatch.setattr(folder, "scan_folder", scan_then_delete)
     run_ok(cli, d, tmp_path / "o.h5", "-j", 0)
     with open_features(tmp_path / "o.h5") as ff:
         assert list(ff) == ["good1", "good2"]

@@ -189,7 +189,9 @@ def test_overwrite_is_refused_while_another_rank_is_alive(tmp_path):
 # ---- 5. Ctrl-C during -j 2 ----------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_the_decode_pool_stops_within_its_deadline_when_a_worker_died_holding_the_queue_lock(tmp_path):
-    from s2cli.sources import DecodePool, Fit, Sample
+    from s2cli.inputs.decode import Fit
+    from s2cli.inputs.pool import DecodePool
+    from s2cli.inputs.samples import Sample
 
     write_image(tmp_path / "x.png", (20, 20), 0)
     pool = DecodePool(Fit("crop", 32, (0.5, 0.5, 0.5)), 1)

@@ -10,7 +10,7 @@ import json
 import numpy as np
 
 import s2cli
-import s2cli.sources as sources
+import s2cli.inputs.reading as reading
 from conftest import FAST, invoke_json, jpeg_bytes, plain_tar, write_image
 from s2cli import open_features
 
@@ -115,7 +115,7 @@ def test_retry_failed_is_refused_where_it_cannot_apply(cli, tmp_path):
 def flaky_reads(monkeypatch, key: str, failures: int) -> list[str]:
     """`key`'s first `failures` reads fail with EIO, as a network file system's hiccup does; returns the reads."""
     calls: list[str] = []
-    read = sources._read
+    read = reading._read
 
     def flaky(sample):
         calls.append(sample.key)
@@ -123,7 +123,7 @@ def flaky_reads(monkeypatch, key: str, failures: int) -> list[str]:
             raise OSError(errno.EIO, "Input/output error")
         return read(sample)
 
-    monkeypatch.setattr(sources, "_read", flaky)
+    monkeypatch.setattr(reading, "_read", flaky)
     return calls
 
 

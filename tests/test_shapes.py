@@ -13,7 +13,7 @@ from PIL import Image
 
 from conftest import write_image
 from s2cli import open_features
-from s2cli.sources import fit_image
+from s2cli.pixels import fit_image
 
 # peak RSS (KiB) of the whole process tree of a command: every descendant is waited for, so RUSAGE_CHILDREN of a
 # process that only runs the command holds the largest of them
@@ -70,7 +70,7 @@ def test_pad_of_a_long_strip_stays_small_and_close():
 
 
 def test_shapes_no_fit_can_use_are_refused():
-    from s2cli.sources import ImageShapeError, check_shape
+    from s2cli.pixels import ImageShapeError, check_shape
 
     with pytest.raises(ImageShapeError, match=r"1x20000 image .* beyond what any fit can use at 448 px"):
         check_shape(1, 20000, "crop", 448)

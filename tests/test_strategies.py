@@ -88,7 +88,7 @@ def test_internvl_grid_equals_got_ocr2_canvas():
 
 def _cfg(strategy: str, tile: int = 448, **kw) -> StrategyCfg:
     return resolve_strategy(StrategyArgs(strategy=strategy, set_fields=tuple(k for k, v in kw.items() if v is not None and k != "img_sizes"), **kw),
-                            BackboneFacts(tile, 14, "hf", "siglip", "bnc"))
+                            BackboneFacts(tile, 14, False))
 
 
 @pytest.mark.parametrize("wh, tiles, grid", [((1000, 1000), 14, (3, 3)), ((1920, 1080), 17, (3, 4)),
@@ -193,8 +193,8 @@ def test_onevision_anyres_max_reduces_bilinearly():
 
 def test_native_needs_a_variable_size_backbone_and_plans_one_input():
     with pytest.raises(ConfigError, match="any input size"):
-        resolve_strategy(StrategyArgs(strategy="native"), BackboneFacts(336, 14, "hf", "clip", "bnc"))
-    cfg = resolve_strategy(StrategyArgs(strategy="native"), BackboneFacts(224, 14, "hf", "dinov2", "bnc"))
+        resolve_strategy(StrategyArgs(strategy="native"), BackboneFacts(336, 14, False, "clip-vit-l-336"))
+    cfg = resolve_strategy(StrategyArgs(strategy="native"), BackboneFacts(224, 14, True, "dinov2-l"))
     assert cfg.factor == 28
     plan = plan_strategy(cfg, (1080, 1920))
     assert plan.num_tiles == 1 and plan.views[0].tile == smart_resize(1080, 1920)
@@ -203,9 +203,9 @@ def test_native_needs_a_variable_size_backbone_and_plans_one_input():
 def test_options_that_do_not_apply_are_refused():
     with pytest.raises(ConfigError, match="--grid-pinpoints does not apply"):
         resolve_strategy(StrategyArgs(strategy="internvl", grid_pinpoints=((336, 672),), set_fields=("grid_pinpoints",)),
-                         BackboneFacts(336, 14, "hf", "clip", "bnc"))
+                         BackboneFacts(336, 14, False, "clip-vit-l-336"))
     with pytest.raises(ConfigError, match="--strategy is not known"):
-        resolve_strategy(StrategyArgs(strategy="tiles"), BackboneFacts(336, 14, "hf", "clip", "bnc"))
+        resolve_strategy(StrategyArgs(strategy="tiles"), BackboneFacts(336, 14, False, "clip-vit-l-336"))
 
 
 # ---- through `s2 extract`: folders, WebDataset shards, output folders, resume --------------------------------

@@ -273,11 +273,11 @@ def test_host_memory_is_flat_in_the_number_of_images(tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("how", ["dies", "stalls"])
 def test_a_decode_worker_that_dies_or_stalls_is_reported_not_waited_on(cli, tmp_path, monkeypatch, how):
-    import s2cli.sources as sources
+    import s2cli.inputs.pool as pool
 
     d = folder(tmp_path, 4)
     write_image(d / "zz_bad.png", (20, 20), 99)
-    original = sources.decode_sample
+    original = pool.decode_sample
 
     def decode(sample, fit):
         if sample.key == "zz_bad":
@@ -286,7 +286,7 @@ def test_a_decode_worker_that_dies_or_stalls_is_reported_not_waited_on(cli, tmp_
             time.sleep(600)
         return original(sample, fit)
 
-    monkeypatch.setattr(sources, "decode_sample", decode)  # inherited by the forked workers
+    monkeypatch.setattr(pool, "decode_sample", decode)  # inherited by the forked workers
     t0 = time.time()
     s = invoke_json(cli, "extract", d, *FAST[:-2], "-j", 2, "--decode-timeout", 3, "-o", tmp_path / "o.h5", "--json")
     assert time.time() - t0 < 60
@@ -322,7 +322,9 @@ def test_decode_workers_run_at_the_configured_niceness(monkeypatch, image_dir):
     import os
 
     from s2cli.errors import ConfigError
-    from s2cli.sources import DecodePool, Fit, decode_sample, scan_folder
+    from s2cli.inputs.decode import Fit, decode_sample
+    from s2cli.inputs.folder import scan_folder
+    from s2cli.inputs.pool import DecodePool
 
     samples = scan_folder(image_dir)
     fit = Fit("crop", 64, (0.5, 0.5, 0.5))

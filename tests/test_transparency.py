@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from s2cli import open_features
-from s2cli.sources import load_rgb
+from s2cli.inputs.decode import load_rgb
 
 
 def keyed_png(mode: str) -> bytes:

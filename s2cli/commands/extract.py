@@ -13,7 +13,6 @@ from typer.models import ArgumentInfo, ParameterInfo
 
 from .. import api
 from ..errors import S2Error
-from ..sources import NOTHING_READ_FIX
 from . import options as o
 from ._common import err, given, offline, out, reported, settings
 
@@ -50,7 +49,7 @@ def extract(ctx: typer.Context, input: o.Input, **kw: Any) -> None:
         with reported():
             raise S2Error(f"every sample failed ({summary.num_failed}), nothing was extracted",
                           given=str(input), expected="at least one readable image",
-                          fix=NOTHING_READ_FIX.get(inp.kind, NOTHING_READ_FIX["folder"]))
+                          fix=inp.fix)
 
 
 def progress_s() -> float:

@@ -1,0 +1,120 @@
+"""The decode pool: samples decoded in worker processes, in order, a bounded window in flight, a stalled or dead
+worker's sample recorded after a timeout."""
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import signal
+import threading
+from collections import deque
+from typing import Any, Callable, Iterable, Iterator
+
+from ..errors import ConfigError
+from .decode import Fit, decode_sample
+from .samples import Sample, failure
+
+DECODE_NICE = 10  # niceness added to decode workers (S2CLI_DECODE_NICE overrides); chosen by benchmarks/bench_overlap.py
+
+
+def decode_nice() -> int:
+    """How much lower than the main process the decode workers run (0..19). The main process drives the
+    device (CUDA kernel launches, or the forward's threads on a CPU), so workers that only fill its idle time
+    keep the forward from waiting; S2CLI_DECODE_NICE=N overrides the default."""
+    raw = os.environ.get("S2CLI_DECODE_NICE", "").strip()
+    if not raw:
+        return DECODE_NICE
+    try:
+        n = int(raw)
+    except ValueError:
+        raise ConfigError("S2CLI_DECODE_NICE must be an integer", given=raw, expected="0..19",
+                          fix="unset it, or set e.g. S2CLI_DECODE_NICE=10") from None
+    if not 0 <= n <= 19:
+        raise ConfigError("S2CLI_DECODE_NICE is out of range", given=n, expected="0..19", fix="use e.g. 10")
+    return n
+
+
+def _worker_init(nice: int = 0) -> None:
+    # Ctrl-C reaches the whole process group: only the parent acts on it (a worker killed by it could die holding
+    # the pool's queue lock, and the parent's pool shutdown would wait for that lock forever); SIGTERM (the pool's
+    # own shutdown) ends a worker at once, whatever handler the parent had when it forked
+    # SIGUSR1 (SLURM's warning before the time limit, sent to every process of a step) is the parent's to act on:
+    # it stops the pool; a worker that inherited the parent's handler would print a traceback instead
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    try:
+        import torch
+
+        torch.set_num_threads(1)
+    except ImportError:  # pragma: no cover
+        pass
+    if nice:
+        os.nice(nice)
+
+
+def _decode_job(args: tuple[Sample, Fit]) -> dict[str, Any]:
+    return decode_sample(*args)
+
+
+class DecodePool:
+    """Decodes samples in `workers` processes, in order, with at most `window` in flight (memory stays flat
+    whatever the input's length). A sample whose worker stalls or dies is recorded after `timeout` seconds
+    instead of being waited on forever. workers=0 decodes in the calling thread."""
+
+    def __init__(self, fit: Fit, workers: int, timeout: float = 120.0, window: int | None = None):
+        self.fit, self.workers, self.timeout = fit, workers, timeout
+        self.window = window or max(4, 4 * workers)
+        self.nice = decode_nice()
+        self._pool = (mp.get_context("fork").Pool(workers, initializer=_worker_init, initargs=(self.nice,))
+                      if workers > 0 else None)
+
+    def map(self, items: Iterable[Any], sample_of: Callable[[Any], Sample | dict]) -> Iterator[tuple[Any, dict]]:
+        """For each item (anything carrying a sample), yield (item, record) in input order. Items whose sample is
+        already a failure record pass through without decoding."""
+        if self._pool is None:
+            for item in items:
+                s = sample_of(item)
+                yield item, ({"key": s["key"], "error": s} if isinstance(s, dict) else decode_sample(s, self.fit))
+            return
+        pending: deque = deque()
+        for item in items:
+            s = sample_of(item)
+            job = None if isinstance(s, dict) else self._pool.apply_async(_decode_job, ((s, self.fit),))
+            pending.append((item, s, job))
+            if len(pending) >= self.window:
+                yield self._get(*pending.popleft())
+        while pending:
+            yield self._get(*pending.popleft())
+
+    def _get(self, item: Any, s: Sample | dict, job: Any) -> tuple[Any, dict]:
+        if job is None:
+            return item, {"key": s["key"], "error": s}  # type: ignore[index]
+        try:
+            return item, job.get(timeout=self.timeout)
+        except mp.TimeoutError:
+            err = failure(s, "decode", f"no result after {self.timeout:.0f}s (the decode worker stalled or died)",  # type: ignore[arg-type]
+                          "WorkerTimeout")
+            return item, {"key": s.key, "error": err}  # type: ignore[union-attr]
+
+    def close(self, deadline: float = 10.0) -> None:
+        """Stop the workers, within `deadline` seconds whatever they are doing: the pool's own shutdown waits for
+        its queue lock, which a worker that died (killed, out of memory) may hold forever, so it runs aside and,
+        past the deadline, the workers are killed and it is left behind."""
+        pool, self._pool = self._pool, None
+        if pool is None:
+            return
+        workers = list(getattr(pool, "_pool", ()))
+        stop = threading.Thread(target=lambda: (pool.terminate(), pool.join()), name="s2cli-decode-close", daemon=True)
+        stop.start()
+        stop.join(deadline)
+        if stop.is_alive():
+            for w in workers + list(getattr(pool, "_pool", ())):
+                if w.exitcode is None:
+                    w.kill()
+            stop.join(1.0)
+
+    def __enter__(self) -> "DecodePool":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()

@@ -1,0 +1,278 @@
+"""Input kinds: single files and globs, parquet/Arrow tables (img2dataset's layout, HF datasets on disk and on the
+loopback hub), torch and `datasets` Datasets in Python, and a toy kind registered from here: each extracts the
+features the same images give from a folder."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import s2cli
+from conftest import FAST, rng_rgb, slowed_s2, wait_until
+from s2cli import open_features
+from s2cli.errors import ConfigError
+from s2cli.inputs.kind import InputKind
+from s2cli.inputs.resolve import register, unregister
+from s2cli.inputs.samples import Sample
+
+LIB = dict(model="timm:test_resnet", random_init=True, img_sizes=(64, 128), max_split_size=64, workers=0)
+SIZES = [(40, 52), (48, 36), (44, 44), (60, 30), (36, 50)]
+
+
+def arrays() -> list[np.ndarray]:
+    return [rng_rgb(i, hw) for i, hw in enumerate(SIZES)]
+
+
+def png(a: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(a).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def folder_of(d: Path, keys: list[str], ext: str = "png") -> Path:
+    """The images of `arrays()` as PNG files named by `keys` (the reference every other kind is compared to)."""
+    for k, a in zip(keys, arrays()):
+        (d / f"{k}.{ext}").parent.mkdir(parents=True, exist_ok=True)
+        (d / f"{k}.{ext}").write_bytes(png(a))
+    return d
+
+
+def features(path: Path | str) -> dict[str, np.ndarray]:
+    with open_features(path) as ff:
+        return {k: np.asarray(ff[k]) for k in ff}
+
+
+def assert_same(got: dict[str, np.ndarray], want: dict[str, np.ndarray]) -> None:
+    assert sorted(got) == sorted(want)
+    for k in want:
+        np.testing.assert_allclose(got[k], want[k], atol=1e-5, rtol=0)
+
+
+ROWS = [f"{i:08d}" for i in range(len(SIZES))]  # keys of a table or dataset without a key column: row numbers
+
+
+@pytest.fixture
+def reference(tmp_path) -> dict[str, np.ndarray]:
+    """Features of the five images read from a folder, keyed by row number."""
+    d = folder_of(tmp_path / "ref", ROWS)
+    s2cli.extract(str(d), str(tmp_path / "ref.h5"), **LIB)
+    return features(tmp_path / "ref.h5")
+
+
+# ---- single files and globs ---------------------------------------------------------------------------------------
+def test_a_single_image_and_a_glob_extract_as_from_their_folder(tmp_path):
+    d = folder_of(tmp_path / "photos", ["a", "sub/b", "sub/c", "d", "e"])
+    s2cli.extract(str(d), str(tmp_path / "ref.h5"), **LIB)
+    ref = features(tmp_path / "ref.h5")
+    s2cli.extract(str(d / "sub" / "b.png"), str(tmp_path / "one.h5"), **LIB)
+    assert_same(features(tmp_path / "one.h5"), {"b": ref["sub/b"]})
+    s2cli.extract(f"{d}/**/*.png", str(tmp_path / "glob.h5"), **LIB)
+    assert_same(features(tmp_path / "glob.h5"), ref)
+    s2cli.extract(f"{d}/sub/*.png", str(tmp_path / "sub.h5"), **LIB)
+    assert_same(features(tmp_path / "sub.h5"), {"b": ref["sub/b"], "c": ref["sub/c"]})
+
+
+def test_s2_extract_of_one_photo_names_its_output_after_it(cli, tmp_path, monkeypatch):
+    d = folder_of(tmp_path / "p", ["photo", "x", "y", "z", "w"], ext="jpg")
+    monkeypatch.chdir(tmp_path)
+    r = cli("extract", d / "photo.jpg", *FAST, "-o", "photo.h5")
+    assert r.exit_code == 0, r.stderr
+    assert list(features(tmp_path / "photo.h5")) == ["photo"]
+
+
+# ---- tables ------------------------------------------------------------------------------------------------------
+def img2dataset_parquet(path: Path, row_group_size: int = 2) -> Path:
+    """img2dataset's parquet output: key, jpg (the bytes; PNG here, lossless), caption, url, width, height."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = {"key": ROWS, "jpg": [png(a) for a in arrays()], "caption": [f"caption {i}" for i in range(len(ROWS))],
+            "url": [f"https://example.com/{i}.jpg" for i in range(len(ROWS))],
+            "width": [a.shape[1] for a in arrays()], "height": [a.shape[0] for a in arrays()]}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table(rows), path, row_group_size=row_group_size)
+    return path
+
+
+def test_img2dataset_parquet_extracts_as_the_folder_and_keeps_caption_and_url(tmp_path, reference):
+    p = img2dataset_parquet(tmp_path / "data" / "00000.parquet")
+    s = s2cli.extract(str(p), str(tmp_path / "t.h5"), **LIB)
+    assert s.num_images == 5 and s.num_failed == 0
+    assert_same(features(tmp_path / "t.h5"), reference)
+    with open_features(tmp_path / "t.h5") as ff:
+        meta = ff.meta("00000003")["meta"]
+        meta = json.loads(meta) if isinstance(meta, str) else meta
+    assert meta["caption"] == "caption 3" and meta["url"] == "https://example.com/3.jpg" and meta["width"] == 30
+    s2cli.extract(str(tmp_path / "data"), str(tmp_path / "f.h5"), **LIB)  # a folder of parquet files
+    assert_same(features(tmp_path / "f.h5"), reference)
+
+
+def test_a_table_names_its_columns_and_refuses_a_missing_one(tmp_path, reference):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    p = tmp_path / "t.parquet"
+    pq.write_table(pa.table({"id": [f"x{i}" for i in range(5)], "picture": [png(a) for a in arrays()]}), p)
+    with pytest.raises(ConfigError, match="no image column") as e:
+        s2cli.plan(str(p))
+    assert "--image-column" in str(e.value) and "picture" in str(e.value)
+    s2cli.extract(str(p), str(tmp_path / "t.h5"), image_column="picture", key_column="id", **LIB)
+    assert_same(features(tmp_path / "t.h5"), {f"x{i}": reference[k] for i, k in enumerate(ROWS)})
+    with pytest.raises(ConfigError, match="--image-column names a table's image column"):
+        s2cli.plan(str(tmp_path / "ref"), image_column="jpg")  # a folder of images takes no --image-column
+
+
+def hf_dataset():
+    import datasets
+
+    return datasets.Dataset.from_dict({"image": [Image.fromarray(a) for a in arrays()], "label": list(range(5))},
+                                      features=datasets.Features({"image": datasets.Image(),
+                                                                  "label": datasets.Value("int64")}))
+
+
+def test_an_hf_dataset_saved_with_save_to_disk_extracts_as_the_folder(tmp_path, reference):
+    ds = hf_dataset()
+    ds.save_to_disk(str(tmp_path / "saved"))
+    s2cli.extract(str(tmp_path / "saved"), str(tmp_path / "s.h5"), **LIB)
+    assert_same(features(tmp_path / "s.h5"), reference)
+    s2cli.extract(ds, str(tmp_path / "mem.h5"), **LIB)  # and the same dataset in memory
+    assert_same(features(tmp_path / "mem.h5"), reference)
+
+
+# ---- Python datasets -----------------------------------------------------------------------------------------------
+class PilImages:
+    """A torch map-style Dataset of PIL images."""
+
+    def __len__(self):
+        return len(SIZES)
+
+    def __getitem__(self, i):
+        return Image.fromarray(arrays()[i])
+
+
+def test_a_torch_map_style_dataset_of_pil_images_extracts_as_the_folder(tmp_path, reference):
+    from torch.utils.data import Dataset
+
+    class Ds(PilImages, Dataset):
+        pass
+
+    s2cli.extract(Ds(), str(tmp_path / "m.h5"), **LIB)
+    assert_same(features(tmp_path / "m.h5"), reference)
+
+
+def test_an_iterable_dataset_of_tensors_with_keys_extracts_as_the_folder(tmp_path, reference):
+    import torch
+    from torch.utils.data import IterableDataset
+
+    class Tensors(IterableDataset):
+        def __iter__(self):
+            for i, a in enumerate(arrays()):
+                yield {"key": ROWS[i], "image": torch.from_numpy(a).permute(2, 0, 1).contiguous(), "label": i}
+
+    s = s2cli.extract(Tensors(), str(tmp_path / "i.h5"), **LIB)
+    assert s.num_images == 5
+    assert_same(features(tmp_path / "i.h5"), reference)
+    with open_features(tmp_path / "i.h5") as ff:
+        meta = ff.meta(ROWS[2])["meta"]
+    assert (json.loads(meta) if isinstance(meta, str) else meta) == {"label": 2}
+
+
+def test_a_dataset_of_unusable_items_is_refused_in_one_line(tmp_path):
+    import torch
+    from torch.utils.data import Dataset
+
+    class Floats(Dataset):
+        def __len__(self):
+            return 3
+
+        def __getitem__(self, i):
+            return torch.rand(3, 8, 8)  # normalized float pixels: not an image s2cli can fit
+
+    with pytest.raises(ConfigError, match="holds no image") as e:
+        s2cli.extract(Floats(), str(tmp_path / "x.h5"), **LIB)
+    assert "\n" not in str(e.value) and "uint8" in str(e.value)
+    assert not (tmp_path / "x.h5").exists()
+
+
+def test_a_map_style_dataset_resumes_by_its_done_units(tmp_path, reference):
+    calls: list[int] = []
+
+    class Counted(PilImages):
+        def __getitem__(self, i):
+            calls.append(i)
+            return super().__getitem__(i)
+
+    out = f"{tmp_path / 'o'}/"
+    s2cli.extract(Counted(), out, shard_size=2, **LIB)
+    calls.clear()
+    s = s2cli.extract(Counted(), out, shard_size=2, **LIB)
+    assert s.resumed_images == 5 and calls == [0]  # only the first item, read to check the dataset's items
+    assert_same(features(tmp_path / "o"), reference)
+
+
+# ---- a toy kind, registered from here ------------------------------------------------------------------------------
+class ToyKind(InputKind):
+    """`toy:N`: the first N images of `arrays()`, keyed `t0`, `t1`, ..., read as a stream."""
+
+    name = "toy"
+    streamed = True
+
+    def detect(self, spec, opts):
+        return isinstance(spec, str) and spec.startswith("toy:")
+
+    def open(self, spec, opts):
+        from s2cli.inputs.units import Unit
+
+        n = int(spec[4:])
+        return self.input(spec, [Unit(0, spec, kind=self, ref=n, rows=n)], n)
+
+    def read(self, unit):
+        for i in range(unit.ref):
+            yield Sample(f"t{i}", f"toy#{i}", data=png(arrays()[i]))
+
+
+def test_a_toy_input_kind_registered_from_a_test_runs_end_to_end(tmp_path, reference):
+    register(ToyKind(), first=True)
+    try:
+        s = s2cli.extract("toy:3", f"{tmp_path / 'o'}/", **LIB)
+        assert s.num_images == 3
+        assert_same(features(tmp_path / "o"), {f"t{i}": reference[ROWS[i]] for i in range(3)})
+        assert s2cli.plan("toy:2", input_format="toy")["num_images"] == 2
+    finally:
+        unregister("toy")
+
+
+# ---- a killed run over a table resumes -----------------------------------------------------------------------------
+@pytest.mark.slow
+def test_a_killed_run_over_parquet_resumes_to_the_clean_result(tmp_path):
+    p = img2dataset_parquet(tmp_path / "t.parquet", row_group_size=2)
+    opts = [*FAST[:-2], "-j", "0", "-b", "1", "--shard-size", "2", "-q"]
+    clean = tmp_path / "clean"
+    r = subprocess.run([sys.executable, "-m", "s2cli", "extract", p, "-o", f"{clean}/", *map(str, opts)],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    out = tmp_path / "out"
+    proc = slowed_s2(0.5, "extract", p, "-o", f"{out}/", *opts)
+    try:
+        wait_until(lambda: (out / "part-00000-00000.json").exists(), "the first shard's marker")
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert not (out / "manifest.json").exists() or not json.loads((out / "manifest.json").read_text())["complete"]
+    r = subprocess.run([sys.executable, "-m", "s2cli", "extract", p, "-o", f"{out}/", *map(str, opts), "--json"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["resumed_images"] >= 2
+    assert_same(features(out), features(clean))
+    marker = json.loads((out / "part-00000-00000.json").read_text())
+    assert marker["row_group"] == 0 and marker["table_bytes"] == p.stat().st_size  # content-identified like a tar
