@@ -3,14 +3,16 @@ followed by its done marker (only marked shards count), leftovers of dead writer
 `manifest.json` rebuilt from the markers."""
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import os
 import re
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from .errors import ConfigError
 from .fsutil import Claim, claim_record, pid_alive, take_claim
@@ -87,7 +89,7 @@ class OutputDir:
         self.path = self.folder.path  # a Path for a local folder; the URL of a remote one
         self.claims: dict[int, Claim | RemoteClaim] = {}  # rank -> this process's claim on it
         self.broken: list[dict[str, Any]] = []  # marked shards found broken when the folder was prepared (dropped)
-        self._known: dict[str, tuple[Any, dict[str, Any]]] | None = None  # the markers as last seen (see snapshot)
+        self._known: dict[str, list[Any]] | None = None  # marker name -> [its identity, it], as last seen
         self._on_disk: dict[str, Any] = {}  # marker name -> its identity, as index.json holds them
         self.unindexed = 0  # markers the last look found that index.json lacks (or has otherwise, or has gone)
         self._committed = 0  # shards this process marked done since it last wrote the index
@@ -189,6 +191,10 @@ class OutputDir:
         says of each file for free (size, identity), the markers taken from the index where their file is the one
         it recorded (read otherwise), each marked shard checked against its marker (`shard_damage`), and the shards
         the manifest lists whose marker is gone. `verify`: every shard's sha256 too."""
+        with gc_paused():
+            return self._snapshot(verify)
+
+    def _snapshot(self, verify: bool) -> Snapshot:
         d = self.folder
         manifest = self.read_manifest()  # before the listing: a shard it lists is in the listing, unless taken back
         stats = d.stats()
@@ -207,12 +213,12 @@ class OutputDir:
             if isinstance(s, dict) and isinstance(s.get("shard"), str) and s["shard"] not in seen:
                 gone = "" if s["shard"] in stats else ", and so is its shard file"
                 broken.append({**s, "failures": [], "broken": f"its done marker is missing (the manifest lists it){gone}"})
-        sizes = {str(m["shard"]): stats[str(m["shard"])]["size"] for m in good}
+        sizes = {m["shard"]: stats[m["shard"]][0] for m in good}
         self._snap = Snapshot(sorted(good, key=_in_order), sorted(broken, key=_in_order), manifest, sizes,
                               sorted(moved, key=_in_order))
         return self._snap
 
-    def _markers_of(self, stats: dict[str, dict[str, Any]]) -> dict[str, tuple[Any, dict[str, Any]]]:
+    def _markers_of(self, stats: dict[str, tuple[int, Any]]) -> dict[str, list[Any]]:
         """marker name -> (its file's identity, the marker) for every marker in the listing `stats`: from the index
         (on disk, or as this process last saw it) where the identity is the one recorded, else read now."""
         if self._known is None:
@@ -220,10 +226,10 @@ class OutputDir:
             self._on_disk = {n: i for n, (i, _) in self._known.items()}
         known = self._known
         recs, pending = {}, []
-        for name, st in stats.items():
-            if MARKER_RE.match(name):
+        for name, (_, ident) in stats.items():
+            if name.endswith(".json") and MARKER_RE.match(name):
                 hit = known.get(name)
-                if hit is not None and hit[0] == st["id"]:
+                if hit is not None and hit[0] == ident:
                     recs[name] = hit
                 else:
                     pending.append(name)
@@ -233,12 +239,12 @@ class OutputDir:
             except ValueError:
                 continue  # a damaged marker marks nothing: its shard is redone (and removed as a leftover)
             if isinstance(m, dict) and {"shard", "unit_index", "part"} <= set(m):
-                recs[name] = (stats[name]["id"], m)
+                recs[name] = [stats[name][1], m]
         self._known = recs
         self.unindexed = sum(self._on_disk.get(n) != i for n, (i, _) in recs.items()) + len(set(self._on_disk) - set(recs))
         return recs
 
-    def _read_index(self) -> dict[str, tuple[Any, dict[str, Any]]]:
+    def _read_index(self) -> dict[str, list[Any]]:
         try:
             idx = json.loads(self.folder.read_texts([INDEX]).get(INDEX) or "{}")
         except ValueError:
@@ -246,7 +252,7 @@ class OutputDir:
         ms = idx.get("markers") if isinstance(idx, dict) and idx.get("version") == INDEX_VERSION else None
         if not isinstance(ms, dict):
             return {}
-        return {n: (v[0], v[1]) for n, v in ms.items() if isinstance(v, list) and len(v) == 2 and isinstance(v[1], dict)}
+        return {n: v for n, v in ms.items() if isinstance(v, list) and len(v) == 2 and isinstance(v[1], dict)}
 
     def write_index(self) -> None:
         """Rewrite `index.json` (atomically) from a fresh look at the folder: every marker with its file's identity.
@@ -533,6 +539,19 @@ def same_input(old: dict[str, Any], new: dict[str, Any]) -> bool:
     return here in (old.get("path"), os.path.abspath(a))
 
 
+@contextmanager
+def gc_paused() -> Iterator[None]:
+    """Python's cyclic garbage collector held off while many small objects are made at once (a folder's markers,
+    its keys), which it would otherwise walk again and again as they are made; they hold no cycles."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+
+
 def _in_order(marker: dict[str, Any]) -> tuple[int, int, str]:
     return marker["unit_index"], marker["part"], marker["shard"]  # a part's --retry-failed shards after it
 
@@ -551,7 +570,7 @@ def shard_record(path: Path) -> dict[str, Any]:
     return {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
 
 
-def shard_damage(d: Folder, marker: dict[str, Any], stats: dict[str, dict[str, Any]], verify: bool = False,
+def shard_damage(d: Folder, marker: dict[str, Any], stats: dict[str, tuple[int, Any]], verify: bool = False,
                  marker_id: Any = None) -> str | None | object:
     """Why a marked shard is no longer what its marker recorded (None: it is; MOVED: it is, but the store's
     identity of it is not the one recorded: copied or restored, same bytes). Its file missing; another size; or
@@ -564,12 +583,13 @@ def shard_damage(d: Folder, marker: dict[str, Any], stats: dict[str, dict[str, A
         return "its shard file is missing"
     if "bytes" not in marker:
         return None  # written before markers recorded it
-    if st["size"] != marker["bytes"]:
-        return f"{st['size']} bytes where its marker recorded {marker['bytes']} (truncated or overwritten)"
+    size, ident = st
+    if size != marker["bytes"]:
+        return f"{size} bytes where its marker recorded {marker['bytes']} (truncated or overwritten)"
     if "stat" in marker:
-        changed = marker["stat"] != st["id"]
+        changed = marker["stat"] != ident
     else:
-        changed = not d.remote and isinstance(marker_id, list) and st["id"][2] > marker_id[2]
+        changed = not d.remote and isinstance(marker_id, list) and ident[2] > marker_id[2]
     if not (verify or changed):
         return None
     if file_sha256(d.fetch(shard)) != marker.get("sha256"):

@@ -18,7 +18,7 @@ import numpy as np
 from .errors import ConfigError, S2Error
 from .fsutil import claim_held
 from .heartbeat import liveness, read_heartbeats
-from .outdir import OutputDir
+from .outdir import OutputDir, gc_paused
 from .store import folder, local_of
 from .writers import BF16, ENCODING_ATTR, POOLED_TENSOR, format_of, from_bf16_bits
 
@@ -366,6 +366,12 @@ class FeatureSet(Reader):
     DataLoader worker gets the folder as its parent opened it."""
 
     def __init__(self, path: str | os.PathLike, max_open: int = 32, verify: bool = False):
+        with gc_paused():
+            self._look(path, verify)
+        self._open: OrderedDict[int, Reader] = OrderedDict()
+        self.max_open = max_open
+
+    def _look(self, path: str | os.PathLike, verify: bool) -> None:
         self.dir = OutputDir(path)  # local, or remote storage (its shards are downloaded to a local cache)
         self.path = self.dir.path
         self.run = self.dir.read_run(fix="pass a folder written by `s2 extract -o OUTDIR/`")
@@ -389,8 +395,6 @@ class FeatureSet(Reader):
                     continue
             self._add(m, ks)
         self._complete = snap.complete and not self.broken
-        self._open: OrderedDict[int, Reader] = OrderedDict()
-        self.max_open = max_open
 
     def _add(self, m: dict[str, Any], ks: list[str]) -> None:
         i = len(self._markers)

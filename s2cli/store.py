@@ -114,9 +114,9 @@ class Folder:
     def is_file(self, name: str) -> bool:
         return (self.path / name).is_file()
 
-    def stats(self) -> dict[str, dict[str, Any]]:
-        """Every file's name -> what the store tells of it for free: `size`, and `id`, what changes whenever the
-        file is written or replaced (here inode, ctime and mtime in ns: a `cp -p` over a file keeps its inode and
+    def stats(self) -> dict[str, tuple[int, Any]]:
+        """Every file's name -> what the store tells of it for free: (size, id), the id being what changes whenever
+        the file is written or replaced (here [inode, ctime, mtime] in ns: a `cp -p` over a file keeps its inode and
         mtime, never its ctime)."""
         out = {}
         try:
@@ -125,7 +125,7 @@ class Folder:
                     try:
                         if e.is_file():
                             st = e.stat()
-                            out[e.name] = {"size": st.st_size, "id": _local_id(st)}
+                            out[e.name] = (st.st_size, [st.st_ino, st.st_ctime_ns, st.st_mtime_ns])
                     except OSError:  # removed meanwhile
                         continue
         except OSError:
@@ -250,9 +250,9 @@ class RemoteFolder(Folder):
         self.fs.invalidate_cache(self._p(name))
         return bool(self.fs.isfile(self._p(name)))
 
-    def stats(self) -> dict[str, dict[str, Any]]:
-        """Every file's name -> `size` and `id` (its ETag, or what the store has in its place), from one listing."""
-        return {e["name"].rsplit("/", 1)[-1]: {"size": int(e.get("size") or 0), "id": _remote_id(e)}
+    def stats(self) -> dict[str, tuple[int, Any]]:
+        """Every file's name -> (size, id: its ETag, or what the store has in its place), from one listing."""
+        return {e["name"].rsplit("/", 1)[-1]: (int(e.get("size") or 0), _remote_id(e))
                 for e in self._listing() if e.get("type") == "file"}
 
     def identity(self, name: str) -> Any:
