@@ -16,7 +16,8 @@ process (nothing cached in memory; the OS page cache is warm):
 - inspect: `summary(open_features(folder))`, what `s2 inspect folder` computes;
 - status: `status_report(folder)`.
 
-`--keep DIR` keeps the folders (DIR/N/out) for reuse; an existing one is reused. Functions `make_folder` and
+`--keep DIR` keeps the folders (DIR/N-FORMAT-PER_SHARD/out) for reuse; an existing one is reused (time another
+s2cli on the same folders with PYTHONPATH=its-checkout and `--hide-index` if it predates index.json). Functions `make_folder` and
 `measure` can be called from other benchmarks (benchmarks/bench_host.py's sweep)."""
 from __future__ import annotations
 
@@ -154,8 +155,21 @@ print(json.dumps({"seconds": time.perf_counter() - t1, "settings_s": settings_s}
 WHAT = ("rerun", "open_key", "dataset_item", "inspect", "status")
 
 
-def measure(imgs: Path, out: Path, fmt: str = "h5", per_shard: int = 2, repeat: int = 2) -> dict[str, float]:
-    """Seconds of each measurement (the best of `repeat` fresh processes; imports not counted)."""
+def measure(imgs: Path, out: Path, fmt: str = "h5", per_shard: int = 2, repeat: int = 2,
+            hide_index: bool = False) -> dict[str, float]:
+    """Seconds of each measurement (the best of `repeat` fresh processes; imports not counted). `hide_index`:
+    index.json moved aside meanwhile (to time a version of s2cli from before it, which refuses it as a foreign file)."""
+    index, aside = out / "index.json", out.parent / "index.json.aside"
+    if hide_index and index.exists():
+        index.rename(aside)
+    try:
+        return _measure(imgs, out, fmt, per_shard, repeat)
+    finally:
+        if aside.exists():
+            aside.rename(index)
+
+
+def _measure(imgs: Path, out: Path, fmt: str, per_shard: int, repeat: int) -> dict[str, float]:
     got = {}
     for what in WHAT:
         best = None
@@ -177,6 +191,8 @@ def main() -> None:
     ap.add_argument("--format", default="h5", choices=("h5", "safetensors"))
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--keep", default=None, help="keep the folders under this directory (reused when there)")
+    ap.add_argument("--hide-index", action="store_true", help="move index.json aside while measuring (time an "
+                    "s2cli from before it, on folders made by this one: PYTHONPATH=that-checkout)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     base = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="s2cli-bench-outputs-"))
@@ -186,7 +202,7 @@ def main() -> None:
         imgs, out = make_folder(base / f"{n}-{args.format}-{args.per_shard}", n, args.per_shard, args.format)
         made = time.perf_counter() - t
         row = {"shards": n, "images": n * args.per_shard, "made_s": round(made, 1),
-               **measure(imgs, out, args.format, args.per_shard, args.repeat)}
+               **measure(imgs, out, args.format, args.per_shard, args.repeat, args.hide_index)}
         rows.append(row)
         print(json.dumps(row) if args.json else "  ".join(f"{k}={v}" for k, v in row.items()), flush=True)
     if not args.keep:

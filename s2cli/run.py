@@ -289,9 +289,9 @@ class Target:
 
     @property
     def nothing_to_do(self) -> bool:
-        """A folder whose every unit of this rank's share is done already (a rerun of a finished run): it is
-        finished without loading the model."""
-        return self.dir is not None and not self.res.retry_failed and self.units_to_read == 0
+        """A folder whose every unit of the input is done already (a rerun of a finished run): it is finished
+        without loading the model. (A rank whose share is empty in an unfinished folder loads it as the others do.)"""
+        return self.dir is not None and not self.res.retry_failed and all(self.unit_done(u) for u in self.inp.units)
 
     def finish_done(self, weights: str, device: str) -> Summary:
         """Finish a run with nothing to do (`nothing_to_do`): the manifest brought up to date, and its Summary."""
