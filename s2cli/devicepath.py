@@ -21,8 +21,9 @@ class Pending:
     """Tensors copied to the host, ready once `event` (a CUDA event, None on the CPU) has completed. `result()`
     waits for it: the writer never reads a buffer the GPU is still filling."""
 
-    def __init__(self, tensors: tuple[Any, ...], event: Any = None, on_wait: Any = None):
+    def __init__(self, tensors: tuple[Any, ...], event: Any = None, on_wait: Any = None, shown: int | None = None):
         self.tensors, self.event, self._on_wait = tensors, event, on_wait
+        self.shown = len(tensors) if shown is None else shown  # the first `shown` are the result, the rest `aside`
 
     def result(self) -> tuple[Any, ...]:
         if self.event is not None:
@@ -31,7 +32,12 @@ class Pending:
             if self._on_wait is not None:
                 self._on_wait(time.perf_counter() - t)
             self.event = None
-        return self.tensors
+        return self.tensors[:self.shown]
+
+    def aside(self) -> tuple[Any, ...]:
+        """What came back with the result without being part of it (the batch's finite sums)."""
+        self.result()
+        return self.tensors[self.shown:]
 
 
 class Transfer:
@@ -70,13 +76,14 @@ class Transfer:
         d = t.device
         return d.type == self.device.type and (self.device.index is None or d.index in (None, self.device.index))
 
-    def to_host(self, *tensors: torch.Tensor | None, on_wait: Any = None) -> Pending:
-        """Device tensors (or None) -> a Pending of host tensors. CUDA: non-blocking copies into pinned buffers on
-        the compute stream (so the device tensors may be freed at once), then an event."""
+    def to_host(self, *tensors: torch.Tensor | None, on_wait: Any = None, aside: tuple = ()) -> Pending:
+        """Device tensors (or None) -> a Pending of host tensors (`aside`: more of them, given by `Pending.aside`).
+        CUDA: non-blocking copies into pinned buffers on the compute stream (so the device tensors may be freed at
+        once), then an event."""
         if not self.cuda:
-            return Pending(tuple(None if t is None else t.cpu() for t in tensors))
+            return Pending(tuple(None if t is None else t.cpu() for t in tensors + aside), shown=len(tensors))
         out = []
-        for t in tensors:
+        for t in tensors + aside:
             if t is None:
                 out.append(None)
                 continue
@@ -85,7 +92,7 @@ class Transfer:
             out.append(h)
         event = torch.cuda.Event()
         event.record(torch.cuda.current_stream(self.device))
-        return Pending(tuple(out), event, on_wait)
+        return Pending(tuple(out), event, on_wait, shown=len(tensors))
 
 
 # ---- decode and fit on the device --------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from .errors import ConfigError
 from .inputs.decode import Fit
 from .inputs.samples import Sample, failure
 from .strategies import cut_view, grouped_calls, merge as merge_views, outputs_to_maps, plan_image, plan_strategy_image
-from .tiling import multiscale_forward
+from .tiling import multiscale_forward, plan_multiscale
 
 # (rec, features, pooled) for one image, features and pooled on the host (or None)
 Result = tuple[dict[str, Any], Any, Any]
@@ -38,6 +38,21 @@ def normalize_images(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor
     return x.to(dtype)
 
 
+def finite_sums(*tensors: torch.Tensor | None) -> list[torch.Tensor | None]:
+    """Per image of a batch, the sum of each (B, ...) tensor in float32, on its device: one reduction per tensor
+    for the whole batch (on CUDA, queued with the batch's other work). A non-finite element makes its image's sum
+    non-finite; a finite sum proves the image finite, and a non-finite one (finite float32 values can overflow it)
+    only says to look closer (`Extractor.finite`)."""
+    return [None if t is None else t.reshape(t.shape[0], -1).sum(dim=1, dtype=torch.float32) for t in tensors]
+
+
+def all_finite(t: torch.Tensor, total: torch.Tensor | None = None) -> bool:
+    """Whether `t` holds no NaN or Inf: its sum (`total`, or computed here: one pass, no mask) when finite, else
+    element by element."""
+    total = t.sum(dtype=torch.float32) if total is None else total
+    return bool(torch.isfinite(total)) or bool(torch.isfinite(t).all())
+
+
 def _pool(tokens: torch.Tensor, pool: str, prefix: int, dim: int) -> torch.Tensor | None:
     """--pool mean (over the spatial tokens) | cls (the first token) | none, over tokens laid out on `dim`."""
     if pool == "mean":
@@ -45,6 +60,21 @@ def _pool(tokens: torch.Tensor, pool: str, prefix: int, dim: int) -> torch.Tenso
     if pool == "cls":
         return tokens.select(dim, 0)
     return None
+
+
+def scale_embeddings(emb: torch.Tensor, tiles: list[int], b: int) -> torch.Tensor:
+    """--pool embed: (B, (1 + S) * D) = [combined | scale 1 | ... | scale S] from the model's embeddings of every
+    tile of one engine call (scale by scale, tile-major, batch-minor, as the engine runs them). A scale's embedding
+    is the mean of its tiles' (at one tile, the model's own image embedding); the combined one is the mean of the
+    L2-normalized scale embeddings, L2-normalized."""
+    per, off = [], 0
+    for t in tiles:
+        per.append(emb[off:off + t * b].float().view(t, b, -1).mean(0))
+        off += t * b
+    if off != emb.shape[0]:
+        raise RuntimeError(f"{emb.shape[0]} tile embeddings for {off} tiles")
+    unit = torch.stack([torch.nn.functional.normalize(e, dim=-1) for e in per])
+    return torch.cat([torch.nn.functional.normalize(unit.mean(0), dim=-1), *per], dim=-1)
 
 
 class Extractor:
@@ -60,7 +90,7 @@ class Extractor:
         self.std = torch.tensor(bb.std, device=device).view(3, 1, 1)
         self.out_dtype = torch.float16 if res.dtype == "float16" else torch.float32
         # stage timing, host seconds: normalize on the device; engine + copy back (+ waiting for it on CUDA)
-        self.seconds = {"preprocess": 0.0, "forward": 0.0}
+        self.seconds = {"preprocess": 0.0, "forward": 0.0, "check": 0.0}  # check: the host's finite verdicts
         self.decode_seconds = {"decode": 0.0, "fit": 0.0}  # --decode torch, on the device
         self.transfer = Transfer(device)
         backbone.to(device, dtype)
@@ -85,6 +115,8 @@ class Extractor:
         t0 = time.perf_counter()
         x = self.normalize(self.transfer.to_device(images))
         t1 = time.perf_counter()
+        if self.backbone.embeddings is not None:
+            self.backbone.embeddings.clear()  # what a failed call left
         out = multiscale_forward(
             self.backbone, x, img_sizes=engine_sizes, max_split_size=res.max_split_size,
             split_mode=res.split_mode, resize_output_to_idx=res.resize_output_to_idx,
@@ -92,10 +124,16 @@ class Extractor:
             max_batch=res.max_tiles_per_call)
         if bb.output_shape == "bchw":
             out = out.flatten(2).transpose(1, 2)
-        pooled = _pool(out, res.pool, bb.num_prefix_tokens, dim=1)
+        if res.pool == "embed":
+            plan = plan_multiscale(tuple(x.shape[-2:]), img_sizes=engine_sizes, max_split_size=res.max_split_size,
+                                   split_mode=res.split_mode)
+            pooled = scale_embeddings(self.backbone.take_embeddings(), [s.num_tiles for s in plan.scales], x.shape[0])
+        else:
+            pooled = _pool(out, res.pool, bb.num_prefix_tokens, dim=1)
         pooled = None if pooled is None else pooled.to(self.out_dtype)
         feats = None if res.pool_only else out.to(self.out_dtype)
-        pending = self.transfer.to_host(feats, pooled, on_wait=self._waited)
+        sums = finite_sums(feats, pooled) if res.check_finite else [None, None]
+        pending = self.transfer.to_host(feats, pooled, on_wait=self._waited, aside=tuple(sums))
         self.seconds["preprocess"] += t1 - t0
         self.seconds["forward"] += time.perf_counter() - t1
         return pending
@@ -148,12 +186,13 @@ class Extractor:
         def resolve() -> list[Result]:
             try:
                 feats, pooled = pending.result()
+                sums = (*pending.aside(), None, None)[:2]  # (None: a Pending made without them)
             except ConfigError:
                 raise
             except Exception as e:
                 return self.with_retry(compute, recs, on_fail, failed=e)
             return self.finite([(r, None if feats is None else feats[i], None if pooled is None else pooled[i])
-                                for i, r in enumerate(recs)], on_fail)
+                                for i, r in enumerate(recs)], on_fail, sums=sums)
         return resolve
 
     @torch.inference_mode()
@@ -207,16 +246,20 @@ class Extractor:
                 on_fail(failure(Sample(r["key"], r["source"]), "model", e))
         return self.finite(out, on_fail)
 
-    def finite(self, results: list[Result], on_fail: Callable[[dict], None]) -> list[Result]:
+    def finite(self, results: list[Result], on_fail: Callable[[dict], None],
+               sums: tuple[torch.Tensor | None, ...] = (None, None)) -> list[Result]:
         """With --check-finite (the default), an image whose stored features or pooled vector hold NaN or Inf (an
-        fp16 overflow, a broken checkpoint) is recorded (stage "model", NonFiniteFeatures) instead of written."""
+        fp16 overflow, a broken checkpoint) is recorded (stage "model", NonFiniteFeatures) instead of written.
+        `sums`: the batch's per-image sums from `finite_sums`, made on the device with the features; an image is
+        looked at element by element only when its sum is not finite."""
         res = self.res
         if not res.check_finite:
             return results
+        t0 = time.perf_counter()
         kept = []
-        for r, f, p in results:
-            bad = [(name, t) for name, t in (("features", f), ("pooled", p))
-                   if t is not None and not bool(torch.isfinite(t).all())]
+        for i, (r, f, p) in enumerate(results):
+            bad = [(name, t) for name, t, s in (("features", f, sums[0]), ("pooled", p, sums[1]))
+                   if t is not None and not all_finite(t, None if s is None else s[i])]
             if not bad:
                 kept.append((r, f, p))
                 continue
@@ -227,4 +270,5 @@ class Extractor:
             on_fail(failure(Sample(r["key"], r["source"]), "model",
                             f"{name} hold {nan} NaN and {inf} Inf values of {t.numel()}; {hint} "
                             "(--no-check-finite stores them anyway)", "NonFiniteFeatures"))
+        self.seconds["check"] += time.perf_counter() - t0
         return kept

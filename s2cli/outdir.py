@@ -4,7 +4,6 @@ followed by its done marker (only marked shards count), leftovers of dead writer
 from __future__ import annotations
 
 import gc
-import hashlib
 import json
 import os
 import re
@@ -15,17 +14,19 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from .errors import ConfigError
+from .formats import NamePattern, of_path, store_identity
 from .fsutil import Claim, claim_record, pid_alive, take_claim
 from .heartbeat import RemoteClaim, heartbeat_name, live_ranks, liveness, read_heartbeats
 from .store import Folder, folder
 
-SHARD_RE = re.compile(r"^part-(\d{5})-(\d{5})\.(h5|safetensors)$")
-OURS_RE = re.compile(r"^(part-\d{5}-\d{5}\.(h5|safetensors|json)|run\.json|manifest\.json|index\.json|errors\.jsonl|"
-                     r"rank-\d{5}\.json)$")
+# `{suffix}`: any registered format's (formats.NamePattern)
+SHARD_RE = NamePattern(r"^part-(\d{5})-(\d{5})\.{suffix}$")
+OURS_RE = NamePattern(r"^(part-\d{5}-\d{5}\.({suffix}|json)|run\.json|manifest\.json|index\.json|errors\.jsonl|"
+                      r"rank-\d{5}\.json)$")
 # files `s2 slurm` puts beside the run (its script and SLURM's logs): ours, but not output; --overwrite keeps them
 HEARTBEAT_NAME_RE = re.compile(r"^rank-\d{5}\.json$")  # a rank's heartbeat (on remote storage: its claim)
 SIDE_RE = re.compile(r"^(s2-slurm\.sbatch|slurm-\d+(_\d+)?\.out)$")
-RANK_TMP_RE = re.compile(r"^\.part-(\d{5})-\d{5}\.(h5|safetensors|json)\.tmp-\d+$")
+RANK_TMP_RE = NamePattern(r"^\.part-(\d{5})-\d{5}\.({suffix}|json)\.tmp-\d+$")
 LOCK_RE = re.compile(r"^\.rank-(\d{5})\.lock$")
 MARKER_RE = re.compile(r"^part-\d{5}-\d{5}\.json$")
 TMP_RE = re.compile(r"^\..*\.tmp-")
@@ -557,17 +558,14 @@ def _in_order(marker: dict[str, Any]) -> tuple[int, int, str]:
 
 
 def file_sha256(path: Path) -> str:
-    """The sha256 of a file's bytes, read in 4 MiB blocks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(1 << 22):
-            h.update(block)
-    return h.hexdigest()
+    """The sha256 of a shard's bytes (a file's, or a folder's files with their names: formats.store_identity)."""
+    return store_identity(path)["sha256"]
 
 
 def shard_record(path: Path) -> dict[str, Any]:
-    """What makes a shard whole, for its done marker: its size in bytes and its sha256."""
-    return {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
+    """What makes a shard whole, for its done marker: its size in bytes and its sha256 (its format's identity)."""
+    fmt = of_path(path)
+    return (fmt.identity if fmt is not None else store_identity)(path)
 
 
 def shard_damage(d: Folder, marker: dict[str, Any], stats: dict[str, tuple[int, Any]], verify: bool = False,
@@ -584,17 +582,24 @@ def shard_damage(d: Folder, marker: dict[str, Any], stats: dict[str, tuple[int, 
     if "bytes" not in marker:
         return None  # written before markers recorded it
     size, ident = st
-    if size != marker["bytes"]:
+    if size is None:  # a folder on an object store (a format whose output is one): its files are not listed here
+        changed = False
+    elif size != marker["bytes"]:
         return f"{size} bytes where its marker recorded {marker['bytes']} (truncated or overwritten)"
-    if "stat" in marker:
+    elif "stat" in marker:
         changed = marker["stat"] != ident
     else:
-        changed = not d.remote and isinstance(marker_id, list) and ident[2] > marker_id[2]
+        changed = not d.remote and isinstance(marker_id, list) and _newest(ident) > marker_id[2]
     if not (verify or changed):
         return None
     if file_sha256(d.fetch(shard)) != marker.get("sha256"):
         return "its sha256 differs from the one its marker recorded (its bytes changed)"
     return MOVED if changed else None
+
+
+def _newest(ident: list) -> int:
+    """The latest mtime in a local identity: a file's [inode, ctime, mtime], or a folder's list of its files' ones."""
+    return max((_newest(i) for i in ident), default=0) if ident and isinstance(ident[0], list) else ident[2]
 
 
 def _flat(config: dict[str, Any], keys: list[str]) -> dict[str, Any]:

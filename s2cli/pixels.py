@@ -7,6 +7,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from .resample import resize_kept
+
 FITS = ("crop", "squash", "pad", "keep")
 
 
@@ -48,7 +50,8 @@ def check_shape(w: int, h: int, fit: str, side: int) -> None:
 def fit_image(im: Image.Image, fit: str, side: int, mean: tuple[float, float, float]) -> Image.Image:
     """crop: shortest edge to `side` then center crop (CLIP's processor); squash: to side x side (SigLIP's);
     pad: to a square filled with the mean color first (LLaVA's `pad`), then resized; keep: shortest edge to
-    `side`, aspect kept. Resizes are Pillow bicubic (antialiased when shrinking), as the HF processors do. Past
+    `side`, aspect kept. Resizes are Pillow bicubic (antialiased when shrinking), as the HF processors do; crop
+    resizes only the region it keeps where that gives the same pixels (`resample.resize_kept`). Past
     an aspect ratio of LONG_ASPECT, crop resizes only the crop box and pad reduces first (close, not always
     bit-equal); past `check_shape`, an ImageShapeError."""
     w, h = im.size
@@ -70,6 +73,9 @@ def fit_image(im: Image.Image, fit: str, side: int, mean: tuple[float, float, fl
         sx, sy = w / tw, h / th
         return im.resize((side, side), Image.BICUBIC, box=(left * sx, top * sy, (left + side) * sx, (top + side) * sy))
     if (tw, th) != (w, h):
+        box = (left, top, left + side, top + side)
+        if fit == "crop" and (kept := resize_kept(im, (tw, th), box)) is not None:
+            return kept  # the kept region alone, the same pixels
         im = im.resize((tw, th), Image.BICUBIC)
     if fit == "keep":
         return im

@@ -17,8 +17,10 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import torch
 
+from . import formats
 from .backbones import Backbone
 from .config import Resolved
+from .dtypes import entry_bytes, itemsize, pooled_dtype
 from .errors import ConfigError, S2Error
 from .extractor import Extractor
 from .fsutil import Claim, file_identity, take_claim
@@ -26,13 +28,14 @@ from .heartbeat import Heartbeat
 from .inputs.pool import DecodePool
 from .inputs.samples import Sample
 from .inputs.units import Input, Unit
+from .items import Layout, StoredItem
 from .launch import Rank, Terminated, final_barrier, resolve_precision, signals_deferred
 from .outdir import OutputDir, shard_record, unit_complete
 from .plan import fit_of
 from .reduce import parse as parse_reduce
 from .strategies import strategy_of
 from .version import __version__
-from .writers import SINKS, ThreadedSink, check_output_file, itemsize, remove_dead_temporaries
+from .writers import ThreadedSink, check_output_file, remove_dead_temporaries
 
 Progress = Callable[[int, int, int], None]  # (images done, failed, shards written) in this run
 
@@ -208,11 +211,12 @@ class Target:
     def _claim_file(self, out: Path, overwrite: bool) -> None:
         """Claim a single-file output (`.NAME.lock` beside it) before anything is read or written, then remove
         the temporaries of dead runs of it. The file there now is the only one the final rename may replace."""
-        check_output_file(out, overwrite)
+        directory = formats.get(self.res.format).store == formats.DIR
+        check_output_file(out, overwrite, directory)
         self.claim = take_claim(out.with_name(f".{out.name}.lock"), str(out), fix=(
             "wait for that run to end, or pass another -o; a killed run's claim ends with its process"))
         try:
-            check_output_file(out, overwrite)  # again: a run that just ended may have written it
+            check_output_file(out, overwrite, directory)  # again: a run that just ended may have written it
             self.replaces = file_identity(out)
             remove_dead_temporaries(out)
         except BaseException:
@@ -411,6 +415,7 @@ class _Part:
     first_key: str | None = None
     last_key: str | None = None
     retry_of: list[dict] | None = None  # --retry-failed: the markers whose failures this part extracts again
+    nbytes: int = 0  # the shard's size, once committed
 
 
 @dataclass
@@ -456,6 +461,9 @@ class Stats:
     shards: list[str] = field(default_factory=list)
     busy: dict[str, float] = field(default_factory=lambda: {"read": 0.0, "decode": 0.0, "fit": 0.0, "write": 0.0})
     waits: dict[str, float] = field(default_factory=lambda: {"decode": 0.0, "write": 0.0})
+    # the main thread's own stages besides the Extractor's (preprocess, forward, check): the stored items made from
+    # the results (collect), a shard's end queued with its marker's fields (commit)
+    main: dict[str, float] = field(default_factory=lambda: {"collect": 0.0, "commit": 0.0})
 
 
 @dataclass
@@ -465,7 +473,7 @@ class _Video:
 
     rec: dict[str, Any]
     positions: list[int]  # which of the chosen frames are computed (all; with --frames-as-images each index once)
-    items: list[dict[str, Any] | None]
+    items: list[StoredItem | None]
     waiting: int
     failed: bool = False
 
@@ -502,7 +510,7 @@ class VideoFrames:
         v.failed = True
         return {**record, "key": v.rec["key"], "error": f"a frame ({record['key']}) failed: {record['error']}"}
 
-    def add(self, rec: dict[str, Any], item: dict[str, Any]) -> list[dict[str, Any]]:
+    def add(self, rec: dict[str, Any], item: StoredItem) -> list[StoredItem]:
         """A frame's item; returns the video's entries once its last frame is in (none if a frame failed)."""
         v, pos = rec["frame_of"]
         v.items[pos] = item
@@ -511,27 +519,20 @@ class VideoFrames:
             return []
         facts = v.rec["video"]
         if self.as_images:
-            return [{**it, "meta": _with_video(v.rec.get("meta"), {  # type: ignore[dict-item]
+            return [it.replace(meta=v.rec.get("meta")).with_meta(video={  # type: ignore[union-attr]
                 "frame_index": facts["frame_indices"][j], "timestamp": facts["timestamps"][j],
-                **{k: facts[k] for k in ("num_frames_total", "rotation", "codec")}})}
+                **{k: facts[k] for k in ("num_frames_total", "rotation", "codec")}})
                 for j, it in zip(v.positions, v.items)]
         first = v.items[0]
-        feats = [it["features"] for it in v.items]  # type: ignore[index]
-        return [{**first, "key": v.rec["key"], "meta": _with_video(v.rec.get("meta"), v.rec["video"]),  # type: ignore[dict-item]
-                 "features": None if feats[0] is None else np.stack(feats), "pooled": None}]
+        feats = [it.features for it in v.items]  # type: ignore[union-attr]
+        return [first.replace(key=v.rec["key"], meta=v.rec.get("meta"), pooled=None,  # type: ignore[union-attr]
+                              features=None if feats[0] is None else np.stack(feats)).with_meta(video=v.rec["video"])]
 
     def _done(self, v: _Video, key: str) -> None:
         v.waiting -= 1
         if v.waiting == 0:
             for k in [k for k, o in self.open.items() if o is v]:
                 del self.open[k]
-
-
-def _with_video(meta: str | None, video: dict[str, Any]) -> str:
-    """An entry's metadata (JSON text) with the video facts under `video`."""
-    m = json.loads(meta) if meta else {}
-    m["video"] = video
-    return json.dumps(m)
 
 
 # what the decode pool is given for a sample of a part already done: passed through, never decoded
@@ -551,6 +552,7 @@ class Run:
         self.on_total: Callable[[int], None] | None = None
         self.strategy = strategy_of(res)
         self.reduction = parse_reduce(res.reduce)
+        self.written = (0, 0)  # bytes and images of the shards this run committed (what a shard takes)
         self.fit = fit_of(res)
         self.ex = Extractor(res, backbone, device, resolve_precision(res.precision, device), self.fit)
         self.stats = Stats()
@@ -558,6 +560,7 @@ class Run:
         self.batch: list[dict] = []
         self.in_flight: list[tuple[_Part, list[dict], list[Callable[[], list]]]] = []
         self.file_sink: ThreadedSink | None = None
+        self.ending: _Part | None = None  # the part whose shard is being ended on its writer thread
         try:
             with signals_deferred():  # a signal while its temporary is made ends the run once it can be removed
                 self.file_sink = self._new_sink(res.output) if target.dir is None else None
@@ -591,6 +594,8 @@ class Run:
                 if sample is not None:  # None: a sample of a part already done, read past
                     self.admit(unit, part_no, rec)
             self.finish_part(last_of_unit=True)
+            self.settle()
+            self._progress()
             self.close_file()
         except BaseException as e:
             self.abort(e)
@@ -647,6 +652,7 @@ class Run:
         while self.in_flight:
             part, recs, resolvers = self.in_flight.pop(0)
             results = [r for resolve in resolvers for r in resolve()]
+            t0, waited = time.perf_counter(), st.waits["write"]
             order = {id(rec): i for i, rec in enumerate(recs)}
             results.sort(key=lambda r: order[id(r[0])])
             items = []
@@ -658,15 +664,18 @@ class Run:
                 part.sink.write(items)
                 st.waits["write"] += time.perf_counter() - t
                 st.done += len(items)
+            if self.ending is not None and self.ending.sink.ended:  # the shard before is done: counted (or its
+                self.settle()  # failure raised) now, not only when the next one ends
             self._progress()
             if self.target.heartbeat is not None:
                 self.target.heartbeat.update(images=st.done, failed=st.failed)
+            st.main["collect"] += time.perf_counter() - t0 - (st.waits["write"] - waited)
 
     def start_part(self, unit: Unit, part: int) -> _Part:
         t = self.target
         if t.dir is None:  # one file: one key space across all units
             return _Part(unit, part, self.file_sink, time.perf_counter(), self.file_keys)  # type: ignore[arg-type]
-        name = f"part-{t.rank:05d}-{self.next_index:05d}{SINKS[self.res.format].suffix}"
+        name = f"part-{t.rank:05d}-{self.next_index:05d}{formats.get(self.res.format).suffix}"
         self.next_index += 1
         if t.heartbeat is not None:
             t.heartbeat.update(unit=unit.id, unit_index=unit.index, part=part, shard=name, write=True)
@@ -677,25 +686,24 @@ class Run:
                      retry_of=retry_of)
 
     def finish_part(self, last_of_unit: bool) -> None:
-        """Write what is left of the part; in a folder, close its shard and commit its done marker."""
+        """Write what is left of the part; in a folder, end its shard and commit its done marker (on the writer
+        thread: the main thread goes on with the next part meanwhile)."""
         self.flush()
         self.drain()
         cur = self.part
         if cur is None or self.target.dir is None:
             return
-        with signals_deferred():  # a stop signal now waits for the shard's rename and marker: never half of them
+        with signals_deferred():  # a stop signal now waits until the shard's end is queued (then `abort` settles it)
             self._commit(cur, last_of_unit)
             self.part = None
         self._progress()
 
     def _commit(self, cur: _Part, last_of_unit: bool) -> None:
-        """Close the part's shard (rename into place) and write its done marker."""
-        t, st = self.target, self.stats
+        """End the part's shard: its writer thread serialises and renames it, hashes it and writes its done marker
+        (last). One shard ends at a time: the one before is settled first."""
+        self.settle()
         t0 = time.perf_counter()
-        path = cur.sink.close()
-        st.waits["write"] += time.perf_counter() - t0
-        st.busy["write"] += cur.sink.busy_s
-        elapsed = time.perf_counter() - cur.started
+        t = self.target
         keys = cur.unit.part_keys(cur.part, self.res.shard_size)
         identity = t.identities.get(cur.unit.index, {}) if keys is None else {"keys_sha256": keys_digest(keys),
                                                                                "num_keys": len(keys)}
@@ -703,18 +711,40 @@ class Run:
             "retry_of": [m["shard"] for m in cur.retry_of], "retried_keys": sorted(cur.seen)}
         from .readers import shard_contents  # its keys, shape and dtype as a reader sees them: readers need not open it
 
-        marker = {**identity, **retry, **shard_record(path), **shard_contents(path),
-            "shard": path.name, "unit": cur.unit.id, "unit_index": cur.unit.index, "part": cur.part,
-            "rank": t.rank, "num_images": cur.sink.n, "num_failed": len(cur.sink.failures),
-            "failures": [{**f, "retry": True} for f in cur.sink.failures] if retry else cur.sink.failures,
-            "first_key": cur.first_key, "last_key": cur.last_key,
-            "seconds": round(elapsed, 3), "s2cli_version": __version__, "last_part": last_of_unit and not retry,
-            "finished_at": time.time(), "started_at": time.time() - elapsed, "host": socket.gethostname(),
-        }
-        t.dir.commit(marker, log_errors=t.ranks.world == 1 and not retry, written=path)  # type: ignore[union-attr]
-        if retry:  # the failures it retried move to their shards' history: each image counts once
-            t.dir.settle_retry(marker, log_errors=t.ranks.world == 1)  # type: ignore[union-attr]
+        known = {**identity, **retry, "unit": cur.unit.id, "unit_index": cur.unit.index, "part": cur.part,
+                 "rank": t.rank, "first_key": cur.first_key, "last_key": cur.last_key, "s2cli_version": __version__,
+                 "last_part": last_of_unit and not retry, "host": socket.gethostname()}
+
+        def commit(path: Path) -> None:  # on the writer thread, once the shard is in place
+            elapsed = time.perf_counter() - cur.started
+            marker = {**known, **shard_record(path), **shard_contents(path), "shard": path.name, "num_images": cur.sink.n,
+                      "num_failed": len(cur.sink.failures),
+                      "failures": [{**f, "retry": True} for f in cur.sink.failures] if retry else cur.sink.failures,
+                      "seconds": round(elapsed, 3), "finished_at": time.time(), "started_at": time.time() - elapsed}
+            cur.nbytes = marker["bytes"]
+            t.dir.commit(marker, log_errors=t.ranks.world == 1 and not retry, written=path)  # type: ignore[union-attr]
+            if retry:  # the failures it retried move to their shards' history: each image counts once
+                t.dir.settle_retry(marker, log_errors=t.ranks.world == 1)  # type: ignore[union-attr]
+
+        cur.sink.end(commit)
+        self.ending = cur
+        self.stats.main["commit"] += time.perf_counter() - t0
+
+    def settle(self) -> None:
+        """Wait for the shard being ended (its marker written), and count it."""
+        cur, self.ending = self.ending, None
+        if cur is None:
+            return
+        t, st = self.target, self.stats
+        t0 = time.perf_counter()
+        path = cur.sink.wait()
+        st.waits["write"] += time.perf_counter() - t0
+        st.busy["write"] += cur.sink.busy_s
         st.shards.append(path.name)
+        if cur.sink.n:
+            self.written = (self.written[0] + cur.nbytes, self.written[1] + cur.sink.n)
+            if self.part is not None and self.res.output_is_dir:  # the shard being written: as this one took
+                self.part.sink.need_bytes = round(self.written[0] / self.written[1] * self.res.shard_size)
         if t.heartbeat is not None:
             t.heartbeat.update(shards_written=len(st.shards), images=st.done, failed=st.failed, shard=None, write=True)
 
@@ -746,7 +776,12 @@ class Run:
             self.stats.busy["write"] += self.file_sink.busy_s
 
     def abort(self, e: BaseException) -> None:
-        """Throw away the unfinished shard or file (finished shards stay) and say in the heartbeat why."""
+        """Throw away the unfinished shard or file (finished shards stay: one being ended gets its marker first)
+        and say in the heartbeat why."""
+        try:
+            self.settle()
+        except BaseException:  # that shard failed too (its file removed, no marker): `e` is what the run ends with
+            pass
         if self.part is not None and self.part.sink is not self.file_sink:
             self.part.sink.abort()
         if self.file_sink is not None:
@@ -756,9 +791,13 @@ class Run:
     def finalize(self, seconds: float) -> Summary:
         """Close the heartbeat, write the manifest (folders), and say what was done."""
         st, res = self.stats, self.res
-        stage = {**st.busy, **self.ex.seconds}
+        stage = {**st.busy, **self.ex.seconds, **st.main}
         for k, v in self.ex.decode_seconds.items():
             stage[k] += v
+        # the main thread's seconds in no stage above and no wait (the loop itself, starting and stopping the decode
+        # pool, opening shards): with it, the main thread's stages and waits add up to the run's seconds
+        named = self.ex.seconds | st.main | self.ex.decode_seconds  # (-j 0: decoding is inside the decode wait)
+        stage["other"] = seconds - sum(named.values()) - sum(st.waits.values())
         s = Summary(
             output=res.output, num_images=st.done, num_failed=st.failed, seconds=round(seconds, 3),
             images_per_s=round(st.done / seconds, 3) if seconds > 0 else None, weights=self.backbone.weights,
@@ -777,13 +816,13 @@ class Run:
     def _finalize_dir(self, s: Summary) -> None:
         self.target.finish(s, len(self.stats.shards))
 
-    def _reduced(self, item: dict[str, Any]) -> dict[str, Any]:
+    def _reduced(self, item: StoredItem) -> StoredItem:
         """The item with its token grid reduced (--reduce) and the reduction recorded; as it was without one."""
-        if self.reduction is None or item["features"] is None:
+        if self.reduction is None or item.features is None:
             return item
-        feats, grid = self.reduction.apply(item["features"], item["grid_hw"], item["num_prefix_tokens"])
-        record = {"op": self.reduction.spec, "grid_before": list(item["grid_hw"]), "grid_hw": list(grid)}
-        return {**item, "features": feats, "grid_hw": grid, "reduce": json.dumps(record)}
+        feats, grid = self.reduction.apply(item.features, item.grid_hw, item.num_prefix_tokens)
+        record = {"op": self.reduction.spec, "grid_before": list(item.grid_hw), "grid_hw": list(grid)}
+        return item.replace(features=feats, grid_hw=grid, reduce=json.dumps(record))
 
     def _new_sink(self, path: str) -> ThreadedSink:
         res = self.res
@@ -791,18 +830,34 @@ class Run:
         videos = res.sampling.active and not res.frames_as_images
         if videos:  # an entry is (frames, tokens, channels) or (tokens, channels): the ragged layout holds both
             shape["tokens"] = shape["tokens_per_image"] = None
-        pooled_channels = shape["channels"]
+        pooled_channels = res.pooled_width(shape["channels"])
         if self.reduction is not None:  # the stored shape: after the reduction (pooled vectors are not reduced)
             tokens, shape["channels"] = res.stored(self.strategy.plan_entry(res, (res.side, res.side))[0])["output_shape"]
             shape["tokens"] = tokens if shape["tokens"] is not None else None
             shape["tokens_per_image"] = tokens if shape["tokens_per_image"] is not None else None
-        sink = SINKS[res.format](path, res.file_attrs(self.backbone.weights), channels=shape["channels"],
-                                 num_scales=shape["num_scales"], tokens=shape["tokens"], dtype=res.dtype,
-                                 store_features=not res.pool_only, pooled=res.pool != "none", plans=shape["plans"],
-                                 pooled_channels=pooled_channels, reduced=self.reduction is not None, videos=videos)
-        if res.output_is_dir and shape["tokens_per_image"] is not None:
-            sink.need_bytes = res.shard_size * shape["tokens_per_image"] * shape["channels"] * itemsize(res.dtype)
+        layout = Layout(channels=shape["channels"], num_scales=shape["num_scales"], tokens=shape["tokens"],
+                        dtype=res.dtype, features=not res.pool_only, pooled=res.pool != "none",
+                        pooled_channels=pooled_channels, plans=shape["plans"], reduced=self.reduction is not None,
+                        videos=videos)
+        fmt = formats.get(res.format)
+        sink = fmt.sink_class()(path, res.file_attrs(self.backbone.weights), layout,
+                                directory=fmt.store == formats.DIR)
+        if res.output_is_dir:
+            sink.need_bytes = self._shard_bytes(shape, pooled_channels)
         return sink
+
+    def _shard_bytes(self, shape: dict[str, Any], pooled_channels: int) -> int | None:
+        """What a whole shard takes, for the message when its disk (or a remote output's spool) is full: as the
+        shards this run wrote took, per image; before the first, its arrays (tokens, pooled vectors; None when the
+        tokens vary)."""
+        res, (nbytes, images) = self.res, self.written
+        if images:
+            return round(nbytes / images * res.shard_size)
+        if shape["tokens_per_image"] is None:
+            return None
+        tokens = 0 if res.pool_only else entry_bytes(shape["tokens_per_image"], shape["channels"], res.dtype)
+        pooled = pooled_channels * itemsize(pooled_dtype(res.dtype)) if res.pool != "none" else 0
+        return res.shard_size * (tokens + pooled)
 
     def _progress(self) -> None:
         if self.on_progress:

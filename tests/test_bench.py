@@ -13,6 +13,7 @@ from s2cli.bench import measure, synthetic_jpegs
 from s2cli.config import ExtractConfig, resolve_config
 
 TINY = ("-m", "timm:vit_tiny_patch16_224", "--random-init", "--layer", "2")
+STAGES = {"read", "decode", "fit", "preprocess", "forward", "check", "collect", "commit", "write", "other"}
 
 
 def test_bench_json_fields_and_sane_values(cli):
@@ -21,7 +22,7 @@ def test_bench_json_fields_and_sane_values(cli):
     assert r["e2e_img_s"] > 0 and r["model_only_img_s"] > 0 and r["e2e_over_model_only"] > 0
     assert r["flops_per_image"] > 0 and r["matmul_ceiling_flops_per_s"] > 0 and 0 < r["mfu_model_only"]
     st, wt = r["stage_seconds"], r["wait_seconds"]
-    assert set(st) == {"read", "decode", "fit", "preprocess", "forward", "write"} and set(wt) == {"decode", "write"}
+    assert set(st) == STAGES and set(wt) == {"decode", "write"}
     assert all(v >= 0 for v in [*st.values(), *wt.values()]) and st["forward"] > 0 and st["decode"] > 0 and st["write"] > 0
     # with -j 0 read/decode/fit run on the main thread too: its stages and waits fit inside the wall time
     main = st["read"] + st["decode"] + st["fit"] + st["preprocess"] + st["forward"] + wt["write"]
@@ -50,7 +51,7 @@ def test_bench_flops_equal_the_formula():
 def test_extract_summary_has_stage_timing(cli, image_dir, tmp_path):
     r = invoke_json(cli, "extract", str(image_dir), *TINY, "-o", tmp_path / "o.h5", "-j", "1", "--json", "-q")
     assert r["compile"] is False and r["num_images"] > 0
-    assert set(r["stage_seconds"]) == {"read", "decode", "fit", "preprocess", "forward", "write"}
+    assert set(r["stage_seconds"]) == STAGES
     assert r["stage_seconds"]["forward"] > 0 and r["stage_seconds"]["decode"] > 0
     assert r["stage_seconds"]["preprocess"] + r["stage_seconds"]["forward"] + sum(r["wait_seconds"].values()) <= r["seconds"]
 
@@ -181,6 +182,28 @@ def test_chunked_s2_memory_within_1_2x_of_single_scale(vit_l_memory):
 
 
 @pytest.mark.slow
+def test_bench_host_quick_runs_and_reports_every_figure(tmp_path):
+    """benchmarks/bench_host.py --quick on 6 images: the decode and write limits and the instant-device run (its
+    CPU per image in total, main process, main thread and decode workers, img/s, MB/s), each positive."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parent.parent / "benchmarks" / "bench_host.py"
+    r = subprocess.run([sys.executable, str(script), "--quick", "--images", "6", "--json", str(tmp_path / "r.json")],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "| code | -j | img/s |" in r.stdout and "decode limit:" in r.stdout and "write limit:" in r.stdout
+    got = json.loads((tmp_path / "r.json").read_text())
+    [run] = got["runs"]
+    assert run["images"] == 6 and run["failed"] == 0 and run["bytes"] > 6 * 576 * 3072 * 2
+    for k in ("img_s", "mb_s", "ms_total", "ms_process", "ms_main_thread", "ms_children", "of_decode_limit"):
+        assert run[k] > 0, k
+    assert got["decode"]["ms_per_image"] > 0 and got["write"]["h5py_mb_s"] > 0
+
+
+@pytest.mark.slow
 def test_bench_gpu_script_smoke_runs_on_the_cpu():
     """benchmarks/bench_gpu.py, the one command a GPU session runs, in --smoke (tiny models, 4 small images, CPU):
     its correctness checks pass and it prints the table last."""
@@ -196,3 +219,43 @@ def test_bench_gpu_script_smoke_runs_on_the_cpu():
     assert "| P1 llava-1.5-s2, bf16, eager | 4 |" in out and "--decode torch | 4 |" in out
     assert "| single_scale | " in out and "| s2_chunked | " in out
     assert out.rstrip().splitlines()[-1].startswith("| reference_split_forward | ")
+
+
+def test_main_thread_stages_and_waits_add_up_to_the_run(cli, image_dir, tmp_path):
+    """Every second of the main thread is in stage_seconds or wait_seconds: its stages (the Extractor's, collect,
+    commit, and `other` for the loop itself) and its waits add up to the run's seconds, `other` never negative
+    (a second counted twice would make it so)."""
+    r = invoke_json(cli, "extract", str(image_dir), *TINY, "-o", str(tmp_path / "o") + "/", "--shard-size", "3",
+                    "-b", "2", "-j", "1", "--json", "-q")
+    st, wt = r["stage_seconds"], r["wait_seconds"]
+    main = sum(st[k] for k in ("preprocess", "forward", "check", "collect", "commit", "other")) + sum(wt.values())
+    assert st["other"] >= 0 and main == pytest.approx(r["seconds"], abs=0.01), (st, wt, r["seconds"])
+    assert st["collect"] > 0 and st["commit"] > 0 and st["check"] >= 0, st
+
+
+def test_shards_are_hashed_and_marked_on_the_writer_thread(monkeypatch, image_dir, tmp_path):
+    """A folder shard's end (serialisation, rename, sha256, done marker) runs on its writer thread, not the main
+    thread; the markers still hold each shard's size and sha256, and a marker is written only once its shard is
+    in place."""
+    import threading
+
+    import s2cli
+    from s2cli import run as run_mod
+    from s2cli.outdir import OutputDir, file_sha256, marker_name
+
+    seen = []
+    record = run_mod.shard_record
+
+    def spy(path):
+        seen.append((threading.current_thread() is threading.main_thread(), path.is_file(),
+                     (path.parent / marker_name(path.name)).exists()))
+        return record(path)
+
+    monkeypatch.setattr(run_mod, "shard_record", spy)
+    out = tmp_path / "o"
+    s = s2cli.extract(str(image_dir), str(out) + "/", model="timm:vit_tiny_patch16_224", random_init=True, layer=2,
+                      shard_size=2, batch_size=1, workers=0)
+    assert s.num_images == 4 and s.shards_written == 2 and len(seen) == 2
+    assert seen == [(False, True, False)] * 2  # off the main thread, the shard in place, no marker yet
+    for m in OutputDir(out).markers():
+        assert m["sha256"] == file_sha256(out / m["shard"]) and m["bytes"] == (out / m["shard"]).stat().st_size

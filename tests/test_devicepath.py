@@ -4,6 +4,7 @@ Oracles: the plain path's features, Pillow's pixels and orientation, and a `--de
 The CUDA tests run where a GPU is."""
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 
@@ -331,3 +332,39 @@ def test_normalize_makes_one_float_copy_and_the_same_values():
     before = f.clone()
     ex.normalize(f)
     assert torch.equal(f, before)  # a float input is not modified in place
+
+
+def test_finite_check_uses_the_batch_sums_and_finds_only_the_bad_images(tmp_path):
+    """One reduction per batch (`finite_sums`, made with the features): images whose sum is finite are kept without
+    an element-wise look; a NaN or Inf makes its image's sum non-finite and only that image is recorded; finite
+    float32 values whose sum overflows are looked at closer and kept."""
+    from s2cli.extractor import all_finite, finite_sums
+
+    res = _res(tmp_path, pool="mean")
+    ex = Extractor(res, load_backbone(res.backbone, random_init=True), torch.device("cpu"), torch.float32)
+    feats = torch.ones(4, 5, 6)
+    feats[1, 2, 3] = float("nan")
+    feats[2, 0, 0] = float("-inf")
+    feats[3] = 3e38  # finite, but the sum overflows float32
+    pooled = torch.zeros(4, 6)
+    sums = finite_sums(feats, pooled)
+    assert sums[0].shape == (4,) and torch.isfinite(sums[0]).tolist() == [True, False, False, False]
+    recs = [{"key": f"k{i}", "source": f"s{i}"} for i in range(4)]
+    failed: list[dict] = []
+    kept = ex.finite([(r, feats[i], pooled[i]) for i, r in enumerate(recs)], failed.append, sums=tuple(sums))
+    assert [r["key"] for r, _, _ in kept] == ["k0", "k3"]
+    assert [(f["key"], f["error_class"]) for f in failed] == [("k1", "NonFiniteFeatures"), ("k2", "NonFiniteFeatures")]
+    assert "1 NaN and 0 Inf" in failed[0]["error"] and "0 NaN and 1 Inf" in failed[1]["error"]
+    assert all_finite(feats[3]) and not all_finite(feats[1]) and all_finite(feats[0], torch.tensor(30.0))
+
+
+def test_submit_brings_the_finite_sums_back_beside_the_result(tmp_path):
+    res = _res(tmp_path, pool="mean")
+    ex = Extractor(res, load_backbone(res.backbone, random_init=True), torch.device("cpu"), torch.float32)
+    imgs = [torch.from_numpy(to_uint8_array(Image.fromarray(smooth(i, (320, 320))))) for i in range(2)]
+    pending = ex.submit(imgs, plan_image(res, (320, 320)).engine_sizes)
+    feats, pooled = pending.result()
+    fs, ps = pending.aside()
+    assert torch.equal(fs, feats.flatten(1).sum(1, dtype=torch.float32)) and torch.equal(ps, pooled.sum(1))
+    no_check = Extractor(dataclasses.replace(res, check_finite=False), ex.backbone, torch.device("cpu"), torch.float32)
+    assert no_check.submit(imgs, plan_image(res, (320, 320)).engine_sizes).aside() == (None, None)
