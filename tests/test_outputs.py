@@ -225,7 +225,7 @@ def test_a_folder_opens_inspects_and_feeds_a_dataset_without_opening_every_shard
     run_json(cli, "extract", same_size_images(tmp_path / "imgs", 6), *SHARDS, "-o", f"{out}/")
     opened = []
     real = readers._open_file
-    monkeypatch.setattr(readers, "_open_file", lambda p: opened.append(Path(p).name) or real(p))
+    monkeypatch.setattr(readers, "_open_file", lambda p, **kw: opened.append(Path(p).name) or real(p, **kw))
     with open_features(out) as ff:
         assert len(ff) == 6 and ff.complete and opened == []
         assert ff["im5"].shape == tuple(ff.feature_shape) and opened == ["part-00000-00002.h5"]
