@@ -513,3 +513,14 @@ def test_status_reads_at_80_columns(cli, tmp_path):
     assert header.split() == ["rank", "state", "host:pid", "shards", "entries", "failed", "img/s", "updated"]
     said = f"rank 0 in flight: {unit} part 0 -> part-00000-00000.h5"
     assert "".join(said.split()) in "".join(r.stdout.split())  # a path longer than a line is folded
+
+
+def test_every_command_that_writes_takes_o():
+    """A command with an output (a file, a folder, a picture) names it with -o/--output, as `s2 extract` does."""
+    writers = {" ".join(path) for path, cmd in _commands() for p in cmd.params
+               if p.param_type_name == "option" and "-o" in p.opts}
+    assert {"extract", "export", "slurm", "viz plan", "viz features"} <= writers
+    for path, cmd in _commands():
+        for p in cmd.params:
+            if p.name == "output":
+                assert "-o" in p.opts and "--output" in p.opts, (path, p.opts)
