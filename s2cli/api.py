@@ -14,6 +14,7 @@ from .inputs.dataset import spec_of
 from .inputs.resolve import open_input
 from .inputs.units import Input
 from .plan import dry_run
+from .store import reach
 from .strategies import strategy_of
 from .weights import Located, locate
 
@@ -89,6 +90,7 @@ def extract(input: str | Input, output: str | None = None, *, recipe: str | None
     rank = discover_rank()
     if rank.source == "devices":
         die_with_parent()
+    reach(res.output)  # a store that is down: one line before weights are located (a download can take minutes)
     located = None
     if backbone is None:  # before torch: offline, a model not in the cache is one line at once
         res, located = locate_weights(res)
@@ -172,7 +174,7 @@ def load(res: Resolved, located: Located | None = None) -> Any:
     """The backbone of these settings, loaded (weights, --random-init) on the CPU; `located`: its weights as
     `locate_weights` found them (else found now)."""
     return backbones.load_backbone(res.backbone, weights=res.weights, random_init=res.random_init, seed=res.seed,
-                                   any_size=strategy_of(res).any_size, located=located)
+                                   any_size=strategy_of(res).any_size, located=located, embed=res.pool == "embed")
 
 
 def fetch(*models: str, recipes: Sequence[str] = ()) -> list[dict[str, Any]]:
@@ -216,6 +218,7 @@ def extract_on_devices(res: Resolved, devices: str, argv: list[str], *, device: 
     if overwrite:
         raise ConfigError("--overwrite cannot be used by several workers at once", given=devices,
                           fix=f"remove {res.output} first, then run without --overwrite")
+    reach(res.output)
     _, located = locate_weights(res)  # downloaded here once (first use), not by every worker at the same time
     if log:
         log(f"{len(devs)} workers ({', '.join(devs)}) -> {res.output}; weights {located.record}")

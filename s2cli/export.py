@@ -24,7 +24,7 @@ def export_embeddings(src: Reader, out: str | os.PathLike, pool: str = "auto", n
                       dtype: str = "float16", chunk: int = 100_000, block: int = 4096) -> dict[str, Any]:
     """One vector per image, in the layout clip-retrieval writes and autofaiss reads: OUT/img_emb/img_emb_{i}.npy
     (n, C) and OUT/metadata/metadata_{i}.parquet in the same order, with the columns `image_path` (the image's
-    source), `key`, and every field of every image's metadata (the union; JSON objects flattened to dotted
+    source, absolute: a relative one is joined to the folder the extraction ran in, `image_path`), `key`, and every field of every image's metadata (the union; JSON objects flattened to dotted
     columns, one type per column, mixed types as strings: the rules in columns.py). `pool`: auto (the stored
     pooled vectors, else the mean of the spatial tokens), pooled, or mean. `normalize`: L2-normalise each vector
     (computed in float32; as clip-retrieval does, so inner product is cosine), then store as `dtype` (float16, as
@@ -51,7 +51,9 @@ def export_embeddings(src: Reader, out: str | os.PathLike, pool: str = "auto", n
     _clean_leftovers(out)
     tmp = out.parent / f"{TMP_PREFIX}{out.name}-{os.getpid()}"
     try:
-        n, dim, files = _write(src, tmp, "pooled" if use_stored else "mean", normalize, dtype, chunk, block)
+        # --pool embed stores [combined | each scale's] embeddings: the combined one is what a text query meets
+        pieces = 1 + len(src.config.get("img_sizes", ())) if use_stored and src.config.get("pool") == "embed" else 1
+        n, dim, files = _write(src, tmp, "pooled" if use_stored else "mean", normalize, dtype, chunk, block, pieces)
         if out.exists():
             out.rmdir()  # empty (checked above)
         os.replace(tmp, out)
@@ -76,9 +78,10 @@ def _clean_leftovers(out: Path) -> None:
 
 
 def _write(src: Reader, tmp: Path, how: str, normalize: bool, dtype: str, chunk: int,
-           block: int) -> tuple[int, int, list[str]]:
-    """The vectors and metadata into `tmp`: each chunk's parquet with its own columns as it is written, then those
-    whose columns differ from all images' together written again with those (the union, one type each)."""
+           block: int, pieces: int = 1) -> tuple[int, int, list[str]]:
+    """The vectors (the first of their `pieces` equal parts) and metadata into `tmp`: each chunk's parquet with its
+    own columns as it is written, then those whose columns differ from all images' together written again with
+    those (the union, one type each)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -87,10 +90,11 @@ def _write(src: Reader, tmp: Path, how: str, normalize: bool, dtype: str, chunk:
     files, n, dim = [], 0, 0
     every, parts = Columns(), []
     for i, (keys, vecs, recs) in enumerate(_chunks(src.vector_blocks(how, block), chunk)):
+        vecs = vecs[:, :vecs.shape[1] // pieces]
         if normalize:
             vecs = vecs / np.maximum(np.linalg.norm(vecs, axis=1, keepdims=True), 1e-12)
         np.save(tmp / "img_emb" / f"img_emb_{i}.npy", vecs.astype(dtype))
-        rows = _rows(keys, recs)
+        rows = _rows(keys, recs, src.attrs.get("source_root"))
         cols = Columns().add(rows)
         every.merge(cols)
         path = tmp / "metadata" / f"metadata_{i}.parquet"
@@ -122,9 +126,19 @@ def _chunks(blocks: Iterator[tuple[list[str], np.ndarray, list[dict]]], chunk: i
         yield keys, np.concatenate(vecs), recs
 
 
-def _rows(keys: list[str], recs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def _rows(keys: list[str], recs: list[dict[str, Any]], root: str | None) -> list[dict[str, Any]]:
     """Parquet rows: image_path, key, and the image's metadata flattened (columns.py)."""
-    return [{"image_path": r["source"], "key": k, **flatten(r["meta"], OWN_COLUMNS)} for k, r in zip(keys, recs)]
+    return [{"image_path": image_path(r["source"], root), "key": k, **flatten(r["meta"], OWN_COLUMNS)}
+            for k, r in zip(keys, recs)]
+
+
+def image_path(source: str, root: str | None) -> str:
+    """A source as an export writes it: a relative local path joined to `root` (the extraction's folder), so that it
+    opens from anywhere; an absolute path, a URL, a `pipe:` (or a relative path with no root: an output written
+    before s2cli recorded it) as stored."""
+    if root is None or os.path.isabs(source) or "://" in source or source.startswith("pipe:"):
+        return source
+    return os.path.normpath(os.path.join(root, source))
 
 
 def _has_pooled(src: Reader, key: str) -> bool:

@@ -9,6 +9,8 @@ from pathlib import Path
 
 from .errors import ConfigError, S2Error
 
+SPOOL_PREFIX = "s2cli-spool-"  # a remote output's local spool (store.new_spool): S2CLI_SPOOL/s2cli-spool-HOST-PID-*
+
 
 def human_bytes(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
@@ -28,6 +30,12 @@ def write_error(path: Path, e: BaseException, need_bytes: int | None = None, fix
             free = "free space unknown"
         detail = getattr(e, "strerror", None) if getattr(e, "filename", None) else None  # a refused reservation
         need = f"; a whole shard needs about {human_bytes(need_bytes)}" if need_bytes else ""
+        spool = next((p for p in path.parents if p.name.startswith(SPOOL_PREFIX)), None)
+        if spool is not None:  # what ran out is the local spool of a remote output, not the output
+            return S2Error(f"no space left in the local spool of a remote output ({spool.parent}, S2CLI_SPOOL) "
+                           f"writing {path.name} ({detail or free}{need})", given=str(spool.parent),
+                           fix="free space there, or set S2CLI_SPOOL to a folder on a disk with room for a shard per "
+                               "rank, then rerun the same command: completed shards are kept")
         return S2Error(f"no space left on device writing {path} ({detail or free}{need})", given=str(path.parent),
                        fix=fix or "free space or point -o elsewhere, then rerun the same command: completed shards "
                                   "are kept and the run continues after them")
@@ -80,21 +88,53 @@ def file_identity(path: Path) -> tuple[int, int, int] | None:
     return st.st_dev, st.st_ino, st.st_mtime_ns
 
 
+def _fsync_path(path: Path) -> None:
+    """fsync a file, or every file of a folder and the folders themselves."""
+    if not path.is_dir():
+        with open(path, "rb+") as fh:
+            os.fsync(fh.fileno())
+        return
+    for p in sorted(path.rglob("*")) + [path]:
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def remove_path(path: Path) -> None:
+    """Remove a file or a folder with everything in it; nothing there is fine."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
 def fsync_rename(tmp: Path, final: Path, guard: bool = False, replaces: tuple[int, int, int] | None = None) -> None:
-    """Make the complete file `tmp` durable, then give it its final name (and make the rename durable too).
-    `guard`: replace only the file `replaces` (its `file_identity` when the run began; None: nothing), never a
-    file that appeared under the name since: FileExistsError then, and `tmp` stays."""
-    with open(tmp, "rb+") as fh:
-        os.fsync(fh.fileno())
-    if not guard:
+    """Make the complete file (or folder) `tmp` durable, then give it its final name (and make the rename durable
+    too). `guard`: replace only the file `replaces` (its `file_identity` when the run began; None: nothing), never a
+    file that appeared under the name since: FileExistsError then, and `tmp` stays. A folder replaces a folder
+    by removing it first (not atomically: a reader may see neither for a moment)."""
+    _fsync_path(tmp)
+    folder = tmp.is_dir()
+    if guard and replaces is not None and file_identity(final) not in (None, replaces):
+        raise FileExistsError(errno.EEXIST, "another file appeared under this name during the run", str(final))
+    if folder:
+        if file_identity(final) is not None and (not guard or replaces is not None):
+            remove_path(final)
+        try:
+            os.rename(tmp, final)  # onto a folder that appeared meanwhile (not empty): refused
+        except OSError as e:
+            if e.errno in (errno.EEXIST, errno.ENOTEMPTY, errno.EISDIR, errno.ENOTDIR):
+                raise FileExistsError(errno.EEXIST, "another file appeared under this name during the run", str(final)) from e
+            raise
+    elif not guard:
         os.replace(tmp, final)
     elif replaces is None or file_identity(final) is None:
         os.link(tmp, final)  # never replaces: FileExistsError when a file appeared under the name
         os.unlink(tmp)
-    elif file_identity(final) == replaces:
-        os.replace(tmp, final)
     else:
-        raise FileExistsError(errno.EEXIST, "another file appeared under this name during the run", str(final))
+        os.replace(tmp, final)
     dfd = os.open(final.parent, os.O_RDONLY)
     try:
         os.fsync(dfd)

@@ -18,7 +18,9 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from .config import OPTION_DECLS, ExtractConfig, Resolved
+from . import formats
+from .config import INPUT, OPTION_DECLS, ExtractConfig, Resolved
+from .dtypes import entry_bytes, itemsize, pooled_dtype
 from .errors import ConfigError
 from .inputs.samples import Sample, sample_meta
 from .inputs.units import Input, Unit
@@ -26,13 +28,8 @@ from .outdir import OutputDir
 from .plan import dry_run
 from .readers import Reader, open_features
 from .store import local_of
-from .writers import format_of, itemsize
 
 VECTORS = ("auto", "mean", "pooled")  # auto: the mean of the stored tokens, or the pooled vector where only it is stored
-# extraction options a variant may not change: they decide which images are read and under which keys, and every
-# variant must see the same images
-SAME_FOR_EVERY_VARIANT = ("input_format", "image_key", "meta_columns", "keep_ext", "limit", "num_samples",
-                          "retry_failed", "frames_as_images")
 NOT_OPTIONS = ("input", "output", "provenance")
 EXTRA_FIX = "pip install 's2-features[probe]'"
 
@@ -117,9 +114,9 @@ def parse_try(text: str) -> Variant:
             raise ConfigError(f"--try sets an unknown option {name!r}", given=text,
                               expected="extract options: " + ", ".join(n.replace("_", "-") for n in sorted(types_)),
                               fix="name options as `s2 extract --help` lists them, e.g. scales=1,2 or max-split-size=448")
-        if name in SAME_FOR_EVERY_VARIANT:
-            raise ConfigError(f"--try cannot change {name}: it decides which images are read, and every variant "
-                              "sees the same images", given=text, fix=f"give {name} once, outside --try")
+        if OPTION_DECLS[name].panel == INPUT:  # which images are read, and as what: the same for every variant
+            raise ConfigError(f"--try cannot change {name}: an input option decides which images are read, and "
+                              "every variant sees the same images", given=text, fix=f"give {name} once, outside --try")
         options[name] = _convert(name, value.strip(), types_[name])
     if not options:
         raise ConfigError("--try sets nothing", given=text, fix="e.g. --try 'scales=1,2'")
@@ -154,7 +151,7 @@ def _convert(name: str, text: str, typ: Any) -> Any:
 def read_labels(path: str) -> dict[str, str]:
     """A key,label CSV (a header row naming both)."""
     try:
-        with open(path, newline="") as fh:
+        with open(path, newline="", encoding="utf-8-sig") as fh:  # a byte-order mark (a spreadsheet's export) skipped
             rows = list(csv.DictReader(fh))
     except OSError as e:
         raise ConfigError(f"cannot read --labels ({e.strerror})", given=path, fix="pass a key,label CSV file") from None
@@ -248,7 +245,7 @@ def vectors(ff: Reader, keys: list[str], vector: str) -> tuple[np.ndarray, float
     """One vector per key (`mean`: of the stored tokens past the prefix tokens, a video's over all its frames;
     `pooled`: the stored pooled vector; `auto`: mean where tokens are stored) and the stored bytes per image."""
     how = ("mean" if ff.feature_shape is not None else "pooled") if vector == "auto" else vector
-    item = itemsize(ff.dtype)
+    item = itemsize(pooled_dtype(ff.dtype))  # a pooled vector's element (int8/float8 features: float16 vectors)
     pooled = str(ff.attrs.get("pool") or "none") != "none"
     if (how == "mean" and ff.feature_shape is None) or (how == "pooled" and not pooled):
         raise ConfigError(f"--vector {how} needs {'token features' if how == 'mean' else 'pooled vectors'}, and "
@@ -262,7 +259,8 @@ def vectors(ff: Reader, keys: list[str], vector: str) -> tuple[np.ndarray, float
             rows.append(np.asarray(x, np.float32)[..., prefix:, :].reshape(-1, x.shape[-1]).mean(0))
         else:
             rows.append(np.asarray(p, np.float32))
-        nbytes += (x.size if x is not None else 0) * item + (p.size * item if pooled else 0)
+        rows_, width = (x.size // x.shape[-1], x.shape[-1]) if x is not None else (0, 0)
+        nbytes += entry_bytes(rows_, width, ff.dtype) + (p.size * item if pooled else 0)
     return np.stack(rows), nbytes / max(1, len(keys))
 
 
@@ -273,7 +271,51 @@ def is_output(path: str) -> bool:
     if local is None:
         return False
     p = Path(local)
-    return (p.is_file() and format_of(str(p)) is not None) or (p.is_dir() and OutputDir(p).run_file.is_file())
+    fmt = formats.of_path(p)
+    return fmt.exists(p) if fmt is not None else (p.is_dir() and OutputDir(p).run_file.is_file())
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """How images are labelled, sampled and scored: the same for every variant (and every output) of a probe."""
+
+    table: dict[str, str] | None = None  # --labels: key -> label
+    column: str | None = None  # --label-column
+    limit: int | None = None
+    folds: int = 5
+    k: int = 5
+    seed: int = 0
+    vector: str = "auto"
+
+    @property
+    def how(self) -> str:
+        """Where the labels come from, as errors say it."""
+        return "--labels" if self.table is not None else f"--label-column {self.column}" if self.column else \
+            "class subfolders"
+
+    def label(self, key: str, meta: dict[str, Any] | None) -> str | None:
+        return label_of(key, meta, self.table, self.column)
+
+    def sample(self, keys: list[str], labels: list[str | None]) -> tuple[list[str], list[str]]:
+        """The stratified sample's keys and labels, checked: labels for all, two classes, a fold's worth of each."""
+        labs = check_labels(keys, labels, self.how)
+        if self.limit is not None and (isinstance(self.limit, bool) or not isinstance(self.limit, int) or self.limit < 1):
+            raise ConfigError("--limit must be a positive integer", given=self.limit, fix="pass e.g. --limit 500")
+        chosen = stratified(labs, self.limit, self.seed)
+        keys, labs = [keys[i] for i in chosen], [labs[i] for i in chosen]
+        check_folds(labs, self.folds)
+        return keys, labs
+
+    def result(self, ff: Reader, keys: list[str], labels: list[str], name: str, options: dict[str, Any],
+               **costs: Any) -> VariantResult:
+        """One reader's features of `keys`, scored."""
+        x, nbytes = vectors(ff, keys, self.vector)
+        probe_acc, knn_acc = score(x, labels, self.folds, self.k, self.seed)
+        return VariantResult(name, options, str(ff.path), x.shape[1], probe_acc, knn_acc, nbytes, **costs)
+
+    def report(self, results: list[VariantResult], keys: list[str], labels: list[str],
+               dropped: list[str] | None = None) -> ProbeReport:
+        return ProbeReport(results, keys, labels, self.folds, self.k, self.seed, self.vector, dropped or [])
 
 
 def probe(data: str | Sequence[str], tries: Sequence[str] = (), *, labels: str | None = None,
@@ -288,30 +330,34 @@ def probe(data: str | Sequence[str], tries: Sequence[str] = (), *, labels: str |
     `limit` images stratified by label (`seed`); or outputs that exist (.h5/.safetensors files, output folders),
     scored as they are. Each variant's vectors (`vector`) are scored by a linear probe and k-NN (`k`) over
     `folds` stratified folds. The variants' files go to `workdir` (kept), else to a temporary folder (removed).
+    `progress`: an `s2cli.Progress` for each extraction; `log`: a function told what is going on.
 
         >>> r = s2cli.probe("photos/", ["scales=1", "scales=1,2"], limit=200)
         >>> [(v.name, np.mean(v.probe_accuracy)) for v in r.variants]
     """
     paths = [data] if isinstance(data, str) else list(data)
+    tries = [tries] if isinstance(tries, str) else list(tries)
     require_sklearn()
     if vector not in VECTORS:
         raise ConfigError("--vector is not known", given=vector, expected=" | ".join(VECTORS), fix="pass --vector auto")
-    table = read_labels(labels) if labels is not None else None
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ConfigError("--k (the k-NN's neighbours) must be a positive integer", given=k, fix="pass --k 5")
+    proto = Protocol(read_labels(labels) if labels is not None else None, label_column, limit, folds, k, seed, vector)
+    log = log or (lambda m: None)
     outputs = [is_output(p) for p in paths]
     if any(outputs):
         if not all(outputs) or tries or recipe or options:
             raise ConfigError("probe takes either images to extract (one input, with --try variants) or outputs "
                               "that exist (files or folders written by `s2 extract`), not both", given=paths,
                               fix="pass one input with --try, or only outputs")
-        return _probe_outputs(paths, table, label_column, limit, folds, k, seed, vector, log or (lambda m: None))
+        return _probe_outputs(paths, proto, log)
     if len(paths) != 1:
         raise ConfigError("probe extracts one input", given=paths, fix="pass one folder, list or shards")
-    return _probe_data(paths[0], [parse_try(t) for t in tries] or [Variant("as given", {})], table, label_column,
-                       limit, folds, k, seed, vector, workdir, recipe, progress, log or (lambda m: None), options)
+    variants = [parse_try(t) for t in tries] or [Variant("as given", {})]
+    return _probe_data(paths[0], variants, proto, workdir, recipe, progress, log, options)
 
 
-def _probe_outputs(paths: list[str], table: dict[str, str] | None, column: str | None, limit: int | None,
-                   folds: int, k: int, seed: int, vector: str, log: Callable[[str], None]) -> ProbeReport:
+def _probe_outputs(paths: list[str], proto: Protocol, log: Callable[[str], None]) -> ProbeReport:
     """Score outputs that exist, on the keys they all hold."""
     readers = [open_features(p) for p in paths]
     try:
@@ -319,39 +365,17 @@ def _probe_outputs(paths: list[str], table: dict[str, str] | None, column: str |
         keys = [key for key in readers[0] if all(key in h for h in held[1:])]
         if len(keys) < max(len(h) for h in held):
             log(f"scoring the {len(keys)} keys that every output holds")
-        metas = [readers[0].meta(key)["meta"] if column is not None else None for key in keys]
-        keys, labs = _sampled(keys, [label_of(key, m, table, column) for key, m in zip(keys, metas)],
-                              _how(table, column), limit, folds, seed)
-        results = []
-        for path, ff in zip(paths, readers):
-            x, nbytes = vectors(ff, keys, vector)
-            probe_acc, knn_acc = score(x, labs, folds, k, seed)
-            results.append(VariantResult(path, {}, path, x.shape[1], probe_acc, knn_acc, nbytes))
+        metas = [readers[0].meta(key)["meta"] if proto.column is not None else None for key in keys]
+        keys, labs = proto.sample(keys, [proto.label(key, m) for key, m in zip(keys, metas)])
+        results = [proto.result(ff, keys, labs, path, {}) for path, ff in zip(paths, readers)]
     finally:
         for ff in readers:
             ff.close()
-    return ProbeReport(results, keys, labs, folds, k, seed, vector)
+    return proto.report(results, keys, labs)
 
 
-def _how(table: dict[str, str] | None, column: str | None) -> str:
-    return "--labels" if table is not None else f"--label-column {column}" if column else "class subfolders"
-
-
-def _sampled(keys: list[str], labels: list[str | None], how: str, limit: int | None, folds: int,
-             seed: int) -> tuple[list[str], list[str]]:
-    """The stratified sample's keys and labels, checked: labels for all, two classes, a fold's worth of each."""
-    labs = check_labels(keys, labels, how)
-    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
-        raise ConfigError("--limit must be a positive integer", given=limit, fix="pass e.g. --limit 500")
-    chosen = stratified(labs, limit, seed)
-    keys, labs = [keys[i] for i in chosen], [labs[i] for i in chosen]
-    check_folds(labs, folds)
-    return keys, labs
-
-
-def _probe_data(data: str, variants: list[Variant], table: dict[str, str] | None, column: str | None,
-                limit: int | None, folds: int, k: int, seed: int, vector: str, workdir: str | None,
-                recipe: str | None, progress: Any, log: Callable[[str], None], options: dict[str, Any]) -> ProbeReport:
+def _probe_data(data: str, variants: list[Variant], proto: Protocol, workdir: str | None, recipe: str | None,
+                progress: Any, log: Callable[[str], None], options: dict[str, Any]) -> ProbeReport:
     """Extract the sample once per variant, then score every variant on the images all of them hold."""
     from . import api
 
@@ -361,43 +385,38 @@ def _probe_data(data: str, variants: list[Variant], table: dict[str, str] | None
     work = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="s2probe-"))
     try:
         work.mkdir(parents=True, exist_ok=True)
-        configs = [_settings(api, data, work / f"{i}-{_slug(v.name)}.h5", v, recipe, seed, options)
-                   for i, v in enumerate(variants)]  # every variant checked before anything runs
-        inp, keys, labs = _sample_input(api.open_inputs(configs[0]), table, column, limit, folds, seed)
+        configs = []
+        for i, v in enumerate(variants):  # every variant checked before anything runs
+            opts = {"seed": proto.seed, **options, **v.options}
+            configs.append(api.settings(data, str(work / f"{i}-{_slug(v.name)}.h5"), recipe=opts.pop("recipe", recipe),
+                                        **opts))
+        inp, keys, labs = _sample_input(api.open_inputs(configs[0]), proto)
         runs = []
         for i, (v, res) in enumerate(zip(variants, configs)):
             log(f"variant {i + 1}/{len(variants)} {v.name!r}: {len(keys)} images -> {res.output}")
             plan = dry_run(res, inp)
             summary = api.extract(inp, config=res, overwrite=True, progress=progress)
             runs.append((plan, summary))
-        return _score_runs(variants, configs, runs, keys, labs, folds, k, seed, vector, log)
+        return _score_runs(variants, configs, runs, keys, labs, proto, log)
     finally:
         if not workdir:
             shutil.rmtree(work, ignore_errors=True)
-
-
-def _settings(api: Any, data: str, output: Path, v: Variant, recipe: str | None, seed: int,
-              options: dict[str, Any]) -> Resolved:
-    opts = {"seed": seed, **options, **v.options}
-    return api.settings(data, str(output), recipe=opts.pop("recipe", recipe), **opts)
 
 
 def _slug(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_.,=" else "_" for c in name)[:80] or "variant"
 
 
-def _sample_input(inp: Input, table: dict[str, str] | None, column: str | None, limit: int | None, folds: int,
-                  seed: int) -> tuple[Input, list[str], list[str]]:
+def _sample_input(inp: Input, proto: Protocol) -> tuple[Input, list[str], list[str]]:
     """The stratified sample of the input as an input of its own (one unit), with its keys and labels. Shards are
     read twice: once for the keys and labels, once more for the sampled images' bytes."""
     listed: list[tuple[str, str | None]] = []
     for unit in inp.units:
         for s in unit.samples():
             if isinstance(s, Sample):  # an unreadable stream member is left out here, as the run would record it
-                meta = sample_meta(s) if column is not None else None
-                listed.append((s.key, label_of(s.key, json.loads(meta) if meta else None, table, column)))
-    keys, labs = _sampled([key for key, _ in listed], [lab for _, lab in listed], _how(table, column), limit, folds,
-                          seed)
+                meta = sample_meta(s) if proto.column is not None else None
+                listed.append((s.key, proto.label(s.key, json.loads(meta) if meta else None)))
+    keys, labs = proto.sample([key for key, _ in listed], [lab for _, lab in listed])
     wanted = set(keys)
     samples = [s for unit in inp.units for s in unit.samples() if isinstance(s, Sample) and s.key in wanted]
     return dataclasses.replace(inp, units=[Unit(0, f"probe[0:{len(samples)}]", samples)], total=len(samples),
@@ -405,8 +424,8 @@ def _sample_input(inp: Input, table: dict[str, str] | None, column: str | None, 
 
 
 def _score_runs(variants: list[Variant], configs: list[Resolved], runs: list[tuple[dict, Any]], keys: list[str],
-                labs: list[str], folds: int, k: int, seed: int, vector: str, log: Callable[[str], None]) -> ProbeReport:
-    """Score every variant's output on the sampled images that every variant extracted."""
+                labs: list[str], proto: Protocol, log: Callable[[str], None]) -> ProbeReport:
+    """Score every variant's output on the sampled images that every variant extracted, with its costs."""
     readers = [open_features(res.output) for res in configs]
     try:
         held = [set(ff) for ff in readers]
@@ -416,20 +435,17 @@ def _score_runs(variants: list[Variant], configs: list[Resolved], runs: list[tup
             kept = [i for i, key in enumerate(keys) if key not in set(dropped)]
             keys, labs = [keys[i] for i in kept], [labs[i] for i in kept]
             check_labels(keys, labs, "the images every variant extracted")
-            check_folds(labs, folds)
+            check_folds(labs, proto.folds)
         results = []
-        for v, res, ff, (plan, summary) in zip(variants, configs, readers, runs):
-            x, nbytes = vectors(ff, keys, vector)
-            probe_acc, knn_acc = score(x, labs, folds, k, seed)
-            n = max(1, plan["num_images"])
-            flops = plan["flops_estimate"]
-            results.append(VariantResult(v.name, v.options, res.output, x.shape[1], probe_acc, knn_acc, nbytes,
-                                         plan["total_tiles"] / n, None if flops is None else flops / n,
-                                         summary.images_per_s))
+        for v, ff, (plan, summary) in zip(variants, readers, runs):
+            n, flops = max(1, plan["num_images"]), plan["flops_estimate"]
+            results.append(proto.result(ff, keys, labs, v.name, v.options, tiles_per_image=plan["total_tiles"] / n,
+                                        flops_per_image=None if flops is None else flops / n,
+                                        images_per_s=summary.images_per_s))
     finally:
         for ff in readers:
             ff.close()
-    return ProbeReport(results, keys, labs, folds, k, seed, vector, dropped)
+    return proto.report(results, keys, labs, dropped)
 
 
 def require_sklearn() -> None:

@@ -17,8 +17,10 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import torch
 
+from . import formats
 from .backbones import Backbone
 from .config import Resolved
+from .dtypes import entry_bytes, itemsize, pooled_dtype
 from .errors import ConfigError, S2Error
 from .extractor import Extractor
 from .fsutil import Claim, file_identity, take_claim
@@ -26,13 +28,14 @@ from .heartbeat import Heartbeat
 from .inputs.pool import DecodePool
 from .inputs.samples import Sample
 from .inputs.units import Input, Unit
+from .items import Layout, StoredItem
 from .launch import Rank, Terminated, final_barrier, resolve_precision, signals_deferred
 from .outdir import OutputDir, shard_record, unit_complete
 from .plan import fit_of
 from .reduce import parse as parse_reduce
 from .strategies import strategy_of
 from .version import __version__
-from .writers import SINKS, ThreadedSink, check_output_file, itemsize, remove_dead_temporaries
+from .writers import ThreadedSink, check_output_file, remove_dead_temporaries
 
 Progress = Callable[[int, int, int], None]  # (images done, failed, shards written) in this run
 
@@ -205,11 +208,12 @@ class Target:
     def _claim_file(self, out: Path, overwrite: bool) -> None:
         """Claim a single-file output (`.NAME.lock` beside it) before anything is read or written, then remove
         the temporaries of dead runs of it. The file there now is the only one the final rename may replace."""
-        check_output_file(out, overwrite)
+        directory = formats.get(self.res.format).store == formats.DIR
+        check_output_file(out, overwrite, directory)
         self.claim = take_claim(out.with_name(f".{out.name}.lock"), str(out), fix=(
             "wait for that run to end, or pass another -o; a killed run's claim ends with its process"))
         try:
-            check_output_file(out, overwrite)  # again: a run that just ended may have written it
+            check_output_file(out, overwrite, directory)  # again: a run that just ended may have written it
             self.replaces = file_identity(out)
             remove_dead_temporaries(out)
         except BaseException:
@@ -362,6 +366,7 @@ class _Part:
     first_key: str | None = None
     last_key: str | None = None
     retry_of: list[dict] | None = None  # --retry-failed: the markers whose failures this part extracts again
+    nbytes: int = 0  # the shard's size, once committed
 
 
 @dataclass
@@ -419,7 +424,7 @@ class _Video:
 
     rec: dict[str, Any]
     positions: list[int]  # which of the chosen frames are computed (all; with --frames-as-images each index once)
-    items: list[dict[str, Any] | None]
+    items: list[StoredItem | None]
     waiting: int
     failed: bool = False
 
@@ -456,7 +461,7 @@ class VideoFrames:
         v.failed = True
         return {**record, "key": v.rec["key"], "error": f"a frame ({record['key']}) failed: {record['error']}"}
 
-    def add(self, rec: dict[str, Any], item: dict[str, Any]) -> list[dict[str, Any]]:
+    def add(self, rec: dict[str, Any], item: StoredItem) -> list[StoredItem]:
         """A frame's item; returns the video's entries once its last frame is in (none if a frame failed)."""
         v, pos = rec["frame_of"]
         v.items[pos] = item
@@ -465,27 +470,20 @@ class VideoFrames:
             return []
         facts = v.rec["video"]
         if self.as_images:
-            return [{**it, "meta": _with_video(v.rec.get("meta"), {  # type: ignore[dict-item]
+            return [it.replace(meta=v.rec.get("meta")).with_meta(video={  # type: ignore[union-attr]
                 "frame_index": facts["frame_indices"][j], "timestamp": facts["timestamps"][j],
-                **{k: facts[k] for k in ("num_frames_total", "rotation", "codec")}})}
+                **{k: facts[k] for k in ("num_frames_total", "rotation", "codec")}})
                 for j, it in zip(v.positions, v.items)]
         first = v.items[0]
-        feats = [it["features"] for it in v.items]  # type: ignore[index]
-        return [{**first, "key": v.rec["key"], "meta": _with_video(v.rec.get("meta"), v.rec["video"]),  # type: ignore[dict-item]
-                 "features": None if feats[0] is None else np.stack(feats), "pooled": None}]
+        feats = [it.features for it in v.items]  # type: ignore[union-attr]
+        return [first.replace(key=v.rec["key"], meta=v.rec.get("meta"), pooled=None,  # type: ignore[union-attr]
+                              features=None if feats[0] is None else np.stack(feats)).with_meta(video=v.rec["video"])]
 
     def _done(self, v: _Video, key: str) -> None:
         v.waiting -= 1
         if v.waiting == 0:
             for k in [k for k, o in self.open.items() if o is v]:
                 del self.open[k]
-
-
-def _with_video(meta: str | None, video: dict[str, Any]) -> str:
-    """An entry's metadata (JSON text) with the video facts under `video`."""
-    m = json.loads(meta) if meta else {}
-    m["video"] = video
-    return json.dumps(m)
 
 
 # what the decode pool is given for a sample of a part already done: passed through, never decoded
@@ -505,6 +503,7 @@ class Run:
         self.on_total: Callable[[int], None] | None = None
         self.strategy = strategy_of(res)
         self.reduction = parse_reduce(res.reduce)
+        self.written = (0, 0)  # bytes and images of the shards this run committed (what a shard takes)
         self.fit = fit_of(res)
         self.ex = Extractor(res, backbone, device, resolve_precision(res.precision, device), self.fit)
         self.stats = Stats()
@@ -627,7 +626,7 @@ class Run:
         t = self.target
         if t.dir is None:  # one file: one key space across all units
             return _Part(unit, part, self.file_sink, time.perf_counter(), self.file_keys)  # type: ignore[arg-type]
-        name = f"part-{t.rank:05d}-{self.next_index:05d}{SINKS[self.res.format].suffix}"
+        name = f"part-{t.rank:05d}-{self.next_index:05d}{formats.get(self.res.format).suffix}"
         self.next_index += 1
         if t.heartbeat is not None:
             t.heartbeat.update(unit=unit.id, unit_index=unit.index, part=part, shard=name, write=True)
@@ -671,6 +670,7 @@ class Run:
                       "num_failed": len(cur.sink.failures),
                       "failures": [{**f, "retry": True} for f in cur.sink.failures] if retry else cur.sink.failures,
                       "seconds": round(elapsed, 3), "finished_at": time.time(), "started_at": time.time() - elapsed}
+            cur.nbytes = marker["bytes"]
             t.dir.commit(marker, log_errors=t.ranks.world == 1 and not retry, written=path)  # type: ignore[union-attr]
             if retry:  # the failures it retried move to their shards' history: each image counts once
                 t.dir.settle_retry(marker, log_errors=t.ranks.world == 1)  # type: ignore[union-attr]
@@ -696,6 +696,10 @@ class Run:
         st.waits["write"] += time.perf_counter() - t0
         st.busy["write"] += cur.sink.busy_s
         st.shards.append(path.name)
+        if cur.sink.n:
+            self.written = (self.written[0] + cur.nbytes, self.written[1] + cur.sink.n)
+            if self.part is not None and self.res.output_is_dir:  # the shard being written: as this one took
+                self.part.sink.need_bytes = round(self.written[0] / self.written[1] * self.res.shard_size)
         if t.heartbeat is not None:
             t.heartbeat.update(shards_written=len(st.shards), images=st.done, failed=st.failed, shard=None, write=True)
 
@@ -796,13 +800,13 @@ class Run:
         s.shards_written, s.resumed_images = len(self.stats.shards), t.images_done_before
         s.total_images, s.total_failed, s.complete = manifest["num_images"], manifest["num_failed"], manifest["complete"]
 
-    def _reduced(self, item: dict[str, Any]) -> dict[str, Any]:
+    def _reduced(self, item: StoredItem) -> StoredItem:
         """The item with its token grid reduced (--reduce) and the reduction recorded; as it was without one."""
-        if self.reduction is None or item["features"] is None:
+        if self.reduction is None or item.features is None:
             return item
-        feats, grid = self.reduction.apply(item["features"], item["grid_hw"], item["num_prefix_tokens"])
-        record = {"op": self.reduction.spec, "grid_before": list(item["grid_hw"]), "grid_hw": list(grid)}
-        return {**item, "features": feats, "grid_hw": grid, "reduce": json.dumps(record)}
+        feats, grid = self.reduction.apply(item.features, item.grid_hw, item.num_prefix_tokens)
+        record = {"op": self.reduction.spec, "grid_before": list(item.grid_hw), "grid_hw": list(grid)}
+        return item.replace(features=feats, grid_hw=grid, reduce=json.dumps(record))
 
     def _new_sink(self, path: str) -> ThreadedSink:
         res = self.res
@@ -810,18 +814,34 @@ class Run:
         videos = res.sampling.active and not res.frames_as_images
         if videos:  # an entry is (frames, tokens, channels) or (tokens, channels): the ragged layout holds both
             shape["tokens"] = shape["tokens_per_image"] = None
-        pooled_channels = shape["channels"]
+        pooled_channels = res.pooled_width(shape["channels"])
         if self.reduction is not None:  # the stored shape: after the reduction (pooled vectors are not reduced)
             tokens, shape["channels"] = res.stored(self.strategy.plan_entry(res, (res.side, res.side))[0])["output_shape"]
             shape["tokens"] = tokens if shape["tokens"] is not None else None
             shape["tokens_per_image"] = tokens if shape["tokens_per_image"] is not None else None
-        sink = SINKS[res.format](path, res.file_attrs(self.backbone.weights), channels=shape["channels"],
-                                 num_scales=shape["num_scales"], tokens=shape["tokens"], dtype=res.dtype,
-                                 store_features=not res.pool_only, pooled=res.pool != "none", plans=shape["plans"],
-                                 pooled_channels=pooled_channels, reduced=self.reduction is not None, videos=videos)
-        if res.output_is_dir and shape["tokens_per_image"] is not None:
-            sink.need_bytes = res.shard_size * shape["tokens_per_image"] * shape["channels"] * itemsize(res.dtype)
+        layout = Layout(channels=shape["channels"], num_scales=shape["num_scales"], tokens=shape["tokens"],
+                        dtype=res.dtype, features=not res.pool_only, pooled=res.pool != "none",
+                        pooled_channels=pooled_channels, plans=shape["plans"], reduced=self.reduction is not None,
+                        videos=videos)
+        fmt = formats.get(res.format)
+        sink = fmt.sink_class()(path, res.file_attrs(self.backbone.weights), layout,
+                                directory=fmt.store == formats.DIR)
+        if res.output_is_dir:
+            sink.need_bytes = self._shard_bytes(shape, pooled_channels)
         return sink
+
+    def _shard_bytes(self, shape: dict[str, Any], pooled_channels: int) -> int | None:
+        """What a whole shard takes, for the message when its disk (or a remote output's spool) is full: as the
+        shards this run wrote took, per image; before the first, its arrays (tokens, pooled vectors; None when the
+        tokens vary)."""
+        res, (nbytes, images) = self.res, self.written
+        if images:
+            return round(nbytes / images * res.shard_size)
+        if shape["tokens_per_image"] is None:
+            return None
+        tokens = 0 if res.pool_only else entry_bytes(shape["tokens_per_image"], shape["channels"], res.dtype)
+        pooled = pooled_channels * itemsize(pooled_dtype(res.dtype)) if res.pool != "none" else 0
+        return res.shard_size * (tokens + pooled)
 
     def _progress(self) -> None:
         if self.on_progress:

@@ -13,13 +13,13 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError, S2Error
-from .fsutil import atomic_write_text, claim_held, create_exclusive, pid_alive, write_error
+from .fsutil import SPOOL_PREFIX, atomic_write_text, claim_held, create_exclusive, pid_alive, remove_path, write_error
 
 URL_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+)://")
 # the package each common protocol needs (fsspec's own registry names the others in its message)
 PACKAGES = {"s3": "s3fs", "s3a": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs", "abfs": "adlfs",
             "abfss": "adlfs", "http": "aiohttp", "https": "aiohttp", "hf": "huggingface_hub", "sftp": "paramiko"}
-SPOOL_RE = re.compile(r"^s2cli-spool-(.+)-(\d+)-[^-]+$")
+SPOOL_RE = re.compile(rf"^{SPOOL_PREFIX}(.+)-(\d+)-[^-]+$")
 
 
 def is_url(spec: str | os.PathLike) -> bool:
@@ -54,13 +54,78 @@ def filesystem(url: str) -> tuple[Any, str]:
         raise ConfigError(f"{protocol}:// is not a storage protocol fsspec knows", given=url,
                           expected="a local path, or an fsspec URL (s3://, gs://, az://, https://, memory://, ...)",
                           fix="check the URL's scheme, or install the fsspec package that provides it") from None
-    return cls(), cls._strip_protocol(url)
+    return Reachable(cls(), url), cls._strip_protocol(url)
+
+
+# exceptions (by class name, so no store's package is imported here) that say the store could not be reached:
+# botocore's, aiohttp's (s3fs, gcsfs, https), and the socket's own
+UNREACHABLE = ("EndpointConnectionError", "ConnectTimeoutError", "ClientConnectorError", "ServerTimeoutError",
+               "ConnectionRefusedError", "gaierror")
+
+
+def unreachable(url: str, e: BaseException, fs: Any = None) -> ConfigError | None:
+    """A store that cannot be reached (down, a wrong endpoint, no network) as one line naming the URL and the
+    endpoint; None for any other error."""
+    if not {c.__name__ for c in type(e).__mro__} & set(UNREACHABLE):
+        return None
+    return ConfigError(f"cannot reach the storage of {url} at {endpoint_of(url, e, fs)} ({type(e).__name__})",
+                       given=url, fix="check the endpoint (AWS_ENDPOINT_URL, the profile's endpoint_url), the network "
+                                      "and that the store is up, then rerun the same command")
+
+
+def endpoint_of(url: str, e: BaseException | None = None, fs: Any = None) -> str:
+    """Where a URL's store was contacted: the endpoint in the error, the file system's or the environment's
+    (AWS_ENDPOINT_URL), else the URL's own host (https://) or its protocol's default."""
+    from urllib.parse import urlsplit
+
+    named = (getattr(e, "kwargs", None) or {}).get("endpoint_url") or getattr(fs, "endpoint_url", None) or (
+        (getattr(fs, "client_kwargs", None) or {}).get("endpoint_url"))
+    if not named and url.startswith(("s3://", "s3a://")):
+        named = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    if not named and url.startswith(("http://", "https://")):
+        named = url
+    if not named:
+        return f"the default endpoint of {url.split('://', 1)[0]}://"
+    parts = urlsplit(str(named))
+    return f"{parts.scheme}://{parts.netloc}" if parts.netloc else str(named)
+
+
+class Reachable:
+    """An fsspec file system whose calls turn a store that cannot be reached into one line (`unreachable`, exit 2)
+    instead of the store's own traceback; everything else passes through."""
+
+    def __init__(self, fs: Any, url: str):
+        self._fs, self._url = fs, url
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__") or name in ("_fs", "_url"):
+            raise AttributeError(name)
+        attr = getattr(self._fs, name)
+        if not callable(attr):
+            return attr
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return attr(*args, **kwargs)
+            except Exception as e:
+                err = unreachable(self._url, e, self._fs)
+                if err is None:
+                    raise
+                raise err from None
+        return call
 
 
 def check_url(url: str) -> None:
     """Refuse, before any work, a URL whose file system cannot be used here (see `filesystem`)."""
     if local_of(url) is None:
         filesystem(url)
+
+
+def reach(url: str) -> None:
+    """Contact the store of a remote URL once (nothing for a local path): a store that cannot be reached is one
+    line (`unreachable`) now, before weights are located or downloaded, not after."""
+    if local_of(url) is None:
+        folder(url).exists()
 
 
 def open_url(url: str, mode: str = "rb") -> Any:
@@ -140,10 +205,11 @@ class Folder:
             raise write_error(self.path / name, e) from e
 
     def unlink(self, name: str) -> None:
-        (self.path / name).unlink(missing_ok=True)
+        remove_path(self.path / name)  # a shard of a format whose output is a folder goes whole
 
     def size(self, name: str) -> int:
-        return (self.path / name).stat().st_size
+        p = self.path / name
+        return sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) if p.is_dir() else p.stat().st_size
 
     def claim_holder(self, name: str) -> str | None:
         """Who holds the lock file `name` now (local folders only; a remote one has no lock files)."""
@@ -178,7 +244,7 @@ class RemoteFolder(Folder):
         self.root = self.root.rstrip("/")
         self.path = self._url  # type: ignore[assignment]  # shown in messages: the URL as given
         self._spool: Path | None = None
-        self._cache: Path | None = None
+        self._cache: ShardCache | None = None
 
     @property
     def url(self) -> str:
@@ -188,6 +254,8 @@ class RemoteFolder(Folder):
         return f"{self.root}/{name}"
 
     def _failed(self, name: str, e: BaseException) -> S2Error:
+        if isinstance(e, S2Error):  # said already (a store that cannot be reached)
+            return e
         return S2Error(f"writing {self._url}/{name} failed: {type(e).__name__}: {e}", fix=(
             "check the store's credentials, the bucket and the network, then rerun the same command: completed "
             "shards are kept and the run continues after them"))
@@ -195,16 +263,25 @@ class RemoteFolder(Folder):
     def _fresh(self) -> None:
         self.fs.invalidate_cache(self.root)
 
+    def _type(self, path: str) -> str | None:
+        """"file", "directory" or None (absent); a store that cannot be reached is an error, never "absent"
+        (fsspec's exists/isfile would say False)."""
+        self.fs.invalidate_cache(path)
+        try:
+            return self.fs.info(path).get("type")
+        except FileNotFoundError:
+            return None
+
     def exists(self) -> bool:
         self._fresh()
-        return bool(self.fs.exists(self.root))
+        return self._type(self.root) is not None
 
     def is_dir(self) -> bool:
         self._fresh()
-        return bool(self.fs.isdir(self.root))
+        return self._type(self.root) == "directory"
 
     def mkdir(self) -> None:
-        if self.fs.isfile(self.root):
+        if self._type(self.root) == "file":
             return  # prepare() refuses it, naming the URL
         self.fs.makedirs(self.root, exist_ok=True)
 
@@ -222,8 +299,7 @@ class RemoteFolder(Folder):
         return {e["name"].rsplit("/", 1)[-1] for e in self._listing() if e.get("type") == "file"}
 
     def is_file(self, name: str) -> bool:
-        self.fs.invalidate_cache(self._p(name))
-        return bool(self.fs.isfile(self._p(name)))
+        return self._type(self._p(name)) == "file"
 
     def read_text(self, name: str) -> str:
         return self.fs.cat_file(self._p(name)).decode()
@@ -278,20 +354,163 @@ class RemoteFolder(Folder):
         local.unlink(missing_ok=True)
 
     def fetch(self, name: str) -> Path:
-        if self._cache is None:
-            self._cache = Path(tempfile.mkdtemp(prefix="s2cli-cache-"))
-        local = self._cache / name
-        if not local.is_file():
-            tmp = local.with_name(f".{name}.tmp")
-            self.fs.get_file(self._p(name), str(tmp))
-            os.replace(tmp, local)
-        return local
+        """A local copy of `name`, from this host's shared cache of the folder (`ShardCache`): downloaded once while
+        the store's copy stays the same (its size and ETag or time)."""
+        if self._cache is None or self._cache.pid != os.getpid():  # a forked worker joins as itself
+            self._cache = ShardCache.join(self._url)
+        known = self._cache.checked.get(name)  # asked the store once per process: a rewritten copy is fetched again
+        identity = known if known is not None else _identity(self.fs.info(self._p(name)))
+        return self._cache.get(name, identity, lambda tmp: self.fs.get_file(self._p(name), str(tmp)))
 
     def close(self) -> None:
-        for d in (self._spool, self._cache):
-            if d is not None:
-                shutil.rmtree(d, ignore_errors=True)
+        if self._spool is not None:
+            shutil.rmtree(self._spool, ignore_errors=True)
+        if self._cache is not None and self._cache.pid == os.getpid():
+            self._cache.leave()
         self._spool = self._cache = None
+
+
+def _identity(info: dict[str, Any]) -> str:
+    """What tells one version of a stored file from another, as the store gives it for free."""
+    tag = info.get("ETag") or info.get("etag") or info.get("mtime") or info.get("LastModified") or info.get("created")
+    return f"{info.get('size')}-{tag}"
+
+
+CACHE_PREFIX = "s2cli-cache-"  # + host + a digest of the folder's URL: one cache per remote folder and host
+DEFAULT_CACHE_BYTES = 8 << 30
+
+
+def cache_bytes() -> int:
+    """The bound of one folder's cache (S2CLI_CACHE_BYTES, default 8 GiB): least recently used files go first."""
+    text = os.environ.get("S2CLI_CACHE_BYTES")
+    try:
+        return int(text) if text else DEFAULT_CACHE_BYTES
+    except ValueError:
+        raise ConfigError("S2CLI_CACHE_BYTES must be a number of bytes", given=text, fix="e.g. S2CLI_CACHE_BYTES=8589934592") from None
+
+
+class ShardCache:
+    """The local copies of a remote folder's files on this host, in S2CLI_SPOOL (else the temporary folder), shared
+    by every process that reads the folder (DataLoader workers, epochs, readers): each process that uses it has a
+    file in its `.users/`; the last one to leave (close, exit, a stop signal that unwinds) removes the cache, and a
+    cache whose users are all gone (killed) is removed by the next process that opens one. Bounded by
+    `cache_bytes()` (least recently used files evicted; one file larger than that is still fetched)."""
+
+    _joined: dict[tuple[int, str], ShardCache] = {}  # (pid, folder) -> this process's membership
+    _exit_hook: int | None = None  # the pid whose exit hook is registered
+
+    def __init__(self, root: Path):
+        self.root, self.pid, self.refs = root, os.getpid(), 0
+        self.checked: dict[str, str] = {}  # name -> identity, checked once per process
+
+    @classmethod
+    def join(cls, url: str) -> ShardCache:
+        import hashlib
+
+        key = (os.getpid(), url)
+        if key not in cls._joined:
+            base = spool_root()
+            remove_dead(base, CACHE_PREFIX)
+            root = base / f"{CACHE_PREFIX}{socket.gethostname()}-{hashlib.sha256(url.encode()).hexdigest()[:16]}"
+            (root / ".users").mkdir(parents=True, exist_ok=True)
+            (root / ".users" / str(os.getpid())).touch()
+            cls._joined[key] = ShardCache(root)
+            cls._on_exit()
+        c = cls._joined[key]
+        c.refs += 1
+        return c
+
+    @classmethod
+    def _on_exit(cls) -> None:
+        """Leave every cache when this process ends: at exit, and in a multiprocessing child (a DataLoader
+        worker) at its end, where atexit does not run."""
+        if cls._exit_hook == os.getpid():
+            return
+        from multiprocessing import util
+
+        util.Finalize(None, cls.leave_all, exitpriority=10)
+        cls._exit_hook = os.getpid()
+
+    @classmethod
+    def leave_all(cls) -> None:
+        for (pid, url), c in list(cls._joined.items()):
+            if pid == os.getpid():
+                c.refs = 1
+                c.leave()
+
+    def leave(self) -> None:
+        """One reader of this process is done with the cache; the process's last one takes its user file out,
+        and the cache goes when no user is left."""
+        self.refs -= 1
+        if self.refs > 0:
+            return
+        ShardCache._joined = {k: v for k, v in ShardCache._joined.items() if v is not self}
+        (self.root / ".users" / str(self.pid)).unlink(missing_ok=True)
+        if not live_users(self.root):
+            shutil.rmtree(self.root, ignore_errors=True)
+
+    def get(self, name: str, identity: str, download: Any) -> Path:
+        """The local copy of `name` at `identity` (downloaded by `download(tmp_path)` when missing or another
+        version), marked as just used."""
+        local = self.root / name
+        stamp = self.root / f".{name}.id"
+        if local.is_file() and (self.checked.get(name) == identity or
+                                (stamp.is_file() and stamp.read_text() == identity)):
+            os.utime(local)
+        else:
+            self._evict(self.bound)
+            tmp = self.root / f".{name}.tmp-{os.getpid()}"
+            download(tmp)
+            stamp_tmp = self.root / f".{name}.id.tmp-{os.getpid()}"
+            stamp_tmp.write_text(identity)
+            os.replace(tmp, local)
+            os.replace(stamp_tmp, stamp)
+            self._evict(self.bound, keep=name)
+        self.checked[name] = identity
+        return local
+
+    @property
+    def bound(self) -> int:
+        return cache_bytes()
+
+    def _evict(self, bound: int, keep: str | None = None) -> None:
+        """Least recently used copies go until the cache holds at most `bound` bytes (`keep` stays)."""
+        files = []
+        for p in self.root.iterdir():
+            if p.is_file() and not p.name.startswith("."):
+                try:
+                    st = p.stat()
+                except FileNotFoundError:
+                    continue
+                files.append((st.st_mtime, st.st_size, p))
+        total = sum(size for _, size, _ in files)
+        for _, size, p in sorted(files, key=lambda f: f[0]):
+            if total <= bound:
+                break
+            if p.name != keep:
+                p.unlink(missing_ok=True)
+                (self.root / f".{p.name}.id").unlink(missing_ok=True)
+                total -= size
+
+
+def live_users(root: Path) -> list[int]:
+    """The processes of this host that use the cache at `root` and are alive."""
+    users = root / ".users"
+    pids = [int(p.name) for p in users.iterdir() if p.name.isdigit()] if users.is_dir() else []
+    return [pid for pid in pids if pid_alive(pid)]
+
+
+def remove_dead(base: Path, prefix: str) -> None:
+    """Caches of this host under `base` whose users are all gone (killed with kill -9): removed."""
+    import time
+
+    for p in base.glob(f"{prefix}{socket.gethostname()}-*"):
+        try:
+            young = p.stat().st_mtime > time.time() - 60  # maybe being joined right now: its user file comes next
+        except FileNotFoundError:
+            continue
+        if p.is_dir() and not young and not live_users(p):
+            shutil.rmtree(p, ignore_errors=True)
 
 
 def spool_root() -> Path:
@@ -304,11 +523,11 @@ def new_spool() -> Path:
     removed first."""
     root = spool_root()
     root.mkdir(parents=True, exist_ok=True)
-    for p in root.glob("s2cli-spool-*"):
+    for p in root.glob(f"{SPOOL_PREFIX}*"):
         m = SPOOL_RE.match(p.name)
         if m and m.group(1) == socket.gethostname() and not pid_alive(int(m.group(2))):
             shutil.rmtree(p, ignore_errors=True)
-    return Path(tempfile.mkdtemp(prefix=f"s2cli-spool-{socket.gethostname()}-{os.getpid()}-", dir=root))
+    return Path(tempfile.mkdtemp(prefix=f"{SPOOL_PREFIX}{socket.gethostname()}-{os.getpid()}-", dir=root))
 
 
 def folder(path: str | os.PathLike | Folder) -> Folder:

@@ -20,6 +20,7 @@ from typing import Any, Callable, Sequence
 
 from ._lazy import F, torch
 from .errors import ConfigError
+from .items import StoredItem
 from .pixels import fit_size, fit_to_array, render_views, to_uint8_array
 from .tiling import S2Plan, area_resize, plan_multiscale
 
@@ -625,6 +626,7 @@ class Strategy:
     uses: tuple[str, ...] = ()  # the strategy and shape options (SHAPE_OPTIONS) it reads; any other one set is an error
     device_decode: bool = False  # --decode torch (JPEGs decoded and fitted on the device) applies
     any_size: bool = False  # the backbone is built to accept inputs of any size
+    embeds: bool = False  # --pool embed (the model's image embeddings of each scale's tiles) applies
 
     def resolve(self, a: StrategyArgs, bb: BackboneFacts) -> StrategyCfg | None:
         """The strategy's settings, its defaults filled from its source (None: nothing to save)."""
@@ -653,8 +655,8 @@ class Strategy:
         each part of it and gives (rec, features, pooled) triples."""
         raise NotImplementedError
 
-    def item(self, res: Any, rec: dict[str, Any], feats: Any, pooled: Any) -> dict[str, Any]:
-        """What the writer stores for one image: key, source, meta, sizes, grid, features, pooled."""
+    def item(self, res: Any, rec: dict[str, Any], feats: Any, pooled: Any) -> StoredItem:
+        """What the writer stores for one image (`items.StoredItem`)."""
         raise NotImplementedError
 
     def pictures(self, res: Any, orig_hw: tuple[int, int], views: list[Any]) -> list[tuple[Any, str, list]]:
@@ -667,12 +669,17 @@ class Strategy:
         engine (benchmarks compare it with the reference implementation)."""
         return None
 
+    def describe(self, res: Any) -> str:
+        """A resolved config's plan in a few characters, as `s2 recipes` lists it: the strategy's name."""
+        return self.name
 
-def _item(res: Any, rec: dict[str, Any], grid_hw: tuple[int, int], sizes: list, feats: Any, pooled: Any) -> dict[str, Any]:
-    return {"key": rec["key"], "source": rec["source"], "meta": rec.get("meta"), "orig_hw": rec["orig_hw"],
-            "grid_hw": grid_hw, "img_sizes": sizes, "num_prefix_tokens": res.backbone.num_prefix_tokens,
-            "split_mode": res.split_mode, "features": None if feats is None else feats.numpy(),
-            "pooled": None if pooled is None else pooled.numpy()}
+
+def _item(res: Any, rec: dict[str, Any], grid_hw: tuple[int, int], sizes: list, feats: Any, pooled: Any,
+          plan: str | None = None) -> StoredItem:
+    return StoredItem(key=rec["key"], source=rec["source"], meta=rec.get("meta"), orig_hw=rec["orig_hw"],
+                      grid_hw=grid_hw, img_sizes=sizes, num_prefix_tokens=res.backbone.num_prefix_tokens,
+                      split_mode=res.split_mode, features=None if feats is None else feats.numpy(),
+                      pooled=None if pooled is None else pooled.numpy(), plan=plan)
 
 
 @dataclass(frozen=True)
@@ -685,6 +692,9 @@ class S2Strategy(Strategy):
 
     def saved(self, cfg: StrategyCfg | None) -> dict[str, Any]:
         return {}  # outputs of the S² engine predate strategies: their config has no `strategy` entry
+
+    def describe(self, res: Any) -> str:
+        return ",".join(map(str, res.img_sizes))  # the scales' sizes
 
     def plan_entry(self, res: Any, orig_hw: tuple[int, int]) -> tuple[dict[str, Any], list[tuple[Any, int]]]:
         p = plan_image(res, orig_hw)
@@ -725,7 +735,7 @@ class S2Strategy(Strategy):
             out.append((pic, f"scale {sp.size[0]}x{sp.size[1]} {sp.grid[0]}x{sp.grid[1]}", boxes))
         return out
 
-    def item(self, res: Any, rec: dict[str, Any], feats: Any, pooled: Any) -> dict[str, Any]:
+    def item(self, res: Any, rec: dict[str, Any], feats: Any, pooled: Any) -> StoredItem:
         plan = plan_image(res, tuple(rec["orig_hw"]))
         sizes = [(s, s) if isinstance(s, int) else tuple(s) for s in plan.engine_sizes]
         return _item(res, rec, plan.grid_hw, sizes, feats, pooled)
@@ -783,7 +793,7 @@ class ViewStrategy(Strategy):
             out.append((views[0 if plan.same_source else i], label, boxes))
         return out
 
-    def item(self, res: Any, rec: dict[str, Any], feats: Any, pooled: Any) -> dict[str, Any]:
+    def item(self, res: Any, rec: dict[str, Any], feats: Any, pooled: Any) -> StoredItem:
         """`img_sizes` holds each view's canvas ((0, 0) for an absent one), and `plan` (JSON) the strategy, views
         with their grids and tiles, tile count, thumbnail/base, and output maps."""
         plan, lay = plan_strategy_image(res, tuple(rec["orig_hw"]))
@@ -794,12 +804,12 @@ class ViewStrategy(Strategy):
                            "canvas": list(v.canvas), "cut": v.cut} for v in plan.views],
                 "thumbnail": plan.view("thumbnail") is not None, "base": plan.view("base") is not None,
                 "output_grid": list(lay.grid_hw), "output": lay.to_dict()}
-        return {**_item(res, rec, lay.grid_hw, sizes, feats, pooled), "plan": json.dumps(meta)}
+        return _item(res, rec, lay.grid_hw, sizes, feats, pooled, plan=json.dumps(meta))
 
 
 STRATEGIES: dict[str, Strategy] = {s.name: s for s in (
     S2Strategy("s2", "S²-Wrapper: every scale fitted from one image, tiles of the backbone's size, stitched, "
-                     "area-pooled to one grid, concatenated on channels", uses=SHAPE_OPTIONS, device_decode=True),
+                     "area-pooled to one grid, concatenated on channels", uses=SHAPE_OPTIONS, device_decode=True, embeds=True),
     ViewStrategy("dynamic-s2", "NVILA: every scale but the last squashed to k x k tiles, the last scale's grid by the "
                                "InternVL rule", uses=("max_tiles", "scales", "img_sizes", "max_split_size"), resolver=_resolve_dynamic_s2,
                  planner=_plan_dynamic_s2, layout=_layout_dynamic_s2, merger=_merge_dynamic_s2,

@@ -127,7 +127,8 @@ def feature_maps(ff: Any, key: str) -> list[tuple[str, np.ndarray]]:
 
 
 def features_figure(ff: Any, key: str) -> tuple[Image.Image, list[Panel]]:
-    """The image (when its source is a readable file) beside a PCA picture of every map."""
+    """The image as the backbone saw it (when its source is a readable file: `seen`) beside a PCA picture of every
+    map."""
     from .errors import ConfigError
 
     m = ff.meta(key)
@@ -144,6 +145,7 @@ def features_figure(ff: Any, key: str) -> tuple[Image.Image, list[Panel]]:
         else:
             with open(src, "rb") as fh:
                 im, _ = load_rgb(fh)  # decoded as the extraction decodes it
+        im = seen(im, ff, m)
         size, f = _panel_size((im.height, im.width))
         items.append((im.resize(size, Image.BILINEAR), key, (0, 0, 0), f, ()))
     for label, fm in feature_maps(ff, key):
@@ -152,6 +154,18 @@ def features_figure(ff: Any, key: str) -> tuple[Image.Image, list[Panel]]:
         size, f = _panel_size((h, w))
         items.append((Image.fromarray(rgb).resize(size, Image.NEAREST), f"{label} {h}x{w}", (0, 0, 0), f, ()))
     return _compose(items)
+
+
+def seen(im: Image.Image, ff: Any, m: dict[str, Any]) -> Image.Image:
+    """A decoded image as the backbone saw it: for S², fitted once to the largest scale as the extraction fits it
+    (the run's --fit, side and pad color, from the stored config), so a centre crop shows the crop; a strategy's
+    views (the image's plan in its metadata) cover the whole image, shown as decoded."""
+    from .pixels import fit_image
+
+    if m.get("plan") is not None:
+        return im
+    cfg = json.loads(ff.attrs["config"])
+    return fit_image(im, cfg["fit"], max(cfg["img_sizes"]), tuple(cfg["backbone"]["mean"]))
 
 
 def plan_summary(panels: list[Panel]) -> str:

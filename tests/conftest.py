@@ -58,14 +58,82 @@ def write_image(path: Path, hw: tuple[int, int], seed: int, fmt: str | None = No
     return path
 
 
+# ---- the environment: every variable the code under test reads is set by the test, never inherited -------------
+# The caller's shell may export any of these (a cluster node exports HF_HUB_OFFLINE=1, a terminal COLUMNS, a CI
+# runner FORCE_COLOR, torchrun RANK/WORLD_SIZE): each test starts with none of them, and sets the ones it needs.
+ENV_PREFIXES = ("HF_", "HUGGINGFACE_", "TRANSFORMERS_", "TIMM_", "TORCH_HOME", "XDG_CACHE_HOME", "S2CLI_", "SLURM_",
+                "AWS_", "COLUMNS", "LINES", "FORCE_COLOR", "NO_COLOR", "PY_COLORS", "CLICOLOR", "TERM",
+                "_S2_COMPLETE", "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+                "TORCHELASTIC_", "CUDA_VISIBLE_DEVICES")
+# what says how strict the suite is (conftest.cannot_run), not an input of the code under test
+ENV_KEPT = ("S2CLI_REQUIRE_SLURM",)
+
+
+def caller_env(environ=os.environ) -> list[str]:
+    """The variables of `environ` that a test must not inherit (ENV_PREFIXES, less ENV_KEPT)."""
+    return sorted(k for k in environ if k.startswith(ENV_PREFIXES) and k not in ENV_KEPT)
+
+
+# cleared once at import too: huggingface_hub and transformers read HF_HUB_OFFLINE & co. once, when imported
+for _var in caller_env():
+    del os.environ[_var]
+
+
 @pytest.fixture(autouse=True)
-def _no_real_hub(tmp_path_factory, monkeypatch):
-    """No test reads the user's HF cache or reaches huggingface.co: every test has an empty HF_HOME of its own,
-    and the hub endpoint is a local port where nothing listens (the `hub` fixture serves one)."""
+def _own_env(tmp_path_factory, monkeypatch):
+    """Every test runs in an environment of its own: none of the caller's variables above (cleared per test, so a
+    test that sets one leaks it to no other), an empty HF_HOME, and a hub endpoint on a local port where nothing
+    listens (the `hub` fixture serves one): no test reads the user's HF cache or reaches huggingface.co."""
+    for var in caller_env():
+        monkeypatch.delenv(var)
     monkeypatch.setenv("HF_HOME", str(tmp_path_factory.mktemp("hf-home")))
-    for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
-        monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{closed_port()}")
+    _reset_hub_constants(monkeypatch)
+
+
+# what a test may not start unless it is marked slow: another interpreter (Python, torchrun, s2) or a scheduler's
+# command; each costs seconds (torch's import), which the inner loop (`-m "not slow"`) does without
+SPAWNS = ("python", "torchrun", "s2", "srun", "sbatch", "scontrol", "pip")
+
+
+def spawned_program(args) -> str | None:
+    """The program a Popen(args) starts, if it is one of SPAWNS (else None: `ldconfig` that ctypes runs, say)."""
+    argv = [args] if isinstance(args, (str, bytes, os.PathLike)) else list(args)
+    first = os.path.basename(os.fsdecode(argv[0]).split()[0]) if argv else ""
+    return first if os.fsdecode(argv[0]) == sys.executable or first.startswith(SPAWNS) else None
+
+
+@pytest.fixture(autouse=True)
+def _inner_loop_starts_no_interpreter(request, monkeypatch):
+    """A test not marked slow that starts a Python interpreter (a subprocess, `--devices` workers, torchrun) or a
+    scheduler's command fails, naming what it started: mark it `@pytest.mark.slow`, or keep it in-process."""
+    if request.node.get_closest_marker("slow") is not None:
+        yield
+        return
+    started: list[str] = []
+    init = subprocess.Popen.__init__
+
+    def watched(self, args, *a, **k):
+        init(self, args, *a, **k)  # a program that is not there (FileNotFoundError) started nothing
+        if spawned_program(args) is not None:
+            started.append(" ".join(map(os.fsdecode, [args] if isinstance(args, (str, bytes)) else args))[:200])
+
+    monkeypatch.setattr(subprocess.Popen, "__init__", watched)
+    yield
+    if started:
+        pytest.fail(f"a test of the inner loop started {len(started)} process(es) ({started[0]}): mark it "
+                    "@pytest.mark.slow", pytrace=False)
+
+
+def _reset_hub_constants(monkeypatch) -> None:
+    """huggingface_hub's module constants, read from the environment at its import: the ones the tests depend on
+    set as the test's environment says (offline off, progress bars on), whatever the process was started with."""
+    constants = sys.modules.get("huggingface_hub.constants")
+    if constants is not None:
+        for name, value in (("HF_HUB_OFFLINE", False), ("HF_HUB_DISABLE_PROGRESS_BARS", None),
+                            ("HF_HUB_ENABLE_HF_TRANSFER", False)):
+            if hasattr(constants, name):
+                monkeypatch.setattr(constants, name, value)
 
 
 @pytest.fixture
@@ -415,6 +483,17 @@ def devices_s2(d: Path, out: Path) -> tuple[subprocess.Popen, list[Path]]:
     return p, [out / "rank-00000.json", out / "rank-00001.json"]
 
 
+def dead_pid() -> int:
+    """A process id that no process has: the kernel's pid_max (ids stay below it), so a test needs no process of
+    its own to die (starting one is a subprocess the inner loop does without)."""
+    try:
+        return int(Path("/proc/sys/kernel/pid_max").read_text())
+    except (OSError, ValueError):  # not Linux: a process that has ended
+        p = subprocess.Popen([sys.executable, "-c", "pass"])
+        p.wait()
+        return p.pid
+
+
 def wait_until(cond, what: str, timeout: float = 120.0) -> None:
     end = time.time() + timeout
     while not cond():
@@ -491,3 +570,25 @@ def http_folder():
     for server in servers:
         server.shutdown()
         server.server_close()
+
+
+# ---- a tiny open_clip model, as open_clip.push_to_hf_hub lays its repo out
+OPEN_CLIP_MEAN, OPEN_CLIP_STD = (0.5, 0.45, 0.4), (0.25, 0.26, 0.27)
+
+
+def tiny_open_clip(folder: Path, resize_mode: str = "shortest", seed: int = 0) -> Path:
+    """A repo folder of a tiny open_clip ViT (64 px, patch 16, 3 blocks of width 32), random-init from `seed`."""
+    import open_clip
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    model_cfg = {"embed_dim": 16,
+                 "vision_cfg": {"image_size": 64, "layers": 3, "width": 32, "head_width": 16, "patch_size": 16},
+                 "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 16, "heads": 2, "layers": 1}}
+    pre = {"size": 64, "mean": list(OPEN_CLIP_MEAN), "std": list(OPEN_CLIP_STD), "interpolation": "bicubic",
+           "resize_mode": resize_mode}
+    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": model_cfg, "preprocess_cfg": pre}))
+    torch.manual_seed(seed)
+    model = open_clip.create_model(f"local-dir:{folder}", load_weights=False)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "open_clip_model.safetensors"))
+    return folder

@@ -3,7 +3,8 @@
 
 Routes: `GET /api/models/{repo}[/revision/{rev}]` (JSON: sha, siblings), `GET /api/models/{repo}/tree/{rev}`
 (JSON list of files: type, path, size, oid), `HEAD`/`GET /{repo}/resolve/{rev}/{file}` (headers X-Repo-Commit,
-ETag, Content-Length; a 404 says X-Error-Code RepoNotFound, RevisionNotFound or EntryNotFound)."""
+ETag, Content-Length; a 404 says X-Error-Code RepoNotFound, RevisionNotFound or EntryNotFound); the same for dataset
+repos under `/api/datasets/...` and `/datasets/{repo}/resolve/...` (publish with `add(..., repo_type="dataset")`)."""
 from __future__ import annotations
 
 import hashlib
@@ -17,8 +18,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
-API_RE = re.compile(r"^/api/models/(?P<repo>[^/]+/[^/]+)(?:/(?P<kind>revision|tree)/(?P<rev>[^/]+))?/?$")
-RESOLVE_RE = re.compile(r"^/(?P<repo>[^/]+/[^/]+)/resolve/(?P<rev>[^/]+)/(?P<file>.+)$")
+API_RE = re.compile(r"^/api/(?P<type>models|datasets)/(?P<repo>[^/]+/[^/]+)(?:/(?P<kind>revision|tree)/(?P<rev>[^/]+))?/?$")
+RESOLVE_RE = re.compile(r"^/(?P<type>datasets/)?(?P<repo>[^/]+/[^/]+)/resolve/(?P<rev>[^/]+)/(?P<file>.+)$")
 
 
 class Repo:
@@ -46,15 +47,16 @@ class HubServer:
         self._lock = threading.Lock()
 
     # ---- repos --------------------------------------------------------------------------------------------
-    def add(self, repo_id: str, folder: str | Path, revision: str = "main") -> str:
-        """Publish every file under `folder` as a commit of `repo_id`, named `revision`; returns its sha."""
+    def add(self, repo_id: str, folder: str | Path, revision: str = "main", repo_type: str = "model") -> str:
+        """Publish every file under `folder` as a commit of `repo_id` (a model repo, or a dataset repo), named
+        `revision`; returns its sha."""
         root = Path(folder)
         files = {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
         h = hashlib.sha1(repo_id.encode())
         for name, data in files.items():
             h.update(name.encode() + b"\0" + hashlib.sha256(data).digest())
         sha = h.hexdigest()
-        repo = self.repos.setdefault(repo_id, Repo())
+        repo = self.repos.setdefault(repo_id if repo_type == "model" else f"datasets/{repo_id}", Repo())
         repo.commits[sha] = files
         repo.refs[revision] = sha
         return sha
@@ -104,10 +106,11 @@ class HubServer:
             self.requests.append((h.command, path))
         m = API_RE.match(path)
         if m and not head:
-            return self._api(h, m["repo"], m["kind"] or "revision", m["rev"] or "main")
+            repo = m["repo"] if m["type"] == "models" else f"datasets/{m['repo']}"
+            return self._api(h, repo, m["kind"] or "revision", m["rev"] or "main")
         m = RESOLVE_RE.match(path)
         if m:
-            return self._resolve(h, m["repo"], m["rev"], m["file"], head)
+            return self._resolve(h, (m["type"] or "") + m["repo"], m["rev"], m["file"], head)
         return _send(h, 404, b"not found", {"X-Error-Code": "EntryNotFound"})
 
     def _api(self, h, repo_id: str, kind: str, rev: str) -> None:
@@ -121,7 +124,8 @@ class HubServer:
         if kind == "tree":
             body = [{"type": "file", "path": name, "size": len(data), "oid": _git_oid(data)} for name, data in files.items()]
         else:
-            body = {"_id": sha[:24], "id": repo_id, "modelId": repo_id, "sha": sha, "private": False, "gated": False,
+            name = repo_id.removeprefix("datasets/")
+            body = {"_id": sha[:24], "id": name, "modelId": name, "sha": sha, "private": False, "gated": False,
                     "disabled": False, "downloads": 0, "likes": 0, "tags": [],
                     "siblings": [{"rfilename": name} for name in files]}
         return _send(h, 200, json.dumps(body).encode(), {"Content-Type": "application/json"})

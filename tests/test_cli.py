@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import EXAMPLES, invoke_json, write_image
+from conftest import EXAMPLES, MODEL, invoke_json, write_image
 from s2cli import multiscale_forward, open_features
 from s2cli.backbones import load_backbone, resolve
 
@@ -30,22 +30,23 @@ def oracle_input(path, side, mean, std, fit="crop"):
 
 
 def test_round_trip_tiny_timm_vit(cli, image_dir, tmp_path):
+    """timm's test_vit (160 px, patch 16, 64 channels, a CLS token): the smallest ViT timm has."""
     out = tmp_path / "vit.h5"
-    summary = invoke_json(cli, "extract", image_dir, "-m", "timm:vit_tiny_patch16_224", "--random-init", "--seed", 3,
+    summary = invoke_json(cli, "extract", image_dir, "-m", "timm:test_vit", "--random-init", "--seed", 3,
                           "--scales", "1,2", "-o", out, "-j", 0, "-b", 3, "--json")
     assert summary["num_images"] == 4 and summary["num_failed"] == 0
-    bb = load_backbone(resolve("timm:vit_tiny_patch16_224"), random_init=True, seed=3)
+    bb = load_backbone(resolve("timm:test_vit"), random_init=True, seed=3)
     with open_features(out) as ff:
         assert list(ff) == ["a", "b", "d", "sub/c"]
         for key, name in [("a", "a.png"), ("sub/c", "sub/c.PNG")]:
-            x = oracle_input(image_dir / name, 448, bb.cfg.mean, bb.cfg.std)
+            x = oracle_input(image_dir / name, 320, bb.cfg.mean, bb.cfg.std)
             with torch.no_grad():
-                expect = multiscale_forward(bb, x, img_sizes=[224, 448], max_split_size=224, num_prefix_token=1)[0]
-            assert ff[key].shape == (1 + 196, 192 * 2)
+                expect = multiscale_forward(bb, x, img_sizes=[160, 320], max_split_size=160, num_prefix_token=1)[0]
+            assert ff[key].shape == (1 + 100, 64 * 2)
             np.testing.assert_allclose(ff[key], expect.numpy(), atol=1e-4, rtol=1e-4)
         meta = ff.meta("b")
-        assert meta["orig_hw"] == [64, 48] and meta["grid_hw"] == [14, 14] and meta["num_prefix_tokens"] == 1
-        assert meta["img_sizes"] == [[224, 224], [448, 448]] and meta["split_mode"] == "resize"
+        assert meta["orig_hw"] == [64, 48] and meta["grid_hw"] == [10, 10] and meta["num_prefix_tokens"] == 1
+        assert meta["img_sizes"] == [[160, 160], [320, 320]] and meta["split_mode"] == "resize"
         assert ff.attrs["weights"] == "random-init(seed=3)"
 
 
@@ -168,7 +169,7 @@ def test_inspect_json_fields(cli, tmp_path, image_dir):
 
 def test_float16_storage(cli, tmp_path, image_dir):
     out = tmp_path / "h.h5"
-    invoke_json(cli, "extract", image_dir, "--random-init", "-o", out, "-j", 0, "--dtype", "float16", "--json")
+    invoke_json(cli, "extract", image_dir, *MODEL, "-o", out, "-j", 0, "--dtype", "float16", "--json")
     with open_features(out) as ff:
         assert ff.dtype == "float16" and ff["a"].dtype == np.float16
 
@@ -203,13 +204,13 @@ def test_missing_input_and_existing_output(cli, tmp_path, image_dir):
 
 
 def test_output_is_atomic(cli, tmp_path, image_dir, monkeypatch):
-    import s2cli.writers as writers
+    from s2cli.formats.hdf5 import HDF5Sink
 
     def explode(*a, **k):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(writers.HDF5Sink, "_finish", explode)
-    r = cli("extract", image_dir, "--random-init", "-o", tmp_path / "never.h5", "-j", 0)
+    monkeypatch.setattr(HDF5Sink, "_finish", explode)
+    r = cli("extract", image_dir, *MODEL, "-o", tmp_path / "never.h5", "-j", 0)
     assert r.exit_code != 0
     assert os.listdir(tmp_path) == ["imgs"]  # neither the final file nor a temporary one is left
 
@@ -247,7 +248,7 @@ def test_model_stage_failure_isolates_the_bad_image(cli, tmp_path, image_dir, mo
     import s2cli.extractor as extractor
 
     clean = tmp_path / "clean.h5"
-    invoke_json(cli, "extract", image_dir, "--random-init", "-o", clean, "-j", 0, "-b", 4, "--json")
+    invoke_json(cli, "extract", image_dir, *MODEL, "-o", clean, "-j", 0, "-b", 4, "--json")
     Image.new("RGB", (20, 20), (7, 7, 7)).save(image_dir / "poison.png")
     original = extractor.Extractor.submit
 
@@ -258,7 +259,7 @@ def test_model_stage_failure_isolates_the_bad_image(cli, tmp_path, image_dir, mo
 
     monkeypatch.setattr(extractor.Extractor, "submit", submit)
     out = tmp_path / "dirty.h5"
-    summary = invoke_json(cli, "extract", image_dir, "--random-init", "-o", out, "-j", 0, "-b", 5, "--json")
+    summary = invoke_json(cli, "extract", image_dir, *MODEL, "-o", out, "-j", 0, "-b", 5, "--json")
     assert summary["num_images"] == 4 and summary["num_failed"] == 1
     with open_features(out) as fd, open_features(clean) as fc:
         assert [f["key"] for f in fd.failures] == ["poison"] and fd.failures[0]["stage"] == "model"
@@ -288,3 +289,86 @@ def test_a_run_where_every_sample_failed_exits_1(cli, tmp_path):
     assert "every sample failed (2)" in r.stderr and "list's folder" in r.stderr
     with open_features(out) as ff:  # the failure records are kept
         assert len(ff) == 0
+
+
+# ---- the face: one error prefix, -o wherever a command writes, entries counted as entries -------------------------
+@pytest.mark.parametrize("args", [
+    ["export", "feats/", "--nope"],                       # click's usage error
+    ["extract", "imgs/", "--batch-size", "x"],            # click's bad value
+    ["recipes", "show", "nope"],                          # an S2Error
+    ["inspect", "nowhere.h5"],
+])
+def test_every_error_is_one_line_with_one_prefix(cli, tmp_path, monkeypatch, args):
+    monkeypatch.chdir(tmp_path)
+    r = cli(*args)
+    assert r.exit_code == 2, (r.exit_code, r.stderr)
+    assert r.stderr.startswith("error: ") and "\n" not in r.stderr.strip() and "Traceback" not in r.stderr, r.stderr
+
+
+def _tiny_h5(cli, d, out, *extra):
+    r = cli("extract", d, "-m", "timm:test_resnet", "--random-init", "--img-sizes", "64", "--max-split-size", "64",
+            "-j", 0, "-o", out, *extra)
+    assert r.exit_code == 0, r.stderr
+    return r
+
+
+def test_export_takes_o_and_its_image_paths_open_from_anywhere(cli, tmp_path, monkeypatch):
+    """`s2 export feats -o emb/` as every writing command takes -o; `image_path` is absolute: a source recorded
+    relative to the folder the extraction ran in (`imgs/a.png`) is joined to that folder (`source_root`)."""
+    import pyarrow.parquet as pq
+
+    run = tmp_path / "run"
+    write_image(run / "imgs" / "a.png", (40, 60), 1)
+    write_image(run / "imgs" / "b.png", (30, 50), 2)
+    monkeypatch.chdir(run)
+    _tiny_h5(cli, "imgs", "o.h5")
+    with open_features(run / "o.h5") as ff:
+        assert ff.meta("a")["source"] == "imgs/a.png" and ff.attrs["source_root"] == str(run)
+    monkeypatch.chdir(tmp_path)  # exported from elsewhere
+    r = cli("export", run / "o.h5", "-o", "emb/", "--json")
+    assert r.exit_code == 0, r.stderr
+    paths = pq.read_table(tmp_path / "emb" / "metadata" / "metadata_0.parquet").column("image_path").to_pylist()
+    assert paths == [str(run / "imgs" / "a.png"), str(run / "imgs" / "b.png")] and all(map(os.path.isfile, paths))
+    assert cli("export", run / "o.h5", "emb2/").exit_code == 0  # the positional OUT still works
+    for args in ([], ["a/", "-o", "b/"]):
+        r = cli("export", run / "o.h5", *args)
+        assert r.exit_code == 2 and "OUT or as -o" in r.stderr, r.stderr
+
+
+def test_export_image_path_rule():
+    from s2cli.export import image_path
+
+    assert image_path("imgs/a.png", "/data/run") == "/data/run/imgs/a.png"
+    assert image_path("/abs/a.png", "/data/run") == "/abs/a.png"
+    assert image_path("s3://b/a.png", "/data/run") == "s3://b/a.png"
+    assert image_path("shards/0.tar#k", "/r") == "/r/shards/0.tar#k"
+    assert image_path("imgs/a.png", None) == "imgs/a.png"  # written before the root was recorded: as stored
+
+
+def test_runs_count_entries(cli, tmp_path):
+    write_image(tmp_path / "one" / "a.png", (40, 60), 1)
+    r = _tiny_h5(cli, tmp_path / "one", tmp_path / "o.h5")
+    assert "1 entry, 0 failed" in r.stderr and "images" not in r.stderr
+    r = _tiny_h5(cli, tmp_path / "one", tmp_path / "d/", "--dry-run")
+    assert "1 entry, " in r.stdout
+
+
+def test_viz_features_shows_what_the_backbone_saw(cli, tmp_path):
+    """A wide photo extracted with the centre crop: its panel is the crop the backbone saw (the pixels of
+    `s2cli.views`), not the whole photo; with --fit keep, the whole photo."""
+    import s2cli
+    from s2cli.viz import LABEL
+
+    img = write_image(tmp_path / "imgs" / "w.png", (40, 120), 7)
+    for fit in ("crop", "keep"):
+        out = tmp_path / f"{fit}.h5"
+        _tiny_h5(cli, tmp_path / "imgs", out, "--fit", fit)
+        png = tmp_path / f"{fit}.png"
+        panels = invoke_json(cli, "viz", "features", out, "--key", "w", "-o", png, "--json")
+        (view,) = s2cli.views(img, model="timm:test_resnet", img_sizes=(64,), max_split_size=64, fit=fit)
+        w, h = panels[0]["size"]
+        assert (w == h) is (fit == "crop")
+        want = Image.fromarray(view.transpose(1, 2, 0)).resize((w, h), Image.BILINEAR)
+        x = panels[0]["x"]
+        got = Image.open(png).convert("RGB").crop((x, LABEL, x + w, LABEL + h))
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))

@@ -2,6 +2,8 @@
 resolve_config directly (no weights, no images); a few tests check the same through whole extractions."""
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from conftest import EXAMPLES, invoke_json
@@ -253,13 +255,14 @@ def test_requested_scales_are_saved_as_given_beside_the_sizes_they_make(tmp_path
     import s2cli
     from s2cli.config import resolve_options
 
-    res = resolve_options("in", "o.h5", model="timm:test_resnet", random_init=True, scales=(0.7, 1.3))
-    assert res.to_dict()["scales"] == [0.7, 1.3] and res.img_sizes == (112, 208)  # 160 * 0.7, 160 * 1.3
+    res = resolve_options("in", "o.h5", model="timm:test_resnet", random_init=True, scales=(0.7, 1.33))
+    assert res.to_dict()["scales"] == [0.7, 1.33] and res.img_sizes == (112, 212)  # int(160 * s): 212 / 160 = 1.325
     out = tmp_path / "o.h5"
-    s2cli.extract(str(image_dir), str(out), model="timm:test_resnet", random_init=True, scales=(0.5, 0.75),
-                  max_split_size=80, workers=0, limit=1)
+    s2cli.extract(str(image_dir), str(out), model="timm:test_resnet", random_init=True, scales=(0.33, 0.77),
+                  max_split_size=52, workers=0, limit=1)
     with s2cli.open_features(out) as ff:
-        assert ff.config["scales"] == [0.5, 0.75] and ff.config["img_sizes"] == [80, 120]
+        assert ff.config["scales"] == [0.33, 0.77] and ff.config["img_sizes"] == [52, 123]
+        assert json.loads(ff.attrs["scales"]) == [0.33, 0.77]  # what `s2 inspect` shows
     by_sizes = resolve_options("in", "o.h5", model="timm:test_resnet", random_init=True, img_sizes=(80, 240))
     assert by_sizes.scales == (0.5, 1.5)
 

@@ -148,6 +148,7 @@ def test_misses_are_one_line_with_exit_2(case, hub, cli, tmp_path, images, monke
     assert not (tmp_path / "o.h5").exists() and not hub.downloads
 
 
+@pytest.mark.slow
 def test_offline_miss_is_one_line_before_torch_is_imported(tmp_path, images):
     from test_core import NO_TORCH
 
@@ -162,6 +163,7 @@ def test_offline_miss_is_one_line_before_torch_is_imported(tmp_path, images):
         assert time.monotonic() - t < 10  # an interpreter start and s2cli's imports; no network, no torch
 
 
+@pytest.mark.slow
 def test_fetch_then_run_offline_with_the_hub_stopped(hub, cli, tmp_path, images):
     sha = hub.add("org/tiny-clip", tiny_clip_repo(tmp_path / "clip"))
     hub.add("openai/clip-vit-large-patch14-336", tmp_path / "clip")  # the model of --recipe llava-1.5-s2
@@ -219,6 +221,7 @@ def test_slurm_exports_a_separate_hub_cache(cli, tmp_path, images, monkeypatch):
     assert f"export HF_HUB_CACHE={tmp_path / 'hubcache'}" in out["text"] and "export HF_HUB_OFFLINE=1" in out["text"]
 
 
+@pytest.mark.slow
 def test_devices_launcher_downloads_once_then_workers_run_offline(hub, cli, tmp_path, images):
     sha = hub.add("org/tiny-clip", tiny_clip_repo(tmp_path / "clip"))
     out = invoke_json(cli, "extract", images, "-m", "hf:org/tiny-clip", "-o", tmp_path / "run/", "--devices", "cpu,cpu",
@@ -230,6 +233,7 @@ def test_devices_launcher_downloads_once_then_workers_run_offline(hub, cli, tmp_
     assert sum(1 for m, p in hub.requests if p.startswith("/api/models/org/tiny-clip/revision")) == 2
 
 
+@pytest.mark.slow
 def test_two_ranks_started_at_once_download_once(tmp_path, images, monkeypatch):
     with HubServer(delay=1.5) as slow:
         sha = slow.add("org/tiny-clip", tiny_clip_repo(tmp_path / "clip"))

@@ -276,3 +276,112 @@ def test_a_killed_run_over_parquet_resumes_to_the_clean_result(tmp_path):
     assert_same(features(out), features(clean))
     marker = json.loads((out / "part-00000-00000.json").read_text())
     assert marker["row_group"] == 0 and marker["table_bytes"] == p.stat().st_size  # content-identified like a tar
+
+
+# ---- #23 items 14-16: odd file names, keys that clash once printed, files that are no files ----------------------
+def test_a_list_naming_a_file_whose_name_is_not_utf8_reads_it_as_a_folder_does(tmp_path):
+    d = tmp_path / "in"
+    d.mkdir()
+    raw = os.fsencode(str(d)) + b"/caf\xe9.png"
+    with open(raw, "wb") as fh:
+        fh.write(png(arrays()[0]))
+    (d / "list.txt").write_bytes(b"caf\xe9.png\n")
+    (d / "list.csv").write_bytes(b"path,caption\ncaf\xe9.png,caf\xe9 au lait\n")
+    s2cli.extract(str(d / "list.txt"), str(tmp_path / "t.h5"), **LIB)
+    s2cli.extract(str(d / "list.csv"), str(tmp_path / "c.h5"), **LIB)
+    (d / "list.txt").unlink()
+    (d / "list.csv").unlink()
+    s2cli.extract(str(d), str(tmp_path / "f.h5"), **LIB)
+    want = features(tmp_path / "f.h5")
+    assert list(want) == ["caf\\xe9"]
+    assert_same(features(tmp_path / "t.h5"), want)
+    assert_same(features(tmp_path / "c.h5"), want)
+
+
+def test_two_names_that_print_as_one_key_are_refused_naming_both(tmp_path):
+    d = tmp_path / "in"
+    d.mkdir()
+    with open(os.fsencode(str(d)) + b"/caf\xe9.png", "wb") as fh:
+        fh.write(png(arrays()[0]))
+    (d / "caf\\xe9.jpg").write_bytes(png(arrays()[1]))  # a name holding a backslash, x, e, 9
+    with pytest.raises(ConfigError, match="keys are shared") as e:
+        s2cli.plan(str(d))
+    assert "caf\\xe9.png" in str(e.value) and "caf\\xe9.jpg" in str(e.value)
+
+
+@pytest.mark.parametrize("workers", [0, pytest.param(2, marks=pytest.mark.slow)])
+def test_a_fifo_named_like_an_image_is_a_failure_record_whatever_the_workers(cli, tmp_path, workers):
+    d = folder_of(tmp_path / "in", ["a", "b", "c", "d", "e"])
+    os.mkfifo(d / "pipe.jpg")  # opening it would block until a writer comes: never
+    r = cli("extract", d, *FAST[:-2], "-j", workers, "--decode-timeout", 20, "-o", tmp_path / "o.h5")
+    assert r.exit_code == 0, r.stderr
+    with open_features(tmp_path / "o.h5") as ff:
+        assert sorted(ff) == ["a", "b", "c", "d", "e"]
+        [f] = ff.failures
+    assert (f["key"], f["stage"], f["error_class"]) == ("pipe", "read", "NotAFileError") and "FIFO" in f["error"]
+    r = cli("extract", d, *FAST, "--dry-run", "--json")  # the dry run reads headers: it must not block either
+    assert r.exit_code == 0, r.stderr
+
+
+def test_the_same_dataset_on_the_loopback_hub_as_parquet_extracts_as_the_folder(tmp_path, reference, hub):
+    ds = hf_dataset()
+    (tmp_path / "repo" / "data").mkdir(parents=True)
+    ds.to_parquet(str(tmp_path / "repo" / "data" / "train-00000-of-00001.parquet"))
+    hub.add("org/tiny", tmp_path / "repo", repo_type="dataset")
+    s2cli.extract("hf://datasets/org/tiny", str(tmp_path / "h.h5"), **LIB)
+    assert_same(features(tmp_path / "h.h5"), reference)
+    with pytest.raises(ConfigError, match="no such dataset on the hub"):
+        s2cli.plan("hf://datasets/org/missing")
+
+
+def test_a_single_video_file_extracts_as_from_its_folder(cli, tmp_path):
+    pytest.importorskip("av")
+    from test_video import make_video
+
+    d = tmp_path / "clips"
+    make_video(d / "clip.mp4", n=12)
+    make_video(d / "other.mp4", n=8)
+    for src, out in ((d, "f.h5"), (d / "clip.mp4", "one.h5")):
+        r = cli("extract", src, *FAST, "--num-frames", "3", "-o", tmp_path / out)
+        assert r.exit_code == 0, r.stderr
+    with open_features(tmp_path / "f.h5") as ff, open_features(tmp_path / "one.h5") as fo:
+        assert list(fo) == ["clip"] and fo["clip"].shape[0] == 3
+        np.testing.assert_allclose(fo["clip"], ff["clip"], atol=1e-5, rtol=0)
+        assert fo.meta("clip")["frame_indices"] == ff.meta("clip")["frame_indices"]
+
+
+# ---- a decode worker killed mid-run ---------------------------------------------------------------------------------
+def children(pid: int) -> list[int]:
+    out: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        out += [int(c) for c in (task / "children").read_text().split()]
+    return out
+
+
+@pytest.mark.slow
+def test_a_decode_worker_killed_mid_run_loses_no_image_and_the_run_ends_0(tmp_path):
+    keys = [f"im{i:02d}" for i in range(10)]
+    d = tmp_path / "in"
+    for i, k in enumerate(keys):
+        (d / f"{k}.png").parent.mkdir(parents=True, exist_ok=True)
+        (d / f"{k}.png").write_bytes(png(rng_rgb(i, (40 + i, 52))))
+    opts = [*FAST[:-2], "-j", "2", "-b", "1", "--shard-size", "2", "-q", "--decode-timeout", "600"]
+    clean = tmp_path / "clean"
+    r = subprocess.run([sys.executable, "-m", "s2cli", "extract", d, "-o", f"{clean}/", *map(str, opts)],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    out = tmp_path / "out"
+    proc = slowed_s2(0.5, "extract", d, "-o", f"{out}/", *opts, "--json")
+    try:
+        wait_until(lambda: (out / "part-00000-00000.json").exists(), "the first shard's marker")
+        workers = children(proc.pid)
+        assert workers, "no decode worker found"
+        os.kill(workers[0], signal.SIGKILL)
+        stdout, stderr = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, stderr
+    s = json.loads(stdout)
+    assert s["num_images"] == 10 and s["num_failed"] == 0  # its samples were decoded again by a new pool
+    assert_same(features(out), features(clean))

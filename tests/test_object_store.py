@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 import s2cli
-from conftest import FAST, MODEL, make_shards
+from conftest import FAST, MODEL, dead_pid, make_shards
 from s2cli.errors import ConfigError
 from s2cli.outdir import OutputDir
 
@@ -203,8 +203,7 @@ def test_export_and_inspect_read_a_remote_folder_and_export_refuses_a_url(image_
 def test_the_remote_claim_refuses_a_live_run_takes_over_a_dead_one_and_gives_back_what_it_found(tmp_path):
     fs = fsspec.filesystem("memory")
     hb = "/t-claim/out/rank-00000.json"
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()
+    dead_id = dead_pid()
     now = time.time()
     live = {"state": "running", "host": socket.gethostname(), "pid": os.getppid(), "updated": now, "started": now}
     fs.pipe_file(hb, json.dumps(live).encode())
@@ -221,6 +220,6 @@ def test_the_remote_claim_refuses_a_live_run_takes_over_a_dead_one_and_gives_bac
     assert json.loads(fs.cat_file(hb))["pid"] == os.getpid()
     d.release()  # no run followed the claim: the folder is as it was
     assert json.loads(fs.cat_file(hb)) == stale
-    fs.pipe_file(hb, json.dumps({**live, "pid": dead.pid}).encode())  # killed on this host: taken over at once
+    fs.pipe_file(hb, json.dumps({**live, "pid": dead_id}).encode())  # killed on this host: taken over at once
     d.claim(0)
     d.release()

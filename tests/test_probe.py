@@ -8,7 +8,6 @@ import importlib.util
 import json
 import subprocess
 import sys
-from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
@@ -22,8 +21,7 @@ from sklearn.preprocessing import Normalizer, StandardScaler
 
 import s2cli
 from conftest import invoke_json
-from s2cli.config import ExtractConfig
-from s2cli.probe import SAME_FOR_EVERY_VARIANT, label_of, parse_try, stratified
+from s2cli.probe import label_of, parse_try, stratified
 
 ROOT = Path(__file__).parent.parent
 EXAMPLE = ROOT / "examples" / "make_probe_set.py"
@@ -94,7 +92,7 @@ def test_probe_costs_come_from_the_plan_and_the_stored_arrays(probed):
 def test_outputs_that_exist_are_scored_as_they_are(probed, cli, tmp_path):
     d, _, report = probed
     labels = tmp_path / "labels.csv"
-    with open(labels, "w", newline="") as fh:
+    with open(labels, "w", newline="", encoding="utf-8-sig") as fh:  # with a byte-order mark, as spreadsheets save
         w = csv.writer(fh)
         w.writerow(["key", "label"])
         w.writerows(zip(report.keys, report.labels))
@@ -166,8 +164,9 @@ def test_try_is_parsed_through_the_extract_options():
     v = parse_try("scales=1,2; layer=-2;antialias=true;max-split-size=448;recipe=llava-1.5-s2;fit=none")
     assert v.options == {"scales": (1.0, 2.0), "layer": -2, "antialias": True, "max_split_size": 448,
                          "recipe": "llava-1.5-s2", "fit": None}
-    names = {f.name for f in fields(ExtractConfig)}
-    assert set(SAME_FOR_EVERY_VARIANT) <= names  # a renamed option cannot leave this list stale
+    for name in ("keep_ext", "input_format", "limit", "meta_columns"):  # which images, under which keys: refused
+        with pytest.raises(s2cli.ConfigError, match=f"cannot change {name}"):
+            parse_try(f"scales=1;{name}=1")
 
 
 def _one_line_error(r, *words: str) -> None:
@@ -194,6 +193,7 @@ def test_bad_inputs_are_one_line_errors(cli, tmp_path):
     labels.write_text("key,label\nblue/0,b\nblue/1,b\nred/0,r\n")
     _one_line_error(cli("probe", data, *TINY_FLAGS, "--labels", labels), "5 of 8 images have no label", "blue/2")
     _one_line_error(cli("probe", data, *TINY_FLAGS, "--label-column", "tone"), "have no label", "--label-column tone")
+    _one_line_error(cli("probe", data, *TINY_FLAGS, "--k", "0"), "--k", "positive")
     (tmp_path / "bad.csv").write_text("name,class\n")
     _one_line_error(cli("probe", data, *TINY_FLAGS, "--labels", tmp_path / "bad.csv"), "`key` and `label`")
     assert not list(tmp_path.glob("**/*.h5"))  # nothing was extracted
@@ -264,3 +264,49 @@ def test_the_worked_example_runs_as_documented_and_shows_where_scale_2_pays(tmp_
     assert coarse["probe-feats/1-scales=1,2.h5"] <= coarse["probe-feats/0-scales=1.h5"] + 0.1  # ... and 2 adds little
     with Image.open(tmp_path / "fine.png") as im:
         assert im.format == "PNG"
+
+
+@pytest.mark.slow  # extracts with a random-init model (seconds)
+def test_webdataset_shards_are_probed_by_a_field_of_their_json_members(tmp_path):
+    import webdataset as wds
+
+    rng = np.random.default_rng(0)
+    (tmp_path / "shards").mkdir()
+    with wds.ShardWriter(str(tmp_path / "shards" / "%06d.tar"), maxcount=5, verbose=0) as sink:
+        for i in range(10):
+            arr = np.clip(rng.normal((200, 40, 40) if i % 2 else (40, 40, 200), 50, (40, 48, 3)), 0, 255)
+            sink.write({"__key__": f"k{i:03d}", "png": _png_bytes(arr.astype(np.uint8)),
+                        "json": {"cls": "red" if i % 2 else "blue"}})
+    report = s2cli.probe(str(tmp_path / "shards" / "{000000..000001}.tar"), label_column="cls", limit=6, folds=3,
+                         workdir=str(tmp_path / "w"), img_sizes=(64,), **TINY)
+    assert report.classes == {"blue": 3, "red": 3} and len(set(report.keys)) == 6
+    assert all(lab == ("red" if int(k[1:]) % 2 else "blue") for k, lab in zip(report.keys, report.labels))
+    with s2cli.open_features(report.variants[0].source) as ff:
+        assert list(ff) == report.keys  # only the sampled images were extracted, from the tars' bytes
+
+
+def _png_bytes(arr: np.ndarray) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.mark.slow  # extracts with a random-init model (seconds)
+def test_an_output_folder_is_probed_through_its_reader(probed, tmp_path):
+    _, data, report = probed
+    s2cli.extract(str(data), f"{tmp_path}/feats/", img_sizes=(64,), shard_size=3, seed=1, **TINY)
+    got = s2cli.probe([f"{tmp_path}/feats/", report.variants[0].source], folds=2, k=3, seed=1)
+    folder, file = got.variants  # the same features (same weights, images, sizes), in shards and in one file
+    assert folder.probe_accuracy == file.probe_accuracy == report.variants[0].probe_accuracy
+    assert folder.bytes_per_image == file.bytes_per_image
+
+
+@pytest.mark.slow  # extracts with a random-init model (seconds)
+def test_an_image_that_fails_is_left_out_of_every_variant_and_named(tmp_path):
+    data = labelled_folder(tmp_path / "data")
+    (data / "red" / "broken.png").write_bytes(b"not an image")
+    report = s2cli.probe(str(data), ["img_sizes=64", "img_sizes=64,128"], folds=2, **TINY)
+    assert report.dropped == ["red/broken"] and "red/broken" not in report.keys and len(report.keys) == 8
+    assert all(len(v.probe_accuracy) == 2 for v in report.variants)

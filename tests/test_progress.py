@@ -14,7 +14,7 @@ import s2cli
 from conftest import FAST, make_shards, write_image
 
 LIB = dict(model="timm:test_resnet", random_init=True, img_sizes=(64, 128), max_split_size=64, workers=0)
-LINE = re.compile(r"^extract: (\d+)(?:/(\d+))? images(?: \([\d.]+%\))?, (\d+) failed, (\d+) shards, [\d.]+ img/s"
+LINE = re.compile(r"^extract: (\d+)(?:/(\d+))? entr(?:y|ies)(?: \([\d.]+%\))?, (\d+) failed, (\d+) shards, [\d.]+ img/s"
                   r"(, ETA \d+:\d\d:\d\d)?$")
 
 
@@ -40,7 +40,7 @@ def test_a_run_whose_stderr_is_no_terminal_prints_progress_lines(cli, tmp_path, 
     assert [x[0] for x in got] == sorted(x[0] for x in got) and len(got) >= 3 and all(x[1] == 6 for x in got)
     monkeypatch.setenv("S2CLI_PROGRESS_S", "600")  # the interval is honoured: a short run prints none
     r = cli("extract", d, *FAST, "-o", tmp_path / "o.h5")
-    assert r.exit_code == 0 and lines(r.stderr) == [] and "6 images, 0 failed" in r.stderr
+    assert r.exit_code == 0 and lines(r.stderr) == [] and "6 entries, 0 failed" in r.stderr
 
 
 class Totals(s2cli.Progress):

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import devices_s2, wait_until, write_image
+from conftest import dead_pid, devices_s2, wait_until, write_image
 from s2cli import open_features
 
 MODEL = ["-m", "timm:test_resnet", "--random-init", "--img-sizes", "64,128", "--max-split-size", "64"]
@@ -280,11 +280,10 @@ def test_sigterm_of_a_single_file_run_leaves_no_temporary(tmp_path):
 def test_a_later_run_removes_the_temporaries_of_dead_runs_of_its_file(cli, tmp_path):
     d = images(tmp_path / "in", 2)
     out = tmp_path / "o.h5"
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()
-    leftover = tmp_path / f".o.h5.tmp-{dead.pid}"
+    dead = dead_pid()
+    leftover = tmp_path / f".o.h5.tmp-{dead}"
     leftover.write_bytes(b"x" * 1000)  # what a run killed with SIGKILL leaves
-    other = tmp_path / f".other.h5.tmp-{dead.pid}"
+    other = tmp_path / f".other.h5.tmp-{dead}"
     other.write_bytes(b"x")  # another output's: not this run's business
     r = cli("extract", d, *MODEL, "-j", 0, "-o", out, "-q")
     assert r.exit_code == 0, r.stderr

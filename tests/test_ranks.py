@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import typer
 
-from conftest import FAST, invoke_json, make_shards, write_image
+from conftest import FAST, dead_pid, invoke_json, make_shards, write_image
 from s2cli import open_features
 from s2cli.cli import app
 from s2cli.commands.extract import extract, option_argv as _option_argv
@@ -96,9 +96,7 @@ def _heartbeat(d: Path, rank: int, pid: int, state="running", age=0.0) -> None:
 
 
 def _dead_pid() -> int:
-    p = subprocess.Popen([sys.executable, "-c", "pass"])
-    p.wait()
-    return p.pid
+    return dead_pid()
 
 
 def test_cleanup_keeps_a_live_ranks_work_and_removes_a_dead_ones(tmp_path):

@@ -14,7 +14,7 @@ from typer.models import ArgumentInfo, ParameterInfo
 from .. import api
 from ..errors import S2Error
 from . import options as o
-from ._common import err, given, offline, out, reported, settings
+from ._common import entries, err, given, offline, out, reported, settings
 
 
 @o.with_options()
@@ -26,7 +26,7 @@ def extract(ctx: typer.Context, input: o.Input, **kw: Any) -> None:
       s2 extract 'shards/{00000..00099}.tar' --recipe llava-1.5-s2 -o feats/ --devices all
     """
     values, as_json, devices = given(ctx), kw["as_json"], kw["devices"]
-    with reported(), offline(kw["offline"]):
+    with reported(kw["quiet"]), offline(kw["offline"]):
         res = settings(values)
         inp = api.open_inputs(res)  # checked (a missing input, key clashes) before any weights load
         if kw["dry_run"]:
@@ -43,7 +43,7 @@ def extract(ctx: typer.Context, input: o.Input, **kw: Any) -> None:
     if as_json:
         print(json.dumps(summary.to_dict()))
     else:
-        err.print(f"{summary.num_images} images, {summary.num_failed} failed -> {summary.output} "
+        err.print(f"{entries(summary.num_images)}, {summary.num_failed} failed -> {summary.output} "
                   f"({summary.images_per_s} img/s)", highlight=False)
     if summary.nothing_extracted:
         with reported():
@@ -121,7 +121,7 @@ class BarProgress:
         self.last = now
         rate = (done + failed) / (now - self.t0) if now > self.t0 else 0.0
         seen = self.before + done + failed
-        count = f"{seen}/{self.total_n} images ({100 * seen / max(1, self.total_n):.1f}%)" if self.total_n else f"{seen} images"
+        count = f"{seen}/{entries(self.total_n)} ({100 * seen / max(1, self.total_n):.1f}%)" if self.total_n else entries(seen)
         eta = ""
         if self.total_n and rate > 0:
             eta = f", ETA {datetime.timedelta(seconds=round(max(0, self.total_n - seen) / rate))}"
@@ -146,7 +146,7 @@ def print_plan(plan: dict) -> None:
                   " ".join(f"{r}×{c}" for r, c in im["grids"]), str(tuple(im["output_shape"])), f"{im['bytes']:,}")
     out.print(t)
     flops = plan["flops_estimate"]
-    out.print(f"{plan['num_images']} images, {plan['total_tiles']} tiles, "
+    out.print(f"{entries(plan['num_images'])}, {plan['total_tiles']} tiles, "
               f"{'%.3g TFLOP' % (flops / 1e12) if flops is not None else 'FLOPs unknown'}, "
               f"{plan['total_bytes'] / 2**20:.1f} MiB of features -> {plan['output']}", highlight=False)
     for u in plan["unreadable"]:
@@ -196,7 +196,7 @@ def _print_devices(report: dict[str, Any], devices: str, output: str, as_json: b
         print(json.dumps(report))
     else:
         t = Table(title=f"--devices {devices}")
-        for c in ("rank", "device", "exit", "images", "failed", "shards", "img/s", "error"):
+        for c in ("rank", "device", "exit", "entries", "failed", "shards", "img/s", "error"):
             t.add_column(c, overflow="fold")
         for w in workers:
             s = w["summary"] or {}
@@ -205,7 +205,7 @@ def _print_devices(report: dict[str, Any], devices: str, output: str, as_json: b
                       w["error"] or "")
         err.print(t)
         st = report["status"]
-        err.print(f"{st['images']} images, {st['failed']} failed in {st['shards_done']} shards; "
+        err.print(f"{entries(st['images'])}, {st['failed']} failed in {st['shards_done']} shards; "
                   f"{'complete' if st['complete'] else 'not complete'} -> {output}", highlight=False)
     bad = [w["exit_code"] for w in workers if w["exit_code"] != 0]
     if bad:

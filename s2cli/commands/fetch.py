@@ -14,6 +14,7 @@ def fetch(
     models: Annotated[Optional[list[str]], typer.Argument(help="Models: aliases, hf:org/name[@revision], timm:<name>, timm:hf-hub:org/name.", show_default=False)] = None,
     recipe: Annotated[Optional[list[str]], typer.Option("--recipe", help="Also the model of this recipe (repeatable).")] = None,
     offline_only: o.Offline = False,
+    quiet: o.Quiet = False,
     as_json: o.Json = False,
 ) -> None:
     """Download what runs of these models will need (config, preprocessor and weights only) into the HF cache
@@ -27,7 +28,7 @@ def fetch(
     """
     from .. import api, hub
 
-    with reported(), offline(offline_only):
+    with reported(quiet), offline(offline_only):
         rows = api.fetch(*(models or ()), recipes=tuple(recipe or ()))
         if as_json:
             print(json.dumps(rows))

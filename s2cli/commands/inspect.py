@@ -9,7 +9,7 @@ from rich.table import Table
 
 from ..errors import ConfigError
 from . import options as o
-from ._common import out, reported
+from ._common import entries, out, reported, stops_quietly
 
 
 def inspect_features(
@@ -30,7 +30,7 @@ def inspect_features(
     """
     from ..readers import image_summary, list_keys, open_features, summary
 
-    with reported(), open_features(path, verify=verify) as ff:
+    with reported(), stops_quietly(), open_features(path, verify=verify) as ff:  # SIGTERM: closed, cache removed
         if keys:
             listed = list_keys(ff, limit)
             print(json.dumps(listed)) if as_json else print("\n".join(listed))
@@ -51,7 +51,7 @@ def inspect_features(
     for f in info.get("failed", []):
         out.print(f"failed: {f['key']} [{f['stage']}] {f['error']} ({f['source']})", highlight=False)
     for b in info.get("broken_shards", []):
-        out.print(f"broken shard skipped: {b['shard']} ({b['unit']}, {b['num_images']} images): {b['why']}; rerun the "
+        out.print(f"broken shard skipped: {b['shard']} ({b['unit']}, {entries(b['num_images'])}): {b['why']}; rerun the "
                   "extract command to redo it", highlight=False)
     if info.get("writing"):
         out.print(f"a run is writing this folder now ({'; '.join(info['writing'])}): shown is what is done so far",

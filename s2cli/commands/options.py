@@ -95,4 +95,5 @@ Devices = declare("devices", Str, option("--devices", help="One worker process p
                                          "cpu,cpu (needs -o OUTDIR/).", panel=SPEED))
 DryRun = declare("dry_run", bool, option("--dry-run", help="Print the plan; load no weights, read headers only.", panel=RUN))
 Json = declare("as_json", bool, typer.Option("--json", help="Print machine-readable JSON on stdout."))
-Quiet = declare("quiet", bool, option("--quiet", "-q", help="No progress bar.", panel=RUN))
+Quiet = declare("quiet", bool, option("--quiet", "-q", help="No progress bar or log line, s2's or its libraries' "
+                                      "(errors still print).", panel=RUN))

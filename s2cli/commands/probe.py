@@ -57,7 +57,7 @@ def probe(
     from ..probe import plot as draw, probe as run_probe, require_plotting
 
     options = {n: v for n, v in given(ctx).items() if n in kw and n not in ("offline", "quiet")}
-    with reported(), offline(kw["offline"]):
+    with reported(kw["quiet"]), offline(kw["offline"]):
         if plot is not None:
             require_plotting()
         options.update({n: p(n.replace("_", "-"), options[n]) for n, p in (("scales", floats), ("img_sizes", ints))

@@ -5,10 +5,11 @@ import json
 from typing import Annotated
 
 import typer
+from rich import box
 from rich.table import Table
 
 from . import options as o
-from ._common import out, reported
+from ._common import entries, out, reported
 
 
 def status(
@@ -28,20 +29,23 @@ def status(
     if as_json:
         print(json.dumps(st))
         return
-    t = Table(title=f"{st['output']} ({st['input']})")
-    for c in ("rank", "state", "host", "pid", "shards", "images", "failed", "img/s", "in flight", "updated"):
-        t.add_column(c, overflow="fold", no_wrap=c != "in flight")
+    out.print(f"{st['output']} ({st['input']})", highlight=False, soft_wrap=False)
+    t = Table(box=box.SIMPLE_HEAD)
+    for c in ("rank", "state", "host:pid", "shards", "entries", "failed", "img/s", "updated"):
+        t.add_column(c, overflow="fold", no_wrap=c != "host:pid")  # at 80 columns a long host name wraps
     for r in st["ranks"]:
-        fl = r["in_flight"]
-        t.add_row(str(r["rank"]), r["state"], str(r["host"] or "-"), str(r["pid"] or "-"), str(r["shards"]),
+        t.add_row(str(r["rank"]), r["state"], f"{r['host'] or '-'}:{r['pid'] or '-'}", str(r["shards"]),
                   str(r["images"]), str(r["failed"]), str(r["images_per_s"] or "-"),
-                  f"{fl['unit']} part {fl['part']} -> {fl['shard']}" if fl else "-",
                   "-" if r["updated_s_ago"] is None else f"{r['updated_s_ago']}s ago")
     out.print(t)
+    for r in st["ranks"]:  # a line each, wrapped at spaces: a unit's name is as long as its path
+        if (fl := r["in_flight"]) is not None:
+            out.print(f"rank {r['rank']} in flight: {fl['unit']} part {fl['part']} -> {fl['shard']}", highlight=False,
+                      soft_wrap=False)
     total = "?" if st["shards_total"] is None else st["shards_total"]
-    out.print(f"shards {st['shards_done']}/{total}, units {st['units_done']}/{st['units_total']}, {st['images']} images, "
+    out.print(f"shards {st['shards_done']}/{total}, units {st['units_done']}/{st['units_total']}, {entries(st['images'])}, "
               f"{st['failed']} failed, {st['images_per_s'] or '-'} img/s overall, {st['images_per_s_now']} img/s now; "
-              f"{'complete' if st['complete'] else 'not complete'}", highlight=False)
+              f"{'complete' if st['complete'] else 'not complete'}", highlight=False, soft_wrap=False)
     for b in st["broken_shards"]:
         out.print(f"broken: {b['shard']} ({b['unit']}): {b['why']}; not counted, rerun the same command to redo it",
                   highlight=False)

@@ -37,7 +37,7 @@ def read_list(path: str | os.PathLike, meta_columns: str = "all", keep_ext: bool
             if remote:
                 table = list(csv.DictReader(io.StringIO(_list_text(url), newline="")))
             else:
-                with open(path, newline="") as fh:
+                with open(path, newline="", encoding="utf-8", errors="surrogateescape") as fh:
                     table = list(csv.DictReader(fh))
             cols = set(table[0]) if table else set()
         else:
@@ -68,11 +68,12 @@ def read_list(path: str | os.PathLike, meta_columns: str = "all", keep_ext: bool
 
 
 def _list_text(path: str | Path) -> str:
-    """A .txt/.csv list's text, local or at a URL."""
+    """A .txt/.csv list's text, local or at a URL. Bytes that are not UTF-8 (a file name in another encoding) are
+    kept as Python keeps them in file names (surrogateescape), so the row names the file a folder listing finds."""
     if isinstance(path, Path):
-        return path.read_text()
+        return path.read_bytes().decode("utf-8", "surrogateescape")
     with open_url(path) as fh:
-        return fh.read().decode()
+        return fh.read().decode("utf-8", "surrogateescape")
 
 
 def _meta_columns(spec: str, columns: list[str], path: Path) -> list[str]:

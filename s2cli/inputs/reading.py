@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import stat
 import time
 from typing import Any
 
@@ -17,7 +18,29 @@ from .samples import Sample, printable
 def _open(sample: Sample) -> Image.Image:
     if sample.data is None and local_of(sample.source) != sample.source:  # at a URL
         return Image.open(_read(sample))
+    if sample.data is None:
+        _check_file(str(local_of(sample.source)))
     return Image.open(io.BytesIO(sample.data) if sample.data is not None else sample.source)
+
+
+class NotAFileError(OSError):
+    """A listed name that is no regular file (a FIFO, a socket, a device): refused, never opened (a FIFO would
+    block the read forever, whatever --decode-timeout and -j say)."""
+
+
+def _check_file(src: str) -> None:
+    """A local path that exists and is a regular file (symlinks followed), else the plain reason."""
+    if not os.path.lexists(src):
+        raise FileNotFoundError(f"no such file: {printable(src)} (deleted or moved after the input was listed?)")
+    if os.path.isdir(src):
+        raise IsADirectoryError(f"a folder, not an image file: {printable(src)}")
+    try:
+        mode = os.stat(src).st_mode
+    except OSError:
+        return  # a broken link, a loop: open() says which
+    if not stat.S_ISREG(mode):
+        what = "a FIFO (named pipe)" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else "a device"
+        raise NotAFileError(f"{what}, not an image file: {printable(src)}")
 
 
 def _read(sample: Sample) -> Any:
@@ -30,10 +53,7 @@ def _read(sample: Sample) -> Any:
     if local_of(src) is None:
         return _read_url(src)
     src = str(local_of(src))
-    if not os.path.lexists(src):
-        raise FileNotFoundError(f"no such file: {printable(src)} (deleted or moved after the input was listed?)")
-    if os.path.isdir(src):
-        raise IsADirectoryError(f"a folder, not an image file: {printable(src)}")
+    _check_file(src)
     try:
         with open(src, "rb") as fh:
             return io.BytesIO(fh.read())
@@ -49,12 +69,12 @@ RETRY_MAX_WAIT_S = 5.0
 
 def read_retrying(sample: Sample, retries: int) -> Any:
     """`_read`, tried again up to `retries` times after an OSError (a network file system's hiccup, a file being
-    replaced), waiting 0.2 s, 0.4 s, ... (at most 5 s) in between; a folder given as a file is not retried. The
+    replaced), waiting 0.2 s, 0.4 s, ... (at most 5 s) in between; a folder or a FIFO given as a file is not retried. The
     last error says how many times the read was tried."""
     for attempt in range(retries + 1):
         try:
             return _read(sample)
-        except (IsADirectoryError, NotADirectoryError):
+        except (IsADirectoryError, NotADirectoryError, NotAFileError):
             raise
         except OSError as e:
             if attempt == retries:

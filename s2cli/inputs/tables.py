@@ -1,6 +1,6 @@
 """Tables with images in a column: .parquet files (a file, a folder or a glob of them; img2dataset's layout),
-Arrow folders written by `datasets`' `save_to_disk`, and `hf://datasets/ORG/NAME` (through huggingface_hub's file
-system). The image column holds bytes, a path, or an HF `Image` struct {bytes, path}; every other column is kept
+Arrow folders written by `datasets`' `save_to_disk`, and `hf://datasets/ORG/NAME[@REVISION]` (its .parquet files
+downloaded by huggingface_hub into the HF cache, as model weights are: a rerun or resume reads them from there). The image column holds bytes, a path, or an HF `Image` struct {bytes, path}; every other column is kept
 as metadata. Units are row groups (an Arrow file: the file), identified by the file's size and modification time
 (or its hub blob id), read a batch at a time: memory stays flat whatever the file's size."""
 from __future__ import annotations
@@ -141,12 +141,12 @@ def table_files(spec: str) -> list[str]:
     """The table files of an input, in order: a file; a folder's .parquet files (or its save_to_disk Arrow files, in
     state.json's order); a glob; every .parquet file of a hub dataset."""
     if spec.startswith("hf://"):
-        fs, path = filesystem(spec)
-        files = sorted(p for p in fs.find(path) if p.endswith(".parquet"))
+        folder = hub_dataset(spec)
+        files = sorted(str(p) for p in folder.rglob("*.parquet"))
         if not files:
             raise ConfigError("the hub dataset holds no .parquet files", given=spec,
                               fix="pass a dataset repo with parquet data (or its parquet conversion)")
-        return [f"hf://{p}" for p in files]
+        return files
     if glob.has_magic(spec):
         return sorted(p for p in glob.glob(spec, recursive=True) if p.lower().endswith(TABLE_EXTS))
     p = Path(spec)
@@ -159,6 +159,40 @@ def table_files(spec: str) -> list[str]:
     if not files:
         raise ConfigError("the folder holds no .parquet files", given=spec, fix="pass a folder of .parquet files")
     return files
+
+
+def hub_dataset(spec: str) -> Path:
+    """The local snapshot (in the HF cache) of a hub dataset's .parquet files: downloaded on first use, read from
+    the cache after (and offline, HF_HUB_OFFLINE=1)."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    repo, _, revision = spec.removeprefix("hf://datasets/").strip("/").partition("@")
+    # read from the environment now, as hub.py does for weights (huggingface_hub reads it once, at its import)
+    env = os.environ.get
+    home = env("HF_HOME") or os.path.join(env("XDG_CACHE_HOME") or "~/.cache", "huggingface")
+    cache = os.path.expanduser(env("HF_HUB_CACHE") or env("HUGGINGFACE_HUB_CACHE") or os.path.join(home, "hub"))
+    offline = any(env(k, "").upper() in ("1", "ON", "YES", "TRUE") for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    try:
+        return Path(snapshot_download(repo, repo_type="dataset", revision=revision or None, cache_dir=cache,
+                                      endpoint=env("HF_ENDPOINT") or None, local_files_only=offline,
+                                      allow_patterns=["*.parquet", "**/*.parquet"]))
+    except RepositoryNotFoundError:
+        raise ConfigError("no such dataset on the hub (or it is private)", given=spec,
+                          fix="check ORG/NAME; log in (hf auth login) for a private one") from None
+    except RevisionNotFoundError:
+        raise ConfigError("the hub dataset has no such revision", given=spec, fix="check the @REVISION") from None
+    except LocalEntryNotFoundError:
+        raise ConfigError("the hub dataset is not in the HF cache and the hub cannot be reached (offline?)",
+                          given=spec, fix="run once with the hub reachable, or unset HF_HUB_OFFLINE") from None
+    except HfHubHTTPError as e:
+        raise ConfigError(f"the hub refused the dataset: {str(e).splitlines()[0]}", given=spec,
+                          fix="check the URL and your access") from None
 
 
 def _open(path: str) -> Any:
