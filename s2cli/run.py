@@ -732,12 +732,18 @@ class Run:
 
     def settle(self) -> None:
         """Wait for the shard being ended (its marker written), and count it."""
-        cur, self.ending = self.ending, None
+        cur = self.ending
         if cur is None:
             return
         t, st = self.target, self.stats
         t0 = time.perf_counter()
-        path = cur.sink.wait()
+        try:
+            path = cur.sink.wait()
+        except BaseException:
+            if cur.sink.ended:  # failed; else a stop signal came while waiting: `abort` waits for it again
+                self.ending = None
+            raise
+        self.ending = None
         st.waits["write"] += time.perf_counter() - t0
         st.busy["write"] += cur.sink.busy_s
         st.shards.append(path.name)
