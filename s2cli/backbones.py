@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from . import hub
 from ._lazy import nn, torch
@@ -71,13 +71,18 @@ def _resolve_spec(spec: str, *, layer: int | None, keep_cls: bool) -> BackboneCf
 class Backbone:
     """A loaded backbone: `backbone(x)` maps normalized images (B, 3, S, S) to tokens or feature maps."""
 
-    def __init__(self, cfg: BackboneCfg, module: nn.Module, weights: str, revision: str | None = None):
+    def __init__(self, cfg: BackboneCfg, module: nn.Module, weights: str, revision: str | None = None,
+                 layers: Sequence[int] | None = None):
         self.cfg = cfg
         self.module = module.eval().requires_grad_(False)
         self.weights = weights  # what it was loaded from (the output's `weights` attribute)
         self.revision = revision  # what a resumed run must load again (weights.Located.revision)
-        first = cfg.kind.forward(self.module, cfg, [cfg.layer])
-        self._fn: Callable[[torch.Tensor], torch.Tensor] = lambda x: first(x)[0]
+        # --layers: the listed layers from one forward, side by side on the channel axis (B, N, L*C), so the engine
+        # and the strategies' merges, which treat every channel alike, carry them all; the Extractor splits them
+        self.layers = list(layers) if layers is not None else [cfg.layer]
+        run = cfg.kind.forward(self.module, cfg, self.layers)
+        self._fn: Callable[[torch.Tensor], torch.Tensor] = (
+            (lambda x: run(x)[0]) if len(self.layers) == 1 else (lambda x: torch.cat(run(x), dim=-1)))
         self._eager: Callable[[torch.Tensor], torch.Tensor] | None = None  # the forward before compile()
         self.nhwc = False  # channels_last() was applied
 
@@ -161,15 +166,17 @@ def compile_cache_stats() -> dict[str, Any]:
 
 
 def load_backbone(cfg: BackboneCfg, *, weights: str | None = None, random_init: bool = False, seed: int = 0,
-                  any_size: bool = False, located: Located | None = None) -> Backbone:
+                  any_size: bool = False, located: Located | None = None,
+                  layers: Sequence[int] | None = None) -> Backbone:
     """Build the architecture and load its weights (or initialize it deterministically from `seed`): `located`
     if given (see `weights.locate`), else found now (a hub model is downloaded on first use).
-    `any_size`: the strategy feeds inputs of any size (timm ViTs are built with dynamic_img_size=True)."""
+    `any_size`: the strategy feeds inputs of any size (timm ViTs are built with dynamic_img_size=True).
+    `layers`: several layers from one forward (`Backbone`), else `cfg.layer`."""
     loc = located or locate(cfg, weights, random_init, seed)
     if loc.kind == "random":
         torch.manual_seed(seed)
     module = cfg.kind.build(cfg, loc, any_size)
-    return Backbone(cfg, module, loc.record, loc.revision)
+    return Backbone(cfg, module, loc.record, loc.revision, layers)
 
 
 # ---- ahead of a run ------------------------------------------------------------------------------------------

@@ -30,16 +30,17 @@ class FeatureDataset(torch.utils.data.Dataset):
     .safetensors file, or an output folder), in input order. `what`: "features" (T, C) per image, or "pooled"
     (C,) (extracted with --pool). `keys`: a subset, in the order given. `dtype`: the torch dtype of the tensors
     (bfloat16 and float16 storage are decoded exactly into it). `meta`: each image's record (source, sizes, grid,
-    the user's metadata, ...), as `open_features(path).meta(key)` gives it."""
+    the user's metadata, ...), as `open_features(path).meta(key)` gives it. `layer`: of an output of several layers
+    (--layers), the one to read, as `open_features` takes it (None: all, (L, T, C) or (L, C) per item)."""
 
     def __init__(self, path: str | os.PathLike, what: str = "features", keys: Sequence[str] | None = None,
-                 dtype: torch.dtype = torch.float32, meta: bool = True):
+                 dtype: torch.dtype = torch.float32, meta: bool = True, layer: int | None = None):
         if what not in WHAT:
             raise ConfigError("FeatureDataset: `what` is not known", given=what, expected=" | ".join(WHAT),
                               fix="pass what='features' or what='pooled'")
-        self.what, self.dtype, self.with_meta = what, dtype, meta
+        self.what, self.dtype, self.with_meta, self.layer = what, dtype, meta, layer
         self.path = str(path) if is_url(str(path)) else Path(path)  # a URL stays one (never a local path)
-        with open_features(self.path) as r:
+        with open_features(self.path, layer=layer) as r:
             known = list(r)
             if keys is not None:
                 missing = [k for k in keys if k not in r]
@@ -57,7 +58,7 @@ class FeatureDataset(torch.utils.data.Dataset):
     def reader(self) -> Reader:
         """This process's reader, opened on first use (a forked worker opens its own)."""
         if self._reader is None or self._pid != os.getpid():
-            self._reader = open_features(self.path)
+            self._reader = open_features(self.path, layer=self.layer)
             self._pid = os.getpid()
         return self._reader
 

@@ -798,12 +798,23 @@ class Run:
         s.total_images, s.total_failed, s.complete = manifest["num_images"], manifest["num_failed"], manifest["complete"]
 
     def _reduced(self, item: dict[str, Any]) -> dict[str, Any]:
-        """The item with its token grid reduced (--reduce) and the reduction recorded; as it was without one."""
-        if self.reduction is None or item["features"] is None:
-            return item
-        feats, grid = self.reduction.apply(item["features"], item["grid_hw"], item["num_prefix_tokens"])
-        record = {"op": self.reduction.spec, "grid_before": list(item["grid_hw"]), "grid_hw": list(grid)}
-        return {**item, "features": feats, "grid_hw": grid, "reduce": json.dumps(record)}
+        """The item as it is stored: its token grid reduced (--reduce, each layer alike) and the reduction
+        recorded; with --layers, its (L, T, C) features as L*T rows and its (L, C) pooled vector as one row."""
+        layered = self.res.layers is not None
+        if self.reduction is not None and item["features"] is not None:
+            grid_hw, prefix = item["grid_hw"], item["num_prefix_tokens"]
+            if layered:
+                done = [self.reduction.apply(x, grid_hw, prefix) for x in item["features"]]
+                feats, grid = np.stack([f for f, _ in done]), done[0][1]
+            else:
+                feats, grid = self.reduction.apply(item["features"], grid_hw, prefix)
+            record = {"op": self.reduction.spec, "grid_before": list(grid_hw), "grid_hw": list(grid)}
+            item = {**item, "features": feats, "grid_hw": grid, "reduce": json.dumps(record)}
+        if layered:
+            f, p = item["features"], item["pooled"]
+            item = {**item, "features": None if f is None else f.reshape(-1, f.shape[-1]),
+                    "pooled": None if p is None else p.reshape(-1)}
+        return item
 
     def _new_sink(self, path: str) -> ThreadedSink:
         res = self.res
@@ -816,6 +827,10 @@ class Run:
             tokens, shape["channels"] = res.stored(self.strategy.plan_entry(res, (res.side, res.side))[0])["output_shape"]
             shape["tokens"] = tokens if shape["tokens"] is not None else None
             shape["tokens_per_image"] = tokens if shape["tokens_per_image"] is not None else None
+        if res.layers is not None:  # each image's layers as L x T rows, its pooled vectors as one row of L x C
+            n = res.num_layers
+            shape.update({k: shape[k] * n for k in ("tokens", "tokens_per_image") if shape[k] is not None})
+            pooled_channels *= n
         sink = SINKS[res.format](path, res.file_attrs(self.backbone.weights), channels=shape["channels"],
                                  num_scales=shape["num_scales"], tokens=shape["tokens"], dtype=res.dtype,
                                  store_features=not res.pool_only, pooled=res.pool != "none", plans=shape["plans"],
