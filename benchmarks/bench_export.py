@@ -17,19 +17,20 @@ import numpy as np
 
 import s2cli
 from s2cli.export import export_embeddings
+from s2cli.formats.hdf5 import HDF5Sink
+from s2cli.items import Layout, StoredItem
 from s2cli.readers import Reader
-from s2cli.writers import HDF5Sink
 
 
 def write(path: Path, n: int, dim: int) -> None:
-    sink = HDF5Sink(path, {"num_prefix_tokens": 0}, channels=dim, num_scales=1, tokens=None, dtype="float32",
-                    store_features=False, pooled=True)
+    sink = HDF5Sink(path, {"num_prefix_tokens": 0}, Layout(channels=dim, num_scales=1, tokens=None, dtype="float32",
+                                                           features=False, pooled=True))
     rng = np.random.default_rng(0)
     for a in range(0, n, 4096):
         vec = rng.standard_normal((min(4096, n - a), dim)).astype(np.float32)
-        sink.write([{"key": f"{a + i:08d}", "source": f"/data/{a + i:08d}.jpg", "orig_hw": (480, 640), "grid_hw": (24, 24),
-                     "img_sizes": [(336, 336)], "num_prefix_tokens": 0, "split_mode": "resize", "features": None,
-                     "pooled": v} for i, v in enumerate(vec)])
+        sink.write([StoredItem(key=f"{a + i:08d}", source=f"/data/{a + i:08d}.jpg", meta=None, orig_hw=(480, 640),
+                               grid_hw=(24, 24), img_sizes=[(336, 336)], num_prefix_tokens=0, split_mode="resize",
+                               pooled=v) for i, v in enumerate(vec)])
     sink.close()
 
 

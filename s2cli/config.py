@@ -13,7 +13,9 @@ from numbers import Integral, Real
 from pathlib import Path
 from typing import Any
 
+from . import formats
 from .backbones import BackboneCfg, resolve
+from .dtypes import DTYPES, QUANTIZED, entry_bytes, itemsize, pooled_dtype
 from .errors import ConfigError
 from .inputs.decode import DECODES
 from .inputs.resolve import INPUT_FORMATS
@@ -33,17 +35,12 @@ from .strategies import (
 from .tiling import SPLIT_MODES
 from .version import __version__
 from .video import Sampling
-from .writers import FORMATS, SAFETENSORS_HEADER_LIMIT, format_of, itemsize
 
 PRECISIONS = ("fp32", "bf16", "fp16")
-DTYPES = ("float32", "float16", "bfloat16")
 POOLS = ("none", "mean", "cls")
 ON_ERROR = ("skip", "stop")
 SHARD_BYTES = 1 << 30  # default shard size aims at ~1 GiB files
 DEFAULT_SCALES = (1.0, 2.0)  # times the model's input size, when neither --scales nor --img-sizes is given
-# a safetensors shard keeps every image's record in its JSON header: the default shard size leaves each image this
-# much of the format's header limit (its record and ~1.5 KB of metadata)
-SAFETENSORS_HEADER_PER_IMAGE = 2048
 
 # the panels `s2 extract --help` lists its options in
 PANELS = INPUT, MODEL, SCALES, STRATEGY, OUTPUT, SPEED, RUN = ("Input", "Model", "Scales and tiles", "Strategy",
@@ -140,8 +137,8 @@ class ExtractConfig:
     device: str = opt("--device", default="auto", help="auto | cpu | cuda | cuda:K.", panel=SPEED, resume=RUN_ONLY)
     precision: str = opt("--precision", default="fp32", help="Compute precision.", panel=SPEED, choices=PRECISIONS)
     dtype: str = opt("--dtype", default="float32", panel=OUTPUT, choices=DTYPES,
-                     help="Stored dtype (bfloat16 in HDF5: uint16 bits with the dataset attribute encoding=bfloat16, "
-                          "decoded by the readers).")
+                     help="Stored dtype: float32, float16, bfloat16, or int8/float8 codes with per-channel x per-token "
+                          "scales (~1/4 of float32); readers decode to float32 (docs/features.md).")
     limit: int | None = opt("--limit", help="Only the first N images.", panel=INPUT)
     input_format: str = opt("--input-format", default="auto", help="What INPUT is (auto: detected).", panel=INPUT,
                             choices=INPUT_FORMATS)
@@ -166,7 +163,7 @@ class ExtractConfig:
     frames_as_images: bool = opt("--frames-as-images/--frames-as-video", default=False, panel=INPUT, added=True,
                                  help="Video: store each frame as its own entry key#000123.")
     format: str | None = opt("--format", help="Shard format in OUTDIR/ (a file's suffix says it).", panel=OUTPUT,
-                             shown="h5", choices=FORMATS)
+                             shown="h5", choices=formats.FORMATS)
     shard_size: int | None = opt("--shard-size", help="Images per output shard.", panel=OUTPUT, shown="~1 GB files")
     pool: str = opt("--pool", default="none", help="Also store a pooled vector per image.", panel=OUTPUT,
                     choices=POOLS)
@@ -364,11 +361,11 @@ class Resolved(ExtractConfig):
         n0 = max(1, -(-self.img_sizes[self.resize_output_to_idx] // side))
         tokens = bb.num_prefix_tokens + gh * gw * n0 * n0
         channels = bb.channels * len(self.img_sizes)
-        item = itemsize(self.dtype)
-        pooled = channels * item if self.pool != "none" else 0
+        pooled = channels * itemsize(pooled_dtype(self.dtype)) if self.pool != "none" else 0
         tokens, channels = self.stored({"output_grid": [gh * n0, gw * n0], "output_shape": [tokens, channels]})[
             "output_shape"]
-        return ((0 if self.pool_only else tokens * channels * item) + pooled) * self.num_layers
+        n = self.num_layers  # --layers: L x T rows, one pooled row of L x C
+        return (0 if self.pool_only else entry_bytes(tokens * n, channels, self.dtype)) + pooled * n
 
     @property
     def num_layers(self) -> int:
@@ -477,8 +474,7 @@ def resolve_config(cfg: ExtractConfig, backbone: BackboneCfg) -> Resolved:
     if cfg.shard_size is None:
         per_image = res.bytes_per_image() * (res.sampling.max_count() or 1)  # a video entry holds its frames
         n = min(100_000, SHARD_BYTES // max(1, per_image))
-        if res.format == "safetensors":
-            n = min(n, SAFETENSORS_HEADER_LIMIT // SAFETENSORS_HEADER_PER_IMAGE)
+        n = min(n, formats.get(res.format).max_images() or n)  # a format's header limit (safetensors)
         res = dataclasses.replace(res, shard_size=max(1, n))
     return res
 
@@ -551,6 +547,10 @@ def _check_options(cfg: ExtractConfig, backbone: BackboneCfg, n: int) -> None:
                           fix="use --pool mean, or --keep-cls for CLIP")
     if cfg.pool_only and cfg.pool == "none":
         raise ConfigError("--pool-only needs --pool mean or cls", fix="add --pool mean")
+    if cfg.pool_only and cfg.dtype in QUANTIZED:
+        raise ConfigError(f"--dtype {cfg.dtype} stores token features as codes with scales; pooled vectors are kept in "
+                          f"{pooled_dtype(cfg.dtype)}, and --pool-only stores nothing else",
+                          given=f"--dtype {cfg.dtype} --pool-only", fix=f"pass --dtype {pooled_dtype(cfg.dtype)}, or drop --pool-only")
     if parse_reduce(cfg.reduce) is not None and cfg.reduce.startswith("s2c") and backbone.num_prefix_tokens:
         raise ConfigError("--reduce s2c:K merges neighbours on channels, which prefix tokens do not have",
                           given=f"--reduce {cfg.reduce} with {backbone.num_prefix_tokens} prefix token(s)",
@@ -568,31 +568,28 @@ def _check_options(cfg: ExtractConfig, backbone: BackboneCfg, n: int) -> None:
 
 def _check_numbers(cfg: ExtractConfig) -> None:
     """Every numeric option in its range, before anything runs (a value out of range is never clamped)."""
-    for name in ("batch_size", "max_tiles_per_call", "limit", "shard_size"):
+    for name in ("batch_size", "max_tiles_per_call", "limit", "shard_size", "num_samples"):
         v = getattr(cfg, name)
         if v is not None and (isinstance(v, bool) or not isinstance(v, Integral) or v <= 0):
-            raise ConfigError(f"{flag(name)} must be a positive integer", given=v, fix=f"pass {flag(name)} 1 or more")
-    if isinstance(cfg.workers, bool) or not isinstance(cfg.workers, Integral) or cfg.workers < 0:
-        raise ConfigError("-j/--workers must be an integer >= 0", given=cfg.workers,
-                          fix="pass -j 0 to decode in the main process")
+            raise ConfigError(f"{flag(name)} must be a positive integer", given=v, fix=(
+                "drop it to estimate the total" if name == "num_samples" else f"pass {flag(name)} 1 or more"))
+    for name, fix in (("workers", "pass -j 0 to decode in the main process"), ("max_failures", "e.g. 100"),
+                      ("retries", "e.g. 3")):
+        v = getattr(cfg, name)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, Integral) or v < 0):
+            raise ConfigError(f"{flag(name)} must be an integer >= 0", given=v, fix=fix)
     t = cfg.decode_timeout
     if isinstance(t, bool) or not isinstance(t, Real) or not 0 < t < math.inf:
-        raise ConfigError("--decode-timeout must be a positive number of seconds (every image would fail at it)",
-                          given=t, fix="pass e.g. --decode-timeout 120")
-    if cfg.max_failures is not None and (not isinstance(cfg.max_failures, Integral) or cfg.max_failures < 0):
-        raise ConfigError("--max-failures must be an integer >= 0", given=cfg.max_failures, fix="e.g. --max-failures 100")
-    if isinstance(cfg.retries, bool) or not isinstance(cfg.retries, Integral) or cfg.retries < 0:
-        raise ConfigError("--retries must be an integer >= 0", given=cfg.retries, fix="e.g. --retries 3")
-    if cfg.num_samples is not None and (not isinstance(cfg.num_samples, Integral) or cfg.num_samples < 1):
-        raise ConfigError("--num-samples must be a positive integer", given=cfg.num_samples,
-                          fix="drop it to estimate the total")
+        raise ConfigError(f"{flag('decode_timeout')} must be a positive number of seconds (every image would fail at "
+                          "it)", given=t, fix=f"pass e.g. {flag('decode_timeout')} 120")
 
 
 def _output(cfg: ExtractConfig) -> tuple[str, str, bool]:
     """(the output path, its format, whether it is a folder of shards)."""
     output = cfg.output or default_output(cfg.input, cfg.model)
     output = str(local_of(output) or output)  # file://PATH is that local path
-    suffix_fmt = format_of(output)
+    fmt = formats.of_path(output)
+    suffix_fmt = fmt.name if fmt is not None else None
     if local_of(output) is None:  # remote storage: its file system must be installed; a folder of shards only
         check_url(output)
         if suffix_fmt is not None:
@@ -608,8 +605,12 @@ def _output(cfg: ExtractConfig) -> tuple[str, str, bool]:
         _choice("format", cfg.format)
         if suffix_fmt is not None and suffix_fmt != cfg.format:
             raise ConfigError("--format contradicts the output file's suffix", given=(cfg.format, output),
-                              fix=f"name the file *{FORMATS[cfg.format]} or drop --format")
-    return output, cfg.format or suffix_fmt or "h5", suffix_fmt is None
+                              fix=f"name the file *{formats.get(cfg.format).suffix} or drop --format")
+    name = cfg.format or suffix_fmt or "h5"
+    if local_of(output) is None and not formats.get(name).remote:
+        raise ConfigError(f"--format {name} writes each shard as a folder, which is written to local folders only",
+                          given=output, fix="pass a local -o OUTDIR/, or another --format")
+    return output, name, suffix_fmt is None
 
 
 def resolve_options(input: str, output: str | None = None, recipe: str | None = None, **options: Any) -> Resolved:

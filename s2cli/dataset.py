@@ -18,6 +18,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from .dtypes import QUANTIZED
 from .errors import ConfigError
 from .readers import Reader, open_features
 from .store import is_url
@@ -29,16 +30,18 @@ class FeatureDataset(torch.utils.data.Dataset):
     """Items `{"key", "features", "meta"}` of the features written by `s2 extract` at `path` (a .h5 or
     .safetensors file, or an output folder), in input order. `what`: "features" (T, C) per image, or "pooled"
     (C,) (extracted with --pool). `keys`: a subset, in the order given. `dtype`: the torch dtype of the tensors
-    (bfloat16 and float16 storage are decoded exactly into it). `meta`: each image's record (source, sizes, grid,
-    the user's metadata, ...), as `open_features(path).meta(key)` gives it. `layer`: of an output of several layers
-    (--layers), the one to read, as `open_features` takes it (None: all, (L, T, C) or (L, C) per item)."""
+    (bfloat16 and float16 storage are decoded exactly into it; int8/float8 codes are dequantized, then cast).
+    `meta`: each image's record (source, sizes, grid, the user's metadata, ...), as `open_features(path).meta(key)`
+    gives it. `raw`: the stored codes as they are (int8; float8 and bfloat16 as their bits; `dtype` ignored), with
+    int8/float8 `token_scales` and `channel_scales` in each item (value = code x both). `layer`: of an output of
+    several layers (--layers), the one to read, as `open_features` takes it (None: all, (L, T, C) or (L, C))."""
 
     def __init__(self, path: str | os.PathLike, what: str = "features", keys: Sequence[str] | None = None,
-                 dtype: torch.dtype = torch.float32, meta: bool = True, layer: int | None = None):
+                 dtype: torch.dtype = torch.float32, meta: bool = True, raw: bool = False, layer: int | None = None):
         if what not in WHAT:
             raise ConfigError("FeatureDataset: `what` is not known", given=what, expected=" | ".join(WHAT),
                               fix="pass what='features' or what='pooled'")
-        self.what, self.dtype, self.with_meta, self.layer = what, dtype, meta, layer
+        self.what, self.dtype, self.with_meta, self.raw, self.layer = what, dtype, meta, raw, layer
         self.path = str(path) if is_url(str(path)) else Path(path)  # a URL stays one (never a local path)
         with open_features(self.path, layer=layer) as r:
             known = list(r)
@@ -58,7 +61,7 @@ class FeatureDataset(torch.utils.data.Dataset):
     def reader(self) -> Reader:
         """This process's reader, opened on first use (a forked worker opens its own)."""
         if self._reader is None or self._pid != os.getpid():
-            self._reader = open_features(self.path, layer=self.layer)
+            self._reader = open_features(self.path, raw=self.raw, layer=self.layer)
             self._pid = os.getpid()
         return self._reader
 
@@ -66,7 +69,10 @@ class FeatureDataset(torch.utils.data.Dataset):
         key = self.keys[i]
         r = self.reader()
         x = r[key] if self.what == "features" else r.pooled(key)
-        item: dict[str, Any] = {"key": key, "features": torch.from_numpy(np.ascontiguousarray(x)).to(self.dtype)}
+        t = torch.from_numpy(np.ascontiguousarray(x))
+        item: dict[str, Any] = {"key": key, "features": t if self.raw else t.to(self.dtype)}
+        if self.raw and self.what == "features" and r.dtype in QUANTIZED:
+            item["token_scales"], item["channel_scales"] = (torch.from_numpy(s) for s in r.scales(key))
         item["meta"] = r.meta(key) if self.with_meta else {}
         return item
 

@@ -88,21 +88,53 @@ def file_identity(path: Path) -> tuple[int, int, int] | None:
     return st.st_dev, st.st_ino, st.st_mtime_ns
 
 
+def _fsync_path(path: Path) -> None:
+    """fsync a file, or every file of a folder and the folders themselves."""
+    if not path.is_dir():
+        with open(path, "rb+") as fh:
+            os.fsync(fh.fileno())
+        return
+    for p in sorted(path.rglob("*")) + [path]:
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def remove_path(path: Path) -> None:
+    """Remove a file or a folder with everything in it; nothing there is fine."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
 def fsync_rename(tmp: Path, final: Path, guard: bool = False, replaces: tuple[int, int, int] | None = None) -> None:
-    """Make the complete file `tmp` durable, then give it its final name (and make the rename durable too).
-    `guard`: replace only the file `replaces` (its `file_identity` when the run began; None: nothing), never a
-    file that appeared under the name since: FileExistsError then, and `tmp` stays."""
-    with open(tmp, "rb+") as fh:
-        os.fsync(fh.fileno())
-    if not guard:
+    """Make the complete file (or folder) `tmp` durable, then give it its final name (and make the rename durable
+    too). `guard`: replace only the file `replaces` (its `file_identity` when the run began; None: nothing), never a
+    file that appeared under the name since: FileExistsError then, and `tmp` stays. A folder replaces a folder
+    by removing it first (not atomically: a reader may see neither for a moment)."""
+    _fsync_path(tmp)
+    folder = tmp.is_dir()
+    if guard and replaces is not None and file_identity(final) not in (None, replaces):
+        raise FileExistsError(errno.EEXIST, "another file appeared under this name during the run", str(final))
+    if folder:
+        if file_identity(final) is not None and (not guard or replaces is not None):
+            remove_path(final)
+        try:
+            os.rename(tmp, final)  # onto a folder that appeared meanwhile (not empty): refused
+        except OSError as e:
+            if e.errno in (errno.EEXIST, errno.ENOTEMPTY, errno.EISDIR, errno.ENOTDIR):
+                raise FileExistsError(errno.EEXIST, "another file appeared under this name during the run", str(final)) from e
+            raise
+    elif not guard:
         os.replace(tmp, final)
     elif replaces is None or file_identity(final) is None:
         os.link(tmp, final)  # never replaces: FileExistsError when a file appeared under the name
         os.unlink(tmp)
-    elif file_identity(final) == replaces:
-        os.replace(tmp, final)
     else:
-        raise FileExistsError(errno.EEXIST, "another file appeared under this name during the run", str(final))
+        os.replace(tmp, final)
     dfd = os.open(final.parent, os.O_RDONLY)
     try:
         os.fsync(dfd)

@@ -3,7 +3,6 @@ followed by its done marker (only marked shards count), leftovers of dead writer
 `manifest.json` rebuilt from the markers."""
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -12,16 +11,18 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
+from .formats import NamePattern, of_path, store_files, store_identity
 from .fsutil import Claim, pid_alive, take_claim
 from .heartbeat import RemoteClaim, heartbeat_name, live_ranks, liveness, read_heartbeats
 from .store import Folder, folder
 
-SHARD_RE = re.compile(r"^part-(\d{5})-(\d{5})\.(h5|safetensors)$")
-OURS_RE = re.compile(r"^(part-\d{5}-\d{5}\.(h5|safetensors|json)|run\.json|manifest\.json|errors\.jsonl|rank-\d{5}\.json)$")
+# `{suffix}`: any registered format's (formats.NamePattern)
+SHARD_RE = NamePattern(r"^part-(\d{5})-(\d{5})\.{suffix}$")
+OURS_RE = NamePattern(r"^(part-\d{5}-\d{5}\.({suffix}|json)|run\.json|manifest\.json|errors\.jsonl|rank-\d{5}\.json)$")
 # files `s2 slurm` puts beside the run (its script and SLURM's logs): ours, but not output; --overwrite keeps them
 HEARTBEAT_NAME_RE = re.compile(r"^rank-\d{5}\.json$")  # a rank's heartbeat (on remote storage: its claim)
 SIDE_RE = re.compile(r"^(s2-slurm\.sbatch|slurm-\d+(_\d+)?\.out)$")
-RANK_TMP_RE = re.compile(r"^\.part-(\d{5})-\d{5}\.(h5|safetensors|json)\.tmp-\d+$")
+RANK_TMP_RE = NamePattern(r"^\.part-(\d{5})-\d{5}\.({suffix}|json)\.tmp-\d+$")
 LOCK_RE = re.compile(r"^\.rank-(\d{5})\.lock$")
 MARKER_RE = re.compile(r"^part-\d{5}-\d{5}\.json$")
 TMP_RE = re.compile(r"^\..*\.tmp-")
@@ -129,7 +130,7 @@ class OutputDir:
         marker was written (a local folder; or with `verify`: always), the same sha256. Markers written before
         they recorded these are taken on their shard's existence."""
         d = self.folder
-        files = d.files()
+        files = set(d.names())  # a shard may be a folder (a format whose output is one)
         good, broken = [], []
         for name, text in d.read_texts(sorted(n for n in files if MARKER_RE.match(n))).items():
             try:
@@ -398,17 +399,14 @@ def _in_order(marker: dict[str, Any]) -> tuple[int, int, str]:
 
 
 def file_sha256(path: Path) -> str:
-    """The sha256 of a file's bytes, read in 4 MiB blocks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(1 << 22):
-            h.update(block)
-    return h.hexdigest()
+    """The sha256 of a shard's bytes (a file's, or a folder's files with their names: formats.store_identity)."""
+    return store_identity(path)["sha256"]
 
 
 def shard_record(path: Path) -> dict[str, Any]:
-    """What makes a shard whole, for its done marker: its size in bytes and its sha256."""
-    return {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
+    """What makes a shard whole, for its done marker: its size in bytes and its sha256 (its format's identity)."""
+    fmt = of_path(path)
+    return (fmt.identity if fmt is not None else store_identity)(path)
 
 
 def shard_damage(path: Path, marker: dict[str, Any], verify: bool = False, marked_ns: int | None = None) -> str | None:
@@ -418,12 +416,13 @@ def shard_damage(path: Path, marker: dict[str, Any], verify: bool = False, marke
     if "bytes" not in marker:
         return None  # written before markers recorded it
     try:
-        st = path.stat()
+        stats = [p.stat() for p in store_files(path)]  # a file, or a folder's files
     except OSError as e:
         return f"cannot be read ({e.strerror or e})"
-    if st.st_size != marker["bytes"]:
-        return f"{st.st_size} bytes where its marker recorded {marker['bytes']} (truncated or overwritten)"
-    touched = marked_ns is not None and st.st_mtime_ns > marked_ns
+    size = sum(st.st_size for st in stats)
+    if size != marker["bytes"]:
+        return f"{size} bytes where its marker recorded {marker['bytes']} (truncated or overwritten)"
+    touched = marked_ns is not None and max((st.st_mtime_ns for st in stats), default=0) > marked_ns
     if (verify or touched) and file_sha256(path) != marker.get("sha256"):
         return "its sha256 differs from the one its marker recorded (its bytes changed)"
     return None

@@ -10,6 +10,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from .config import Resolved, resolve_options
+from .dtypes import entry_bytes, itemsize, pooled_dtype
 from .errors import ConfigError
 from .inputs.decode import Fit, decode_sample
 from .inputs.reading import image_size, is_video, video_header
@@ -17,7 +18,6 @@ from .inputs.samples import Sample, failure
 from .inputs.units import Input
 from .strategies import strategy_of
 from .video import choose
-from .writers import itemsize
 
 
 def fit_of(res: Resolved) -> Fit:
@@ -51,11 +51,15 @@ def dry_run(res: Resolved, inp: Input) -> dict[str, Any]:
             unreadable.append(failure(s, "read", e))
             continue
         entry, flops = plan_entry(res, orig)
-        nbytes = stored_bytes(res, entry["output_shape"][-2:],
-                              entry.get("reduced_from", entry)["output_shape"][-1]) * res.num_layers
+        n_layers = res.num_layers  # --layers: an image's layers stored as L x T rows, its pooled row L x C
+        pooled_channels = entry.get("reduced_from", entry)["output_shape"][-1] * n_layers
+        rows = [entry["output_shape"][-2] * n_layers, entry["output_shape"][-1]]
+        nbytes = stored_bytes(res, rows, pooled_channels)
         if video:  # every chosen frame is planned as an image of the video's size
             n = len(video["frame_indices"])
-            entry["tiles"], flops, nbytes = entry["tiles"] * n, None if flops is None else flops * n, nbytes * n
+            entry["tiles"], flops = entry["tiles"] * n, None if flops is None else flops * n
+            # one entry per frame, or one (frames, tokens, channels) entry
+            nbytes = nbytes * n if res.frames_as_images else stored_bytes(res, rows, pooled_channels, n)
             if not res.frames_as_images:
                 entry["output_shape"] = [n, *entry["output_shape"]]
         flops_known = flops_known and flops is not None
@@ -87,14 +91,14 @@ def video_plan(res: Resolved, sample: Sample) -> dict[str, Any]:
     return {**h.to_dict(), "frame_indices": chosen, "timestamps": [round(times[i], 6) for i in chosen]}
 
 
-def stored_bytes(res: Resolved, output_shape: list[int] | tuple[int, int], pooled_channels: int | None = None) -> int:
-    """Bytes one image's stored arrays take in the storage dtype: its features, tokens x channels as stored (none
-    with --pool-only), and its pooled vector (with --pool mean|cls; `pooled_channels` wide, the channels before
-    a space-to-channel reduction)."""
-    item = itemsize(res.dtype)
+def stored_bytes(res: Resolved, output_shape: list[int] | tuple[int, int], pooled_channels: int | None = None,
+                 frames: int = 1) -> int:
+    """Bytes one entry's stored arrays take in the storage dtype: its features, (frames x) tokens x channels as
+    stored with their int8/float8 scales (none with --pool-only), and its pooled vector (with --pool mean|cls;
+    `pooled_channels` wide, the channels before a space-to-channel reduction)."""
     tokens, channels = output_shape
-    pooled = (pooled_channels or channels) * item if res.pool != "none" else 0
-    return (0 if res.pool_only else tokens * channels * item) + pooled
+    pooled = (pooled_channels or channels) * itemsize(pooled_dtype(res.dtype)) if res.pool != "none" else 0
+    return (0 if res.pool_only else entry_bytes(frames * tokens, channels, res.dtype)) + pooled
 
 
 def _samples(inp: Input, limit: int | None, unreadable: list[dict[str, str]]) -> Iterator[Sample]:

@@ -18,7 +18,9 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from . import formats
 from .config import INPUT, OPTION_DECLS, ExtractConfig, Resolved
+from .dtypes import entry_bytes, itemsize, pooled_dtype
 from .errors import ConfigError
 from .inputs.samples import Sample, sample_meta
 from .inputs.units import Input, Unit
@@ -26,7 +28,6 @@ from .outdir import OutputDir
 from .plan import dry_run
 from .readers import Reader, open_features
 from .store import local_of
-from .writers import format_of, itemsize
 
 VECTORS = ("auto", "mean", "pooled")  # auto: the mean of the stored tokens, or the pooled vector where only it is stored
 NOT_OPTIONS = ("input", "output", "provenance")
@@ -244,7 +245,7 @@ def vectors(ff: Reader, keys: list[str], vector: str) -> tuple[np.ndarray, float
     """One vector per key (`mean`: of the stored tokens past the prefix tokens, a video's over all its frames;
     `pooled`: the stored pooled vector; `auto`: mean where tokens are stored) and the stored bytes per image."""
     how = ("mean" if ff.feature_shape is not None else "pooled") if vector == "auto" else vector
-    item = itemsize(ff.dtype)
+    item = itemsize(pooled_dtype(ff.dtype))  # a pooled vector's element (int8/float8 features: float16 vectors)
     pooled = str(ff.attrs.get("pool") or "none") != "none"
     if (how == "mean" and ff.feature_shape is None) or (how == "pooled" and not pooled):
         raise ConfigError(f"--vector {how} needs {'token features' if how == 'mean' else 'pooled vectors'}, and "
@@ -258,7 +259,8 @@ def vectors(ff: Reader, keys: list[str], vector: str) -> tuple[np.ndarray, float
             rows.append(np.asarray(x, np.float32)[..., prefix:, :].reshape(-1, x.shape[-1]).mean(0))
         else:
             rows.append(np.asarray(p, np.float32))
-        nbytes += (x.size if x is not None else 0) * item + (p.size * item if pooled else 0)
+        rows_, width = (x.size // x.shape[-1], x.shape[-1]) if x is not None else (0, 0)
+        nbytes += entry_bytes(rows_, width, ff.dtype) + (p.size * item if pooled else 0)
     return np.stack(rows), nbytes / max(1, len(keys))
 
 
@@ -269,7 +271,8 @@ def is_output(path: str) -> bool:
     if local is None:
         return False
     p = Path(local)
-    return (p.is_file() and format_of(str(p)) is not None) or (p.is_dir() and OutputDir(p).run_file.is_file())
+    fmt = formats.of_path(p)
+    return fmt.exists(p) if fmt is not None else (p.is_dir() and OutputDir(p).run_file.is_file())
 
 
 @dataclass(frozen=True)

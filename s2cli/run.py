@@ -17,8 +17,10 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import torch
 
+from . import formats
 from .backbones import Backbone
 from .config import Resolved
+from .dtypes import entry_bytes, itemsize, pooled_dtype
 from .errors import ConfigError, S2Error
 from .extractor import Extractor
 from .fsutil import Claim, file_identity, take_claim
@@ -26,13 +28,14 @@ from .heartbeat import Heartbeat
 from .inputs.pool import DecodePool
 from .inputs.samples import Sample
 from .inputs.units import Input, Unit
+from .items import Layout, StoredItem
 from .launch import Rank, Terminated, final_barrier, resolve_precision, signals_deferred
 from .outdir import OutputDir, shard_record, unit_complete
 from .plan import fit_of
 from .reduce import parse as parse_reduce
 from .strategies import strategy_of
 from .version import __version__
-from .writers import SINKS, ThreadedSink, check_output_file, itemsize, remove_dead_temporaries
+from .writers import ThreadedSink, check_output_file, remove_dead_temporaries
 
 Progress = Callable[[int, int, int], None]  # (images done, failed, shards written) in this run
 
@@ -205,11 +208,12 @@ class Target:
     def _claim_file(self, out: Path, overwrite: bool) -> None:
         """Claim a single-file output (`.NAME.lock` beside it) before anything is read or written, then remove
         the temporaries of dead runs of it. The file there now is the only one the final rename may replace."""
-        check_output_file(out, overwrite)
+        directory = formats.get(self.res.format).store == formats.DIR
+        check_output_file(out, overwrite, directory)
         self.claim = take_claim(out.with_name(f".{out.name}.lock"), str(out), fix=(
             "wait for that run to end, or pass another -o; a killed run's claim ends with its process"))
         try:
-            check_output_file(out, overwrite)  # again: a run that just ended may have written it
+            check_output_file(out, overwrite, directory)  # again: a run that just ended may have written it
             self.replaces = file_identity(out)
             remove_dead_temporaries(out)
         except BaseException:
@@ -420,7 +424,7 @@ class _Video:
 
     rec: dict[str, Any]
     positions: list[int]  # which of the chosen frames are computed (all; with --frames-as-images each index once)
-    items: list[dict[str, Any] | None]
+    items: list[StoredItem | None]
     waiting: int
     failed: bool = False
 
@@ -457,7 +461,7 @@ class VideoFrames:
         v.failed = True
         return {**record, "key": v.rec["key"], "error": f"a frame ({record['key']}) failed: {record['error']}"}
 
-    def add(self, rec: dict[str, Any], item: dict[str, Any]) -> list[dict[str, Any]]:
+    def add(self, rec: dict[str, Any], item: StoredItem) -> list[StoredItem]:
         """A frame's item; returns the video's entries once its last frame is in (none if a frame failed)."""
         v, pos = rec["frame_of"]
         v.items[pos] = item
@@ -466,27 +470,20 @@ class VideoFrames:
             return []
         facts = v.rec["video"]
         if self.as_images:
-            return [{**it, "meta": _with_video(v.rec.get("meta"), {  # type: ignore[dict-item]
+            return [it.replace(meta=v.rec.get("meta")).with_meta(video={  # type: ignore[union-attr]
                 "frame_index": facts["frame_indices"][j], "timestamp": facts["timestamps"][j],
-                **{k: facts[k] for k in ("num_frames_total", "rotation", "codec")}})}
+                **{k: facts[k] for k in ("num_frames_total", "rotation", "codec")}})
                 for j, it in zip(v.positions, v.items)]
         first = v.items[0]
-        feats = [it["features"] for it in v.items]  # type: ignore[index]
-        return [{**first, "key": v.rec["key"], "meta": _with_video(v.rec.get("meta"), v.rec["video"]),  # type: ignore[dict-item]
-                 "features": None if feats[0] is None else np.stack(feats), "pooled": None}]
+        feats = [it.features for it in v.items]  # type: ignore[union-attr]
+        return [first.replace(key=v.rec["key"], meta=v.rec.get("meta"), pooled=None,  # type: ignore[union-attr]
+                              features=None if feats[0] is None else np.stack(feats)).with_meta(video=v.rec["video"])]
 
     def _done(self, v: _Video, key: str) -> None:
         v.waiting -= 1
         if v.waiting == 0:
             for k in [k for k, o in self.open.items() if o is v]:
                 del self.open[k]
-
-
-def _with_video(meta: str | None, video: dict[str, Any]) -> str:
-    """An entry's metadata (JSON text) with the video facts under `video`."""
-    m = json.loads(meta) if meta else {}
-    m["video"] = video
-    return json.dumps(m)
 
 
 # what the decode pool is given for a sample of a part already done: passed through, never decoded
@@ -629,7 +626,7 @@ class Run:
         t = self.target
         if t.dir is None:  # one file: one key space across all units
             return _Part(unit, part, self.file_sink, time.perf_counter(), self.file_keys)  # type: ignore[arg-type]
-        name = f"part-{t.rank:05d}-{self.next_index:05d}{SINKS[self.res.format].suffix}"
+        name = f"part-{t.rank:05d}-{self.next_index:05d}{formats.get(self.res.format).suffix}"
         self.next_index += 1
         if t.heartbeat is not None:
             t.heartbeat.update(unit=unit.id, unit_index=unit.index, part=part, shard=name, write=True)
@@ -797,23 +794,22 @@ class Run:
         s.shards_written, s.resumed_images = len(self.stats.shards), t.images_done_before
         s.total_images, s.total_failed, s.complete = manifest["num_images"], manifest["num_failed"], manifest["complete"]
 
-    def _reduced(self, item: dict[str, Any]) -> dict[str, Any]:
+    def _reduced(self, item: StoredItem) -> StoredItem:
         """The item as it is stored: its token grid reduced (--reduce, each layer alike) and the reduction
         recorded; with --layers, its (L, T, C) features as L*T rows and its (L, C) pooled vector as one row."""
         layered = self.res.layers is not None
-        if self.reduction is not None and item["features"] is not None:
-            grid_hw, prefix = item["grid_hw"], item["num_prefix_tokens"]
+        if self.reduction is not None and item.features is not None:
             if layered:
-                done = [self.reduction.apply(x, grid_hw, prefix) for x in item["features"]]
+                done = [self.reduction.apply(x, item.grid_hw, item.num_prefix_tokens) for x in item.features]
                 feats, grid = np.stack([f for f, _ in done]), done[0][1]
             else:
-                feats, grid = self.reduction.apply(item["features"], grid_hw, prefix)
-            record = {"op": self.reduction.spec, "grid_before": list(grid_hw), "grid_hw": list(grid)}
-            item = {**item, "features": feats, "grid_hw": grid, "reduce": json.dumps(record)}
+                feats, grid = self.reduction.apply(item.features, item.grid_hw, item.num_prefix_tokens)
+            record = {"op": self.reduction.spec, "grid_before": list(item.grid_hw), "grid_hw": list(grid)}
+            item = item.replace(features=feats, grid_hw=grid, reduce=json.dumps(record))
         if layered:
-            f, p = item["features"], item["pooled"]
-            item = {**item, "features": None if f is None else f.reshape(-1, f.shape[-1]),
-                    "pooled": None if p is None else p.reshape(-1)}
+            f, p = item.features, item.pooled
+            item = item.replace(features=None if f is None else f.reshape(-1, f.shape[-1]),
+                                pooled=None if p is None else p.reshape(-1))
         return item
 
     def _new_sink(self, path: str) -> ThreadedSink:
@@ -831,10 +827,13 @@ class Run:
             n = res.num_layers
             shape.update({k: shape[k] * n for k in ("tokens", "tokens_per_image") if shape[k] is not None})
             pooled_channels *= n
-        sink = SINKS[res.format](path, res.file_attrs(self.backbone.weights), channels=shape["channels"],
-                                 num_scales=shape["num_scales"], tokens=shape["tokens"], dtype=res.dtype,
-                                 store_features=not res.pool_only, pooled=res.pool != "none", plans=shape["plans"],
-                                 pooled_channels=pooled_channels, reduced=self.reduction is not None, videos=videos)
+        layout = Layout(channels=shape["channels"], num_scales=shape["num_scales"], tokens=shape["tokens"],
+                        dtype=res.dtype, features=not res.pool_only, pooled=res.pool != "none",
+                        pooled_channels=pooled_channels, plans=shape["plans"], reduced=self.reduction is not None,
+                        videos=videos)
+        fmt = formats.get(res.format)
+        sink = fmt.sink_class()(path, res.file_attrs(self.backbone.weights), layout,
+                                directory=fmt.store == formats.DIR)
         if res.output_is_dir:
             sink.need_bytes = self._shard_bytes(shape, pooled_channels)
         return sink
@@ -848,8 +847,9 @@ class Run:
             return round(nbytes / images * res.shard_size)
         if shape["tokens_per_image"] is None:
             return None
-        tokens = 0 if res.pool_only else shape["tokens_per_image"] * shape["channels"]
-        return res.shard_size * (tokens + (pooled_channels if res.pool != "none" else 0)) * itemsize(res.dtype)
+        tokens = 0 if res.pool_only else entry_bytes(shape["tokens_per_image"], shape["channels"], res.dtype)
+        pooled = pooled_channels * itemsize(pooled_dtype(res.dtype)) if res.pool != "none" else 0
+        return res.shard_size * (tokens + pooled)
 
     def _progress(self) -> None:
         if self.on_progress:

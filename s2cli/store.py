@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError, S2Error
-from .fsutil import SPOOL_PREFIX, atomic_write_text, claim_held, create_exclusive, pid_alive, write_error
+from .fsutil import SPOOL_PREFIX, atomic_write_text, claim_held, create_exclusive, pid_alive, remove_path, write_error
 
 URL_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+)://")
 # the package each common protocol needs (fsspec's own registry names the others in its message)
@@ -205,10 +205,11 @@ class Folder:
             raise write_error(self.path / name, e) from e
 
     def unlink(self, name: str) -> None:
-        (self.path / name).unlink(missing_ok=True)
+        remove_path(self.path / name)  # a shard of a format whose output is a folder goes whole
 
     def size(self, name: str) -> int:
-        return (self.path / name).stat().st_size
+        p = self.path / name
+        return sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) if p.is_dir() else p.stat().st_size
 
     def claim_holder(self, name: str) -> str | None:
         """Who holds the lock file `name` now (local folders only; a remote one has no lock files)."""

@@ -20,6 +20,7 @@ from typing import Any, Callable, Sequence
 
 from ._lazy import F, torch
 from .errors import ConfigError
+from .items import StoredItem
 from .pixels import fit_size, fit_to_array, render_views, to_uint8_array
 from .tiling import S2Plan, area_resize, plan_multiscale
 
@@ -653,8 +654,8 @@ class Strategy:
         each part of it and gives (rec, features, pooled) triples."""
         raise NotImplementedError
 
-    def item(self, res: Any, rec: dict[str, Any], feats: Any, pooled: Any) -> dict[str, Any]:
-        """What the writer stores for one image: key, source, meta, sizes, grid, features, pooled."""
+    def item(self, res: Any, rec: dict[str, Any], feats: Any, pooled: Any) -> StoredItem:
+        """What the writer stores for one image (`items.StoredItem`)."""
         raise NotImplementedError
 
     def pictures(self, res: Any, orig_hw: tuple[int, int], views: list[Any]) -> list[tuple[Any, str, list]]:
@@ -672,11 +673,12 @@ class Strategy:
         return self.name
 
 
-def _item(res: Any, rec: dict[str, Any], grid_hw: tuple[int, int], sizes: list, feats: Any, pooled: Any) -> dict[str, Any]:
-    return {"key": rec["key"], "source": rec["source"], "meta": rec.get("meta"), "orig_hw": rec["orig_hw"],
-            "grid_hw": grid_hw, "img_sizes": sizes, "num_prefix_tokens": res.backbone.num_prefix_tokens,
-            "split_mode": res.split_mode, "features": None if feats is None else feats.numpy(),
-            "pooled": None if pooled is None else pooled.numpy()}
+def _item(res: Any, rec: dict[str, Any], grid_hw: tuple[int, int], sizes: list, feats: Any, pooled: Any,
+          plan: str | None = None) -> StoredItem:
+    return StoredItem(key=rec["key"], source=rec["source"], meta=rec.get("meta"), orig_hw=rec["orig_hw"],
+                      grid_hw=grid_hw, img_sizes=sizes, num_prefix_tokens=res.backbone.num_prefix_tokens,
+                      split_mode=res.split_mode, features=None if feats is None else feats.numpy(),
+                      pooled=None if pooled is None else pooled.numpy(), plan=plan)
 
 
 @dataclass(frozen=True)
@@ -732,7 +734,7 @@ class S2Strategy(Strategy):
             out.append((pic, f"scale {sp.size[0]}x{sp.size[1]} {sp.grid[0]}x{sp.grid[1]}", boxes))
         return out
 
-    def item(self, res: Any, rec: dict[str, Any], feats: Any, pooled: Any) -> dict[str, Any]:
+    def item(self, res: Any, rec: dict[str, Any], feats: Any, pooled: Any) -> StoredItem:
         plan = plan_image(res, tuple(rec["orig_hw"]))
         sizes = [(s, s) if isinstance(s, int) else tuple(s) for s in plan.engine_sizes]
         return _item(res, rec, plan.grid_hw, sizes, feats, pooled)
@@ -790,7 +792,7 @@ class ViewStrategy(Strategy):
             out.append((views[0 if plan.same_source else i], label, boxes))
         return out
 
-    def item(self, res: Any, rec: dict[str, Any], feats: Any, pooled: Any) -> dict[str, Any]:
+    def item(self, res: Any, rec: dict[str, Any], feats: Any, pooled: Any) -> StoredItem:
         """`img_sizes` holds each view's canvas ((0, 0) for an absent one), and `plan` (JSON) the strategy, views
         with their grids and tiles, tile count, thumbnail/base, and output maps."""
         plan, lay = plan_strategy_image(res, tuple(rec["orig_hw"]))
@@ -801,7 +803,7 @@ class ViewStrategy(Strategy):
                            "canvas": list(v.canvas), "cut": v.cut} for v in plan.views],
                 "thumbnail": plan.view("thumbnail") is not None, "base": plan.view("base") is not None,
                 "output_grid": list(lay.grid_hw), "output": lay.to_dict()}
-        return {**_item(res, rec, lay.grid_hw, sizes, feats, pooled), "plan": json.dumps(meta)}
+        return _item(res, rec, lay.grid_hw, sizes, feats, pooled, plan=json.dumps(meta))
 
 
 STRATEGIES: dict[str, Strategy] = {s.name: s for s in (

@@ -204,12 +204,12 @@ def test_missing_input_and_existing_output(cli, tmp_path, image_dir):
 
 
 def test_output_is_atomic(cli, tmp_path, image_dir, monkeypatch):
-    import s2cli.writers as writers
+    from s2cli.formats.hdf5 import HDF5Sink
 
     def explode(*a, **k):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(writers.HDF5Sink, "_finish", explode)
+    monkeypatch.setattr(HDF5Sink, "_finish", explode)
     r = cli("extract", image_dir, *MODEL, "-o", tmp_path / "never.h5", "-j", 0)
     assert r.exit_code != 0
     assert os.listdir(tmp_path) == ["imgs"]  # neither the final file nor a temporary one is left

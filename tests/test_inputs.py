@@ -348,3 +348,40 @@ def test_a_single_video_file_extracts_as_from_its_folder(cli, tmp_path):
         assert list(fo) == ["clip"] and fo["clip"].shape[0] == 3
         np.testing.assert_allclose(fo["clip"], ff["clip"], atol=1e-5, rtol=0)
         assert fo.meta("clip")["frame_indices"] == ff.meta("clip")["frame_indices"]
+
+
+# ---- a decode worker killed mid-run ---------------------------------------------------------------------------------
+def children(pid: int) -> list[int]:
+    out: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        out += [int(c) for c in (task / "children").read_text().split()]
+    return out
+
+
+@pytest.mark.slow
+def test_a_decode_worker_killed_mid_run_loses_no_image_and_the_run_ends_0(tmp_path):
+    keys = [f"im{i:02d}" for i in range(10)]
+    d = tmp_path / "in"
+    for i, k in enumerate(keys):
+        (d / f"{k}.png").parent.mkdir(parents=True, exist_ok=True)
+        (d / f"{k}.png").write_bytes(png(rng_rgb(i, (40 + i, 52))))
+    opts = [*FAST[:-2], "-j", "2", "-b", "1", "--shard-size", "2", "-q", "--decode-timeout", "600"]
+    clean = tmp_path / "clean"
+    r = subprocess.run([sys.executable, "-m", "s2cli", "extract", d, "-o", f"{clean}/", *map(str, opts)],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    out = tmp_path / "out"
+    proc = slowed_s2(0.5, "extract", d, "-o", f"{out}/", *opts, "--json")
+    try:
+        wait_until(lambda: (out / "part-00000-00000.json").exists(), "the first shard's marker")
+        workers = children(proc.pid)
+        assert workers, "no decode worker found"
+        os.kill(workers[0], signal.SIGKILL)
+        stdout, stderr = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, stderr
+    s = json.loads(stdout)
+    assert s["num_images"] == 10 and s["num_failed"] == 0  # its samples were decoded again by a new pool
+    assert_same(features(out), features(clean))

@@ -96,8 +96,14 @@ def _caches(spool: Path) -> list[Path]:
 
 @pytest.fixture
 def spool(tmp_path, monkeypatch) -> Path:
+    """S2CLI_SPOOL and the temporary folder both here: a cache left anywhere a run puts one is seen."""
+    import tempfile
+
     d = tmp_path / "spool"
+    d.mkdir()
     monkeypatch.setenv("S2CLI_SPOOL", str(d))
+    monkeypatch.setenv("TMPDIR", str(d))
+    monkeypatch.setattr(tempfile, "tempdir", None)  # asked again: TMPDIR
     return d
 
 
@@ -143,9 +149,9 @@ def test_dataloader_workers_over_epochs_leave_no_cache(s3, image_dir, spool):
     dl = torch.utils.data.DataLoader(ds, batch_size=2, num_workers=2, collate_fn=s2cli.collate_features)
     for _ in range(3):
         assert sum(len(b["key"]) for b in dl) == 4
-        assert _caches(spool) == []  # each epoch's workers took their part of the cache out as they ended
+        assert len(_caches(spool)) <= 1  # one cache for every worker of every epoch (kept while the dataset is open)
     ds.close()
-    assert _caches(spool) == []
+    assert _caches(spool) == []  # gone with its last user
 
 
 @pytest.mark.slow

@@ -11,8 +11,10 @@ import pytest
 import torch
 
 import s2cli
-from s2cli import writers
-from s2cli.writers import SafetensorsSink
+from s2cli import dtypes, formats
+from s2cli.formats import hdf5, safetensors as st_format
+from s2cli.formats.safetensors import SafetensorsSink
+from s2cli.items import Layout, StoredItem
 
 TINY = dict(model="timm:test_resnet", random_init=True, img_sizes=(64, 128), max_split_size=64, workers=0)
 
@@ -37,30 +39,39 @@ def test_bfloat16_round_trips_as_torch_rounds_it(image_dir, tmp_path, fmt, cli):
 
 def test_hdf5_bfloat16_is_documented_uint16_bits():
     x = np.array([1.0, -2.5, 3.14159, 1e-3, 65504.0], np.float32)
-    bits = writers.to_bf16_bits(x)
+    bits = dtypes.to_bf16_bits(x)
     assert bits.dtype == np.uint16
     assert bits.tolist() == torch.from_numpy(x).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16).tolist()
-    np.testing.assert_array_equal(writers.from_bf16_bits(bits), torch.from_numpy(x).to(torch.bfloat16).float().numpy())
+    np.testing.assert_array_equal(dtypes.from_bf16_bits(bits), torch.from_numpy(x).to(torch.bfloat16).float().numpy())
 
 
 def _stored_bytes(path) -> int:
-    with s2cli.open_features(path) as r:  # elements x the stored dtype's size (bfloat16 reads back as float32)
-        total, item = 0, writers.itemsize(r.dtype)
+    """Elements x the stored dtype's size (bfloat16 reads back as float32), the int8/float8 scales, the pooled
+    vectors in their dtype."""
+    with s2cli.open_features(path, raw=True) as r:
+        total, item = 0, dtypes.itemsize(r.dtype)
         for k in r:
-            total += r[k].size * item if r.feature_shape is not None else 0
+            if r.feature_shape is not None:
+                assert r[k].dtype.itemsize == item
+                total += r[k].nbytes
+            total += sum(s.nbytes for s in r.scales(k)) if r.dtype in dtypes.QUANTIZED else 0
             try:
-                total += r.pooled(k).size * item
+                total += r.pooled(k).nbytes
             except KeyError:
                 pass
         return total
 
 
 @pytest.mark.parametrize("options", [dict(pool="mean"), dict(pool="mean", pool_only=True), dict(dtype="float16"),
-                                     dict(pool="mean", pool_only=True, dtype="bfloat16")])
+                                     dict(pool="mean", pool_only=True, dtype="bfloat16"), dict(dtype="int8", pool="mean"),
+                                     dict(dtype="float8"), dict(dtype="int8", out="o.safetensors"),
+                                     dict(dtype="float8", pool="cls", model="timm:test_vit", keep_cls=True, out="f/")])
 def test_dry_run_bytes_are_the_stored_bytes(image_dir, tmp_path, options):
-    plan = s2cli.plan(str(image_dir), str(tmp_path / "o.h5"), **TINY, **options)
-    s2cli.extract(str(image_dir), str(tmp_path / "o.h5"), **TINY, **options)
-    stored = _stored_bytes(tmp_path / "o.h5")
+    options = {**TINY, **options}
+    out = str(tmp_path / options.pop("out", "o.h5"))
+    plan = s2cli.plan(str(image_dir), out, **options)
+    s2cli.extract(str(image_dir), out, **options)
+    stored = _stored_bytes(out)
     assert abs(plan["total_bytes"] - stored) <= 0.01 * stored
 
 
@@ -72,12 +83,12 @@ def test_llava_s2_pool_only_dry_run_counts_one_vector(image_dir):
 
 def test_a_pool_only_file_of_a_few_vectors_has_no_megabyte_chunks(tmp_path):
     C, n = 2560, 8
-    sink = writers.HDF5Sink(tmp_path / "p.h5", {}, channels=C, num_scales=1, tokens=None, dtype="float32",
-                            store_features=False, pooled=True)
+    sink = hdf5.HDF5Sink(tmp_path / "p.h5", {}, Layout(channels=C, num_scales=1, tokens=None, dtype="float32",
+                                                       features=False, pooled=True))
     rng = np.random.default_rng(0)
-    sink.write([{"key": f"k{i}", "source": "s", "orig_hw": (4, 4), "grid_hw": (1, 1), "img_sizes": [(4, 4)],
-                 "num_prefix_tokens": 0, "split_mode": "resize", "features": None,
-                 "pooled": rng.standard_normal(C).astype(np.float32)} for i in range(n)])
+    sink.write([StoredItem(key=f"k{i}", source="s", meta=None, orig_hw=(4, 4), grid_hw=(1, 1), img_sizes=[(4, 4)],
+                           num_prefix_tokens=0, split_mode="resize", pooled=rng.standard_normal(C).astype(np.float32))
+                for i in range(n)])
     sink.close()
     size = (tmp_path / "p.h5").stat().st_size
     assert size < n * C * 4 + 256 * 1024, size
@@ -85,32 +96,46 @@ def test_a_pool_only_file_of_a_few_vectors_has_no_megabyte_chunks(tmp_path):
         for name, ds in f.items():
             if ds.chunks:
                 row = int(np.prod(ds.chunks[1:], dtype=np.int64)) * ds.dtype.itemsize
-                assert np.prod(ds.chunks) * ds.dtype.itemsize <= max(writers.HDF5_CHUNK_BYTES, row), name
+                assert np.prod(ds.chunks) * ds.dtype.itemsize <= max(hdf5.HDF5_CHUNK_BYTES, row), name
 
 
-def _items(n: int, meta_bytes: int, C: int = 4):
-    return [{"key": f"img-{i:06d}", "source": f"/data/images/img-{i:06d}.jpg", "meta": json.dumps({"caption": "x" * meta_bytes}),
-             "orig_hw": (480, 640), "grid_hw": (24, 24), "img_sizes": [(336, 336), (672, 672), (1008, 1008)],
-             "num_prefix_tokens": 0, "split_mode": "resize", "features": None,
-             "pooled": np.full(C, i, np.float32)} for i in range(n)]
+def _items(n: int, meta_bytes: int, C: int = 4, T: int | None = None):
+    return [StoredItem(key=f"img-{i:06d}", source=f"/data/images/img-{i:06d}.jpg", meta=json.dumps({"caption": "x" * meta_bytes}),
+                       orig_hw=(480, 640), grid_hw=(24, 24), img_sizes=[(336, 336), (672, 672), (1008, 1008)],
+                       num_prefix_tokens=0, split_mode="resize", pooled=np.full(C, i, np.float32),
+                       features=None if T is None else np.arange(T * C, dtype=np.float32).reshape(T, C) + i)
+            for i in range(n)]
 
 
-def test_header_size_estimate_matches_the_written_header(tmp_path):
-    sink = SafetensorsSink(tmp_path / "s.safetensors", {"model": "m"}, channels=4, num_scales=3, tokens=None,
-                           dtype="float32", store_features=False, pooled=True)
-    sink.write(_items(50, 100))
+@pytest.mark.parametrize("room", [st_format.HEADER_ROOM, 64])
+def test_a_streamed_safetensors_shard_is_what_safetensors_itself_reads(tmp_path, monkeypatch, room):
+    """The sink writes tensors as they come and the header last, into the room left for it (64 bytes: too little,
+    so the data moves once); safetensors' own loader reads every tensor back, the data 8-byte aligned."""
+    from safetensors.numpy import load_file
+
+    monkeypatch.setattr(st_format, "HEADER_ROOM", room)
+    monkeypatch.setattr(st_format, "MOVE_BLOCK", 1000)  # several blocks to move
+    sink = SafetensorsSink(tmp_path / "s.safetensors", {"model": "m"},
+                           Layout(channels=4, num_scales=3, tokens=None, dtype="float32", pooled=True))
+    items = _items(50, 100, T=7)
+    for a in range(0, 50, 8):
+        sink.write(items[a:a + 8])
     sink.close()
     raw = (tmp_path / "s.safetensors").read_bytes()
-    actual = struct.unpack("<Q", raw[:8])[0]
-    meta = json.loads(raw[8:8 + actual])["__metadata__"]
-    tensors = {writers.POOLED_TENSOR: np.zeros((50, 4), np.float32)}
-    assert abs(writers.safetensors_header_bytes(tensors, meta) - actual) <= 0.02 * actual
+    n = struct.unpack("<Q", raw[:8])[0]
+    assert (8 + n) % 8 == 0 and json.loads(raw[8:8 + n])["__metadata__"]["keys"]
+    loaded = load_file(str(tmp_path / "s.safetensors"))
+    for it in items:
+        np.testing.assert_array_equal(loaded[it.key], it.features)
+    np.testing.assert_array_equal(loaded[st_format.POOLED_TENSOR], np.stack([it.pooled for it in items]))
 
 
 def test_an_overfull_safetensors_header_says_so(tmp_path, monkeypatch):
-    monkeypatch.setattr(writers, "SAFETENSORS_HEADER_LIMIT", 20_000)
-    sink = SafetensorsSink(tmp_path / "s.safetensors", {}, channels=4, num_scales=3, tokens=None, dtype="float32",
-                           pooled=True)
+    import dataclasses
+
+    monkeypatch.setitem(formats.FORMATS, "safetensors", dataclasses.replace(formats.get("safetensors"), header_limit=20_000))
+    sink = SafetensorsSink(tmp_path / "s.safetensors", {}, Layout(channels=4, num_scales=3, tokens=None,
+                                                                  dtype="float32", pooled=True))
     sink.write(_items(100, 300))
     with pytest.raises(s2cli.S2Error) as e:
         sink.close()
@@ -123,7 +148,39 @@ def test_default_safetensors_shards_leave_room_for_a_kilobyte_of_metadata_per_im
     res = s2cli.settings("x/", "out/", recipe="llava-1.5-s2", random_init=True, pool="mean", pool_only=True,
                          format="safetensors")
     one = _items(1, 1024)[0]
-    record = {k: one[k] for k in ("source", "meta", "orig_hw", "grid_hw", "img_sizes", "num_prefix_tokens", "split_mode")}
-    per_image = len(json.dumps({one["key"]: record})) + 2 * len(json.dumps(one["key"]))
-    assert res.shard_size * per_image < writers.SAFETENSORS_HEADER_LIMIT
+    record = {a.name: a.stored(one) for a in Layout(4, 3, None, "float32").attrs()}
+    per_image = len(json.dumps({one.key: record})) + 2 * len(json.dumps(one.key))
+    assert res.shard_size * per_image < formats.SAFETENSORS_HEADER_LIMIT
     assert res.shard_size < 87_381
+
+
+def _sink_peak(path, dtype: str, n: int, T: int = 96, C: int = 1024, batch: int = 4) -> int:
+    """The peak of Python allocations (numpy's included) while a safetensors sink writes n images of (T, C)."""
+    import tracemalloc
+
+    sink = SafetensorsSink(path, {}, Layout(channels=C, num_scales=1, tokens=T, dtype=dtype))
+    base = np.random.default_rng(0).standard_normal((T, C)).astype(np.float32)
+    tracemalloc.start()
+    try:
+        for a in range(0, n, batch):
+            sink.write([StoredItem(key=f"k{i}", source="s", meta=None, orig_hw=(4, 4), grid_hw=(1, 1), img_sizes=[(4, 4)],
+                                   num_prefix_tokens=0, split_mode="resize", features=base + i) for i in range(a, a + batch)])
+        sink.close()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_safetensors_sink_memory_is_bounded_by_its_batches_not_its_shard(tmp_path, dtype):
+    """Shards of 24 and 96 MB (float32; bfloat16 half) written in 1.5 MB batches: the sink streams each batch to
+    the file, so its peak is the queue's batches, the same for both and under 1.2x of a shard (it held the whole
+    shard, twice over, until close before)."""
+    small = _sink_peak(tmp_path / "small.safetensors", dtype, 64)
+    big = _sink_peak(tmp_path / "big.safetensors", dtype, 256)
+    shard = (tmp_path / "big.safetensors").stat().st_size
+    assert shard >= 256 * 96 * 1024 * dtypes.itemsize(dtype)
+    assert big <= 1.2 * (tmp_path / "small.safetensors").stat().st_size and big <= 1.25 * small, (small, big, shard)
+    base = np.random.default_rng(0).standard_normal((96, 1024)).astype(np.float32)
+    with s2cli.open_features(tmp_path / "big.safetensors") as r:
+        np.testing.assert_array_equal(r["k177"], dtypes.decode(dtypes.encode(base + 177, dtype).codes, dtype))

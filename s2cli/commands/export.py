@@ -9,7 +9,7 @@ import typer
 from ..errors import ConfigError
 from ..export import EXPORT_DTYPES, POOLS
 from . import options as o
-from ._common import err, reported
+from ._common import err, reported, stops_quietly
 
 
 def export(
@@ -40,7 +40,7 @@ def export(
             raise ConfigError("s2 export writes one folder: give it as OUT or as -o, once",
                               given=" and ".join(filter(None, (out, output))) or "none",
                               fix="e.g. s2 export feats/ -o emb/")
-        with open_features(path, layer=layer) as ff:
+        with stops_quietly(), open_features(path, layer=layer) as ff:  # SIGTERM: the temporary export and downloads removed
             summary = export_embeddings(ff, out or output, pool, normalize=normalize, dtype=dtype)
     if as_json:
         print(json.dumps(summary))

@@ -6,6 +6,7 @@ import multiprocessing as mp
 import os
 import signal
 import threading
+import time
 from collections import deque
 from typing import Any, Callable, Iterable, Iterator
 
@@ -58,15 +59,25 @@ def _decode_job(args: tuple[Sample, Fit]) -> dict[str, Any]:
 
 class DecodePool:
     """Decodes samples in `workers` processes, in order, with at most `window` in flight (memory stays flat
-    whatever the input's length). A sample whose worker stalls or dies is recorded after `timeout` seconds
-    instead of being waited on forever. workers=0 decodes in the calling thread."""
+    whatever the input's length). A worker that dies (killed, out of memory) is noticed within POLL_S: the pool is
+    replaced by a new one and the samples not yet decoded are submitted again (a sample in flight at two deaths is
+    recorded as failed, `WorkerDied`: it is likely what kills them). A sample whose decode stalls is recorded after
+    `timeout` seconds instead of being waited on forever. workers=0 decodes in the calling thread."""
+
+    POLL_S = 0.25
 
     def __init__(self, fit: Fit, workers: int, timeout: float = 120.0, window: int | None = None):
         self.fit, self.workers, self.timeout = fit, workers, timeout
         self.window = window or max(4, 4 * workers)
         self.nice = decode_nice()
-        self._pool = (mp.get_context("fork").Pool(workers, initializer=_worker_init, initargs=(self.nice,))
-                      if workers > 0 else None)
+        self.restarts = 0  # pools replaced after a worker died
+        self._pending: deque = deque()  # [item, sample, job, deaths seen while in flight]
+        self._pool = self._new_pool() if workers > 0 else None
+
+    def _new_pool(self) -> Any:
+        pool = mp.get_context("fork").Pool(self.workers, initializer=_worker_init, initargs=(self.nice,))
+        self._procs = list(pool._pool)  # type: ignore[attr-defined]
+        return pool
 
     def map(self, items: Iterable[Any], sample_of: Callable[[Any], Sample | dict]) -> Iterator[tuple[Any, dict]]:
         """For each item (anything carrying a sample), yield (item, record) in input order. Items whose sample is
@@ -76,25 +87,61 @@ class DecodePool:
                 s = sample_of(item)
                 yield item, ({"key": s["key"], "error": s} if isinstance(s, dict) else decode_sample(s, self.fit))
             return
-        pending: deque = deque()
+        pending = self._pending
         for item in items:
             s = sample_of(item)
-            job = None if isinstance(s, dict) else self._pool.apply_async(_decode_job, ((s, self.fit),))
-            pending.append((item, s, job))
+            pending.append([item, s, None if isinstance(s, dict) else self._submit(s), 0])
             if len(pending) >= self.window:
-                yield self._get(*pending.popleft())
+                yield self._get()
         while pending:
-            yield self._get(*pending.popleft())
+            yield self._get()
 
-    def _get(self, item: Any, s: Sample | dict, job: Any) -> tuple[Any, dict]:
-        if job is None:
-            return item, {"key": s["key"], "error": s}  # type: ignore[index]
-        try:
-            return item, job.get(timeout=self.timeout)
-        except mp.TimeoutError:
-            err = failure(s, "decode", f"no result after {self.timeout:.0f}s (the decode worker stalled or died)",  # type: ignore[arg-type]
-                          "WorkerTimeout")
-            return item, {"key": s.key, "error": err}  # type: ignore[union-attr]
+    def _submit(self, s: Sample) -> Any:
+        return self._pool.apply_async(_decode_job, ((s, self.fit),))  # type: ignore[union-attr]
+
+    def _get(self) -> tuple[Any, dict]:
+        entry = self._pending[0]
+        item, s, _, _ = entry
+        if entry[2] is None:
+            self._pending.popleft()
+            return item, {"key": s["key"], "error": s}
+        deadline = time.monotonic() + self.timeout
+        while True:
+            try:
+                rec = entry[2].get(timeout=self.POLL_S)
+                self._pending.popleft()
+                return item, rec
+            except mp.TimeoutError:
+                pass
+            if entry[3] >= 2:  # in flight at two deaths of workers
+                self._pending.popleft()
+                return item, {"key": s.key, "error": failure(s, "decode", "the decode worker died twice while this "
+                                                            "sample was in flight (killed, or out of memory?)",
+                                                            "WorkerDied")}
+            if any(p.exitcode is not None for p in self._procs):
+                self._restart()
+                deadline = time.monotonic() + self.timeout
+            elif time.monotonic() >= deadline:
+                self._pending.popleft()
+                err = failure(s, "decode", f"no result after {self.timeout:.0f}s (the decode worker stalled or died)",
+                              "WorkerTimeout")
+                return item, {"key": s.key, "error": err}
+
+    def _restart(self) -> None:
+        """A worker died: its task is lost, and it may have died holding the pool's queue lock (then no worker
+        gets a task again). The pool is replaced; every sample not yet decoded is submitted to the new one."""
+        self.restarts += 1
+        old = [(e, e[2].get(0) if e[2] is not None and e[2].ready() else None) for e in self._pending]
+        self.close(deadline=2.0)
+        self._pool = self._new_pool()
+        for e, rec in old:
+            if e[2] is None:
+                continue
+            if rec is not None:  # decoded before the death: kept
+                e[2] = _Done(rec)
+            else:
+                e[3] += 1
+                e[2] = self._submit(e[1])
 
     def close(self, deadline: float = 10.0) -> None:
         """Stop the workers, within `deadline` seconds whatever they are doing: the pool's own shutdown waits for
@@ -118,3 +165,16 @@ class DecodePool:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+class _Done:
+    """A result already in hand, read as a pending job's (`get`)."""
+
+    def __init__(self, rec: dict[str, Any]):
+        self.rec = rec
+
+    def get(self, timeout: float | None = None) -> dict[str, Any]:
+        return self.rec
+
+    def ready(self) -> bool:
+        return True
