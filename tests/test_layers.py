@@ -180,3 +180,17 @@ def test_the_cli_takes_layers_and_inspect_and_export_pick_one(image_dir, tmp_pat
     assert json.loads(r.stdout)["shape"] == [101, 64]
     r = cli("export", str(out), "-o", str(tmp_path / "e"), "--layer", "-2", "--json")
     assert r.exit_code == 0 and json.loads(r.stdout)["dim"] == 64
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", ["int8", "float16"])
+def test_dry_run_bytes_of_several_layers_are_the_stored_bytes_quantized_too(image_dir, tmp_path, dtype):
+    """int8: an image's layers are L x T rows, each with its token scale, beside the channel scales."""
+    import h5py
+
+    opts = dict(model="timm:test_vit", random_init=True, img_sizes=(160,), workers=0, pool="mean", dtype=dtype)
+    s2cli.extract(str(image_dir), str(tmp_path / "o.h5"), layers="-1,2", **opts)
+    plan = s2cli.plan(str(image_dir), str(tmp_path / "o.h5"), layers="-1,2", **opts)
+    with h5py.File(tmp_path / "o.h5") as f:
+        stored = sum(f[n].nbytes for n in ("features", "pooled", "token_scales", "channel_scales") if n in f)
+    assert plan["total_bytes"] == stored
