@@ -184,7 +184,8 @@ def load(res: Resolved, located: Located | None = None) -> Any:
     """The backbone of these settings, loaded (weights, --random-init) on the CPU; `located`: its weights as
     `locate_weights` found them (else found now)."""
     return backbones.load_backbone(res.backbone, weights=res.weights, random_init=res.random_init, seed=res.seed,
-                                   any_size=strategy_of(res).any_size, located=located, layers=res.layers)
+                                   any_size=strategy_of(res).any_size, located=located, embed=res.pool == "embed",
+                                   layers=res.layers)
 
 
 def fetch(*models: str, recipes: Sequence[str] = ()) -> list[dict[str, Any]]:

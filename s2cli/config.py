@@ -37,7 +37,7 @@ from .version import __version__
 from .video import Sampling
 
 PRECISIONS = ("fp32", "bf16", "fp16")
-POOLS = ("none", "mean", "cls")
+POOLS = ("none", "mean", "cls", "embed")
 ON_ERROR = ("skip", "stop")
 SHARD_BYTES = 1 << 30  # default shard size aims at ~1 GiB files
 DEFAULT_SCALES = (1.0, 2.0)  # times the model's input size, when neither --scales nor --img-sizes is given
@@ -361,7 +361,7 @@ class Resolved(ExtractConfig):
         n0 = max(1, -(-self.img_sizes[self.resize_output_to_idx] // side))
         tokens = bb.num_prefix_tokens + gh * gw * n0 * n0
         channels = bb.channels * len(self.img_sizes)
-        pooled = channels * itemsize(pooled_dtype(self.dtype)) if self.pool != "none" else 0
+        pooled = self.pooled_width(channels) * itemsize(pooled_dtype(self.dtype)) if self.pool != "none" else 0
         tokens, channels = self.stored({"output_grid": [gh * n0, gw * n0], "output_shape": [tokens, channels]})[
             "output_shape"]
         n = self.num_layers  # --layers: L x T rows, one pooled row of L x C
@@ -371,6 +371,11 @@ class Resolved(ExtractConfig):
     def num_layers(self) -> int:
         """Layers stored per image: those of --layers, else one."""
         return len(self.layers) if self.layers is not None else 1
+
+    def pooled_width(self, channels: int) -> int:
+        """The width of the stored pooled vector: the features' channels (before --reduce), or with --pool embed
+        the combined embedding and each scale's, (1 + scales) x the model's embedding width."""
+        return (1 + len(self.img_sizes)) * int(self.backbone.embed_dim or 0) if self.pool == "embed" else channels
 
     def stored(self, entry: dict[str, Any]) -> dict[str, Any]:
         """A plan entry's `output_grid` and `output_shape` as they are stored: after --reduce, the grid and shape
@@ -545,6 +550,10 @@ def _check_options(cfg: ExtractConfig, backbone: BackboneCfg, n: int) -> None:
     if cfg.pool == "cls" and backbone.num_prefix_tokens == 0:
         raise ConfigError("--pool cls needs a prefix token, and this model keeps none", given=cfg.model,
                           fix="use --pool mean, or --keep-cls for CLIP")
+    if cfg.pool == "embed" and (backbone.embed_dim is None or record is None or not record.embeds):
+        raise ConfigError("--pool embed needs a model with a projection head into an image-text space (CLIP, SigLIP, "
+                          "open_clip) and the S² engine", given=f"{cfg.model} --strategy {cfg.strategy}",
+                          fix="use --pool mean, or a CLIP/SigLIP/open_clip model without --strategy")
     if cfg.pool_only and cfg.pool == "none":
         raise ConfigError("--pool-only needs --pool mean or cls", fix="add --pool mean")
     if cfg.pool_only and cfg.dtype in QUANTIZED:
@@ -628,6 +637,11 @@ def resolve_backbone(cfg: ExtractConfig) -> BackboneCfg:
     if cfg.layer is not None:
         raise ConfigError("--layer and --layers were both given", given=(cfg.layer, ",".join(map(str, cfg.layers))),
                           fix="pass one: --layer -2 (one layer), or --layers -2,-1 (several)")
+    if cfg.pool == "embed":
+        raise ConfigError("--pool embed stores the model's image embedding, one per image whatever the layer; "
+                          "--layers stores a pooled vector per layer", given=f"--pool embed --layers "
+                          f"{','.join(map(str, cfg.layers))}", fix="use --pool mean|cls with --layers, or extract the "
+                          "embeddings in a run of their own")
     described = [resolve(cfg.model, layer=n, keep_cls=cfg.keep_cls) for n in cfg.layers]
     first = described[0]
     if first.output_shape != "bnc":

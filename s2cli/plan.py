@@ -97,7 +97,7 @@ def stored_bytes(res: Resolved, output_shape: list[int] | tuple[int, int], poole
     stored with their int8/float8 scales (none with --pool-only), and its pooled vector (with --pool mean|cls;
     `pooled_channels` wide, the channels before a space-to-channel reduction)."""
     tokens, channels = output_shape
-    pooled = (pooled_channels or channels) * itemsize(pooled_dtype(res.dtype)) if res.pool != "none" else 0
+    pooled = res.pooled_width(pooled_channels or channels) * itemsize(pooled_dtype(res.dtype)) if res.pool != "none" else 0
     return (0 if res.pool_only else entry_bytes(frames * tokens, channels, res.dtype)) + pooled
 
 

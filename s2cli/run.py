@@ -818,7 +818,7 @@ class Run:
         videos = res.sampling.active and not res.frames_as_images
         if videos:  # an entry is (frames, tokens, channels) or (tokens, channels): the ragged layout holds both
             shape["tokens"] = shape["tokens_per_image"] = None
-        pooled_channels = shape["channels"]
+        pooled_channels = res.pooled_width(shape["channels"])
         if self.reduction is not None:  # the stored shape: after the reduction (pooled vectors are not reduced)
             tokens, shape["channels"] = res.stored(self.strategy.plan_entry(res, (res.side, res.side))[0])["output_shape"]
             shape["tokens"] = tokens if shape["tokens"] is not None else None

@@ -109,7 +109,8 @@ def test_flops_count_to_the_deepest_layer_and_bytes_scale_with_the_layers(image_
 def test_wrong_layers_are_one_line_before_weights_load(image_dir, tmp_path, hub):
     model = _clip_repo(hub, tmp_path)
     for opts, why in ((dict(layer=-1, layers="-1,-2"), "both given"), (dict(layers="-1,7"), "out of range"),
-                      (dict(layers="-1,-2", model="timm:test_resnet", img_sizes=(64,)), "ConvNet")):
+                      (dict(layers="-1,-2", model="timm:test_resnet", img_sizes=(64,)), "ConvNet"),
+                      (dict(layers="-1,-2", pool="embed"), "pool embed")):
         with pytest.raises(ConfigError, match=why):
             s2cli.settings(str(image_dir), "o.h5", **{"model": model, **opts})
 
