@@ -153,10 +153,11 @@ def _notes(progress: Progress, res: Resolved, target: Any) -> None:
                       "keeps them and retries their recorded failures from the tars as they are now")
     if res.retry_failed:
         n = target.retry_keys
-        progress.note(f"retrying {n} images recorded as failed in {res.output}" if n else
-                      f"nothing to retry: {res.output} records no failed image (of this rank's share)")
+        progress.note(f"retrying {_entries(n)} recorded as failed in {res.output}" if n else
+                      f"nothing to retry: {res.output} records no failed entry (of this rank's share)")
     elif target.markers:
-        progress.note(f"resuming {res.output}: {len(target.markers)} shards ({target.images_done_before} images) already done")
+        progress.note(f"resuming {res.output}: {len(target.markers)} shards ({_entries(target.images_done_before)}) "
+                      "already done")
 
 
 def share_total(res: Resolved, inp: Input, target: Any) -> int | None:
@@ -261,3 +262,8 @@ def _devices_progress(res: Resolved, inp: Input, n: int, progress: Progress) -> 
         progress.update(*(sum(int(hb.get(k) or 0) for hb in hbs) for k in ("images", "failed", "shards_written")))
 
     return tick
+
+
+def _entries(n: int) -> str:
+    """A count of stored entries (an image, a video, a frame stored on its own: one each), as the CLI says them."""
+    return f"{n} {'entry' if n == 1 else 'entries'}"

@@ -73,6 +73,9 @@ class Backbone:
     `embed=True`, each call also appends the model's own image embedding of each input, (B, D), to `embeddings`
     (from the same forward), in call order: `take_embeddings()` returns and clears them."""
 
+    embeddings: list[torch.Tensor] | None = None  # with embed=True: the image embeddings of the calls since the last take
+    _first: tuple[Callable, Callable[[torch.Tensor], torch.Tensor]] | None = None  # eager_forward, kept
+
     def __init__(self, cfg: BackboneCfg, module: nn.Module, weights: str, revision: str | None = None,
                  embed: bool = False, layers: Sequence[int] | None = None):
         self.cfg = cfg
@@ -86,8 +89,7 @@ class Backbone:
         self._fn: Callable[[torch.Tensor], list[torch.Tensor]] = make(self.module, cfg, self.layers)
         self._eager: Callable[[torch.Tensor], list[torch.Tensor]] | None = None  # the forward before compile()
         self.nhwc = False  # channels_last() was applied
-        self.embeddings: list[torch.Tensor] | None = [] if embed else None
-        self._first: tuple[Callable, Callable[[torch.Tensor], torch.Tensor]] | None = None  # eager_forward, kept
+        self.embeddings = [] if embed else None
 
     def take_embeddings(self) -> torch.Tensor:
         """The image embeddings of every input since the last take, (inputs, D), in call order."""

@@ -550,7 +550,7 @@ def _check_options(cfg: ExtractConfig, backbone: BackboneCfg, n: int) -> None:
     if cfg.pool == "cls" and backbone.num_prefix_tokens == 0:
         raise ConfigError("--pool cls needs a prefix token, and this model keeps none", given=cfg.model,
                           fix="use --pool mean, or --keep-cls for CLIP")
-    if cfg.pool == "embed" and (backbone.embed_dim is None or record is None or not record.embeds):
+    if cfg.pool == "embed" and (record is None or not record.embeds or backbone.embed_dim is None):
         raise ConfigError("--pool embed needs a model with a projection head into an image-text space (CLIP, SigLIP, "
                           "open_clip) and the S² engine", given=f"{cfg.model} --strategy {cfg.strategy}",
                           fix="use --pool mean, or a CLIP/SigLIP/open_clip model without --strategy")
