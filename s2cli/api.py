@@ -117,6 +117,9 @@ def _extract(res: Resolved, inp: Input, rank: Any, named: bool, overwrite: bool,
 
     device = rank_device(res.device, rank)
     target = Target(res, inp, overwrite, rank)  # claims the output, refuses a clashing one (other weights too) before they load
+    if target.nothing_to_do:  # a finished folder's rerun: answered from its markers, the model never loads
+        return _already_done(res, target, progress or Progress(), located.record if located else backbone.weights,
+                             str(device))
     try:
         pin_device(device)  # before the model loads
         backbone = backbone if backbone is not None else load(res, located)
@@ -138,6 +141,18 @@ def _extract(res: Resolved, inp: Input, rank: Any, named: bool, overwrite: bool,
         return run.execute()
     finally:
         progress.finish()
+
+
+def _already_done(res: Resolved, target: Any, progress: Progress, weights: str, device: str) -> Any:
+    try:
+        for m in target.broken:
+            progress.note(f"{res.output}: done shard {m['shard']} is broken ({m['broken']}); it is redone")
+        progress.note(f"{res.output} is done already: {len(target.markers)} shards ({target.images_done_before} "
+                      "images); nothing left to extract")
+        return target.finish_done(weights, device)
+    except BaseException as e:
+        target.close_after(e)
+        raise
 
 
 def _notes(progress: Progress, res: Resolved, target: Any) -> None:
@@ -231,6 +246,10 @@ def extract_on_devices(res: Resolved, devices: str, argv: list[str], *, device: 
         raise ConfigError("--overwrite cannot be used by several workers at once", given=devices,
                           fix=f"remove {res.output} first, then run without --overwrite")
     reach(res.output)
+
+    from .outdir import OutputDir
+
+    OutputDir(res.output).refuse_running()  # a live run in the folder: no worker starts (each would be refused, or not)
     _, located = locate_weights(res)  # downloaded here once (first use), not by every worker at the same time
     if log:
         log(f"{len(devs)} workers ({', '.join(devs)}) -> {res.output}; weights {located.record}")

@@ -47,5 +47,10 @@ def export(
     else:
         err.print(f"{summary['num_images']} vectors of {summary['dim']} ({summary['pool']}, {summary['dtype']}"
                   f"{', L2-normalised' if summary['normalized'] else ''}) -> {summary['output']}", highlight=False)
+        for b in summary["broken_shards"]:
+            err.print(f"broken shard skipped: {b['shard']} ({b['why']}); rerun the extract command to redo it",
+                      highlight=False)
+        if not summary["complete"]:
+            err.print(f"{path} is not complete: exported what is done", highlight=False)
 
 
