@@ -63,7 +63,9 @@ def export_embeddings(src: Reader, out: str | os.PathLike, pool: str = "auto", n
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return {"output": str(out), "num_images": n, "dim": dim, "files": files, "pool": "stored" if use_stored else "mean",
-            "normalized": normalize, "dtype": dtype}
+            "normalized": normalize, "dtype": dtype,
+            # an output folder: what readers say of it (an unfinished run, or broken shards, exports the rest)
+            "complete": getattr(src, "complete", True), "broken_shards": getattr(src, "broken_shards", [])}
 
 
 TMP_PREFIX = ".s2cli-export-"  # + OUT's name + the writing process's id: beside OUT until it is renamed to OUT

@@ -135,7 +135,7 @@ def test_a_cache_left_by_a_killed_process_is_removed_by_the_next(s3, image_dir, 
     old = time.time() - 3600
     os.utime(left, (old, old))
     with s2cli.open_features(out) as r:
-        assert len(r) == 4
+        assert len(r) == 4 and r[next(iter(r))] is not None  # a shard read: the cache is opened (not before)
         assert not left.exists()
 
 
