@@ -5,6 +5,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import signal
+import stat
 import sys
 import threading
 import time
@@ -54,6 +55,25 @@ def _worker_init(nice: int = 0) -> None:
         pass
     if nice:
         os.nice(nice)
+    _close_inherited_files()
+
+
+def _close_inherited_files() -> None:
+    """Close the regular files a worker inherited from the run (an output shard being written): a worker holding
+    one keeps its HDF5 file lock alive after the run closed it, and the run could not read the shard back. A pool
+    forked again mid-run (after a worker died) inherits the shard in flight. Pipes, sockets and stdio stay."""
+    try:
+        fds = [int(n) for n in os.listdir("/proc/self/fd")]
+    except OSError:  # not Linux: nothing to do here
+        return
+    for fd in fds:
+        if fd < 3:
+            continue
+        try:
+            if stat.S_ISREG(os.fstat(fd).st_mode):
+                os.close(fd)
+        except OSError:  # the listing's own fd, gone already
+            pass
 
 
 PIXEL_FIELDS = ("image", "jpeg")  # a record's arrays (and `frames`, a list of them)
