@@ -79,8 +79,13 @@ def _close_inherited_files() -> None:
 PIXEL_FIELDS = ("image", "jpeg")  # a record's arrays (and `frames`, a list of them)
 
 
-def _decode_job(args: tuple[Sample, Fit, bool]) -> dict[str, Any]:
-    sample, fit, shared = args
+_STARTED: Any = None  # which worker (pid) took each task slot: set by the pool before it forks
+
+
+def _decode_job(args: tuple[Sample, Fit, bool, int]) -> dict[str, Any]:
+    sample, fit, shared, slot = args
+    if _STARTED is not None:
+        _STARTED[slot] = os.getpid()
     rec = decode_sample(sample, fit)
     return _to_shared(rec) if shared else rec
 
@@ -121,7 +126,7 @@ def shared_memory_available() -> bool:
 class DecodePool:
     """Decodes samples in `workers` processes, in order, with at most `window` in flight (memory stays flat
     whatever the input's length). A worker that dies (killed, out of memory) is noticed within POLL_S: the pool is
-    replaced by a new one and the samples not yet decoded are submitted again (a sample in flight at two deaths is
+    replaced by a new one and the samples not yet decoded are submitted again (a sample in flight on a worker that died three times is
     recorded as failed, `WorkerDied`: it is likely what kills them). A sample whose decode stalls is recorded after
     `timeout` seconds instead of being waited on forever. workers=0 decodes in the calling thread."""
 
@@ -133,10 +138,14 @@ class DecodePool:
         self.nice = decode_nice()
         self.restarts = 0  # pools replaced after a worker died
         self.shared = shared_memory_available()  # decoded pixels come back through shared memory
-        self._pending: deque = deque()  # [item, sample, job, deaths seen while in flight]
+        self._pending: deque = deque()  # [item, sample, job, deaths seen while in flight, task slot]
+        self.slots, self._seq = 2 * self.window + 2, 0  # more slots than tasks in flight: a slot is not reused early
         self._pool = self._new_pool() if workers > 0 else None
 
     def _new_pool(self) -> Any:
+        global _STARTED
+        if _STARTED is None or len(_STARTED) < self.slots:
+            _STARTED = mp.get_context("fork").RawArray("q", self.slots)
         pool = mp.get_context("fork").Pool(self.workers, initializer=_worker_init, initargs=(self.nice,))
         self._procs = list(pool._pool)  # type: ignore[attr-defined]
         return pool
@@ -152,18 +161,21 @@ class DecodePool:
         pending = self._pending
         for item in items:
             s = sample_of(item)
-            pending.append([item, s, None if isinstance(s, dict) else self._submit(s), 0])
+            self._seq += 1
+            slot = self._seq % self.slots
+            pending.append([item, s, None if isinstance(s, dict) else self._submit(s, slot), 0, slot])
             if len(pending) >= self.window:
                 yield self._get()
         while pending:
             yield self._get()
 
-    def _submit(self, s: Sample) -> Any:
-        return self._pool.apply_async(_decode_job, ((s, self.fit, self.shared),))  # type: ignore[union-attr]
+    def _submit(self, s: Sample, slot: int) -> Any:
+        _STARTED[slot] = 0
+        return self._pool.apply_async(_decode_job, ((s, self.fit, self.shared, slot),))  # type: ignore[union-attr]
 
     def _get(self) -> tuple[Any, dict]:
         entry = self._pending[0]
-        item, s, _, _ = entry
+        item, s = entry[0], entry[1]
         if entry[2] is None:
             self._pending.popleft()
             return item, {"key": s["key"], "error": s}
@@ -175,9 +187,9 @@ class DecodePool:
                 return item, _from_shared(rec) if self.shared else rec
             except mp.TimeoutError:
                 pass
-            if entry[3] >= 2:  # in flight at two deaths of workers
+            if entry[3] >= 3:  # in flight on a worker that died, three times
                 self._pending.popleft()
-                return item, {"key": s.key, "error": failure(s, "decode", "the decode worker died twice while this "
+                return item, {"key": s.key, "error": failure(s, "decode", "the decode worker died three times while this "
                                                             "sample was in flight (killed, or out of memory?)",
                                                             "WorkerDied")}
             if any(p.exitcode is not None for p in self._procs):
@@ -193,7 +205,10 @@ class DecodePool:
         """A worker died: its task is lost, and it may have died holding the pool's queue lock (then no worker
         gets a task again). The pool is replaced; every sample not yet decoded is submitted to the new one."""
         self.restarts += 1
+        time.sleep(self.POLL_S)  # results sent before the death reach their jobs (the pool's result thread)
         old = [(e, e[2].get(0) if e[2] is not None and e[2].ready() else None) for e in self._pending]
+        dead = {p.pid for p in self._procs if p.exitcode is not None}
+        in_flight = {e[4] for e, rec in old if rec is None and _STARTED[e[4]] in dead}  # on a worker that died
         self.close(deadline=2.0)
         self._pool = self._new_pool()
         for e, rec in old:
@@ -202,8 +217,8 @@ class DecodePool:
             if rec is not None:  # decoded before the death: kept
                 e[2] = _Done(rec)
             else:
-                e[3] += 1
-                e[2] = self._submit(e[1])
+                e[3] += e[4] in in_flight
+                e[2] = self._submit(e[1], e[4])
 
     def close(self, deadline: float = 10.0) -> None:
         """Stop the workers, within `deadline` seconds whatever they are doing: the pool's own shutdown waits for
@@ -213,7 +228,7 @@ class DecodePool:
         if pool is None:
             return
         workers = list(getattr(pool, "_pool", ()))
-        stop = threading.Thread(target=lambda: (pool.terminate(), pool.join()), name="s2cli-decode-close", daemon=True)
+        stop = threading.Thread(target=_stop, args=(pool,), name="s2cli-decode-close", daemon=True)
         stop.start()
         stop.join(deadline)
         if stop.is_alive():
@@ -227,6 +242,16 @@ class DecodePool:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def _stop(pool: Any) -> None:
+    """terminate + join; a pool replaced after a worker died may still list that worker's task, and
+    multiprocessing's own shutdown then asserts (its result thread gone): the workers are ended either way."""
+    try:
+        pool.terminate()
+        pool.join()
+    except (AssertionError, OSError, ValueError):
+        pass
 
 
 class _Done:
