@@ -15,7 +15,7 @@ from .tiling import multiscale_forward, plan_multiscale  # noqa: E402  (torch it
 from .version import __version__
 
 # torch-side helpers, imported on first use (`import s2cli` and the dry run never import torch)
-_LAZY = {"FeatureDataset": "dataset", "collate_features": "dataset", "to_hf_dataset": "hf"}
+_LAZY = {"FeatureDataset": "dataset", "collate_features": "dataset", "to_hf_dataset": "hf", "embed_text": "backbones"}
 
 
 def __getattr__(name: str):
@@ -26,5 +26,5 @@ def __getattr__(name: str):
     raise AttributeError(f"module 's2cli' has no attribute {name!r}")
 
 
-__all__ = ["FeatureDataset", "collate_features", "to_hf_dataset", "extract", "fetch", "plan", "probe", "settings", "views", "Progress", "ExtractConfig", "Resolved", "multiscale_forward",
+__all__ = ["FeatureDataset", "collate_features", "to_hf_dataset", "embed_text", "extract", "fetch", "plan", "probe", "settings", "views", "Progress", "ExtractConfig", "Resolved", "multiscale_forward",
            "plan_multiscale", "open_features", "S2Error", "ConfigError", "WeightsNotFoundError", "__version__"]

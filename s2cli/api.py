@@ -95,9 +95,19 @@ def extract(input: str | Input, output: str | None = None, *, recipe: str | None
     if backbone is None:  # before torch: offline, a model not in the cache is one line at once
         res, located = locate_weights(res)
     else:
+        _check_layers(res, backbone)
         res = dataclasses.replace(res, weights_revision=backbone.revision)
     with sigterm_raises():  # SIGTERM/SIGUSR1: the unfinished shard or file removed, the claim given back, exit 143/138
         return _extract(res, inp, rank, output is None and config is None, overwrite, progress, backbone, located)
+
+
+def _check_layers(res: Resolved, backbone: Any) -> None:
+    """A backbone handed in runs to the layers these settings store."""
+    want = list(res.layers) if res.layers is not None else [res.backbone.layer]
+    if list(getattr(backbone, "layers", want)) != want:
+        raise ConfigError("the backbone passed in runs to other layers than these settings store",
+                          given=f"backbone layers {backbone.layers}", expected=f"layers {want}",
+                          fix="load it with s2cli.api.load(settings), or drop backbone=")
 
 
 def _extract(res: Resolved, inp: Input, rank: Any, named: bool, overwrite: bool, progress: Progress | None,
@@ -107,6 +117,9 @@ def _extract(res: Resolved, inp: Input, rank: Any, named: bool, overwrite: bool,
 
     device = rank_device(res.device, rank)
     target = Target(res, inp, overwrite, rank)  # claims the output, refuses a clashing one (other weights too) before they load
+    if target.nothing_to_do:  # a finished folder's rerun: answered from its markers, the model never loads
+        return _already_done(res, target, progress or Progress(), located.record if located else backbone.weights,
+                             str(device))
     try:
         pin_device(device)  # before the model loads
         backbone = backbone if backbone is not None else load(res, located)
@@ -130,6 +143,18 @@ def _extract(res: Resolved, inp: Input, rank: Any, named: bool, overwrite: bool,
         progress.finish()
 
 
+def _already_done(res: Resolved, target: Any, progress: Progress, weights: str, device: str) -> Any:
+    try:
+        for m in target.broken:
+            progress.note(f"{res.output}: done shard {m['shard']} is broken ({m['broken']}); it is redone")
+        progress.note(f"{res.output} is done already: {len(target.markers)} shards ({target.images_done_before} "
+                      "images); nothing left to extract")
+        return target.finish_done(weights, device)
+    except BaseException as e:
+        target.close_after(e)
+        raise
+
+
 def _notes(progress: Progress, res: Resolved, target: Any) -> None:
     """What is worth telling before a run starts: broken shards, a changed input, a resume, what --retry-failed
     retries."""
@@ -143,10 +168,11 @@ def _notes(progress: Progress, res: Resolved, target: Any) -> None:
                       "keeps them and retries their recorded failures from the tars as they are now")
     if res.retry_failed:
         n = target.retry_keys
-        progress.note(f"retrying {n} images recorded as failed in {res.output}" if n else
-                      f"nothing to retry: {res.output} records no failed image (of this rank's share)")
+        progress.note(f"retrying {_entries(n)} recorded as failed in {res.output}" if n else
+                      f"nothing to retry: {res.output} records no failed entry (of this rank's share)")
     elif target.markers:
-        progress.note(f"resuming {res.output}: {len(target.markers)} shards ({target.images_done_before} images) already done")
+        progress.note(f"resuming {res.output}: {len(target.markers)} shards ({_entries(target.images_done_before)}) "
+                      "already done")
 
 
 def share_total(res: Resolved, inp: Input, target: Any) -> int | None:
@@ -174,7 +200,8 @@ def load(res: Resolved, located: Located | None = None) -> Any:
     """The backbone of these settings, loaded (weights, --random-init) on the CPU; `located`: its weights as
     `locate_weights` found them (else found now)."""
     return backbones.load_backbone(res.backbone, weights=res.weights, random_init=res.random_init, seed=res.seed,
-                                   any_size=strategy_of(res).any_size, located=located)
+                                   any_size=strategy_of(res).any_size, located=located, embed=res.pool == "embed",
+                                   layers=res.layers)
 
 
 def fetch(*models: str, recipes: Sequence[str] = ()) -> list[dict[str, Any]]:
@@ -219,6 +246,10 @@ def extract_on_devices(res: Resolved, devices: str, argv: list[str], *, device: 
         raise ConfigError("--overwrite cannot be used by several workers at once", given=devices,
                           fix=f"remove {res.output} first, then run without --overwrite")
     reach(res.output)
+
+    from .outdir import OutputDir
+
+    OutputDir(res.output).refuse_running()  # a live run in the folder: no worker starts (each would be refused, or not)
     _, located = locate_weights(res)  # downloaded here once (first use), not by every worker at the same time
     if log:
         log(f"{len(devs)} workers ({', '.join(devs)}) -> {res.output}; weights {located.record}")
@@ -250,3 +281,8 @@ def _devices_progress(res: Resolved, inp: Input, n: int, progress: Progress) -> 
         progress.update(*(sum(int(hb.get(k) or 0) for hb in hbs) for k in ("images", "failed", "shards_written")))
 
     return tick
+
+
+def _entries(n: int) -> str:
+    """A count of stored entries (an image, a video, a frame stored on its own: one each), as the CLI says them."""
+    return f"{n} {'entry' if n == 1 else 'entries'}"

@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from . import hub
 from ._lazy import nn, torch
@@ -69,17 +69,38 @@ def _resolve_spec(spec: str, *, layer: int | None, keep_cls: bool) -> BackboneCf
 
 # ---- loaded backbones ----------------------------------------------------------------------------------------
 class Backbone:
-    """A loaded backbone: `backbone(x)` maps normalized images (B, 3, S, S) to tokens or feature maps."""
+    """A loaded backbone: `backbone(x)` maps normalized images (B, 3, S, S) to tokens or feature maps. Built with
+    `embed=True`, each call also appends the model's own image embedding of each input, (B, D), to `embeddings`
+    (from the same forward), in call order: `take_embeddings()` returns and clears them."""
 
-    def __init__(self, cfg: BackboneCfg, module: nn.Module, weights: str, revision: str | None = None):
+    embeddings: list[torch.Tensor] | None = None  # with embed=True: the image embeddings of the calls since the last take
+    _first: tuple[Callable, Callable[[torch.Tensor], torch.Tensor]] | None = None  # eager_forward, kept
+
+    def __init__(self, cfg: BackboneCfg, module: nn.Module, weights: str, revision: str | None = None,
+                 embed: bool = False, layers: Sequence[int] | None = None):
         self.cfg = cfg
         self.module = module.eval().requires_grad_(False)
         self.weights = weights  # what it was loaded from (the output's `weights` attribute)
         self.revision = revision  # what a resumed run must load again (weights.Located.revision)
-        first = cfg.kind.forward(self.module, cfg, [cfg.layer])
-        self._fn: Callable[[torch.Tensor], torch.Tensor] = lambda x: first(x)[0]
-        self._eager: Callable[[torch.Tensor], torch.Tensor] | None = None  # the forward before compile()
+        # --layers: the listed layers from one forward, side by side on the channel axis (B, N, L*C), so the engine
+        # and the strategies' merges, which treat every channel alike, carry them all; the Extractor splits them
+        self.layers = list(layers) if layers is not None else [cfg.layer]
+        make = cfg.kind.forward_embedding if embed else cfg.kind.forward
+        self._fn: Callable[[torch.Tensor], list[torch.Tensor]] = make(self.module, cfg, self.layers)
+        self._eager: Callable[[torch.Tensor], list[torch.Tensor]] | None = None  # the forward before compile()
         self.nhwc = False  # channels_last() was applied
+        self.embeddings = [] if embed else None
+
+    def take_embeddings(self) -> torch.Tensor:
+        """The image embeddings of every input since the last take, (inputs, D), in call order."""
+        if self.embeddings is None:
+            raise RuntimeError("this backbone was loaded without embed=True")
+        out, self.embeddings[:] = torch.cat(self.embeddings), []
+        return out
+
+    def embed_text(self, texts: list[str]) -> torch.Tensor:
+        """The model's own text embeddings of `texts`, (len(texts), D), in the space of its image embeddings."""
+        return self.cfg.kind.text_embedder(self.module, self.cfg)(texts)
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> "Backbone":
         self.module.to(device=device, dtype=dtype)
@@ -90,12 +111,22 @@ class Backbone:
         return next(self.module.parameters()).dtype
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return self._fn(x)
+        out = self._fn(x)
+        if self.embeddings is not None:
+            self.embeddings.append(out[-1])
+        return self._joined(out)
+
+    def _joined(self, out: list[torch.Tensor]) -> torch.Tensor:
+        """The forward's layer outputs as one tensor: the one layer, or --layers' side by side on the last axis."""
+        return out[0] if len(self.layers) == 1 else torch.cat(out[:len(self.layers)], dim=-1)
 
     @property
     def eager_forward(self) -> Callable[[torch.Tensor], torch.Tensor]:
         """The forward as built, before any compile()."""
-        return self._eager or self._fn
+        fn = self._eager or self._fn
+        if self._first is None or self._first[0] is not fn:
+            self._first = (fn, lambda x: self._joined(fn(x)))
+        return self._first[1]
 
     @property
     def compiled(self) -> bool:
@@ -110,7 +141,7 @@ class Backbone:
             self.module.to(memory_format=torch.channels_last)
             fn = self._fn
 
-            def nhwc(x: torch.Tensor) -> torch.Tensor:
+            def nhwc(x: torch.Tensor) -> list[torch.Tensor]:
                 return fn(x.contiguous(memory_format=torch.channels_last))
 
             self._fn, self.nhwc = nhwc, True
@@ -161,15 +192,26 @@ def compile_cache_stats() -> dict[str, Any]:
 
 
 def load_backbone(cfg: BackboneCfg, *, weights: str | None = None, random_init: bool = False, seed: int = 0,
-                  any_size: bool = False, located: Located | None = None) -> Backbone:
+                  any_size: bool = False, located: Located | None = None, embed: bool = False,
+                  layers: Sequence[int] | None = None) -> Backbone:
     """Build the architecture and load its weights (or initialize it deterministically from `seed`): `located`
     if given (see `weights.locate`), else found now (a hub model is downloaded on first use).
-    `any_size`: the strategy feeds inputs of any size (timm ViTs are built with dynamic_img_size=True)."""
+    `any_size`: the strategy feeds inputs of any size (timm ViTs are built with dynamic_img_size=True).
+    `embed`: with its projection head, recording image embeddings (`--pool embed`) and able to embed text.
+    `layers`: several layers from one forward (`Backbone`), else `cfg.layer`."""
     loc = located or locate(cfg, weights, random_init, seed)
     if loc.kind == "random":
         torch.manual_seed(seed)
-    module = cfg.kind.build(cfg, loc, any_size)
-    return Backbone(cfg, module, loc.record, loc.revision)
+    module = (cfg.kind.build_embedding if embed else cfg.kind.build)(cfg, loc, any_size)
+    return Backbone(cfg, module, loc.record, loc.revision, embed=embed, layers=layers)
+
+
+def embed_text(model: str | Backbone, texts: list[str]) -> torch.Tensor:
+    """Text queries in the joint image-text space of `model` (an alias or spec, or a Backbone loaded with
+    embed=True): its own text embeddings (CLIP's get_text_features, open_clip's encode_text), (len(texts), D),
+    not normalized; compare them by cosine with `--pool embed` vectors or an `s2 export` of them."""
+    bb = model if isinstance(model, Backbone) else load_backbone(resolve(model), embed=True)
+    return bb.embed_text(list(texts))
 
 
 # ---- ahead of a run ------------------------------------------------------------------------------------------

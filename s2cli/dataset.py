@@ -1,9 +1,10 @@
 """Training on stored features: `FeatureDataset`, a torch Dataset over a feature file or an output folder (every
 completed shard), and `collate_features`, which pads ragged token counts and returns a mask.
 
-The dataset holds only the path and the key list; each process (the main one, every DataLoader worker, under
-fork, spawn or forkserver) opens the files itself on its first item, so nothing unpicklable (an h5py file, a
-safetensors handle) ever crosses a process boundary.
+The dataset holds the path, the key list and, for an output folder, the folder as it was opened once (its keys
+from the markers' index, `complete` and `broken_shards` of that moment); each process (the main one, every
+DataLoader worker, under fork, spawn or forkserver) opens the shard files itself on its first item, so nothing
+unpicklable (an h5py file, a safetensors handle) ever crosses a process boundary.
 
     >>> ds = s2cli.FeatureDataset("feats/")
     >>> dl = torch.utils.data.DataLoader(ds, batch_size=32, num_workers=4, collate_fn=s2cli.collate_features)
@@ -20,7 +21,7 @@ import torch
 
 from .dtypes import QUANTIZED
 from .errors import ConfigError
-from .readers import Reader, open_features
+from .readers import FeatureSet, Reader, open_features, pick_layer
 from .store import is_url
 
 WHAT = ("features", "pooled")
@@ -33,16 +34,20 @@ class FeatureDataset(torch.utils.data.Dataset):
     (bfloat16 and float16 storage are decoded exactly into it; int8/float8 codes are dequantized, then cast).
     `meta`: each image's record (source, sizes, grid, the user's metadata, ...), as `open_features(path).meta(key)`
     gives it. `raw`: the stored codes as they are (int8; float8 and bfloat16 as their bits; `dtype` ignored), with
-    int8/float8 `token_scales` and `channel_scales` in each item (value = code x both)."""
+    int8/float8 `token_scales` and `channel_scales` in each item (value = code x both). `complete` and
+    `broken_shards`: as `open_features(path)` says them (an output folder whose run is unfinished or has broken
+    shards serves the rest). `layer`: of an output of several layers (--layers), the one to read, as
+    `open_features` takes it (None: all, (L, T, C) or (L, C))."""
 
     def __init__(self, path: str | os.PathLike, what: str = "features", keys: Sequence[str] | None = None,
-                 dtype: torch.dtype = torch.float32, meta: bool = True, raw: bool = False):
+                 dtype: torch.dtype = torch.float32, meta: bool = True, raw: bool = False, layer: int | None = None):
         if what not in WHAT:
             raise ConfigError("FeatureDataset: `what` is not known", given=what, expected=" | ".join(WHAT),
                               fix="pass what='features' or what='pooled'")
-        self.what, self.dtype, self.with_meta, self.raw = what, dtype, meta, raw
+        self.what, self.dtype, self.with_meta, self.raw, self.layer = what, dtype, meta, raw, layer
         self.path = str(path) if is_url(str(path)) else Path(path)  # a URL stays one (never a local path)
-        with open_features(self.path) as r:
+        r = open_features(self.path, raw=raw, layer=layer)
+        try:
             known = list(r)
             if keys is not None:
                 missing = [k for k in keys if k not in r]
@@ -50,7 +55,18 @@ class FeatureDataset(torch.utils.data.Dataset):
                     raise ConfigError(f"{len(missing)} keys are not in {self.path}", given=missing[:5],
                                       fix="pass keys from `list(s2cli.open_features(path))`")
             self.feature_shape = r.feature_shape
+            self.complete: bool = getattr(r, "complete", True)
+            self.broken_shards: list[dict[str, Any]] = getattr(r, "broken_shards", [])
+        except BaseException:
+            r.close()
+            raise
         self.keys = list(keys) if keys is not None else known
+        # a folder is looked at once, here; a single file is opened again by each process (nothing to share)
+        inner = getattr(r, "inner", r)  # a folder read at a layer (--layers): the folder itself
+        self._folder: FeatureSet | None = inner if isinstance(inner, FeatureSet) else None
+        if self._folder is None:
+            r.close()
+        self._owner = os.getpid()
         self._reader: Reader | None = None
         self._pid: int | None = None
 
@@ -60,7 +76,8 @@ class FeatureDataset(torch.utils.data.Dataset):
     def reader(self) -> Reader:
         """This process's reader, opened on first use (a forked worker opens its own)."""
         if self._reader is None or self._pid != os.getpid():
-            self._reader = open_features(self.path, raw=self.raw)
+            self._reader = (pick_layer(self._folder.forked(), self.layer) if self._folder is not None
+                            else open_features(self.path, raw=self.raw, layer=self.layer))
             self._pid = os.getpid()
         return self._reader
 
@@ -84,6 +101,8 @@ class FeatureDataset(torch.utils.data.Dataset):
         if self._reader is not None and self._pid == os.getpid():
             self._reader.close()
         self._reader = None
+        if self._folder is not None and self._owner == os.getpid():
+            self._folder.close()
 
 
 def collate_features(items: list[dict[str, Any]]) -> dict[str, Any]:

@@ -51,7 +51,9 @@ def export_embeddings(src: Reader, out: str | os.PathLike, pool: str = "auto", n
     _clean_leftovers(out)
     tmp = out.parent / f"{TMP_PREFIX}{out.name}-{os.getpid()}"
     try:
-        n, dim, files = _write(src, tmp, "pooled" if use_stored else "mean", normalize, dtype, chunk, block)
+        # --pool embed stores [combined | each scale's] embeddings: the combined one is what a text query meets
+        pieces = 1 + len(src.config.get("img_sizes", ())) if use_stored and src.config.get("pool") == "embed" else 1
+        n, dim, files = _write(src, tmp, "pooled" if use_stored else "mean", normalize, dtype, chunk, block, pieces)
         if out.exists():
             out.rmdir()  # empty (checked above)
         os.replace(tmp, out)
@@ -61,7 +63,9 @@ def export_embeddings(src: Reader, out: str | os.PathLike, pool: str = "auto", n
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return {"output": str(out), "num_images": n, "dim": dim, "files": files, "pool": "stored" if use_stored else "mean",
-            "normalized": normalize, "dtype": dtype}
+            "normalized": normalize, "dtype": dtype,
+            # an output folder: what readers say of it (an unfinished run, or broken shards, exports the rest)
+            "complete": getattr(src, "complete", True), "broken_shards": getattr(src, "broken_shards", [])}
 
 
 TMP_PREFIX = ".s2cli-export-"  # + OUT's name + the writing process's id: beside OUT until it is renamed to OUT
@@ -76,9 +80,10 @@ def _clean_leftovers(out: Path) -> None:
 
 
 def _write(src: Reader, tmp: Path, how: str, normalize: bool, dtype: str, chunk: int,
-           block: int) -> tuple[int, int, list[str]]:
-    """The vectors and metadata into `tmp`: each chunk's parquet with its own columns as it is written, then those
-    whose columns differ from all images' together written again with those (the union, one type each)."""
+           block: int, pieces: int = 1) -> tuple[int, int, list[str]]:
+    """The vectors (the first of their `pieces` equal parts) and metadata into `tmp`: each chunk's parquet with its
+    own columns as it is written, then those whose columns differ from all images' together written again with
+    those (the union, one type each)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -87,6 +92,7 @@ def _write(src: Reader, tmp: Path, how: str, normalize: bool, dtype: str, chunk:
     files, n, dim = [], 0, 0
     every, parts = Columns(), []
     for i, (keys, vecs, recs) in enumerate(_chunks(src.vector_blocks(how, block), chunk)):
+        vecs = vecs[:, :vecs.shape[1] // pieces]
         if normalize:
             vecs = vecs / np.maximum(np.linalg.norm(vecs, axis=1, keepdims=True), 1e-12)
         np.save(tmp / "img_emb" / f"img_emb_{i}.npy", vecs.astype(dtype))

@@ -191,9 +191,10 @@ def _holder(fd: int) -> str:
         return "a process that is just starting"
 
 
-def take_claim(path: Path, what: str, fix: str) -> Claim:
+def take_claim(path: Path, what: str, fix: str, info: dict | None = None) -> Claim:
     """Claim `what` through the lock file `path` (created if missing) before anything of it is read or written. A
-    live holder is refused (ConfigError naming its host and pid, with `fix`); a dead one is taken over."""
+    live holder is refused (ConfigError naming its host and pid, with `fix`); a dead one is taken over. `info`: more
+    fields for the lock file's record (what `claim_record` tells other processes)."""
     import fcntl
     import json
     import socket
@@ -222,13 +223,38 @@ def take_claim(path: Path, what: str, fix: str) -> Claim:
         if current:
             break
         os.close(fd)  # its holder released it between our open and our lock: claim the new file
-    holder = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time()}
+    holder = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time(), **(info or {})}
     try:  # for the message another run gets; the lock is what counts (a full disk is no reason to stop here)
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(holder).encode(), 0)
     except OSError:
         pass
     return Claim(path, fd)
+
+
+def claim_record(path: Path) -> dict | None:
+    """The record the holder of the lock file `path` wrote (host, pid, started and its `info`), {} while it is
+    being written; None when nobody holds it."""
+    import fcntl
+    import json
+
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return None
+    except BlockingIOError:
+        try:
+            rec = json.loads(os.pread(fd, 4096, 0).decode() or "{}")
+        except (OSError, ValueError):
+            return {}
+        return rec if isinstance(rec, dict) else {}
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
 
 
 def claim_held(path: Path) -> str | None:

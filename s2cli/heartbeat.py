@@ -131,7 +131,7 @@ class RemoteClaim:
 
     held = True
 
-    def __init__(self, d: Folder, rank: int, what: str, fix: str):
+    def __init__(self, d: Folder, rank: int, what: str, fix: str, world: int | None = None):
         import secrets
 
         self.folder, self.name = d, heartbeat_name(rank)
@@ -142,7 +142,7 @@ class RemoteClaim:
                               f"heartbeat {time.time() - float(hb.get('updated', 0)):.0f} s old)", given=d.url, fix=fix)  # type: ignore[union-attr]
         self.before, self.token = before, secrets.token_hex(8)
         now = time.time()
-        d.write_text(self.name, json.dumps({"rank": rank, "host": socket.gethostname(), "pid": os.getpid(),
+        d.write_text(self.name, json.dumps({"rank": rank, "world": world, "host": socket.gethostname(), "pid": os.getpid(),
                                             "state": "running", "started": now, "updated": now, "claim": self.token}))
         time.sleep(float(os.environ.get("S2CLI_CLAIM_SETTLE_S", "0.2")))
         back = _parsed(d.read_texts([self.name]).get(self.name)) or {}

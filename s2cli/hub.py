@@ -237,6 +237,32 @@ def download(ref: Ref, *, what: str, weights: bool = True, filename: str | None 
     return snap
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
+                   "spiece.model", "added_tokens.json")
+
+
+def ensure_tokenizer(folder: Path, what: str) -> Path:
+    """A snapshot folder (or a save_pretrained one) with its tokenizer's files: those of the repo at the snapshot's
+    commit are downloaded on first use (a text query's first embed_text), none when offline or already there."""
+    if any((folder / f).is_file() for f in TOKENIZER_FILES):
+        return folder
+    repo_dir = folder.parent.parent
+    if offline() or folder.parent.name != "snapshots" or not repo_dir.name.startswith("models--"):
+        raise WeightsNotFoundError(f"no tokenizer files in {folder} ({', '.join(TOKENIZER_FILES[:2])}, ...)",
+                                   given=what, fix="save the tokenizer beside the model (tokenizer.save_pretrained), "
+                                                   "or run once where the hub can be reached")
+    repo = repo_dir.name[len("models--"):].replace("--", "/")
+    from huggingface_hub import snapshot_download
+
+    try:
+        with node_lock(repo):
+            snapshot_download(repo, revision=folder.name, allow_patterns=list(TOKENIZER_FILES), cache_dir=str(cache_dir()),
+                              endpoint=endpoint(), etag_timeout=timeout())
+    except Exception as e:
+        raise _hub_error(e, Ref(repo, folder.name), what) from None
+    return folder
+
+
 def _write_ref(repo: str, revision: str, sha: str) -> None:
     path = repo_folder(repo) / "refs" / revision
     try:

@@ -3,22 +3,26 @@ followed by its done marker (only marked shards count), leftovers of dead writer
 `manifest.json` rebuilt from the markers."""
 from __future__ import annotations
 
+import gc
 import json
 import os
 import re
 import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from .errors import ConfigError
-from .formats import NamePattern, of_path, store_files, store_identity
-from .fsutil import Claim, pid_alive, take_claim
+from .formats import NamePattern, of_path, store_identity
+from .fsutil import Claim, claim_record, pid_alive, take_claim
 from .heartbeat import RemoteClaim, heartbeat_name, live_ranks, liveness, read_heartbeats
 from .store import Folder, folder
 
 # `{suffix}`: any registered format's (formats.NamePattern)
 SHARD_RE = NamePattern(r"^part-(\d{5})-(\d{5})\.{suffix}$")
-OURS_RE = NamePattern(r"^(part-\d{5}-\d{5}\.({suffix}|json)|run\.json|manifest\.json|errors\.jsonl|rank-\d{5}\.json)$")
+OURS_RE = NamePattern(r"^(part-\d{5}-\d{5}\.({suffix}|json)|run\.json|manifest\.json|index\.json|errors\.jsonl|"
+                      r"rank-\d{5}\.json)$")
 # files `s2 slurm` puts beside the run (its script and SLURM's logs): ours, but not output; --overwrite keeps them
 HEARTBEAT_NAME_RE = re.compile(r"^rank-\d{5}\.json$")  # a rank's heartbeat (on remote storage: its claim)
 SIDE_RE = re.compile(r"^(s2-slurm\.sbatch|slurm-\d+(_\d+)?\.out)$")
@@ -26,6 +30,9 @@ RANK_TMP_RE = NamePattern(r"^\.part-(\d{5})-\d{5}\.({suffix}|json)\.tmp-\d+$")
 LOCK_RE = re.compile(r"^\.rank-(\d{5})\.lock$")
 MARKER_RE = re.compile(r"^part-\d{5}-\d{5}\.json$")
 TMP_RE = re.compile(r"^\..*\.tmp-")
+INDEX, INDEX_VERSION = "index.json", 1
+INDEX_EVERY = 64  # a run rewrites the index after this many of its shards (or a quarter of those indexed) at least
+MOVED = object()  # shard_damage: whole, at another identity (copied, restored)
 
 
 def marker_name(shard: str) -> str:
@@ -39,6 +46,25 @@ RETIRED = ("backbone.extra_prefix",)
 # settings an older version did not record: compared only when the run being resumed recorded them (its weights'
 # revision, the hub repo and commit of its backbone)
 ADDED = ("weights_revision", "backbone.hub_id", "backbone.hub_file", "backbone.revision")
+
+
+@dataclass
+class Snapshot:
+    """One look at an output folder: the done markers whose shard is whole (input order), the broken ones (each
+    with `broken`: why), the manifest read with them, the whole shards' sizes, and those of them whose identity in
+    the store changed with the same bytes (`moved`: a rerun records their new identity)."""
+
+    good: list[dict[str, Any]]
+    broken: list[dict[str, Any]]
+    manifest: dict[str, Any]
+    sizes: dict[str, int]
+    moved: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def complete(self) -> bool:
+        """Every unit is done: the manifest says so, every shard it lists is here and whole, and none is broken."""
+        listed = {s.get("shard") for s in self.manifest.get("shards") or [] if isinstance(s, dict)}
+        return bool(self.manifest.get("complete")) and not self.broken and listed <= {m["shard"] for m in self.good}
 
 
 def unit_complete(markers: list[dict[str, Any]], parts: int | None) -> bool:
@@ -64,18 +90,55 @@ class OutputDir:
         self.path = self.folder.path  # a Path for a local folder; the URL of a remote one
         self.claims: dict[int, Claim | RemoteClaim] = {}  # rank -> this process's claim on it
         self.broken: list[dict[str, Any]] = []  # marked shards found broken when the folder was prepared (dropped)
+        self._known: dict[str, list[Any]] | None = None  # marker name -> [its identity, it], as last seen
+        self._on_disk: dict[str, Any] = {}  # marker name -> its identity, as index.json holds them
+        self.unindexed = 0  # markers the last look found that index.json lacks (or has otherwise, or has gone)
+        self._committed = 0  # shards this process marked done since it last wrote the index
+        self._snap: Snapshot | None = None  # the last look (`markers`), forgotten when this process writes a marker
 
-    def claim(self, rank: int) -> None:
-        """Claim `rank` of this folder for this process (held until `release`): a live run holding it is refused.
-        Locally a flock on `.rank-RRRRR.lock`; on remote storage the rank's heartbeat object."""
+    def claim(self, rank: int, world: int = 1) -> None:
+        """Claim `rank` of `world` ranks of this folder for this process (held until `release`): a live run holding
+        it is refused, and so is a live run of another rank count holding any rank (`refuse_other_count`). Locally
+        a flock on `.rank-RRRRR.lock`; on remote storage the rank's heartbeat object."""
         if rank not in self.claims:
             what, fix = f"rank {rank} of {self.path}", ("wait for that run to end, or pass another -o; a killed "
                                                         "run's claim ends with its process")
             if self.folder.remote:
                 self.claims[rank] = RemoteClaim(self.folder, rank, what, fix + " (on another host: after "
-                                                "S2CLI_STALE_S seconds without a heartbeat)")
+                                                "S2CLI_STALE_S seconds without a heartbeat)", world=world)
             else:
-                self.claims[rank] = take_claim(self.path / f".rank-{rank:05d}.lock", what, fix)  # type: ignore[operator]
+                self.claims[rank] = take_claim(self.path / f".rank-{rank:05d}.lock", what, fix,  # type: ignore[operator]
+                                               info={"rank": rank, "world": world})
+        try:
+            self.refuse_other_count(rank, world)
+        except ConfigError:
+            self.claims.pop(rank).release()
+            raise
+
+    def refuse_other_count(self, rank: int, world: int) -> None:
+        """A live run of another number of ranks writing this folder (its claims, its heartbeats): refused, for every
+        rank of this run whatever its own claim, before any of them writes (the two would split the input two ways
+        and write it twice)."""
+        others = {}
+        for r, hb in read_heartbeats(self.folder).items():
+            if r != rank and liveness(hb) == "running" and hb.get("world") not in (None, world):
+                others[r] = (hb["world"], hb.get("host"), hb.get("pid"))
+        for n in self.folder.names() if not self.folder.remote else ():
+            m = LOCK_RE.match(n)
+            if m and int(m.group(1)) != rank:
+                rec = claim_record(self.path / n)  # type: ignore[operator]
+                for _ in range(40):  # {}: its holder is writing its record this moment
+                    if rec != {}:
+                        break
+                    time.sleep(0.025)
+                    rec = claim_record(self.path / n)  # type: ignore[operator]
+                if rec and rec.get("world") not in (None, world):
+                    others[int(m.group(1))] = (rec["world"], rec.get("host"), rec.get("pid"))
+        if others:
+            r, (w, host, pid) = min(others.items())
+            raise ConfigError(f"{self.path} is being written by a run of {w} ranks (rank {r}: host {host} pid {pid}) "
+                              f"and this run has {world}: each would extract its own share of the input into it",
+                              given=str(self.path), fix="wait for that run to end, or pass another -o")
 
     def release(self) -> None:
         for c in self.claims.values():
@@ -124,49 +187,104 @@ class OutputDir:
         """The manifest is written and says every unit is done."""
         return bool(self.read_manifest().get("complete"))
 
-    def scan(self, verify: bool = False) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-        """(done markers whose shard is whole, in input order (unit, part); the broken ones, each with `broken`:
-        why). A shard is whole when it exists with the size its marker recorded and, if it was modified after its
-        marker was written (a local folder; or with `verify`: always), the same sha256. Markers written before
-        they recorded these are taken on their shard's existence."""
+    def snapshot(self, verify: bool = False) -> Snapshot:
+        """One look at the folder (see `Snapshot`): the manifest, then one listing of the folder with what the store
+        says of each file for free (size, identity), the markers taken from the index where their file is the one
+        it recorded (read otherwise), each marked shard checked against its marker (`shard_damage`), and the shards
+        the manifest lists whose marker is gone. `verify`: every shard's sha256 too."""
+        with gc_paused():
+            return self._snapshot(verify)
+
+    def _snapshot(self, verify: bool) -> Snapshot:
         d = self.folder
-        files = set(d.names())  # a shard may be a folder (a format whose output is one)
-        good, broken = [], []
-        for name, text in d.read_texts(sorted(n for n in files if MARKER_RE.match(n))).items():
+        manifest = self.read_manifest()  # before the listing: a shard it lists is in the listing, unless taken back
+        stats = d.stats()
+        recs = self._markers_of(stats)
+        good, broken, moved = [], [], []
+        for ident, m in recs.values():
+            why = shard_damage(d, m, stats, verify, ident)
+            if why is None or why is MOVED:
+                good.append(m)
+                if why is MOVED:
+                    moved.append(m)
+            else:
+                broken.append({**m, "broken": why})
+        seen = {str(m["shard"]) for _, m in recs.values()}
+        for s in manifest.get("shards") or []:
+            if isinstance(s, dict) and isinstance(s.get("shard"), str) and s["shard"] not in seen:
+                gone = "" if s["shard"] in stats else ", and so is its shard file"
+                broken.append({**s, "failures": [], "broken": f"its done marker is missing (the manifest lists it){gone}"})
+        sizes = {m["shard"]: stats[m["shard"]][0] for m in good}
+        self._snap = Snapshot(sorted(good, key=_in_order), sorted(broken, key=_in_order), manifest, sizes,
+                              sorted(moved, key=_in_order))
+        return self._snap
+
+    def _markers_of(self, stats: dict[str, tuple[int, Any]]) -> dict[str, list[Any]]:
+        """marker name -> (its file's identity, the marker) for every marker in the listing `stats`: from the index
+        (on disk, or as this process last saw it) where the identity is the one recorded, else read now."""
+        if self._known is None:
+            self._known = self._read_index()
+            self._on_disk = {n: i for n, (i, _) in self._known.items()}
+        known = self._known
+        recs, pending = {}, []
+        for name, (_, ident) in stats.items():
+            if name.endswith(".json") and MARKER_RE.match(name):
+                hit = known.get(name)
+                if hit is not None and hit[0] == ident:
+                    recs[name] = hit
+                else:
+                    pending.append(name)
+        for name, text in self.folder.read_texts(sorted(pending)).items():
             try:
                 m = json.loads(text)
             except ValueError:
                 continue  # a damaged marker marks nothing: its shard is redone (and removed as a leftover)
-            if not isinstance(m, dict) or not {"shard", "unit_index", "part"} <= set(m) or str(m["shard"]) not in files:
-                continue
-            why = self._damage(name, m, verify)
-            if why is None:
-                good.append(m)
-            else:
-                broken.append({**m, "broken": why})
-        return sorted(good, key=_in_order), sorted(broken, key=_in_order)
+            if isinstance(m, dict) and {"shard", "unit_index", "part"} <= set(m):
+                recs[name] = [stats[name][1], m]
+        self._known = recs
+        self.unindexed = sum(self._on_disk.get(n) != i for n, (i, _) in recs.items()) + len(set(self._on_disk) - set(recs))
+        return recs
 
-    def _damage(self, marker_file: str, m: dict[str, Any], verify: bool) -> str | None:
-        d, shard = self.folder, str(m["shard"])
-        if not d.remote:
-            try:
-                marked_ns = (self.path / marker_file).stat().st_mtime_ns  # type: ignore[operator]
-            except OSError:
-                marked_ns = None
-            return shard_damage(self.path / shard, m, verify, marked_ns)  # type: ignore[operator]
-        if "bytes" not in m:
-            return None
-        size = d.size(shard)
-        if size != m["bytes"]:
-            return f"{size} bytes where its marker recorded {m['bytes']} (truncated or overwritten)"
-        if verify and file_sha256(d.fetch(shard)) != m.get("sha256"):
-            return "its sha256 differs from the one its marker recorded (its bytes changed)"
-        return None
+    def _read_index(self) -> dict[str, list[Any]]:
+        try:
+            idx = json.loads(self.folder.read_texts([INDEX]).get(INDEX) or "{}")
+        except ValueError:
+            return {}
+        ms = idx.get("markers") if isinstance(idx, dict) and idx.get("version") == INDEX_VERSION else None
+        if not isinstance(ms, dict):
+            return {}
+        return {n: v for n, v in ms.items() if isinstance(v, list) and len(v) == 2 and isinstance(v[1], dict)}
 
-    def markers(self) -> list[dict[str, Any]]:
-        """Done markers whose shard is whole (`scan`), in input order (unit, part; a part's `--retry-failed` shards
-        after it)."""
-        return self.scan()[0]
+    def write_index(self) -> None:
+        """Rewrite `index.json` (atomically) from a fresh look at the folder: every marker with its file's identity.
+        Ranks writing at once each write what they saw; a marker missing from the index is read from its file."""
+        self.snapshot()
+        recs = self._known or {}
+        self.folder.write_text(INDEX, json.dumps({"version": INDEX_VERSION, "markers": {
+            n: [i, m] for n, (i, m) in sorted(recs.items())}}, separators=(",", ":")))
+        self._on_disk = {n: i for n, (i, _) in recs.items()}
+        self.unindexed, self._committed = 0, 0
+
+    def index_if_stale(self) -> None:
+        """Rewrite the index when the last look found markers it lacks (or lists markers that are gone)."""
+        if self._known is None:
+            self.snapshot()
+        if self.unindexed:
+            self.write_index()
+
+    def scan(self, verify: bool = False) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """(done markers whose shard is whole, in input order (unit, part); the broken ones, each with `broken`:
+        why): `snapshot`'s."""
+        snap = self.snapshot(verify)
+        return snap.good, snap.broken
+
+    def markers(self, fresh: bool = False) -> list[dict[str, Any]]:
+        """Done markers whose shard is whole (`snapshot`), in input order (unit, part; a part's `--retry-failed`
+        shards after it): as this process last looked, unless it wrote a marker since or `fresh` (what other ranks
+        wrote meanwhile is then seen too)."""
+        if fresh or self._snap is None:
+            self.snapshot()
+        return self._snap.good  # type: ignore[union-attr]
 
     def prepare(self, run: dict[str, Any], overwrite: bool, compare: list[str], rank: int = 0, world: int = 1) -> None:
         """Create, resume or refuse: an existing run must have the same values for `compare`. Several ranks may
@@ -183,7 +301,7 @@ class OutputDir:
             raise ConfigError(f"cannot create the output folder {self.path} ({e.strerror or e})", given=str(self.path),
                               fix="check the permissions of its parent (or whether it is a read-only mount), or "
                                   "pass another -o") from None
-        self.claim(rank)  # before anything is read or written: a second run of this rank is refused here
+        self.claim(rank, world)  # before anything is read or written: a second run of this rank is refused here
         try:
             self._prepare(run, overwrite, compare, rank, world)
         except BaseException:
@@ -219,9 +337,10 @@ class OutputDir:
         if world == 1:
             self.settle_retries()
 
-    def _refuse_live(self, rank: int) -> None:
-        """--overwrite deletes everything: refused while any other rank of this folder is alive (its claim held,
-        or its heartbeat fresh)."""
+    def _refuse_live(self, rank: int, what: str = "--overwrite would delete the output of a run that is still "
+                     "writing it") -> None:
+        """Refused (`what`) while any rank of this folder other than `rank` is alive (its claim held, or its heartbeat
+        fresh): --overwrite, which deletes everything, and `--devices` workers (rank -1: before any starts)."""
         live = {f"rank {int(m.group(1))}: {who}" for n in self.folder.names()
                 if (m := LOCK_RE.match(n)) and int(m.group(1)) != rank and (who := self.folder.claim_holder(n))}
         hbs = read_heartbeats(self.folder)
@@ -230,9 +349,14 @@ class OutputDir:
         if liveness(mine) == "running" and mine["pid"] != os.getpid():  # type: ignore[index]
             live.add(f"rank {rank}: host {mine['host']} pid {mine['pid']}")  # type: ignore[index]
         if live:
-            raise ConfigError(f"--overwrite would delete the output of a run that is still writing it "
-                              f"({'; '.join(sorted(live))})", given=str(self.path),
+            raise ConfigError(f"{what} ({'; '.join(sorted(live))})", given=str(self.path),
                               fix="wait for that run to end (or stop it), then rerun; or pass another -o")
+
+    def refuse_running(self) -> None:
+        """Refuse to start workers of a new run (`--devices`) while any run writes this folder: a claim refused for
+        one of them is refused for all, before any starts."""
+        if self.folder.is_dir():
+            self._refuse_live(-1, f"{self.path} is being written by another run")
 
     def check_same(self, run: dict[str, Any], compare: list[str]) -> None:
         old = self.read_run(fix="pass --overwrite to start over, or another -o")
@@ -259,11 +383,16 @@ class OutputDir:
                               given=str(self.path), fix=f"wait for it to end; if that process is gone, remove "
                               f"{self.path}/rank-{rank:05d}.json (it is stale after S2CLI_STALE_S seconds anyway)")
         live = live_ranks(d, rank)
-        good, broken = self.scan()
-        marked = {m["shard"] for m in good}
+        snap = self.snapshot()
+        marked = {m["shard"] for m in snap.good}
         # a marked shard that is no longer whole is no longer done: marker and shard go, the unit is redone
-        self.broken = [m for m in broken if int(m.get("rank", 0)) not in live]
+        self.broken = [m for m in snap.broken if int(m.get("rank", 0)) not in live]
         self.drop(self.broken, log_errors=False)
+        for m in snap.moved:  # copied or restored with the same bytes: its marker records where it is now
+            if int(m.get("rank", 0)) not in live:
+                self._snap = None
+                self.folder.write_text(marker_name(m["shard"]), json.dumps({**m, "stat": d.identity(m["shard"])},
+                                                                          sort_keys=True))
         names = d.names()
         for n in names:
             if not TMP_RE.match(n):
@@ -285,6 +414,7 @@ class OutputDir:
         """Take completed shards back (their input changed): the marker first, so that the shard stops counting
         before it goes; errors.jsonl is rebuilt without their failures."""
         for m in markers:
+            self._snap = None
             self.folder.unlink(marker_name(m["shard"]))
             self.folder.unlink(m["shard"])
         if markers and log_errors:
@@ -292,6 +422,7 @@ class OutputDir:
 
     def refresh(self, marker: dict[str, Any], identity: dict[str, Any]) -> None:
         """Record a tar's identity as it is now in a done shard's marker (`--retry-failed` over a rewritten tar)."""
+        self._snap = None
         self.folder.write_text(marker_name(marker["shard"]), json.dumps({**marker, **identity}, sort_keys=True))
 
     def next_shard_index(self, rank: int) -> int:
@@ -309,10 +440,16 @@ class OutputDir:
         the shard does not count and is removed on resume."""
         if written is not None:
             self.folder.publish(written, marker["shard"])
+        # the shard's identity as the store gives it (inode + ctime, ETag): a file put in its place later is not it
+        marker = {**marker, "stat": self.folder.identity(marker["shard"])}
+        self._snap = None
         self.folder.write_text(marker_name(marker["shard"]), json.dumps(marker, sort_keys=True))
         if marker["failures"] and log_errors:
             # the marker holds them; errors.jsonl is rebuilt from the markers on resume
             self.folder.append_text("errors.jsonl", "".join(json.dumps(r) + "\n" for r in marker["failures"]))
+        self._committed += 1  # the index is rewritten as markers accumulate: a reader reads few of them one by one
+        if self._committed >= max(INDEX_EVERY, len(self._known or ()) // 4):
+            self.write_index()
 
     def settle_retry(self, retry: dict[str, Any], log_errors: bool = True) -> None:
         """After a retry's shard is marked done (`--retry-failed`): the failures it retried leave the markers that
@@ -331,6 +468,7 @@ class OutputDir:
                 continue
             m["failures"] = [f for f in m["failures"] if f["key"] not in keys]
             m["num_failed"] = len(m["failures"])
+            self._snap = None
             m["retried"] = m.get("retried", []) + [
                 {**f, "retried_in": retry["shard"], "outcome": "failed" if f["key"] in again else "ok"} for f in moved]
             self.folder.write_text(mname, json.dumps(m, sort_keys=True))
@@ -348,23 +486,31 @@ class OutputDir:
     def rebuild_errors(self) -> None:
         """errors.jsonl from the markers: every failure of every completed shard, once; a failure retried since
         (`--retry-failed`) with `retried_in` and `outcome`; a retry's own failures with `retry: true`."""
-        lines = [json.dumps(r) for m in self.markers() for r in m.get("retried", []) + m["failures"]]
-        self.folder.write_text("errors.jsonl", "".join(line + "\n" for line in lines))
+        text = "".join(json.dumps(r) + "\n" for m in self.markers() for r in m.get("retried", []) + m["failures"])
+        if self.folder.read_texts(["errors.jsonl"]).get("errors.jsonl") != text:
+            self.folder.write_text("errors.jsonl", text)
 
     def write_manifest(self, units_total: int | None, units_done: int | Any) -> dict[str, Any]:
         """`units_done`: a number, or a function of the markers (ranks sharing the folder: the manifest is then
         rewritten until the markers it was made from are still all there are, so the last writer is complete)."""
         if callable(units_done):
             while True:
-                ms = self.markers()
-                manifest = self.manifest(ms, units_total, units_done(ms))
-                self.folder.write_text("manifest.json", json.dumps(manifest, indent=1))
+                ms = self.markers(fresh=True)
+                manifest = self._write_manifest(self.manifest(ms, units_total, units_done(ms)))
                 self.rebuild_errors()
-                if [m["shard"] for m in self.markers()] == [m["shard"] for m in ms]:
+                if [m["shard"] for m in self.markers(fresh=True)] == [m["shard"] for m in ms]:
                     return manifest
-        manifest = self.manifest(self.markers(), units_total, units_done)
-        self.folder.write_text("manifest.json", json.dumps(manifest, indent=1))
-        return manifest
+        return self._write_manifest(self.manifest(self.markers(), units_total, units_done))
+
+    def _write_manifest(self, manifest: dict[str, Any]) -> dict[str, Any]:
+        """Written unless the one there says the same (a rerun of a finished folder rewrites nothing)."""
+        old = self._snap.manifest if self._snap is not None else self.read_manifest()
+        if {k: v for k, v in old.items() if k != "updated_at"} != {k: v for k, v in manifest.items() if k != "updated_at"}:
+            self.folder.write_text("manifest.json", json.dumps(manifest, indent=1))
+            if self._snap is not None:
+                self._snap.manifest = manifest
+            return manifest
+        return old
 
     def manifest(self, ms: list[dict[str, Any]], units_total: int | None, units_done: int) -> dict[str, Any]:
         """The manifest's content for these markers (not written)."""
@@ -394,6 +540,19 @@ def same_input(old: dict[str, Any], new: dict[str, Any]) -> bool:
     return here in (old.get("path"), os.path.abspath(a))
 
 
+@contextmanager
+def gc_paused() -> Iterator[None]:
+    """Python's cyclic garbage collector held off while many small objects are made at once (a folder's markers,
+    its keys), which it would otherwise walk again and again as they are made; they hold no cycles."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+
+
 def _in_order(marker: dict[str, Any]) -> tuple[int, int, str]:
     return marker["unit_index"], marker["part"], marker["shard"]  # a part's --retry-failed shards after it
 
@@ -409,23 +568,38 @@ def shard_record(path: Path) -> dict[str, Any]:
     return (fmt.identity if fmt is not None else store_identity)(path)
 
 
-def shard_damage(path: Path, marker: dict[str, Any], verify: bool = False, marked_ns: int | None = None) -> str | None:
-    """Why a marked shard is no longer what its marker recorded (None: it is): another size (truncated,
-    overwritten), or other bytes: checked with `verify`, and whenever the shard was modified after its marker was
-    written (`marked_ns`: the marker file's mtime), which a run never does."""
+def shard_damage(d: Folder, marker: dict[str, Any], stats: dict[str, tuple[int, Any]], verify: bool = False,
+                 marker_id: Any = None) -> str | None | object:
+    """Why a marked shard is no longer what its marker recorded (None: it is; MOVED: it is, but the store's
+    identity of it is not the one recorded: copied or restored, same bytes). Its file missing; another size; or
+    other bytes, checked (sha256) with `verify` and whenever the store's identity of the file (`stats`: inode, ctime
+    and mtime locally, the ETag on an object store) differs from the one its marker recorded. Markers written
+    before they recorded an identity: locally, the shard modified after the marker file (`marker_id`) is checked."""
+    shard = str(marker["shard"])
+    st = stats.get(shard)
+    if st is None:
+        return "its shard file is missing"
     if "bytes" not in marker:
         return None  # written before markers recorded it
-    try:
-        stats = [p.stat() for p in store_files(path)]  # a file, or a folder's files
-    except OSError as e:
-        return f"cannot be read ({e.strerror or e})"
-    size = sum(st.st_size for st in stats)
-    if size != marker["bytes"]:
+    size, ident = st
+    if size is None:  # a folder on an object store (a format whose output is one): its files are not listed here
+        changed = False
+    elif size != marker["bytes"]:
         return f"{size} bytes where its marker recorded {marker['bytes']} (truncated or overwritten)"
-    touched = marked_ns is not None and max((st.st_mtime_ns for st in stats), default=0) > marked_ns
-    if (verify or touched) and file_sha256(path) != marker.get("sha256"):
+    elif "stat" in marker:
+        changed = marker["stat"] != ident
+    else:
+        changed = not d.remote and isinstance(marker_id, list) and _newest(ident) > marker_id[2]
+    if not (verify or changed):
+        return None
+    if file_sha256(d.fetch(shard)) != marker.get("sha256"):
         return "its sha256 differs from the one its marker recorded (its bytes changed)"
-    return None
+    return MOVED if changed else None
+
+
+def _newest(ident: list) -> int:
+    """The latest mtime in a local identity: a file's [inode, ctime, mtime], or a folder's list of its files' ones."""
+    return max((_newest(i) for i in ident), default=0) if ident and isinstance(ident[0], list) else ident[2]
 
 
 def _flat(config: dict[str, Any], keys: list[str]) -> dict[str, Any]:

@@ -3,6 +3,7 @@ format's reader) or from an output folder of shards, all behind one `Reader` int
 reader for a path."""
 from __future__ import annotations
 
+import copy
 import itertools
 import json
 import os
@@ -15,10 +16,11 @@ from typing import Any, Iterator
 import numpy as np
 
 from . import formats
-from .errors import ConfigError
+from .errors import ConfigError, S2Error
 from .fsutil import claim_held
 from .heartbeat import liveness, read_heartbeats
-from .outdir import OutputDir
+from .layers import pick_index, split_rows, split_vector, stored_layers
+from .outdir import OutputDir, gc_paused
 from .store import folder, local_of
 
 
@@ -111,43 +113,80 @@ def token_mean(x: np.ndarray, prefix: int) -> np.ndarray:
 
 
 class FeatureSet(Reader):
-    """An output directory read as one mapping across its completed shards (those with a done marker)."""
+    """An output directory read as one mapping across its completed shards (those with a done marker), as one look
+    at the folder saw them (`OutputDir.snapshot`): its keys, `complete` and `broken_shards` all come from that look.
+    The keys come from the markers (index.json, then the markers it lacks): no shard is opened until a key of it is
+    read, and each one opened is checked to hold the keys its marker lists. Picklable (without its open files): a
+    DataLoader worker gets the folder as its parent opened it."""
 
     def __init__(self, path: str | os.PathLike, max_open: int = 32, verify: bool = False, raw: bool = False):
         self.raw = raw
+        with gc_paused():
+            self._look(path, verify)
+        self._open: OrderedDict[int, Reader] = OrderedDict()
+        self.max_open = max_open
+
+    def _look(self, path: str | os.PathLike, verify: bool) -> None:
         self.dir = OutputDir(path)  # local, or remote storage (its shards are downloaded to a local cache)
         self.path = self.dir.path
         self.run = self.dir.read_run(fix="pass a folder written by `s2 extract -o OUTDIR/`")
-        markers, self.broken = self.dir.scan(verify)  # broken: marked shards skipped, each with why
+        snap = self.dir.snapshot(verify)
+        self.broken = list(snap.broken)  # marked shards skipped, each with why
+        self._sizes = snap.sizes
         self._markers: list[dict[str, Any]] = []
         self._where: dict[str, int] = {}
         self._shard_keys: list[list[str]] = []
         self._shadowed: list[dict[str, str]] = []  # a key already in an earlier shard: the first is kept
-        for m in markers:
-            try:
-                ks = shard_keys(self.dir.folder.fetch(m["shard"]))
-            except (ConfigError, OSError, ValueError, KeyError) as e:
-                self.broken.append({**m, "broken": f"cannot be read: {e}"})
-                continue
-            if len(ks) != m.get("num_images", len(ks)):
-                self.broken.append({**m, "broken": f"holds {len(ks)} keys where its marker recorded {m['num_images']}"})
-                continue
-            i = len(self._markers)
-            self._markers.append(m)
-            self._shard_keys.append(ks)
-            for k in ks:
-                if self._where.setdefault(k, i) != i:
-                    self._shadowed.append({"key": k, "source": m["shard"], "stage": "read", "error_class": "DuplicateKey",
-                                           "error": f"key {k!r} is also in {self._markers[self._where[k]]['shard']}, "
-                                                    f"which comes first and is kept ({m['shard']} holds it again)"})
-        self._open: OrderedDict[int, Reader] = OrderedDict()
-        self.max_open = max_open
+        for m in snap.good:
+            ks = m.get("keys")
+            if not (isinstance(ks, list) and len(ks) == m.get("num_images")):  # a marker written before it listed them
+                try:
+                    ks = shard_keys(self.dir.folder.fetch(m["shard"]))
+                except (ConfigError, OSError, ValueError, KeyError) as e:
+                    self.broken.append({**m, "broken": f"cannot be read: {e}"})
+                    continue
+                if len(ks) != m.get("num_images", len(ks)):
+                    self.broken.append({**m, "broken": f"holds {len(ks)} keys where its marker recorded {m['num_images']}"})
+                    continue
+            self._add(m, ks)
+        self._complete = snap.complete and not self.broken
+
+    def _add(self, m: dict[str, Any], ks: list[str]) -> None:
+        i = len(self._markers)
+        self._markers.append(m)
+        self._shard_keys.append(ks)
+        for k in ks:
+            if self._where.setdefault(k, i) != i:
+                self._shadowed.append({"key": k, "source": m["shard"], "stage": "read", "error_class": "DuplicateKey",
+                                       "error": f"key {k!r} is also in {self._markers[self._where[k]]['shard']}, "
+                                                f"which comes first and is kept ({m['shard']} holds it again)"})
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_open"], state["dir"] = OrderedDict(), self.dir.folder.url  # each process opens its own files
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self.dir = OutputDir(state["dir"])
+
+    def forked(self) -> FeatureSet:
+        """This look at the folder for another process (a DataLoader worker): the same keys, its own files."""
+        other = copy.copy(self)
+        other._open, other.dir = OrderedDict(), OutputDir(self.dir.folder.url)
+        return other
 
     def _reader(self, i: int) -> Reader:
         if i in self._open:
             self._open.move_to_end(i)
             return self._open[i]
-        r = _open_file(self.dir.folder.fetch(self._markers[i]["shard"]), raw=self.raw)
+        m = self._markers[i]
+        r = _open_file(self.dir.folder.fetch(m["shard"]), raw=self.raw)
+        if list(r) != self._shard_keys[i]:  # the file there now is not the one this look saw marked
+            r.close()
+            raise S2Error(f"{self.path}: shard {m['shard']} holds other keys than its done marker lists (it was "
+                          "replaced since the folder was opened)", fix="open the folder again to read what it holds "
+                          "now; rerun the extract command to redo that shard")
         self._open[i] = r
         if len(self._open) > self.max_open:
             self._open.popitem(last=False)[1].close()
@@ -228,12 +267,13 @@ class FeatureSet(Reader):
 
     @property
     def complete(self) -> bool:
-        """Every unit of the input is in a whole shard: the manifest says so and no shard is broken."""
-        return self.dir.manifest_complete and not self.broken
+        """Every unit of the input was in a whole shard when the folder was opened: the manifest said so, every shard
+        it lists was there and whole, and none was broken (the keys served are those of that moment)."""
+        return self._complete
 
     @property
     def feature_shape(self) -> list[int | None] | None:
-        shapes = [self._reader(i).feature_shape for i in range(len(self._markers))][:8]
+        shapes = [m["shape"] if "shape" in m else self._reader(i).feature_shape for i, m in enumerate(self._markers[:8])]
         shapes = [s for s in shapes if s is not None]
         if not shapes:
             return None
@@ -241,7 +281,9 @@ class FeatureSet(Reader):
 
     @property
     def dtype(self) -> str:
-        return self._reader(0).dtype if self._markers else self.run["config"].get("dtype", "float32")
+        if not self._markers:
+            return self.run["config"].get("dtype", "float32")
+        return self._markers[0]["dtype"] if "dtype" in self._markers[0] else self._reader(0).dtype
 
     def close(self) -> None:
         for r in self._open.values():
@@ -250,7 +292,7 @@ class FeatureSet(Reader):
         self.dir.folder.close()  # a remote folder's downloaded shards
 
     def size_bytes(self) -> int:
-        return sum(self.dir.folder.size(s["shard"]) for s in self.shards)
+        return sum(self._sizes.get(m["shard"], 0) for m in self._markers)
 
 
 def _open_file(path: Path, raw: bool = False) -> Reader:
@@ -268,13 +310,127 @@ def _open_file(path: Path, raw: bool = False) -> Reader:
     return fmt.open(path, raw=raw)
 
 
+def shard_contents(path: str | os.PathLike) -> dict[str, Any]:
+    """What a done marker lists of its shard, as its reader gives it: `keys` in order, `shape` and `dtype`."""
+    with _open_file(Path(path)) as r:
+        return {"keys": list(r), "shape": r.feature_shape, "dtype": r.dtype}
+
+
 def shard_keys(path: str | os.PathLike) -> list[str]:
     """The keys one feature file holds, in order."""
     with _open_file(Path(path)) as r:
         return list(r)
 
 
-def open_features(path: str | os.PathLike, verify: bool = False, raw: bool = False) -> Reader:
+def open_features(path: str | os.PathLike, verify: bool = False, raw: bool = False, layer: int | None = None) -> Reader:
+    """Open features written by `s2 extract` (below); `layer`: of an output of several layers (--layers), the one to
+    read ((T, C) features, (C,) pooled vectors; None: all of them, (L, T, C) and (L, C)), by its index as --layers
+    listed it."""
+    return pick_layer(_open_features(path, verify, raw), layer)
+
+
+def pick_layer(r: Reader, layer: int | None) -> Reader:
+    """`r` read at one of its stored layers, or all (`LayerPick`); `r` itself when it stores one layer plainly and
+    `layer` is None or that layer."""
+    layers = stored_layers(r.attrs)
+    if layers is None:
+        if layer is not None and layer != r.attrs.get("layer"):
+            r.close()
+            raise ConfigError("this output stores one layer", given=f"layer={layer!r} in {r.path}",
+                              expected=f"{r.attrs.get('layer')} or none", fix="drop layer=, or extract with --layers")
+        return r
+    try:
+        return LayerPick(r, layers, pick_index(layers, layer, r.path))
+    except ConfigError:
+        r.close()
+        raise
+
+
+class LayerPick(Reader):
+    """An output of several layers (--layers) read at one (`index` into `layers`) or all (index None). Stored
+    layer-major, an image's features as L*T rows and its pooled vector as one row of L*C (`layers.py`); read back
+    as (T, C) and (C,) for one layer, (L, T, C) and (L, C) for all (a video's frames first: (F, ...))."""
+
+    def __init__(self, inner: Reader, layers: list[int], index: int | None):
+        self.inner, self.layers, self.index, self.path, self.raw = inner, layers, index, inner.path, inner.raw
+
+    def __getattr__(self, name: str) -> Any:  # a folder's shards, completeness, size, ...
+        if name == "inner":
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+    @property
+    def attrs(self) -> dict[str, Any]:
+        return self.inner.attrs
+
+    @property
+    def failures(self) -> list[dict[str, str]]:
+        return self.inner.failures
+
+    @property
+    def feature_shape(self) -> list[int | None] | None:
+        s = self.inner.feature_shape
+        if s is None:
+            return None
+        t = None if s[-2] is None else s[-2] // len(self.layers)
+        return [t, s[-1]] if self.index is not None else [len(self.layers), t, s[-1]]
+
+    @property
+    def dtype(self) -> str:
+        return self.inner.dtype
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        x = split_rows(self.inner[key], len(self.layers))
+        return x if self.index is None else x[..., self.index, :, :]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.inner)
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.inner
+
+    def pooled(self, key: str) -> np.ndarray:
+        x = split_vector(self.inner.pooled(key), len(self.layers))
+        return x if self.index is None else x[..., self.index, :]
+
+    def meta(self, key: str) -> dict[str, Any]:
+        return self.inner.meta(key)
+
+    def scales(self, key: str) -> tuple[np.ndarray, np.ndarray]:
+        """The picked layer's token scales ((L, T) for all), and the channel scales the layers share."""
+        tokens, channels = self.inner.scales(key)
+        rows = self.inner[key].shape
+        tokens = tokens.reshape(*rows[:-2], len(self.layers), rows[-2] // len(self.layers))
+        return (tokens if self.index is None else tokens[..., self.index, :]), channels
+
+    def vector_blocks(self, how: str, block: int = 4096) -> Iterator[tuple[list[str], np.ndarray, list[dict[str, Any]]]]:
+        """The picked layer's vectors; all layers': each layer's vector, side by side (L*C)."""
+        n, i = len(self.layers), self.index
+        if how == "pooled":
+            for keys, vecs, recs in self.inner.vector_blocks(how, block):
+                v = split_vector(vecs, n)
+                yield keys, (v.reshape(len(keys), -1) if i is None else v[:, i]), recs
+            return
+        keys = list(self)
+        for a in range(0, len(keys), block):
+            part = keys[a:a + block]
+            metas = [self.meta(k) for k in part]
+            vecs = []
+            for k, m in zip(part, metas):
+                x = split_rows(np.asarray(self.inner[k], np.float32), n)  # (..., L, T, C)
+                x = x[..., m["num_prefix_tokens"]:, :]
+                per = x.reshape(-1, *x.shape[-3:]).mean((0, 2))  # (L, C): a video's frames and the tokens
+                vecs.append(per.reshape(-1) if i is None else per[i])
+            yield part, np.stack(vecs), [{"source": m["source"], "meta": m["meta"]} for m in metas]
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+def _open_features(path: str | os.PathLike, verify: bool = False, raw: bool = False) -> Reader:
     """Open features written by `s2 extract` for lazy reading by key: one output of a format (.h5, .safetensors,
     ...: `formats.names()`), or an output folder of shards (read across its completed shards; a shard whose size is not the one its marker
     recorded, or that cannot be read, is skipped and listed in `broken_shards`; `verify`: every shard's sha256
@@ -307,7 +463,7 @@ def summary(ff: Reader) -> dict[str, Any]:
         "feature_shape": ff.feature_shape, "dtype": ff.dtype, "s2cli_version": a.get("s2cli_version"),
     }
     report["pool"] = report["pool"] or "none"  # files written before --pool
-    if isinstance(ff, FeatureSet):
+    if isinstance(getattr(ff, "inner", ff), FeatureSet):
         report.update(size_bytes=ff.size_bytes(),
                       num_shards=len(ff.shards), complete=ff.complete, broken_shards=ff.broken_shards,
                       writing=ff.writing)

@@ -192,6 +192,9 @@ class Target:
         keys: set[str] = set()
         bad = []
         for m in self.dir.markers():
+            if isinstance(m.get("keys"), list) and len(m["keys"]) == m["num_images"]:  # listed by its marker
+                keys.update(m["keys"])
+                continue
             try:
                 ks = shard_keys(self.dir.folder.fetch(m["shard"]))
                 why = None if len(ks) == m["num_images"] else f"holds {len(ks)} keys where its marker recorded {m['num_images']}"
@@ -254,6 +257,52 @@ class Target:
         if self.claim is not None:
             self.claim.release()
             self.claim = None
+
+    def finish(self, s: Summary, shards_written: int) -> None:
+        """A folder's run has ended well: the heartbeat says done, the manifest (and the index) are written whole
+        (a signal then ends it), and the claim is given back; `s` gets the folder's totals."""
+        self.close("done", release=False)
+        try:
+            with signals_deferred():  # every shard is done: the manifest is written whole, then a signal ends it
+                self._write_manifest(s)
+                self.dir.index_if_stale()  # type: ignore[union-attr]
+        finally:
+            self.release()  # after the manifest: a run that claims the folder next sees it
+        s.shards_written, s.resumed_images = shards_written, self.images_done_before
+
+    def _write_manifest(self, s: Summary) -> None:
+        ranks, d = self.ranks, self.dir
+
+        def done(markers: list[dict]) -> int:
+            return units_complete(self.inp.units, markers, self.res.shard_size)
+
+        if ranks.world == 1:
+            manifest = d.write_manifest(self.units_total, done(d.markers()))  # type: ignore[union-attr]
+        else:
+            # every rank rewrites the manifest until it is current, unless a torchrun barrier says all ranks are
+            # done, and then rank 0 alone writes it
+            together = final_barrier(ranks)
+            if together and ranks.rank != 0:
+                ms = d.markers(fresh=True)  # type: ignore[union-attr]
+                manifest = d.manifest(ms, self.units_total, done(ms))  # type: ignore[union-attr]
+            else:
+                manifest = d.write_manifest(self.units_total, done)  # type: ignore[union-attr]
+            s.rank, s.world, s.rank_source = ranks.rank, ranks.world, ranks.source
+            s.writes_summary = together and ranks.rank == 0
+        s.total_images, s.total_failed, s.complete = manifest["num_images"], manifest["num_failed"], manifest["complete"]
+
+    @property
+    def nothing_to_do(self) -> bool:
+        """A folder whose every unit of the input is done already (a rerun of a finished run): it is finished
+        without loading the model. (A rank whose share is empty in an unfinished folder loads it as the others do.)"""
+        return self.dir is not None and not self.res.retry_failed and all(self.unit_done(u) for u in self.inp.units)
+
+    def finish_done(self, weights: str, device: str) -> Summary:
+        """Finish a run with nothing to do (`nothing_to_do`): the manifest brought up to date, and its Summary."""
+        s = Summary(output=self.res.output, num_images=0, num_failed=0, seconds=0.0, images_per_s=None,
+                    weights=weights, device=device, compile=self.res.compile, stage_seconds={}, wait_seconds={})
+        self.finish(s, 0)
+        return s
 
     @property
     def units_to_read(self) -> int:
@@ -660,13 +709,15 @@ class Run:
                                                                                "num_keys": len(keys)}
         retry = {} if cur.retry_of is None else {  # a retry's shard names what it retried (never a tar's last part)
             "retry_of": [m["shard"] for m in cur.retry_of], "retried_keys": sorted(cur.seen)}
+        from .readers import shard_contents  # its keys, shape and dtype as a reader sees them: readers need not open it
+
         known = {**identity, **retry, "unit": cur.unit.id, "unit_index": cur.unit.index, "part": cur.part,
                  "rank": t.rank, "first_key": cur.first_key, "last_key": cur.last_key, "s2cli_version": __version__,
                  "last_part": last_of_unit and not retry, "host": socket.gethostname()}
 
         def commit(path: Path) -> None:  # on the writer thread, once the shard is in place
             elapsed = time.perf_counter() - cur.started
-            marker = {**known, **shard_record(path), "shard": path.name, "num_images": cur.sink.n,
+            marker = {**known, **shard_record(path), **shard_contents(path), "shard": path.name, "num_images": cur.sink.n,
                       "num_failed": len(cur.sink.failures),
                       "failures": [{**f, "retry": True} for f in cur.sink.failures] if retry else cur.sink.failures,
                       "seconds": round(elapsed, 3), "finished_at": time.time(), "started_at": time.time() - elapsed}
@@ -681,12 +732,18 @@ class Run:
 
     def settle(self) -> None:
         """Wait for the shard being ended (its marker written), and count it."""
-        cur, self.ending = self.ending, None
+        cur = self.ending
         if cur is None:
             return
         t, st = self.target, self.stats
         t0 = time.perf_counter()
-        path = cur.sink.wait()
+        try:
+            path = cur.sink.wait()
+        except BaseException:
+            if cur.sink.ended:  # failed; else a stop signal came while waiting: `abort` waits for it again
+                self.ending = None
+            raise
+        self.ending = None
         st.waits["write"] += time.perf_counter() - t0
         st.busy["write"] += cur.sink.busy_s
         st.shards.append(path.name)
@@ -763,44 +820,25 @@ class Run:
         return s
 
     def _finalize_dir(self, s: Summary) -> None:
-        t = self.target
-        t.close("done", release=False)
-        try:
-            with signals_deferred():  # every shard is done: the manifest is written whole, then a signal ends it
-                self._write_manifest(s)
-        finally:
-            t.release()  # after the manifest: a run that claims the folder next sees it
-
-    def _write_manifest(self, s: Summary) -> None:
-        t, units = self.target, self.inp.units
-        ranks = t.ranks
-
-        def done(markers: list[dict]) -> int:
-            return units_complete(units, markers, self.res.shard_size)
-
-        if ranks.world == 1:
-            manifest = t.dir.write_manifest(t.units_total, done(t.dir.markers()))  # type: ignore[union-attr]
-        else:
-            # every rank rewrites the manifest until it is current, unless a torchrun barrier says all ranks are
-            # done, and then rank 0 alone writes it
-            together = final_barrier(ranks)
-            if together and ranks.rank != 0:
-                ms = t.dir.markers()  # type: ignore[union-attr]
-                manifest = t.dir.manifest(ms, t.units_total, done(ms))  # type: ignore[union-attr]
-            else:
-                manifest = t.dir.write_manifest(t.units_total, done)  # type: ignore[union-attr]
-            s.rank, s.world, s.rank_source = ranks.rank, ranks.world, ranks.source
-            s.writes_summary = together and ranks.rank == 0
-        s.shards_written, s.resumed_images = len(self.stats.shards), t.images_done_before
-        s.total_images, s.total_failed, s.complete = manifest["num_images"], manifest["num_failed"], manifest["complete"]
+        self.target.finish(s, len(self.stats.shards))
 
     def _reduced(self, item: StoredItem) -> StoredItem:
-        """The item with its token grid reduced (--reduce) and the reduction recorded; as it was without one."""
-        if self.reduction is None or item.features is None:
-            return item
-        feats, grid = self.reduction.apply(item.features, item.grid_hw, item.num_prefix_tokens)
-        record = {"op": self.reduction.spec, "grid_before": list(item.grid_hw), "grid_hw": list(grid)}
-        return item.replace(features=feats, grid_hw=grid, reduce=json.dumps(record))
+        """The item as it is stored: its token grid reduced (--reduce, each layer alike) and the reduction
+        recorded; with --layers, its (L, T, C) features as L*T rows and its (L, C) pooled vector as one row."""
+        layered = self.res.layers is not None
+        if self.reduction is not None and item.features is not None:
+            if layered:
+                done = [self.reduction.apply(x, item.grid_hw, item.num_prefix_tokens) for x in item.features]
+                feats, grid = np.stack([f for f, _ in done]), done[0][1]
+            else:
+                feats, grid = self.reduction.apply(item.features, item.grid_hw, item.num_prefix_tokens)
+            record = {"op": self.reduction.spec, "grid_before": list(item.grid_hw), "grid_hw": list(grid)}
+            item = item.replace(features=feats, grid_hw=grid, reduce=json.dumps(record))
+        if layered:
+            f, p = item.features, item.pooled
+            item = item.replace(features=None if f is None else f.reshape(-1, f.shape[-1]),
+                                pooled=None if p is None else p.reshape(-1))
+        return item
 
     def _new_sink(self, path: str) -> ThreadedSink:
         res = self.res
@@ -808,11 +846,15 @@ class Run:
         videos = res.sampling.active and not res.frames_as_images
         if videos:  # an entry is (frames, tokens, channels) or (tokens, channels): the ragged layout holds both
             shape["tokens"] = shape["tokens_per_image"] = None
-        pooled_channels = shape["channels"]
+        pooled_channels = res.pooled_width(shape["channels"])
         if self.reduction is not None:  # the stored shape: after the reduction (pooled vectors are not reduced)
             tokens, shape["channels"] = res.stored(self.strategy.plan_entry(res, (res.side, res.side))[0])["output_shape"]
             shape["tokens"] = tokens if shape["tokens"] is not None else None
             shape["tokens_per_image"] = tokens if shape["tokens_per_image"] is not None else None
+        if res.layers is not None:  # each image's layers as L x T rows, its pooled vectors as one row of L x C
+            n = res.num_layers
+            shape.update({k: shape[k] * n for k in ("tokens", "tokens_per_image") if shape[k] is not None})
+            pooled_channels *= n
         layout = Layout(channels=shape["channels"], num_scales=shape["num_scales"], tokens=shape["tokens"],
                         dtype=res.dtype, features=not res.pool_only, pooled=res.pool != "none",
                         pooled_channels=pooled_channels, plans=shape["plans"], reduced=self.reduction is not None,

@@ -14,12 +14,13 @@ def status_report(path: str | os.PathLike) -> dict[str, Any]:
     """What an output folder says about its run: totals, per-rank progress and units in flight or stale."""
     d = OutputDir(path)
     run = d.read_run(fix="pass the folder given to `s2 extract -o OUTDIR/` or `s2 slurm -o OUTDIR`")
-    markers, broken = d.scan()  # broken: marked shards no longer whole, not counted (a rerun redoes them)
+    snap = d.snapshot()  # one look: the markers, the manifest, and the broken shards (not counted; a rerun redoes them)
+    markers, broken = snap.good, snap.broken
     now = time.time()
     hbs = read_heartbeats(d.folder)
     inp = run.get("input", {})
     units_total = inp.get("units")
-    written = d.read_manifest()
+    written = snap.manifest
     if written.get("units_total") is not None:  # --limit on shards: the run ends in an earlier unit, as it said
         units_total = min(units_total, written["units_total"]) if units_total is not None else written["units_total"]
     shard_size = run.get("config", {}).get("shard_size")
@@ -57,8 +58,8 @@ def status_report(path: str | os.PathLike) -> dict[str, Any]:
         "shard_size": shard_size, "images": images, "failed": sum(m["num_failed"] for m in markers),
         "images_per_s": round(sum(m["num_images"] for m in markers if "finished_at" in m) / wall, 3) if wall > 0 else None,
         "images_per_s_now": round(sum(x["images_per_s"] or 0 for x in ranks if x["state"] == "running"), 3),
-        "complete": units_total is not None and units_done >= units_total,
-        "manifest_complete": d.manifest_complete,
+        "complete": units_total is not None and units_done >= units_total and not broken,
+        "manifest_complete": bool(written.get("complete")),
         "broken_shards": [{"shard": m["shard"], "unit": m.get("unit"), "why": m["broken"]} for m in broken],
         "ranks": ranks,
         "in_flight": [dict(rank=x["rank"], **x["in_flight"]) for x in ranks if x["in_flight"] and x["state"] == "running"],

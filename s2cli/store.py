@@ -168,13 +168,41 @@ class Folder:
 
     def names(self) -> list[str]:
         """Every entry's name (files and folders)."""
-        return [p.name for p in self.path.iterdir()] if self.path.is_dir() else []
+        try:
+            return os.listdir(self.path)
+        except (FileNotFoundError, NotADirectoryError):
+            return []
 
     def files(self) -> set[str]:
         return {p.name for p in self.path.iterdir() if p.is_file()} if self.path.is_dir() else set()
 
     def is_file(self, name: str) -> bool:
         return (self.path / name).is_file()
+
+    def stats(self) -> dict[str, tuple[int, Any]]:
+        """Every file's name -> what the store tells of it for free: (size, id), the id being what changes whenever
+        the file is written or replaced (here [inode, ctime, mtime] in ns: a `cp -p` over a file keeps its inode and
+        mtime, never its ctime)."""
+        out = {}
+        try:
+            with os.scandir(self.path) as it:
+                for e in it:
+                    try:
+                        if e.is_file():
+                            st = e.stat()
+                            out[e.name] = (st.st_size, [st.st_ino, st.st_ctime_ns, st.st_mtime_ns])
+                        elif e.is_dir() and not e.name.startswith("."):  # a shard of a format whose output is a folder
+                            out[e.name] = _local_tree(Path(e.path))
+                    except OSError:  # removed meanwhile
+                        continue
+        except OSError:
+            return {}
+        return out
+
+    def identity(self, name: str) -> Any:
+        """The id of `stats` for one file (or folder)."""
+        p = self.path / name
+        return _local_tree(p)[1] if p.is_dir() else _local_id(p.stat())
 
     def read_text(self, name: str) -> str:
         return (self.path / name).read_text()
@@ -301,6 +329,17 @@ class RemoteFolder(Folder):
     def is_file(self, name: str) -> bool:
         return self._type(self._p(name)) == "file"
 
+    def stats(self) -> dict[str, tuple[int | None, Any]]:
+        """Every file's name -> (size, id: its ETag, or what the store has in its place), from one listing; a
+        folder's -> (None, None): what it holds is not listed here."""
+        return {e["name"].rstrip("/").rsplit("/", 1)[-1]: (int(e.get("size") or 0), _remote_id(e)) if e.get("type") == "file"
+                else (None, None) for e in self._listing()}
+
+    def identity(self, name: str) -> Any:
+        self.fs.invalidate_cache(self._p(name))
+        info = self.fs.info(self._p(name))
+        return _remote_id(info) if info.get("type") == "file" else None
+
     def read_text(self, name: str) -> str:
         return self.fs.cat_file(self._p(name)).decode()
 
@@ -368,6 +407,29 @@ class RemoteFolder(Folder):
         if self._cache is not None and self._cache.pid == os.getpid():
             self._cache.leave()
         self._spool = self._cache = None
+
+
+def _local_id(st: os.stat_result) -> list[int]:
+    return [st.st_ino, st.st_ctime_ns, st.st_mtime_ns]
+
+
+def _local_tree(root: Path) -> tuple[int, list[list[Any]]]:
+    """(bytes, [[relative name, inode, ctime, mtime] of each file, in name order]) of a local folder."""
+    files = sorted(p for p in root.rglob("*") if p.is_file())
+    stats = [(p.relative_to(root).as_posix(), p.stat()) for p in files]
+    return sum(st.st_size for _, st in stats), [[n, st.st_ino, st.st_ctime_ns, st.st_mtime_ns] for n, st in stats]
+
+
+def _remote_id(entry: dict[str, Any]) -> str | None:
+    """What changes when an object is written again: its ETag (S3, GCS), version, or else its time."""
+    for k in ("ETag", "etag", "VersionId", "generation", "md5Hash"):
+        if entry.get(k):
+            return str(entry[k])
+    for k in ("LastModified", "last_modified", "mtime", "updated", "created"):
+        v = entry.get(k)
+        if v is not None:
+            return repr(round(v.timestamp() if hasattr(v, "timestamp") else float(v), 6))
+    return None
 
 
 def _identity(info: dict[str, Any]) -> str:

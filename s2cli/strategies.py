@@ -626,6 +626,7 @@ class Strategy:
     uses: tuple[str, ...] = ()  # the strategy and shape options (SHAPE_OPTIONS) it reads; any other one set is an error
     device_decode: bool = False  # --decode torch (JPEGs decoded and fitted on the device) applies
     any_size: bool = False  # the backbone is built to accept inputs of any size
+    embeds: bool = False  # --pool embed (the model's image embeddings of each scale's tiles) applies
 
     def resolve(self, a: StrategyArgs, bb: BackboneFacts) -> StrategyCfg | None:
         """The strategy's settings, its defaults filled from its source (None: nothing to save)."""
@@ -808,7 +809,7 @@ class ViewStrategy(Strategy):
 
 STRATEGIES: dict[str, Strategy] = {s.name: s for s in (
     S2Strategy("s2", "S²-Wrapper: every scale fitted from one image, tiles of the backbone's size, stitched, "
-                     "area-pooled to one grid, concatenated on channels", uses=SHAPE_OPTIONS, device_decode=True),
+                     "area-pooled to one grid, concatenated on channels", uses=SHAPE_OPTIONS, device_decode=True, embeds=True),
     ViewStrategy("dynamic-s2", "NVILA: every scale but the last squashed to k x k tiles, the last scale's grid by the "
                                "InternVL rule", uses=("max_tiles", "scales", "img_sizes", "max_split_size"), resolver=_resolve_dynamic_s2,
                  planner=_plan_dynamic_s2, layout=_layout_dynamic_s2, merger=_merge_dynamic_s2,

@@ -115,14 +115,18 @@ def fit_prefix(sd: dict[str, Any], own: set[str]) -> dict[str, Any]:
     return sd
 
 
-def load_into(model: Any, sd: dict[str, Any], path: Path | str, name: str) -> None:
+def load_into(model: Any, sd: dict[str, Any], path: Path | str, name: str, keep: tuple[str, ...] = ()) -> None:
     """Load `sd` into `model`; keys the extractor does not use (heads, poolers, another tower) may be missing
-    or extra, any other difference is refused, naming the first missing and unexpected keys."""
-    own = {k for k in model.state_dict() if not unused_key(k)}
+    or extra, but those starting with one of `keep` (a projection head that is used); any other difference is
+    refused, naming the first missing and unexpected keys."""
+    def unused(k: str) -> bool:
+        return unused_key(k) and not k.startswith(keep or ("\0",))
+
+    own = {k for k in model.state_dict() if not unused(k)}
     sd = fit_prefix(sd, own)
     missing, unexpected = model.load_state_dict(sd, strict=False)
-    missing = [k for k in missing if not unused_key(k)]
-    unexpected = [k for k in unexpected if not unused_key(k)]
+    missing = [k for k in missing if not unused(k)]
+    unexpected = [k for k in unexpected if not unused(k)]
     if missing or unexpected:
         raise ConfigError(f"checkpoint {path} does not match {name}: {len(missing)} keys missing "
                           f"(first: {', '.join(missing[:3]) or '-'}), {len(unexpected)} unexpected "

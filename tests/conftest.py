@@ -570,3 +570,25 @@ def http_folder():
     for server in servers:
         server.shutdown()
         server.server_close()
+
+
+# ---- a tiny open_clip model, as open_clip.push_to_hf_hub lays its repo out
+OPEN_CLIP_MEAN, OPEN_CLIP_STD = (0.5, 0.45, 0.4), (0.25, 0.26, 0.27)
+
+
+def tiny_open_clip(folder: Path, resize_mode: str = "shortest", seed: int = 0) -> Path:
+    """A repo folder of a tiny open_clip ViT (64 px, patch 16, 3 blocks of width 32), random-init from `seed`."""
+    import open_clip
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    model_cfg = {"embed_dim": 16,
+                 "vision_cfg": {"image_size": 64, "layers": 3, "width": 32, "head_width": 16, "patch_size": 16},
+                 "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 16, "heads": 2, "layers": 1}}
+    pre = {"size": 64, "mean": list(OPEN_CLIP_MEAN), "std": list(OPEN_CLIP_STD), "interpolation": "bicubic",
+           "resize_mode": resize_mode}
+    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": model_cfg, "preprocess_cfg": pre}))
+    torch.manual_seed(seed)
+    model = open_clip.create_model(f"local-dir:{folder}", load_weights=False)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "open_clip_model.safetensors"))
+    return folder

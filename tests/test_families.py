@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TINY
+from conftest import TINY, tiny_open_clip
 from s2cli.backbones import load_backbone, resolve
 
 TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, vocab_size=99)
@@ -250,3 +250,27 @@ def test_a_family_registered_from_a_test_extracts_end_to_end(toy_family, image_d
 def test_which_backbones_take_any_input_size_is_their_familys_answer():
     assert resolve("dinov2-l").any_size and resolve("efficientnet-lite0").any_size
     assert resolve("timm:vit_tiny_patch16_224").any_size and not resolve("clip-vit-l-336").any_size
+
+
+@pytest.mark.parametrize("spec", ["timm:test_vit", "timm:test_resnet", "hf-clip", "open_clip"])
+def test_a_family_returns_several_layers_from_one_forward(spec, clip_dir, hub, tmp_path):
+    """The families' forward takes a list of layers (what --layers will ask): each equals a one-layer forward."""
+    from s2cli.weights import locate
+
+    if spec == "hf-clip":
+        spec = f"hf:{clip_dir[0]}"
+    elif spec == "open_clip":
+        hub.add("org/tiny-openclip", tiny_open_clip(tmp_path / "oc"))
+        spec = "open_clip:hf-hub:org/tiny-openclip"
+    cfg = resolve(spec)
+    layers = [-2, 1, -1] if cfg.output_shape == "bnc" else [-2, 0]
+    torch.manual_seed(1)
+    module = cfg.kind.build(cfg, locate(cfg, random_init=True, seed=1), False).eval()  # as built, nothing pruned
+    fn = cfg.kind.forward(module, cfg, layers)
+    x = torch.randn(2, 3, cfg.input_size, cfg.input_size)
+    with torch.no_grad():
+        got = fn(x)
+        for layer, out in zip(layers, got):
+            one = load_backbone(resolve(spec, layer=layer), random_init=True, seed=1)
+            torch.testing.assert_close(out, one(x), atol=1e-6, rtol=1e-6)
+    assert len(got) == len(layers)

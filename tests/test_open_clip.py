@@ -4,7 +4,6 @@ weights) extracts through `-m open_clip:hf-hub:org/name`; its S² features equal
 model's own image tower, and its pixels equal open_clip's own preprocess transform on the example photos."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -13,28 +12,12 @@ import pytest
 import torch
 
 import s2cli
-from conftest import EXAMPLES, invoke_json
+from conftest import EXAMPLES, OPEN_CLIP_MEAN, OPEN_CLIP_STD, invoke_json, tiny_open_clip
 from s2cli import ConfigError, WeightsNotFoundError
 from s2cli.backbones import load_backbone, resolve
 from s2cli.extractor import normalize_images
 
-MEAN, STD = (0.5, 0.45, 0.4), (0.25, 0.26, 0.27)  # not CLIP's: the preprocess config is what is read
-
-
-def tiny_open_clip(folder: Path, resize_mode: str = "shortest", seed: int = 0) -> Path:
-    """A repo folder of a tiny open_clip ViT (64 px, patch 16, 3 blocks of width 32), random-init from `seed`."""
-    from safetensors.torch import save_file
-
-    folder.mkdir(parents=True, exist_ok=True)
-    model_cfg = {"embed_dim": 16,
-                 "vision_cfg": {"image_size": 64, "layers": 3, "width": 32, "head_width": 16, "patch_size": 16},
-                 "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 16, "heads": 2, "layers": 1}}
-    pre = {"size": 64, "mean": list(MEAN), "std": list(STD), "interpolation": "bicubic", "resize_mode": resize_mode}
-    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": model_cfg, "preprocess_cfg": pre}))
-    torch.manual_seed(seed)
-    model = open_clip.create_model(f"local-dir:{folder}", load_weights=False)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "open_clip_model.safetensors"))
-    return folder
+MEAN, STD = OPEN_CLIP_MEAN, OPEN_CLIP_STD  # not CLIP's: the preprocess config is what is read
 
 
 def reference(folder: Path):

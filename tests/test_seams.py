@@ -135,7 +135,7 @@ def test_a_cache_left_by_a_killed_process_is_removed_by_the_next(s3, image_dir, 
     old = time.time() - 3600
     os.utime(left, (old, old))
     with s2cli.open_features(out) as r:
-        assert len(r) == 4
+        assert len(r) == 4 and r[next(iter(r))] is not None  # a shard read: the cache is opened (not before)
         assert not left.exists()
 
 
@@ -149,9 +149,9 @@ def test_dataloader_workers_over_epochs_leave_no_cache(s3, image_dir, spool):
     dl = torch.utils.data.DataLoader(ds, batch_size=2, num_workers=2, collate_fn=s2cli.collate_features)
     for _ in range(3):
         assert sum(len(b["key"]) for b in dl) == 4
-        assert _caches(spool) == []  # each epoch's workers took their part of the cache out as they ended
+        assert len(_caches(spool)) <= 1  # one cache for every worker of every epoch (kept while the dataset is open)
     ds.close()
-    assert _caches(spool) == []
+    assert _caches(spool) == []  # gone with its last user
 
 
 @pytest.mark.slow

@@ -67,6 +67,11 @@ class BackboneCfg:
         return self.kind.hub_config(self)
 
     @property
+    def embed_dim(self) -> int | None:
+        """The width of its image embedding in the joint image-text space (its projection head), None: no head."""
+        return self.kind.embed_dim(self)
+
+    @property
     def any_size(self) -> bool:
         """It runs on inputs of any size (the native strategy needs this)."""
         return self.kind.any_size(self)
@@ -124,6 +129,25 @@ class Family:
         `layers` (hidden-layer indices as `--layer` takes them; -1 the model's final features), from one forward;
         the model may be pruned above the highest layer asked for."""
         raise NotImplementedError
+
+    def embed_dim(self, cfg: BackboneCfg) -> int | None:
+        """The width of the model's image embedding in its joint image-text space; None: it has no projection head."""
+        return None
+
+    def build_embedding(self, cfg: BackboneCfg, loc: "Located", any_size: bool) -> "nn.Module":
+        """As `build`, with the projection head and the text tower's weights kept (`--pool embed`, `embed_text`)."""
+        raise ConfigError("this model has no projection head into an image-text space", given=cfg.name,
+                          fix="use --pool mean or cls, or a CLIP, SigLIP or open_clip model")
+
+    def forward_embedding(self, module: "nn.Module", cfg: BackboneCfg, layers: Sequence[int]) -> LayersFn:
+        """As `forward` on a `build_embedding` module, from the same one forward: the layers' outputs, then the
+        model's own image embedding of each input (B, D) (CLIP's get_image_features, open_clip's encode_image)."""
+        raise ConfigError("this model has no projection head into an image-text space", given=cfg.name,
+                          fix="use --pool mean or cls, or a CLIP, SigLIP or open_clip model")
+
+    def text_embedder(self, module: "nn.Module", cfg: BackboneCfg) -> "Callable[[list[str]], torch.Tensor]":
+        """`f(texts) -> (len(texts), D)`: the model's own text embeddings, in the space of its image embeddings."""
+        raise ConfigError("this model has no text tower", given=cfg.name, fix="use a CLIP, SigLIP or open_clip model")
 
     def hub_target(self, spec: str, rest: str) -> "tuple[hub.Ref, str | None, str | None] | None":
         """For `s2 fetch` of `name:rest`, before it is described: (repo, weights file or None, config file or

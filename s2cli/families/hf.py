@@ -213,12 +213,13 @@ def _stage_maps(model: nn.Module, inputs: Callable, layers: list[int]) -> Layers
     return body
 
 
-def _hooked_tokens(model: nn.Module, inputs: Callable, layers: list[int]) -> LayersFn:
+def _hooked_tokens(model: nn.Module, inputs: Callable, layers: list[int], embedding: str = "") -> LayersFn:
     """Tokens of encoder layers by forward hooks (hidden_states[i] is the output of layer i-1); -1 is the model's
-    last_hidden_state. Without -1, the layers above the highest asked for are dropped (no compute spent there)."""
+    last_hidden_state; `embedding`: the output field appended (the whole model runs). Otherwise, without -1, the
+    layers above the highest asked for are dropped (no compute spent there)."""
     owner, attr, mods = _find_layer_list(model)
     index = {layer: hidden_index(layer, len(mods)) for layer in layers if layer != -1}
-    if -1 not in layers:
+    if -1 not in layers and not embedding:
         setattr(owner, attr, nn.ModuleList(list(mods)[:max(index.values())]))
         mods = getattr(owner, attr)
     box: dict[int, torch.Tensor] = {}
@@ -236,13 +237,23 @@ def _hooked_tokens(model: nn.Module, inputs: Callable, layers: list[int]) -> Lay
         out = model(**inputs(x))
         got = [out.last_hidden_state if layer == -1 else box[index[layer]] for layer in layers]
         box.clear()
-        return got
+        return got + ([getattr(out, embedding)] if embedding else [])
 
     return body
 
 
-def _hf_forward(model: nn.Module, cfg: BackboneCfg, layers: Sequence[int]) -> LayersFn:
+def _hf_forward(model: nn.Module, cfg: BackboneCfg, layers: Sequence[int], embedding: str = "") -> LayersFn:
     inputs, layers = _hf_inputs(cfg), list(layers)
+    if embedding:
+        hooked = _hooked_tokens(model, inputs, layers, embedding)
+        if not cfg.drops_cls:
+            return hooked
+
+        def drop(x: torch.Tensor) -> list[torch.Tensor]:
+            *tokens, emb = hooked(x)
+            return [t[:, 1:] for t in tokens] + [emb]
+
+        return drop
     if layers == [-1]:
         body: LayersFn = lambda x: [model(**inputs(x)).last_hidden_state]  # noqa: E731
     elif cfg.output_shape == "bchw":
@@ -301,6 +312,81 @@ def _build_hf(cfg: BackboneCfg, loc: Located) -> nn.Module:
     return model.float()  # as computed in fp32 before --precision casts it (a bf16 checkpoint loads exactly)
 
 
+# ---- the joint image-text space: CLIP's projection, SigLIP's pooling head --------------------------------------
+def _two_tower(cfg: BackboneCfg) -> tuple[type, Any, str, dict[str, Any]]:
+    """(vision class with its head, its config, the output field of its image embedding, the whole config) of a
+    two-tower checkpoint: CLIP's `*WithProjection` (image_embeds), SigLIP's tower (pooler_output, its head)."""
+    import transformers as T
+
+    cls, conf = _hf_class_config(cfg)
+    full = {"projection_dim": cfg.hf_config.get("projection_dim")} if cfg.name in aliases() else _read_hf_dir(_hf_folder(cfg))[1]
+    proj = getattr(T, cls.__name__ + "WithProjection", None)
+    if proj is not None and full.get("projection_dim"):
+        return proj, proj.config_class(**{**conf.to_dict(), "projection_dim": full["projection_dim"]}), "image_embeds", full
+    if cfg.model_type.startswith("siglip") and getattr(conf, "vision_use_head", True) is not False:
+        return cls, conf, "pooler_output", full
+    raise ConfigError("this model has no projection head into an image-text space", given=cfg.name,
+                      fix="use --pool mean or cls, or a CLIP, SigLIP or open_clip model")
+
+
+_EMBED_DIMS: dict[tuple[str, str, str], int | None] = {}
+
+
+def _embed_dim(cfg: BackboneCfg) -> int | None:
+    key = (cfg.name, cfg.source, cfg.revision)
+    if key not in _EMBED_DIMS:
+        try:
+            _, conf, field, _ = _two_tower(cfg)
+            _EMBED_DIMS[key] = int(conf.projection_dim if field == "image_embeds" else conf.hidden_size)
+        except ConfigError:
+            _EMBED_DIMS[key] = None
+    return _EMBED_DIMS[key]
+
+
+def _build_two_tower(cfg: BackboneCfg, loc: Located) -> nn.Module:
+    """The vision tower with its head (weights by transformers, the head's checked present), and the model's text
+    side kept beside it for `embed_text` (built on first use from the same checkpoint)."""
+    cls, conf, _, _ = _two_tower(cfg)
+    if loc.kind == "random":
+        return cls(conf)
+    if loc.kind == "file":
+        model = cls(conf)
+        load_into(model, read_checkpoint(Path(loc.path)), loc.path, cfg.name, keep=("visual_projection",))
+        return model
+    with _quiet_transformers():
+        model, info = cls.from_pretrained(loc.path, config=conf, local_files_only=True, output_loading_info=True)
+    missing = [k for k in info.get("missing_keys", ()) if not unused_key(k) or k.startswith("visual_projection")]
+    if missing:
+        raise ConfigError(f"the checkpoint in {loc.path} does not hold {len(missing)} weights of {cls.__name__} "
+                          f"(first: {', '.join(sorted(missing)[:3])})", given=cfg.name,
+                          fix="pass a two-tower checkpoint (CLIP, SigLIP) with its projection head")
+    model.s2cli_checkpoint = loc.path  # where the text tower comes from (embed_text)
+    return model.float()
+
+
+def _text_embedder(module: nn.Module, cfg: BackboneCfg) -> Callable[[list[str]], torch.Tensor]:
+    """The checkpoint's own text features (get_text_features) with its own tokenizer, from the same folder."""
+    import transformers as T
+
+    path = getattr(module, "s2cli_checkpoint", None)
+    if path is None:
+        raise ConfigError("embed_text needs the model's checkpoint folder (its text tower and tokenizer)", given=cfg.name,
+                          fix="load the model from the hub or a save_pretrained folder, not --weights FILE or --random-init")
+    hub.ensure_tokenizer(Path(path), cfg.name)
+    with _quiet_transformers():
+        model = T.AutoModel.from_pretrained(path, local_files_only=True).eval()
+        tok = T.AutoTokenizer.from_pretrained(path, local_files_only=True)
+    padding = "max_length" if cfg.model_type.startswith("siglip") else True  # SigLIP was trained on padded text
+
+    def embed(texts: list[str]) -> torch.Tensor:
+        batch = tok(list(texts), padding=padding, truncation=True, return_tensors="pt")
+        with torch.no_grad():
+            out = model.get_text_features(**batch)
+        return getattr(out, "pooler_output", out)
+
+    return embed
+
+
 class HF(Family):
     name = NAME
 
@@ -317,6 +403,18 @@ class HF(Family):
 
     def forward(self, module: nn.Module, cfg: BackboneCfg, layers: Sequence[int]) -> LayersFn:
         return _hf_forward(module, cfg, layers)
+
+    def embed_dim(self, cfg: BackboneCfg) -> int | None:
+        return _embed_dim(cfg)
+
+    def build_embedding(self, cfg: BackboneCfg, loc: Located, any_size: bool) -> nn.Module:
+        return _build_two_tower(cfg, loc)
+
+    def forward_embedding(self, module: nn.Module, cfg: BackboneCfg, layers: Sequence[int]) -> LayersFn:
+        return _hf_forward(module, cfg, layers, _two_tower(cfg)[2])
+
+    def text_embedder(self, module: nn.Module, cfg: BackboneCfg) -> Callable[[list[str]], torch.Tensor]:
+        return _text_embedder(module, cfg)
 
     def hub_target(self, spec: str, rest: str) -> tuple[hub.Ref, str | None, str | None] | None:
         if Path(rest).expanduser().is_dir():

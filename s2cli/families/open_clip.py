@@ -79,7 +79,8 @@ def _describe(spec: str, rest: str, layer: int | None, keep_cls: bool) -> Backbo
         num_prefix_tokens=int(keep_cls), layer=-2 if layer is None else layer, output_shape="bnc",
         mean=tuple(pre.get("mean", CLIP_MEAN)), std=tuple(pre.get("std", CLIP_STD)), fit=RESIZE_MODES[mode],
         description=f"open_clip {rest}", model_type=rest.partition("/")[0], drops_cls=not keep_cls,
-        hf_config=dict(hidden_size=width, num_hidden_layers=layers, mlp_ratio=float(vc.get("mlp_ratio", 4.0))), **where)
+        hf_config=dict(hidden_size=width, num_hidden_layers=layers, mlp_ratio=float(vc.get("mlp_ratio", 4.0)),
+                       embed_dim=int(model_cfg.get("embed_dim", 0))), **where)
 
 
 def _build(cfg: BackboneCfg, loc: Located) -> nn.Module:
@@ -108,23 +109,37 @@ def _build(cfg: BackboneCfg, loc: Located) -> nn.Module:
     return model.eval()
 
 
-def _forward(model: nn.Module, cfg: BackboneCfg, layers: Sequence[int]) -> LayersFn:
+def _forward(model: nn.Module, cfg: BackboneCfg, layers: Sequence[int], embed: bool = False) -> LayersFn:
     """The tower's residual stream after the chosen blocks (CLS first; -1: the last block, before ln_post, as
-    HF CLIP's last_hidden_state). The blocks above the highest layer asked for, ln_post and proj are pruned."""
+    HF CLIP's last_hidden_state); `embed`: then encode_image's embedding from the same forward. Without `embed`,
+    the blocks above the highest layer asked for, ln_post and proj are pruned."""
     tower = model.visual
     block = {layer: hidden_index(layer, len(tower.transformer.resblocks)) - 1 for layer in layers}
     take = sorted(set(block.values()))
-    tower.prune_intermediate_layers(take, prune_norm=True, prune_head=True)
+    if not embed:
+        tower.prune_intermediate_layers(take, prune_norm=True, prune_head=True)
     start = 1 if cfg.drops_cls else 0
 
     def run(x: torch.Tensor) -> list[torch.Tensor]:
-        out = tower.forward_intermediates(x, indices=take, output_fmt="NLC", intermediates_only=True,
+        out = tower.forward_intermediates(x, indices=take, output_fmt="NLC", intermediates_only=not embed,
                                           output_extra_tokens=True)
         got = {i: torch.cat([p, s], 1)[:, start:] for i, s, p in
                zip(take, out["image_intermediates"], out["image_intermediates_prefix"])}
-        return [got[block[layer]] for layer in layers]
+        return [got[block[layer]] for layer in layers] + ([out["image_features"]] if embed else [])
 
     return run
+
+
+def _text_embedder(model: nn.Module, cfg: BackboneCfg):
+    import open_clip
+
+    tokenizer = open_clip.get_tokenizer(cfg.source)
+
+    def embed(texts: list[str]) -> torch.Tensor:
+        with torch.no_grad():
+            return model.encode_text(tokenizer(list(texts)).to(next(model.parameters()).device))
+
+    return embed
 
 
 class OpenClip(Family):
@@ -138,6 +153,18 @@ class OpenClip(Family):
 
     def forward(self, module: nn.Module, cfg: BackboneCfg, layers: Sequence[int]) -> LayersFn:
         return _forward(module, cfg, layers)
+
+    def embed_dim(self, cfg: BackboneCfg) -> int | None:
+        return cfg.hf_config.get("embed_dim") or None
+
+    def build_embedding(self, cfg: BackboneCfg, loc: Located, any_size: bool) -> nn.Module:
+        return _build(cfg, loc)
+
+    def forward_embedding(self, module: nn.Module, cfg: BackboneCfg, layers: Sequence[int]) -> LayersFn:
+        return _forward(module, cfg, layers, embed=True)
+
+    def text_embedder(self, module: nn.Module, cfg: BackboneCfg):
+        return _text_embedder(module, cfg)
 
     def hub_target(self, spec: str, rest: str) -> tuple[hub.Ref, str | None, str | None] | None:
         return (hub.parse_ref(rest[len(HF_HUB):], spec), WEIGHTS, CONFIG) if rest.startswith(HF_HUB) else None

@@ -5,10 +5,13 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import signal
+import sys
 import threading
 import time
 from collections import deque
 from typing import Any, Callable, Iterable, Iterator
+
+import numpy as np
 
 from ..errors import ConfigError
 from .decode import Fit, decode_sample
@@ -53,8 +56,46 @@ def _worker_init(nice: int = 0) -> None:
         os.nice(nice)
 
 
-def _decode_job(args: tuple[Sample, Fit]) -> dict[str, Any]:
-    return decode_sample(*args)
+PIXEL_FIELDS = ("image", "jpeg")  # a record's arrays (and `frames`, a list of them)
+
+
+def _decode_job(args: tuple[Sample, Fit, bool]) -> dict[str, Any]:
+    sample, fit, shared = args
+    rec = decode_sample(sample, fit)
+    return _to_shared(rec) if shared else rec
+
+
+def _to_shared(rec: dict[str, Any]) -> dict[str, Any]:
+    """In the worker: the record's pixels as torch tensors, which torch's reductions move into shared memory
+    (only a handle is pickled through the pipe)."""
+    import torch
+
+    for f in PIXEL_FIELDS:
+        if isinstance(rec.get(f), np.ndarray):
+            rec[f] = torch.from_numpy(rec[f])
+    if rec.get("frames"):
+        rec["frames"] = [torch.from_numpy(a) for a in rec["frames"]]
+    return rec
+
+
+def _from_shared(rec: dict[str, Any]) -> dict[str, Any]:
+    """In the parent: the shared tensors viewed as numpy arrays again (no copy)."""
+    for f in PIXEL_FIELDS:
+        if hasattr(rec.get(f), "numpy"):
+            rec[f] = rec[f].numpy()
+    if rec.get("frames"):
+        rec["frames"] = [a.numpy() if hasattr(a, "numpy") else a for a in rec["frames"]]
+    return rec
+
+
+def shared_memory_available() -> bool:
+    """Pixels go through shared memory when torch is already imported (a run; never imported for this alone)
+    and S2CLI_DECODE_SHM is not 0 (benchmarks compare the two)."""
+    if os.environ.get("S2CLI_DECODE_SHM", "1") == "0" or "torch" not in sys.modules:
+        return False
+    import torch.multiprocessing  # noqa: F401  (registers the reductions that put tensors in shared memory)
+
+    return True
 
 
 class DecodePool:
@@ -71,6 +112,7 @@ class DecodePool:
         self.window = window or max(4, 4 * workers)
         self.nice = decode_nice()
         self.restarts = 0  # pools replaced after a worker died
+        self.shared = shared_memory_available()  # decoded pixels come back through shared memory
         self._pending: deque = deque()  # [item, sample, job, deaths seen while in flight]
         self._pool = self._new_pool() if workers > 0 else None
 
@@ -97,7 +139,7 @@ class DecodePool:
             yield self._get()
 
     def _submit(self, s: Sample) -> Any:
-        return self._pool.apply_async(_decode_job, ((s, self.fit),))  # type: ignore[union-attr]
+        return self._pool.apply_async(_decode_job, ((s, self.fit, self.shared),))  # type: ignore[union-attr]
 
     def _get(self) -> tuple[Any, dict]:
         entry = self._pending[0]
@@ -110,7 +152,7 @@ class DecodePool:
             try:
                 rec = entry[2].get(timeout=self.POLL_S)
                 self._pending.popleft()
-                return item, rec
+                return item, _from_shared(rec) if self.shared else rec
             except mp.TimeoutError:
                 pass
             if entry[3] >= 2:  # in flight at two deaths of workers
