@@ -181,6 +181,10 @@ def test_the_cli_takes_layers_and_inspect_and_export_pick_one(image_dir, tmp_pat
     assert json.loads(r.stdout)["shape"] == [101, 64]
     r = cli("export", str(out), "-o", str(tmp_path / "e"), "--layer", "-2", "--json")
     assert r.exit_code == 0 and json.loads(r.stdout)["dim"] == 64
+    r = cli("viz", "features", str(out), "--key", "a", "-o", str(tmp_path / "p.png"))
+    assert r.exit_code == 2 and "--layer -2" in r.output
+    r = cli("viz", "features", str(out), "--key", "a", "--layer", "-1", "-o", str(tmp_path / "p.png"))
+    assert r.exit_code == 0 and (tmp_path / "p.png").is_file()
 
 
 @pytest.mark.slow
