@@ -73,7 +73,7 @@ def instant_backbone(res: Any) -> Any:
     class Instant(Backbone):
         def __init__(self, cfg: Any):  # no adapter to build: nothing calls the module
             self.cfg, self.module, self.weights, self.revision = cfg, torch.nn.Linear(1, 1), "instant", None
-            self._fn, self._eager, self.nhwc = self.module, None, False
+            self._fn, self._eager, self.nhwc, self.embeddings = self.module, None, False, None
 
     return Instant(res.backbone)
 
@@ -111,8 +111,12 @@ def child(args: argparse.Namespace) -> None:
     r1, c1 = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = lambda a, b: (b.ru_utime - a.ru_utime) + (b.ru_stime - a.ru_stime)  # noqa: E731
     written = sum(p.stat().st_size for p in out.glob("part-*"))
+    from s2cli.readers import open_features
+
+    with open_features(str(out)) as f:
+        first = f.failures[0] if f.failures else None
     print(json.dumps({"images": summary.num_images, "failed": summary.num_failed, "wall_s": wall,
-                      "main_thread_s": th, "process_s": cpu(r0, r1), "children_s": cpu(c0, c1), "bytes": written,
+                      "main_thread_s": th, "process_s": cpu(r0, r1), "children_s": cpu(c0, c1), "bytes": written, "first_failure": first,
                       "stage_seconds": summary.stage_seconds, "wait_seconds": summary.wait_seconds}))
 
 
@@ -130,6 +134,8 @@ def run_variant(images: Path, work: Path, jobs: int, fmt: str, host_normalize: b
     r = json.loads(p.stdout.strip().splitlines()[-1])
     shutil.rmtree(out, ignore_errors=True)
     n = r["images"]
+    if r["failed"] or not n:  # a stub that no longer fits the backbone interface fails every image
+        raise SystemExit(f"variant -j {jobs}: {r['failed']} of {r['failed'] + n} images failed: {r['first_failure']}")
     return {**r, "jobs": jobs, "img_s": n / r["wall_s"], "mb_s": r["bytes"] / r["wall_s"] / 1e6,
             "ms_total": 1e3 * (r["process_s"] + r["children_s"]) / n, "ms_process": 1e3 * r["process_s"] / n,
             "ms_main_thread": 1e3 * r["main_thread_s"] / n, "ms_children": 1e3 * r["children_s"] / n}

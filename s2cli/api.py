@@ -95,9 +95,19 @@ def extract(input: str | Input, output: str | None = None, *, recipe: str | None
     if backbone is None:  # before torch: offline, a model not in the cache is one line at once
         res, located = locate_weights(res)
     else:
+        _check_layers(res, backbone)
         res = dataclasses.replace(res, weights_revision=backbone.revision)
     with sigterm_raises():  # SIGTERM/SIGUSR1: the unfinished shard or file removed, the claim given back, exit 143/138
         return _extract(res, inp, rank, output is None and config is None, overwrite, progress, backbone, located)
+
+
+def _check_layers(res: Resolved, backbone: Any) -> None:
+    """A backbone handed in runs to the layers these settings store."""
+    want = list(res.layers) if res.layers is not None else [res.backbone.layer]
+    if list(getattr(backbone, "layers", want)) != want:
+        raise ConfigError("the backbone passed in runs to other layers than these settings store",
+                          given=f"backbone layers {backbone.layers}", expected=f"layers {want}",
+                          fix="load it with s2cli.api.load(settings), or drop backbone=")
 
 
 def _extract(res: Resolved, inp: Input, rank: Any, named: bool, overwrite: bool, progress: Progress | None,
@@ -190,7 +200,8 @@ def load(res: Resolved, located: Located | None = None) -> Any:
     """The backbone of these settings, loaded (weights, --random-init) on the CPU; `located`: its weights as
     `locate_weights` found them (else found now)."""
     return backbones.load_backbone(res.backbone, weights=res.weights, random_init=res.random_init, seed=res.seed,
-                                   any_size=strategy_of(res).any_size, located=located, embed=res.pool == "embed")
+                                   any_size=strategy_of(res).any_size, located=located, embed=res.pool == "embed",
+                                   layers=res.layers)
 
 
 def fetch(*models: str, recipes: Sequence[str] = ()) -> list[dict[str, Any]]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from . import hub
 from ._lazy import nn, torch
@@ -77,13 +77,16 @@ class Backbone:
     _first: tuple[Callable, Callable[[torch.Tensor], torch.Tensor]] | None = None  # eager_forward, kept
 
     def __init__(self, cfg: BackboneCfg, module: nn.Module, weights: str, revision: str | None = None,
-                 embed: bool = False):
+                 embed: bool = False, layers: Sequence[int] | None = None):
         self.cfg = cfg
         self.module = module.eval().requires_grad_(False)
         self.weights = weights  # what it was loaded from (the output's `weights` attribute)
         self.revision = revision  # what a resumed run must load again (weights.Located.revision)
+        # --layers: the listed layers from one forward, side by side on the channel axis (B, N, L*C), so the engine
+        # and the strategies' merges, which treat every channel alike, carry them all; the Extractor splits them
+        self.layers = list(layers) if layers is not None else [cfg.layer]
         make = cfg.kind.forward_embedding if embed else cfg.kind.forward
-        self._fn: Callable[[torch.Tensor], list[torch.Tensor]] = make(self.module, cfg, [cfg.layer])
+        self._fn: Callable[[torch.Tensor], list[torch.Tensor]] = make(self.module, cfg, self.layers)
         self._eager: Callable[[torch.Tensor], list[torch.Tensor]] | None = None  # the forward before compile()
         self.nhwc = False  # channels_last() was applied
         self.embeddings = [] if embed else None
@@ -111,14 +114,18 @@ class Backbone:
         out = self._fn(x)
         if self.embeddings is not None:
             self.embeddings.append(out[-1])
-        return out[0]
+        return self._joined(out)
+
+    def _joined(self, out: list[torch.Tensor]) -> torch.Tensor:
+        """The forward's layer outputs as one tensor: the one layer, or --layers' side by side on the last axis."""
+        return out[0] if len(self.layers) == 1 else torch.cat(out[:len(self.layers)], dim=-1)
 
     @property
     def eager_forward(self) -> Callable[[torch.Tensor], torch.Tensor]:
         """The forward as built, before any compile()."""
         fn = self._eager or self._fn
         if self._first is None or self._first[0] is not fn:
-            self._first = (fn, lambda x: fn(x)[0])
+            self._first = (fn, lambda x: self._joined(fn(x)))
         return self._first[1]
 
     @property
@@ -185,16 +192,18 @@ def compile_cache_stats() -> dict[str, Any]:
 
 
 def load_backbone(cfg: BackboneCfg, *, weights: str | None = None, random_init: bool = False, seed: int = 0,
-                  any_size: bool = False, located: Located | None = None, embed: bool = False) -> Backbone:
+                  any_size: bool = False, located: Located | None = None, embed: bool = False,
+                  layers: Sequence[int] | None = None) -> Backbone:
     """Build the architecture and load its weights (or initialize it deterministically from `seed`): `located`
     if given (see `weights.locate`), else found now (a hub model is downloaded on first use).
     `any_size`: the strategy feeds inputs of any size (timm ViTs are built with dynamic_img_size=True).
-    `embed`: with its projection head, recording image embeddings (`--pool embed`) and able to embed text."""
+    `embed`: with its projection head, recording image embeddings (`--pool embed`) and able to embed text.
+    `layers`: several layers from one forward (`Backbone`), else `cfg.layer`."""
     loc = located or locate(cfg, weights, random_init, seed)
     if loc.kind == "random":
         torch.manual_seed(seed)
     module = (cfg.kind.build_embedding if embed else cfg.kind.build)(cfg, loc, any_size)
-    return Backbone(cfg, module, loc.record, loc.revision, embed=embed)
+    return Backbone(cfg, module, loc.record, loc.revision, embed=embed, layers=layers)
 
 
 def embed_text(model: str | Backbone, texts: list[str]) -> torch.Tensor:

@@ -19,6 +19,7 @@ from .dtypes import DTYPES, QUANTIZED, entry_bytes, itemsize, pooled_dtype
 from .errors import ConfigError
 from .inputs.decode import DECODES
 from .inputs.resolve import INPUT_FORMATS
+from .layers import parse_layers
 from .pixels import FITS
 from .reduce import parse as parse_reduce
 from .store import check_url, local_of
@@ -107,6 +108,10 @@ class ExtractConfig:
                             help="No weights: initialize from --seed (dry runs, tests).")
     seed: int = opt("--seed", default=0, help="Seed for --random-init.", panel=MODEL)
     layer: int | None = opt("--layer", help="Hidden layer (-1: final features).", panel=MODEL, shown="the model's")
+    layers: tuple[int, ...] | None = opt("--layers", panel=MODEL, added=True,
+                                         help="Several hidden layers from one forward, each through the same merge: "
+                                              "-1,-2,-12 or -4:-1 (both ends included); stored with a layer axis "
+                                              "(docs/features.md).")
     keep_cls: bool = opt("--keep-cls/--drop-cls", default=False, help="Keep CLIP's CLS token as a prefix token.",
                          panel=MODEL, resume=IN_BACKBONE)
     scales: tuple[float, ...] | None = opt("--scales", help="Scales times the model's input size, e.g. 1,2,3 (saved as "
@@ -298,6 +303,8 @@ def build_config(input: str, output: str | None = None, recipe: str | None = Non
             values[k] = tuple(cast(v) for v in values[k])
     if values.get("grid_pinpoints") is not None:
         values["grid_pinpoints"] = parse_pinpoints(values["grid_pinpoints"])
+    if values.get("layers") is not None:
+        values["layers"] = parse_layers(values["layers"])
     # --scales from a flag replaces --img-sizes from a recipe (and the other way round): they say the same thing
     if prov.get("scales") == "flag" and prov.get("img_sizes") == "recipe":
         values.pop("img_sizes")
@@ -305,14 +312,18 @@ def build_config(input: str, output: str | None = None, recipe: str | None = Non
     if prov.get("img_sizes") == "flag" and prov.get("scales") == "recipe":
         values.pop("scales")
         prov.pop("scales")
+    for one, other in (("layer", "layers"), ("layers", "layer")):  # --layer from a flag replaces a recipe's --layers
+        if prov.get(one) == "flag" and prov.get(other) == "recipe":
+            values.pop(other)
+            prov.pop(other)
     return ExtractConfig(input=input, output=output, recipe=recipe, provenance=tuple(sorted(prov.items())), **values)
 
 
 _DEFAULTS = {f.name: f.default for f in fields(ExtractConfig)}
 # the settings every output file carries as attributes (besides its version, weights and the whole config)
-FILE_ATTRS = ("model", "layer", "scales", "img_sizes", "max_split_size", "split_mode", "num_prefix_tokens",
+FILE_ATTRS = ("model", "layer", "layers", "scales", "img_sizes", "max_split_size", "split_mode", "num_prefix_tokens",
               "output_shape", "merge", "fit", "dtype", "pool", "strategy")
-JSON_ATTRS = ("scales", "img_sizes")  # stored as JSON text
+JSON_ATTRS = ("scales", "img_sizes", "layers")  # stored as JSON text ("layers": null without --layers)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -353,7 +364,13 @@ class Resolved(ExtractConfig):
         pooled = self.pooled_width(channels) * itemsize(pooled_dtype(self.dtype)) if self.pool != "none" else 0
         tokens, channels = self.stored({"output_grid": [gh * n0, gw * n0], "output_shape": [tokens, channels]})[
             "output_shape"]
-        return (0 if self.pool_only else entry_bytes(tokens, channels, self.dtype)) + pooled
+        n = self.num_layers  # --layers: L x T rows, one pooled row of L x C
+        return (0 if self.pool_only else entry_bytes(tokens * n, channels, self.dtype)) + pooled * n
+
+    @property
+    def num_layers(self) -> int:
+        """Layers stored per image: those of --layers, else one."""
+        return len(self.layers) if self.layers is not None else 1
 
     def pooled_width(self, channels: int) -> int:
         """The width of the stored pooled vector: the features' channels (before --reduce), or with --pool embed
@@ -403,7 +420,7 @@ class Resolved(ExtractConfig):
         """The attributes of every output file: FILE_ATTRS, the version, the weights loaded, the whole config, and
         `source_root`: the folder the run ran in, against which the images' relative sources resolve (export)."""
         d = self.to_dict()
-        attrs = {k: json.dumps(d[k]) if k in JSON_ATTRS else d[k] for k in FILE_ATTRS if k != "strategy"}
+        attrs = {k: json.dumps(d.get(k)) if k in JSON_ATTRS else d[k] for k in FILE_ATTRS if k != "strategy"}
         return {"s2cli_version": __version__, **attrs, "weights": weights, "config": self.to_json(),
                 "strategy": self.strategy, "source_root": os.getcwd()}
 
@@ -454,7 +471,8 @@ def resolve_config(cfg: ExtractConfig, backbone: BackboneCfg) -> Resolved:
         BackboneFacts(split, backbone.patch_size, backbone.any_size, backbone.name))
     given = {f.name: getattr(cfg, f.name) for f in fields(ExtractConfig)}
     given.update(img_sizes=sizes, scales=_scales(cfg, sizes, backbone), max_split_size=split, fit=fit,
-                 output=output, format=fmt, shard_size=cfg.shard_size or 1, layer=backbone.layer)
+                 output=output, format=fmt, shard_size=cfg.shard_size or 1,
+                 layer=backbone.layer if cfg.layers is None else None)
     res = Resolved(**given, backbone=backbone, output_is_dir=is_dir, strategy_cfg=strategy)
     if res.reduce is not None:
         _check_one_grid(res)
@@ -608,4 +626,30 @@ def resolve_options(input: str, output: str | None = None, recipe: str | None = 
     """defaults < recipe < options, checked and resolved against the model's config (no weights load): the one
     way a run's settings are made, for `s2cli.extract`, the CLI's commands and the benchmarks."""
     cfg = build_config(input, output, recipe, **options)
-    return resolve_config(cfg, resolve(cfg.model, layer=cfg.layer, keep_cls=cfg.keep_cls))
+    return resolve_config(cfg, resolve_backbone(cfg))
+
+
+def resolve_backbone(cfg: ExtractConfig) -> BackboneCfg:
+    """The backbone `cfg` asks for, described at its --layer; with --layers, each layer described (its index
+    checked against the model) and the one the forward runs deepest to kept (the FLOPs are counted to it)."""
+    if cfg.layers is None:
+        return resolve(cfg.model, layer=cfg.layer, keep_cls=cfg.keep_cls)
+    if cfg.layer is not None:
+        raise ConfigError("--layer and --layers were both given", given=(cfg.layer, ",".join(map(str, cfg.layers))),
+                          fix="pass one: --layer -2 (one layer), or --layers -2,-1 (several)")
+    if cfg.pool == "embed":
+        raise ConfigError("--pool embed stores the model's image embedding, one per image whatever the layer; "
+                          "--layers stores a pooled vector per layer", given=f"--pool embed --layers "
+                          f"{','.join(map(str, cfg.layers))}", fix="use --pool mean|cls with --layers, or extract the "
+                          "embeddings in a run of their own")
+    described = [resolve(cfg.model, layer=n, keep_cls=cfg.keep_cls) for n in cfg.layers]
+    first = described[0]
+    if first.output_shape != "bnc":
+        raise ConfigError("--layers needs a backbone whose layers all give the same token grid (a ViT); a ConvNet's "
+                          "stages differ in size and channels", given=f"--model {cfg.model} --layers "
+                          f"{','.join(map(str, cfg.layers))}", fix="extract one stage per run with --layer")
+    for b, n in zip(described, cfg.layers):
+        if (b.channels, b.num_prefix_tokens, b.drops_cls) != (first.channels, first.num_prefix_tokens, first.drops_cls):
+            raise ConfigError("the layers of --layers differ in shape", given=f"layer {n}: {b.channels} channels, "
+                              f"layer {cfg.layers[0]}: {first.channels}", fix="list layers of one width")
+    return max(described, key=lambda b: (b.layer == -1, b.flops_per_tile() or 0.0))  # the first of the deepest

@@ -21,7 +21,7 @@ import torch
 
 from .dtypes import QUANTIZED
 from .errors import ConfigError
-from .readers import FeatureSet, Reader, open_features
+from .readers import FeatureSet, Reader, open_features, pick_layer
 from .store import is_url
 
 WHAT = ("features", "pooled")
@@ -36,16 +36,17 @@ class FeatureDataset(torch.utils.data.Dataset):
     gives it. `raw`: the stored codes as they are (int8; float8 and bfloat16 as their bits; `dtype` ignored), with
     int8/float8 `token_scales` and `channel_scales` in each item (value = code x both). `complete` and
     `broken_shards`: as `open_features(path)` says them (an output folder whose run is unfinished or has broken
-    shards serves the rest)."""
+    shards serves the rest). `layer`: of an output of several layers (--layers), the one to read, as
+    `open_features` takes it (None: all, (L, T, C) or (L, C))."""
 
     def __init__(self, path: str | os.PathLike, what: str = "features", keys: Sequence[str] | None = None,
-                 dtype: torch.dtype = torch.float32, meta: bool = True, raw: bool = False):
+                 dtype: torch.dtype = torch.float32, meta: bool = True, raw: bool = False, layer: int | None = None):
         if what not in WHAT:
             raise ConfigError("FeatureDataset: `what` is not known", given=what, expected=" | ".join(WHAT),
                               fix="pass what='features' or what='pooled'")
-        self.what, self.dtype, self.with_meta, self.raw = what, dtype, meta, raw
+        self.what, self.dtype, self.with_meta, self.raw, self.layer = what, dtype, meta, raw, layer
         self.path = str(path) if is_url(str(path)) else Path(path)  # a URL stays one (never a local path)
-        r = open_features(self.path, raw=raw)
+        r = open_features(self.path, raw=raw, layer=layer)
         try:
             known = list(r)
             if keys is not None:
@@ -61,7 +62,8 @@ class FeatureDataset(torch.utils.data.Dataset):
             raise
         self.keys = list(keys) if keys is not None else known
         # a folder is looked at once, here; a single file is opened again by each process (nothing to share)
-        self._folder: FeatureSet | None = r if isinstance(r, FeatureSet) else None
+        inner = getattr(r, "inner", r)  # a folder read at a layer (--layers): the folder itself
+        self._folder: FeatureSet | None = inner if isinstance(inner, FeatureSet) else None
         if self._folder is None:
             r.close()
         self._owner = os.getpid()
@@ -74,7 +76,8 @@ class FeatureDataset(torch.utils.data.Dataset):
     def reader(self) -> Reader:
         """This process's reader, opened on first use (a forked worker opens its own)."""
         if self._reader is None or self._pid != os.getpid():
-            self._reader = self._folder.forked() if self._folder is not None else open_features(self.path, raw=self.raw)
+            self._reader = (pick_layer(self._folder.forked(), self.layer) if self._folder is not None
+                            else open_features(self.path, raw=self.raw, layer=self.layer))
             self._pid = os.getpid()
         return self._reader
 

@@ -62,6 +62,13 @@ def _pool(tokens: torch.Tensor, pool: str, prefix: int, dim: int) -> torch.Tenso
     return None
 
 
+def split_layers(out: torch.Tensor, n: int, channels: int) -> torch.Tensor:
+    """The engine's output with --layers, (B, T, S*L*C) (each scale's channel slot holds the L layers side by side,
+    as the backbone returned them) -> (B, L, T, S*C): each layer as a run of --layer alone gives it."""
+    B, T, W = out.shape
+    return out.view(B, T, W // (n * channels), n, channels).permute(0, 3, 1, 2, 4).reshape(B, n, T, -1)
+
+
 def scale_embeddings(emb: torch.Tensor, tiles: list[int], b: int) -> torch.Tensor:
     """--pool embed: (B, (1 + S) * D) = [combined | scale 1 | ... | scale S] from the model's embeddings of every
     tile of one engine call (scale by scale, tile-major, batch-minor, as the engine runs them). A scale's embedding
@@ -124,12 +131,14 @@ class Extractor:
             max_batch=res.max_tiles_per_call)
         if bb.output_shape == "bchw":
             out = out.flatten(2).transpose(1, 2)
+        if res.layers is not None:
+            out = split_layers(out, len(res.layers), bb.channels)
         if res.pool == "embed":
             plan = plan_multiscale(tuple(x.shape[-2:]), img_sizes=engine_sizes, max_split_size=res.max_split_size,
                                    split_mode=res.split_mode)
             pooled = scale_embeddings(self.backbone.take_embeddings(), [s.num_tiles for s in plan.scales], x.shape[0])
         else:
-            pooled = _pool(out, res.pool, bb.num_prefix_tokens, dim=1)
+            pooled = _pool(out, res.pool, bb.num_prefix_tokens, dim=out.dim() - 2)
         pooled = None if pooled is None else pooled.to(self.out_dtype)
         feats = None if res.pool_only else out.to(self.out_dtype)
         sums = finite_sums(feats, pooled) if res.check_finite else [None, None]
@@ -210,11 +219,16 @@ class Extractor:
         t1 = time.perf_counter()
         outs = iter(grouped_calls(self.backbone, inputs, res.max_tiles_per_call))
         results = []
+        C, n = bb.channels, len(res.layers or [None])
         for plan, lay in plans:
-            per_view = [outputs_to_maps(next(outs), bb.num_prefix_tokens, bb.output_shape, bb.feature_hw(v.tile))
-                        for v in plan.views]
-            tokens = merge_views(res.strategy_cfg, plan, per_view, lay)
-            pooled = _pool(tokens, res.pool, lay.prefix, dim=0)
+            views = [next(outs) for _ in plan.views]  # with --layers: the layers side by side on the last axis
+            per_layer = []
+            for k in range(n):
+                per_view = [outputs_to_maps(o if res.layers is None else o[..., k * C:(k + 1) * C], bb.num_prefix_tokens,
+                                            bb.output_shape, bb.feature_hw(v.tile)) for o, v in zip(views, plan.views)]
+                per_layer.append(merge_views(res.strategy_cfg, plan, per_view, lay))
+            tokens = per_layer[0] if res.layers is None else torch.stack(per_layer)  # (T, C') or (L, T, C')
+            pooled = _pool(tokens, res.pool, lay.prefix, dim=tokens.dim() - 2)
             results.append((None if res.pool_only else tokens.to(self.out_dtype).cpu(),
                             None if pooled is None else pooled.to(self.out_dtype).cpu()))
         self.seconds["preprocess"] += t1 - t0

@@ -31,6 +31,8 @@ def plan_entry(res: Resolved, orig: tuple[int, int]) -> tuple[dict[str, Any], fl
     strategy's own fields) and its FLOPs (None when the backbone's FLOPs per tile are unknown)."""
     entry, inputs = strategy_of(res).plan_entry(res, orig)
     entry = res.stored(entry)  # what is stored: the grid and shape after --reduce
+    if res.layers is not None:  # one (T, C) per layer, from the same forward (FLOPs: to the deepest one)
+        entry = {**entry, "layers": list(res.layers), "output_shape": [res.num_layers, *entry["output_shape"]]}
     per_tile = [res.backbone.flops_per_tile(tile) for tile, _ in inputs]
     flops = None if any(f is None for f in per_tile) else sum(f * n for f, (_, n) in zip(per_tile, inputs))  # type: ignore[misc]
     return entry, flops
@@ -49,13 +51,15 @@ def dry_run(res: Resolved, inp: Input) -> dict[str, Any]:
             unreadable.append(failure(s, "read", e))
             continue
         entry, flops = plan_entry(res, orig)
-        pooled_channels = entry.get("reduced_from", entry)["output_shape"][1]
-        nbytes = stored_bytes(res, entry["output_shape"], pooled_channels)
+        n_layers = res.num_layers  # --layers: an image's layers stored as L x T rows, its pooled row L x C
+        pooled_channels = entry.get("reduced_from", entry)["output_shape"][-1] * n_layers
+        rows = [entry["output_shape"][-2] * n_layers, entry["output_shape"][-1]]
+        nbytes = stored_bytes(res, rows, pooled_channels)
         if video:  # every chosen frame is planned as an image of the video's size
             n = len(video["frame_indices"])
             entry["tiles"], flops = entry["tiles"] * n, None if flops is None else flops * n
             # one entry per frame, or one (frames, tokens, channels) entry
-            nbytes = nbytes * n if res.frames_as_images else stored_bytes(res, entry["output_shape"], pooled_channels, n)
+            nbytes = nbytes * n if res.frames_as_images else stored_bytes(res, rows, pooled_channels, n)
             if not res.frames_as_images:
                 entry["output_shape"] = [n, *entry["output_shape"]]
         flops_known = flops_known and flops is not None

@@ -19,6 +19,7 @@ from . import formats
 from .errors import ConfigError, S2Error
 from .fsutil import claim_held
 from .heartbeat import liveness, read_heartbeats
+from .layers import pick_index, split_rows, split_vector, stored_layers
 from .outdir import OutputDir, gc_paused
 from .store import folder, local_of
 
@@ -321,7 +322,115 @@ def shard_keys(path: str | os.PathLike) -> list[str]:
         return list(r)
 
 
-def open_features(path: str | os.PathLike, verify: bool = False, raw: bool = False) -> Reader:
+def open_features(path: str | os.PathLike, verify: bool = False, raw: bool = False, layer: int | None = None) -> Reader:
+    """Open features written by `s2 extract` (below); `layer`: of an output of several layers (--layers), the one to
+    read ((T, C) features, (C,) pooled vectors; None: all of them, (L, T, C) and (L, C)), by its index as --layers
+    listed it."""
+    return pick_layer(_open_features(path, verify, raw), layer)
+
+
+def pick_layer(r: Reader, layer: int | None) -> Reader:
+    """`r` read at one of its stored layers, or all (`LayerPick`); `r` itself when it stores one layer plainly and
+    `layer` is None or that layer."""
+    layers = stored_layers(r.attrs)
+    if layers is None:
+        if layer is not None and layer != r.attrs.get("layer"):
+            r.close()
+            raise ConfigError("this output stores one layer", given=f"layer={layer!r} in {r.path}",
+                              expected=f"{r.attrs.get('layer')} or none", fix="drop layer=, or extract with --layers")
+        return r
+    try:
+        return LayerPick(r, layers, pick_index(layers, layer, r.path))
+    except ConfigError:
+        r.close()
+        raise
+
+
+class LayerPick(Reader):
+    """An output of several layers (--layers) read at one (`index` into `layers`) or all (index None). Stored
+    layer-major, an image's features as L*T rows and its pooled vector as one row of L*C (`layers.py`); read back
+    as (T, C) and (C,) for one layer, (L, T, C) and (L, C) for all (a video's frames first: (F, ...))."""
+
+    def __init__(self, inner: Reader, layers: list[int], index: int | None):
+        self.inner, self.layers, self.index, self.path, self.raw = inner, layers, index, inner.path, inner.raw
+
+    def __getattr__(self, name: str) -> Any:  # a folder's shards, completeness, size, ...
+        if name == "inner":
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+    @property
+    def attrs(self) -> dict[str, Any]:
+        return self.inner.attrs
+
+    @property
+    def failures(self) -> list[dict[str, str]]:
+        return self.inner.failures
+
+    @property
+    def feature_shape(self) -> list[int | None] | None:
+        s = self.inner.feature_shape
+        if s is None:
+            return None
+        t = None if s[-2] is None else s[-2] // len(self.layers)
+        return [t, s[-1]] if self.index is not None else [len(self.layers), t, s[-1]]
+
+    @property
+    def dtype(self) -> str:
+        return self.inner.dtype
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        x = split_rows(self.inner[key], len(self.layers))
+        return x if self.index is None else x[..., self.index, :, :]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.inner)
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.inner
+
+    def pooled(self, key: str) -> np.ndarray:
+        x = split_vector(self.inner.pooled(key), len(self.layers))
+        return x if self.index is None else x[..., self.index, :]
+
+    def meta(self, key: str) -> dict[str, Any]:
+        return self.inner.meta(key)
+
+    def scales(self, key: str) -> tuple[np.ndarray, np.ndarray]:
+        """The picked layer's token scales ((L, T) for all), and the channel scales the layers share."""
+        tokens, channels = self.inner.scales(key)
+        rows = self.inner[key].shape
+        tokens = tokens.reshape(*rows[:-2], len(self.layers), rows[-2] // len(self.layers))
+        return (tokens if self.index is None else tokens[..., self.index, :]), channels
+
+    def vector_blocks(self, how: str, block: int = 4096) -> Iterator[tuple[list[str], np.ndarray, list[dict[str, Any]]]]:
+        """The picked layer's vectors; all layers': each layer's vector, side by side (L*C)."""
+        n, i = len(self.layers), self.index
+        if how == "pooled":
+            for keys, vecs, recs in self.inner.vector_blocks(how, block):
+                v = split_vector(vecs, n)
+                yield keys, (v.reshape(len(keys), -1) if i is None else v[:, i]), recs
+            return
+        keys = list(self)
+        for a in range(0, len(keys), block):
+            part = keys[a:a + block]
+            metas = [self.meta(k) for k in part]
+            vecs = []
+            for k, m in zip(part, metas):
+                x = split_rows(np.asarray(self.inner[k], np.float32), n)  # (..., L, T, C)
+                x = x[..., m["num_prefix_tokens"]:, :]
+                per = x.reshape(-1, *x.shape[-3:]).mean((0, 2))  # (L, C): a video's frames and the tokens
+                vecs.append(per.reshape(-1) if i is None else per[i])
+            yield part, np.stack(vecs), [{"source": m["source"], "meta": m["meta"]} for m in metas]
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+def _open_features(path: str | os.PathLike, verify: bool = False, raw: bool = False) -> Reader:
     """Open features written by `s2 extract` for lazy reading by key: one output of a format (.h5, .safetensors,
     ...: `formats.names()`), or an output folder of shards (read across its completed shards; a shard whose size is not the one its marker
     recorded, or that cannot be read, is skipped and listed in `broken_shards`; `verify`: every shard's sha256
@@ -354,7 +463,7 @@ def summary(ff: Reader) -> dict[str, Any]:
         "feature_shape": ff.feature_shape, "dtype": ff.dtype, "s2cli_version": a.get("s2cli_version"),
     }
     report["pool"] = report["pool"] or "none"  # files written before --pool
-    if isinstance(ff, FeatureSet):
+    if isinstance(getattr(ff, "inner", ff), FeatureSet):
         report.update(size_bytes=ff.size_bytes(),
                       num_shards=len(ff.shards), complete=ff.complete, broken_shards=ff.broken_shards,
                       writing=ff.writing)

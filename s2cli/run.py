@@ -732,12 +732,18 @@ class Run:
 
     def settle(self) -> None:
         """Wait for the shard being ended (its marker written), and count it."""
-        cur, self.ending = self.ending, None
+        cur = self.ending
         if cur is None:
             return
         t, st = self.target, self.stats
         t0 = time.perf_counter()
-        path = cur.sink.wait()
+        try:
+            path = cur.sink.wait()
+        except BaseException:
+            if cur.sink.ended:  # failed; else a stop signal came while waiting: `abort` waits for it again
+                self.ending = None
+            raise
+        self.ending = None
         st.waits["write"] += time.perf_counter() - t0
         st.busy["write"] += cur.sink.busy_s
         st.shards.append(path.name)
@@ -817,12 +823,22 @@ class Run:
         self.target.finish(s, len(self.stats.shards))
 
     def _reduced(self, item: StoredItem) -> StoredItem:
-        """The item with its token grid reduced (--reduce) and the reduction recorded; as it was without one."""
-        if self.reduction is None or item.features is None:
-            return item
-        feats, grid = self.reduction.apply(item.features, item.grid_hw, item.num_prefix_tokens)
-        record = {"op": self.reduction.spec, "grid_before": list(item.grid_hw), "grid_hw": list(grid)}
-        return item.replace(features=feats, grid_hw=grid, reduce=json.dumps(record))
+        """The item as it is stored: its token grid reduced (--reduce, each layer alike) and the reduction
+        recorded; with --layers, its (L, T, C) features as L*T rows and its (L, C) pooled vector as one row."""
+        layered = self.res.layers is not None
+        if self.reduction is not None and item.features is not None:
+            if layered:
+                done = [self.reduction.apply(x, item.grid_hw, item.num_prefix_tokens) for x in item.features]
+                feats, grid = np.stack([f for f, _ in done]), done[0][1]
+            else:
+                feats, grid = self.reduction.apply(item.features, item.grid_hw, item.num_prefix_tokens)
+            record = {"op": self.reduction.spec, "grid_before": list(item.grid_hw), "grid_hw": list(grid)}
+            item = item.replace(features=feats, grid_hw=grid, reduce=json.dumps(record))
+        if layered:
+            f, p = item.features, item.pooled
+            item = item.replace(features=None if f is None else f.reshape(-1, f.shape[-1]),
+                                pooled=None if p is None else p.reshape(-1))
+        return item
 
     def _new_sink(self, path: str) -> ThreadedSink:
         res = self.res
@@ -835,6 +851,10 @@ class Run:
             tokens, shape["channels"] = res.stored(self.strategy.plan_entry(res, (res.side, res.side))[0])["output_shape"]
             shape["tokens"] = tokens if shape["tokens"] is not None else None
             shape["tokens_per_image"] = tokens if shape["tokens_per_image"] is not None else None
+        if res.layers is not None:  # each image's layers as L x T rows, its pooled vectors as one row of L x C
+            n = res.num_layers
+            shape.update({k: shape[k] * n for k in ("tokens", "tokens_per_image") if shape[k] is not None})
+            pooled_channels *= n
         layout = Layout(channels=shape["channels"], num_scales=shape["num_scales"], tokens=shape["tokens"],
                         dtype=res.dtype, features=not res.pool_only, pooled=res.pool != "none",
                         pooled_channels=pooled_channels, plans=shape["plans"], reduced=self.reduction is not None,

@@ -202,6 +202,7 @@ def test_recipe_or_flags_resolve_alike_and_resume_alike_but_record_their_origin(
 RESUME_OF = {
     "input": "as asked", "output": "as asked", "recipe": "as asked", "scales": "as asked",
     "model": "compared", "weights": "compared", "random_init": "compared", "seed": "compared", "layer": "compared",
+    "layers": "compared",
     "img_sizes": "compared", "max_split_size": "compared", "split_mode": "compared", "resize_output_to_idx": "compared",
     "fit": "compared", "antialias": "compared", "precision": "compared", "dtype": "compared", "limit": "compared",
     "input_format": "compared", "image_key": "compared", "meta_columns": "compared", "keep_ext": "compared",

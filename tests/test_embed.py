@@ -70,9 +70,14 @@ def _features(out):
 
 @pytest.mark.parametrize("kind", ["clip", "siglip"])
 def test_embed_at_scale_one_is_the_models_own_image_features(kind, hub, tmp_path, image_dir):
-    model, _ = (clip_repo if kind == "clip" else siglip_repo)(tmp_path / kind)
+    model, tok = (clip_repo if kind == "clip" else siglip_repo)(tmp_path / kind)
     hub.add(f"org/tiny-{kind}", tmp_path / kind)
     spec = f"hf:org/tiny-{kind}"
+    texts = ["a photo of a cat", "red car"]  # SigLIP was trained on text padded to its length, CLIP on the longest
+    with torch.no_grad():
+        own_text = _features(model.get_text_features(**tok(texts, padding="max_length" if kind == "siglip" else True,
+                                                          return_tensors="pt")))
+    torch.testing.assert_close(s2cli.embed_text(spec, texts), own_text, atol=1e-5, rtol=1e-5)
     s2cli.extract(str(image_dir), str(tmp_path / "o.h5"), model=spec, scales=(1,), pool="embed", workers=0)
     with s2cli.open_features(tmp_path / "o.h5") as ff:
         for key, name in [("a", "a.png"), ("b", "b.jpg")]:

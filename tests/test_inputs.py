@@ -385,3 +385,8 @@ def test_a_decode_worker_killed_mid_run_loses_no_image_and_the_run_ends_0(tmp_pa
     s = json.loads(stdout)
     assert s["num_images"] == 10 and s["num_failed"] == 0  # its samples were decoded again by a new pool
     assert_same(features(out), features(clean))
+
+
+def test_input_format_dataset_refuses_a_path(tmp_path):
+    with pytest.raises(ConfigError, match="Python dataset"):
+        s2cli.plan(str(tmp_path), input_format="dataset")

@@ -23,6 +23,8 @@ def export(
     normalize: Annotated[bool, typer.Option("--normalize/--no-normalize", help="L2-normalise each vector (inner product = cosine).")] = True,
     dtype: Annotated[str, typer.Option(help="float16: as clip-retrieval writes.", metavar="|".join(EXPORT_DTYPES),
                                        autocompletion=lambda incomplete: list(EXPORT_DTYPES))] = "float16",
+    layer: Annotated[Optional[int], typer.Option(help="An output of several layers (--layers): the layer to export "
+                                                 "(default: each layer's vector, side by side).", show_default=False)] = None,
     as_json: o.Json = False,
 ) -> None:
     """Export one vector per image for retrieval (the img_emb/ + metadata/ layout clip-retrieval writes and
@@ -38,7 +40,7 @@ def export(
             raise ConfigError("s2 export writes one folder: give it as OUT or as -o, once",
                               given=" and ".join(filter(None, (out, output))) or "none",
                               fix="e.g. s2 export feats/ -o emb/")
-        with stops_quietly(), open_features(path) as ff:  # SIGTERM: the temporary export and downloads removed
+        with stops_quietly(), open_features(path, layer=layer) as ff:  # SIGTERM: the temporary export and downloads removed
             summary = export_embeddings(ff, out or output, pool, normalize=normalize, dtype=dtype)
     if as_json:
         print(json.dumps(summary))

@@ -19,6 +19,8 @@ def inspect_features(
     limit: Annotated[Optional[int], typer.Option(help="With --keys: only the first N.")] = None,
     verify: Annotated[bool, typer.Option("--verify", help="A folder: check every shard's sha256 against its done "
                                          "marker (reads every shard; sizes are always checked).")] = False,
+    layer: Annotated[Optional[int], typer.Option(help="An output of several layers (--layers): the layer --key "
+                                                 "shows (default: all).", show_default=False)] = None,
     as_json: o.Json = False,
 ) -> None:
     """Summarize features: model, weights, scales, images, shape, shards, failures; or one image (--key); or the
@@ -30,7 +32,7 @@ def inspect_features(
     """
     from ..readers import image_summary, list_keys, open_features, summary
 
-    with reported(), stops_quietly(), open_features(path, verify=verify) as ff:  # SIGTERM: closed, cache removed
+    with reported(), stops_quietly(), open_features(path, verify=verify, layer=layer) as ff:  # SIGTERM: closed, cache removed
         if keys:
             listed = list_keys(ff, limit)
             print(json.dumps(listed)) if as_json else print("\n".join(listed))

@@ -43,6 +43,9 @@ class DatasetKind(InputKind):
         return not isinstance(spec, (str, os.PathLike)) and (is_map_style(spec) or hasattr(spec, "__iter__"))
 
     def open(self, spec: Any, opts: InputOptions) -> Input:
+        if isinstance(spec, (str, os.PathLike)):
+            raise ConfigError("--input-format dataset reads a Python dataset passed to s2cli.extract, not a path",
+                              given=str(spec), fix="pass --input-format auto (or the path's own kind)")
         name = spec_of(spec)
         if not is_map_style(spec):
             return self.input(name, [Unit(0, "dataset[iter]", kind=self, ref=(spec, None))], None,
