@@ -271,6 +271,7 @@ def _devices_progress(res: Resolved, inp: Input, n: int, progress: Progress) -> 
 
     d = OutputDir(res.output)
     markers = d.markers() if d.has_run and not res.retry_failed else []
+    d.folder.close()  # a remote shard fetched to check its bytes: out of the cache
     before = sum(m["num_images"] + m["num_failed"] for m in markers)
     total = inp.total if inp.total is not None else res.num_samples
     progress.start(res, None if res.retry_failed else total, before, len(markers), 0)

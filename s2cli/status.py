@@ -14,7 +14,10 @@ def status_report(path: str | os.PathLike) -> dict[str, Any]:
     """What an output folder says about its run: totals, per-rank progress and units in flight or stale."""
     d = OutputDir(path)
     run = d.read_run(fix="pass the folder given to `s2 extract -o OUTDIR/` or `s2 slurm -o OUTDIR`")
-    snap = d.snapshot()  # one look: the markers, the manifest, and the broken shards (not counted; a rerun redoes them)
+    try:  # one look: the markers, the manifest, and the broken shards (not counted; a rerun redoes them)
+        snap = d.snapshot()
+    finally:
+        d.folder.close()  # a remote shard fetched to check its bytes (its identity changed): out of the cache
     markers, broken = snap.good, snap.broken
     now = time.time()
     hbs = read_heartbeats(d.folder)

@@ -181,6 +181,10 @@ def test_the_cli_takes_layers_and_inspect_and_export_pick_one(image_dir, tmp_pat
     assert json.loads(r.stdout)["shape"] == [101, 64]
     r = cli("export", str(out), "-o", str(tmp_path / "e"), "--layer", "-2", "--json")
     assert r.exit_code == 0 and json.loads(r.stdout)["dim"] == 64
+    r = cli("viz", "features", str(out), "--key", "a", "-o", str(tmp_path / "p.png"))
+    assert r.exit_code == 2 and "--layer -2" in r.output
+    r = cli("viz", "features", str(out), "--key", "a", "--layer", "-1", "-o", str(tmp_path / "p.png"))
+    assert r.exit_code == 0 and (tmp_path / "p.png").is_file()
 
 
 @pytest.mark.slow
@@ -195,3 +199,24 @@ def test_dry_run_bytes_of_several_layers_are_the_stored_bytes_quantized_too(imag
     with h5py.File(tmp_path / "o.h5") as f:
         stored = sum(f[n].nbytes for n in ("features", "pooled", "token_scales", "channel_scales") if n in f)
     assert plan["total_bytes"] == stored
+
+
+@pytest.mark.slow
+def test_one_forward_to_the_deepest_layer_keeps_only_the_listed_ones(hub, tmp_path):
+    """The backbone of --layers 1,2 (of 3): one call of the model, the layer above dropped, no hidden_states asked
+    for; its output is the two layers side by side, as the model's own hidden states give them (CLS dropped)."""
+    from transformers import CLIPVisionModel
+
+    from s2cli.backbones import load_backbone, resolve
+
+    model = _clip_repo(hub, tmp_path)
+    bb = load_backbone(resolve(model, layer=2), layers=[1, 2])
+    calls: list[dict] = []
+    bb.module.register_forward_hook(lambda m, a, kw, out: calls.append(kw), with_kwargs=True)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        got = bb(x)
+        states = CLIPVisionModel.from_pretrained(tmp_path / "clip")(pixel_values=x, output_hidden_states=True).hidden_states
+    assert len(calls) == 1 and not calls[0].get("output_hidden_states")
+    assert sum(isinstance(m, torch.nn.ModuleList) and len(m) == 2 for m in bb.module.modules()) == 1  # 3 -> 2 layers
+    torch.testing.assert_close(got, torch.cat([states[1][:, 1:], states[2][:, 1:]], dim=-1), atol=1e-5, rtol=1e-5)

@@ -227,15 +227,16 @@ def test_a_folder_opens_inspects_and_feeds_a_dataset_without_opening_every_shard
     real = readers._open_file
     monkeypatch.setattr(readers, "_open_file", lambda p, **kw: opened.append(Path(p).name) or real(p, **kw))
     with open_features(out) as ff:
-        assert len(ff) == 6 and ff.complete and opened == []
+        assert len(ff) == 6 and ff.complete and len(opened) <= 1  # the attributes (what layers it holds): one shard
+        opened.clear()
         assert ff["im5"].shape == tuple(ff.feature_shape) and opened == ["part-00000-00002.h5"]
     opened.clear()
     info = run_json(cli, "inspect", out)
     assert info["num_images"] == 6 and info["feature_shape"] and len(opened) <= 1  # attributes: from one shard
-    opened.clear()
     ds = s2cli.FeatureDataset(out)
+    opened.clear()
     worker = pickle.loads(pickle.dumps(ds))  # what a DataLoader worker gets (spawn): the folder as looked at once
-    assert worker[5]["key"] == "im5" and opened == ["part-00000-00002.h5"]
+    assert worker[5]["key"] == "im5" and opened[-1] == "part-00000-00002.h5" and len(opened) <= 2  # + attributes
     ds.close()
     worker.close()
 

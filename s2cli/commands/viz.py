@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Optional
 
 import typer
 
@@ -41,6 +41,8 @@ def viz_features(
     path: Annotated[str, typer.Argument(help="A feature file or output folder written by `s2 extract`.")],
     key: Annotated[str, typer.Option(help="The image's key.")],
     output: Annotated[str, typer.Option("--output", "-o", help="The PNG to write.")] = "pca.png",
+    layer: Annotated[Optional[int], typer.Option(help="An output of several layers (--layers): the layer to show.",
+                                                 show_default=False)] = None,
     as_json: o.Json = False,
 ) -> None:
     """The image beside a PCA (3 components as RGB) of each scale's or view's feature map and of the merged map.
@@ -50,7 +52,10 @@ def viz_features(
     from ..readers import open_features
     from ..viz import features_figure
 
-    with reported(), open_features(path) as ff:
+    with reported(), open_features(path, layer=layer) as ff:
+        if getattr(ff, "index", 0) is None:  # every layer of a --layers output: one map per picture
+            raise ConfigError("this output holds several layers; the picture shows one", given=path,
+                              expected=f"--layer {' | '.join(map(str, ff.layers))}", fix=f"add --layer {ff.layers[0]}")
         if key not in ff:
             raise ConfigError(f"no image with this key in {path}", given=key, fix=f"list the keys with `s2 inspect {path} --keys`")
         fig, panels = features_figure(ff, key)
