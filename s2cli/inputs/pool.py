@@ -208,7 +208,14 @@ class DecodePool:
         time.sleep(self.POLL_S)  # results sent before the death reach their jobs (the pool's result thread)
         old = [(e, e[2].get(0) if e[2] is not None and e[2].ready() else None) for e in self._pending]
         dead = {p.pid for p in self._procs if p.exitcode is not None}
-        in_flight = {e[4] for e, rec in old if rec is None and _STARTED[e[4]] in dead}  # on a worker that died
+        # a worker runs its tasks one after another: of the undecoded samples it took, only the last one it took
+        # was in flight when it died (a slot keeps the pid of a task that finished, whose result may still be in
+        # transit: that one is submitted again, not counted as a death)
+        last: dict[int, int] = {}
+        for e, rec in old:
+            if rec is None and _STARTED[e[4]] in dead:
+                last[_STARTED[e[4]]] = e[4]
+        in_flight = set(last.values())
         self.close(deadline=2.0)
         self._pool = self._new_pool()
         for e, rec in old:
