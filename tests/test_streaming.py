@@ -110,7 +110,7 @@ def test_sharded_output_folder(cli, tmp_path, fmt):
     names = {p.name for p in out.iterdir()}
     assert names == {"errors.jsonl", "manifest.json", f"part-00000-00000.{fmt}", "part-00000-00000.json",
                      f"part-00000-00001.{fmt}", "part-00000-00001.json", f"part-00000-00002.{fmt}",
-                     "part-00000-00002.json", "run.json", "rank-00000.json"}
+                     "part-00000-00002.json", "run.json", "rank-00000.json", "index.json"}
     manifest = json.loads((out / "manifest.json").read_text())
     assert [sh["num_images"] for sh in manifest["shards"]] == [3, 2, 2] and manifest["complete"]
     errors = [json.loads(line) for line in (out / "errors.jsonl").read_text().splitlines()]
