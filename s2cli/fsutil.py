@@ -20,16 +20,19 @@ def human_bytes(n: float) -> str:
     return f"{n:.1f} TiB"
 
 
-def write_error(path: Path, e: BaseException, need_bytes: int | None = None, fix: str | None = None) -> S2Error:
+def write_error(path: Path, e: BaseException, need_bytes: int | None = None, fix: str | None = None,
+                floor: bool = False) -> S2Error:
     """The one error for a failed write. A full disk says so, with the space left and the space a shard needs;
-    completed shards are untouched, so the fix is to make room and rerun (`fix`: the writer's own words for it)."""
+    completed shards are untouched, so the fix is to make room and rerun (`fix`: the writer's own words for it;
+    `floor`: need_bytes counts the arrays alone, before any shard of the run was measured)."""
     if getattr(e, "errno", None) == errno.ENOSPC or "No space left" in str(e):
         try:
             free = f"{human_bytes(shutil.disk_usage(path.parent).free)} free"
         except OSError:
             free = "free space unknown"
         detail = getattr(e, "strerror", None) if getattr(e, "filename", None) else None  # a refused reservation
-        need = f"; a whole shard needs about {human_bytes(need_bytes)}" if need_bytes else ""
+        need = (f"; a whole shard needs {'at least' if floor else 'about'} {human_bytes(need_bytes)}"
+                f"{' (its arrays alone)' if floor else ''}" if need_bytes else "")
         spool = next((p for p in path.parents if p.name.startswith(SPOOL_PREFIX)), None)
         if spool is not None:  # what ran out is the local spool of a remote output, not the output
             return S2Error(f"no space left in the local spool of a remote output ({spool.parent}, S2CLI_SPOOL) "

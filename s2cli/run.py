@@ -751,6 +751,7 @@ class Run:
             self.written = (self.written[0] + cur.nbytes, self.written[1] + cur.sink.n)
             if self.part is not None and self.res.output_is_dir:  # the shard being written: as this one took
                 self.part.sink.need_bytes = round(self.written[0] / self.written[1] * self.res.shard_size)
+                self.part.sink.need_floor = False
         if t.heartbeat is not None:
             t.heartbeat.update(shards_written=len(st.shards), images=st.done, failed=st.failed, shard=None, write=True)
 
@@ -864,6 +865,7 @@ class Run:
                                 directory=fmt.store == formats.DIR)
         if res.output_is_dir:
             sink.need_bytes = self._shard_bytes(shape, pooled_channels)
+            sink.need_floor = not self.written[1]  # before any shard was measured: the arrays alone
         return sink
 
     def _shard_bytes(self, shape: dict[str, Any], pooled_channels: int) -> int | None:

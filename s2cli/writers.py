@@ -53,6 +53,7 @@ class ThreadedSink:
     Subclasses implement `_open`, `_append(items)`, `_finish()` (`self.failures` is final then) and `_discard`."""
 
     need_bytes: int | None = None  # what a complete shard will take, for the message when the disk is full
+    need_floor = False  # need_bytes counts the arrays alone (no shard of the run measured yet): a lower bound
     guard = False  # True: the final rename replaces only `replaces` (see fsutil.fsync_rename), never a newcomer
     replaces: tuple[int, int, int] | None = None
 
@@ -129,7 +130,7 @@ class ThreadedSink:
             self._discard()
             remove_path(self.tmp)
             # an S2Error already says what went wrong (a safetensors header over its limit)
-            self._end_error = e if isinstance(e, S2Error) else write_error(self.path, e, self.need_bytes)
+            self._end_error = e if isinstance(e, S2Error) else write_error(self.path, e, self.need_bytes, floor=self.need_floor)
             self._end_error.__cause__ = e if self._end_error is not e else None
             return
         finally:
@@ -174,7 +175,7 @@ class ThreadedSink:
 
     def _raise_if_failed(self) -> None:
         if self._error is not None:
-            raise write_error(self.path, self._error, self.need_bytes) from self._error
+            raise write_error(self.path, self._error, self.need_bytes, floor=self.need_floor) from self._error
 
     def _run(self) -> None:
         while True:

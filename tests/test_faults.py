@@ -295,6 +295,27 @@ def full_disk_input(tmp_path):
     return d
 
 
+def test_a_disk_full_before_any_shard_says_the_arrays_alone_are_a_lower_bound(cli, tmp_path, monkeypatch,
+                                                                             full_disk_input):
+    """Before a shard of the run was measured the size a shard needs is its arrays alone, which the container's
+    overhead exceeds: the message says "at least", and the figure is below what a shard really took (#23.11)."""
+    import s2cli.writers as writers
+    from s2cli.fsutil import human_bytes
+
+    d, out, clean = full_disk_input, tmp_path / "out", tmp_path / "clean"
+    run_ok(cli, d, f"{clean}/", "--shard-size", 4, "-j", 0)
+    took = json.loads((clean / "part-00000-00000.json").read_text())["bytes"]
+    real = shutil.disk_usage
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(writers.shutil, "disk_usage", lambda path: usage(real(path).total, real(path).used, 4096))
+    r = cli("extract", d, *MODEL, "-o", f"{out}/", "--shard-size", 4, "-j", 0, "-q")
+    assert r.exit_code == 1, r.stderr + r.stdout
+    msg = r.stderr.strip()
+    assert "a whole shard needs at least " in msg and "(its arrays alone)" in msg and "needs about" not in msg
+    floor = msg.split("needs at least ")[1].split(" (its arrays")[0]
+    assert floor in {human_bytes(n) for n in range(1, took)}  # below what the shard took
+
+
 def test_disk_full_simulated(cli, tmp_path, monkeypatch, full_disk_input):
     """The free space the writer sees drops to 4 KiB after the first shard: a clear exit 1 naming the path and the
     space needed, completed shards intact and marked, and a rerun with space continues to a complete result."""
