@@ -124,7 +124,7 @@ def test_a_sample_that_kills_its_worker_is_recorded_alone_and_the_rest_come_back
         got = list(loader.map(items, lambda s: s))
     # the samples in flight beside it on the other worker, or queued behind it, are decoded again, never blamed
     assert_decoded(got, items, failed={"s04": "WorkerDied"})
-    assert "died 3 times" in got[4][1]["error"]["error"]
+    assert "died three times" in got[4][1]["error"]["error"]
 
 
 @pytest.mark.slow

@@ -22,7 +22,7 @@ from .decode import Fit, decode_sample
 from .samples import Sample, failure
 
 DECODE_NICE = 10  # niceness added to decode workers (S2CLI_DECODE_NICE overrides); chosen by benchmarks/bench_overlap.py
-DEATHS = 3  # a sample in flight on this many decode workers that died is recorded as failed: it likely kills them
+DEATHS = 3  # (three) a sample in flight on this many decode workers that died is recorded as failed: it likely kills them
 POLL_S = 0.25  # how often the wait for a decoded sample looks at the workers and the sample's deadline
 
 
@@ -266,7 +266,7 @@ class DecodeLoader:
             if e.rec is None and e.seq in held:
                 e.deaths += 1
                 if e.deaths >= DEATHS:
-                    self._fail(e, f"the decode worker died {DEATHS} times while this sample was in flight (killed, or "
+                    self._fail(e, "the decode worker died three times while this sample was in flight (killed, or "
                                   "out of memory?)", "WorkerDied")
         self._restart()
 
