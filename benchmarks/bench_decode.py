@@ -88,10 +88,11 @@ def main() -> None:
                 before = load()
                 p = subprocess.run([sys.executable, "-c", CHILD, str(folder), str(args.side), str(args.workers),
                                     str(args.batch_size)], capture_output=True, text=True,
-                                   env={**os.environ, "PYTHONPATH": code})
+                                   env={**os.environ, "PYTHONPATH": code}, cwd=tmp)  # not this tree's s2cli
                 if p.returncode:
                     sys.exit(p.stderr)
                 row = {**json.loads(p.stdout.splitlines()[-1]), "load": f"{before}-{load()}"}
+                assert row["stage"] == ("pool" if code == base else "dataloader"), (code, row)
                 rows[row["stage"]].append(row)
                 print(f"repeat {r}: {row}", file=sys.stderr)
     print(f"| decode stage | img/s (-j {args.workers}) | its process's CPU-ms per image | load average during runs |")
