@@ -86,6 +86,24 @@ def test_a_long_run_of_items_that_pass_through_is_read_a_bounded_window_ahead(tm
     assert max(ahead) <= (window + 1) ** 2  # read ahead as far as the loader's window, never the whole input
 
 
+def test_the_loader_reads_the_input_no_further_ahead_than_its_window(tmp_path):
+    items = samples(tmp_path, 24)
+    pulled = [0]
+
+    def source():
+        for item in items:
+            pulled[0] += 1
+            yield item
+
+    with DecodeLoader(FIT, 2, prefetch=2) as loader:
+        got, ahead = [], []
+        for pair in loader.map(source(), lambda s: s):
+            got.append(pair)
+            ahead.append(pulled[0] - len(got))
+    assert_decoded(got, items)
+    assert max(ahead) == 2 * 2  # prefetch x workers in flight: memory flat whatever the input's length
+
+
 @pytest.mark.slow
 def test_workers_killed_from_outside_mid_run_lose_no_sample(tmp_path, monkeypatch):
     items = samples(tmp_path, 12)

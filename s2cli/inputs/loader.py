@@ -219,9 +219,10 @@ class DecodeLoader:
         data = self._data
         for w in range(self.workers):
             data.busy[w], data.pids[w] = -1, 0  # type: ignore[union-attr]
+        # results come back in the order handed out (DataLoader's default, `in_order`, torch >= 2.6; always before)
         loader = DataLoader(data, batch_size=None, sampler=_Sampler(self, redo), num_workers=self.workers,  # type: ignore[arg-type]
                             collate_fn=_as_is, prefetch_factor=self.prefetch, timeout=POLL_S,
-                            worker_init_fn=data.init_worker, multiprocessing_context="fork", in_order=True)  # type: ignore[union-attr]
+                            worker_init_fn=data.init_worker, multiprocessing_context="fork")  # type: ignore[union-attr]
         self._it = iter(loader)
         # torch's SIGCHLD handler (installed by the first loader of a process) raises a worker's death wherever the
         # main thread is (writing a shard, in the forward): deaths are noticed here, in `_receive`, instead
@@ -239,7 +240,8 @@ class DecodeLoader:
             except StopIteration:  # it ended with samples in flight: its workers are gone
                 self._restart()
                 return
-            except RuntimeError as err:
+            except Exception as err:  # the loader's POLL_S wait ended, or a worker died (RuntimeError; or EOFError,
+                # OSError: the handle of a record it sent points at its memory, gone with it)
                 if self._failed is not None:
                     raise
                 dead = [w for w in range(self.workers) if self._data.pids[w] and _exited(self._data.pids[w])]  # type: ignore[union-attr]
@@ -247,10 +249,10 @@ class DecodeLoader:
                     self._died(dead)
                 elif front is not None and time.monotonic() >= deadline:
                     self._stalled(front)
-                elif not str(err).startswith("DataLoader timed out"):  # a worker gone before it said its pid
+                elif isinstance(err, RuntimeError) and str(err).startswith("DataLoader timed out"):
+                    continue  # nothing yet
+                else:  # a worker gone (before it said its pid, or not yet reaped), or the loader broken
                     self._restart(err)
-                else:  # the loader's POLL_S wait: nothing yet
-                    continue
                 return
             if front is None or seq != front.seq:  # not what is waited for: the loader skipped a sample
                 self._restart()
@@ -304,8 +306,8 @@ class DecodeLoader:
                 if pid and not _exited(pid):  # a child not yet reaped: its pid cannot be another process's
                     os.kill(pid, signal.SIGKILL)
             it._shutdown_workers()  # what its __del__ does, done now
-        if restore and self._sigchld is not None:
-            signal.signal(signal.SIGCHLD, self._sigchld)
+        if restore and self._sigchld is not None and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGCHLD, self._sigchld)  # (closed from another thread: it stays SIG_DFL)
             self._sigchld = None
 
     def close(self) -> None:
