@@ -4,10 +4,12 @@ HF datasets, torch Datasets and single files/globs with --devices, s3:// outputs
 readers; Path inputs and outputs."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from PIL import Image
-from test_inputs import LIB, arrays, assert_same, features, folder_of
+from test_inputs import LIB, arrays, assert_same, features, folder_of, png
 
 import s2cli
 from s2cli import open_features
@@ -77,4 +79,119 @@ def test_a_datasets_dataset_resumes_by_its_key_column_and_redoes_what_moved(tmp_
     s2cli.extract(ds, out, shard_size=2, **LIB)
     s = s2cli.extract(ds.select([1, 0, 2, 3, 4]), out, shard_size=2, **LIB)  # the first unit's keys swapped
     assert (s.resumed_images, s.num_images) == (3, 2)
+    assert_same(features(tmp_path / "o"), by_name)
+
+
+# ---- the input kinds x outputs, stores, --retry-failed, readers ----------------------------------------------------
+class Items:
+    """A torch map-style Dataset of dict items {key, image, label} (the images of `arrays()`, keys NAMES);
+    `bad`: indices whose read raises (a dataset's own failure), `broken`: indices holding bytes that are no image."""
+
+    def __init__(self, bad=(), broken=()):
+        self.bad, self.broken = set(bad), set(broken)
+
+    def __len__(self):
+        return 5
+
+    def __getitem__(self, i):
+        if i in self.bad:
+            raise OSError(f"item {i} is on a disk that is down")
+        image = b"not an image" if i in self.broken else Image.fromarray(arrays()[i])
+        return {"key": NAMES[i], "image": image, "label": i}
+
+
+def _table(path: Path, broken=()) -> Path:
+    """img2dataset's parquet layout keyed by NAMES (row groups of 2); rows in `broken` hold bytes that are no image."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = {"key": NAMES, "jpg": [b"not an image" if i in broken else png(a) for i, a in enumerate(arrays())],
+            "caption": [f"caption {i}" for i in range(5)], "label": list(range(5))}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table(rows), path, row_group_size=2)
+    return path
+
+
+def _hf(broken=()):
+    import datasets
+
+    return datasets.Dataset.from_dict(
+        {"key": NAMES, "image": [{"bytes": b"not an image" if i in broken else png(a), "path": None}
+                                 for i, a in enumerate(arrays())], "label": list(range(5))},
+        features=datasets.Features({"key": datasets.Value("string"), "image": datasets.Image(decode=False),
+                                    "label": datasets.Value("int64")}))
+
+
+def make_input(kind: str, tmp_path: Path, request, broken=()):
+    """An input of `kind` holding the five images keyed by NAMES (`broken`: those indices unreadable), with a
+    metadata field `label` where the kind carries metadata; -> (input, its metadata field or None)."""
+    if kind == "parquet":
+        return str(_table(tmp_path / "t" / "t.parquet", broken)), "caption"
+    if kind == "save_to_disk":
+        pytest.importorskip("datasets")
+        _hf(broken).save_to_disk(str(tmp_path / "saved"))
+        return str(tmp_path / "saved"), "label"
+    if kind == "hub":
+        hub = request.getfixturevalue("hub")
+        _table(tmp_path / "repo" / "data" / "train.parquet", broken)
+        hub.add("org/seams", tmp_path / "repo", repo_type="dataset")
+        return "hf://datasets/org/seams", "caption"
+    if kind == "torch":
+        return Items(broken=broken), "label"
+    if kind == "datasets":
+        pytest.importorskip("datasets")
+        return _hf(broken), "label"
+    d = folder_of(tmp_path / "imgs", NAMES)
+    for i in broken:
+        (d / f"{NAMES[i]}.png").write_bytes(b"not an image")
+    if kind == "file":
+        return str(d / "cat.png"), None
+    return f"{d}/*.png", None  # glob
+
+
+KINDS = ["parquet", "save_to_disk", "hub", "torch", "datasets", "file", "glob"]
+
+
+def _want(kind: str, by_name: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {"cat": by_name["cat"]} if kind == "file" else by_name
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_each_input_kind_into_an_s3_folder_reads_back_with_its_metadata_everywhere(kind, s3, tmp_path, request,
+                                                                                    by_name, cli):
+    from s2cli.dataset import FeatureDataset
+
+    inp, field = make_input(kind, tmp_path, request)
+    out = f"s3://{s3.bucket}/{kind}/"
+    s = s2cli.extract(inp, out, shard_size=2, **LIB)
+    want = _want(kind, by_name)
+    assert s.num_images == len(want) and s.num_failed == 0
+    with open_features(out) as ff:
+        assert ff.complete
+        assert_same({k: np.asarray(ff[k]) for k in ff}, want)
+        metas = {k: ff.meta(k).get("meta") for k in ff}
+    if field is None:
+        return
+    assert all(field in (m or {}) for m in metas.values())
+    ds = FeatureDataset(out)
+    assert field in ds[0]["meta"]["meta"]
+    r = cli("export", out, "-o", tmp_path / "exp")
+    assert r.exit_code == 0, r.stderr
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(tmp_path / "exp" / "metadata" / "metadata_0.parquet")
+    assert field in table.column_names and table.num_rows == 5
+    r = cli("inspect", out, "--key", "dog", "--json")
+    assert r.exit_code == 0 and field in r.stdout, r.stderr
+
+
+@pytest.mark.parametrize("kind", ["parquet", "hub", "torch", "datasets", "glob"])
+def test_retry_failed_over_each_input_kind_retries_the_fixed_images_only(kind, tmp_path, request, by_name):
+    out = f"{tmp_path / 'o'}/"
+    inp, _ = make_input(kind, tmp_path, request, broken=(3,))
+    first = s2cli.extract(inp, out, shard_size=2, **LIB)
+    assert (first.num_images, first.num_failed) == (4, 1)
+    fixed, _ = make_input(kind, tmp_path, request)  # the same input with the image fixed (a new commit on the hub)
+    again = s2cli.extract(fixed, out, shard_size=2, retry_failed=True, **LIB)
+    assert (again.num_images, again.num_failed) == (1, 0)
     assert_same(features(tmp_path / "o"), by_name)

@@ -1,7 +1,7 @@
 """Python datasets as inputs: a torch `Dataset` (map-style: `len` and `[i]`) or `IterableDataset`, or a
 `datasets.Dataset`. An item is a PIL image, a uint8 array or tensor (H, W, 3), (3, H, W) or (H, W), encoded image
-bytes, a path, a (image, target) pair, or a dict holding one of these (its `key`/`__key__` the key, its other
-plain values the metadata). Keys come from the item, else from the index. Map-style datasets are cut into units of
+bytes, an HF `Image` struct {bytes, path} (`Image(decode=False)`), a path, a (image, target) pair, or a dict holding
+one of these (its `key`/`__key__` the key, its other plain values the metadata). Keys come from the item, else from the index. Map-style datasets are cut into units of
 `shard_size` indices, each identified by the keys at its indices (`keys`): a resume skips a done unit whose keys
 are the same and redoes one whose keys changed, so features never stay under a key the dataset no longer holds
 there. An iterable dataset is one unit."""
@@ -144,6 +144,8 @@ def item_sample(item: Any, index: int, strict: bool = False) -> Sample | dict[st
         t = _plain(target)
         meta = json.dumps({"target": t}) if t is not _SKIP else None
     source = f"<dataset>#{index}"
+    if _struct(image):  # an HF Image struct (`Image(decode=False)`): its bytes, else its path
+        image = image["bytes"] if image.get("bytes") is not None else image.get("path")
     if isinstance(image, (bytes, bytearray)):
         return Sample(key, source, data=bytes(image), meta=meta)
     if isinstance(image, (str, os.PathLike)):
@@ -161,13 +163,20 @@ def item_sample(item: Any, index: int, strict: bool = False) -> Sample | dict[st
 
 
 def _usable(v: Any) -> bool:
-    """An image s2cli can take: PIL, bytes, a path, or uint8 pixels (array or tensor) of 2 or 3 dimensions."""
-    if isinstance(v, (bytes, bytearray)):
+    """An image s2cli can take: PIL, bytes, an HF Image struct {bytes, path}, or uint8 pixels (array or tensor) of 2
+    or 3 dimensions."""
+    if isinstance(v, (bytes, bytearray)) or _struct(v):
         return True
     if hasattr(v, "getbands"):  # PIL
         return True
     dtype = str(getattr(v, "dtype", ""))
     return dtype in ("uint8", "torch.uint8") and getattr(v, "ndim", 0) in (2, 3)
+
+
+def _struct(v: Any) -> bool:
+    """An HF `Image` struct as `datasets` gives it undecoded: {"bytes": ..., "path": ...}, one of them set."""
+    return (isinstance(v, dict) and set(v) == {"bytes", "path"}
+            and (isinstance(v["bytes"], (bytes, bytearray)) or isinstance(v["path"], str) and bool(v["path"])))
 
 
 _SKIP = object()
