@@ -195,3 +195,41 @@ def test_retry_failed_over_each_input_kind_retries_the_fixed_images_only(kind, t
     again = s2cli.extract(fixed, out, shard_size=2, retry_failed=True, **LIB)
     assert (again.num_images, again.num_failed) == (1, 0)
     assert_same(features(tmp_path / "o"), by_name)
+
+
+# ---- several ranks ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["torch", "datasets"])
+def test_a_python_dataset_split_over_two_ranks_equals_one_rank(kind, tmp_path, request, by_name, monkeypatch):
+    """A Python object cannot be sent to --devices workers: each rank's process calls s2cli.extract on its own copy
+    (torchrun's RANK/WORLD_SIZE, here one process after the other)."""
+    inp, _ = make_input(kind, tmp_path, request)
+    out = f"{tmp_path / 'o'}/"
+    done = 0
+    for rank in (1, 0):
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        done += s2cli.extract(inp, out, shard_size=2, **LIB).num_images
+    assert done == 5
+    with open_features(tmp_path / "o") as ff:
+        assert ff.complete
+    assert_same(features(tmp_path / "o"), by_name)
+
+
+def test_devices_from_python_is_refused_in_one_line_with_the_way_to_run_ranks(tmp_path):
+    with pytest.raises(s2cli.errors.ConfigError, match="cannot be sent to its workers") as e:
+        s2cli.extract(Items(), f"{tmp_path / 'o'}/", devices="cpu,cpu", **LIB)
+    assert "\n" not in str(e.value) and "torchrun" in str(e.value)
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["parquet", "save_to_disk", "hub", "file", "glob"])
+def test_devices_cpu_cpu_over_each_path_input_kind_equals_one_rank(kind, tmp_path, request, by_name, cli):
+    from conftest import FAST
+
+    inp, _ = make_input(kind, tmp_path, request)
+    r = cli("extract", inp, *FAST, "--devices", "cpu,cpu", "--shard-size", 2, "-o", f"{tmp_path / 'o'}/", "--json")
+    assert r.exit_code == 0, r.stderr + r.stdout
+    with open_features(tmp_path / "o") as ff:
+        assert ff.complete
+    assert_same(features(tmp_path / "o"), _want(kind, by_name))

@@ -70,6 +70,10 @@ class InputKind:
         """What tells a streamed unit's content apart without reading it (compared on resume); None: unknown."""
         return None
 
+    def fetch_ahead(self, unit: Unit) -> None:
+        """Fetch now what reading the unit needs from the network, into a cache every process of this node reads (a
+        hub dataset's file): `--devices` workers run offline."""
+
     def keys(self, unit: Unit) -> list[str] | None:
         """A streamed unit's keys in order, where the kind can tell them without decoding (a map-style dataset's):
         its parts are then identified by their keys on resume, as a listed unit's are; None: by `identity`."""

@@ -73,6 +73,10 @@ class TableKind(InputKind):
                 yield row_sample(item, row, unit.url, cols)  # type: ignore[arg-type]
                 row += 1
 
+    def fetch_ahead(self, unit: Unit) -> None:
+        if isinstance(unit.ref[3], HubFile):
+            unit.ref[3].fetch()
+
     def identity(self, unit: Unit) -> dict[str, Any] | None:
         """The file's size and modification time (a hub file: its content id), and the row group's number."""
         group, src = unit.ref[0], unit.ref[3]

@@ -65,6 +65,12 @@ class Input:
     fix: str = ("read the failure records (`s2 inspect OUT --json` or OUTDIR/errors.jsonl): each says why its image "
                 "failed")  # what to look at when every sample failed
 
+    def fetch_ahead(self) -> None:
+        """What the units need from the network, fetched now into the shared cache (`InputKind.fetch_ahead`)."""
+        for unit in self.units:
+            if unit.kind is not None:
+                unit.kind.fetch_ahead(unit)
+
     def describe(self) -> dict[str, Any]:
         d = {"kind": self.kind, "spec": self.spec, "units": len(self.units), "total": self.total,
              "streamed": self.streamed}
