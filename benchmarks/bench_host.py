@@ -159,8 +159,9 @@ def decode_limit(paths: list[Path], res: Any) -> dict[str, Any]:
     c0 = time.process_time()
     for s in samples:
         rec = decode_sample(s, fit)
-        dec += rec["seconds"][0] + rec["seconds"][1]
-        fitted += rec["seconds"][2]
+        secs = rec["seconds"] if isinstance(rec, dict) else rec.seconds  # (a dict: an s2cli from before Decoded)
+        dec += secs[0] + secs[1]
+        fitted += secs[2]
     cpu = time.process_time() - c0
     n = len(samples)
     return {"ms_per_image": 1e3 * cpu / n, "ms_decode": 1e3 * dec / n, "ms_fit": 1e3 * fitted / n,

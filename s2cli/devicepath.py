@@ -7,11 +7,12 @@ the CPU tests exercise them."""
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from typing import Any, Sequence
 
 import torch
 
-from .inputs.decode import Fit, decode_sample, with_decode_note
+from .inputs.decode import Decoded, Fit, decode_sample, with_decode_note
 from .inputs.samples import Sample
 from .pixels import fit_size
 
@@ -146,18 +147,19 @@ def fit_tensor(img: torch.Tensor, fit: str, side: int, mean: tuple[float, float,
     return img[:, top:top + side, left:left + side]
 
 
-def decode_batch(recs: list[dict[str, Any]], fit: Fit, device: torch.device) -> list[dict[str, Any]]:
-    """Records from `inputs.decode.read_for_device` (`jpeg` bytes, `orientation`) -> the same records with `image`, the
-    fitted uint8 (3, H, W) on `device`. One batched torchvision call (nvJPEG on CUDA); when it fails, each image
-    alone, and an image the device decoder refuses is decoded with Pillow here (meta.decode.path =
-    "pil-fallback", with the reason); an image Pillow cannot decode either gets its failure record in `error`.
-    Returns the records, in order; adds (decode, fit) seconds to each record's `device_seconds`."""
+def decode_batch(recs: list[Decoded], fit: Fit, device: torch.device,
+                 timing: dict[str, float] | None = None) -> list[Decoded]:
+    """Records from `inputs.decode.read_for_device` (`jpeg`: bytes, stored size, orientation) -> the same records
+    with `pixels`, the fitted uint8 (3, H, W) on `device`, and no `jpeg`. One batched torchvision call (nvJPEG on
+    CUDA); when it fails, each image alone, and an image the device decoder refuses is decoded with Pillow here
+    (meta.decode.path = "pil-fallback", with the reason); an image Pillow cannot decode either gets its failure
+    record in `error`. Returns the records, in order; adds the decode and fit seconds to `timing`."""
     from torchvision.io import ImageReadMode, decode_jpeg
 
     if not recs:
         return recs
     t0 = time.perf_counter()
-    data = [torch.from_numpy(r.pop("jpeg")) for r in recs]
+    data = [torch.as_tensor(r.jpeg.data) for r in recs]  # type: ignore[union-attr]
     try:
         decoded: list[Any] = decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
     except Exception:
@@ -169,27 +171,30 @@ def decode_batch(recs: list[dict[str, Any]], fit: Fit, device: torch.device) -> 
                 decoded.append(e)
     t1 = time.perf_counter()
     for r, d, raw in zip(recs, decoded, data):
-        shape = tuple(r.pop("stored_hw"))
+        jpeg, r.jpeg = r.jpeg, None
+        shape = tuple(jpeg.stored_hw)  # type: ignore[union-attr]
         if isinstance(d, torch.Tensor) and tuple(d.shape[-2:]) != shape:
             d = ValueError(f"decoded {tuple(d.shape[-2:])}, the header says {shape}")
         if isinstance(d, BaseException):
-            _pil_fallback(r, raw.numpy().tobytes(), fit, device, f"the device decoder failed: {type(d).__name__}: {d}")
+            _pil_fallback(r, raw.numpy().tobytes(), jpeg.source_meta, fit, device,  # type: ignore[union-attr]
+                          f"the device decoder failed: {type(d).__name__}: {d}")
             continue
-        r["image"] = fit_tensor(orient(d, r.pop("orientation")), fit.mode, fit.side, fit.mean)
-    t2 = time.perf_counter()
-    for r in recs:
-        r["device_seconds"] = ((t1 - t0) / len(recs), (t2 - t1) / len(recs))
+        r.pixels = fit_tensor(orient(d, jpeg.orientation), fit.mode, fit.side, fit.mean)  # type: ignore[union-attr]
+    if timing is not None:
+        timing["decode"] = timing.get("decode", 0.0) + t1 - t0
+        timing["fit"] = timing.get("fit", 0.0) + time.perf_counter() - t1
     return recs
 
 
-def _pil_fallback(rec: dict[str, Any], data: bytes, fit: Fit, device: torch.device, reason: str) -> None:
-    """Decode one image with Pillow here (as the pil path does), noting why in meta.decode."""
-    meta = rec.pop("source_meta", None)
-    pil = decode_sample(Sample(rec["key"], rec["source"], data=data, meta=meta), Fit(fit.mode, fit.side, fit.mean))
-    rec.pop("orientation", None)
-    if pil["error"] is not None:
-        rec["error"] = pil["error"]
+def _pil_fallback(rec: Decoded, data: bytes, source_meta: str | None, fit: Fit, device: torch.device,
+                  reason: str) -> None:
+    """Decode one image with Pillow here (as the pil path does), noting why in meta.decode. The plan made from
+    the header's size stays; one from the size Pillow decoded replaces it where the two differ."""
+    pil = decode_sample(Sample(rec.key, rec.source, data=data, meta=source_meta), replace(fit, decode="pil", plan=None))
+    if pil.error is not None:
+        rec.error = pil.error
         return
-    rec["orig_hw"] = pil["orig_hw"]
-    rec["meta"] = with_decode_note(pil["meta"], {"path": "pil-fallback", "reason": reason})
-    rec["image"] = torch.from_numpy(pil["image"]).to(device)
+    if pil.orig_hw != rec.orig_hw:
+        rec.orig_hw, rec.plan = pil.orig_hw, fit.plan_of(pil.orig_hw)  # type: ignore[arg-type]
+    rec.meta = with_decode_note(pil.meta, {"path": "pil-fallback", "reason": reason})
+    rec.pixels = torch.from_numpy(pil.pixels).to(device)
