@@ -10,6 +10,7 @@ import time
 from dataclasses import replace
 from typing import Any, Sequence
 
+import numpy as np
 import torch
 
 from .inputs.decode import Decoded, Fit, decode_sample, with_decode_note
@@ -41,27 +42,63 @@ class Pending:
         return self.tensors[self.shown:]
 
 
+class Staging:
+    """Host batches reused on the CPU, as CUDA's caching host allocator reuses pinned ones: per batch shape a ring
+    of `depth` buffers, so a batch is stacked into memory already mapped (a fresh 24 MB batch costs thousands of
+    page faults) and is overwritten only `depth` batches later. At most `shapes` shapes are kept (ragged `--fit
+    keep` batches come and go)."""
+
+    def __init__(self, depth: int = 2, shapes: int = 4):
+        self.depth, self.shapes = depth, shapes
+        self.rings: dict[tuple, tuple[list[torch.Tensor], list[int]]] = {}
+
+    def stack(self, images: Sequence[torch.Tensor]) -> torch.Tensor:
+        first = images[0]
+        key = (len(images), tuple(first.shape), first.dtype)
+        if key not in self.rings:
+            if len(self.rings) >= self.shapes:
+                self.rings.pop(next(iter(self.rings)))
+            self.rings[key] = ([], [0])
+        bufs, turn = self.rings[key]
+        if len(bufs) < self.depth:
+            bufs.append(torch.empty((len(images), *first.shape), dtype=first.dtype))
+        out = bufs[turn[0] % len(bufs)]
+        turn[0] += 1
+        return stack_into(images, out)
+
+
+def stack_into(images: Sequence[torch.Tensor], out: torch.Tensor) -> torch.Tensor:
+    """`torch.stack(images, out=out)` for host tensors, copied by numpy on the calling thread: torch would split
+    the copy over its intra-op threads, whose spinning after each copy costs the main process more CPU than the
+    copy itself."""
+    np.stack([t.numpy() for t in images], out=out.numpy())
+    return out
+
+
 class Transfer:
     """Copies between the host and `device`. CUDA: host batches are stacked into pinned memory and copied on a
     side stream (the compute stream waits for that copy only, and the copied tensor is marked as used by the
     compute stream so its memory is not reused early); results come back into pinned buffers on the compute
-    stream, non-blocking, with an event. CPU: torch.stack and nothing else."""
+    stream, non-blocking, with an event. CPU: the batch is stacked into a reused host buffer (`Staging`: the
+    returned tensor is overwritten two batches later; the run normalizes it into a new tensor at once)."""
 
     def __init__(self, device: torch.device):
         self.device = device
         self.cuda = device.type == "cuda"
         self.copy_stream = torch.cuda.Stream(device) if self.cuda else None
+        self.staging = Staging()
 
     def to_device(self, images: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
         """uint8 (B, 3, H, W), or a list of (3, H, W), on the host or already on the device -> one (B, 3, H, W)
         tensor on the device, usable on the current stream."""
         if not isinstance(images, torch.Tensor):
             on = [self._here(t) for t in images]
+            if self.device.type == "cpu" and all(t.device.type == "cpu" for t in images):
+                return self.staging.stack(images)
             if not self.cuda or any(on):  # (a --decode torch batch may hold a few Pillow fallbacks from the host)
                 return torch.stack([t if o else t.to(self.device) for t, o in zip(images, on)])
             first = images[0]
-            host = torch.empty((len(images), *first.shape), dtype=first.dtype, pin_memory=True)
-            torch.stack(list(images), out=host)
+            host = stack_into(images, torch.empty((len(images), *first.shape), dtype=first.dtype, pin_memory=True))
         elif self._here(images) or not self.cuda:
             return images.to(self.device)
         else:

@@ -57,6 +57,19 @@ def test_transfer_on_the_cpu_is_a_plain_stack_and_copy():
     assert p.event is None and torch.equal(p.result()[0], x.float()) and p.result()[1] is None
 
 
+def test_cpu_batches_are_stacked_into_reused_buffers_overwritten_two_batches_later():
+    """The CPU's stand-in for pinned memory: a batch of a shape seen before lands in a buffer already mapped (no
+    fresh allocation, no page faults); the one before it stays intact for one more batch."""
+    t = Transfer(torch.device("cpu"))
+    batch = lambda k: [torch.full((3, 4, 5), 10 * k + i, dtype=torch.uint8) for i in range(2)]  # noqa: E731
+    a, b = t.to_device(batch(1)), t.to_device(batch(2))
+    assert a.data_ptr() != b.data_ptr() and torch.equal(a, torch.stack(batch(1))) and torch.equal(b, torch.stack(batch(2)))
+    c = t.to_device(batch(3))
+    assert c.data_ptr() == a.data_ptr() and torch.equal(c, torch.stack(batch(3))) and torch.equal(b, torch.stack(batch(2)))
+    odd = t.to_device([torch.zeros((3, 2, 2), dtype=torch.uint8)])  # another shape: its own buffers
+    assert odd.shape == (1, 3, 2, 2) and torch.equal(t.to_device(batch(4)), torch.stack(batch(4)))
+
+
 def test_submit_then_result_equals_the_plain_engine(tmp_path):
     """Extractor.submit (stage, normalize, engine, copy back; deferred in the pipeline) gives exactly what the
     engine gives when called directly on the normalized batch."""
