@@ -46,7 +46,7 @@ t0, c0 = time.perf_counter(), cpu()
 n = 0
 with make() as dec:
     for _, rec in dec.map(samples, lambda s: s):
-        err, img = (rec["error"], rec["image"]) if isinstance(rec, dict) else (rec.error, rec.pixels)
+        err, img = (rec["error"], rec["image"]) if isinstance(rec, dict) else (rec.error, rec.pixels)  # ace3bba: dicts
         assert err is None and img.shape == (3, side, side), err
         n += 1
 wall = time.perf_counter() - t0

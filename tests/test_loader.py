@@ -40,11 +40,12 @@ def assert_decoded(got: list, items: list, failed: dict[str, str] | None = None)
     assert [item for item, _ in got] == items
     for item, rec in got:
         if isinstance(item, dict):
-            assert rec["error"] is item or rec["error"] == item
+            assert rec.error == item and rec.key == item["key"]
         elif item.key in failed:
-            assert rec["error"]["error_class"] == failed[item.key] and rec["key"] == item.key
+            assert rec.error["error_class"] == failed[item.key] and rec.key == item.key
         else:
-            assert rec["error"] is None and np.array_equal(rec["image"], decode_sample(item, FIT)["image"])
+            assert rec.error is None and rec.key == item.key
+            assert np.array_equal(rec.pixels, decode_sample(item, FIT).pixels)
 
 
 def failure_item(i: int) -> dict[str, str]:
@@ -142,7 +143,7 @@ def test_a_sample_that_kills_its_worker_is_recorded_alone_and_the_rest_come_back
         got = list(loader.map(items, lambda s: s))
     # the samples in flight beside it on the other worker, or queued behind it, are decoded again, never blamed
     assert_decoded(got, items, failed={"s04": "WorkerDied"})
-    assert "died three times" in got[4][1]["error"]["error"]
+    assert "died three times" in got[4][1].error["error"]
 
 
 @pytest.mark.slow
@@ -162,6 +163,6 @@ def test_a_stalled_decode_is_recorded_after_the_timeout_and_the_rest_go_on(tmp_p
         got = list(loader.map(items, lambda s: s))
     assert 1.5 <= time.monotonic() - t0 < 30
     assert_decoded(got, items, failed={"s03": "WorkerTimeout"})
-    assert "no result after 2s" in got[3][1]["error"]["error"]
+    assert "no result after 2s" in got[3][1].error["error"]
     time.sleep(0.5)
     assert not own_children() - before  # the stalled worker was ended with its loader, not left behind

@@ -199,7 +199,7 @@ def test_the_decode_loader_stops_within_its_deadline_when_a_worker_died_holding_
     loader = DecodeLoader(Fit("crop", 32, (0.5, 0.5, 0.5)), 1)
     records = loader.map([Sample(f"x{i}", str(tmp_path / f"x{i}.png")) for i in range(2)], lambda s: s)
     _, rec = next(records)  # the loader is mid-run: its worker stays, waiting for the next task
-    assert rec["error"] is None
+    assert rec.error is None
     time.sleep(0.5)  # the idle worker waits for the next task holding its queue's read lock
     [worker] = set(own_children()) - before
     os.kill(worker, signal.SIGKILL)

@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import DataLoader, get_worker_info
 
 from ..errors import ConfigError, S2Error
-from .decode import Fit, decode_sample
+from .decode import Decoded, Fit, decode_sample
 from .samples import Sample, failure
 
 DECODE_NICE = 10  # niceness added to decode workers (S2CLI_DECODE_NICE overrides); chosen by benchmarks/bench_overlap.py
@@ -74,24 +74,15 @@ def _as_is(rec: Any) -> Any:
     return rec
 
 
-def _arrays(rec: dict[str, Any], convert: Callable[[Any], Any], kind: type) -> dict[str, Any]:
-    """The record with its arrays of `kind` (its pixels, a strategy's views, a video's frames, JPEG bytes) converted
-    in place: numpy to torch tensors in a worker (torch moves them into shared memory and only a handle crosses the
-    pipe), and back to numpy, without a copy, in the run."""
-
-    def conv(v: Any) -> Any:
-        if isinstance(v, kind):
-            return convert(v)
-        return [conv(a) for a in v] if isinstance(v, list) else v
-
-    for k, v in rec.items():
-        rec[k] = conv(v)
-    return rec
+def _to_shared(rec: Decoded) -> Decoded:
+    """In a worker: the record's arrays as torch tensors, which torch moves into shared memory as the loader sends
+    them (only a handle crosses the pipe)."""
+    return rec.map_arrays(lambda a: torch.from_numpy(a) if isinstance(a, np.ndarray) else a)
 
 
-def _passed(s: dict[str, str]) -> dict[str, Any]:
-    """The record of an item whose sample is already a failure record (or marks a sample not to decode)."""
-    return {"key": s["key"], "error": s}
+def _from_shared(rec: Decoded) -> Decoded:
+    """In the run: the shared tensors viewed as numpy arrays again (no copy)."""
+    return rec.map_arrays(lambda a: a.numpy() if isinstance(a, torch.Tensor) else a)
 
 
 class _Decoding:
@@ -105,13 +96,13 @@ class _Decoding:
         self.busy = ctx.RawArray("q", workers)  # per worker: the seq of the sample it decodes, -1 between samples
         self.pids = ctx.RawArray("q", workers)  # per worker: its pid, once started (0 before)
 
-    def __getitem__(self, index: tuple[int, Sample | dict]) -> tuple[int, dict[str, Any]]:
+    def __getitem__(self, index: tuple[int, Sample | dict]) -> tuple[int, Decoded]:
         seq, s = index
         w = get_worker_info().id  # type: ignore[union-attr]
         self.busy[w] = seq
-        rec = _passed(s) if isinstance(s, dict) else decode_sample(s, self.fit)
+        rec = Decoded.failed(s) if isinstance(s, dict) else decode_sample(s, self.fit)
         self.busy[w] = -1
-        return seq, _arrays(rec, torch.from_numpy, np.ndarray)
+        return seq, _to_shared(rec)
 
     def init_worker(self, worker_id: int) -> None:
         """In each worker as it starts. Ctrl-C reaches the whole process group: only the parent acts on it (a worker
@@ -137,7 +128,7 @@ class _Entry:
     item: Any
     sample: Sample | dict
     seq: int
-    rec: dict[str, Any] | None = None
+    rec: Decoded | None = None
     deaths: int = 0
 
 
@@ -166,13 +157,13 @@ class DecodeLoader:
         self._fruitless = 0  # loaders replaced in a row with no record back
         self._sigchld: Any = None
 
-    def map(self, items: Iterable[Any], sample_of: Callable[[Any], Sample | dict]) -> Iterator[tuple[Any, dict]]:
+    def map(self, items: Iterable[Any], sample_of: Callable[[Any], Sample | dict]) -> Iterator[tuple[Any, Decoded]]:
         """For each item (anything carrying a sample), yield (item, record) in input order. Items whose sample is
         already a failure record pass through without decoding."""
         if self._data is None:
             for item in items:
                 s = sample_of(item)
-                yield item, (_passed(s) if isinstance(s, dict) else decode_sample(s, self.fit))
+                yield item, (Decoded.failed(s) if isinstance(s, dict) else decode_sample(s, self.fit))
             return
         self._source, self._sample_of, self._exhausted = iter(items), sample_of, False
         if threading.current_thread() is threading.main_thread():
@@ -209,7 +200,7 @@ class DecodeLoader:
             e = _Entry(item, s, self._seq)
             self.pending.append(e)
             if isinstance(s, dict) and passed < self.window:
-                e.rec, passed = _passed(s), passed + 1
+                e.rec, passed = Decoded.failed(s), passed + 1
                 continue
             passed = 0
             yield e.seq, s
@@ -257,7 +248,7 @@ class DecodeLoader:
             if front is None or seq != front.seq:  # not what is waited for: the loader skipped a sample
                 self._restart()
                 return
-            front.rec, self._fruitless = _arrays(rec, lambda t: t.numpy(), torch.Tensor), 0
+            front.rec, self._fruitless = _from_shared(rec), 0
             return
 
     def _died(self, dead: list[int]) -> None:
@@ -281,7 +272,7 @@ class DecodeLoader:
     def _fail(self, e: _Entry, why: str, error_class: str) -> None:
         """The entry's record: its sample failed in the decode stage (one that passes through keeps its own)."""
         s = e.sample
-        e.rec = _passed(s) if isinstance(s, dict) else {"key": s.key, "error": failure(s, "decode", why, error_class)}
+        e.rec = Decoded.failed(s if isinstance(s, dict) else failure(s, "decode", why, error_class))
         self._fruitless = 0
 
     def _restart(self, why: BaseException | None = None) -> None:
