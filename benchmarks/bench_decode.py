@@ -42,7 +42,7 @@ def run(samples: list[Sample], shm: bool) -> tuple[float, float]:
         t0, c0 = time.perf_counter(), cpu()
         n = 0
         for _, rec in pool.map(samples, lambda s: s):
-            assert rec["error"] is None and rec["image"].shape == (3, args.side, args.side)
+            assert rec.error is None and rec.pixels.shape == (3, args.side, args.side)
             n += 1
         return n / (time.perf_counter() - t0), (cpu() - c0) * 1000 / n
 

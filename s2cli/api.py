@@ -41,8 +41,13 @@ class Progress:
 
 
 def settings(input: str, output: str | None = None, *, recipe: str | None = None, **options: Any) -> Resolved:
-    """The resolved settings of a run (defaults < recipe < options), checked before any weights load."""
-    return resolve_options(input, output, recipe, **options)
+    """The resolved settings of a run (defaults < recipe < options), checked before any weights load. `input` and
+    `output` may be paths (`os.PathLike`)."""
+    return resolve_options(_fspath(input), _fspath(output), recipe, **options)
+
+
+def _fspath(p: Any) -> Any:
+    return os.fspath(p) if isinstance(p, os.PathLike) else p
 
 
 def open_inputs(res: Resolved, obj: Any = None) -> Input:
@@ -83,6 +88,12 @@ def extract(input: str | Input, output: str | None = None, *, recipe: str | None
     """
     from .launch import die_with_parent, discover_rank, sigterm_raises
 
+    if "devices" in options:
+        raise ConfigError("s2cli.extract runs one rank: --devices is the command line's launcher, and a Python object "
+                          "cannot be sent to its workers", given=f"devices={options['devices']!r}",
+                          fix="run one process per device (torchrun --nproc_per_node N script.py, each calling "
+                              "s2cli.extract(ds, 'OUTDIR/')), or save the dataset (save_to_disk, parquet) and run "
+                              "`s2 extract PATH -o OUTDIR/ --devices ...`")
     obj = None if isinstance(input, (str, os.PathLike, Input)) else input  # a torch / datasets Dataset
     spec = input.spec if isinstance(input, Input) else spec_of(obj) if obj is not None else os.fspath(input)
     res = config if config is not None else settings(spec, output, recipe=recipe, **options)
@@ -249,7 +260,9 @@ def extract_on_devices(res: Resolved, devices: str, argv: list[str], *, device: 
     _, located = locate_weights(res)  # downloaded here once (first use), not by every worker at the same time
     if log:
         log(f"{len(devs)} workers ({', '.join(devs)}) -> {res.output}; weights {located.record}")
-    tick = _devices_progress(res, inp or open_inputs(res), len(devs), progress or Progress())
+    inp = inp or open_inputs(res)
+    inp.fetch_ahead()  # a hub dataset's files into the HF cache here, once, as the weights: the workers run offline
+    tick = _devices_progress(res, inp, len(devs), progress or Progress())
     try:
         workers = run_workers(argv, devs, env={"HF_HUB_OFFLINE": "1"}, on_tick=tick)
     finally:

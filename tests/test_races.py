@@ -196,7 +196,7 @@ def test_the_decode_pool_stops_within_its_deadline_when_a_worker_died_holding_th
     write_image(tmp_path / "x.png", (20, 20), 0)
     pool = DecodePool(Fit("crop", 32, (0.5, 0.5, 0.5)), 1)
     [(_, rec)] = list(pool.map([Sample("x", str(tmp_path / "x.png"))], lambda s: s))
-    assert rec["error"] is None
+    assert rec.error is None
     time.sleep(0.5)  # the idle worker waits for the next task holding the queue's read lock
     [worker] = pool._pool._pool
     os.kill(worker.pid, signal.SIGKILL)

@@ -345,7 +345,7 @@ def test_decode_workers_run_at_the_configured_niceness(monkeypatch, image_dir):
                 time.sleep(0.05)
             assert [os.getpriority(os.PRIO_PROCESS, pid) for pid in pids] == want
         for s, rec in zip(samples, got):
-            assert rec["key"] == s.key and np.array_equal(rec["image"], decode_sample(s, fit)["image"])
+            assert rec.key == s.key and np.array_equal(rec.pixels, decode_sample(s, fit).pixels)
     for bad in ("x", "25"):
         monkeypatch.setenv("S2CLI_DECODE_NICE", bad)
         with pytest.raises(ConfigError, match="S2CLI_DECODE_NICE"):

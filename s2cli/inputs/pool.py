@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterable, Iterator
 import numpy as np
 
 from ..errors import ConfigError
-from .decode import Fit, decode_sample
+from .decode import Decoded, Fit, decode_sample
 from .samples import Sample, failure
 
 DECODE_NICE = 10  # niceness added to decode workers (S2CLI_DECODE_NICE overrides); chosen by benchmarks/bench_overlap.py
@@ -76,13 +76,10 @@ def _close_inherited_files() -> None:
             pass
 
 
-PIXEL_FIELDS = ("image", "jpeg")  # a record's arrays (and `frames`, a list of them)
-
-
 _STARTED: Any = None  # which worker (pid) took each task slot: set by the pool before it forks
 
 
-def _decode_job(args: tuple[Sample, Fit, bool, int]) -> dict[str, Any]:
+def _decode_job(args: tuple[Sample, Fit, bool, int]) -> Decoded:
     sample, fit, shared, slot = args
     if _STARTED is not None:
         _STARTED[slot] = os.getpid()
@@ -90,27 +87,17 @@ def _decode_job(args: tuple[Sample, Fit, bool, int]) -> dict[str, Any]:
     return _to_shared(rec) if shared else rec
 
 
-def _to_shared(rec: dict[str, Any]) -> dict[str, Any]:
-    """In the worker: the record's pixels as torch tensors, which torch's reductions move into shared memory
+def _to_shared(rec: Decoded) -> Decoded:
+    """In the worker: the record's arrays as torch tensors, which torch's reductions move into shared memory
     (only a handle is pickled through the pipe)."""
     import torch
 
-    for f in PIXEL_FIELDS:
-        if isinstance(rec.get(f), np.ndarray):
-            rec[f] = torch.from_numpy(rec[f])
-    if rec.get("frames"):
-        rec["frames"] = [torch.from_numpy(a) for a in rec["frames"]]
-    return rec
+    return rec.map_arrays(lambda a: torch.from_numpy(a) if isinstance(a, np.ndarray) else a)
 
 
-def _from_shared(rec: dict[str, Any]) -> dict[str, Any]:
+def _from_shared(rec: Decoded) -> Decoded:
     """In the parent: the shared tensors viewed as numpy arrays again (no copy)."""
-    for f in PIXEL_FIELDS:
-        if hasattr(rec.get(f), "numpy"):
-            rec[f] = rec[f].numpy()
-    if rec.get("frames"):
-        rec["frames"] = [a.numpy() if hasattr(a, "numpy") else a for a in rec["frames"]]
-    return rec
+    return rec.map_arrays(lambda a: a.numpy() if hasattr(a, "numpy") else a)
 
 
 def shared_memory_available() -> bool:
@@ -150,13 +137,13 @@ class DecodePool:
         self._procs = list(pool._pool)  # type: ignore[attr-defined]
         return pool
 
-    def map(self, items: Iterable[Any], sample_of: Callable[[Any], Sample | dict]) -> Iterator[tuple[Any, dict]]:
+    def map(self, items: Iterable[Any], sample_of: Callable[[Any], Sample | dict]) -> Iterator[tuple[Any, Decoded]]:
         """For each item (anything carrying a sample), yield (item, record) in input order. Items whose sample is
         already a failure record pass through without decoding."""
         if self._pool is None:
             for item in items:
                 s = sample_of(item)
-                yield item, ({"key": s["key"], "error": s} if isinstance(s, dict) else decode_sample(s, self.fit))
+                yield item, (Decoded.failed(s) if isinstance(s, dict) else decode_sample(s, self.fit))
             return
         pending = self._pending
         for item in items:
@@ -173,12 +160,12 @@ class DecodePool:
         _STARTED[slot] = 0
         return self._pool.apply_async(_decode_job, ((s, self.fit, self.shared, slot),))  # type: ignore[union-attr]
 
-    def _get(self) -> tuple[Any, dict]:
+    def _get(self) -> tuple[Any, Decoded]:
         entry = self._pending[0]
         item, s = entry[0], entry[1]
         if entry[2] is None:
             self._pending.popleft()
-            return item, {"key": s["key"], "error": s}
+            return item, Decoded.failed(s)
         deadline = time.monotonic() + self.timeout
         while True:
             try:
@@ -189,9 +176,8 @@ class DecodePool:
                 pass
             if entry[3] >= 3:  # in flight on a worker that died, three times
                 self._pending.popleft()
-                return item, {"key": s.key, "error": failure(s, "decode", "the decode worker died three times while this "
-                                                            "sample was in flight (killed, or out of memory?)",
-                                                            "WorkerDied")}
+                return item, Decoded.failed(failure(s, "decode", "the decode worker died three times while this "
+                                                    "sample was in flight (killed, or out of memory?)", "WorkerDied"))
             if any(p.exitcode is not None for p in self._procs):
                 self._restart()
                 deadline = time.monotonic() + self.timeout
@@ -199,7 +185,7 @@ class DecodePool:
                 self._pending.popleft()
                 err = failure(s, "decode", f"no result after {self.timeout:.0f}s (the decode worker stalled or died)",
                               "WorkerTimeout")
-                return item, {"key": s.key, "error": err}
+                return item, Decoded.failed(err)
 
     def _restart(self) -> None:
         """A worker died: its task is lost, and it may have died holding the pool's queue lock (then no worker
@@ -264,10 +250,10 @@ def _stop(pool: Any) -> None:
 class _Done:
     """A result already in hand, read as a pending job's (`get`)."""
 
-    def __init__(self, rec: dict[str, Any]):
+    def __init__(self, rec: Decoded):
         self.rec = rec
 
-    def get(self, timeout: float | None = None) -> dict[str, Any]:
+    def get(self, timeout: float | None = None) -> Decoded:
         return self.rec
 
     def ready(self) -> bool:
