@@ -313,3 +313,26 @@ def test_a_read_only_output_folder_is_one_line_exit_2_before_any_work(tmp_path):
     finally:
         ro.chmod(0o755)
     assert r.returncode == 2 and "cannot write in" in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+
+
+# a stop signal is a Python exception raised wherever the main thread is: between any two steps of a run too
+@pytest.mark.parametrize("where", ["s2cli.launch.pin_device", "s2cli.api.load", "s2cli.api._notes",
+                                   "s2cli.api.share_total", "s2cli.run.Run.execute"])
+def test_a_stop_signal_between_any_two_steps_of_a_run_says_preempted_and_gives_the_claim_back(
+        tmp_path, monkeypatch, where):
+    import s2cli
+    from s2cli.launch import Terminated
+
+    d = images(tmp_path / "in", 2)
+    out = tmp_path / "out"
+    def stopped(*a, **k):
+        raise Terminated(128 + signal.SIGTERM)
+
+    monkeypatch.setattr(where, stopped)
+    with pytest.raises(Terminated):
+        s2cli.extract(str(d), f"{out}/", model="timm:test_resnet", random_init=True, img_sizes=(64, 128), max_split_size=64, workers=0)
+    beat = json.loads((out / "rank-00000.json").read_text())
+    assert (beat["state"], beat["signal"]) == ("preempted", "SIGTERM")
+    monkeypatch.undo()  # the claim was given back: the same run starts again at once and finishes
+    s = s2cli.extract(str(d), f"{out}/", model="timm:test_resnet", random_init=True, img_sizes=(64, 128), max_split_size=64, workers=0)
+    assert s.num_images == 2 and json.loads((out / "rank-00000.json").read_text())["state"] == "done"
