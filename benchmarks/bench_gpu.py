@@ -34,7 +34,6 @@ from s2cli.extractor import Extractor
 from s2cli.inputs.decode import decode_sample
 from s2cli.launch import resolve_device, resolve_precision
 from s2cli.plan import fit_of
-from s2cli.strategies import plan_image
 
 ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 ap.add_argument("--smoke", action="store_true", help="tiny models, few small images, no --compile (a CPU is enough)")
@@ -90,8 +89,8 @@ def features(res, backbone, samples, decode: str = "pil"):
     recs = [decode_sample(s, fit) for s in samples]
     if decode == "torch":
         decode_batch(recs, fit, device)
-    images = [r["image"] if isinstance(r["image"], torch.Tensor) else torch.from_numpy(r["image"]) for r in recs]
-    feats, _ = ex.features(images, plan_image(res, tuple(recs[0]["orig_hw"])).engine_sizes)
+    images = [torch.as_tensor(r.pixels) for r in recs]
+    feats, _ = ex.features(images, recs[0].plan)
     return feats.float()
 
 

@@ -7,7 +7,9 @@ the limits it cannot beat (decode + fit on the cores it has, the disk's write sp
     python benchmarks/bench_host.py --baseline /tmp/base    # the same runs with another s2cli, side by side
 
 The instant device: the backbone is a stub whose engine call returns correctly shaped zeros at once (576 x 3072
-float16 per image, 3.54 MB), and the device-side tensor work around it (normalize, the non-finite reduction) is
+float16 per image, 3.54 MB), in a host buffer made once per batch size (a GPU run's features come back into
+pinned buffers that CUDA's caching host allocator reuses: no fresh host memory per batch), and the device-side
+tensor work around it (normalize, the non-finite reduction) is
 taken out too, as it runs on the GPU in a GPU run; what is left is what the host does per image in such a run:
 read, decode and fit (decode workers), the batch stack and copies, the finite verdict, the item records, the
 writer thread (encode, HDF5, hashing) and the done marker. `--host-normalize` keeps normalize on the host CPU (as
@@ -85,14 +87,68 @@ def install_instant_device(host_normalize: bool) -> None:
 
     import s2cli.extractor as ex
 
+    landed: dict[int, Any] = {}  # per batch size, the host buffer the features land in (never written again)
+
     def engine(backbone, x, img_sizes=None, **kw):
-        return torch.zeros((x.shape[0], TOKENS, CHANNELS), dtype=torch.float16)
+        if x.shape[0] not in landed:
+            landed[x.shape[0]] = torch.zeros((x.shape[0], TOKENS, CHANNELS), dtype=torch.float16)
+        return landed[x.shape[0]]
 
     ex.multiscale_forward = engine
     if not host_normalize:
         ex.normalize_images = lambda images, mean, std, dtype: images
     if hasattr(ex, "finite_sums"):  # the batched device check: zeros are finite
         ex.finite_sums = lambda *ts: [None if t is None else torch.zeros(t.shape[0]) for t in ts]
+
+
+class ThreadCPU:
+    """Each thread's CPU seconds in this process (utime + stime of /proc/self/task/TID/stat, named by
+    threading.enumerate()), sampled every 50 ms while the run goes and once at its end: a thread that ends between
+    two samples loses at most its last 50 ms. Linux only (elsewhere, nothing is recorded)."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.cpu: dict[int, float] = {}
+        self.names: dict[int, str] = {}
+        self._stop = threading.Event()
+        self._tick = os.sysconf("SC_CLK_TCK")
+        self._sample()
+        self.start = dict(self.cpu)  # what the threads alive now had spent before (imports, setup)
+        self._thread = threading.Thread(target=self._loop, name="bench-sampler", daemon=True)
+        self._thread.start()
+
+    def _sample(self) -> None:
+        import threading
+
+        for t in threading.enumerate():
+            if t.native_id is not None:
+                self.names.setdefault(t.native_id, t.name.split(" (")[0].rstrip("-0123456789") or t.name)
+        try:
+            tids = os.listdir("/proc/self/task")
+        except OSError:
+            return
+        for tid in tids:
+            try:
+                fields = Path(f"/proc/self/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:  # ended meanwhile
+                continue
+            self.cpu[int(tid)] = (int(fields[11]) + int(fields[12])) / self._tick
+
+    def _loop(self) -> None:
+        while not self._stop.wait(0.05):
+            self._sample()
+
+    def stop(self) -> dict[str, float]:
+        """CPU seconds per thread name since this started (threads of one name summed; the sampler left out)."""
+        self._sample()
+        self._stop.set()
+        out: dict[str, float] = {}
+        for tid, s in self.cpu.items():
+            name = self.names.get(tid, "unnamed")
+            if name != "bench-sampler":
+                out[name] = out.get(name, 0.0) + s - self.start.get(tid, 0.0)
+        return out
 
 
 def child(args: argparse.Namespace) -> None:
@@ -103,12 +159,14 @@ def child(args: argparse.Namespace) -> None:
     out = Path(args.out)
     res = settings(Path(args.images), out, args.jobs, args.format)
     bb = instant_backbone(res)
+    sampler = ThreadCPU()
     r0, c0, th0, w0 = (resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN),
                        time.thread_time(), time.perf_counter())
     summary = s2cli.extract(str(args.images), config=res, backbone=bb)
     wall = time.perf_counter() - w0
     th = time.thread_time() - th0
     r1, c1 = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    threads = sampler.stop()
     cpu = lambda a, b: (b.ru_utime - a.ru_utime) + (b.ru_stime - a.ru_stime)  # noqa: E731
     written = sum(p.stat().st_size for p in out.glob("part-*"))
     from s2cli.readers import open_features
@@ -116,7 +174,8 @@ def child(args: argparse.Namespace) -> None:
     with open_features(str(out)) as f:
         first = f.failures[0] if f.failures else None
     print(json.dumps({"images": summary.num_images, "failed": summary.num_failed, "wall_s": wall,
-                      "main_thread_s": th, "process_s": cpu(r0, r1), "children_s": cpu(c0, c1), "bytes": written, "first_failure": first,
+                      "main_thread_s": th, "threads_s": threads, "minflt_self": r1.ru_minflt - r0.ru_minflt,
+                      "minflt_children": c1.ru_minflt - c0.ru_minflt, "process_s": cpu(r0, r1), "children_s": cpu(c0, c1), "bytes": written, "first_failure": first,
                       "stage_seconds": summary.stage_seconds, "wait_seconds": summary.wait_seconds}))
 
 
@@ -159,8 +218,9 @@ def decode_limit(paths: list[Path], res: Any) -> dict[str, Any]:
     c0 = time.process_time()
     for s in samples:
         rec = decode_sample(s, fit)
-        dec += rec["seconds"][0] + rec["seconds"][1]
-        fitted += rec["seconds"][2]
+        secs = rec["seconds"] if isinstance(rec, dict) else rec.seconds  # (a dict: an s2cli from before Decoded)
+        dec += secs[0] + secs[1]
+        fitted += secs[2]
     cpu = time.process_time() - c0
     n = len(samples)
     return {"ms_per_image": 1e3 * cpu / n, "ms_decode": 1e3 * dec / n, "ms_fit": 1e3 * fitted / n,
@@ -233,6 +293,13 @@ def section_run(args: argparse.Namespace, ctx: dict[str, Any]) -> list[str]:
         out.append(f"| {name} | {j} | {r['img_s']:.1f} | {r['mb_s']:.0f} | {r['ms_total']:.1f} | {r['ms_process']:.1f} | "
                    f"{r['ms_main_thread']:.1f} | {r['ms_children']:.1f} | {r['of_decode_limit']:.2f} | "
                    f"{r['of_write_limit']:.2f} | {st} | {wt} |")
+    out += ["", "The main process by thread (CPU ms/img, sampled from /proc every 50 ms) and minor page faults per image:",
+            "", "| code | -j | threads | page faults/img: main process | decode workers |", "|---|---|---|---|---|"]
+    for r in ctx["runs"]:
+        n = r["images"]
+        th = ", ".join(f"{k} {1e3 * v / n:.1f}" for k, v in sorted(r["threads_s"].items(), key=lambda kv: -kv[1]) if v > 0)
+        out.append(f"| {'baseline' if r['code'] != 'this' else 'this'} | {r['jobs']} | {th} | "
+                   f"{r['minflt_self'] / n:.0f} | {r['minflt_children'] / n:.0f} |")
     return out
 
 

@@ -45,7 +45,7 @@ nhwc = use_channels_last(cfg) and not args.no_channels_last  # as `s2 extract` d
 if nhwc:
     bb.channels_last()
 fit = fit_of(cfg)
-images = torch.stack([torch.from_numpy(decode_sample(s, fit)["image"]) for s in samples])
+images = torch.stack([torch.from_numpy(decode_sample(s, fit).pixels) for s in samples])
 mean = torch.tensor(cfg.backbone.mean).view(1, 3, 1, 1)
 std = torch.tensor(cfg.backbone.std).view(1, 3, 1, 1)
 P, shape = cfg.backbone.num_prefix_tokens, cfg.backbone.output_shape

@@ -41,8 +41,13 @@ class Progress:
 
 
 def settings(input: str, output: str | None = None, *, recipe: str | None = None, **options: Any) -> Resolved:
-    """The resolved settings of a run (defaults < recipe < options), checked before any weights load."""
-    return resolve_options(input, output, recipe, **options)
+    """The resolved settings of a run (defaults < recipe < options), checked before any weights load. `input` and
+    `output` may be paths (`os.PathLike`)."""
+    return resolve_options(_fspath(input), _fspath(output), recipe, **options)
+
+
+def _fspath(p: Any) -> Any:
+    return os.fspath(p) if isinstance(p, os.PathLike) else p
 
 
 def open_inputs(res: Resolved, obj: Any = None) -> Input:
@@ -83,6 +88,12 @@ def extract(input: str | Input, output: str | None = None, *, recipe: str | None
     """
     from .launch import die_with_parent, discover_rank, sigterm_raises
 
+    if "devices" in options:
+        raise ConfigError("s2cli.extract runs one rank: --devices is the command line's launcher, and a Python object "
+                          "cannot be sent to its workers", given=f"devices={options['devices']!r}",
+                          fix="run one process per device (torchrun --nproc_per_node N script.py, each calling "
+                              "s2cli.extract(ds, 'OUTDIR/')), or save the dataset (save_to_disk, parquet) and run "
+                              "`s2 extract PATH -o OUTDIR/ --devices ...`")
     obj = None if isinstance(input, (str, os.PathLike, Input)) else input  # a torch / datasets Dataset
     spec = input.spec if isinstance(input, Input) else spec_of(obj) if obj is not None else os.fspath(input)
     res = config if config is not None else settings(spec, output, recipe=recipe, **options)
@@ -117,42 +128,38 @@ def _extract(res: Resolved, inp: Input, rank: Any, named: bool, overwrite: bool,
 
     device = rank_device(res.device, rank)
     target = Target(res, inp, overwrite, rank)  # claims the output, refuses a clashing one (other weights too) before they load
-    if target.nothing_to_do:  # a finished folder's rerun: answered from its markers, the model never loads
-        return _already_done(res, target, progress or Progress(), located.record if located else backbone.weights,
-                             str(device))
-    try:
+    try:  # from here on, however it ends (a stop signal between any two lines too), the heartbeat says how
+        if target.nothing_to_do:  # a finished folder's rerun: answered from its markers, the model never loads
+            return _already_done(res, target, progress or Progress(),
+                                 located.record if located else backbone.weights, str(device))
         pin_device(device)  # before the model loads
         backbone = backbone if backbone is not None else load(res, located)
         run = Run(res, inp, target, backbone, device)
-    except BaseException as e:  # the claim is given back (and a folder's heartbeat says why)
-        target.close_after(e)
+        progress = progress or Progress()
+        if named:
+            progress.note(f"writing {res.output}")
+        _notes(progress, res, target)
+        before = 0 if res.retry_failed else target.images_done_before + target.failures_before
+        total = share_total(res, inp, target)
+        progress.start(res, total, before, len(target.markers), rank.rank)
+        run.on_progress = progress.update
+        if total is None and inp.streamed and hasattr(progress, "total"):  # estimated as the tars are read
+            run.estimate, run.on_total = TotalEstimate(before, target.units_to_read), progress.total
+        try:
+            return run.execute()
+        finally:
+            progress.finish()
+    except BaseException as e:  # the claim is given back and a folder's heartbeat says why (once: a run that
+        target.close_after(e)  # ended its heartbeat already, done or preempted, keeps what it said)
         raise
-    progress = progress or Progress()
-    if named:
-        progress.note(f"writing {res.output}")
-    _notes(progress, res, target)
-    before = 0 if res.retry_failed else target.images_done_before + target.failures_before
-    total = share_total(res, inp, target)
-    progress.start(res, total, before, len(target.markers), rank.rank)
-    run.on_progress = progress.update
-    if total is None and inp.streamed and hasattr(progress, "total"):  # estimated as the tars are read
-        run.estimate, run.on_total = TotalEstimate(before, target.units_to_read), progress.total
-    try:
-        return run.execute()
-    finally:
-        progress.finish()
 
 
 def _already_done(res: Resolved, target: Any, progress: Progress, weights: str, device: str) -> Any:
-    try:
-        for m in target.broken:
-            progress.note(f"{res.output}: done shard {m['shard']} is broken ({m['broken']}); it is redone")
-        progress.note(f"{res.output} is done already: {len(target.markers)} shards ({target.images_done_before} "
-                      "images); nothing left to extract")
-        return target.finish_done(weights, device)
-    except BaseException as e:
-        target.close_after(e)
-        raise
+    for m in target.broken:
+        progress.note(f"{res.output}: done shard {m['shard']} is broken ({m['broken']}); it is redone")
+    progress.note(f"{res.output} is done already: {len(target.markers)} shards ({target.images_done_before} "
+                  "images); nothing left to extract")
+    return target.finish_done(weights, device)
 
 
 def _notes(progress: Progress, res: Resolved, target: Any) -> None:
@@ -253,7 +260,9 @@ def extract_on_devices(res: Resolved, devices: str, argv: list[str], *, device: 
     _, located = locate_weights(res)  # downloaded here once (first use), not by every worker at the same time
     if log:
         log(f"{len(devs)} workers ({', '.join(devs)}) -> {res.output}; weights {located.record}")
-    tick = _devices_progress(res, inp or open_inputs(res), len(devs), progress or Progress())
+    inp = inp or open_inputs(res)
+    inp.fetch_ahead()  # a hub dataset's files into the HF cache here, once, as the weights: the workers run offline
+    tick = _devices_progress(res, inp, len(devs), progress or Progress())
     try:
         workers = run_workers(argv, devs, env={"HF_HUB_OFFLINE": "1"}, on_tick=tick)
     finally:

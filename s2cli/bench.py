@@ -26,8 +26,8 @@ from .backbones import Backbone
 from .config import Resolved
 from .errors import ConfigError, S2Error
 from .extractor import Extractor, use_channels_last
-from .inputs.decode import Fit, decode_sample
-from .inputs.pool import decode_nice
+from .inputs.decode import Decoded, Fit, decode_sample
+from .inputs.loader import decode_nice
 from .inputs.samples import Sample
 from .inputs.units import Input, Unit
 from .launch import resolve_device, resolve_precision
@@ -195,25 +195,26 @@ def _reference_kwargs(kw: dict[str, Any]) -> dict[str, Any]:
 
 
 def _engine(res: Resolved, ex: Extractor, model: Callable[[torch.Tensor], torch.Tensor],
-            reference: bool = False) -> Callable[[list[dict[str, Any]]], Any]:
+            reference: bool = False) -> Callable[[list[Decoded]], Any]:
     """The bare batched engine over decoded records: normalize on the device and `multiscale_forward` (for a
     dynamic-resolution strategy, the Extractor's grouped strategy call), nothing copied back. `reference=True`
     runs `reference_forward` (the reference's per-scale loop) instead."""
-    if strategy_of(res).engine_kwargs(res, (res.side, res.side)) is None:  # the strategy's own grouped call
+    strategy = strategy_of(res)
+    if strategy.engine_kwargs(res, strategy.plan(res, (res.side, res.side))) is None:  # its own grouped call
         return ex.strategy_features
 
     @torch.inference_mode()
-    def call(recs: list[dict[str, Any]]) -> torch.Tensor:
+    def call(recs: list[Decoded]) -> torch.Tensor:
         x = _normalized(ex, recs)
-        kw = strategy_of(res).engine_kwargs(res, tuple(recs[0]["orig_hw"]))
+        kw = strategy.engine_kwargs(res, recs[0].plan)
         if reference:
             return reference_forward(model, x, **_reference_kwargs(kw))
         return multiscale_forward(model, x, **kw, max_batch=res.max_tiles_per_call)
     return call
 
 
-def _normalized(ex: Extractor, recs: list[dict[str, Any]]) -> torch.Tensor:
-    return ex.normalize(torch.stack([r["image"] for r in recs]).to(ex.device))
+def _normalized(ex: Extractor, recs: list[Decoded]) -> torch.Tensor:
+    return ex.normalize(torch.stack([r.pixels for r in recs]).to(ex.device))
 
 
 def memory_figures(model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, weights: Any = (),
@@ -244,18 +245,18 @@ def memory_figures(model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tenso
     return out
 
 
-def _batches(recs: list[dict[str, Any]], size: int) -> list[list[dict[str, Any]]]:
+def _batches(recs: list[Decoded], size: int) -> list[list[Decoded]]:
     """Batches of `size` in order, split further by image shape (as the run's flush groups them)."""
     out = []
     for i in range(0, len(recs), size):
         groups: dict[tuple, list] = {}
         for r in recs[i:i + size]:
-            groups.setdefault(tuple(r["image"].shape) if isinstance(r["image"], torch.Tensor) else tuple(r["orig_hw"]), []).append(r)
+            groups.setdefault(tuple(r.pixels.shape) if isinstance(r.pixels, torch.Tensor) else tuple(r.orig_hw), []).append(r)
         out += list(groups.values())
     return out
 
 
-def _timed(engine: Callable[[list[dict[str, Any]]], Any], batches: list, device: torch.device) -> float:
+def _timed(engine: Callable[[list[Decoded]], Any], batches: list, device: torch.device) -> float:
     """Seconds for `engine` over every batch, after one warm-up batch (excluded)."""
     engine(batches[0])
     _sync(device)
@@ -306,11 +307,11 @@ def measure(res: Resolved, samples: list[Sample], backbone: Backbone, spec: str)
     # the bare engine over the same decoded images (decoded here, in this process, before the clock starts)
     recs = [decode_sample(s, dataclasses.replace(fit_of(res), decode="pil")) for s in samples]  # the bare engine: Pillow
     for r in recs:
-        r["image"] = [torch.from_numpy(a) for a in r["image"]] if isinstance(r["image"], list) else torch.from_numpy(r["image"])
+        r.map_arrays(torch.from_numpy)
     ex = Extractor(res, backbone, device, dtype)
     engine = _engine(res, ex, backbone)
     batches = _batches(recs, res.batch_size)
-    ref_kw = strategy_of(res).engine_kwargs(res, tuple(recs[0]["orig_hw"]))
+    ref_kw = strategy_of(res).engine_kwargs(res, recs[0].plan)
     with_reference = ref_kw is not None and _reference_applies(_normalized(ex, recs[:1]), ref_kw)
     with torch.inference_mode():
         model_s = _timed(engine, batches, device)
@@ -323,7 +324,7 @@ def measure(res: Resolved, samples: list[Sample], backbone: Backbone, spec: str)
             first = batches[0]  # one image shape (batches are grouped by shape)
             weights = [*backbone.module.parameters(), *backbone.module.buffers()]
             memory = memory_figures(backbone.eager_forward, _normalized(ex, first), weights, device, **ref_kw)
-    _, formula = plan_entry(res, tuple(recs[0]["orig_hw"]))
+    _, formula = plan_entry(res, recs[0].orig_hw)  # type: ignore[arg-type]
     ceiling = matmul_ceiling(device)
     n = summary["num_images"]
     e2e_ips, model_ips = n / summary["seconds"], n / model_s
@@ -369,15 +370,15 @@ def decode_compare(samples: list[Sample], fit: Fit, device: torch.device) -> dic
     t = time.perf_counter()
     raw = [decode_sample(s, dev_fit) for s in samples]
     probe_s = time.perf_counter() - t
-    on_device = [i for i, r in enumerate(raw) if "jpeg" in r]
+    on_device = [i for i, r in enumerate(raw) if r.jpeg is not None]
     _sync(device)
     t = time.perf_counter()
     decode_batch([raw[i] for i in on_device], dev_fit, device)
     _sync(device)
     dev_s = time.perf_counter() - t
     # compared: images the device decoded (not those it handed back to Pillow) that Pillow decoded too
-    same = [i for i in on_device if "pil-fallback" not in (raw[i]["meta"] or "") and pil[i]["error"] is None]
-    diffs = [(torch.from_numpy(pil[i]["image"]).to(torch.int16) - raw[i]["image"].cpu().to(torch.int16)).abs().flatten()
+    same = [i for i in on_device if "pil-fallback" not in (raw[i].meta or "") and pil[i].error is None]
+    diffs = [(torch.from_numpy(pil[i].pixels).to(torch.int16) - raw[i].pixels.cpu().to(torch.int16)).abs().flatten()
              for i in same]
     d = torch.cat(diffs) if diffs else torch.zeros(0, dtype=torch.int16)
     n = len(samples)

@@ -7,11 +7,13 @@ the CPU tests exercise them."""
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from typing import Any, Sequence
 
+import numpy as np
 import torch
 
-from .inputs.decode import Fit, decode_sample, with_decode_note
+from .inputs.decode import Decoded, Fit, decode_sample, with_decode_note
 from .inputs.samples import Sample
 from .pixels import fit_size
 
@@ -40,27 +42,63 @@ class Pending:
         return self.tensors[self.shown:]
 
 
+class Staging:
+    """Host batches reused on the CPU, as CUDA's caching host allocator reuses pinned ones: per batch shape a ring
+    of `depth` buffers, so a batch is stacked into memory already mapped (a fresh 24 MB batch costs thousands of
+    page faults) and is overwritten only `depth` batches later. At most `shapes` shapes are kept (ragged `--fit
+    keep` batches come and go)."""
+
+    def __init__(self, depth: int = 2, shapes: int = 4):
+        self.depth, self.shapes = depth, shapes
+        self.rings: dict[tuple, tuple[list[torch.Tensor], list[int]]] = {}
+
+    def stack(self, images: Sequence[torch.Tensor]) -> torch.Tensor:
+        first = images[0]
+        key = (len(images), tuple(first.shape), first.dtype)
+        if key not in self.rings:
+            if len(self.rings) >= self.shapes:
+                self.rings.pop(next(iter(self.rings)))
+            self.rings[key] = ([], [0])
+        bufs, turn = self.rings[key]
+        if len(bufs) < self.depth:
+            bufs.append(torch.empty((len(images), *first.shape), dtype=first.dtype))
+        out = bufs[turn[0] % len(bufs)]
+        turn[0] += 1
+        return stack_into(images, out)
+
+
+def stack_into(images: Sequence[torch.Tensor], out: torch.Tensor) -> torch.Tensor:
+    """`torch.stack(images, out=out)` for host tensors, copied by numpy on the calling thread: torch would split
+    the copy over its intra-op threads, whose spinning after each copy costs the main process more CPU than the
+    copy itself."""
+    np.stack([t.numpy() for t in images], out=out.numpy())
+    return out
+
+
 class Transfer:
     """Copies between the host and `device`. CUDA: host batches are stacked into pinned memory and copied on a
     side stream (the compute stream waits for that copy only, and the copied tensor is marked as used by the
     compute stream so its memory is not reused early); results come back into pinned buffers on the compute
-    stream, non-blocking, with an event. CPU: torch.stack and nothing else."""
+    stream, non-blocking, with an event. CPU: the batch is stacked into a reused host buffer (`Staging`: the
+    returned tensor is overwritten two batches later; the run normalizes it into a new tensor at once)."""
 
     def __init__(self, device: torch.device):
         self.device = device
         self.cuda = device.type == "cuda"
         self.copy_stream = torch.cuda.Stream(device) if self.cuda else None
+        self.staging = Staging()
 
     def to_device(self, images: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
         """uint8 (B, 3, H, W), or a list of (3, H, W), on the host or already on the device -> one (B, 3, H, W)
         tensor on the device, usable on the current stream."""
         if not isinstance(images, torch.Tensor):
             on = [self._here(t) for t in images]
+            if self.device.type == "cpu" and all(t.device.type == "cpu" for t in images):
+                return self.staging.stack(images)
             if not self.cuda or any(on):  # (a --decode torch batch may hold a few Pillow fallbacks from the host)
                 return torch.stack([t if o else t.to(self.device) for t, o in zip(images, on)])
             first = images[0]
-            host = torch.empty((len(images), *first.shape), dtype=first.dtype, pin_memory=True)
-            torch.stack(list(images), out=host)
+            host = stack_into(images, torch.empty((len(images), *first.shape), dtype=first.dtype, pin_memory=True))
         elif self._here(images) or not self.cuda:
             return images.to(self.device)
         else:
@@ -146,18 +184,19 @@ def fit_tensor(img: torch.Tensor, fit: str, side: int, mean: tuple[float, float,
     return img[:, top:top + side, left:left + side]
 
 
-def decode_batch(recs: list[dict[str, Any]], fit: Fit, device: torch.device) -> list[dict[str, Any]]:
-    """Records from `inputs.decode.read_for_device` (`jpeg` bytes, `orientation`) -> the same records with `image`, the
-    fitted uint8 (3, H, W) on `device`. One batched torchvision call (nvJPEG on CUDA); when it fails, each image
-    alone, and an image the device decoder refuses is decoded with Pillow here (meta.decode.path =
-    "pil-fallback", with the reason); an image Pillow cannot decode either gets its failure record in `error`.
-    Returns the records, in order; adds (decode, fit) seconds to each record's `device_seconds`."""
+def decode_batch(recs: list[Decoded], fit: Fit, device: torch.device,
+                 timing: dict[str, float] | None = None) -> list[Decoded]:
+    """Records from `inputs.decode.read_for_device` (`jpeg`: bytes, stored size, orientation) -> the same records
+    with `pixels`, the fitted uint8 (3, H, W) on `device`, and no `jpeg`. One batched torchvision call (nvJPEG on
+    CUDA); when it fails, each image alone, and an image the device decoder refuses is decoded with Pillow here
+    (meta.decode.path = "pil-fallback", with the reason); an image Pillow cannot decode either gets its failure
+    record in `error`. Returns the records, in order; adds the decode and fit seconds to `timing`."""
     from torchvision.io import ImageReadMode, decode_jpeg
 
     if not recs:
         return recs
     t0 = time.perf_counter()
-    data = [torch.from_numpy(r.pop("jpeg")) for r in recs]
+    data = [torch.as_tensor(r.jpeg.data) for r in recs]  # type: ignore[union-attr]
     try:
         decoded: list[Any] = decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
     except Exception:
@@ -169,27 +208,30 @@ def decode_batch(recs: list[dict[str, Any]], fit: Fit, device: torch.device) -> 
                 decoded.append(e)
     t1 = time.perf_counter()
     for r, d, raw in zip(recs, decoded, data):
-        shape = tuple(r.pop("stored_hw"))
+        jpeg, r.jpeg = r.jpeg, None
+        shape = tuple(jpeg.stored_hw)  # type: ignore[union-attr]
         if isinstance(d, torch.Tensor) and tuple(d.shape[-2:]) != shape:
             d = ValueError(f"decoded {tuple(d.shape[-2:])}, the header says {shape}")
         if isinstance(d, BaseException):
-            _pil_fallback(r, raw.numpy().tobytes(), fit, device, f"the device decoder failed: {type(d).__name__}: {d}")
+            _pil_fallback(r, raw.numpy().tobytes(), jpeg.source_meta, fit, device,  # type: ignore[union-attr]
+                          f"the device decoder failed: {type(d).__name__}: {d}")
             continue
-        r["image"] = fit_tensor(orient(d, r.pop("orientation")), fit.mode, fit.side, fit.mean)
-    t2 = time.perf_counter()
-    for r in recs:
-        r["device_seconds"] = ((t1 - t0) / len(recs), (t2 - t1) / len(recs))
+        r.pixels = fit_tensor(orient(d, jpeg.orientation), fit.mode, fit.side, fit.mean)  # type: ignore[union-attr]
+    if timing is not None:
+        timing["decode"] = timing.get("decode", 0.0) + t1 - t0
+        timing["fit"] = timing.get("fit", 0.0) + time.perf_counter() - t1
     return recs
 
 
-def _pil_fallback(rec: dict[str, Any], data: bytes, fit: Fit, device: torch.device, reason: str) -> None:
-    """Decode one image with Pillow here (as the pil path does), noting why in meta.decode."""
-    meta = rec.pop("source_meta", None)
-    pil = decode_sample(Sample(rec["key"], rec["source"], data=data, meta=meta), Fit(fit.mode, fit.side, fit.mean))
-    rec.pop("orientation", None)
-    if pil["error"] is not None:
-        rec["error"] = pil["error"]
+def _pil_fallback(rec: Decoded, data: bytes, source_meta: str | None, fit: Fit, device: torch.device,
+                  reason: str) -> None:
+    """Decode one image with Pillow here (as the pil path does), noting why in meta.decode. The plan made from
+    the header's size stays; one from the size Pillow decoded replaces it where the two differ."""
+    pil = decode_sample(Sample(rec.key, rec.source, data=data, meta=source_meta), replace(fit, decode="pil", plan=None))
+    if pil.error is not None:
+        rec.error = pil.error
         return
-    rec["orig_hw"] = pil["orig_hw"]
-    rec["meta"] = with_decode_note(pil["meta"], {"path": "pil-fallback", "reason": reason})
-    rec["image"] = torch.from_numpy(pil["image"]).to(device)
+    if pil.orig_hw != rec.orig_hw:
+        rec.orig_hw, rec.plan = pil.orig_hw, fit.plan_of(pil.orig_hw)  # type: ignore[arg-type]
+    rec.meta = with_decode_note(pil.meta, {"path": "pil-fallback", "reason": reason})
+    rec.pixels = torch.from_numpy(pil.pixels).to(device)

@@ -12,13 +12,13 @@ import torch
 from .backbones import Backbone
 from .config import Resolved
 from .errors import ConfigError
-from .inputs.decode import Fit
+from .inputs.decode import Decoded, Fit
 from .inputs.samples import Sample, failure
-from .strategies import cut_view, grouped_calls, merge as merge_views, outputs_to_maps, plan_image, plan_strategy_image
-from .tiling import multiscale_forward, plan_multiscale
+from .strategies import ImagePlan, cut_view, grouped_calls, merge as merge_views, outputs_to_maps
+from .tiling import multiscale_forward
 
 # (rec, features, pooled) for one image, features and pooled on the host (or None)
-Result = tuple[dict[str, Any], Any, Any]
+Result = tuple[Decoded, Any, Any]
 
 
 def use_channels_last(res: Resolved) -> bool:
@@ -85,8 +85,9 @@ def scale_embeddings(emb: torch.Tensor, tiles: list[int], b: int) -> torch.Tenso
 
 
 class Extractor:
-    """Holds the loaded backbone on its device; `submit(images)` starts the engine on fitted uint8 images (the
-    copies to and from the device do not block on CUDA), `features(images)` waits for the result."""
+    """Holds the loaded backbone on its device; `submit(images, plan)` starts the engine on fitted uint8 images of
+    one plan (the copies to and from the device do not block on CUDA), `features(images, plan)` waits for the
+    result. Each image's plan comes in its decoded record, made once by the decode worker: nothing here plans."""
 
     def __init__(self, res: Resolved, backbone: Backbone, device: torch.device, dtype: torch.dtype, fit: Fit | None = None):
         from .devicepath import Transfer
@@ -113,8 +114,9 @@ class Extractor:
         self.seconds["forward"] += s
 
     @torch.inference_mode()
-    def submit(self, images: torch.Tensor | list[torch.Tensor], engine_sizes: list) -> Any:
-        """uint8 (B, 3, H, W) or a list of (3, H, W), on the host or the device -> a `devicepath.Pending` whose
+    def submit(self, images: torch.Tensor | list[torch.Tensor], plan: ImagePlan) -> Any:
+        """uint8 (B, 3, H, W) or a list of (3, H, W) of images of one `plan` (their fitted size: `plan.fitted_hw`),
+        on the host or the device -> a `devicepath.Pending` whose
         result() is (features (B, T, C) or None with --pool-only, pooled (B, C) or None), on the CPU in the
         storage dtype. On CUDA the batch goes up through pinned memory on a side stream and comes back into pinned
         buffers, so this returns while the GPU computes."""
@@ -125,18 +127,16 @@ class Extractor:
         if self.backbone.embeddings is not None:
             self.backbone.embeddings.clear()  # what a failed call left
         out = multiscale_forward(
-            self.backbone, x, img_sizes=engine_sizes, max_split_size=res.max_split_size,
+            self.backbone, x, img_sizes=plan.engine_sizes, max_split_size=res.max_split_size,
             split_mode=res.split_mode, resize_output_to_idx=res.resize_output_to_idx,
             num_prefix_token=bb.num_prefix_tokens, output_shape=bb.output_shape, antialias=res.antialias,
-            max_batch=res.max_tiles_per_call)
+            max_batch=res.max_tiles_per_call, plan=plan.s2)
         if bb.output_shape == "bchw":
             out = out.flatten(2).transpose(1, 2)
         if res.layers is not None:
             out = split_layers(out, len(res.layers), bb.channels)
         if res.pool == "embed":
-            plan = plan_multiscale(tuple(x.shape[-2:]), img_sizes=engine_sizes, max_split_size=res.max_split_size,
-                                   split_mode=res.split_mode)
-            pooled = scale_embeddings(self.backbone.take_embeddings(), [s.num_tiles for s in plan.scales], x.shape[0])
+            pooled = scale_embeddings(self.backbone.take_embeddings(), [s.num_tiles for s in plan.s2.scales], x.shape[0])
         else:
             pooled = _pool(out, res.pool, bb.num_prefix_tokens, dim=out.dim() - 2)
         pooled = None if pooled is None else pooled.to(self.out_dtype)
@@ -147,45 +147,40 @@ class Extractor:
         self.seconds["forward"] += time.perf_counter() - t1
         return pending
 
-    def features(self, images: torch.Tensor | list[torch.Tensor], engine_sizes: list) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    def features(self, images: torch.Tensor | list[torch.Tensor], plan: ImagePlan) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """`submit` and wait: (features, pooled) on the CPU."""
-        return self.submit(images, engine_sizes).result()
+        return self.submit(images, plan).result()
 
-    def submit_s2(self, recs: list[dict[str, Any]], on_fail: Callable[[dict], None]) -> list[Callable[[], list[Result]]]:
+    def submit_s2(self, recs: list[Decoded], on_fail: Callable[[dict], None]) -> list[Callable[[], list[Result]]]:
         """The S² engine on a batch: JPEG bytes (--decode torch) decoded and fitted on the device first, then one
-        engine call per image shape. Returns, per call, what waits for it and gives its results."""
-        if any("jpeg" in r for r in recs):
+        engine call per image shape (images of one fitted shape share their plan's sizes and tiles). Returns, per
+        call, what waits for it and gives its results."""
+        if any(r.jpeg is not None for r in recs):
             recs = self._device_decode(recs, on_fail)
-        groups: dict[tuple[int, ...], list[dict]] = {}
+        groups: dict[tuple[int, ...], list[Decoded]] = {}
         for rec in recs:
-            groups.setdefault(tuple(rec["image"].shape), []).append(rec)
-        return [self._submit_group(g, plan_image(self.res, tuple(g[0]["orig_hw"])).engine_sizes, on_fail)
-                for g in groups.values()]
+            groups.setdefault(tuple(rec.pixels.shape), []).append(rec)
+        return [self._submit_group(g, g[0].plan, on_fail) for g in groups.values()]
 
-    def _device_decode(self, recs: list[dict[str, Any]], on_fail: Callable[[dict], None]) -> list[dict[str, Any]]:
+    def _device_decode(self, recs: list[Decoded], on_fail: Callable[[dict], None]) -> list[Decoded]:
         from .devicepath import decode_batch
 
-        todo = [r for r in recs if "jpeg" in r]
-        decode_batch(todo, self.fit, self.device)
-        for r in todo:
-            d, f = r.pop("device_seconds")
-            self.decode_seconds["decode"] += d
-            self.decode_seconds["fit"] += f
+        decode_batch([r for r in recs if r.jpeg is not None], self.fit, self.device, timing=self.decode_seconds)
         for r in recs:
-            if r["error"] is not None:
-                on_fail(r["error"])
-        return [r for r in recs if r["error"] is None]
+            if r.error is not None:
+                on_fail(r.error)
+        return [r for r in recs if r.error is None]
 
-    def _submit_group(self, recs: list[dict[str, Any]], engine_sizes: list,
+    def _submit_group(self, recs: list[Decoded], plan: ImagePlan,
                       on_fail: Callable[[dict], None]) -> Callable[[], list[Result]]:
         """Start the engine on images of one shape (one call; on CUDA it returns while the GPU works) and return
         what waits for it. If the call fails, each image is retried alone (`with_retry`)."""
-        def compute(rs: list[dict[str, Any]]) -> list[tuple[Any, Any]]:
-            feats, pooled = self.features([r["image"] for r in rs], engine_sizes)
+        def compute(rs: list[Decoded]) -> list[tuple[Any, Any]]:
+            feats, pooled = self.features([r.pixels for r in rs], plan)
             return [(None if feats is None else feats[i], None if pooled is None else pooled[i]) for i in range(len(rs))]
 
         try:
-            pending = self.submit([r["image"] for r in recs], engine_sizes)
+            pending = self.submit([r.pixels for r in recs], plan)
         except ConfigError:
             raise
         except Exception as e:
@@ -205,16 +200,16 @@ class Extractor:
         return resolve
 
     @torch.inference_mode()
-    def strategy_features(self, recs: list[dict[str, Any]]) -> list[tuple[torch.Tensor | None, torch.Tensor | None]]:
+    def strategy_features(self, recs: list[Decoded]) -> list[tuple[torch.Tensor | None, torch.Tensor | None]]:
         """A dynamic-resolution strategy over images whose views were rendered by the decode workers: the inputs
         of every view of every image go through the backbone together (one call per input size, capped by
         --max-tiles-per-call), then each image's features are merged. Returns (features (T, C), pooled (C,))."""
         res, bb = self.res, self.res.backbone
         t0 = time.perf_counter()
-        plans = [plan_strategy_image(res, tuple(r["orig_hw"])) for r in recs]
+        plans = [(r.plan.views, r.plan.layout) for r in recs]  # each image's, made by its decode worker
         inputs = []
         for (plan, _), r in zip(plans, recs):
-            pix = [self.normalize(a.to(self.device)) for a in r["image"]]
+            pix = [self.normalize(a.to(self.device)) for a in r.pixels]
             inputs += [cut_view(pix[0 if plan.same_source else i], v) for i, v in enumerate(plan.views)]
         t1 = time.perf_counter()
         outs = iter(grouped_calls(self.backbone, inputs, res.max_tiles_per_call))
@@ -235,7 +230,7 @@ class Extractor:
         self.seconds["forward"] += time.perf_counter() - t1
         return results
 
-    def with_retry(self, compute: Callable[[list[dict[str, Any]]], list[tuple[Any, Any]]], recs: list[dict[str, Any]],
+    def with_retry(self, compute: Callable[[list[Decoded]], list[tuple[Any, Any]]], recs: list[Decoded],
                    on_fail: Callable[[dict], None], failed: Exception | None = None) -> list[Result]:
         """(rec, features, pooled) for images computed together. If that call fails (or already `failed`), each
         image is retried alone so only the image that fails is recorded (stage "model"); a configuration error
@@ -248,7 +243,7 @@ class Extractor:
             except Exception as e:
                 failed = e
         if len(recs) == 1:
-            on_fail(failure(Sample(recs[0]["key"], recs[0]["source"]), "model", failed))
+            on_fail(failure(Sample(recs[0].key, recs[0].source), "model", failed))
             return []
         out = []
         for r in recs:
@@ -257,7 +252,7 @@ class Extractor:
             except ConfigError:
                 raise
             except Exception as e:
-                on_fail(failure(Sample(r["key"], r["source"]), "model", e))
+                on_fail(failure(Sample(r.key, r.source), "model", e))
         return self.finite(out, on_fail)
 
     def finite(self, results: list[Result], on_fail: Callable[[dict], None],
@@ -281,7 +276,7 @@ class Extractor:
             nan, inf = int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
             hint = ("the float16 storage overflowed: use --dtype float32" if res.dtype == "float16" and f is not None
                     else "try --precision fp32" if res.precision != "fp32" else "check the weights")
-            on_fail(failure(Sample(r["key"], r["source"]), "model",
+            on_fail(failure(Sample(r.key, r.source), "model",
                             f"{name} hold {nan} NaN and {inf} Inf values of {t.numel()}; {hint} "
                             "(--no-check-finite stores them anyway)", "NonFiniteFeatures"))
         self.seconds["check"] += time.perf_counter() - t0

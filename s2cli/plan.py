@@ -12,18 +12,18 @@ import numpy as np
 from .config import Resolved, resolve_options
 from .dtypes import entry_bytes, itemsize, pooled_dtype
 from .errors import ConfigError
-from .inputs.decode import Fit, decode_sample
+from .inputs.decode import Decoded, Fit, decode_sample
 from .inputs.reading import image_size, is_video, video_header
 from .inputs.samples import Sample, failure
 from .inputs.units import Input
-from .strategies import strategy_of
+from .strategies import Planner, strategy_of
 from .video import choose
 
 
 def fit_of(res: Resolved) -> Fit:
-    """How the decode workers bring every image of this config to the engine's input."""
+    """How the decode workers bring every image of this config to the engine's input, and plan it (once)."""
     return Fit(res.fit, res.side, res.backbone.mean, res.strategy_cfg, res.decode, strategy_of(res).render, res.retries,
-               res.sampling)
+               res.sampling, Planner(res))
 
 
 def plan_entry(res: Resolved, orig: tuple[int, int]) -> tuple[dict[str, Any], float | None]:
@@ -127,40 +127,44 @@ def views(image: str | os.PathLike | bytes, config: Resolved | None = None, **op
         [(3, 672, 672)]
     """
     res = config if config is not None else resolve_options("<views>", "views.h5", **options)
-    return decoded(image, res)[1]
+    return views_of(decoded(image, res).pixels)
 
 
-def _decoded_or_raise(src: str | os.PathLike | bytes, res: Resolved, what: str, fix: str) -> tuple[Sample, dict[str, Any]]:
-    """(the sample, its decode record) as the extraction's decode path makes it; a failure is one ConfigError."""
+def views_of(pixels: Any) -> list[np.ndarray]:
+    """A decoded record's pixels as a list of views (S²: its one fitted image)."""
+    return list(pixels) if isinstance(pixels, list) else [pixels]
+
+
+def _decoded_or_raise(src: str | os.PathLike | bytes, res: Resolved, what: str, fix: str) -> tuple[Sample, Decoded]:
+    """(the sample, its decoded record) as the extraction's decode path makes it; a failure is one ConfigError."""
     sample = Sample(what, "<bytes>", data=src) if isinstance(src, bytes) else Sample(what, os.fspath(src))
     rec = _decode(sample, res)
-    if rec["error"] is not None:
-        e = rec["error"]
+    if rec.error is not None:
+        e = rec.error
         raise ConfigError(f"cannot decode the {what} ({e['stage']}: {e['error_class']}: {e['error']})",
                           given=e["source"], fix=fix)
     return sample, rec
 
 
-def decoded(image: str | os.PathLike | bytes, res: Resolved) -> tuple[tuple[int, int], list[np.ndarray]]:
-    """(the image's (h, w) as displayed, its views): see `views`."""
+def decoded(image: str | os.PathLike | bytes, res: Resolved) -> Decoded:
+    """One image's decoded record (its size as displayed, its plan, its views in `pixels`): see `views`."""
     sample, rec = _decoded_or_raise(image, res, "image", "pass a readable image file")
-    if "frames" in rec:
+    if rec.frames is not None:
         raise ConfigError("this is a video: its frames are chosen by a sampling", given=sample.source,
                           fix="use s2cli.plan.decoded_video (or `s2 viz plan VIDEO --num-frames N`)")
-    out = rec["image"]
-    return tuple(rec["orig_hw"]), (list(out) if isinstance(out, list) else [out])
+    return rec
 
 
 def decoded_video(video: str | os.PathLike | bytes, res: Resolved) -> tuple[dict[str, Any], list[list[np.ndarray]]]:
     """A video's chosen frames as the backbone receives them: (the chosen frames' indices and timestamps, with the
     video facts, as stored in its entry's metadata; each frame's views, as `views` gives an image's)."""
     sample, rec = _decoded_or_raise(video, res, "video", "pass a readable video file, with --num-frames N or --fps F")
-    if "frames" not in rec:
+    if rec.frames is None:
         raise ConfigError("not a video", given=sample.source, fix="pass a video file (mp4, webm, mkv, mov, avi)")
-    return rec["video"], [list(f) if isinstance(f, list) else [f] for f in rec["frames"]]
+    return rec.video, [views_of(f) for f in rec.frames]  # type: ignore[return-value]
 
 
-def _decode(sample: Sample, res: Resolved) -> dict[str, Any]:
+def _decode(sample: Sample, res: Resolved) -> Decoded:
     fit = fit_of(res)
     if fit.decode != "pil":  # the device decoder needs torch; views are Pillow's, which it matches within 2/255
         fit = replace(fit, decode="pil")

@@ -1,8 +1,9 @@
 """Fit only what is kept: a center crop of a bicubic resize, computed from the source region the crop keeps, with
 the pixels of resizing the whole image and cropping. Pillow's `resize(size, box=...)` gives them exactly when its
 fixed-point weights for the kept samples are those of the whole resize (reproduced here as Pillow computes them)
-and its two passes run in the same order (horizontal first: the whole resize does so when it does not shrink
-vertically); otherwise the caller resizes the whole image, as before."""
+and the two passes run in the order the whole resize takes (`horizontal_first`: Pillow 13 takes the vertical pass
+first when the height shrinks more than twice as much as the width, older Pillow always the horizontal one; which
+rule this Pillow follows is probed once); otherwise the caller resizes the whole image, as before."""
 from __future__ import annotations
 
 from functools import lru_cache
@@ -58,19 +59,56 @@ def kept_interval(in_size: int, out_size: int, start: int, kept: int) -> tuple[f
     return (a, b) if same else None
 
 
+def _probe_rule() -> str | None:
+    """Which pass order this Pillow takes, from one small resize whose two orders give other pixels: "pillow13"
+    (vertical first when the height shrinks more than twice as much as the width), "horizontal" (always
+    horizontal first), or None when it is neither (then nothing is computed from the kept region)."""
+    rng = np.random.default_rng(0)
+    im = Image.fromarray(rng.integers(0, 256, (40, 8, 3), dtype=np.uint8))  # 8x40 -> 16x8: Pillow 13 goes vertical first
+    whole = np.asarray(im.resize((16, 8), Image.BICUBIC))
+    hv = np.asarray(im.resize((16, 40), Image.BICUBIC).resize((16, 8), Image.BICUBIC))
+    vh = np.asarray(im.resize((8, 8), Image.BICUBIC).resize((16, 8), Image.BICUBIC))
+    if np.array_equal(hv, vh):  # pragma: no cover  (the probe could not tell the orders apart)
+        return None
+    return "horizontal" if np.array_equal(whole, hv) else "pillow13" if np.array_equal(whole, vh) else None
+
+
+_RULE: list[str | None] = []  # the probed rule, once per process
+
+
+def horizontal_first(w: int, h: int, tw: int, th: int) -> bool | None:
+    """Whether this Pillow's resize of a w x h image to tw x th runs its horizontal pass first (Resample.c's
+    `horizontal_first`); None when its rule is not known."""
+    if not _RULE:
+        _RULE.append(_probe_rule())
+    rule = _RULE[0]
+    if rule is None:
+        return None
+    return rule == "horizontal" or not (h - th > 0 and h - th > (w - tw) * 2)
+
+
 def resize_kept(im: Image.Image, size: tuple[int, int], box: tuple[int, int, int, int]) -> Image.Image | None:
-    """`im.resize(size, BICUBIC).crop(box)`, computed from the source region the crop keeps (one horizontal pass
-    over the kept columns, then one vertical pass over the kept rows), with the same pixels; None where that
-    cannot be promised (then resize the whole image and crop)."""
+    """`im.resize(size, BICUBIC).crop(box)`, computed from the source region the crop keeps (one pass over the
+    kept columns, one over the kept rows, in the order the whole resize takes them; each a resize along one axis,
+    whose uint8 result is the whole resize's intermediate restricted to what is kept), with the same pixels; None
+    where that cannot be promised (then resize the whole image and crop)."""
     (w, h), (tw, th) = im.size, size
     left, top, right, bottom = box
-    if th < h or im.mode not in ("RGB", "L"):  # shrinking vertically, Pillow may take its passes in the other
-        return None  # order; other modes are resampled in floats or converted first
-    xs = kept_interval(w, tw, left, right - left) if tw != w else (left, right)
-    ys = kept_interval(h, th, top, bottom - top) if th != h else (top, bottom)
+    kw, kh = right - left, bottom - top
+    first = horizontal_first(w, h, tw, th)
+    if first is None or im.mode not in ("RGB", "L"):  # other modes are resampled in floats or converted first
+        return None
+    xs = kept_interval(w, tw, left, kw) if tw != w else (left, right)
+    ys = kept_interval(h, th, top, kh) if th != h else (top, bottom)
     if xs is None or ys is None:
         return None
-    out = im.resize((right - left, h), Image.BICUBIC, box=(xs[0], 0, xs[1], h)) if tw != w else im.crop((left, 0, right, h))
-    if th == h:
-        return out.crop((0, top, right - left, bottom))
-    return out.resize((right - left, bottom - top), Image.BICUBIC, box=(0, ys[0], right - left, ys[1]))
+
+    def across(a: Image.Image) -> Image.Image:  # the kept columns, over all of `a`'s rows
+        rows = a.height
+        return a.resize((kw, rows), Image.BICUBIC, box=(xs[0], 0, xs[1], rows)) if tw != w else a.crop((left, 0, right, rows))
+
+    def down(a: Image.Image) -> Image.Image:  # the kept rows, over all of `a`'s columns
+        cols = a.width
+        return a.resize((cols, kh), Image.BICUBIC, box=(0, ys[0], cols, ys[1])) if th != h else a.crop((0, top, cols, bottom))
+
+    return down(across(im)) if first else across(down(im))

@@ -25,7 +25,8 @@ from .errors import ConfigError, S2Error
 from .extractor import Extractor
 from .fsutil import Claim, file_identity, take_claim
 from .heartbeat import Heartbeat
-from .inputs.pool import DecodePool
+from .inputs.decode import Decoded
+from .inputs.loader import DecodeLoader
 from .inputs.samples import Sample
 from .inputs.units import Input, Unit
 from .items import Layout, StoredItem
@@ -454,7 +455,7 @@ class TotalEstimate:
 @dataclass
 class Stats:
     """Counts of this run, and where the time went: seconds each stage was busy wherever it ran (decode workers,
-    main thread, writer thread) and the main thread's waits on the decode pool and on the writer."""
+    main thread, writer thread) and the main thread's waits on the decode loader and on the writer."""
 
     done: int = 0
     failed: int = 0
@@ -471,7 +472,7 @@ class _Video:
     """A video whose frames are in the engine: its record, each frame's stored item once computed, how many frames
     are still out, and whether one of them failed (then the whole video is one failure and nothing is stored)."""
 
-    rec: dict[str, Any]
+    rec: Decoded
     positions: list[int]  # which of the chosen frames are computed (all; with --frames-as-images each index once)
     items: list[StoredItem | None]
     waiting: int
@@ -480,21 +481,22 @@ class _Video:
 
 class VideoFrames:
     """Videos through the image path: a video's record becomes one record per chosen frame (batched with the other
-    frames and images), and its frames' results become one entry (frames, tokens, channels) with the frames'
-    indices and timestamps in its metadata, or (`as_images`) one entry per distinct frame, `key#000123`."""
+    frames and images; each carries the video's plan, made once), and its frames' results become one entry
+    (frames, tokens, channels) with the frames' indices and timestamps in its metadata, or (`as_images`) one entry
+    per distinct frame, `key#000123`."""
 
     def __init__(self, as_images: bool):
         self.as_images = as_images
         self.open: dict[str, _Video] = {}  # frame record key -> its video, while frames are out
 
-    def expand(self, rec: dict[str, Any]) -> list[dict[str, Any]]:
-        frames, idx = rec.pop("frames"), rec["video"]["frame_indices"]
+    def expand(self, rec: Decoded) -> list[Decoded]:
+        frames, idx = rec.frames or [], rec.video["frame_indices"]  # type: ignore[index]
         keep = [j for j in range(len(frames)) if not self.as_images or idx[j] not in idx[:j]]
-        v = _Video(rec, keep, [None] * len(keep), len(keep))
+        v = _Video(dataclasses.replace(rec, frames=None), keep, [None] * len(keep), len(keep))
         out = []
         for pos, j in enumerate(keep):
-            key = f"{rec['key']}#{idx[j]:06d}" if self.as_images else rec["key"]
-            out.append({**rec, "key": key, "image": frames[j], "frame_of": (v, pos)})
+            key = f"{rec.key}#{idx[j]:06d}" if self.as_images else rec.key
+            out.append(dataclasses.replace(rec, key=key, pixels=frames[j], frames=None, frame=pos))
             self.open[key] = v
         return out
 
@@ -508,25 +510,25 @@ class VideoFrames:
         if v.failed:
             return None
         v.failed = True
-        return {**record, "key": v.rec["key"], "error": f"a frame ({record['key']}) failed: {record['error']}"}
+        return {**record, "key": v.rec.key, "error": f"a frame ({record['key']}) failed: {record['error']}"}
 
-    def add(self, rec: dict[str, Any], item: StoredItem) -> list[StoredItem]:
+    def add(self, rec: Decoded, item: StoredItem) -> list[StoredItem]:
         """A frame's item; returns the video's entries once its last frame is in (none if a frame failed)."""
-        v, pos = rec["frame_of"]
-        v.items[pos] = item
-        self._done(v, rec["key"])
+        v = self.open[rec.key]
+        v.items[rec.frame] = item  # type: ignore[index]
+        self._done(v, rec.key)
         if v.waiting or v.failed:
             return []
-        facts = v.rec["video"]
+        facts: dict[str, Any] = v.rec.video  # type: ignore[assignment]
         if self.as_images:
-            return [it.replace(meta=v.rec.get("meta")).with_meta(video={  # type: ignore[union-attr]
+            return [it.replace(meta=v.rec.meta).with_meta(video={  # type: ignore[union-attr]
                 "frame_index": facts["frame_indices"][j], "timestamp": facts["timestamps"][j],
                 **{k: facts[k] for k in ("num_frames_total", "rotation", "codec")}})
                 for j, it in zip(v.positions, v.items)]
         first = v.items[0]
         feats = [it.features for it in v.items]  # type: ignore[union-attr]
-        return [first.replace(key=v.rec["key"], meta=v.rec.get("meta"), pooled=None,  # type: ignore[union-attr]
-                              features=None if feats[0] is None else np.stack(feats)).with_meta(video=v.rec["video"])]
+        return [first.replace(key=v.rec.key, meta=v.rec.meta, pooled=None,  # type: ignore[union-attr]
+                              features=None if feats[0] is None else np.stack(feats)).with_meta(video=facts)]
 
     def _done(self, v: _Video, key: str) -> None:
         v.waiting -= 1
@@ -535,7 +537,7 @@ class VideoFrames:
                 del self.open[k]
 
 
-# what the decode pool is given for a sample of a part already done: passed through, never decoded
+# what the decode loader is given for a sample of a part already done: passed through, never decoded
 _ALREADY_DONE = {"key": "", "stage": "", "error": "", "error_class": "", "source": ""}
 
 
@@ -557,10 +559,11 @@ class Run:
         self.ex = Extractor(res, backbone, device, resolve_precision(res.precision, device), self.fit)
         self.stats = Stats()
         self.part: _Part | None = None
-        self.batch: list[dict] = []
-        self.in_flight: list[tuple[_Part, list[dict], list[Callable[[], list]]]] = []
+        self.batch: list[Decoded] = []
+        self.in_flight: list[tuple[_Part, list[Decoded], list[Callable[[], list]]]] = []
         self.file_sink: ThreadedSink | None = None
         self.ending: _Part | None = None  # the part whose shard is being ended on its writer thread
+        self.shape: tuple[dict[str, Any], int] | None = None  # every shard's layout, once (`_sink_shape`)
         try:
             with signals_deferred():  # a signal while its temporary is made ends the run once it can be removed
                 self.file_sink = self._new_sink(res.output) if target.dir is None else None
@@ -580,14 +583,15 @@ class Run:
     def execute(self) -> Summary:
         t0 = time.perf_counter()
         res = self.res
-        # the whole next batch decodes while the current one runs: the pool submits a sample only when the loop
-        # asks for the next record, so a window of one batch would put its last samples after the forward
-        pool = DecodePool(self.fit, res.workers, timeout=res.decode_timeout,
-                          window=max(4 * res.workers, 2 * res.batch_size))
+        # the whole next batch decodes while the current one runs (by default the loader keeps two batches in
+        # flight): a sample is handed out only when the loop takes a record, so one batch's worth would put its last
+        # samples after the forward
+        loader = DecodeLoader(self.fit, res.workers, timeout=res.decode_timeout, prefetch=res.prefetch_factor,
+                              batch_size=res.batch_size)
         try:
-            decoded = pool.map(self.target.work(), lambda w: _ALREADY_DONE if w[2] is None else w[2])
+            decoded = loader.map(self.target.work(), lambda w: _ALREADY_DONE if w[2] is None else w[2])
             for (unit, part_no, sample), rec in _timed(decoded, self.stats.waits, "decode"):
-                for stage, s in zip(("read", "decode", "fit"), rec.get("seconds", ())):
+                for stage, s in zip(("read", "decode", "fit"), rec.seconds):
                     self.stats.busy[stage] += s
                 if self.estimate is not None and (total := self.estimate.see(unit.index, sample is not None)):
                     self.on_total(total)  # type: ignore[misc]
@@ -601,38 +605,36 @@ class Run:
             self.abort(e)
             raise
         finally:
-            pool.close()
+            loader.close()
         return self.finalize(time.perf_counter() - t0)
 
-    def admit(self, unit: Unit, part_no: int, rec: dict[str, Any]) -> None:
+    def admit(self, unit: Unit, part_no: int, rec: Decoded) -> None:
         """A decoded sample: into the current part's batch, or recorded as failed."""
         if self.part is None or (self.part.unit.index, self.part.part) != (unit.index, part_no):
             self.finish_part(last_of_unit=self.part is not None and self.part.unit.index != unit.index)
             with signals_deferred():  # the new shard's temporary exists only once `abort` can find it
                 self.part = self.start_part(unit, part_no)
-        part, key = self.part, rec["key"]
+        part, key = self.part, rec.key
         if key in part.seen:  # one rule for every output kind: the first sample of a key is kept
-            self.record_failure(part, {"key": key, "source": rec.get("source") or rec["error"]["source"],
+            self.record_failure(part, {"key": key, "source": rec.source,
                                        "stage": "read", "error_class": "DuplicateKey",
                                        "error": f"key {key!r} appears again in {unit.id} (a key seen earlier in the "
                                                 "input); the first one is kept"})
             return
         part.seen.add(key)
-        if rec["error"] is not None:
-            self.record_failure(part, rec["error"])
+        if rec.error is not None:
+            self.record_failure(part, rec.error)
             return
         part.first_key = part.first_key or key
         part.last_key = key
-        if "frames" in rec:  # a video: its chosen frames go through the image path
+        if rec.frames is not None:  # a video: its chosen frames go through the image path
             for frame in self.videos.expand(rec):
                 self._batch(frame)
             return
         self._batch(rec)
 
-    def _batch(self, rec: dict[str, Any]) -> None:
-        img = rec["image"]
-        if img is not None:  # None: JPEG bytes for the device decoder (--decode torch)
-            rec["image"] = [torch.from_numpy(a) for a in img] if isinstance(img, list) else torch.from_numpy(img)
+    def _batch(self, rec: Decoded) -> None:
+        rec.map_arrays(torch.as_tensor)  # (no pixels yet: JPEG bytes for the device decoder, --decode torch)
         self.batch.append(rec)
         if len(self.batch) >= self.res.batch_size:
             self.flush()
@@ -658,7 +660,7 @@ class Run:
             items = []
             for rec, feats, pooled in results:
                 item = self._reduced(self.strategy.item(self.res, rec, feats, pooled))
-                items += self.videos.add(rec, item) if "frame_of" in rec else [item]
+                items += self.videos.add(rec, item) if rec.frame is not None else [item]
             if items:
                 t = time.perf_counter()
                 part.sink.write(items)
@@ -802,7 +804,7 @@ class Run:
         for k, v in self.ex.decode_seconds.items():
             stage[k] += v
         # the main thread's seconds in no stage above and no wait (the loop itself, starting and stopping the decode
-        # pool, opening shards): with it, the main thread's stages and waits add up to the run's seconds
+        # loader, opening shards): with it, the main thread's stages and waits add up to the run's seconds
         named = self.ex.seconds | st.main | self.ex.decode_seconds  # (-j 0: decoding is inside the decode wait)
         stage["other"] = seconds - sum(named.values()) - sum(st.waits.values())
         s = Summary(
@@ -841,7 +843,9 @@ class Run:
                                 pooled=None if p is None else p.reshape(-1))
         return item
 
-    def _new_sink(self, path: str) -> ThreadedSink:
+    def _sink_shape(self) -> tuple[dict[str, Any], int]:
+        """What every shard of the run holds (channels, scales, tokens, ...) and the pooled width: planned once per
+        run, for a square image of the largest scale's side."""
         res = self.res
         shape = self.strategy.sink_shape(res)
         videos = res.sampling.active and not res.frames_as_images
@@ -856,6 +860,14 @@ class Run:
             n = res.num_layers
             shape.update({k: shape[k] * n for k in ("tokens", "tokens_per_image") if shape[k] is not None})
             pooled_channels *= n
+        return shape, pooled_channels
+
+    def _new_sink(self, path: str) -> ThreadedSink:
+        res = self.res
+        if self.shape is None:
+            self.shape = self._sink_shape()
+        shape, pooled_channels = self.shape
+        videos = res.sampling.active and not res.frames_as_images
         layout = Layout(channels=shape["channels"], num_scales=shape["num_scales"], tokens=shape["tokens"],
                         dtype=res.dtype, features=not res.pool_only, pooled=res.pool != "none",
                         pooled_channels=pooled_channels, plans=shape["plans"], reduced=self.reduction is not None,

@@ -596,7 +596,8 @@ class ImagePlan:
 
 
 def plan_image(res: Any, orig_hw: tuple[int, int]) -> ImagePlan:
-    """The S² plan of one image of `orig_hw` under the resolved config `res`."""
+    """The S² plan of one image of `orig_hw` under the resolved config `res` (a run makes it once per image:
+    `Planner`)."""
     bb = res.backbone
     fitted = fit_size(orig_hw, res.fit, res.side)
     if fitted[0] == fitted[1]:
@@ -609,11 +610,33 @@ def plan_image(res: Any, orig_hw: tuple[int, int]) -> ImagePlan:
     return ImagePlan(fitted, sizes, s2, grid, bb.num_prefix_tokens + grid[0] * grid[1], bb.channels * len(sizes))
 
 
-def plan_strategy_image(res: Any, orig_hw: tuple[int, int]) -> tuple[StrategyPlan, OutLayout]:
-    """A dynamic-resolution strategy's plan of one image and the layout of its output tokens."""
+@dataclass(frozen=True)
+class ViewImagePlan:
+    """What a dynamic-resolution strategy does with one image: its views and their backbone inputs (`views`), and
+    where each output map's tokens go (`layout`)."""
+
+    views: StrategyPlan
+    layout: OutLayout
+
+
+def plan_strategy_image(res: Any, orig_hw: tuple[int, int]) -> ViewImagePlan:
+    """A dynamic-resolution strategy's plan of one image and the layout of its output tokens (a run makes it once
+    per image: `Planner`)."""
     bb = res.backbone
     plan = plan_strategy(res.strategy_cfg, orig_hw)
-    return plan, out_layout(res.strategy_cfg, plan, bb.feature_hw, bb.channels, bb.num_prefix_tokens)
+    return ViewImagePlan(plan, out_layout(res.strategy_cfg, plan, bb.feature_hw, bb.channels, bb.num_prefix_tokens))
+
+
+@dataclass(frozen=True)
+class Planner:
+    """A run's per-image planner: an image's plan from its (h, w) (`Strategy.plan`). The decode workers call it
+    where an image's size is first known, and the plan travels in the image's decoded record to the engine and the
+    writer, which read it and never plan again. Picklable: it goes to the workers with the decode settings."""
+
+    res: Any  # the resolved config
+
+    def __call__(self, orig_hw: tuple[int, int]) -> Any:
+        return strategy_of(self.res).plan(self.res, orig_hw)
 
 
 @dataclass(frozen=True)
@@ -636,13 +659,17 @@ class Strategy:
         """What the saved config holds of the strategy's settings."""
         return {"strategy": cfg.to_dict()}  # type: ignore[union-attr]
 
+    def plan(self, res: Any, orig_hw: tuple[int, int]) -> Any:
+        """The plan of one image of `orig_hw` (h, w): what is computed from it, made once per image (`Planner`)."""
+        raise NotImplementedError
+
     def plan_entry(self, res: Any, orig_hw: tuple[int, int]) -> tuple[dict[str, Any], list[tuple[Any, int]]]:
         """One image's dry-run entry (fitted_hw, tiles, grids, output_shape, ...) and its backbone inputs as
         (tile (h, w), count) pairs."""
         raise NotImplementedError
 
-    def render(self, im: Any, fit: Any) -> Any:
-        """In the decode worker: the decoded RGB image -> the engine's uint8 input(s), (3, H, W) each."""
+    def render(self, im: Any, plan: Any, fit: Any) -> Any:
+        """In the decode worker: the decoded RGB image and its plan -> the engine's uint8 input(s), (3, H, W) each."""
         raise NotImplementedError
 
     def sink_shape(self, res: Any) -> dict[str, Any]:
@@ -650,22 +677,22 @@ class Strategy:
         tokens_per_image (for the space a shard needs; None: unknown), plans (each image stores its plan)."""
         raise NotImplementedError
 
-    def compute(self, ex: Any, recs: list[dict[str, Any]], on_fail: Callable[[dict], None]) -> list[Callable[[], list]]:
-        """Start the backbone on a batch of decoded records (`ex`: the run's Extractor); return what waits for
-        each part of it and gives (rec, features, pooled) triples."""
+    def compute(self, ex: Any, recs: list[Any], on_fail: Callable[[dict], None]) -> list[Callable[[], list]]:
+        """Start the backbone on a batch of decoded records (`inputs.decode.Decoded`; `ex`: the run's Extractor);
+        return what waits for each part of it and gives (rec, features, pooled) triples."""
         raise NotImplementedError
 
-    def item(self, res: Any, rec: dict[str, Any], feats: Any, pooled: Any) -> StoredItem:
-        """What the writer stores for one image (`items.StoredItem`)."""
+    def item(self, res: Any, rec: Any, feats: Any, pooled: Any) -> StoredItem:
+        """What the writer stores for one image (`items.StoredItem`) from its decoded record and its plan."""
         raise NotImplementedError
 
-    def pictures(self, res: Any, orig_hw: tuple[int, int], views: list[Any]) -> list[tuple[Any, str, list]]:
-        """For `s2 viz plan`: each scale's or view's picture, (3, H, W) uint8 made from the decoded `views`, with a
-        label and the boxes (top, left, bottom, right) of its backbone inputs."""
+    def pictures(self, res: Any, plan: Any, views: list[Any]) -> list[tuple[Any, str, list]]:
+        """For `s2 viz plan`: each scale's or view's picture, (3, H, W) uint8 made from the decoded `views` of an
+        image of this `plan`, with a label and the boxes (top, left, bottom, right) of its backbone inputs."""
         raise NotImplementedError
 
-    def engine_kwargs(self, res: Any, orig_hw: tuple[int, int]) -> dict[str, Any] | None:
-        """`multiscale_forward`'s arguments for an image of `orig_hw`, or None if the strategy does not run the S²
+    def engine_kwargs(self, res: Any, plan: Any) -> dict[str, Any] | None:
+        """`multiscale_forward`'s arguments for an image of this `plan`, or None if the strategy does not run the S²
         engine (benchmarks compare it with the reference implementation)."""
         return None
 
@@ -674,9 +701,9 @@ class Strategy:
         return self.name
 
 
-def _item(res: Any, rec: dict[str, Any], grid_hw: tuple[int, int], sizes: list, feats: Any, pooled: Any,
+def _item(res: Any, rec: Any, grid_hw: tuple[int, int], sizes: list, feats: Any, pooled: Any,
           plan: str | None = None) -> StoredItem:
-    return StoredItem(key=rec["key"], source=rec["source"], meta=rec.get("meta"), orig_hw=rec["orig_hw"],
+    return StoredItem(key=rec.key, source=rec.source, meta=rec.meta, orig_hw=rec.orig_hw,
                       grid_hw=grid_hw, img_sizes=sizes, num_prefix_tokens=res.backbone.num_prefix_tokens,
                       split_mode=res.split_mode, features=None if feats is None else feats.numpy(),
                       pooled=None if pooled is None else pooled.numpy(), plan=plan)
@@ -696,13 +723,16 @@ class S2Strategy(Strategy):
     def describe(self, res: Any) -> str:
         return ",".join(map(str, res.img_sizes))  # the scales' sizes
 
+    def plan(self, res: Any, orig_hw: tuple[int, int]) -> ImagePlan:
+        return plan_image(res, orig_hw)
+
     def plan_entry(self, res: Any, orig_hw: tuple[int, int]) -> tuple[dict[str, Any], list[tuple[Any, int]]]:
         p = plan_image(res, orig_hw)
         entry = {"fitted_hw": list(p.fitted_hw), "tiles": p.s2.num_tiles, "grids": p.s2.grids,
                  "output_shape": [p.tokens, p.channels], "output_grid": list(p.grid_hw)}
         return entry, [(sp.tile, sp.num_tiles) for sp in p.s2.scales]
 
-    def render(self, im: Any, fit: Any) -> Any:
+    def render(self, im: Any, plan: Any, fit: Any) -> Any:
         return fit_to_array(im, fit)
 
     def sink_shape(self, res: Any) -> dict[str, Any]:
@@ -710,22 +740,22 @@ class S2Strategy(Strategy):
         return {"channels": first.channels, "num_scales": len(res.img_sizes),
                 "tokens": first.tokens if res.fit != "keep" else None, "tokens_per_image": first.tokens, "plans": False}
 
-    def compute(self, ex: Any, recs: list[dict[str, Any]], on_fail: Callable[[dict], None]) -> list[Callable[[], list]]:
+    def compute(self, ex: Any, recs: list[Any], on_fail: Callable[[dict], None]) -> list[Callable[[], list]]:
         return ex.submit_s2(recs, on_fail)
 
-    def engine_kwargs(self, res: Any, orig_hw: tuple[int, int]) -> dict[str, Any] | None:
+    def engine_kwargs(self, res: Any, plan: Any) -> dict[str, Any] | None:
         bb = res.backbone
-        return dict(img_sizes=plan_image(res, orig_hw).engine_sizes, max_split_size=res.max_split_size,
+        return dict(img_sizes=plan.engine_sizes, max_split_size=res.max_split_size,
                     split_mode=res.split_mode, resize_output_to_idx=res.resize_output_to_idx,
                     num_prefix_token=bb.num_prefix_tokens, output_shape=bb.output_shape, antialias=res.antialias)
 
-    def pictures(self, res: Any, orig_hw: tuple[int, int], views: list[Any]) -> list[tuple[Any, str, list]]:
+    def pictures(self, res: Any, plan: Any, views: list[Any]) -> list[tuple[Any, str, list]]:
         """The fitted image at every scale (the largest is the view itself; smaller ones resized with Pillow's
         bicubic for the picture, where the engine resizes the normalized tensor) and its tiles."""
         from PIL import Image
 
         fitted, out = views[0], []
-        for sp in plan_image(res, orig_hw).s2.scales:
+        for sp in plan.s2.scales:
             pic = fitted
             if tuple(sp.canvas) != tuple(fitted.shape[1:]):
                 im = Image.fromarray(fitted.transpose(1, 2, 0)).resize((sp.canvas[1], sp.canvas[0]), Image.BICUBIC)
@@ -735,8 +765,8 @@ class S2Strategy(Strategy):
             out.append((pic, f"scale {sp.size[0]}x{sp.size[1]} {sp.grid[0]}x{sp.grid[1]}", boxes))
         return out
 
-    def item(self, res: Any, rec: dict[str, Any], feats: Any, pooled: Any) -> StoredItem:
-        plan = plan_image(res, tuple(rec["orig_hw"]))
+    def item(self, res: Any, rec: Any, feats: Any, pooled: Any) -> StoredItem:
+        plan = rec.plan
         sizes = [(s, s) if isinstance(s, int) else tuple(s) for s in plan.engine_sizes]
         return _item(res, rec, plan.grid_hw, sizes, feats, pooled)
 
@@ -763,29 +793,33 @@ class ViewStrategy(Strategy):
     def resolve(self, a: StrategyArgs, bb: BackboneFacts) -> StrategyCfg | None:
         return self.resolver(a, StrategyCfg(name=self.name, tile=bb.tile, fit=a.fit), bb)  # type: ignore[misc]
 
+    def plan(self, res: Any, orig_hw: tuple[int, int]) -> ViewImagePlan:
+        return plan_strategy_image(res, orig_hw)
+
     def plan_entry(self, res: Any, orig_hw: tuple[int, int]) -> tuple[dict[str, Any], list[tuple[Any, int]]]:
-        plan, lay = plan_strategy_image(res, orig_hw)
+        p = plan_strategy_image(res, orig_hw)
+        plan, lay = p.views, p.layout
         entry = {"fitted_hw": list(max((v.canvas for v in plan.views), key=lambda hw: hw[0] * hw[1])),
                  "tiles": plan.num_tiles, "grids": plan.grids, "output_shape": [lay.tokens, lay.channels],
                  "output_grid": list(lay.grid_hw),
                  "strategy": plan.strategy, "views": [v.name for v in plan.views]}
         return entry, [(v.tile, v.num_inputs) for v in plan.views]
 
-    def render(self, im: Any, fit: Any) -> Any:
-        return render_views(im, plan_strategy(fit.strategy, (im.height, im.width)), fit)
+    def render(self, im: Any, plan: Any, fit: Any) -> Any:
+        return render_views(im, plan.views, fit)
 
     def sink_shape(self, res: Any) -> dict[str, Any]:
         cfg = res.strategy_cfg
         return {"channels": res.backbone.channels * len(self.groups(cfg)), "num_scales": self.max_views(cfg),
                 "tokens": None, "tokens_per_image": None, "plans": True}
 
-    def compute(self, ex: Any, recs: list[dict[str, Any]], on_fail: Callable[[dict], None]) -> list[Callable[[], list]]:
+    def compute(self, ex: Any, recs: list[Any], on_fail: Callable[[dict], None]) -> list[Callable[[], list]]:
         done = ex.with_retry(ex.strategy_features, recs, on_fail)
         return [lambda: done]
 
-    def pictures(self, res: Any, orig_hw: tuple[int, int], views: list[Any]) -> list[tuple[Any, str, list]]:
+    def pictures(self, res: Any, plan: Any, views: list[Any]) -> list[tuple[Any, str, list]]:
         """Each view as rendered (views cut from one source show that source) with its inputs (strided: one box)."""
-        plan = plan_strategy(res.strategy_cfg, orig_hw)
+        plan = plan.views
         out = []
         for i, v in enumerate(plan.views):
             label = f"{v.name} {v.grid[0]}x{v.grid[1]}" + (" strided" if v.cut == "strided" else "")
@@ -793,10 +827,10 @@ class ViewStrategy(Strategy):
             out.append((views[0 if plan.same_source else i], label, boxes))
         return out
 
-    def item(self, res: Any, rec: dict[str, Any], feats: Any, pooled: Any) -> StoredItem:
+    def item(self, res: Any, rec: Any, feats: Any, pooled: Any) -> StoredItem:
         """`img_sizes` holds each view's canvas ((0, 0) for an absent one), and `plan` (JSON) the strategy, views
         with their grids and tiles, tile count, thumbnail/base, and output maps."""
-        plan, lay = plan_strategy_image(res, tuple(rec["orig_hw"]))
+        plan, lay = rec.plan.views, rec.plan.layout
         sizes = [list(v.canvas) for v in plan.views]
         sizes += [[0, 0]] * (self.max_views(res.strategy_cfg) - len(sizes))
         meta = {"strategy": plan.strategy, "tiles": plan.num_tiles, "grids": plan.grids,

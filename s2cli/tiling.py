@@ -207,6 +207,7 @@ def multiscale_forward(
     antialias: bool = False,
     max_batch: int | None = None,
     fuse: bool = True,
+    plan: S2Plan | None = None,
 ) -> torch.Tensor | list[torch.Tensor]:
     """Multi-scale features of `input` (B, C, H, W); same arguments and results as the reference `forward`.
 
@@ -215,6 +216,8 @@ def multiscale_forward(
       antialias=True antialiases bicubic downscaling (the reference never does)
       max_batch=N    runs the backbone on at most N tiles per call (memory bound); split_forward=True means N=B
       fuse=True      one backbone call over the tiles of all scales when their sizes agree (same output)
+      plan=S2Plan    the tiles already planned for the input's size (`plan_multiscale` with these arguments, as a
+                     run plans each image once); None: planned here
     """
     if not isinstance(input, torch.Tensor) or input.dim() != 4:
         raise ConfigError("input must be a 4-D image batch", given=getattr(input, "shape", type(input).__name__),
@@ -235,7 +238,12 @@ def multiscale_forward(
         raise ConfigError("max_batch must be a positive int", given=max_batch, fix="pass e.g. max_batch=64 or None")
 
     b = input.shape[0]
-    plan = plan_multiscale(tuple(input.shape[-2:]), scales, img_sizes, max_split_size, split_mode)
+    if plan is None:
+        plan = plan_multiscale(tuple(input.shape[-2:]), scales, img_sizes, max_split_size, split_mode)
+    elif tuple(plan.input_hw) != tuple(input.shape[-2:]) or plan.split_mode != split_mode:
+        raise ConfigError("the plan given is not the input's", given=(tuple(plan.input_hw), plan.split_mode),
+                          expected=(tuple(input.shape[-2:]), split_mode),
+                          fix="pass plan=plan_multiscale(input.shape[-2:], ...) with the same arguments, or no plan")
     n = len(plan.scales)
     if merge == "concat" and not -n <= resize_output_to_idx < n:
         raise ConfigError("resize_output_to_idx is out of range", given=resize_output_to_idx,

@@ -60,14 +60,14 @@ def plan_figure(path: str | Path, res: Any) -> tuple[Image.Image, list[Panel]]:
     extraction's own decode and fit: `s2cli.views`), with its tiles. A video (told by its content): `video_figure`."""
     from .inputs.reading import is_video
     from .inputs.samples import Sample
-    from .plan import decoded
+    from .plan import decoded, views_of
     from .strategies import strategy_of
 
     if is_video(Sample("viz", str(path))):
         return video_figure(path, res)
-    orig_hw, arrays = decoded(path, res)
+    rec = decoded(path, res)
     items = []
-    for i, (a, label, boxes) in enumerate(strategy_of(res).pictures(res, orig_hw, arrays)):
+    for i, (a, label, boxes) in enumerate(strategy_of(res).pictures(res, rec.plan, views_of(rec.pixels))):
         size, f = _panel_size(a.shape[1:])
         pic = Image.fromarray(a.transpose(1, 2, 0)).resize(size, Image.BILINEAR)
         items.append((pic, label, PALETTE[i % len(PALETTE)], f, boxes))

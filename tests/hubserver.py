@@ -1,10 +1,14 @@
 """A loopback Hugging Face Hub for tests: serves folders (written with save_pretrained) as model repos on
 127.0.0.1, at the routes huggingface_hub uses to download (HF_ENDPOINT points at it), and counts the downloads.
 
-Routes: `GET /api/models/{repo}[/revision/{rev}]` (JSON: sha, siblings), `GET /api/models/{repo}/tree/{rev}`
-(JSON list of files: type, path, size, oid), `HEAD`/`GET /{repo}/resolve/{rev}/{file}` (headers X-Repo-Commit,
-ETag, Content-Length; a 404 says X-Error-Code RepoNotFound, RevisionNotFound or EntryNotFound); the same for dataset
-repos under `/api/datasets/...` and `/datasets/{repo}/resolve/...` (publish with `add(..., repo_type="dataset")`)."""
+Routes: `GET /api/models/{repo}[/revision/{rev}]` (JSON: sha, siblings), `GET /api/models/{repo}/tree/{rev}[/{path}]`
+(JSON list of a folder's files and folders, all below it with `?recursive=true`: type, path, size, oid, and each
+file's `lfs` {oid: sha256, size} as the hub lists stored-in-LFS files), `POST /api/models/{repo}/paths-info/{rev}`
+(form `paths`: the same entries for those paths), `HEAD`/`GET /{repo}/resolve/{rev}/{file}` (headers X-Repo-Commit,
+ETag: the file's sha256, as the hub gives for LFS files; Content-Length; `Range: bytes=A-[B]` honoured; a 404 says
+X-Error-Code RepoNotFound, RevisionNotFound or EntryNotFound); the same for dataset repos under `/api/datasets/...`
+and `/datasets/{repo}/resolve/...` (publish with `add(..., repo_type="dataset")`). huggingface_hub's `HfFileSystem`
+(ls, find, glob, info, open with range reads) works against it."""
 from __future__ import annotations
 
 import hashlib
@@ -16,9 +20,10 @@ import time
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
-API_RE = re.compile(r"^/api/(?P<type>models|datasets)/(?P<repo>[^/]+/[^/]+)(?:/(?P<kind>revision|tree)/(?P<rev>[^/]+))?/?$")
+API_RE = re.compile(r"^/api/(?P<type>models|datasets)/(?P<repo>[^/]+/[^/]+)"
+                    r"(?:/(?P<kind>revision|tree|paths-info)/(?P<rev>[^/]+)(?:/(?P<path>.+?))?)?/?$")
 RESOLVE_RE = re.compile(r"^/(?P<type>datasets/)?(?P<repo>[^/]+/[^/]+)/resolve/(?P<rev>[^/]+)/(?P<file>.+)$")
 
 
@@ -35,12 +40,14 @@ class Repo:
 
 class HubServer:
     """Start with `start()` (or as a context manager), add repos with `add(repo_id, folder)`, point
-    HF_ENDPOINT at `url`. `downloads[(repo_id, file)]` counts the GETs of each file's content; `requests` every
+    HF_ENDPOINT at `url`. `downloads[(repo_id, file)]` counts the GETs of each file's content (whole, or resumed
+    to its end); `ranges[(repo_id, file)]` the reads of a byte range of it (`Range: bytes=A-B`); `requests` every
     request as (method, path). `delay` seconds are spent before each content GET (to overlap two clients)."""
 
     def __init__(self, delay: float = 0.0) -> None:
         self.repos: dict[str, Repo] = {}
         self.downloads: Counter = Counter()
+        self.ranges: Counter = Counter()
         self.requests: list[tuple[str, str]] = []
         self.delay = delay
         self._httpd: ThreadingHTTPServer | None = None
@@ -82,6 +89,9 @@ class HubServer:
             def do_GET(self) -> None:
                 hub._serve(self, head=False)
 
+            def do_POST(self) -> None:
+                hub._serve(self, head=False)
+
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self._httpd.daemon_threads = True
         threading.Thread(target=self._httpd.serve_forever, daemon=True).start()
@@ -101,19 +111,24 @@ class HubServer:
 
     # ---- routes -------------------------------------------------------------------------------------------
     def _serve(self, h: BaseHTTPRequestHandler, head: bool) -> None:
-        path = unquote(urlsplit(h.path).path)
+        url = urlsplit(h.path)
+        path = unquote(url.path)
         with self._lock:
             self.requests.append((h.command, path))
+        query = parse_qs(url.query)
+        if h.command == "POST":
+            length = int(h.headers.get("Content-Length") or 0)
+            query = parse_qs(h.rfile.read(length).decode())
         m = API_RE.match(path)
         if m and not head:
             repo = m["repo"] if m["type"] == "models" else f"datasets/{m['repo']}"
-            return self._api(h, repo, m["kind"] or "revision", m["rev"] or "main")
+            return self._api(h, repo, m["kind"] or "revision", m["rev"] or "main", m["path"] or "", query)
         m = RESOLVE_RE.match(path)
         if m:
             return self._resolve(h, (m["type"] or "") + m["repo"], m["rev"], m["file"], head)
         return _send(h, 404, b"not found", {"X-Error-Code": "EntryNotFound"})
 
-    def _api(self, h, repo_id: str, kind: str, rev: str) -> None:
+    def _api(self, h, repo_id: str, kind: str, rev: str, path: str = "", query: dict | None = None) -> None:
         repo = self.repos.get(repo_id)
         if repo is None:
             return _send(h, 404, b'{"error": "Repository not found"}', {"X-Error-Code": "RepoNotFound"})
@@ -121,8 +136,14 @@ class HubServer:
         if sha is None:
             return _send(h, 404, b'{"error": "Invalid rev id"}', {"X-Error-Code": "RevisionNotFound"})
         files = repo.commits[sha]
+        query = query or {}
         if kind == "tree":
-            body = [{"type": "file", "path": name, "size": len(data), "oid": _git_oid(data)} for name, data in files.items()]
+            entries = _tree(files, path.strip("/"), (query.get("recursive") or ["false"])[0].lower() == "true")
+            if entries is None:
+                return _send(h, 404, b'{"error": "Entry not found"}', {"X-Error-Code": "EntryNotFound"})
+            body = entries
+        elif kind == "paths-info":
+            body = [e for p in query.get("paths", []) for e in (_tree(files, p.strip("/"), False, itself=True) or [])]
         else:
             name = repo_id.removeprefix("datasets/")
             body = {"_id": sha[:24], "id": name, "modelId": name, "sha": sha, "private": False, "gated": False,
@@ -146,14 +167,15 @@ class HubServer:
             return _send(h, 200, data, headers, head=True)
         if self.delay:
             time.sleep(self.delay)
-        with self._lock:
-            self.downloads[(repo_id, name)] += 1
-        start = 0
-        rng = re.match(r"bytes=(\d+)-$", h.headers.get("Range", ""))
+        start, end = 0, len(data)
+        rng = re.match(r"bytes=(\d+)-(\d*)$", h.headers.get("Range", ""))
         if rng:
             start = int(rng.group(1))
-            headers["Content-Range"] = f"bytes {start}-{len(data) - 1}/{len(data)}"
-        return _send(h, 206 if rng else 200, data[start:], headers)
+            end = min(end, int(rng.group(2)) + 1) if rng.group(2) else end
+            headers["Content-Range"] = f"bytes {start}-{end - 1}/{len(data)}"
+        with self._lock:
+            (self.ranges if rng and rng.group(2) else self.downloads)[(repo_id, name)] += 1
+        return _send(h, 206 if rng else 200, data[start:end], headers)
 
 
 def _send(h: BaseHTTPRequestHandler, status: int, body: bytes, headers: dict[str, str], head: bool = False) -> None:
@@ -167,6 +189,36 @@ def _send(h: BaseHTTPRequestHandler, status: int, body: bytes, headers: dict[str
             h.wfile.write(body)
         except (BrokenPipeError, ConnectionResetError):
             pass
+
+
+def _entry(name: str, data: bytes) -> dict:
+    sha256 = hashlib.sha256(data).hexdigest()
+    return {"type": "file", "path": name, "size": len(data), "oid": _git_oid(data),
+            "lfs": {"oid": sha256, "size": len(data), "pointerSize": 134}}
+
+
+def _tree(files: dict[str, bytes], path: str, recursive: bool, itself: bool = False) -> list[dict] | None:
+    """The entries under `path` (a folder of the repo; "" its root): its files and folders, or every file and
+    folder below it (`recursive`); `itself`: the entry of `path` alone (paths-info). None: no such folder."""
+    if itself:
+        if path in files:
+            return [_entry(path, files[path])]
+        is_dir = any(n.startswith(path + "/") for n in files)
+        return [{"type": "directory", "path": path, "oid": _git_oid(path.encode())}] if is_dir else []
+    prefix = path + "/" if path else ""
+    below = [n for n in files if n.startswith(prefix)]
+    if path and not below:
+        return None
+    out: dict[str, dict] = {}
+    for name in below:
+        parts = name[len(prefix):].split("/")
+        for depth in range(1, len(parts)):  # the folders on the way
+            folder = prefix + "/".join(parts[:depth])
+            if recursive or depth == 1:
+                out.setdefault(folder, {"type": "directory", "path": folder, "oid": _git_oid(folder.encode())})
+        if recursive or len(parts) == 1:
+            out[name] = _entry(name, files[name])
+    return list(out.values())
 
 
 def _git_oid(data: bytes) -> str:

@@ -201,6 +201,8 @@ def test_bench_host_quick_runs_and_reports_every_figure(tmp_path):
     for k in ("img_s", "mb_s", "ms_total", "ms_process", "ms_main_thread", "ms_children", "of_decode_limit"):
         assert run[k] > 0, k
     assert got["decode"]["ms_per_image"] > 0 and got["write"]["h5py_mb_s"] > 0
+    assert run["threads_s"]["MainThread"] > 0 and run["minflt_self"] > 0  # the main process by thread, page faults
+    assert "| code | -j | threads | page faults/img" in r.stdout
 
 
 @pytest.mark.slow

@@ -90,12 +90,12 @@ def test_views_and_viz_plan_are_what_the_backbone_receives(tmp_path, monkeypatch
     seen: list[np.ndarray] = []
     submit, strategy = extractor.Extractor.submit, extractor.Extractor.strategy_features
 
-    def spy_submit(self, images, sizes):
+    def spy_submit(self, images, plan):
         seen.extend(np.asarray(im) for im in images)
-        return submit(self, images, sizes)
+        return submit(self, images, plan)
 
     def spy_strategy(self, recs):
-        seen.extend(np.asarray(a) for r in recs for a in r["image"])
+        seen.extend(np.asarray(a) for r in recs for a in r.pixels)
         return strategy(self, recs)
 
     monkeypatch.setattr(extractor.Extractor, "submit", spy_submit)
@@ -108,7 +108,7 @@ def test_views_and_viz_plan_are_what_the_backbone_receives(tmp_path, monkeypatch
     fig, panels = plan_figure(path, res)
     with Image.open(path) as raw:
         naive = np.asarray(ImageOps.exif_transpose(raw).convert("RGB"))
-    pictures = strategy_of(res).pictures(res, _orig_hw(path), views)
+    pictures = strategy_of(res).pictures(res, strategy_of(res).plan(res, _orig_hw(path)), views)
     shown = 0
     for p, (pic, label, _) in zip(panels, pictures):
         assert p.label == label

@@ -20,7 +20,7 @@ from s2cli.bench import decode_compare, synthetic_jpegs
 from s2cli.config import ExtractConfig, build_config, resolve_config
 from s2cli.devicepath import Transfer, decode_batch, fit_tensor, orient
 from s2cli.extractor import Extractor, use_channels_last
-from s2cli.inputs.decode import Fit, decode_sample, probe_jpeg
+from s2cli.inputs.decode import Decoded, Fit, decode_sample, probe_jpeg
 from s2cli.inputs.samples import Sample
 from s2cli.pixels import fit_image, to_uint8_array
 from s2cli.strategies import plan_image
@@ -57,6 +57,19 @@ def test_transfer_on_the_cpu_is_a_plain_stack_and_copy():
     assert p.event is None and torch.equal(p.result()[0], x.float()) and p.result()[1] is None
 
 
+def test_cpu_batches_are_stacked_into_reused_buffers_overwritten_two_batches_later():
+    """The CPU's stand-in for pinned memory: a batch of a shape seen before lands in a buffer already mapped (no
+    fresh allocation, no page faults); the one before it stays intact for one more batch."""
+    t = Transfer(torch.device("cpu"))
+    batch = lambda k: [torch.full((3, 4, 5), 10 * k + i, dtype=torch.uint8) for i in range(2)]  # noqa: E731
+    a, b = t.to_device(batch(1)), t.to_device(batch(2))
+    assert a.data_ptr() != b.data_ptr() and torch.equal(a, torch.stack(batch(1))) and torch.equal(b, torch.stack(batch(2)))
+    c = t.to_device(batch(3))
+    assert c.data_ptr() == a.data_ptr() and torch.equal(c, torch.stack(batch(3))) and torch.equal(b, torch.stack(batch(2)))
+    odd = t.to_device([torch.zeros((3, 2, 2), dtype=torch.uint8)])  # another shape: its own buffers
+    assert odd.shape == (1, 3, 2, 2) and torch.equal(t.to_device(batch(4)), torch.stack(batch(4)))
+
+
 def test_submit_then_result_equals_the_plain_engine(tmp_path):
     """Extractor.submit (stage, normalize, engine, copy back; deferred in the pipeline) gives exactly what the
     engine gives when called directly on the normalized batch."""
@@ -64,15 +77,16 @@ def test_submit_then_result_equals_the_plain_engine(tmp_path):
     bb = load_backbone(res.backbone, random_init=True)
     ex = Extractor(res, bb, torch.device("cpu"), torch.float32)
     imgs = [torch.from_numpy(to_uint8_array(Image.fromarray(smooth(i, (320, 320))))) for i in range(3)]
-    sizes = plan_image(res, (320, 320)).engine_sizes
-    pending = ex.submit(imgs, sizes)
+    plan = plan_image(res, (320, 320))
+    sizes = plan.engine_sizes
+    pending = ex.submit(imgs, plan)
     feats, pooled = pending.result()
     x = (torch.stack(imgs).float() / 255 - ex.mean) / ex.std
     with torch.inference_mode():
         want = multiscale_forward(bb, x, img_sizes=sizes, max_split_size=res.max_split_size, num_prefix_token=1,
                                   output_shape="bnc")
     assert torch.equal(feats, want) and torch.equal(pooled, want[:, 1:].mean(1))
-    f2, _ = ex.features(torch.stack(imgs), sizes)  # a stacked batch too
+    f2, _ = ex.features(torch.stack(imgs), plan)  # a stacked batch too
     assert torch.equal(f2, want)
 
 
@@ -176,13 +190,13 @@ def test_decode_batch_matches_pillow_and_orients(tmp_path):
                Sample("gray", "<m>", data=jpeg(arr[:, :, 1])), Sample("prog", "<m>", data=jpeg(arr, progressive=True))]
     fit = Fit("crop", 48, (0.5, 0.5, 0.5), None, "torch")
     recs = [decode_sample(s, fit) for s in samples]
-    assert all("jpeg" in r and r["image"] is None for r in recs)
+    assert all(r.jpeg is not None and r.pixels is None for r in recs)
     decode_batch(recs, fit, torch.device("cpu"))
     pil = [decode_sample(s, Fit("crop", 48, (0.5, 0.5, 0.5))) for s in samples]
     for r, p in zip(recs, pil):
-        assert r["error"] is None and tuple(r["orig_hw"]) == tuple(p["orig_hw"]) and r["meta"] == p["meta"]
-        assert np.abs(r["image"].numpy().astype(int) - p["image"].astype(int)).max() <= 2
-    assert recs[1]["orig_hw"] == (96, 60) and json.loads(recs[2]["meta"])["decode"] == {"mode": "L"}
+        assert r.error is None and r.jpeg is None and r.orig_hw == p.orig_hw and r.meta == p.meta
+        assert np.abs(r.pixels.numpy().astype(int) - p.pixels.astype(int)).max() <= 2
+    assert recs[1].orig_hw == (96, 60) and json.loads(recs[2].meta)["decode"] == {"mode": "L"}
 
 
 def test_device_decoder_failure_falls_back_to_pillow_per_image(monkeypatch):
@@ -203,11 +217,11 @@ def test_device_decoder_failure_falls_back_to_pillow_per_image(monkeypatch):
     recs = [decode_sample(Sample(k, "<m>", data=d, meta=m), fit)
             for k, d, m in (("a", jpeg(smooth(4, (30, 40))), None), ("b", bad, '{"txt": "hi"}'))]
     decode_batch(recs, fit, torch.device("cpu"))
-    assert recs[0]["meta"] is None and recs[0]["image"].shape == (3, 32, 32)
-    meta = json.loads(recs[1]["meta"])
+    assert recs[0].meta is None and recs[0].pixels.shape == (3, 32, 32)
+    meta = json.loads(recs[1].meta)
     assert meta["txt"] == "hi" and meta["decode"]["path"] == "pil-fallback" and "nvjpeg: unsupported" in meta["decode"]["reason"]
-    want = decode_sample(Sample("b", "<m>", data=bad), Fit("squash", 32, (0.5, 0.5, 0.5)))["image"]
-    np.testing.assert_array_equal(recs[1]["image"].numpy(), want)
+    want = decode_sample(Sample("b", "<m>", data=bad), Fit("squash", 32, (0.5, 0.5, 0.5))).pixels
+    np.testing.assert_array_equal(recs[1].pixels.numpy(), want)
 
 
 def test_decode_torch_on_the_fault_battery_equals_pil_but_for_rounding(cli, tmp_path):
@@ -265,11 +279,11 @@ def test_decode_compare_reports_speed_and_pixel_difference():
 def test_cuda_features_equal_cpu_features_through_pinned_async_copies(tmp_path):
     res = _res(tmp_path, pool="mean")
     imgs = [torch.from_numpy(to_uint8_array(Image.fromarray(smooth(i, (320, 320))))) for i in range(4)]
-    sizes = plan_image(res, (320, 320)).engine_sizes
+    plan = plan_image(res, (320, 320))
     cpu = Extractor(res, load_backbone(res.backbone, random_init=True), torch.device("cpu"), torch.float32)
-    want = cpu.features(imgs, sizes)
+    want = cpu.features(imgs, plan)
     gpu = Extractor(res, load_backbone(res.backbone, random_init=True), torch.device("cuda"), torch.float32)
-    pendings = [gpu.submit(imgs, sizes) for _ in range(3)]  # several in flight
+    pendings = [gpu.submit(imgs, plan) for _ in range(3)]  # several in flight
     for p in pendings:
         assert p.event is not None
         feats, pooled = p.result()
@@ -295,8 +309,8 @@ def test_cuda_decode_batch_is_close_to_the_cpu_decoder():
     cpu = decode_batch([decode_sample(s, fit) for s in samples], fit, torch.device("cpu"))
     gpu = decode_batch([decode_sample(s, fit) for s in samples], fit, torch.device("cuda"))
     for c, g in zip(cpu, gpu):
-        assert g["image"].device.type == "cuda" and g["meta"] is None
-        diff = (g["image"].cpu().int() - c["image"].int()).abs()
+        assert g.pixels.device.type == "cuda" and g.meta is None
+        diff = (g.pixels.cpu().int() - c.pixels.int()).abs()
         assert diff.max() <= 8 and diff.float().mean() < 1.0  # nvJPEG's IDCT is not libjpeg-turbo's
 
 
@@ -349,10 +363,10 @@ def test_finite_check_uses_the_batch_sums_and_finds_only_the_bad_images(tmp_path
     pooled = torch.zeros(4, 6)
     sums = finite_sums(feats, pooled)
     assert sums[0].shape == (4,) and torch.isfinite(sums[0]).tolist() == [True, False, False, False]
-    recs = [{"key": f"k{i}", "source": f"s{i}"} for i in range(4)]
+    recs = [Decoded(f"k{i}", f"s{i}") for i in range(4)]
     failed: list[dict] = []
     kept = ex.finite([(r, feats[i], pooled[i]) for i, r in enumerate(recs)], failed.append, sums=tuple(sums))
-    assert [r["key"] for r, _, _ in kept] == ["k0", "k3"]
+    assert [r.key for r, _, _ in kept] == ["k0", "k3"]
     assert [(f["key"], f["error_class"]) for f in failed] == [("k1", "NonFiniteFeatures"), ("k2", "NonFiniteFeatures")]
     assert "1 NaN and 0 Inf" in failed[0]["error"] and "0 NaN and 1 Inf" in failed[1]["error"]
     assert all_finite(feats[3]) and not all_finite(feats[1]) and all_finite(feats[0], torch.tensor(30.0))
@@ -362,9 +376,9 @@ def test_submit_brings_the_finite_sums_back_beside_the_result(tmp_path):
     res = _res(tmp_path, pool="mean")
     ex = Extractor(res, load_backbone(res.backbone, random_init=True), torch.device("cpu"), torch.float32)
     imgs = [torch.from_numpy(to_uint8_array(Image.fromarray(smooth(i, (320, 320))))) for i in range(2)]
-    pending = ex.submit(imgs, plan_image(res, (320, 320)).engine_sizes)
+    pending = ex.submit(imgs, plan_image(res, (320, 320)))
     feats, pooled = pending.result()
     fs, ps = pending.aside()
     assert torch.equal(fs, feats.flatten(1).sum(1, dtype=torch.float32)) and torch.equal(ps, pooled.sum(1))
     no_check = Extractor(dataclasses.replace(res, check_finite=False), ex.backbone, torch.device("cpu"), torch.float32)
-    assert no_check.submit(imgs, plan_image(res, (320, 320)).engine_sizes).aside() == (None, None)
+    assert no_check.submit(imgs, plan_image(res, (320, 320))).aside() == (None, None)

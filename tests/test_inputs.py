@@ -20,7 +20,7 @@ from conftest import FAST, rng_rgb, slowed_s2, wait_until
 from s2cli import open_features
 from s2cli.errors import ConfigError
 from s2cli.inputs.kind import InputKind
-from s2cli.inputs.resolve import register, unregister
+from s2cli.inputs.resolve import open_input, register, unregister
 from s2cli.inputs.samples import Sample
 
 LIB = dict(model="timm:test_resnet", random_init=True, img_sizes=(64, 128), max_split_size=64, workers=0)
@@ -323,15 +323,92 @@ def test_a_fifo_named_like_an_image_is_a_failure_record_whatever_the_workers(cli
     assert r.exit_code == 0, r.stderr
 
 
+def hub_parquet(folder: Path, rows: slice = slice(None), name: str = "train-00000-of-00001.parquet") -> Path:
+    """The rows of `hf_dataset()` as parquet (row groups of 2) in `folder/data/`, as a hub dataset repo holds them."""
+    import pyarrow.parquet as pq
+
+    table = hf_dataset().data.table.slice(rows.start or 0, (rows.stop or 5) - (rows.start or 0))
+    (folder / "data").mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, folder / "data" / name, row_group_size=2)
+    return folder
+
+
 def test_the_same_dataset_on_the_loopback_hub_as_parquet_extracts_as_the_folder(tmp_path, reference, hub):
-    ds = hf_dataset()
-    (tmp_path / "repo" / "data").mkdir(parents=True)
-    ds.to_parquet(str(tmp_path / "repo" / "data" / "train-00000-of-00001.parquet"))
+    hub_parquet(tmp_path / "repo")
     hub.add("org/tiny", tmp_path / "repo", repo_type="dataset")
     s2cli.extract("hf://datasets/org/tiny", str(tmp_path / "h.h5"), **LIB)
     assert_same(features(tmp_path / "h.h5"), reference)
     with pytest.raises(ConfigError, match="no such dataset on the hub"):
         s2cli.plan("hf://datasets/org/missing")
+    with pytest.raises(ConfigError, match="no such revision"):
+        s2cli.plan("hf://datasets/org/tiny@nope")
+
+
+def test_a_hub_dataset_is_listed_through_hffilesystem_and_each_file_downloaded_once_into_the_hf_cache(
+        tmp_path, reference, hub):
+    repo = hub_parquet(tmp_path / "repo", slice(0, 3), "train-00000-of-00002.parquet")
+    hub_parquet(repo, slice(3, 5), "train-00001-of-00002.parquet")
+    (repo / "README.md").write_text("a dataset card")
+    hub.add("org/two", repo, repo_type="dataset")
+    inp = open_input("hf://datasets/org/two")  # its row groups from the footers, by range requests: no download
+    assert (inp.total, [u.id for u in inp.units]) == (5, ["data/train-00000-of-00002.parquet#rg0",
+                                                          "data/train-00000-of-00002.parquet#rg1",
+                                                          "data/train-00001-of-00002.parquet#rg0"])
+    assert not hub.downloads and hub.ranges
+    assert any(p.startswith("/api/datasets/org/two/tree/") for _, p in hub.requests)  # HfFileSystem's listing
+    s = s2cli.extract("hf://datasets/org/two", f"{tmp_path / 'o'}/", shard_size=2, **LIB)
+    assert s.num_images == 5
+    assert_same(features(tmp_path / "o"), reference)
+    files = {("datasets/org/two", f"data/train-0000{i}-of-00002.parquet") for i in (0, 1)}
+    assert dict(hub.downloads) == dict.fromkeys(files, 1)  # each .parquet file once, never the card
+    blobs = Path(os.environ["HF_HOME"]) / "hub" / "datasets--org--two" / "blobs"
+    assert len(list(blobs.iterdir())) == 2  # in the HF cache, as model weights are
+    s2cli.extract("hf://datasets/org/two", str(tmp_path / "again.h5"), **LIB)
+    assert dict(hub.downloads) == dict.fromkeys(files, 1)  # another run reads the cache
+    assert_same(features(tmp_path / "again.h5"), reference)
+    marker = json.loads((tmp_path / "o" / "part-00000-00000.json").read_text())
+    assert marker["unit"] == "data/train-00000-of-00002.parquet#rg0" and len(marker["table_etag"]) == 64
+
+
+def test_a_hub_dataset_read_once_resumes_and_extracts_offline_from_the_cache(tmp_path, reference, hub, monkeypatch):
+    hub_parquet(tmp_path / "repo")
+    hub.add("org/tiny", tmp_path / "repo", repo_type="dataset")
+    out = f"{tmp_path / 'o'}/"
+    s2cli.extract("hf://datasets/org/tiny", out, shard_size=2, **LIB)
+    hub.stop()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    s = s2cli.extract("hf://datasets/org/tiny", out, shard_size=2, **LIB)  # the same files, the same identities
+    assert s.resumed_images == 5 and s.num_images == 0
+    s2cli.extract("hf://datasets/org/tiny@main", str(tmp_path / "off.h5"), **LIB)
+    assert_same(features(tmp_path / "off.h5"), reference)
+    with pytest.raises(ConfigError, match="not in the HF cache and HF_HUB_OFFLINE=1") as e:
+        s2cli.plan("hf://datasets/org/other")
+    assert "hf download org/other --repo-type dataset" in str(e.value)
+
+
+def test_an_offline_run_names_the_hub_files_missing_from_the_cache(tmp_path, hub, monkeypatch):
+    repo = hub_parquet(tmp_path / "repo", slice(0, 3), "a.parquet")
+    hub_parquet(repo, slice(3, 5), "b.parquet")
+    hub.add("org/two", repo, repo_type="dataset")
+    s2cli.extract("hf://datasets/org/two", str(tmp_path / "one.h5"), limit=2, **LIB)  # reads a.parquet only
+    assert [f for _, f in hub.downloads] == ["data/a.parquet"]
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ConfigError, match="1 of the 2 .parquet files of the hub dataset are not in the HF cache"):
+        s2cli.plan("hf://datasets/org/two")  # never a run over half the dataset
+
+
+def test_a_new_commit_of_a_hub_dataset_redoes_only_the_files_it_changed(tmp_path, hub):
+    repo = hub_parquet(tmp_path / "repo", slice(0, 3), "a.parquet")
+    hub_parquet(repo, slice(3, 5), "b.parquet")
+    hub.add("org/two", repo, repo_type="dataset")
+    out = f"{tmp_path / 'o'}/"
+    first = s2cli.extract("hf://datasets/org/two", out, shard_size=2, **LIB)
+    hub_parquet(repo, slice(0, 2), "b.parquet")  # b.parquet rewritten: other rows
+    hub.add("org/two", repo, repo_type="dataset")  # main moves to the new commit
+    again = s2cli.extract("hf://datasets/org/two", out, shard_size=2, **LIB)
+    assert (first.num_images, again.resumed_images, again.num_images) == (5, 3, 2)
+    with open_features(tmp_path / "o") as ff:
+        assert ff.complete and len(ff) == 5
 
 
 def test_a_single_video_file_extracts_as_from_its_folder(cli, tmp_path):

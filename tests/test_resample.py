@@ -5,10 +5,11 @@ image is resized as before."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from s2cli.pixels import fit_image, fit_size
-from s2cli.resample import coefficients, kept_interval, resize_kept
+from s2cli.resample import coefficients, horizontal_first, kept_interval, resize_kept
 
 rng = np.random.default_rng(25)
 
@@ -64,6 +65,74 @@ def test_where_the_arithmetic_differs_the_whole_image_is_resized():
     assert np.array_equal(np.asarray(fit_image(im, "crop", side, (0.5, 0.5, 0.5))), whole_then_crop(im, side))
 
 
-def test_a_vertical_shrink_is_left_to_the_whole_resize():
-    """Shrinking vertically, Pillow may take its two passes in the other order: not promised, so refused."""
-    assert resize_kept(noise(300, 200), (150, 100), (25, 0, 125, 100)) is None
+def reference_fit(im: Image.Image, fit: str, side: int, mean: tuple[float, float, float]) -> np.ndarray:
+    """`pixels.fit_image` as it was before any region-only resize: the whole image resized, then cropped."""
+    w, h = im.size
+    if fit == "squash":
+        return np.asarray(im.resize((side, side), Image.BICUBIC))
+    if fit == "pad":
+        m = max(w, h)
+        canvas = Image.new(im.mode, (m, m), tuple(int(c * 255) for c in mean) if im.mode == "RGB" else int(mean[0] * 255))
+        canvas.paste(im, ((m - w) // 2, (m - h) // 2))
+        return np.asarray(canvas.resize((side, side), Image.BICUBIC))
+    th, tw = fit_size((h, w), "keep", side)
+    out = im.resize((tw, th), Image.BICUBIC) if (tw, th) != (w, h) else im
+    if fit == "keep":
+        return np.asarray(out)
+    top, left = (th - side) // 2, (tw - side) // 2
+    return np.asarray(out.crop((left, top, left + side, top + side)))
+
+
+def test_every_fit_mode_keeps_the_pixels_of_resizing_the_whole_image_over_a_sweep_of_sizes():
+    """Upscales and downscales, landscape, portrait and tall (Pillow 13 runs a tall image's vertical pass
+    first), RGB and grayscale, every fit mode: byte for byte the whole resize, with the kept region taken where
+    Pillow's arithmetic allows it (crop edges on exact samples)."""
+    r = np.random.default_rng(2512)  # the geometries: fixed whichever tests run before
+    sizes = [(int(r.integers(6, 260)), int(r.integers(6, 260))) for _ in range(120)]
+    sizes += [(int(r.integers(6, 60)), int(r.integers(130, 260))) for _ in range(30)]  # tall: vertical first
+    # photo-like aspect ratios (4:3, 3:2, 16:9, portraits, tall strips), whose crop edges fall on exact samples
+    sizes += [(p * k, q * k) for p, q in [(4, 3), (3, 4), (3, 2), (16, 9), (1, 3), (2, 5), (3, 1)] for k in (8, 16, 40, 56)]
+    sizes += [(p * k, q * k) for p, q in [(1, 3), (2, 5), (1, 4), (2, 7)] for k in (24, 32, 48, 64, 72, 96)]  # tall
+    kept = {True: 0, False: 0}
+    for i, (w, h) in enumerate(sizes):
+        side = int(r.choice([16, 24, 32, 48, 64, 100, 112, 160]))
+        if max(w, h) / min(w, h) > min(side, 16):  # past LONG_ASPECT fits are close, not exact (documented)
+            continue
+        mode = "L" if i % 4 == 0 else "RGB"
+        im = noise(w, h, mode)
+        th, tw = fit_size((h, w), "keep", side)
+        top, left = (th - side) // 2, (tw - side) // 2
+        if (tw, th) != (w, h) and resize_kept(im, (tw, th), (left, top, left + side, top + side)) is not None:
+            kept[horizontal_first(w, h, tw, th)] += 1
+        for fit in ("crop", "squash", "keep") + (("pad",) if mode == "RGB" else ()):
+            got = np.asarray(fit_image(im, fit, side, (0.48, 0.46, 0.41)))
+            assert np.array_equal(got, reference_fit(im, fit, side, (0.48, 0.46, 0.41))), (w, h, side, fit, mode)
+    assert kept[True] >= 30 and kept[False] >= 5, kept  # both pass orders were taken from the kept region
+
+
+@pytest.mark.slow  # 12-megapixel resizes
+def test_photo_sized_downscales_are_fitted_from_the_kept_region():
+    """A 12-megapixel phone photo (4032x3024) and its portrait, a 1920x1080 frame both ways, and a 1:3 strip (its
+    vertical pass first), shrunk to 1008, 672 or 336."""
+    for w, h, side in [(4032, 3024, 1008), (3024, 4032, 336), (1920, 1080, 1008), (1080, 1920, 1008), (1344, 4032, 672)]:
+        im = noise(w, h)
+        th, tw = fit_size((h, w), "keep", side)
+        top, left = (th - side) // 2, (tw - side) // 2
+        out = resize_kept(im, (tw, th), (left, top, left + side, top + side))
+        assert out is not None, (w, h, side)
+        assert np.array_equal(np.asarray(out), whole_then_crop(im, side)), (w, h, side)
+
+
+def test_the_pass_order_is_pillows():
+    """Pillow 13 shrinks a tall image vertically first (its two orders round differently): the probed rule says
+    so, and the kept region follows it (the horizontal-first computation would differ)."""
+    w, h, tw, th = 8, 40, 16, 8
+    assert horizontal_first(w, h, tw, th) is False
+    assert horizontal_first(1024, 768, 1344, 1008) is True and horizontal_first(4032, 3024, 1344, 1008) is True
+    im = noise(60, 240)
+    tw, th = 48, 192  # 60x240 -> 48x192, cut to 48x48: the height shrinks 48, the width 12
+    assert horizontal_first(60, 240, tw, th) is False
+    out = resize_kept(im, (tw, th), (0, 72, 48, 120))
+    assert out is not None and np.array_equal(np.asarray(out), np.asarray(im.resize((tw, th), Image.BICUBIC).crop((0, 72, 48, 120))))
+    horizontal = np.asarray(im.resize((tw, 240), Image.BICUBIC).resize((tw, th), Image.BICUBIC).crop((0, 72, 48, 120)))
+    assert not np.array_equal(np.asarray(out), horizontal)

@@ -1,18 +1,19 @@
-"""Decoding a sample in a worker: Pillow to RGB as the HF processors do (EXIF, alpha, 16-bit), fitted or rendered
-to the engine's input; videos' frames; `--decode torch`'s header probe. A failure is a record, never a raise."""
+"""Decoding a sample in a worker: Pillow to RGB as the HF processors do (EXIF, alpha, 16-bit), the image's plan made
+from its size, its pixels fitted or rendered to the engine's input; videos' frames; `--decode torch`'s header
+probe. What comes out is one `Decoded` record; a failure is a record, never a raise."""
 from __future__ import annotations
 
 import io
-import json
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..errors import ConfigError
+from ..items import meta_loads, meta_with
 from ..pixels import FITS, LONG_ASPECT, fit_to_array
 from ..store import local_of
 from ..video import Sampling, looks_like_video, read_clip
@@ -97,18 +98,72 @@ def _unidentified(fh: Any) -> str:
 
 
 
+@dataclass(eq=False)
+class DeviceJpeg:
+    """`--decode torch`: a JPEG the device decoder takes, as the worker read and probed it (`read_for_device`)."""
+
+    data: Any  # the file's bytes, uint8 (an array; a torch tensor while it crosses from a worker)
+    stored_hw: tuple[int, int]  # (h, w) as stored, before the EXIF orientation
+    orientation: int  # EXIF orientation 1..8
+    source_meta: str | None  # the sample's own metadata: a Pillow fallback's record starts from it
+
+
+@dataclass(eq=False)
+class Decoded:
+    """One decoded sample, as a decode worker hands it to the run: where it came from, its metadata, its size, the
+    image's plan (made once, here, from its size: `Fit.plan`) and its pixels; or its failure record. Plain fields
+    of str, dict, tuples and arrays (numpy, or torch tensors through shared memory), so it pickles cheaply across
+    processes. Every consumer (the run, the Extractor, the strategies, the video frames, `s2cli.views`) reads
+    these fields; nothing rebuilds the plan. Records compare by identity (their arrays have no one truth value)."""
+
+    key: str
+    source: str
+    meta: str | None = None  # JSON text (items.meta_loads); what decoding did is in its `decode` entry
+    error: dict[str, str] | None = None  # the failure record (samples.failure); then nothing below is set
+    orig_hw: tuple[int, int] | None = None  # the image's (h, w) as displayed (EXIF orientation applied)
+    plan: Any = None  # the image's plan from `orig_hw` (strategies.ImagePlan for S², ViewImagePlan for views)
+    pixels: Any = None  # the engine's input: (3, H, W) uint8, or a list of them (a strategy's views); None: `jpeg`
+    frames: list[Any] | None = None  # a video: each chosen frame's pixels, as `pixels` (all of one size and plan)
+    video: dict[str, Any] | None = None  # a video: the chosen frames' indices and timestamps, its facts
+    jpeg: DeviceJpeg | None = None  # --decode torch: decoded and fitted on the run's device (devicepath)
+    frame: int | None = None  # a video's frame going through the image path: its position among the computed ones
+    seconds: tuple[float, float, float] = (0.0, 0.0, 0.0)  # read, decode, fit in the worker: the run's stage split
+
+    @classmethod
+    def failed(cls, error: dict[str, str]) -> "Decoded":
+        """The record of a sample that failed (`error`: its failure record)."""
+        return cls(error["key"], error["source"], error=error)
+
+    def map_arrays(self, convert: Callable[[Any], Any]) -> "Decoded":
+        """Apply `convert` to every array the record holds (its pixels or views, a video's frames, JPEG bytes), in
+        place: numpy to torch and back as the record crosses processes or enters the engine."""
+        if self.pixels is not None:
+            self.pixels = [convert(a) for a in self.pixels] if isinstance(self.pixels, list) else convert(self.pixels)
+        if self.frames is not None:
+            self.frames = [[convert(a) for a in f] if isinstance(f, list) else convert(f) for f in self.frames]
+        if self.jpeg is not None:
+            self.jpeg.data = convert(self.jpeg.data)
+        return self
+
+
+def _fitted(im: Image.Image, plan: Any, fit: "Fit") -> Any:
+    return fit_to_array(im, fit)
+
+
 @dataclass(frozen=True)
 class Fit:
-    """How every image is brought to the engine's input: the fit mode, the side, the pad color."""
+    """How every image is brought to the engine's input: the fit mode, the side, the pad color, and the run's
+    strategy: its per-image planner and its rendering."""
 
     mode: str
     side: int
     mean: tuple[float, float, float]
     strategy: Any = None  # a StrategyCfg: the settings of a dynamic-resolution strategy's views
     decode: str = "pil"  # "torch": workers only read and probe (read_for_device); the main thread decodes
-    render: Callable[[Image.Image, "Fit"], Any] | None = None  # the strategy's rendering; None: `fit_to_array`
+    render: Callable[[Image.Image, Any, "Fit"], Any] | None = None  # (image, its plan, fit) -> pixels; None: fitted
     retries: int = 0  # --retries: a read that fails with an OSError is tried again this many times
     video: Sampling = Sampling()  # how a video's frames are chosen; inactive: a video is a failure
+    plan: Callable[[tuple[int, int]], Any] | None = None  # the image's plan from its (h, w) (strategies.Planner)
 
     def __post_init__(self) -> None:
         if self.mode not in FITS:
@@ -116,17 +171,25 @@ class Fit:
         if self.decode not in DECODES:
             raise ConfigError("--decode is not known", given=self.decode, expected=" | ".join(DECODES), fix="use --decode pil")
 
+    def plan_of(self, orig_hw: tuple[int, int]) -> Any:
+        """The plan of an image of `orig_hw` (None without a planner: a bare Fit decodes pixels alone)."""
+        return None if self.plan is None else self.plan(orig_hw)
 
-def decode_sample(sample: Sample, fit: Fit) -> dict[str, Any]:
-    """Sample -> record with `image` (3, H, W) uint8 and `orig_hw`, or `error` (a failure record)."""
+    def pixels(self, im: Image.Image, plan: Any) -> Any:
+        """The engine's input from the decoded image and its plan: the strategy's rendering, or the fit."""
+        return (self.render or _fitted)(im, plan, self)
+
+
+def decode_sample(sample: Sample, fit: Fit) -> Decoded:
+    """Sample -> its `Decoded` record: `pixels` (3, H, W) uint8 (or a strategy's views), `orig_hw` and `plan`, or
+    `error` (a failure record)."""
     if fit.decode == "torch":
         return read_for_device(sample, fit)
-    rec: dict[str, Any] = {"key": sample.key, "source": printable(sample.source), "meta": None, "image": None,
-                           "orig_hw": None, "error": None}
+    rec = Decoded(sample.key, printable(sample.source))
     stage = "read"
     t0 = time.perf_counter()
     try:
-        rec["meta"] = sample_meta(sample)
+        rec.meta = sample_meta(sample)
         if sample.pixels is not None:  # a Python dataset's item, already in memory
             stage, t1 = "decode", t0
             im, notes = pixels_rgb(sample.pixels)
@@ -143,14 +206,14 @@ def decode_sample(sample: Sample, fit: Fit) -> dict[str, Any]:
                 im, notes = load_rgb(fh)
         t2 = time.perf_counter()
         if notes:
-            meta = json.loads(rec["meta"]) if rec["meta"] else {}
-            rec["meta"] = json.dumps({**meta, "decode": notes})
-        rec["orig_hw"] = (im.height, im.width)
+            rec.meta = meta_with(rec.meta, decode=notes)
+        rec.orig_hw = (im.height, im.width)
         stage = "preprocess"
-        rec["image"] = (fit.render or fit_to_array)(im, fit)
-        rec["seconds"] = (t1 - t0, t2 - t1, time.perf_counter() - t2)  # read, decode, fit: the run's stage split
-    except Exception as e:  # recorded per sample; the run goes on (plain dict: it crosses process borders)
-        rec["error"] = failure(sample, stage, e)
+        rec.plan = fit.plan_of(rec.orig_hw)
+        rec.pixels = fit.pixels(im, rec.plan)
+        rec.seconds = (t1 - t0, t2 - t1, time.perf_counter() - t2)
+    except Exception as e:  # recorded per sample; the run goes on
+        return Decoded(rec.key, rec.source, meta=rec.meta, error=failure(sample, stage, e))
     return rec
 
 
@@ -172,10 +235,11 @@ def pixels_rgb(pixels: Any) -> tuple[Image.Image, dict[str, Any]]:
     return as_rgb(Image.fromarray(np.ascontiguousarray(a)), {})
 
 
-def _decode_video(sample: Sample, fit: Fit, rec: dict[str, Any], t0: float, t1: float,
-                  fetched: bytes | None = None) -> dict[str, Any]:
-    """A video's record: `frames`, each chosen frame fitted as an image is, `orig_hw` (upright), and in `video` the
-    chosen frames' indices and timestamps (video.read_clip); or `error`, one record for the whole video."""
+def _decode_video(sample: Sample, fit: Fit, rec: Decoded, t0: float, t1: float,
+                  fetched: bytes | None = None) -> Decoded:
+    """A video's record: `frames`, each chosen frame fitted as an image is, `orig_hw` (upright) and the plan every
+    frame shares, and in `video` the chosen frames' indices and timestamps (video.read_clip); or `error`, one
+    record for the whole video."""
     stage = "decode"
     try:
         if not fit.video.active:
@@ -183,21 +247,19 @@ def _decode_video(sample: Sample, fit: Fit, rec: dict[str, Any], t0: float, t1: 
         clip = read_clip(fetched if fetched is not None else video_src(sample), fit.video)
         t2 = time.perf_counter()
         stage = "preprocess"
-        rec["orig_hw"] = (clip.frames[0].height, clip.frames[0].width)
-        rec["frames"] = [(fit.render or fit_to_array)(im, fit) for im in clip.frames]
-        rec["video"] = clip.meta()
-        rec["seconds"] = (t1 - t0, t2 - t1, time.perf_counter() - t2)
+        rec.orig_hw = (clip.frames[0].height, clip.frames[0].width)
+        rec.plan = fit.plan_of(rec.orig_hw)
+        rec.frames = [fit.pixels(im, rec.plan) for im in clip.frames]
+        rec.video = clip.meta()
+        rec.seconds = (t1 - t0, t2 - t1, time.perf_counter() - t2)
     except Exception as e:  # the whole video fails: no entry, one record
-        rec["error"] = failure(sample, stage, e)
-        rec.pop("frames", None)
+        return Decoded(rec.key, rec.source, meta=rec.meta, error=failure(sample, stage, e))
     return rec
 
 
 def with_decode_note(meta: str | None, note: dict[str, Any]) -> str:
     """`meta` (JSON text or None) with `note` merged into its `decode` entry."""
-    m = json.loads(meta) if meta else {}
-    m["decode"] = {**m.get("decode", {}), **note}
-    return json.dumps(m)
+    return meta_with(meta, decode={**(meta_loads(meta) or {}).get("decode", {}), **note})
 
 
 def probe_jpeg(data: bytes) -> tuple[dict[str, Any] | None, str | None]:
@@ -225,14 +287,14 @@ def probe_jpeg(data: bytes) -> tuple[dict[str, Any] | None, str | None]:
     return {"stored_hw": (h, w), "orientation": orientation if 1 <= orientation <= 8 else 1, "mode": mode}, None
 
 
-def read_for_device(sample: Sample, fit: Fit) -> dict[str, Any]:
+def read_for_device(sample: Sample, fit: Fit) -> Decoded:
     """`--decode torch`, in the decode worker: read the bytes and probe the header (`probe_jpeg`). A JPEG the
-    device decoder takes travels as bytes (`jpeg`, with `stored_hw`, `orientation`; `orig_hw` upright) and is
-    decoded and fitted by the main thread on the run's device (`devicepath.decode_batch`); anything else is
+    device decoder takes travels as bytes (`jpeg`; `orig_hw` upright from the header, and the plan made from it)
+    and is decoded and fitted by the main thread on the run's device (`devicepath.decode_batch`); anything else is
     decoded here with Pillow exactly as `--decode pil` does, its meta.decode saying path "pil-fallback" and why.
     A read failure is the same record as with Pillow."""
     t0 = time.perf_counter()
-    pil = Fit(fit.mode, fit.side, fit.mean, video=fit.video)
+    pil = replace(fit, decode="pil", retries=0)  # (a read that failed is read once more, for the same record)
     if sample.pixels is not None:  # already in memory: no bytes to probe
         return decode_sample(sample, pil)
     try:
@@ -247,15 +309,13 @@ def read_for_device(sample: Sample, fit: Fit) -> dict[str, Any]:
         info, reason = None, f"aspect ratio over {LONG_ASPECT}:1 (Pillow fits it without the full-size resize)"
     if info is None:
         rec = decode_sample(Sample(sample.key, sample.source, data=data, meta=own_meta), pil)
-        if rec["error"] is None:
-            rec["meta"] = with_decode_note(rec["meta"], {"path": "pil-fallback", "reason": reason})
-            rec["seconds"] = (t1 - t0, *rec["seconds"][1:])
+        if rec.error is None:
+            rec.meta = with_decode_note(rec.meta, {"path": "pil-fallback", "reason": reason})
+            rec.seconds = (t1 - t0, *rec.seconds[1:])
         return rec
     h, w = info["stored_hw"]
+    orig_hw = (w, h) if info["orientation"] in (5, 6, 7, 8) else (h, w)
     meta = own_meta if info["mode"] == "RGB" else with_decode_note(own_meta, {"mode": info["mode"]})
-    return {"key": sample.key, "source": printable(sample.source), "meta": meta, "source_meta": own_meta,
-            "image": None, "error": None, "jpeg": np.frombuffer(bytearray(data), dtype=np.uint8),
-            "stored_hw": info["stored_hw"], "orientation": info["orientation"],
-            "orig_hw": (w, h) if info["orientation"] in (5, 6, 7, 8) else (h, w),
-            "seconds": (t1 - t0, time.perf_counter() - t1, 0.0)}
-
+    jpeg = DeviceJpeg(np.frombuffer(bytearray(data), dtype=np.uint8), info["stored_hw"], info["orientation"], own_meta)
+    return Decoded(sample.key, printable(sample.source), meta=meta, orig_hw=orig_hw, plan=fit.plan_of(orig_hw),
+                   jpeg=jpeg, seconds=(t1 - t0, time.perf_counter() - t1, 0.0))

@@ -70,6 +70,15 @@ class InputKind:
         """What tells a streamed unit's content apart without reading it (compared on resume); None: unknown."""
         return None
 
+    def fetch_ahead(self, unit: Unit) -> None:
+        """Fetch now what reading the unit needs from the network, into a cache every process of this node reads (a
+        hub dataset's file): `--devices` workers run offline."""
+
+    def keys(self, unit: Unit) -> list[str] | None:
+        """A streamed unit's keys in order, where the kind can tell them without decoding (a map-style dataset's):
+        its parts are then identified by their keys on resume, as a listed unit's are; None: by `identity`."""
+        return None
+
     def check_options(self, spec: Any, opts: InputOptions) -> None:
         for name, (flag, use, fix) in _OPTION_USE.items():
             if name not in self.takes and getattr(opts, name) != getattr(_DEFAULTS, name):

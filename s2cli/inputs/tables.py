@@ -1,8 +1,9 @@
 """Tables with images in a column: .parquet files (a file, a folder or a glob of them; img2dataset's layout),
-Arrow folders written by `datasets`' `save_to_disk`, and `hf://datasets/ORG/NAME[@REVISION]` (its .parquet files
-downloaded by huggingface_hub into the HF cache, as model weights are: a rerun or resume reads them from there). The image column holds bytes, a path, or an HF `Image` struct {bytes, path}; every other column is kept
-as metadata. Units are row groups (an Arrow file: the file), identified by the file's size and modification time
-(or its hub blob id), read a batch at a time: memory stays flat whatever the file's size."""
+Arrow folders written by `datasets`' `save_to_disk`, and `hf://datasets/ORG/NAME[@REVISION]` (listed through
+huggingface_hub's file system, each file downloaded into the HF cache when first read: `hubdata.py`). The image
+column holds bytes, a path, or an HF `Image` struct {bytes, path}; every other column is kept as metadata. Units
+are row groups (an Arrow file: the file), identified by the file's size and modification time (a hub file: its
+size and content id), read a batch at a time: memory stays flat whatever the file's size."""
 from __future__ import annotations
 
 import glob
@@ -13,6 +14,7 @@ from typing import Any, Iterator
 
 from ..errors import ConfigError
 from ..store import filesystem, local_of
+from .hubdata import PREFIX, HubFile, list_files
 from .kind import InputKind, InputOptions, where
 from .lists import _meta_columns, _plain_value
 from .samples import IMAGE_EXTS, Sample
@@ -32,7 +34,7 @@ class TableKind(InputKind):
     def detect(self, spec: Any, opts: InputOptions) -> bool:
         if not isinstance(spec, str) or spec.startswith("pipe:"):
             return False
-        if spec.startswith("hf://datasets/"):
+        if spec.startswith(PREFIX):
             return True
         if glob.has_magic(spec) and "://" not in spec:
             found = glob.glob(spec, recursive=True)
@@ -54,25 +56,32 @@ class TableKind(InputKind):
         cols = _pick_columns(files[0], opts)
         units: list[Unit] = []
         first = 0
-        for path in files:
-            for group, rows in _pieces(path):
-                name = path.rsplit("/", 1)[-1]
+        for src in files:
+            for group, rows in _pieces(src):
+                name = src.path if isinstance(src, HubFile) else src.rsplit("/", 1)[-1]
                 uid = f"{name}#rg{group}" if group is not None else name
-                units.append(Unit(len(units), uid, url=path, kind=self, ref=(group, first, cols), rows=rows))
+                url = src.url if isinstance(src, HubFile) else src
+                units.append(Unit(len(units), uid, url=url, kind=self, ref=(group, first, cols, src), rows=rows))
                 first += rows
         total = first if not opts.limit else min(first, opts.limit)
         return self.input(spec, units, total, limit=opts.limit or None)
 
     def read(self, unit: Unit) -> Iterator[Sample | dict[str, str]]:
-        group, row, cols = unit.ref
-        for batch in _batches(unit.url, group):  # type: ignore[arg-type]
+        group, row, cols, src = unit.ref
+        for batch in _batches(src, group):
             for item in batch.to_pylist():
                 yield row_sample(item, row, unit.url, cols)  # type: ignore[arg-type]
                 row += 1
 
+    def fetch_ahead(self, unit: Unit) -> None:
+        if isinstance(unit.ref[3], HubFile):
+            unit.ref[3].fetch()
+
     def identity(self, unit: Unit) -> dict[str, Any] | None:
-        """The file's size and modification time (a hub file: its blob id), and the row group's number."""
-        group = unit.ref[0]
+        """The file's size and modification time (a hub file: its content id), and the row group's number."""
+        group, src = unit.ref[0], unit.ref[3]
+        if isinstance(src, HubFile):
+            return {"table_bytes": src.size, "table_etag": src.etag, "row_group": group}
         local = local_of(unit.url)  # type: ignore[arg-type]
         if local is not None:
             try:
@@ -89,10 +98,11 @@ class TableKind(InputKind):
         return {"table_bytes": info.get("size"), "table_etag": str(tag), "row_group": group}
 
 
-def _pick_columns(path: str, opts: InputOptions) -> dict[str, Any]:
+def _pick_columns(src: str | HubFile, opts: InputOptions) -> dict[str, Any]:
     """The image column (--image-column, else the first of IMAGE_COLUMNS), the key column (--key-column, else
     `key`/`__key__` if present; else keys are row numbers), and the columns kept as metadata."""
-    columns = _columns(path)
+    columns = _columns(src)
+    path = src.url if isinstance(src, HubFile) else src
     image = opts.image_column or next((c for c in IMAGE_COLUMNS if c in columns), None)
     if image is None or image not in columns:
         raise ConfigError("the table has no image column" if image is None else f"the table has no column {image!r}",
@@ -137,16 +147,11 @@ def _cell(v: Any) -> Any:
     return _plain_value(v)
 
 
-def table_files(spec: str) -> list[str]:
+def table_files(spec: str) -> list[str | HubFile]:
     """The table files of an input, in order: a file; a folder's .parquet files (or its save_to_disk Arrow files, in
     state.json's order); a glob; every .parquet file of a hub dataset."""
-    if spec.startswith("hf://"):
-        folder = hub_dataset(spec)
-        files = sorted(str(p) for p in folder.rglob("*.parquet"))
-        if not files:
-            raise ConfigError("the hub dataset holds no .parquet files", given=spec,
-                              fix="pass a dataset repo with parquet data (or its parquet conversion)")
-        return files
+    if spec.startswith(PREFIX):
+        return list(list_files(spec))
     if glob.has_magic(spec):
         return sorted(p for p in glob.glob(spec, recursive=True) if p.lower().endswith(TABLE_EXTS))
     p = Path(spec)
@@ -158,44 +163,13 @@ def table_files(spec: str) -> list[str]:
     files = sorted(str(x) for x in p.rglob("*.parquet"))
     if not files:
         raise ConfigError("the folder holds no .parquet files", given=spec, fix="pass a folder of .parquet files")
-    return files
+    return list(files)
 
 
-def hub_dataset(spec: str) -> Path:
-    """The local snapshot (in the HF cache) of a hub dataset's .parquet files: downloaded on first use, read from
-    the cache after (and offline, HF_HUB_OFFLINE=1)."""
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import (
-        HfHubHTTPError,
-        LocalEntryNotFoundError,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-    )
-
-    repo, _, revision = spec.removeprefix("hf://datasets/").strip("/").partition("@")
-    # read from the environment now, as hub.py does for weights (huggingface_hub reads it once, at its import)
-    env = os.environ.get
-    home = env("HF_HOME") or os.path.join(env("XDG_CACHE_HOME") or "~/.cache", "huggingface")
-    cache = os.path.expanduser(env("HF_HUB_CACHE") or env("HUGGINGFACE_HUB_CACHE") or os.path.join(home, "hub"))
-    offline = any(env(k, "").upper() in ("1", "ON", "YES", "TRUE") for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
-    try:
-        return Path(snapshot_download(repo, repo_type="dataset", revision=revision or None, cache_dir=cache,
-                                      endpoint=env("HF_ENDPOINT") or None, local_files_only=offline,
-                                      allow_patterns=["*.parquet", "**/*.parquet"]))
-    except RepositoryNotFoundError:
-        raise ConfigError("no such dataset on the hub (or it is private)", given=spec,
-                          fix="check ORG/NAME; log in (hf auth login) for a private one") from None
-    except RevisionNotFoundError:
-        raise ConfigError("the hub dataset has no such revision", given=spec, fix="check the @REVISION") from None
-    except LocalEntryNotFoundError:
-        raise ConfigError("the hub dataset is not in the HF cache and the hub cannot be reached (offline?)",
-                          given=spec, fix="run once with the hub reachable, or unset HF_HUB_OFFLINE") from None
-    except HfHubHTTPError as e:
-        raise ConfigError(f"the hub refused the dataset: {str(e).splitlines()[0]}", given=spec,
-                          fix="check the URL and your access") from None
-
-
-def _open(path: str) -> Any:
+def _open(path: str | HubFile) -> Any:
+    """What pyarrow reads a file's footer from: a local path, a hub file (cached, else by range requests), a URL."""
+    if isinstance(path, HubFile):
+        return path.open()
     local = local_of(path)
     if local is not None:
         return local
@@ -203,9 +177,9 @@ def _open(path: str) -> Any:
     return fs.open(inner, "rb")
 
 
-def _pieces(path: str) -> list[tuple[int | None, int]]:
+def _pieces(path: str | HubFile) -> list[tuple[int | None, int]]:
     """(row group, rows) of a parquet file; [(None, rows)] for an Arrow file."""
-    if path.endswith(".arrow"):
+    if isinstance(path, str) and path.endswith(".arrow"):
         return [(None, _arrow(path).num_rows)]
     import pyarrow.parquet as pq
 
@@ -213,8 +187,8 @@ def _pieces(path: str) -> list[tuple[int | None, int]]:
     return [(g, md.row_group(g).num_rows) for g in range(md.num_row_groups)]
 
 
-def _columns(path: str) -> list[str]:
-    if path.endswith(".arrow"):
+def _columns(path: str | HubFile) -> list[str]:
+    if isinstance(path, str) and path.endswith(".arrow"):
         return list(_arrow(path).schema.names)
     import pyarrow.parquet as pq
 
@@ -239,8 +213,11 @@ def _arrow(path: str) -> Any:
         return pa.ipc.open_file(src).read_all()
 
 
-def _batches(path: str, group: int | None) -> Iterator[Any]:
-    """A row group's (an Arrow file's) rows, BATCH_ROWS at a time."""
+def _batches(path: str | HubFile, group: int | None) -> Iterator[Any]:
+    """A row group's (an Arrow file's) rows, BATCH_ROWS at a time; a hub file's from the HF cache (downloaded
+    first if it is not there yet)."""
+    if isinstance(path, HubFile):
+        path = path.fetch()
     if group is None:
         yield from _arrow(path).to_batches(max_chunksize=BATCH_ROWS)
         return

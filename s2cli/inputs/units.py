@@ -34,9 +34,11 @@ class Unit:
         return self.size if self._samples is not None else self.rows
 
     def part_keys(self, part: int, shard_size: int) -> list[str] | None:
-        """The keys of one part of a listed unit, in order ([] past its end); None for a streamed unit."""
+        """The keys of one part of a listed unit, in order ([] past its end), or of a streamed unit whose kind can
+        tell them (a map-style dataset's: `InputKind.keys`); None for other streamed units (a tar)."""
         if self._samples is None:
-            return None
+            keys = self.kind.keys(self) if self.kind is not None else None
+            return None if keys is None else keys[part * shard_size:(part + 1) * shard_size]
         return [s.key for s in self._samples[part * shard_size:(part + 1) * shard_size]]
 
     def identity(self) -> dict[str, Any] | None:
@@ -62,6 +64,12 @@ class Input:
     streamed: bool = False  # units are read to learn their samples (shards, tables, datasets); else listed
     fix: str = ("read the failure records (`s2 inspect OUT --json` or OUTDIR/errors.jsonl): each says why its image "
                 "failed")  # what to look at when every sample failed
+
+    def fetch_ahead(self) -> None:
+        """What the units need from the network, fetched now into the shared cache (`InputKind.fetch_ahead`)."""
+        for unit in self.units:
+            if unit.kind is not None:
+                unit.kind.fetch_ahead(unit)
 
     def describe(self) -> dict[str, Any]:
         d = {"kind": self.kind, "spec": self.spec, "units": len(self.units), "total": self.total,
