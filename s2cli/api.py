@@ -41,8 +41,13 @@ class Progress:
 
 
 def settings(input: str, output: str | None = None, *, recipe: str | None = None, **options: Any) -> Resolved:
-    """The resolved settings of a run (defaults < recipe < options), checked before any weights load."""
-    return resolve_options(input, output, recipe, **options)
+    """The resolved settings of a run (defaults < recipe < options), checked before any weights load. `input` and
+    `output` may be paths (`os.PathLike`)."""
+    return resolve_options(_fspath(input), _fspath(output), recipe, **options)
+
+
+def _fspath(p: Any) -> Any:
+    return os.fspath(p) if isinstance(p, os.PathLike) else p
 
 
 def open_inputs(res: Resolved, obj: Any = None) -> Input:

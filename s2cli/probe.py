@@ -8,6 +8,7 @@ import csv
 import dataclasses
 import json
 import math
+import os
 import shutil
 import tempfile
 import types
@@ -27,7 +28,7 @@ from .inputs.units import Input, Unit
 from .outdir import OutputDir
 from .plan import dry_run
 from .readers import Reader, open_features
-from .store import local_of
+from .store import filesystem, local_of
 
 VECTORS = ("auto", "mean", "pooled")  # auto: the mean of the stored tokens, or the pooled vector where only it is stored
 NOT_OPTIONS = ("input", "output", "provenance")
@@ -266,10 +267,15 @@ def vectors(ff: Reader, keys: list[str], vector: str) -> tuple[np.ndarray, float
 
 # ---- the probe ------------------------------------------------------------------------------------------------
 def is_output(path: str) -> bool:
-    """Features written by `s2 extract`: a local .h5/.safetensors file, or an output folder (its run.json)."""
+    """Features written by `s2 extract`: a .h5/.safetensors file, or an output folder (its run.json), local or on
+    remote storage (s3://...: read through the readers as a local one is)."""
     local = local_of(path)
     if local is None:
-        return False
+        fmt = formats.of_path(Path(path.rstrip("/")))
+        if fmt is not None and not path.endswith("/"):
+            fs, inner = filesystem(path)
+            return bool(fs.isdir(inner) if fmt.store == formats.DIR else fs.isfile(inner))
+        return OutputDir(path).has_run
     p = Path(local)
     fmt = formats.of_path(p)
     return fmt.exists(p) if fmt is not None else (p.is_dir() and OutputDir(p).run_file.is_file())
@@ -335,7 +341,7 @@ def probe(data: str | Sequence[str], tries: Sequence[str] = (), *, labels: str |
         >>> r = s2cli.probe("photos/", ["scales=1", "scales=1,2"], limit=200)
         >>> [(v.name, np.mean(v.probe_accuracy)) for v in r.variants]
     """
-    paths = [data] if isinstance(data, str) else list(data)
+    paths = [os.fspath(p) for p in ([data] if isinstance(data, (str, os.PathLike)) else list(data))]
     tries = [tries] if isinstance(tries, str) else list(tries)
     require_sklearn()
     if vector not in VECTORS:

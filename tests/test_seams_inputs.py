@@ -233,3 +233,41 @@ def test_devices_cpu_cpu_over_each_path_input_kind_equals_one_rank(kind, tmp_pat
     with open_features(tmp_path / "o") as ff:
         assert ff.complete
     assert_same(features(tmp_path / "o"), _want(kind, by_name))
+
+
+# ---- paths (os.PathLike) in, and probe over an S3 output ----------------------------------------------------------
+def test_paths_given_as_pathlib_work_wherever_a_string_path_does(tmp_path, by_name):
+    src = folder_of(tmp_path / "imgs", NAMES)
+    table = _table(tmp_path / "t" / "t.parquet")
+    assert s2cli.plan(src, **LIB)["num_images"] == 5
+    assert s2cli.plan(table, tmp_path / "p.h5", **LIB)["num_images"] == 5
+    assert s2cli.extract(src, tmp_path / "a.h5", **LIB).num_images == 5
+    assert s2cli.extract(table, tmp_path / "t.safetensors", **LIB).num_images == 5
+    assert s2cli.extract(src / "cat.png", tmp_path / "c.h5", **LIB).num_images == 1
+    s = s2cli.extract(src, tmp_path / "o", shard_size=2, **LIB)  # a Path without a suffix: an output folder
+    assert s.shards_written == 3
+    for out in ("a.h5", "t.safetensors", "o"):
+        assert_same(features(tmp_path / out), by_name)
+    assert s2cli.settings(src, tmp_path / "x.h5", **LIB).input == str(src)
+
+
+@pytest.mark.slow  # extracts with a random-init model (seconds)
+def test_probe_scores_outputs_on_s3_as_it_scores_them_locally(s3, tmp_path):
+    pytest.importorskip("sklearn")
+    from test_probe import TINY, labelled_folder
+
+    data = labelled_folder(tmp_path / "data")
+    local = [tmp_path / "a.h5", tmp_path / "b.h5"]
+    remote = [f"s3://{s3.bucket}/a/", f"s3://{s3.bucket}/b/"]
+    for sizes, here, there in zip(((64,), (64, 128)), local, remote):
+        s2cli.extract(data, here, img_sizes=sizes, seed=1, **TINY)
+        s2cli.extract(data, there, img_sizes=sizes, seed=1, shard_size=3, **TINY)
+    want = s2cli.probe(local, folds=2, k=3, seed=1)
+    got = s2cli.probe(remote, folds=2, k=3, seed=1)
+    assert [v.source for v in got.variants] == [r.rstrip("/") for r in remote]
+    assert [(v.probe_accuracy, v.knn_accuracy) for v in got.variants] == [
+        (v.probe_accuracy, v.knn_accuracy) for v in want.variants]
+    s3.put(str(local[0]), f"{s3.bucket}/up/a.h5")  # one file copied up (`aws s3 cp`): refused in one line, not extracted
+    with pytest.raises(s2cli.errors.ConfigError, match="not read in place") as e:
+        s2cli.probe([f"s3://{s3.bucket}/up/a.h5", remote[1]], folds=2, k=3, seed=1)
+    assert "copy it to a local file first" in str(e.value)

@@ -4,6 +4,7 @@ outside the package (a test's toy kind) is detected and opened the same way."""
 from __future__ import annotations
 
 import glob
+import os
 from typing import Any
 
 from ..errors import ConfigError
@@ -73,6 +74,8 @@ def open_input(spec: Any, input_format: str = "auto", shard_size: int = 1000, li
     if input_format not in input_formats():
         raise ConfigError("--input-format is not known", given=input_format, expected=" | ".join(input_formats()),
                           fix="pass --input-format auto")
+    if isinstance(spec, os.PathLike):  # a pathlib.Path: the path it names
+        spec = os.fspath(spec)
     opts = InputOptions(shard_size, limit, image_key, meta_columns, keep_ext, videos, image_column, key_column)
     kind = KINDS[detect_format(spec, opts) if input_format == "auto" else input_format]
     kind.check_options(spec, opts)
