@@ -100,6 +100,17 @@ class Items:
         return {"key": NAMES[i], "image": image, "label": i}
 
 
+def iterable(items: Items):
+    """The same items as a torch IterableDataset (one unit: read to learn its keys)."""
+    from torch.utils.data import IterableDataset
+
+    class Stream(IterableDataset):
+        def __iter__(self):
+            return (items[i] for i in range(len(items)))
+
+    return Stream()
+
+
 def _table(path: Path, broken=()) -> Path:
     """img2dataset's parquet layout keyed by NAMES (row groups of 2); rows in `broken` hold bytes that are no image."""
     import pyarrow as pa
@@ -138,6 +149,8 @@ def make_input(kind: str, tmp_path: Path, request, broken=()):
         return "hf://datasets/org/seams", "caption"
     if kind == "torch":
         return Items(broken=broken), "label"
+    if kind == "iterable":
+        return iterable(Items(broken=broken)), "label"
     if kind == "datasets":
         pytest.importorskip("datasets")
         return _hf(broken), "label"
@@ -149,7 +162,7 @@ def make_input(kind: str, tmp_path: Path, request, broken=()):
     return f"{d}/*.png", None  # glob
 
 
-KINDS = ["parquet", "save_to_disk", "hub", "torch", "datasets", "file", "glob"]
+KINDS = ["parquet", "save_to_disk", "hub", "torch", "iterable", "datasets", "file", "glob"]
 
 
 def _want(kind: str, by_name: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -185,7 +198,7 @@ def test_each_input_kind_into_an_s3_folder_reads_back_with_its_metadata_everywhe
     assert r.exit_code == 0 and field in r.stdout, r.stderr
 
 
-@pytest.mark.parametrize("kind", ["parquet", "hub", "torch", "datasets", "glob"])
+@pytest.mark.parametrize("kind", ["parquet", "hub", "torch", "iterable", "datasets", "glob"])
 def test_retry_failed_over_each_input_kind_retries_the_fixed_images_only(kind, tmp_path, request, by_name):
     out = f"{tmp_path / 'o'}/"
     inp, _ = make_input(kind, tmp_path, request, broken=(3,))
