@@ -288,3 +288,15 @@ def test_probe_scores_outputs_on_s3_as_it_scores_them_locally(s3, tmp_path):
     with pytest.raises(s2cli.errors.ConfigError, match="not read in place") as e:
         s2cli.probe([f"s3://{s3.bucket}/up/a.h5", remote[1]], folds=2, k=3, seed=1)
     assert "copy it to a local file first" in str(e.value)
+
+
+def test_s2_slurm_over_a_hub_dataset_fetches_its_files_for_the_offline_tasks(cli, tmp_path, request, monkeypatch):
+    from conftest import FAST
+
+    inp, _ = make_input("hub", tmp_path, request)
+    r = cli("slurm", inp, *FAST, "-o", f"{tmp_path / 'o'}/", "--ntasks", 2)  # the script only: nothing submitted
+    assert r.exit_code == 0, r.stderr
+    assert "HF_HUB_OFFLINE=1" in (tmp_path / "o" / "s2-slurm.sbatch").read_text()
+    request.getfixturevalue("hub").stop()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # as a task: offline, it reads the files from the cache
+    assert s2cli.plan(inp, **LIB)["num_images"] == 5
