@@ -128,3 +128,33 @@ def test_a_failed_sample_is_a_record_with_its_failure_and_decode_notes_go_throug
     rec = decode_sample(Sample("rgba", "<m>", data=buf.getvalue(), meta='{"txt": "hi"}'), fit_of(res))
     assert json.loads(rec.meta) == {"txt": "hi", "decode": {"mode": "RGBA", "alpha": "composited on white"}}
     assert rec.plan == plan_image(res, (30, 20)) and np.asarray(rec.pixels).dtype == np.uint8
+
+
+class _Decoding(torch.utils.data.Dataset):
+    """Samples decoded in a DataLoader worker, the record's arrays as torch tensors (shared memory)."""
+
+    def __init__(self, samples, fit):
+        self.samples, self.fit = samples, fit
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, i):
+        return decode_sample(self.samples[i], self.fit).map_arrays(torch.from_numpy)
+
+
+def test_the_record_passes_through_a_torch_dataloader_worker(tmp_path):
+    """What torch's DataLoader does with a worker's item (`default_convert`, the worker's pickler) leaves a
+    `Decoded` whole: its plan, its metadata and its pixels come back as an in-process decode gives them."""
+    sizes = _inputs(tmp_path)
+    res = s2cli.settings(str(tmp_path), **INTERNVL)
+    fit = fit_of(res)
+    samples = [Sample(k, str(tmp_path / f"{k}.png")) for k in sizes]
+    loader = torch.utils.data.DataLoader(_Decoding(samples, fit), batch_size=None, num_workers=1)
+    got = list(loader)
+    assert [r.key for r in got] == list(sizes) and all(isinstance(r, Decoded) for r in got)
+    for r, s in zip(got, samples):
+        want = decode_sample(s, fit)
+        assert r.plan == want.plan and r.orig_hw == want.orig_hw == sizes[s.key] and r.meta == want.meta
+        assert len(r.pixels) == len(want.pixels) and all(torch.equal(a, torch.from_numpy(b))
+                                                         for a, b in zip(r.pixels, want.pixels))

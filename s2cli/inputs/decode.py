@@ -98,7 +98,7 @@ def _unidentified(fh: Any) -> str:
 
 
 
-@dataclass
+@dataclass(eq=False)
 class DeviceJpeg:
     """`--decode torch`: a JPEG the device decoder takes, as the worker read and probed it (`read_for_device`)."""
 
@@ -108,13 +108,13 @@ class DeviceJpeg:
     source_meta: str | None  # the sample's own metadata: a Pillow fallback's record starts from it
 
 
-@dataclass
+@dataclass(eq=False)
 class Decoded:
     """One decoded sample, as a decode worker hands it to the run: where it came from, its metadata, its size, the
     image's plan (made once, here, from its size: `Fit.plan`) and its pixels; or its failure record. Plain fields
     of str, dict, tuples and arrays (numpy, or torch tensors through shared memory), so it pickles cheaply across
     processes. Every consumer (the run, the Extractor, the strategies, the video frames, `s2cli.views`) reads
-    these fields; nothing rebuilds the plan."""
+    these fields; nothing rebuilds the plan. Records compare by identity (their arrays have no one truth value)."""
 
     key: str
     source: str
