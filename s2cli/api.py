@@ -128,42 +128,38 @@ def _extract(res: Resolved, inp: Input, rank: Any, named: bool, overwrite: bool,
 
     device = rank_device(res.device, rank)
     target = Target(res, inp, overwrite, rank)  # claims the output, refuses a clashing one (other weights too) before they load
-    if target.nothing_to_do:  # a finished folder's rerun: answered from its markers, the model never loads
-        return _already_done(res, target, progress or Progress(), located.record if located else backbone.weights,
-                             str(device))
-    try:
+    try:  # from here on, however it ends (a stop signal between any two lines too), the heartbeat says how
+        if target.nothing_to_do:  # a finished folder's rerun: answered from its markers, the model never loads
+            return _already_done(res, target, progress or Progress(),
+                                 located.record if located else backbone.weights, str(device))
         pin_device(device)  # before the model loads
         backbone = backbone if backbone is not None else load(res, located)
         run = Run(res, inp, target, backbone, device)
-    except BaseException as e:  # the claim is given back (and a folder's heartbeat says why)
-        target.close_after(e)
+        progress = progress or Progress()
+        if named:
+            progress.note(f"writing {res.output}")
+        _notes(progress, res, target)
+        before = 0 if res.retry_failed else target.images_done_before + target.failures_before
+        total = share_total(res, inp, target)
+        progress.start(res, total, before, len(target.markers), rank.rank)
+        run.on_progress = progress.update
+        if total is None and inp.streamed and hasattr(progress, "total"):  # estimated as the tars are read
+            run.estimate, run.on_total = TotalEstimate(before, target.units_to_read), progress.total
+        try:
+            return run.execute()
+        finally:
+            progress.finish()
+    except BaseException as e:  # the claim is given back and a folder's heartbeat says why (once: a run that
+        target.close_after(e)  # ended its heartbeat already, done or preempted, keeps what it said)
         raise
-    progress = progress or Progress()
-    if named:
-        progress.note(f"writing {res.output}")
-    _notes(progress, res, target)
-    before = 0 if res.retry_failed else target.images_done_before + target.failures_before
-    total = share_total(res, inp, target)
-    progress.start(res, total, before, len(target.markers), rank.rank)
-    run.on_progress = progress.update
-    if total is None and inp.streamed and hasattr(progress, "total"):  # estimated as the tars are read
-        run.estimate, run.on_total = TotalEstimate(before, target.units_to_read), progress.total
-    try:
-        return run.execute()
-    finally:
-        progress.finish()
 
 
 def _already_done(res: Resolved, target: Any, progress: Progress, weights: str, device: str) -> Any:
-    try:
-        for m in target.broken:
-            progress.note(f"{res.output}: done shard {m['shard']} is broken ({m['broken']}); it is redone")
-        progress.note(f"{res.output} is done already: {len(target.markers)} shards ({target.images_done_before} "
-                      "images); nothing left to extract")
-        return target.finish_done(weights, device)
-    except BaseException as e:
-        target.close_after(e)
-        raise
+    for m in target.broken:
+        progress.note(f"{res.output}: done shard {m['shard']} is broken ({m['broken']}); it is redone")
+    progress.note(f"{res.output} is done already: {len(target.markers)} shards ({target.images_done_before} "
+                  "images); nothing left to extract")
+    return target.finish_done(weights, device)
 
 
 def _notes(progress: Progress, res: Resolved, target: Any) -> None:

@@ -27,7 +27,7 @@ from .config import Resolved
 from .errors import ConfigError, S2Error
 from .extractor import Extractor, use_channels_last
 from .inputs.decode import Decoded, Fit, decode_sample
-from .inputs.pool import decode_nice
+from .inputs.loader import decode_nice
 from .inputs.samples import Sample
 from .inputs.units import Input, Unit
 from .launch import resolve_device, resolve_precision

@@ -132,6 +132,9 @@ class ExtractConfig:
     batch_size: int = opt("--batch-size", "-b", default=8, help="Images per batch.", panel=SPEED, resume=RUN_ONLY)
     workers: int = opt("--workers", "-j", default=2, help="Decode worker processes (0: in the main process).",
                        panel=SPEED, resume=RUN_ONLY)
+    prefetch_factor: int | None = opt("--prefetch-factor", panel=SPEED, resume=RUN_ONLY, added=True,
+                                      help="Samples each decode worker decodes ahead (torch DataLoader's "
+                                           "prefetch_factor).", shown="two batches in flight, at least 4")
     max_tiles_per_call: int | None = opt("--max-tiles-per-call", help="Cap on tiles per backbone call.", panel=SPEED,
                                          resume=RUN_ONLY)
     device: str = opt("--device", default="auto", help="auto | cpu | cuda | cuda:K.", panel=SPEED, resume=RUN_ONLY)
@@ -577,7 +580,7 @@ def _check_options(cfg: ExtractConfig, backbone: BackboneCfg, n: int) -> None:
 
 def _check_numbers(cfg: ExtractConfig) -> None:
     """Every numeric option in its range, before anything runs (a value out of range is never clamped)."""
-    for name in ("batch_size", "max_tiles_per_call", "limit", "shard_size", "num_samples"):
+    for name in ("batch_size", "max_tiles_per_call", "limit", "shard_size", "num_samples", "prefetch_factor"):
         v = getattr(cfg, name)
         if v is not None and (isinstance(v, bool) or not isinstance(v, Integral) or v <= 0):
             raise ConfigError(f"{flag(name)} must be a positive integer", given=v, fix=(
@@ -587,6 +590,10 @@ def _check_numbers(cfg: ExtractConfig) -> None:
         v = getattr(cfg, name)
         if v is not None and (isinstance(v, bool) or not isinstance(v, Integral) or v < 0):
             raise ConfigError(f"{flag(name)} must be an integer >= 0", given=v, fix=fix)
+    if cfg.prefetch_factor is not None and cfg.workers == 0:  # as torch's DataLoader refuses it
+        raise ConfigError(f"{flag('prefetch_factor')} sets how far decode workers work ahead, and -j 0 starts none",
+                          given=f"-j 0 {flag('prefetch_factor')} {cfg.prefetch_factor}",
+                          fix=f"drop {flag('prefetch_factor')}, or pass -j 1 or more")
     t = cfg.decode_timeout
     if isinstance(t, bool) or not isinstance(t, Real) or not 0 < t < math.inf:
         raise ConfigError(f"{flag('decode_timeout')} must be a positive number of seconds (every image would fail at "

@@ -26,7 +26,7 @@ from .extractor import Extractor
 from .fsutil import Claim, file_identity, take_claim
 from .heartbeat import Heartbeat
 from .inputs.decode import Decoded
-from .inputs.pool import DecodePool
+from .inputs.loader import DecodeLoader
 from .inputs.samples import Sample
 from .inputs.units import Input, Unit
 from .items import Layout, StoredItem
@@ -455,7 +455,7 @@ class TotalEstimate:
 @dataclass
 class Stats:
     """Counts of this run, and where the time went: seconds each stage was busy wherever it ran (decode workers,
-    main thread, writer thread) and the main thread's waits on the decode pool and on the writer."""
+    main thread, writer thread) and the main thread's waits on the decode loader and on the writer."""
 
     done: int = 0
     failed: int = 0
@@ -537,7 +537,7 @@ class VideoFrames:
                 del self.open[k]
 
 
-# what the decode pool is given for a sample of a part already done: passed through, never decoded
+# what the decode loader is given for a sample of a part already done: passed through, never decoded
 _ALREADY_DONE = {"key": "", "stage": "", "error": "", "error_class": "", "source": ""}
 
 
@@ -583,12 +583,13 @@ class Run:
     def execute(self) -> Summary:
         t0 = time.perf_counter()
         res = self.res
-        # the whole next batch decodes while the current one runs: the pool submits a sample only when the loop
-        # asks for the next record, so a window of one batch would put its last samples after the forward
-        pool = DecodePool(self.fit, res.workers, timeout=res.decode_timeout,
-                          window=max(4 * res.workers, 2 * res.batch_size))
+        # the whole next batch decodes while the current one runs (by default the loader keeps two batches in
+        # flight): a sample is handed out only when the loop takes a record, so one batch's worth would put its last
+        # samples after the forward
+        loader = DecodeLoader(self.fit, res.workers, timeout=res.decode_timeout, prefetch=res.prefetch_factor,
+                              batch_size=res.batch_size)
         try:
-            decoded = pool.map(self.target.work(), lambda w: _ALREADY_DONE if w[2] is None else w[2])
+            decoded = loader.map(self.target.work(), lambda w: _ALREADY_DONE if w[2] is None else w[2])
             for (unit, part_no, sample), rec in _timed(decoded, self.stats.waits, "decode"):
                 for stage, s in zip(("read", "decode", "fit"), rec.seconds):
                     self.stats.busy[stage] += s
@@ -604,7 +605,7 @@ class Run:
             self.abort(e)
             raise
         finally:
-            pool.close()
+            loader.close()
         return self.finalize(time.perf_counter() - t0)
 
     def admit(self, unit: Unit, part_no: int, rec: Decoded) -> None:
@@ -803,7 +804,7 @@ class Run:
         for k, v in self.ex.decode_seconds.items():
             stage[k] += v
         # the main thread's seconds in no stage above and no wait (the loop itself, starting and stopping the decode
-        # pool, opening shards): with it, the main thread's stages and waits add up to the run's seconds
+        # loader, opening shards): with it, the main thread's stages and waits add up to the run's seconds
         named = self.ex.seconds | st.main | self.ex.decode_seconds  # (-j 0: decoding is inside the decode wait)
         stage["other"] = seconds - sum(named.values()) - sum(st.waits.values())
         s = Summary(

@@ -214,7 +214,7 @@ RESUME_OF = {
     "strategy": "in strategy", "min_tiles": "in strategy", "max_tiles": "in strategy", "thumbnail": "in strategy",
     "grid_pinpoints": "in strategy", "anyres_max": "in strategy", "min_pixels": "in strategy",
     "max_pixels": "in strategy",
-    "batch_size": "run-only", "workers": "run-only", "max_tiles_per_call": "run-only", "device": "run-only",
+    "batch_size": "run-only", "workers": "run-only", "prefetch_factor": "run-only", "max_tiles_per_call": "run-only", "device": "run-only",
     "on_error": "run-only", "max_failures": "run-only", "decode_timeout": "run-only", "retries": "run-only",
     "retry_failed": "run-only", "num_samples": "run-only", "compile": "run-only", "channels_last": "run-only",
 }

@@ -188,24 +188,32 @@ def test_overwrite_is_refused_while_another_rank_is_alive(tmp_path):
 
 # ---- 5. Ctrl-C during -j 2 ----------------------------------------------------------------------------------------
 @pytest.mark.slow
-def test_the_decode_pool_stops_within_its_deadline_when_a_worker_died_holding_the_queue_lock(tmp_path):
+def test_the_decode_loader_stops_within_its_deadline_when_a_worker_died_holding_the_queue_lock(tmp_path):
     from s2cli.inputs.decode import Fit
-    from s2cli.inputs.pool import DecodePool
+    from s2cli.inputs.loader import DecodeLoader
     from s2cli.inputs.samples import Sample
 
-    write_image(tmp_path / "x.png", (20, 20), 0)
-    pool = DecodePool(Fit("crop", 32, (0.5, 0.5, 0.5)), 1)
-    [(_, rec)] = list(pool.map([Sample("x", str(tmp_path / "x.png"))], lambda s: s))
+    for i in range(2):
+        write_image(tmp_path / f"x{i}.png", (20, 20), i)
+    before = set(own_children())
+    loader = DecodeLoader(Fit("crop", 32, (0.5, 0.5, 0.5)), 1)
+    records = loader.map([Sample(f"x{i}", str(tmp_path / f"x{i}.png")) for i in range(2)], lambda s: s)
+    _, rec = next(records)  # the loader is mid-run: its worker stays, waiting for the next task
     assert rec.error is None
-    time.sleep(0.5)  # the idle worker waits for the next task holding the queue's read lock
-    [worker] = pool._pool._pool
-    os.kill(worker.pid, signal.SIGKILL)
+    time.sleep(0.5)  # the idle worker waits for the next task holding its queue's read lock
+    [worker] = set(own_children()) - before
+    os.kill(worker, signal.SIGKILL)
     time.sleep(0.5)
-    closing = threading.Thread(target=pool.close, daemon=True)
+    closing = threading.Thread(target=loader.close, daemon=True)
     t = time.time()
     closing.start()
     closing.join(60)
     assert not closing.is_alive() and time.time() - t < 30
+
+
+def own_children() -> list[int]:
+    """This process's child processes (every thread's)."""
+    return [int(c) for task in Path("/proc/self/task").iterdir() for c in (task / "children").read_text().split()]
 
 
 @pytest.mark.slow
@@ -305,3 +313,26 @@ def test_a_read_only_output_folder_is_one_line_exit_2_before_any_work(tmp_path):
     finally:
         ro.chmod(0o755)
     assert r.returncode == 2 and "cannot write in" in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+
+
+# a stop signal is a Python exception raised wherever the main thread is: between any two steps of a run too
+@pytest.mark.parametrize("where", ["s2cli.launch.pin_device", "s2cli.api.load", "s2cli.api._notes",
+                                   "s2cli.api.share_total", "s2cli.run.Run.execute"])
+def test_a_stop_signal_between_any_two_steps_of_a_run_says_preempted_and_gives_the_claim_back(
+        tmp_path, monkeypatch, where):
+    import s2cli
+    from s2cli.launch import Terminated
+
+    d = images(tmp_path / "in", 2)
+    out = tmp_path / "out"
+    def stopped(*a, **k):
+        raise Terminated(128 + signal.SIGTERM)
+
+    monkeypatch.setattr(where, stopped)
+    with pytest.raises(Terminated):
+        s2cli.extract(str(d), f"{out}/", model="timm:test_resnet", random_init=True, img_sizes=(64, 128), max_split_size=64, workers=0)
+    beat = json.loads((out / "rank-00000.json").read_text())
+    assert (beat["state"], beat["signal"]) == ("preempted", "SIGTERM")
+    monkeypatch.undo()  # the claim was given back: the same run starts again at once and finishes
+    s = s2cli.extract(str(d), f"{out}/", model="timm:test_resnet", random_init=True, img_sizes=(64, 128), max_split_size=64, workers=0)
+    assert s.num_images == 2 and json.loads((out / "rank-00000.json").read_text())["state"] == "done"

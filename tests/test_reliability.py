@@ -79,7 +79,8 @@ def test_recipes_resolve_and_a_recipe_value_for_another_strategy_is_named():
 # ---- 11: numbers in range ----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("extra", [["--shard-size", "-2"], ["--shard-size", "0"], ["--decode-timeout", "0"],
                                    ["--decode-timeout", "-1"], ["--scales", "0.001"], ["--batch-size", "0"],
-                                   ["--workers", "-1"], ["--limit", "0"], ["--max-failures", "-1"]])
+                                   ["--workers", "-1"], ["--limit", "0"], ["--max-failures", "-1"],
+                                   ["--prefetch-factor", "0"], ["--prefetch-factor", "2", "-j", "0"]])
 def test_a_number_out_of_range_is_refused_before_anything_runs(cli, image_dir, tmp_path, extra):
     out = tmp_path / "o"
     line = one_line_error(cli("extract", image_dir, *RESNET, *extra, "-o", f"{out}/"))

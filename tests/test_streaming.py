@@ -273,11 +273,11 @@ def test_host_memory_is_flat_in_the_number_of_images(tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("how", ["dies", "stalls"])
 def test_a_decode_worker_that_dies_or_stalls_is_reported_not_waited_on(cli, tmp_path, monkeypatch, how):
-    import s2cli.inputs.pool as pool
+    import s2cli.inputs.loader as loader
 
     d = folder(tmp_path, 4)
     write_image(d / "zz_bad.png", (20, 20), 99)
-    original = pool.decode_sample
+    original = loader.decode_sample
 
     def decode(sample, fit):
         if sample.key == "zz_bad":
@@ -286,7 +286,7 @@ def test_a_decode_worker_that_dies_or_stalls_is_reported_not_waited_on(cli, tmp_
             time.sleep(600)
         return original(sample, fit)
 
-    monkeypatch.setattr(pool, "decode_sample", decode)  # inherited by the forked workers
+    monkeypatch.setattr(loader, "decode_sample", decode)  # inherited by the forked workers
     t0 = time.time()
     s = invoke_json(cli, "extract", d, *FAST[:-2], "-j", 2, "--decode-timeout", 3, "-o", tmp_path / "o.h5", "--json")
     assert time.time() - t0 < 60
@@ -294,7 +294,7 @@ def test_a_decode_worker_that_dies_or_stalls_is_reported_not_waited_on(cli, tmp_
     with open_features(tmp_path / "o.h5") as ff:
         [f] = ff.failures
         assert f["key"] == "zz_bad"
-        if how == "dies":  # noticed at once, the sample tried again on a new pool, recorded once it has killed three
+        if how == "dies":  # noticed at once, the sample tried again on a new loader, recorded once it has killed three
             assert f["error_class"] == "WorkerDied" and "died three times" in f["error"]
         else:
             assert f["error_class"] == "WorkerTimeout" and "stalled or died" in f["error"]
@@ -328,25 +328,34 @@ def test_decode_workers_run_at_the_configured_niceness(monkeypatch, image_dir):
     from s2cli.errors import ConfigError
     from s2cli.inputs.decode import Fit, decode_sample
     from s2cli.inputs.folder import scan_folder
-    from s2cli.inputs.pool import DecodePool
+    from s2cli.inputs.loader import DecodeLoader
 
     samples = scan_folder(image_dir)
     fit = Fit("crop", 64, (0.5, 0.5, 0.5))
     base = os.getpriority(os.PRIO_PROCESS, 0)
+    before = set(own_children())
     for nice in ("0", "7"):
         monkeypatch.setenv("S2CLI_DECODE_NICE", nice)
-        with DecodePool(fit, 2) as pool:
-            got = [rec for _, rec in pool.map(samples, lambda s: s)]
-            pids = [p.pid for p in pool._pool._pool]
+        with DecodeLoader(fit, 2) as loader:
+            records = loader.map(samples, lambda s: s)
+            got = [next(records)[1]]  # mid-run: the loader's workers are up
+            pids = sorted(set(own_children()) - before)
             want = [min(19, base + int(nice))] * 2
-            for _ in range(100):  # a worker that got no job may still be running its initializer
-                if [os.getpriority(os.PRIO_PROCESS, pid) for pid in pids] == want:
+            for _ in range(100):  # a worker that got no job may still be starting
+                if len(pids) == 2 and [os.getpriority(os.PRIO_PROCESS, pid) for pid in pids] == want:
                     break
                 time.sleep(0.05)
+                pids = sorted(set(own_children()) - before)
             assert [os.getpriority(os.PRIO_PROCESS, pid) for pid in pids] == want
-        for s, rec in zip(samples, got):
+            got += [rec for _, rec in records]
+        for s, rec in zip(samples, got, strict=True):
             assert rec.key == s.key and np.array_equal(rec.pixels, decode_sample(s, fit).pixels)
     for bad in ("x", "25"):
         monkeypatch.setenv("S2CLI_DECODE_NICE", bad)
         with pytest.raises(ConfigError, match="S2CLI_DECODE_NICE"):
-            DecodePool(fit, 1)
+            DecodeLoader(fit, 1)
+
+
+def own_children() -> list[int]:
+    """This process's child processes (every thread's)."""
+    return [int(c) for task in Path("/proc/self/task").iterdir() for c in (task / "children").read_text().split()]

@@ -1,0 +1,325 @@
+"""The decode stage: samples decoded by torch DataLoader workers, in input order, a bounded window in flight; a
+decode that stalls recorded after a timeout, a dead worker's sample decoded again by a new loader."""
+from __future__ import annotations
+
+import math
+import multiprocessing as mp
+import os
+import signal
+import stat
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, get_worker_info
+
+from ..errors import ConfigError, S2Error
+from ..heap import keep_freed_memory
+from .decode import Decoded, Fit, decode_sample
+from .samples import Sample, failure
+
+DECODE_NICE = 10  # niceness added to decode workers (S2CLI_DECODE_NICE overrides); chosen by benchmarks/bench_overlap.py
+DEATHS = 3  # (three) a sample in flight on this many decode workers that died is recorded as failed: it likely kills them
+POLL_S = 0.25  # how often the wait for a decoded sample looks at the workers and the sample's deadline
+
+
+def decode_nice() -> int:
+    """How much lower than the main process the decode workers run (0..19). The main process drives the
+    device (CUDA kernel launches, or the forward's threads on a CPU), so workers that only fill its idle time
+    keep the forward from waiting; S2CLI_DECODE_NICE=N overrides the default."""
+    raw = os.environ.get("S2CLI_DECODE_NICE", "").strip()
+    if not raw:
+        return DECODE_NICE
+    try:
+        n = int(raw)
+    except ValueError:
+        raise ConfigError("S2CLI_DECODE_NICE must be an integer", given=raw, expected="0..19",
+                          fix="unset it, or set e.g. S2CLI_DECODE_NICE=10") from None
+    if not 0 <= n <= 19:
+        raise ConfigError("S2CLI_DECODE_NICE is out of range", given=n, expected="0..19", fix="use e.g. 10")
+    return n
+
+
+def _close_inherited_files() -> None:
+    """Close the regular files a worker inherited from the run (an output shard being written): a worker holding
+    one keeps its HDF5 file lock alive after the run closed it, and the run could not read the shard back. A loader
+    started again mid-run (after a worker died) inherits the shard in flight. Pipes, sockets and stdio stay."""
+    try:
+        fds = [int(n) for n in os.listdir("/proc/self/fd")]
+    except OSError:  # not Linux: nothing to do here
+        return
+    for fd in fds:
+        if fd < 3:
+            continue
+        try:
+            if stat.S_ISREG(os.fstat(fd).st_mode):
+                os.close(fd)
+        except OSError:  # the listing's own fd, gone already
+            pass
+
+
+def _exited(pid: int) -> bool:
+    """Whether the worker `pid` (a child of this process) has ended, without reaping it (its pid stays ours)."""
+    try:
+        return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+    except ChildProcessError:  # reaped already (the DataLoader's own liveness check)
+        return True
+
+
+def _as_is(rec: Any) -> Any:
+    """The loader's collate_fn: a record goes out as the worker made it."""
+    return rec
+
+
+def _to_shared(rec: Decoded) -> Decoded:
+    """In a worker: the record's arrays as torch tensors, which torch moves into shared memory as the loader sends
+    them (only a handle crosses the pipe)."""
+    return rec.map_arrays(lambda a: torch.from_numpy(a) if isinstance(a, np.ndarray) else a)
+
+
+def _from_shared(rec: Decoded) -> Decoded:
+    """In the run: the shared tensors viewed as numpy arrays again (no copy)."""
+    return rec.map_arrays(lambda a: a.numpy() if isinstance(a, torch.Tensor) else a)
+
+
+class _Decoding:
+    """The map-style dataset the loader's workers index: an index is (seq, sample), the item (seq, record). Which
+    sample each worker is decoding (`busy`) and each worker's pid are kept in shared memory: the run knows what a
+    worker that died held."""
+
+    def __init__(self, fit: Fit, workers: int):
+        ctx = mp.get_context("fork")
+        self.fit, self.nice = fit, decode_nice()
+        self.busy = ctx.RawArray("q", workers)  # per worker: the seq of the sample it decodes, -1 between samples
+        self.pids = ctx.RawArray("q", workers)  # per worker: its pid, once started (0 before)
+
+    def __getitem__(self, index: tuple[int, Sample | dict]) -> tuple[int, Decoded]:
+        seq, s = index
+        w = get_worker_info().id  # type: ignore[union-attr]
+        self.busy[w] = seq
+        rec = Decoded.failed(s) if isinstance(s, dict) else decode_sample(s, self.fit)
+        self.busy[w] = -1
+        return seq, _to_shared(rec)
+
+    def init_worker(self, worker_id: int) -> None:
+        """In each worker as it starts. Ctrl-C reaches the whole process group: only the parent acts on it (a worker
+        killed by it could die holding the loader's result-queue lock); SIGTERM (the loader's own shutdown) ends a
+        worker at once, whatever handler the parent had when it forked; SIGUSR1 (SLURM's warning before the time
+        limit, sent to every process of a step) is the parent's to act on. The worker runs `nice` lower than the
+        run, closes the output files it inherited, and keeps the memory it frees for the next image
+        (`heap.keep_freed_memory`)."""
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        if self.nice:
+            os.nice(self.nice)
+        _close_inherited_files()
+        keep_freed_memory()
+        self.busy[worker_id] = -1
+        self.pids[worker_id] = os.getpid()
+
+
+@dataclass
+class _Entry:
+    """An item in the window: its sample, its number in the run (`seq`), its record once back, and how many decode
+    workers died while it was theirs."""
+
+    item: Any
+    sample: Sample | dict
+    seq: int
+    rec: Decoded | None = None
+    deaths: int = 0
+
+
+class DecodeLoader:
+    """Decodes samples in `workers` processes of a torch DataLoader, in input order. The loader's sampler hands
+    out the samples themselves, read from the input as the loader asks (streamed inputs are read in the run's
+    process), `prefetch` per worker in flight (memory stays flat whatever the input's length; None: two batches
+    ahead). The window (`pending`) holds what was handed out and not yet returned, in order, so that when a worker
+    dies (killed, out of memory: noticed within POLL_S) the samples in flight are handed to a new loader, the one
+    the dead worker was decoding counted (recorded as failed, `WorkerDied`, once DEATHS workers died on it); a
+    decode that stalls is recorded after `timeout` seconds (`WorkerTimeout`) and the rest go on with a new loader.
+    workers=0 decodes in the calling thread."""
+
+    def __init__(self, fit: Fit, workers: int, timeout: float = 120.0, prefetch: int | None = None,
+                 batch_size: int = 1):
+        self.fit, self.workers, self.timeout = fit, workers, timeout
+        self.prefetch = prefetch or max(4, math.ceil(2 * batch_size / max(1, workers)))
+        self.window = self.prefetch * workers  # samples handed to the loader and not yet returned, at most
+        self.restarts = 0  # loaders replaced after a worker died or a decode stalled
+        self.pending: deque[_Entry] = deque()
+        self._data = _Decoding(fit, workers) if workers > 0 else None
+        self._it: Any = None
+        self._source: Iterator[Any] = iter(())
+        self._sample_of: Callable[[Any], Sample | dict] = lambda x: x
+        self._seq, self._exhausted, self._failed = 0, False, None
+        self._fruitless = 0  # loaders replaced in a row with no record back
+        self._sigchld: Any = None
+
+    def map(self, items: Iterable[Any], sample_of: Callable[[Any], Sample | dict]) -> Iterator[tuple[Any, Decoded]]:
+        """For each item (anything carrying a sample), yield (item, record) in input order. Items whose sample is
+        already a failure record pass through without decoding."""
+        if self._data is None:
+            for item in items:
+                s = sample_of(item)
+                yield item, (Decoded.failed(s) if isinstance(s, dict) else decode_sample(s, self.fit))
+            return
+        self._source, self._sample_of, self._exhausted = iter(items), sample_of, False
+        if threading.current_thread() is threading.main_thread():
+            self._sigchld = signal.getsignal(signal.SIGCHLD)
+        self._start([])
+        pending = self.pending
+        while True:
+            while pending and pending[0].rec is not None:
+                e = pending.popleft()
+                yield e.item, e.rec
+            if not pending and self._exhausted:
+                self._end(kill=False)
+                return
+            self._receive()
+
+    def _read(self, redo: list[_Entry]) -> Iterator[tuple[int, Sample | dict]]:
+        """The loader's sampler: first the samples a loader before it held and did not return, then the input's,
+        each added to the window as it is handed out. Items that pass through go into the window with their record;
+        one of a long run of them goes through the loader, so that the run takes the others out of the window."""
+        for e in redo:
+            yield e.seq, e.sample
+        passed = 0
+        while True:
+            try:
+                item = next(self._source)
+            except StopIteration:
+                self._exhausted = True
+                return
+            except BaseException as err:  # the input's own error: the run's to raise, not the loader's
+                self._failed = err
+                raise
+            s = self._sample_of(item)
+            self._seq += 1
+            e = _Entry(item, s, self._seq)
+            self.pending.append(e)
+            if isinstance(s, dict) and passed < self.window:
+                e.rec, passed = Decoded.failed(s), passed + 1
+                continue
+            passed = 0
+            yield e.seq, s
+
+    def _start(self, redo: list[_Entry]) -> None:
+        """A new loader over `redo`, then the rest of the input; its workers fork now."""
+        data = self._data
+        for w in range(self.workers):
+            data.busy[w], data.pids[w] = -1, 0  # type: ignore[union-attr]
+        # results come back in the order handed out (DataLoader's default, `in_order`, torch >= 2.6; always before)
+        loader = DataLoader(data, batch_size=None, sampler=_Sampler(self, redo), num_workers=self.workers,  # type: ignore[arg-type]
+                            collate_fn=_as_is, prefetch_factor=self.prefetch, timeout=POLL_S,
+                            worker_init_fn=data.init_worker, multiprocessing_context="fork")  # type: ignore[union-attr]
+        self._it = iter(loader)
+        # torch's SIGCHLD handler (installed by the first loader of a process) raises a worker's death wherever the
+        # main thread is (writing a shard, in the forward): deaths are noticed here, in `_receive`, instead
+        if self._sigchld is not None:
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+
+    def _receive(self) -> None:
+        """Wait for the record of the first sample in flight (the window's first entry): it comes back, or its
+        worker died, or it stalled past the timeout; or the loader has nothing left for it."""
+        front = self.pending[0] if self.pending else None
+        deadline = time.monotonic() + self.timeout
+        while True:
+            try:
+                seq, rec = next(self._it)
+            except StopIteration:  # it ended with samples in flight: its workers are gone
+                self._restart()
+                return
+            except Exception as err:  # the loader's POLL_S wait ended, or a worker died (RuntimeError; or EOFError,
+                # OSError: the handle of a record it sent points at its memory, gone with it)
+                if self._failed is not None:
+                    raise
+                dead = [w for w in range(self.workers) if self._data.pids[w] and _exited(self._data.pids[w])]  # type: ignore[union-attr]
+                if dead:
+                    self._died(dead)
+                elif front is not None and time.monotonic() >= deadline:
+                    self._stalled(front)
+                elif isinstance(err, RuntimeError) and str(err).startswith("DataLoader timed out"):
+                    continue  # nothing yet
+                else:  # a worker gone (before it said its pid, or not yet reaped), or the loader broken
+                    self._restart(err)
+                return
+            if front is None or seq != front.seq:  # not what is waited for: the loader skipped a sample
+                self._restart()
+                return
+            front.rec, self._fruitless = _from_shared(rec), 0
+            return
+
+    def _died(self, dead: list[int]) -> None:
+        """Workers died: the sample each was decoding counts a death (recorded once it has DEATHS); every sample in
+        flight goes to a new loader."""
+        held = {self._data.busy[w] for w in dead} - {-1}  # type: ignore[union-attr]
+        for e in self.pending:
+            if e.rec is None and e.seq in held:
+                e.deaths += 1
+                if e.deaths >= DEATHS:
+                    self._fail(e, "the decode worker died three times while this sample was in flight (killed, or "
+                                  "out of memory?)", "WorkerDied")
+        self._restart()
+
+    def _stalled(self, front: _Entry) -> None:
+        """The first sample in flight has not come back within the timeout: recorded; its worker is stopped with the
+        loader and the samples after it go to a new one."""
+        self._fail(front, f"no result after {self.timeout:.0f}s (the decode worker stalled or died)", "WorkerTimeout")
+        self._restart()
+
+    def _fail(self, e: _Entry, why: str, error_class: str) -> None:
+        """The entry's record: its sample failed in the decode stage (one that passes through keeps its own)."""
+        s = e.sample
+        e.rec = Decoded.failed(s if isinstance(s, dict) else failure(s, "decode", why, error_class))
+        self._fruitless = 0
+
+    def _restart(self, why: BaseException | None = None) -> None:
+        """Replace the loader: its workers are ended; what it held and did not return is handed to a new one, in
+        order. Loaders that keep ending with no record back (workers that die as they start) stop the run."""
+        self._fruitless += 1
+        if self._fruitless > 2 * DEATHS:
+            raise S2Error(f"the decode workers ended {self._fruitless} times in a row with no image decoded",
+                          given=f"-j {self.workers}", fix="pass -j 0 to decode in the main process; see the "
+                          "workers' own messages above") from why
+        self.restarts += 1
+        self._end(kill=True, restore=False)
+        self._start([e for e in self.pending if e.rec is None])
+
+    def _end(self, kill: bool, restore: bool = True) -> None:
+        """Shut the loader down (its workers ended at once with `kill`: one may hang in a read, or hold its result
+        queue's lock, and the shutdown would wait for each in turn); with `restore`, SIGCHLD's handler as it was."""
+        it, self._it = self._it, None
+        if it is not None:
+            for w in range(self.workers if kill else 0):
+                pid = self._data.pids[w]  # type: ignore[union-attr]
+                if pid and not _exited(pid):  # a child not yet reaped: its pid cannot be another process's
+                    os.kill(pid, signal.SIGKILL)
+            it._shutdown_workers()  # what its __del__ does, done now
+        if restore and self._sigchld is not None and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGCHLD, self._sigchld)  # (closed from another thread: it stays SIG_DFL)
+            self._sigchld = None
+
+    def close(self) -> None:
+        """Stop the workers, whatever they are doing, within seconds."""
+        self._end(kill=True)
+
+    def __enter__(self) -> "DecodeLoader":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+class _Sampler:
+    """The loader's sampler: an iterable that `DataLoader` iterates once (the run's `_read`)."""
+
+    def __init__(self, stage: DecodeLoader, redo: list[_Entry]):
+        self.stage, self.redo = stage, redo
+
+    def __iter__(self) -> Iterator[tuple[int, Sample | dict]]:
+        return self.stage._read(self.redo)

@@ -1,0 +1,168 @@
+"""The decode loader (inputs/loader.py): torch DataLoader workers that hand every sample's record back in input
+order whatever happens to a worker (killed from outside, dying on one sample, stalling past the timeout), a bounded
+window ahead of the run."""
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import s2cli.inputs.loader as loader_module
+from conftest import write_image
+from s2cli.inputs.decode import Fit, decode_sample
+from s2cli.inputs.loader import DecodeLoader
+from s2cli.inputs.samples import Sample
+
+FIT = Fit("crop", 32, (0.5, 0.5, 0.5))
+
+
+def own_children() -> set[int]:
+    """This process's child processes (every thread's)."""
+    return {int(c) for task in Path("/proc/self/task").iterdir() for c in (task / "children").read_text().split()}
+
+
+def samples(tmp_path: Path, n: int) -> list[Sample]:
+    out = []
+    for i in range(n):
+        write_image(tmp_path / f"s{i:02d}.png", (20 + i, 30), i)
+        out.append(Sample(f"s{i:02d}", str(tmp_path / f"s{i:02d}.png")))
+    return out
+
+
+def assert_decoded(got: list, items: list, failed: dict[str, str] | None = None) -> None:
+    """`got` holds every item once, in order, each with the record decoding it in this process makes (a failure
+    record passed through as itself); `failed`: key -> the error class its record must hold instead."""
+    failed = failed or {}
+    assert [item for item, _ in got] == items
+    for item, rec in got:
+        if isinstance(item, dict):
+            assert rec.error == item and rec.key == item["key"]
+        elif item.key in failed:
+            assert rec.error["error_class"] == failed[item.key] and rec.key == item.key
+        else:
+            assert rec.error is None and rec.key == item.key
+            assert np.array_equal(rec.pixels, decode_sample(item, FIT).pixels)
+
+
+def failure_item(i: int) -> dict[str, str]:
+    return {"key": f"f{i}", "source": f"f{i}", "stage": "read", "error_class": "OSError", "error": "unreadable"}
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_records_come_back_in_input_order_with_failures_passed_through(tmp_path, workers):
+    items: list = samples(tmp_path, 9)
+    for i in (0, 4, 9):
+        items.insert(i, failure_item(i))
+    before = own_children()
+    with DecodeLoader(FIT, workers, prefetch=2) as loader:
+        records = loader.map(items, lambda s: s)
+        got = [next(records)]
+        started = own_children() - before
+        got += list(records)
+    assert_decoded(got, items)
+    assert len(started) == workers  # -j 0: decoded in this process, no worker started
+
+
+def test_a_long_run_of_items_that_pass_through_is_read_a_bounded_window_ahead(tmp_path):
+    items: list = [failure_item(i) for i in range(3000)] + samples(tmp_path, 3)
+    pulled = [0]
+
+    def source():
+        for item in items:
+            pulled[0] += 1
+            yield item
+
+    ahead = []
+    with DecodeLoader(FIT, 2, prefetch=2) as loader:
+        got = []
+        for pair in loader.map(source(), lambda s: s):
+            got.append(pair)
+            ahead.append(pulled[0] - len(got))
+    assert_decoded(got, items)
+    window = 2 * 2
+    assert max(ahead) <= (window + 1) ** 2  # read ahead as far as the loader's window, never the whole input
+
+
+def test_the_loader_reads_the_input_no_further_ahead_than_its_window(tmp_path):
+    items = samples(tmp_path, 24)
+    pulled = [0]
+
+    def source():
+        for item in items:
+            pulled[0] += 1
+            yield item
+
+    with DecodeLoader(FIT, 2, prefetch=2) as loader:
+        got, ahead = [], []
+        for pair in loader.map(source(), lambda s: s):
+            got.append(pair)
+            ahead.append(pulled[0] - len(got))
+    assert_decoded(got, items)
+    assert max(ahead) == 2 * 2  # prefetch x workers in flight: memory flat whatever the input's length
+
+
+@pytest.mark.slow
+def test_workers_killed_from_outside_mid_run_lose_no_sample(tmp_path, monkeypatch):
+    items = samples(tmp_path, 12)
+    original = loader_module.decode_sample
+
+    def slow(sample, fit):  # inherited by the forked workers: each decode takes a while, so kills land mid-decode
+        time.sleep(0.2)
+        return original(sample, fit)
+
+    monkeypatch.setattr(loader_module, "decode_sample", slow)
+    before = own_children()
+    with DecodeLoader(FIT, 2, prefetch=2) as loader:
+        got = []
+        for pair in loader.map(items, lambda s: s):
+            got.append(pair)
+            if len(got) in (3, 7):  # SIGKILL (as the OOM killer does) every worker of the loader, twice
+                time.sleep(0.1)
+                for pid in own_children() - before:
+                    os.kill(pid, signal.SIGKILL)
+        assert loader.restarts == 2
+    assert_decoded(got, items)
+
+
+@pytest.mark.slow
+def test_a_sample_that_kills_its_worker_is_recorded_alone_and_the_rest_come_back_in_order(tmp_path, monkeypatch):
+    items = samples(tmp_path, 12)
+    original = loader_module.decode_sample
+
+    def deadly(sample, fit):
+        if sample.key == "s04":
+            os.kill(os.getpid(), signal.SIGKILL)
+        return original(sample, fit)
+
+    monkeypatch.setattr(loader_module, "decode_sample", deadly)
+    with DecodeLoader(FIT, 2, prefetch=3) as loader:
+        got = list(loader.map(items, lambda s: s))
+    # the samples in flight beside it on the other worker, or queued behind it, are decoded again, never blamed
+    assert_decoded(got, items, failed={"s04": "WorkerDied"})
+    assert "died three times" in got[4][1].error["error"]
+
+
+@pytest.mark.slow
+def test_a_stalled_decode_is_recorded_after_the_timeout_and_the_rest_go_on(tmp_path, monkeypatch):
+    items = samples(tmp_path, 8)
+    original = loader_module.decode_sample
+
+    def stalls(sample, fit):
+        if sample.key == "s03":
+            time.sleep(600)
+        return original(sample, fit)
+
+    monkeypatch.setattr(loader_module, "decode_sample", stalls)
+    before = own_children()
+    t0 = time.monotonic()
+    with DecodeLoader(FIT, 2, timeout=1.5, prefetch=2) as loader:
+        got = list(loader.map(items, lambda s: s))
+    assert 1.5 <= time.monotonic() - t0 < 30
+    assert_decoded(got, items, failed={"s03": "WorkerTimeout"})
+    assert "no result after 2s" in got[3][1].error["error"]
+    time.sleep(0.5)
+    assert not own_children() - before  # the stalled worker was ended with its loader, not left behind
