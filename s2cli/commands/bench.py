@@ -14,7 +14,7 @@ from ._common import out, reported
 # `s2 bench` takes these options of `s2 extract` (declared once, in options.py)
 BENCH_OPTIONS = ("recipe", "model", "weights", "offline", "random_init", "seed", "layer", "keep_cls", "scales", "img_sizes",
                  "max_split_size", "split_mode", "resize_output_to_idx", "fit", "antialias", "batch_size", "workers",
-                 "max_tiles_per_call", "device", "precision", "dtype", "pool", "pool_only", "compile", "channels_last",
+                 "prefetch_factor", "max_tiles_per_call", "device", "precision", "dtype", "pool", "pool_only", "compile", "channels_last",
                  "decode", "input_format", "image_key", "strategy", "min_tiles", "max_tiles", "thumbnail",
                  "grid_pinpoints", "anyres_max", "min_pixels", "max_pixels")
 
