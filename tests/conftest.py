@@ -118,6 +118,14 @@ def pytest_xdist_make_scheduler(config, log):
     return SharedFixturesTogether(config, log)
 
 
+def pytest_collection_modifyitems(items):
+    """On an xdist worker the slow tests come first (every worker collects the same order, which the scheduler
+    deals out): the long ones start early and short ones fill the end, so no worker is left alone with a long
+    test at the end of the run."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 # what a test may not start unless it is marked slow: another interpreter (Python, torchrun, s2) or a scheduler's
 # command; each costs seconds (torch's import), which the inner loop (`-m "not slow"`) does without
 SPAWNS = ("python", "torchrun", "s2", "srun", "sbatch", "scontrol", "pip")
