@@ -4,6 +4,7 @@ HF datasets, torch Datasets and single files/globs with --devices, s3:// outputs
 readers; Path inputs and outputs."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -251,6 +252,21 @@ def test_devices_cpu_cpu_over_each_path_input_kind_equals_one_rank(kind, tmp_pat
     with open_features(tmp_path / "o") as ff:
         assert ff.complete
     assert_same(features(tmp_path / "o"), _want(kind, by_name))
+
+
+@pytest.mark.slow
+def test_devices_cpu_cpu_from_a_hub_dataset_into_an_s3_folder(tmp_path, request, by_name, cli, s3):
+    from conftest import FAST
+
+    inp, _ = make_input("hub", tmp_path, request)
+    out = f"s3://{s3.bucket}/dev/"
+    r = cli("extract", inp, *FAST, "--devices", "cpu,cpu", "--shard-size", 2, "-o", out, "--json")
+    assert r.exit_code == 0, r.stderr + r.stdout
+    assert [w["summary"]["num_images"] for w in json.loads(r.stdout)["workers"]] == [3, 2]  # units 0, 2 and 1
+    s3.invalidate_cache()
+    with open_features(out) as ff:
+        assert ff.complete
+        assert_same({k: np.asarray(ff[k]) for k in ff}, by_name)
 
 
 # ---- paths (os.PathLike) in, and probe over an S3 output ----------------------------------------------------------
