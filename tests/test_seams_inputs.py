@@ -5,6 +5,7 @@ readers; Path inputs and outputs."""
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +38,18 @@ class Keyed:
         return {"key": NAMES[j], "image": Image.fromarray(arrays()[j]), "label": j}
 
 
+class Slowed(Keyed):
+    """Keyed, each item read `seconds` late (a run slow enough to be killed mid-way)."""
+
+    def __init__(self, seconds: float):
+        super().__init__()
+        self.seconds = seconds
+
+    def __getitem__(self, i):
+        time.sleep(self.seconds)
+        return super().__getitem__(i)
+
+
 @pytest.fixture(scope="module")
 def by_name(tmp_path_factory) -> dict[str, np.ndarray]:
     """Features of the five images read from a folder, keyed by NAMES (made once for the module)."""
@@ -52,6 +65,39 @@ def test_a_map_style_dataset_interrupted_resumes_to_the_same_result(tmp_path, by
     s = s2cli.extract(Keyed(), out, shard_size=2, **LIB)
     assert (s.resumed_images, s.num_images) == (2, 3)
     assert_same(features(tmp_path / "o"), by_name)
+
+
+@pytest.mark.slow
+def test_a_map_style_dataset_run_killed_with_sigkill_resumes_to_the_same_result(tmp_path, by_name):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from conftest import wait_until
+
+    out = tmp_path / "o"
+    script = tmp_path / "run.py"  # the dataset in a process of its own, each item slowed so the kill lands mid-run
+    script.write_text(f"""
+import s2cli
+from test_seams_inputs import LIB, Slowed
+
+s2cli.extract(Slowed(0.4), {str(out) + "/"!r}, shard_size=1, batch_size=1, **LIB)
+""")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.Popen([sys.executable, str(script)], env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        wait_until(lambda: len(list(out.glob("part-*.json"))) >= 2 or proc.poll() is not None, "two done shards")
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
+    s = s2cli.extract(Slowed(0), f"{out}/", shard_size=1, batch_size=1, **LIB)
+    assert 2 <= s.resumed_images < 5 and s.resumed_images + s.num_images == 5
+    assert_same(features(out), by_name)
 
 
 def test_a_map_style_dataset_whose_keys_moved_redoes_those_units_and_no_feature_stays_under_a_wrong_key(
