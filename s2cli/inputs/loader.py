@@ -18,6 +18,7 @@ import torch
 from torch.utils.data import DataLoader, get_worker_info
 
 from ..errors import ConfigError, S2Error
+from ..heap import keep_freed_memory
 from .decode import Decoded, Fit, decode_sample
 from .samples import Sample, failure
 
@@ -109,13 +110,15 @@ class _Decoding:
         killed by it could die holding the loader's result-queue lock); SIGTERM (the loader's own shutdown) ends a
         worker at once, whatever handler the parent had when it forked; SIGUSR1 (SLURM's warning before the time
         limit, sent to every process of a step) is the parent's to act on. The worker runs `nice` lower than the
-        run and closes the output files it inherited."""
+        run, closes the output files it inherited, and keeps the memory it frees for the next image
+        (`heap.keep_freed_memory`)."""
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGUSR1, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         if self.nice:
             os.nice(self.nice)
         _close_inherited_files()
+        keep_freed_memory()
         self.busy[worker_id] = -1
         self.pids[worker_id] = os.getpid()
 
