@@ -2,6 +2,7 @@
 decode that stalls recorded after a timeout, a dead worker's sample decoded again by a new loader."""
 from __future__ import annotations
 
+import ctypes
 import math
 import multiprocessing as mp
 import os
@@ -108,11 +109,16 @@ class _Decoding:
         """In each worker as it starts. Ctrl-C reaches the whole process group: only the parent acts on it (a worker
         killed by it could die holding the loader's result-queue lock); SIGTERM (the loader's own shutdown) ends a
         worker at once, whatever handler the parent had when it forked; SIGUSR1 (SLURM's warning before the time
-        limit, sent to every process of a step) is the parent's to act on. The worker runs `nice` lower than the
-        run and closes the output files it inherited."""
+        limit, sent to every process of a step) is the parent's to act on. A worker ends with the run however the
+        run ends (SIGKILL too: Linux's parent-death signal), even one blocked in a read that never returns. The
+        worker runs `nice` lower than the run and closes the output files it inherited."""
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGUSR1, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):  # not Linux: torch's worker watchdog ends an idle worker
+            pass
         if self.nice:
             os.nice(self.nice)
         _close_inherited_files()
