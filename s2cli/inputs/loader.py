@@ -146,7 +146,8 @@ class DecodeLoader:
     dies (killed, out of memory: noticed within POLL_S) the samples in flight are handed to a new loader, the one
     the dead worker was decoding counted (recorded as failed, `WorkerDied`, once DEATHS workers died on it); a
     decode that stalls is recorded after `timeout` seconds (`WorkerTimeout`) and the rest go on with a new loader.
-    workers=0 decodes in the calling thread."""
+    workers=0 decodes in the calling thread. (Not an IterableDataset splitting units across workers: a unit would
+    decode in one worker, a tar's samples one after another, and which samples a dead worker held would be lost.)"""
 
     def __init__(self, fit: Fit, workers: int, timeout: float = 120.0, prefetch: int | None = None,
                  batch_size: int = 1):
