@@ -6,8 +6,11 @@ import errno
 import os
 import shutil
 from pathlib import Path
+from typing import Callable, TypeVar
 
 from .errors import ConfigError, S2Error
+
+T = TypeVar("T")
 
 SPOOL_PREFIX = "s2cli-spool-"  # a remote output's local spool (store.new_spool): S2CLI_SPOOL/s2cli-spool-HOST-PID-*
 
@@ -238,30 +241,17 @@ def take_claim(path: Path, what: str, fix: str, info: dict | None = None) -> Cla
 def claim_record(path: Path) -> dict | None:
     """The record the holder of the lock file `path` wrote (host, pid, started and its `info`), {} while it is
     being written; None when nobody holds it."""
-    import fcntl
-    import json
-
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        return None
-    except BlockingIOError:
-        try:
-            rec = json.loads(os.pread(fd, 4096, 0).decode() or "{}")
-        except (OSError, ValueError):
-            return {}
-        return rec if isinstance(rec, dict) else {}
-    except OSError:
-        return None
-    finally:
-        os.close(fd)
+    return _while_held(path, _record)
 
 
 def claim_held(path: Path) -> str | None:
     """Who holds the claim of the lock file `path` now (`host H pid P since T`), or None when nobody does."""
+    return _while_held(path, _holder)
+
+
+def _while_held(path: Path, read: Callable[[int], T]) -> T | None:
+    """`read(fd)` of the lock file `path` while another process holds its claim (its exclusive lock); None when
+    nobody does, or the file cannot be opened."""
     import fcntl
 
     try:
@@ -272,8 +262,19 @@ def claim_held(path: Path) -> str | None:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         return None
     except BlockingIOError:
-        return _holder(fd)
+        return read(fd)
     except OSError:
         return None
     finally:
         os.close(fd)
+
+
+def _record(fd: int) -> dict:
+    """A claim's record from its lock file, {} while it is being written."""
+    import json
+
+    try:
+        rec = json.loads(os.pread(fd, 4096, 0).decode() or "{}")
+    except (OSError, ValueError):
+        return {}
+    return rec if isinstance(rec, dict) else {}

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hubserver import closed_port
 from PIL import Image
 
 import s2cli
@@ -333,7 +334,8 @@ def hub_parquet(folder: Path, rows: slice = slice(None), name: str = "train-0000
     return folder
 
 
-def test_the_same_dataset_on_the_loopback_hub_as_parquet_extracts_as_the_folder(tmp_path, reference, hub):
+def test_the_same_dataset_on_the_loopback_hub_as_parquet_extracts_as_the_folder(tmp_path, reference, hub,
+                                                                                 monkeypatch):
     hub_parquet(tmp_path / "repo")
     hub.add("org/tiny", tmp_path / "repo", repo_type="dataset")
     s2cli.extract("hf://datasets/org/tiny", str(tmp_path / "h.h5"), **LIB)
@@ -342,6 +344,11 @@ def test_the_same_dataset_on_the_loopback_hub_as_parquet_extracts_as_the_folder(
         s2cli.plan("hf://datasets/org/missing")
     with pytest.raises(ConfigError, match="no such revision"):
         s2cli.plan("hf://datasets/org/tiny@nope")
+    down = f"http://127.0.0.1:{closed_port()}"
+    monkeypatch.setenv("HF_ENDPOINT", down)
+    with pytest.raises(ConfigError, match="cannot be reached") as e:  # the hub down: one line, naming it
+        s2cli.plan("hf://datasets/org/tiny")
+    assert "\n" not in str(e.value) and down in str(e.value)
 
 
 def test_a_hub_dataset_is_listed_through_hffilesystem_and_each_file_downloaded_once_into_the_hf_cache(
@@ -375,12 +382,13 @@ def test_a_hub_dataset_read_once_resumes_and_extracts_offline_from_the_cache(tmp
     hub.add("org/tiny", tmp_path / "repo", repo_type="dataset")
     out = f"{tmp_path / 'o'}/"
     s2cli.extract("hf://datasets/org/tiny", out, shard_size=2, **LIB)
-    hub.stop()
+    asked = len(hub.requests)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     s = s2cli.extract("hf://datasets/org/tiny", out, shard_size=2, **LIB)  # the same files, the same identities
     assert s.resumed_images == 5 and s.num_images == 0
     s2cli.extract("hf://datasets/org/tiny@main", str(tmp_path / "off.h5"), **LIB)
     assert_same(features(tmp_path / "off.h5"), reference)
+    assert len(hub.requests) == asked  # nothing asked of the hub
     with pytest.raises(ConfigError, match="not in the HF cache and HF_HUB_OFFLINE=1") as e:
         s2cli.plan("hf://datasets/org/other")
     assert "hf download org/other --repo-type dataset" in str(e.value)

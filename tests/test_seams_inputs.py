@@ -36,12 +36,12 @@ class Keyed:
         return {"key": NAMES[j], "image": Image.fromarray(arrays()[j]), "label": j}
 
 
-@pytest.fixture
-def by_name(tmp_path) -> dict[str, np.ndarray]:
-    """Features of the five images read from a folder, keyed by NAMES."""
-    d = folder_of(tmp_path / "ref", NAMES)
-    s2cli.extract(str(d), str(tmp_path / "ref.h5"), **LIB)
-    return features(tmp_path / "ref.h5")
+@pytest.fixture(scope="module")
+def by_name(tmp_path_factory) -> dict[str, np.ndarray]:
+    """Features of the five images read from a folder, keyed by NAMES (made once for the module)."""
+    d = tmp_path_factory.mktemp("by-name")
+    s2cli.extract(str(folder_of(d / "ref", NAMES)), str(d / "ref.h5"), **LIB)
+    return features(d / "ref.h5")
 
 
 def test_a_map_style_dataset_interrupted_resumes_to_the_same_result(tmp_path, by_name):
@@ -100,6 +100,17 @@ class Items:
         return {"key": NAMES[i], "image": image, "label": i}
 
 
+def iterable(items: Items):
+    """The same items as a torch IterableDataset (one unit: read to learn its keys)."""
+    from torch.utils.data import IterableDataset
+
+    class Stream(IterableDataset):
+        def __iter__(self):
+            return (items[i] for i in range(len(items)))
+
+    return Stream()
+
+
 def _table(path: Path, broken=()) -> Path:
     """img2dataset's parquet layout keyed by NAMES (row groups of 2); rows in `broken` hold bytes that are no image."""
     import pyarrow as pa
@@ -138,6 +149,8 @@ def make_input(kind: str, tmp_path: Path, request, broken=()):
         return "hf://datasets/org/seams", "caption"
     if kind == "torch":
         return Items(broken=broken), "label"
+    if kind == "iterable":
+        return iterable(Items(broken=broken)), "label"
     if kind == "datasets":
         pytest.importorskip("datasets")
         return _hf(broken), "label"
@@ -149,14 +162,19 @@ def make_input(kind: str, tmp_path: Path, request, broken=()):
     return f"{d}/*.png", None  # glob
 
 
-KINDS = ["parquet", "save_to_disk", "hub", "torch", "datasets", "file", "glob"]
+KINDS = ["parquet", "save_to_disk", "hub", "torch", "iterable", "datasets", "file", "glob"]
+INNER = ("parquet", "torch")  # the inner loop runs these; the others are marked slow (seconds each)
+
+
+def kinds(*names: str) -> list:
+    return [k if k in INNER else pytest.param(k, marks=pytest.mark.slow) for k in names]
 
 
 def _want(kind: str, by_name: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {"cat": by_name["cat"]} if kind == "file" else by_name
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", kinds(*KINDS))
 def test_each_input_kind_into_an_s3_folder_reads_back_with_its_metadata_everywhere(kind, s3, tmp_path, request,
                                                                                     by_name, cli):
     from s2cli.dataset import FeatureDataset
@@ -185,7 +203,7 @@ def test_each_input_kind_into_an_s3_folder_reads_back_with_its_metadata_everywhe
     assert r.exit_code == 0 and field in r.stdout, r.stderr
 
 
-@pytest.mark.parametrize("kind", ["parquet", "hub", "torch", "datasets", "glob"])
+@pytest.mark.parametrize("kind", kinds("parquet", "hub", "torch", "iterable", "datasets", "glob"))
 def test_retry_failed_over_each_input_kind_retries_the_fixed_images_only(kind, tmp_path, request, by_name):
     out = f"{tmp_path / 'o'}/"
     inp, _ = make_input(kind, tmp_path, request, broken=(3,))
@@ -198,7 +216,7 @@ def test_retry_failed_over_each_input_kind_retries_the_fixed_images_only(kind, t
 
 
 # ---- several ranks ---------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("kind", ["torch", "datasets"])
+@pytest.mark.parametrize("kind", kinds("torch", "datasets"))
 def test_a_python_dataset_split_over_two_ranks_equals_one_rank(kind, tmp_path, request, by_name, monkeypatch):
     """A Python object cannot be sent to --devices workers: each rank's process calls s2cli.extract on its own copy
     (torchrun's RANK/WORLD_SIZE, here one process after the other)."""
@@ -241,12 +259,11 @@ def test_paths_given_as_pathlib_work_wherever_a_string_path_does(tmp_path, by_na
     table = _table(tmp_path / "t" / "t.parquet")
     assert s2cli.plan(src, **LIB)["num_images"] == 5
     assert s2cli.plan(table, tmp_path / "p.h5", **LIB)["num_images"] == 5
-    assert s2cli.extract(src, tmp_path / "a.h5", **LIB).num_images == 5
     assert s2cli.extract(table, tmp_path / "t.safetensors", **LIB).num_images == 5
     assert s2cli.extract(src / "cat.png", tmp_path / "c.h5", **LIB).num_images == 1
     s = s2cli.extract(src, tmp_path / "o", shard_size=2, **LIB)  # a Path without a suffix: an output folder
     assert s.shards_written == 3
-    for out in ("a.h5", "t.safetensors", "o"):
+    for out in ("t.safetensors", "o"):
         assert_same(features(tmp_path / out), by_name)
     assert s2cli.settings(src, tmp_path / "x.h5", **LIB).input == str(src)
 
@@ -271,3 +288,15 @@ def test_probe_scores_outputs_on_s3_as_it_scores_them_locally(s3, tmp_path):
     with pytest.raises(s2cli.errors.ConfigError, match="not read in place") as e:
         s2cli.probe([f"s3://{s3.bucket}/up/a.h5", remote[1]], folds=2, k=3, seed=1)
     assert "copy it to a local file first" in str(e.value)
+
+
+def test_s2_slurm_over_a_hub_dataset_fetches_its_files_for_the_offline_tasks(cli, tmp_path, request, monkeypatch):
+    from conftest import FAST
+
+    inp, _ = make_input("hub", tmp_path, request)
+    r = cli("slurm", inp, *FAST, "-o", f"{tmp_path / 'o'}/", "--ntasks", 2)  # the script only: nothing submitted
+    assert r.exit_code == 0, r.stderr
+    assert "HF_HUB_OFFLINE=1" in (tmp_path / "o" / "s2-slurm.sbatch").read_text()
+    request.getfixturevalue("hub").stop()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # as a task: offline, it reads the files from the cache
+    assert s2cli.plan(inp, **LIB)["num_images"] == 5

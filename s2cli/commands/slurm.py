@@ -65,6 +65,7 @@ def slurm(
                               "local", given=res.output, fix="pass a local -o OUTDIR/ (or write your own batch "
                               "script that runs s2 extract -o URL/)")
         res, _ = api.locate_weights(res)  # the weights, downloaded here once (the tasks run offline) or checked
+        inp.fetch_ahead()  # a hub dataset's files into the HF cache here, as the weights: the tasks run offline
         if OutputDir(res.output).has_run:  # resubmitting: the tasks would refuse other settings, say so now
             OutputDir(res.output).check_same({"input": inp.describe(), "config": res.to_dict()}, res.compare_keys())
         if v.get("overwrite"):

@@ -448,22 +448,23 @@ register_alias(BackboneCfg(
     hf_config=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
                    image_size=224, patch_size=16, projection_dim=512, hidden_act="quick_gelu"),
     description="OpenAI CLIP ViT-B/16 at 224: layer -2, CLS dropped, 196 tokens per tile"))
-register_alias(BackboneCfg(
-    name="siglip-so400m-384", family=NAME, source="google/siglip-so400m-patch14-384",
-    hub_id="google/siglip-so400m-patch14-384", input_size=384,
-    patch_size=14, channels=1152, num_prefix_tokens=0, layer=-2, output_shape="bnc", mean=HALF, std=HALF,
-    fit="squash", model_type="siglip_vision_model",
-    hf_config=dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
-                   image_size=384, patch_size=14, hidden_act="gelu_pytorch_tanh"),
-    description="SigLIP so400m/14 at 384 (VILA-1.5): layer -2, no CLS, 729 tokens per tile"))
-register_alias(BackboneCfg(
-    name="siglip-so400m-448", family=NAME, source="google/siglip-so400m-patch14-448",
-    hub_id="google/siglip-so400m-patch14-448", input_size=448,
-    patch_size=14, channels=1152, num_prefix_tokens=0, layer=-2, output_shape="bnc", mean=HALF, std=HALF,
-    fit="squash", model_type="siglip_vision_model",
-    hf_config=dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
-                   image_size=448, patch_size=14, hidden_act="gelu_pytorch_tanh"),
-    description="SigLIP so400m/14 at 448 (NVILA's tower): layer -2, no CLS, 1024 tokens per tile"))
+
+
+def siglip_so400m(size: int, used_by: str) -> BackboneCfg:
+    """Google's SigLIP so400m/14 tower at `size` (the same model at 384 and 448; layer -2, no CLS)."""
+    tokens = (size // 14) ** 2
+    return BackboneCfg(
+        name=f"siglip-so400m-{size}", family=NAME, source=f"google/siglip-so400m-patch14-{size}",
+        hub_id=f"google/siglip-so400m-patch14-{size}", input_size=size,
+        patch_size=14, channels=1152, num_prefix_tokens=0, layer=-2, output_shape="bnc", mean=HALF, std=HALF,
+        fit="squash", model_type="siglip_vision_model",
+        hf_config=dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
+                       image_size=size, patch_size=14, hidden_act="gelu_pytorch_tanh"),
+        description=f"SigLIP so400m/14 at {size} ({used_by}): layer -2, no CLS, {tokens} tokens per tile")
+
+
+register_alias(siglip_so400m(384, "VILA-1.5"))
+register_alias(siglip_so400m(448, "NVILA's tower"))
 register_alias(BackboneCfg(
     name="dinov2-l", family=NAME, source="facebook/dinov2-large",
     hub_id="facebook/dinov2-large", input_size=224, patch_size=14, channels=1024,

@@ -19,6 +19,7 @@ import torch
 from torch.utils.data import DataLoader, get_worker_info
 
 from ..errors import ConfigError, S2Error
+from ..heap import keep_freed_memory
 from .decode import Decoded, Fit, decode_sample
 from .samples import Sample, failure
 
@@ -111,7 +112,8 @@ class _Decoding:
         worker at once, whatever handler the parent had when it forked; SIGUSR1 (SLURM's warning before the time
         limit, sent to every process of a step) is the parent's to act on. A worker ends with the run however the
         run ends (SIGKILL too: Linux's parent-death signal), even one blocked in a read that never returns. The
-        worker runs `nice` lower than the run and closes the output files it inherited."""
+        worker runs `nice` lower than the run, closes the output files it inherited, and keeps the memory it frees
+        for the next image (`heap.keep_freed_memory`)."""
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGUSR1, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
@@ -122,6 +124,7 @@ class _Decoding:
         if self.nice:
             os.nice(self.nice)
         _close_inherited_files()
+        keep_freed_memory()
         self.busy[worker_id] = -1
         self.pids[worker_id] = os.getpid()
 
