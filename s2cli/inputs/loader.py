@@ -276,7 +276,7 @@ class DecodeLoader:
     def _stalled(self, front: _Entry) -> None:
         """The first sample in flight has not come back within the timeout: recorded; its worker is stopped with the
         loader and the samples after it go to a new one."""
-        self._fail(front, f"no result after {self.timeout:.0f}s (the decode worker stalled or died)", "WorkerTimeout")
+        self._fail(front, f"no result after {self.timeout:g}s (the decode worker stalled or died)", "WorkerTimeout")
         self._restart()
 
     def _fail(self, e: _Entry, why: str, error_class: str) -> None:
