@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import struct
 import subprocess
 import sys
@@ -24,6 +25,12 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from s2cli.cli import app
+
+# under pytest-xdist (`-n 2`, the README's test command) each worker has a core of its own: torch runs on one thread
+# in it and in the interpreters its tests start (two workers of two threads each on two cores would contend)
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
 
 DATA = Path(__file__).parent / "data"
 EXAMPLES = Path(__file__).parent.parent / "examples" / "images"
@@ -89,6 +96,26 @@ def _own_env(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("HF_HOME", str(tmp_path_factory.mktemp("hf-home")))
     monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{closed_port()}")
     _reset_hub_constants(monkeypatch)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """Under pytest-xdist's default `--dist load` (the README's command is `-n 2`): tests go to the workers one by
+    one, but the tests of a module with a module-scoped fixture (tiny models extracted once, a SLURM cluster) go
+    together to one worker, which builds it once; the modules with the most tests first."""
+    if config.getvalue("dist") != "load":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    shared = {p.name for p in Path(__file__).parent.glob("test_*.py")
+              if re.search(r"@pytest\.fixture\(scope=\"module\"", p.read_text())}
+
+    class SharedFixturesTogether(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            file = nodeid.split("::", 1)[0]
+            return file if Path(file).name in shared else nodeid
+
+    return SharedFixturesTogether(config, log)
 
 
 # what a test may not start unless it is marked slow: another interpreter (Python, torchrun, s2) or a scheduler's

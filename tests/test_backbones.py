@@ -91,10 +91,10 @@ def test_siglip_and_dinov2_dirs(tmp_path):
 
 
 def test_timm_vit_intermediate_layer_matches_timm():
-    cfg = resolve("timm:vit_tiny_patch16_224", layer=-2)
+    cfg = resolve("timm:test_vit", layer=-2)
     bb = load_backbone(cfg, random_init=True, seed=5)
-    ref = load_backbone(resolve("timm:vit_tiny_patch16_224"), random_init=True, seed=5).module
-    x = torch.randn(1, 3, 224, 224)
+    ref = load_backbone(resolve("timm:test_vit"), random_init=True, seed=5).module
+    x = torch.randn(1, 3, 160, 160)
     with torch.no_grad():
         spatial, prefix = ref.forward_intermediates(x, indices=[len(ref.blocks) - 2], output_fmt="NLC",
                                                     intermediates_only=True, return_prefix_tokens=True)[0]
@@ -103,9 +103,9 @@ def test_timm_vit_intermediate_layer_matches_timm():
 
 
 def test_random_init_is_deterministic_from_seed():
-    a = load_backbone(resolve("timm:vit_tiny_patch16_224"), random_init=True, seed=1)
-    b = load_backbone(resolve("timm:vit_tiny_patch16_224"), random_init=True, seed=1)
-    c = load_backbone(resolve("timm:vit_tiny_patch16_224"), random_init=True, seed=2)
+    a = load_backbone(resolve("timm:test_vit"), random_init=True, seed=1)
+    b = load_backbone(resolve("timm:test_vit"), random_init=True, seed=1)
+    c = load_backbone(resolve("timm:test_vit"), random_init=True, seed=2)
     pa, pb, pc = (next(m.module.parameters()) for m in (a, b, c))
     assert torch.equal(pa, pb) and not torch.equal(pa, pc)
     assert a.weights == "random-init(seed=1)"
@@ -114,12 +114,12 @@ def test_random_init_is_deterministic_from_seed():
 def test_weights_file_round_trip(tmp_path):
     from safetensors.torch import save_file
 
-    src = load_backbone(resolve("timm:vit_tiny_patch16_224"), random_init=True, seed=9)
+    src = load_backbone(resolve("timm:test_vit"), random_init=True, seed=9)
     save_file(src.module.state_dict(), str(tmp_path / "w.safetensors"))
-    loaded = load_backbone(resolve("timm:vit_tiny_patch16_224"), weights=str(tmp_path / "w.safetensors"))
+    loaded = load_backbone(resolve("timm:test_vit"), weights=str(tmp_path / "w.safetensors"))
     assert all(torch.equal(p, q) for p, q in zip(src.module.parameters(), loaded.module.parameters()))
     with pytest.raises(WeightsNotFoundError, match="does not exist"):
-        load_backbone(resolve("timm:vit_tiny_patch16_224"), weights=str(tmp_path / "missing.pt"))
+        load_backbone(resolve("timm:test_vit"), weights=str(tmp_path / "missing.pt"))
 
 
 def test_default_efficientnet_lite0_sees_a_cat():

@@ -12,7 +12,7 @@ from s2cli.backbones import load_backbone, resolve
 from s2cli.bench import measure, synthetic_jpegs
 from s2cli.config import ExtractConfig, resolve_config
 
-TINY = ("-m", "timm:vit_tiny_patch16_224", "--random-init", "--layer", "2")
+TINY = ("-m", "timm:test_vit", "--random-init", "--layer", "2")
 STAGES = {"read", "decode", "fit", "preprocess", "forward", "check", "collect", "commit", "write", "other"}
 
 
@@ -73,7 +73,7 @@ def test_compile_is_wired_and_recorded(tmp_path):
     from s2cli.config import build_config
     from s2cli.extractor import Extractor
 
-    cfg = build_config(str(tmp_path), str(tmp_path / "o.h5"), model="timm:vit_tiny_patch16_224", random_init=True,
+    cfg = build_config(str(tmp_path), str(tmp_path / "o.h5"), model="timm:test_vit", random_init=True,
                        compile=True)
     res = resolve_config(cfg, resolve(cfg.model))
     bb = load_backbone(res.backbone, random_init=True)
@@ -255,7 +255,7 @@ def test_shards_are_hashed_and_marked_on_the_writer_thread(monkeypatch, image_di
 
     monkeypatch.setattr(run_mod, "shard_record", spy)
     out = tmp_path / "o"
-    s = s2cli.extract(str(image_dir), str(out) + "/", model="timm:vit_tiny_patch16_224", random_init=True, layer=2,
+    s = s2cli.extract(str(image_dir), str(out) + "/", model="timm:test_vit", random_init=True, layer=2,
                       shard_size=2, batch_size=1, workers=0)
     assert s.num_images == 4 and s.shards_written == 2 and len(seen) == 2
     assert seen == [(False, True, False)] * 2  # off the main thread, the shard in place, no marker yet

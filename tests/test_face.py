@@ -317,7 +317,7 @@ def test_the_suite_passes_whatever_the_caller_exports(tmp_path):
     """HF_HUB_OFFLINE=1 (a cluster node), a narrow COLUMNS, torchrun's RANK, ...: a hub download and the help
     test still pass, because conftest clears them for every test (and before huggingface_hub is imported)."""
     env = {**os.environ, **HOSTILE}
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x",
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x", "-n", "0",
                         f"{__file__}::test_a_hub_download_in_process", f"{__file__}::test_the_callers_variables_are_cleared",
                         f"{__file__}::test_help_fits_the_terminal_with_nothing_cut[extract-80]"],
                        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)

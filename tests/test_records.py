@@ -55,23 +55,26 @@ def _counting(monkeypatch, module, name: str) -> list[tuple[int, int]]:
     return calls
 
 
-@pytest.mark.parametrize("video", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["images", "images+video"])
-def test_s2_plans_each_image_once_and_the_engine_and_writer_use_that_plan(tmp_path, monkeypatch, video):
+@pytest.mark.parametrize("video, output", [(False, "o.h5"), pytest.param(True, "o/", marks=pytest.mark.slow)],
+                         ids=["images-file", "images+video-shards"])
+def test_s2_plans_each_image_once_and_the_engine_and_writer_use_that_plan(tmp_path, monkeypatch, video, output):
     """An extract of N images of varied sizes (and a video, whose frames share its plan) calls `plan_image` once
-    per image with its size, plus once per run for the shards' layout (a square image of the largest side); every
-    tile plan (`plan_multiscale`) is one of those: the engine and the pooled vectors take the image's."""
+    per image with its size, plus once per run for the shards' layout (a square image of the largest side, however
+    many shards); every tile plan (`plan_multiscale`) is one of those: the engine and the pooled vectors take the
+    image's."""
     sizes = _inputs(tmp_path / "in", video)
     images = _counting(monkeypatch, strategies, "plan_image")
     tiles = _counting(monkeypatch, strategies, "plan_multiscale")
     engine = _counting(monkeypatch, tiling, "plan_multiscale")
-    opts = {**S2, **({"num_frames": 3} if video else {})}
-    s = s2cli.extract(str(tmp_path / "in"), str(tmp_path / "o.h5"), random_init=True, workers=0, batch_size=3, **opts)
+    opts = {**S2, **({"num_frames": 3, "shard_size": 2} if video else {})}
+    s = s2cli.extract(str(tmp_path / "in"), str(tmp_path / output), random_init=True, workers=0, batch_size=3, **opts)
     assert s.num_images == len(sizes) and s.num_failed == 0
     side = max(S2["img_sizes"])
     assert collections.Counter(images) == collections.Counter([*sizes.values(), (side, side)])
     assert len(tiles) == len(images) and engine == []
+    assert s.shards_written == (3 if video else None)  # (6 entries, 2 a shard)
     res = s2cli.settings(str(tmp_path / "in"), **opts)
-    with open_features(tmp_path / "o.h5") as ff:  # what is stored is what a fresh plan of each image says
+    with open_features(tmp_path / output) as ff:  # what is stored is what a fresh plan of each image says
         for key, hw in sizes.items():
             m, want = ff.meta(key), plan_image(res, hw)
             assert tuple(m["orig_hw"]) == hw and tuple(m["grid_hw"]) == want.grid_hw
@@ -158,3 +161,16 @@ def test_the_record_passes_through_a_torch_dataloader_worker(tmp_path):
         assert r.plan == want.plan and r.orig_hw == want.orig_hw == sizes[s.key] and r.meta == want.meta
         assert len(r.pixels) == len(want.pixels) and all(torch.equal(a, torch.from_numpy(b))
                                                          for a, b in zip(r.pixels, want.pixels))
+
+
+def test_the_engine_takes_the_plan_made_for_its_input_and_refuses_another(toy):
+    """`multiscale_forward(..., plan=)` runs the tiles planned by the caller (a run's per-image plan): the same
+    output as planning there; a plan made for another input size is refused in one ConfigError."""
+    from s2cli.errors import ConfigError
+
+    model, kw = toy(), {"img_sizes": [(32, 48), (64, 96)], "max_split_size": 16}
+    x = torch.randn(2, 3, 32, 48)
+    plan = tiling.plan_multiscale((32, 48), **kw)
+    assert torch.equal(tiling.multiscale_forward(model, x, **kw, plan=plan), tiling.multiscale_forward(model, x, **kw))
+    with pytest.raises(ConfigError, match="not the input's"):
+        tiling.multiscale_forward(model, x[..., :40], **kw, plan=plan)

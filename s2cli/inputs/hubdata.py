@@ -177,6 +177,12 @@ def hub_error(e: Exception, spec: str) -> ConfigError:
     if status is not None:
         return ConfigError(f"the hub {endpoint()} answered HTTP {status} for the dataset: {first}", given=spec,
                            fix="check the URL and your access (hf auth login), or retry later")
+    if isinstance(e, FileNotFoundError):
+        return ConfigError(f"the hub dataset has no such file: {first}", given=spec,
+                           fix="check the dataset's files on the hub (a rerun lists them again)")
+    if not isinstance(e, (OSError, ConnectionError)) and "Connect" not in name and "Timeout" not in name:
+        return ConfigError(f"asking the hub {endpoint()} for the dataset failed ({name}: {first})", given=spec,
+                           fix="check the URL and HF_ENDPOINT, then rerun")
     return ConfigError(f"the hub {endpoint()} cannot be reached ({name}: {first})", given=spec,
                        fix="check the network and HF_ENDPOINT; offline (HF_HUB_OFFLINE=1), a dataset read once before "
                            "is read from the HF cache")
