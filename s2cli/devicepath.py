@@ -2,8 +2,8 @@
 side stream (the next batch's copy overlaps the current compute), features copied back into pinned buffers
 without blocking (an event says when the writer may read them), and `--decode torch`: JPEG decode
 (torchvision; nvJPEG on CUDA, libjpeg-turbo on the CPU) and the fit (crop/squash/pad/keep, bicubic antialias)
-done on the run's device. On the CPU the copies are plain (no pinning, no streams): the same functions run, so
-the CPU tests exercise them."""
+done on the run's device. On the CPU the copies are plain (no pinning, no streams; batches stacked into reused
+buffers): the same functions run, so the CPU tests exercise them."""
 from __future__ import annotations
 
 import time
@@ -44,8 +44,8 @@ class Pending:
 
 class Staging:
     """Host batches reused on the CPU, as CUDA's caching host allocator reuses pinned ones: per batch shape a ring
-    of `depth` buffers, so a batch is stacked into memory already mapped (a fresh 24 MB batch costs thousands of
-    page faults) and is overwritten only `depth` batches later. At most `shapes` shapes are kept (ragged `--fit
+    of `depth` buffers, so a batch is stacked into memory already mapped (every page of a fresh batch faults) and
+    is overwritten only `depth` batches later. At most `shapes` shapes are kept (ragged `--fit
     keep` batches come and go)."""
 
     def __init__(self, depth: int = 2, shapes: int = 4):
