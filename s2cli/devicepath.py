@@ -15,7 +15,7 @@ import torch
 
 from .inputs.decode import Decoded, Fit, decode_sample, with_decode_note
 from .inputs.samples import Sample
-from .pixels import fit_size
+from .pixels import crop_start, fit_size
 
 
 # ---- host <-> device ---------------------------------------------------------------------------------------------
@@ -159,7 +159,8 @@ def _resize(img: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
     return TF.resize(img, list(hw), interpolation=InterpolationMode.BICUBIC, antialias=True)
 
 
-def fit_tensor(img: torch.Tensor, fit: str, side: int, mean: tuple[float, float, float]) -> torch.Tensor:
+def fit_tensor(img: torch.Tensor, fit: str, side: int, mean: tuple[float, float, float],
+               crop_round: str = "floor") -> torch.Tensor:
     """`pixels.fit_image` on a uint8 (3, H, W) tensor, on its device: the same geometry (crop, squash, pad with
     the mean color, keep), with torch's bicubic antialias resize (Pillow's filter, a = -0.5, computed in float
     and rounded) instead of Pillow's fixed-point one."""
@@ -180,7 +181,7 @@ def fit_tensor(img: torch.Tensor, fit: str, side: int, mean: tuple[float, float,
         img = _resize(img, (th, tw))
     if fit == "keep":
         return img
-    top, left = (th - side) // 2, (tw - side) // 2
+    top, left = crop_start(th, side, crop_round), crop_start(tw, side, crop_round)
     return img[:, top:top + side, left:left + side]
 
 
@@ -216,7 +217,7 @@ def decode_batch(recs: list[Decoded], fit: Fit, device: torch.device,
             _pil_fallback(r, raw.numpy().tobytes(), jpeg.source_meta, fit, device,  # type: ignore[union-attr]
                           f"the device decoder failed: {type(d).__name__}: {d}")
             continue
-        r.pixels = fit_tensor(orient(d, jpeg.orientation), fit.mode, fit.side, fit.mean)  # type: ignore[union-attr]
+        r.pixels = fit_tensor(orient(d, jpeg.orientation), fit.mode, fit.side, fit.mean, fit.crop_round)  # type: ignore[union-attr]
     if timing is not None:
         timing["decode"] = timing.get("decode", 0.0) + t1 - t0
         timing["fit"] = timing.get("fit", 0.0) + time.perf_counter() - t1
