@@ -203,20 +203,21 @@ def run_variant(images: Path, work: Path, jobs: int, fmt: str, host_normalize: b
 # ---- the limits --------------------------------------------------------------------------------------------------
 def decode_limit(paths: list[Path], res: Any) -> dict[str, Any]:
     """Decode + fit of every image on one core, in this process (CPU seconds; the records' own decode/fit split)."""
+    import s2cli
     from s2cli.plan import fit_of
 
-    try:
+    # which modules this s2cli has, by its own files: a module missing from a --baseline tree would otherwise be
+    # imported from the installed (editable) s2cli, mixing two codes
+    own = Path(s2cli.__file__).parent
+    if (own / "inputs" / "decode.py").exists():
         from s2cli.inputs.decode import decode_sample
         from s2cli.inputs.samples import Sample
-    except ImportError:  # an s2cli from before the inputs/ package (--baseline)
+    else:  # an s2cli from before the inputs/ package
         from s2cli.sources import Sample, decode_sample  # type: ignore[no-redef]
-
-    try:  # the decode workers keep freed memory for the next image; the one-core limit is measured the same way
+    if (own / "heap.py").exists():  # its decode workers keep freed memory: the one-core limit is measured alike
         from s2cli.heap import keep_freed_memory
 
         keep_freed_memory()
-    except ImportError:  # an s2cli from before it (--baseline)
-        pass
     fit = fit_of(res)
     samples = [Sample(p.stem, str(p)) for p in paths]
     decode_sample(samples[0], fit)  # warm-up

@@ -361,7 +361,7 @@ def decode_compare(samples: list[Sample], fit: Fit, device: torch.device) -> dic
     are counted, not compared."""
     from .devicepath import decode_batch
 
-    pil_fit = Fit(fit.mode, fit.side, fit.mean)
+    pil_fit = Fit(fit.mode, fit.side, fit.mean, crop_round=fit.crop_round)
     dev_fit = dataclasses.replace(pil_fit, decode="torch")
     t = time.perf_counter()
     pil = [decode_sample(s, pil_fit) for s in samples]

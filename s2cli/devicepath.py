@@ -2,8 +2,8 @@
 side stream (the next batch's copy overlaps the current compute), features copied back into pinned buffers
 without blocking (an event says when the writer may read them), and `--decode torch`: JPEG decode
 (torchvision; nvJPEG on CUDA, libjpeg-turbo on the CPU) and the fit (crop/squash/pad/keep, bicubic antialias)
-done on the run's device. On the CPU the copies are plain (no pinning, no streams): the same functions run, so
-the CPU tests exercise them."""
+done on the run's device. On the CPU the copies are plain (no pinning, no streams; batches stacked into reused
+buffers): the same functions run, so the CPU tests exercise them."""
 from __future__ import annotations
 
 import time
@@ -15,7 +15,7 @@ import torch
 
 from .inputs.decode import Decoded, Fit, decode_sample, with_decode_note
 from .inputs.samples import Sample
-from .pixels import fit_size
+from .pixels import crop_start, fit_size
 
 
 # ---- host <-> device ---------------------------------------------------------------------------------------------
@@ -44,8 +44,8 @@ class Pending:
 
 class Staging:
     """Host batches reused on the CPU, as CUDA's caching host allocator reuses pinned ones: per batch shape a ring
-    of `depth` buffers, so a batch is stacked into memory already mapped (a fresh 24 MB batch costs thousands of
-    page faults) and is overwritten only `depth` batches later. At most `shapes` shapes are kept (ragged `--fit
+    of `depth` buffers, so a batch is stacked into memory already mapped (every page of a fresh batch faults) and
+    is overwritten only `depth` batches later. At most `shapes` shapes are kept (ragged `--fit
     keep` batches come and go)."""
 
     def __init__(self, depth: int = 2, shapes: int = 4):
@@ -159,7 +159,8 @@ def _resize(img: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
     return TF.resize(img, list(hw), interpolation=InterpolationMode.BICUBIC, antialias=True)
 
 
-def fit_tensor(img: torch.Tensor, fit: str, side: int, mean: tuple[float, float, float]) -> torch.Tensor:
+def fit_tensor(img: torch.Tensor, fit: str, side: int, mean: tuple[float, float, float],
+               crop_round: str = "floor") -> torch.Tensor:
     """`pixels.fit_image` on a uint8 (3, H, W) tensor, on its device: the same geometry (crop, squash, pad with
     the mean color, keep), with torch's bicubic antialias resize (Pillow's filter, a = -0.5, computed in float
     and rounded) instead of Pillow's fixed-point one."""
@@ -180,7 +181,7 @@ def fit_tensor(img: torch.Tensor, fit: str, side: int, mean: tuple[float, float,
         img = _resize(img, (th, tw))
     if fit == "keep":
         return img
-    top, left = (th - side) // 2, (tw - side) // 2
+    top, left = crop_start(th, side, crop_round), crop_start(tw, side, crop_round)
     return img[:, top:top + side, left:left + side]
 
 
@@ -216,7 +217,7 @@ def decode_batch(recs: list[Decoded], fit: Fit, device: torch.device,
             _pil_fallback(r, raw.numpy().tobytes(), jpeg.source_meta, fit, device,  # type: ignore[union-attr]
                           f"the device decoder failed: {type(d).__name__}: {d}")
             continue
-        r.pixels = fit_tensor(orient(d, jpeg.orientation), fit.mode, fit.side, fit.mean)  # type: ignore[union-attr]
+        r.pixels = fit_tensor(orient(d, jpeg.orientation), fit.mode, fit.side, fit.mean, fit.crop_round)  # type: ignore[union-attr]
     if timing is not None:
         timing["decode"] = timing.get("decode", 0.0) + t1 - t0
         timing["fit"] = timing.get("fit", 0.0) + time.perf_counter() - t1

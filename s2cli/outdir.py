@@ -46,6 +46,8 @@ RETIRED = ("backbone.extra_prefix",)
 # settings an older version did not record: compared only when the run being resumed recorded them (its weights'
 # revision, the hub repo and commit of its backbone)
 ADDED = ("weights_revision", "backbone.hub_id", "backbone.hub_file", "backbone.revision")
+# settings an older version did not record because they had one value then: a run that did not record them had it
+DEFAULTED = {"backbone.crop_round": "floor"}
 
 
 @dataclass
@@ -362,6 +364,7 @@ class OutputDir:
         old = self.read_run(fix="pass --overwrite to start over, or another -o")
         new = json.loads(json.dumps(run))  # compare as saved (tuples are lists there)
         before, after = _flat(old["config"], compare), _flat(new["config"], compare)
+        before = {**{k: v for k, v in DEFAULTED.items() if k in after}, **before}
         diff = [f"{k}: {before.get(k)!r} -> {after.get(k)!r}" for k in sorted(set(before) | set(after))
                 if before.get(k) != after.get(k) and not k.startswith("backbone.description") and k not in RETIRED
                 and not (k in ADDED and before.get(k) is None)]

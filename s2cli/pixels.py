@@ -22,6 +22,19 @@ def fit_size(orig_hw: tuple[int, int], fit: str, side: int) -> tuple[int, int]:
     return side, side
 
 
+CROP_ROUNDS = ("floor", "half-even")
+
+
+def crop_start(size: int, crop: int, rounding: str = "floor") -> int:
+    """Where a center crop of `crop` starts in `size`: the margin halved, rounded down ("floor", transformers'
+    processors) or to even ("half-even", torchvision's CenterCrop, hence open_clip's preprocess)."""
+    if rounding == "half-even":
+        return int(round((size - crop) / 2.0))
+    if rounding == "floor":
+        return (size - crop) // 2
+    raise ValueError(f"crop rounding {rounding!r} is not one of {CROP_ROUNDS}")
+
+
 class ImageShapeError(ValueError):
     """An image whose shape no fit can use (recorded as the image's failure, stage `preprocess`)."""
 
@@ -47,7 +60,8 @@ def check_shape(w: int, h: int, fit: str, side: int) -> None:
                               f"decompression-bomb limit of {limit} pixels; use --fit crop or pad, or crop it first")
 
 
-def fit_image(im: Image.Image, fit: str, side: int, mean: tuple[float, float, float]) -> Image.Image:
+def fit_image(im: Image.Image, fit: str, side: int, mean: tuple[float, float, float],
+              crop_round: str = "floor") -> Image.Image:
     """crop: shortest edge to `side` then center crop (CLIP's processor); squash: to side x side (SigLIP's);
     pad: to a square filled with the mean color first (LLaVA's `pad`), then resized; keep: shortest edge to
     `side`, aspect kept. Resizes are Pillow bicubic (antialiased when shrinking), as the HF processors do; crop
@@ -68,7 +82,7 @@ def fit_image(im: Image.Image, fit: str, side: int, mean: tuple[float, float, fl
             im = canvas
         return im.resize((side, side), Image.BICUBIC)
     th, tw = fit_size((h, w), "keep", side)
-    top, left = (th - side) // 2, (tw - side) // 2
+    top, left = crop_start(th, side, crop_round), crop_start(tw, side, crop_round)
     if fit == "crop" and max(w, h) > LONG_ASPECT * min(w, h):  # never the whole long strip at full size
         sx, sy = w / tw, h / th
         return im.resize((side, side), Image.BICUBIC, box=(left * sx, top * sy, (left + side) * sx, (top + side) * sy))
@@ -90,7 +104,7 @@ def render_views(im: Image.Image, plan: Any, fit: Any) -> list[np.ndarray]:
     out = []
     for v in plan.views[:1] if plan.same_source else plan.views:
         if v.render == "fit":
-            r = fit_image(im, fit.strategy.fit, v.canvas[0], fit.mean)
+            r = fit_image(im, fit.strategy.fit, v.canvas[0], fit.mean, fit.crop_round)
         elif v.render == "letterbox":
             r = Image.new("RGB", (v.canvas[1], v.canvas[0]), (0, 0, 0))
             r.paste(im.resize((v.resize[1], v.resize[0]), Image.BICUBIC), (v.pad[1], v.pad[0]))
@@ -102,7 +116,7 @@ def render_views(im: Image.Image, plan: Any, fit: Any) -> list[np.ndarray]:
 
 def fit_to_array(im: Image.Image, fit: Any) -> np.ndarray:
     """The S² engine's input: the image fitted once to the largest scale, (3, H, W) uint8."""
-    return to_uint8_array(fit_image(im, fit.mode, fit.side, fit.mean))
+    return to_uint8_array(fit_image(im, fit.mode, fit.side, fit.mean, fit.crop_round))
 
 
 def to_uint8_array(im: Image.Image) -> np.ndarray:

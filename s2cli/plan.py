@@ -23,7 +23,7 @@ from .video import choose
 def fit_of(res: Resolved) -> Fit:
     """How the decode workers bring every image of this config to the engine's input, and plan it (once)."""
     return Fit(res.fit, res.side, res.backbone.mean, res.strategy_cfg, res.decode, strategy_of(res).render, res.retries,
-               res.sampling, Planner(res))
+               res.sampling, Planner(res), res.backbone.crop_round)
 
 
 def plan_entry(res: Resolved, orig: tuple[int, int]) -> tuple[dict[str, Any], float | None]:

@@ -165,7 +165,8 @@ def seen(im: Image.Image, ff: Any, m: dict[str, Any]) -> Image.Image:
     if m.get("plan") is not None:
         return im
     cfg = json.loads(ff.attrs["config"])
-    return fit_image(im, cfg["fit"], max(cfg["img_sizes"]), tuple(cfg["backbone"]["mean"]))
+    return fit_image(im, cfg["fit"], max(cfg["img_sizes"]), tuple(cfg["backbone"]["mean"]),
+                     cfg["backbone"].get("crop_round", "floor"))
 
 
 def plan_summary(panels: list[Panel]) -> str:

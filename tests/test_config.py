@@ -292,3 +292,22 @@ def test_messages_help_and_defaults_name_options_by_their_declaration():
         if decl.flags:
             info = o.OPTIONS[name][0].__metadata__[0]
             assert (info.default, *info.param_decls) == decl.flags or tuple(info.param_decls) == decl.flags
+
+
+def test_a_run_saved_before_crop_rounding_was_recorded_resumes_and_another_rounding_is_refused(tmp_path, image_dir):
+    import json
+
+    import s2cli
+
+    tiny = dict(model="timm:test_resnet", random_init=True, img_sizes=(64, 128), max_split_size=64, workers=0)
+    out = tmp_path / "o"
+    s2cli.extract(str(image_dir), f"{out}/", **tiny)
+    run = json.loads((out / "run.json").read_text())
+    assert run["config"]["backbone"]["crop_round"] == "floor"
+    del run["config"]["backbone"]["crop_round"]  # as an older version saved it: it cropped with the floor then
+    (out / "run.json").write_text(json.dumps(run))
+    assert s2cli.extract(str(image_dir), f"{out}/", **tiny).num_images == 0  # resumed: all done
+    run["config"]["backbone"]["crop_round"] = "half-even"
+    (out / "run.json").write_text(json.dumps(run))
+    with pytest.raises(ConfigError, match="backbone.crop_round: 'half-even' -> 'floor'"):
+        s2cli.extract(str(image_dir), f"{out}/", **tiny)

@@ -405,6 +405,25 @@ def test_an_offline_run_names_the_hub_files_missing_from_the_cache(tmp_path, hub
         s2cli.plan("hf://datasets/org/two")  # never a run over half the dataset
 
 
+def test_a_path_inside_a_hub_dataset_picks_a_file_a_folder_or_a_glob_of_its_parquet_files(tmp_path, hub):
+    from s2cli.inputs.hubdata import parse
+
+    repo = hub_parquet(tmp_path / "repo", slice(0, 3), "a.parquet")
+    hub_parquet(repo, slice(3, 5), "b.parquet")
+    hub.add("org/two", repo, repo_type="dataset")
+    rows = {spec: open_input(spec).total for spec in (
+        "hf://datasets/org/two", "hf://datasets/org/two/data/b.parquet", "hf://datasets/org/two@main/data",
+        "hf://datasets/org/two@main/data/[ab].parquet", "hf://datasets/org/two/data/a*")}
+    assert list(rows.values()) == [5, 2, 5, 5, 3]
+    with pytest.raises(ConfigError, match="no .parquet files at data/c.parquet"):
+        open_input("hf://datasets/org/two/data/c.parquet")
+    assert parse("hf://datasets/org/two@refs/convert/parquet/default/train") == (
+        "org/two", "refs/convert/parquet", "default/train")
+    assert parse("hf://datasets/org/two@refs%2Fpr%2F1") == ("org/two", "refs/pr/1", "")
+    with pytest.raises(ConfigError, match="not a hub dataset URL"):
+        parse("hf://datasets/org")
+
+
 def test_a_new_commit_of_a_hub_dataset_redoes_only_the_files_it_changed(tmp_path, hub):
     repo = hub_parquet(tmp_path / "repo", slice(0, 3), "a.parquet")
     hub_parquet(repo, slice(3, 5), "b.parquet")

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -12,7 +14,7 @@ import numpy as np
 import pytest
 
 import s2cli.inputs.loader as loader_module
-from conftest import write_image
+from conftest import FAST, wait_until, write_image
 from s2cli.inputs.decode import Fit, decode_sample
 from s2cli.inputs.loader import DecodeLoader
 from s2cli.inputs.samples import Sample
@@ -23,6 +25,14 @@ FIT = Fit("crop", 32, (0.5, 0.5, 0.5))
 def own_children() -> set[int]:
     """This process's child processes (every thread's)."""
     return {int(c) for task in Path("/proc/self/task").iterdir() for c in (task / "children").read_text().split()}
+
+
+def running(pid: int) -> bool:
+    """Whether process `pid` exists and is not a zombie."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
 
 
 def samples(tmp_path: Path, n: int) -> list[Sample]:
@@ -163,6 +173,42 @@ def test_a_stalled_decode_is_recorded_after_the_timeout_and_the_rest_go_on(tmp_p
         got = list(loader.map(items, lambda s: s))
     assert 1.5 <= time.monotonic() - t0 < 30
     assert_decoded(got, items, failed={"s03": "WorkerTimeout"})
-    assert "no result after 2s" in got[3][1].error["error"]
+    assert "no result after 1.5s" in got[3][1].error["error"]
     time.sleep(0.5)
     assert not own_children() - before  # the stalled worker was ended with its loader, not left behind
+
+
+STALLS = """
+import sys, time
+import s2cli.inputs.loader as loader
+from s2cli.cli import app
+
+original = loader.decode_sample
+loader.decode_sample = lambda s, fit: time.sleep(3600) if s.key == "a" else original(s, fit)  # a read that hangs
+app(sys.argv[1:], prog_name="s2")
+"""
+
+
+@pytest.mark.slow
+def test_decode_workers_end_with_a_run_killed_by_sigkill_even_one_blocked_in_a_read(tmp_path):
+    d = tmp_path / "in"
+    for i, key in enumerate("abcd"):
+        write_image(d / f"{key}.png", (20, 30), i)
+    p = subprocess.Popen([sys.executable, "-c", STALLS, "extract", str(d), *FAST[:-2], "-j", "2", "--decode-timeout",
+                          "600", "-o", str(tmp_path / "o.h5"), "-q"], stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL, start_new_session=True)
+    workers: list[int] = []
+    try:
+        children = Path(f"/proc/{p.pid}/task/{p.pid}/children")
+        wait_until(lambda: len(children.read_text().split()) >= 2, "two decode workers")
+        workers = [int(x) for x in children.read_text().split()]
+        time.sleep(2.0)  # the run waits on sample `a`, its worker blocked
+        os.kill(p.pid, signal.SIGKILL)  # the run alone, as the OOM killer does
+        p.wait(timeout=30)
+        wait_until(lambda: not [w for w in workers if running(w)], "the decode workers to end with the run", 15)
+    finally:
+        for w in workers:
+            if running(w):
+                os.kill(w, signal.SIGKILL)
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)

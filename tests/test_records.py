@@ -161,3 +161,16 @@ def test_the_record_passes_through_a_torch_dataloader_worker(tmp_path):
         assert r.plan == want.plan and r.orig_hw == want.orig_hw == sizes[s.key] and r.meta == want.meta
         assert len(r.pixels) == len(want.pixels) and all(torch.equal(a, torch.from_numpy(b))
                                                          for a, b in zip(r.pixels, want.pixels))
+
+
+def test_the_engine_takes_the_plan_made_for_its_input_and_refuses_another(toy):
+    """`multiscale_forward(..., plan=)` runs the tiles planned by the caller (a run's per-image plan): the same
+    output as planning there; a plan made for another input size is refused in one ConfigError."""
+    from s2cli.errors import ConfigError
+
+    model, kw = toy(), {"img_sizes": [(32, 48), (64, 96)], "max_split_size": 16}
+    x = torch.randn(2, 3, 32, 48)
+    plan = tiling.plan_multiscale((32, 48), **kw)
+    assert torch.equal(tiling.multiscale_forward(model, x, **kw, plan=plan), tiling.multiscale_forward(model, x, **kw))
+    with pytest.raises(ConfigError, match="not the input's"):
+        tiling.multiscale_forward(model, x[..., :40], **kw, plan=plan)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from s2cli.pixels import fit_image, fit_size
@@ -136,3 +137,29 @@ def test_the_pass_order_is_pillows():
     assert out is not None and np.array_equal(np.asarray(out), np.asarray(im.resize((tw, th), Image.BICUBIC).crop((0, 72, 48, 120))))
     horizontal = np.asarray(im.resize((tw, 240), Image.BICUBIC).resize((tw, th), Image.BICUBIC).crop((0, 72, 48, 120)))
     assert not np.array_equal(np.asarray(out), horizontal)
+
+
+@pytest.mark.parametrize("margin", range(0, 9))
+def test_crop_start_rounds_as_transformers_and_as_torchvision(margin):
+    from torchvision.transforms.functional import center_crop
+
+    from s2cli.pixels import crop_start
+
+    assert crop_start(10 + margin, 10) == margin // 2  # transformers' image_transforms.center_crop
+    row = torch.arange(10 + margin).view(1, 1, -1).expand(1, 10, -1)
+    assert crop_start(10 + margin, 10, "half-even") == int(center_crop(row, [10, 10])[0, 0, 0])
+
+
+@pytest.mark.parametrize("wh", [(95, 64), (64, 97), (99, 64), (128, 64)])
+def test_the_torch_fit_crops_where_pillows_fit_does_with_either_rounding(wh):
+    from s2cli.devicepath import fit_tensor
+    from s2cli.pixels import fit_size
+
+    img = torch.arange(wh[0] * wh[1] * 3, dtype=torch.int64).remainder(251).to(torch.uint8).view(3, wh[1], wh[0])
+    for rounding in ("floor", "half-even"):
+        th, tw = fit_size((wh[1], wh[0]), "keep", 32)
+        whole = fit_tensor(img, "keep", 32, (0.5, 0.5, 0.5))
+        crop = fit_tensor(img, "crop", 32, (0.5, 0.5, 0.5), rounding)
+        top = (th - 32) // 2 if rounding == "floor" else int(round((th - 32) / 2))
+        left = (tw - 32) // 2 if rounding == "floor" else int(round((tw - 32) / 2))
+        assert torch.equal(crop, whole[:, top:top + 32, left:left + 32])

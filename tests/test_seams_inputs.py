@@ -4,6 +4,8 @@ HF datasets, torch Datasets and single files/globs with --devices, s3:// outputs
 readers; Path inputs and outputs."""
 from __future__ import annotations
 
+import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +38,18 @@ class Keyed:
         return {"key": NAMES[j], "image": Image.fromarray(arrays()[j]), "label": j}
 
 
+class Slowed(Keyed):
+    """Keyed, each item read `seconds` late (a run slow enough to be killed mid-way)."""
+
+    def __init__(self, seconds: float):
+        super().__init__()
+        self.seconds = seconds
+
+    def __getitem__(self, i):
+        time.sleep(self.seconds)
+        return super().__getitem__(i)
+
+
 @pytest.fixture(scope="module")
 def by_name(tmp_path_factory) -> dict[str, np.ndarray]:
     """Features of the five images read from a folder, keyed by NAMES (made once for the module)."""
@@ -51,6 +65,39 @@ def test_a_map_style_dataset_interrupted_resumes_to_the_same_result(tmp_path, by
     s = s2cli.extract(Keyed(), out, shard_size=2, **LIB)
     assert (s.resumed_images, s.num_images) == (2, 3)
     assert_same(features(tmp_path / "o"), by_name)
+
+
+@pytest.mark.slow
+def test_a_map_style_dataset_run_killed_with_sigkill_resumes_to_the_same_result(tmp_path, by_name):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from conftest import wait_until
+
+    out = tmp_path / "o"
+    script = tmp_path / "run.py"  # the dataset in a process of its own, each item slowed so the kill lands mid-run
+    script.write_text(f"""
+import s2cli
+from test_seams_inputs import LIB, Slowed
+
+s2cli.extract(Slowed(0.4), {str(out) + "/"!r}, shard_size=1, batch_size=1, **LIB)
+""")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.Popen([sys.executable, str(script)], env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        wait_until(lambda: len(list(out.glob("part-*.json"))) >= 2 or proc.poll() is not None, "two done shards")
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
+    s = s2cli.extract(Slowed(0), f"{out}/", shard_size=1, batch_size=1, **LIB)
+    assert 2 <= s.resumed_images < 5 and s.resumed_images + s.num_images == 5
+    assert_same(features(out), by_name)
 
 
 def test_a_map_style_dataset_whose_keys_moved_redoes_those_units_and_no_feature_stays_under_a_wrong_key(
@@ -251,6 +298,21 @@ def test_devices_cpu_cpu_over_each_path_input_kind_equals_one_rank(kind, tmp_pat
     with open_features(tmp_path / "o") as ff:
         assert ff.complete
     assert_same(features(tmp_path / "o"), _want(kind, by_name))
+
+
+@pytest.mark.slow
+def test_devices_cpu_cpu_from_a_hub_dataset_into_an_s3_folder(tmp_path, request, by_name, cli, s3):
+    from conftest import FAST
+
+    inp, _ = make_input("hub", tmp_path, request)
+    out = f"s3://{s3.bucket}/dev/"
+    r = cli("extract", inp, *FAST, "--devices", "cpu,cpu", "--shard-size", 2, "-o", out, "--json")
+    assert r.exit_code == 0, r.stderr + r.stdout
+    assert [w["summary"]["num_images"] for w in json.loads(r.stdout)["workers"]] == [3, 2]  # units 0, 2 and 1
+    s3.invalidate_cache()
+    with open_features(out) as ff:
+        assert ff.complete
+        assert_same({k: np.asarray(ff[k]) for k in ff}, by_name)
 
 
 # ---- paths (os.PathLike) in, and probe over an S3 output ----------------------------------------------------------

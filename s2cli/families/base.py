@@ -41,6 +41,9 @@ class BackboneCfg:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     fit: str = "crop"  # default preprocessing (crop|squash|pad|keep)
+    # how a center crop's first row/column is rounded where the margin is odd: "floor" ((size - crop) // 2, as
+    # transformers' processors) or "half-even" (round((size - crop) / 2), torchvision's CenterCrop: open_clip's)
+    crop_round: str = "floor"
     description: str = ""
     model_type: str = ""  # the family's own name of the architecture (HF model_type, open_clip model name)
     hf_config: dict[str, Any] = field(default_factory=dict)  # transformer dims (FLOPs); an alias's whole HF config

@@ -78,6 +78,7 @@ def _describe(spec: str, rest: str, layer: int | None, keep_cls: bool) -> Backbo
         name=spec, family=NAME, source=where.pop("source"), input_size=size, patch_size=patch, channels=width,
         num_prefix_tokens=int(keep_cls), layer=-2 if layer is None else layer, output_shape="bnc",
         mean=tuple(pre.get("mean", CLIP_MEAN)), std=tuple(pre.get("std", CLIP_STD)), fit=RESIZE_MODES[mode],
+        crop_round="half-even",  # its transforms crop with torchvision's CenterCrop
         description=f"open_clip {rest}", model_type=rest.partition("/")[0], drops_cls=not keep_cls,
         hf_config=dict(hidden_size=width, num_hidden_layers=layers, mlp_ratio=float(vc.get("mlp_ratio", 4.0)),
                        embed_dim=int(model_cfg.get("embed_dim", 0))), **where)

@@ -1,10 +1,10 @@
 """Python datasets as inputs: a torch `Dataset` (map-style: `len` and `[i]`) or `IterableDataset`, or a
 `datasets.Dataset`. An item is a PIL image, a uint8 array or tensor (H, W, 3), (3, H, W) or (H, W), encoded image
 bytes, an HF `Image` struct {bytes, path} (`Image(decode=False)`), a path, a (image, target) pair, or a dict holding
-one of these (its `key`/`__key__` the key, its other plain values the metadata). Keys come from the item, else from the index. Map-style datasets are cut into units of
-`shard_size` indices, each identified by the keys at its indices (`keys`): a resume skips a done unit whose keys
-are the same and redoes one whose keys changed, so features never stay under a key the dataset no longer holds
-there. An iterable dataset is one unit."""
+one of these (its `key`/`__key__`/`id` the key, its other plain values the metadata). Keys come from the item, else
+from the index. Map-style datasets are cut into units of `shard_size` indices, each identified by the keys at its
+indices (`keys`): a resume skips a done unit whose keys are the same and redoes one whose keys changed, so features
+never stay under a key the dataset no longer holds there. An iterable dataset is one unit."""
 from __future__ import annotations
 
 import json

@@ -164,6 +164,7 @@ class Fit:
     retries: int = 0  # --retries: a read that fails with an OSError is tried again this many times
     video: Sampling = Sampling()  # how a video's frames are chosen; inactive: a video is a failure
     plan: Callable[[tuple[int, int]], Any] | None = None  # the image's plan from its (h, w) (strategies.Planner)
+    crop_round: str = "floor"  # a center crop's offset rounding (the backbone's: pixels.crop_start)
 
     def __post_init__(self) -> None:
         if self.mode not in FITS:

@@ -1,16 +1,19 @@
-"""`hf://datasets/ORG/NAME[@REVISION]` as a table input: the revision pinned to its commit, the repo's .parquet files
+"""`hf://datasets/ORG/NAME[@REVISION][/PATH]` as a table input: the revision pinned to its commit, the repo's .parquet files
 listed through huggingface_hub's file system (`HfFileSystem`: each file's path, size and content id), a file's
 footer read by range requests until it is cached, and the file downloaded into the HF cache (`hf_hub_download`,
 as model weights are: shared by ranks, reruns and resumes) when a unit first reads it. The listing is kept beside
 the cache, so an offline run (HF_HUB_OFFLINE=1) reads the same files from the cache, or says which are missing."""
 from __future__ import annotations
 
+import fnmatch
+import glob
 import json
 import os
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 from ..errors import ConfigError
 from ..hub import cache_dir, endpoint, offline, timeout
@@ -69,13 +72,28 @@ class HubFile:
         return file_system().open(self.url.removeprefix("hf://"), "rb")
 
 
-def parse(spec: str) -> tuple[str, str | None]:
-    """`hf://datasets/ORG/NAME[@REVISION]` -> (ORG/NAME, REVISION or None)."""
-    repo, _, revision = spec.removeprefix(PREFIX).strip("/").partition("@")
-    if repo.count("/") != 1 or not all(repo.split("/")) or (_ and not revision):
-        raise ConfigError("not a hub dataset URL", given=spec, expected="hf://datasets/ORG/NAME[@REVISION]",
+def parse(spec: str) -> tuple[str, str | None, str]:
+    """`hf://datasets/ORG/NAME[@REVISION][/PATH]` -> (ORG/NAME, REVISION or None, PATH or ""). PATH picks the
+    .parquet files of a file, a folder or a glob inside the repo; a REVISION holding slashes (`refs/convert/parquet`,
+    `refs/pr/1`) is written as is or with %2F, as HfFileSystem writes it."""
+    parts = spec.removeprefix(PREFIX).strip("/").split("/")
+    name, at, revision = (parts[1] if len(parts) > 1 else "").partition("@")
+    rest = parts[2:]
+    if revision == "refs" and len(rest) >= 2:  # refs/convert/parquet, refs/pr/1
+        revision, rest = "/".join([revision, *rest[:2]]), rest[2:]
+    if len(parts) < 2 or not parts[0] or not name or (at and not revision):
+        raise ConfigError("not a hub dataset URL", given=spec, expected="hf://datasets/ORG/NAME[@REVISION][/PATH]",
                           fix="name the dataset repo as on the hub, e.g. hf://datasets/org/name@main")
-    return repo, revision or None
+    return f"{parts[0]}/{name}", unquote(revision) or None, "/".join(rest)
+
+
+def picked(files: list[HubFile], inner: str) -> list[HubFile]:
+    """The files a PATH inside the repo names: that file, the files below that folder, or those its glob matches."""
+    if not inner:
+        return files
+    if glob.has_magic(inner):
+        return [f for f in files if fnmatch.fnmatchcase(f.path, inner)]
+    return [f for f in files if f.path == inner or f.path.startswith(inner.rstrip("/") + "/")]
 
 
 def file_system() -> Any:
@@ -85,11 +103,30 @@ def file_system() -> Any:
 
 
 def list_files(spec: str) -> list[HubFile]:
-    """The .parquet files of the dataset at its revision's commit, in path order: asked from the hub (and recorded
-    beside the cache), or offline the recorded listing (else the cached snapshot's files)."""
-    repo, revision = parse(spec)
+    """The .parquet files of the dataset at its revision's commit (those PATH names), in path order: asked from the
+    hub (the commit's listing recorded beside the cache), or offline the recorded listing (else the cached
+    snapshot's files)."""
+    repo, revision, inner = parse(spec)
     if offline():
-        return _offline(spec, repo, revision)
+        files = _offline(spec, repo, revision)
+    else:
+        files = _online(spec, repo, revision)
+    files = picked(files, inner)
+    if not files and offline():
+        raise ConfigError("the hub dataset has no .parquet files" + (f" at {inner}" if inner else "") + " in the HF "
+                          "cache and HF_HUB_OFFLINE=1", given=spec, fix=download_fix(repo))
+    if not files:
+        raise ConfigError("the hub dataset holds no .parquet files" + (f" at {inner}" if inner else ""), given=spec,
+                          fix="pass a dataset repo (or a path in it) with parquet data, or its parquet conversion: "
+                              "@refs%2Fconvert%2Fparquet")
+    missing = [f.path for f in files if offline() and f.cached() is None]
+    if missing:
+        raise ConfigError(f"{len(missing)} of the {len(files)} .parquet files of the hub dataset are not in the HF "
+                          f"cache (e.g. {missing[0]}) and HF_HUB_OFFLINE=1", given=spec, fix=download_fix(repo))
+    return files
+
+
+def _online(spec: str, repo: str, revision: str | None) -> list[HubFile]:
     from huggingface_hub import HfApi
 
     try:
@@ -101,9 +138,6 @@ def list_files(spec: str) -> list[HubFile]:
     files = [HubFile(repo, sha, name.removeprefix(root), int(info["size"]),
                      (info.get("lfs") or {}).get("sha256") or info.get("blob_id") or "")
              for name, info in sorted(found.items()) if name.endswith(".parquet") and info.get("type") == "file"]
-    if not files:
-        raise ConfigError("the hub dataset holds no .parquet files", given=spec,
-                          fix="pass a dataset repo with parquet data (or its parquet conversion: @refs/convert/parquet)")
     _record(repo, revision, sha, files)
     return files
 
@@ -128,7 +162,7 @@ def _record(repo: str, revision: str | None, sha: str, files: list[HubFile]) -> 
 
 def _offline(spec: str, repo: str, revision: str | None) -> list[HubFile]:
     """The recorded listing of the revision's commit; else the .parquet files of its cached snapshot (downloaded
-    by `hf download`); files the listing names that are not cached are one line."""
+    by `hf download`)."""
     rev = revision or "main"
     sha = rev if SHA_RE.match(rev) else None
     for ref in (_listing(repo, f"ref-{rev.replace('/', '%2F')}"),
@@ -140,19 +174,10 @@ def _offline(spec: str, repo: str, revision: str | None) -> list[HubFile]:
                           fix=download_fix(repo))
     listing = _listing(repo, f"{sha}.json")
     if listing.is_file():
-        files = [HubFile(**f) for f in json.loads(listing.read_text())]
-        missing = [f.path for f in files if f.cached() is None]
-        if missing:
-            raise ConfigError(f"{len(missing)} of the {len(files)} .parquet files of the hub dataset are not in the "
-                              f"HF cache (e.g. {missing[0]}) and HF_HUB_OFFLINE=1", given=spec, fix=download_fix(repo))
-        return files
+        return [HubFile(**f) for f in json.loads(listing.read_text())]
     snap = cache_dir() / ("datasets--" + repo.replace("/", "--")) / "snapshots" / sha
-    files = [HubFile(repo, sha, p.relative_to(snap).as_posix(), p.stat().st_size, Path(os.path.realpath(p)).name)
-             for p in sorted(snap.rglob("*.parquet"))]
-    if not files:
-        raise ConfigError("the hub dataset has no .parquet files in the HF cache and HF_HUB_OFFLINE=1", given=spec,
-                          fix=download_fix(repo))
-    return files
+    return [HubFile(repo, sha, p.relative_to(snap).as_posix(), p.stat().st_size, Path(os.path.realpath(p)).name)
+            for p in sorted(snap.rglob("*.parquet"))]
 
 
 def download_fix(repo: str) -> str:
@@ -177,6 +202,12 @@ def hub_error(e: Exception, spec: str) -> ConfigError:
     if status is not None:
         return ConfigError(f"the hub {endpoint()} answered HTTP {status} for the dataset: {first}", given=spec,
                            fix="check the URL and your access (hf auth login), or retry later")
+    if isinstance(e, FileNotFoundError):
+        return ConfigError(f"the hub dataset has no such file: {first}", given=spec,
+                           fix="check the dataset's files on the hub (a rerun lists them again)")
+    if not isinstance(e, (OSError, ConnectionError)) and "Connect" not in name and "Timeout" not in name:
+        return ConfigError(f"asking the hub {endpoint()} for the dataset failed ({name}: {first})", given=spec,
+                           fix="check the URL and HF_ENDPOINT, then rerun")
     return ConfigError(f"the hub {endpoint()} cannot be reached ({name}: {first})", given=spec,
                        fix="check the network and HF_ENDPOINT; offline (HF_HUB_OFFLINE=1), a dataset read once before "
                            "is read from the HF cache")

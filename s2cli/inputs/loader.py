@@ -2,6 +2,7 @@
 decode that stalls recorded after a timeout, a dead worker's sample decoded again by a new loader."""
 from __future__ import annotations
 
+import ctypes
 import math
 import multiprocessing as mp
 import os
@@ -109,12 +110,17 @@ class _Decoding:
         """In each worker as it starts. Ctrl-C reaches the whole process group: only the parent acts on it (a worker
         killed by it could die holding the loader's result-queue lock); SIGTERM (the loader's own shutdown) ends a
         worker at once, whatever handler the parent had when it forked; SIGUSR1 (SLURM's warning before the time
-        limit, sent to every process of a step) is the parent's to act on. The worker runs `nice` lower than the
-        run, closes the output files it inherited, and keeps the memory it frees for the next image
-        (`heap.keep_freed_memory`)."""
+        limit, sent to every process of a step) is the parent's to act on. A worker ends with the run however the
+        run ends (SIGKILL too: Linux's parent-death signal), even one blocked in a read that never returns. The
+        worker runs `nice` lower than the run, closes the output files it inherited, and keeps the memory it frees
+        for the next image (`heap.keep_freed_memory`)."""
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGUSR1, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):  # not Linux: torch's worker watchdog ends an idle worker
+            pass
         if self.nice:
             os.nice(self.nice)
         _close_inherited_files()
@@ -143,7 +149,8 @@ class DecodeLoader:
     dies (killed, out of memory: noticed within POLL_S) the samples in flight are handed to a new loader, the one
     the dead worker was decoding counted (recorded as failed, `WorkerDied`, once DEATHS workers died on it); a
     decode that stalls is recorded after `timeout` seconds (`WorkerTimeout`) and the rest go on with a new loader.
-    workers=0 decodes in the calling thread."""
+    workers=0 decodes in the calling thread. (Not an IterableDataset splitting units across workers: a unit would
+    decode in one worker, a tar's samples one after another, and which samples a dead worker held would be lost.)"""
 
     def __init__(self, fit: Fit, workers: int, timeout: float = 120.0, prefetch: int | None = None,
                  batch_size: int = 1):
@@ -269,7 +276,7 @@ class DecodeLoader:
     def _stalled(self, front: _Entry) -> None:
         """The first sample in flight has not come back within the timeout: recorded; its worker is stopped with the
         loader and the samples after it go to a new one."""
-        self._fail(front, f"no result after {self.timeout:.0f}s (the decode worker stalled or died)", "WorkerTimeout")
+        self._fail(front, f"no result after {self.timeout:g}s (the decode worker stalled or died)", "WorkerTimeout")
         self._restart()
 
     def _fail(self, e: _Entry, why: str, error_class: str) -> None:
