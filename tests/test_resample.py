@@ -15,6 +15,13 @@ from s2cli.resample import coefficients, horizontal_first, kept_interval, resize
 rng = np.random.default_rng(25)
 
 
+@pytest.fixture(autouse=True)
+def _own_rng(monkeypatch):
+    """Each test draws its noise from the same start, whichever tests ran before it in this process (pytest-xdist
+    splits the module across workers)."""
+    monkeypatch.setattr(f"{__name__}.rng", np.random.default_rng(25))
+
+
 def noise(w: int, h: int, mode: str = "RGB") -> Image.Image:
     return Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).convert(mode)
 

@@ -95,16 +95,19 @@ def _caches(spool: Path) -> list[Path]:
 
 
 @pytest.fixture
-def spool(tmp_path, monkeypatch) -> Path:
-    """S2CLI_SPOOL and the temporary folder both here: a cache left anywhere a run puts one is seen."""
+def spool(monkeypatch):
+    """S2CLI_SPOOL and the temporary folder both here: a cache left anywhere a run puts one is seen. A short path
+    of its own, not under tmp_path (deeper under pytest-xdist): a DataLoader worker shares tensors through a unix
+    socket in the temporary folder, whose path may not pass 107 bytes."""
+    import shutil
     import tempfile
 
-    d = tmp_path / "spool"
-    d.mkdir()
+    d = Path(tempfile.mkdtemp(prefix="s2spool-"))
     monkeypatch.setenv("S2CLI_SPOOL", str(d))
     monkeypatch.setenv("TMPDIR", str(d))
     monkeypatch.setattr(tempfile, "tempdir", None)  # asked again: TMPDIR
-    return d
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
 
 
 def test_a_remote_readers_cache_is_bounded_shared_and_removed_on_close(s3, image_dir, spool, monkeypatch):
