@@ -13,6 +13,7 @@ No I/O; torch is imported only when features are computed. The facts each planne
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 from dataclasses import asdict, dataclass, field, replace
@@ -36,9 +37,14 @@ QWEN2_MAX_PIXELS = 28 * 28 * 1280
 def internvl_ratios(min_num: int, max_num: int) -> list[tuple[int, int]]:
     """InternVL's candidate grids (cols i, rows j) with min_num <= i*j <= max_num, built and sorted exactly as
     `dynamic_preprocess` does (a set sorted by i*j; CPython's order of small-int tuples in a set is fixed)."""
+    return list(_internvl_ratios(min_num, max_num))
+
+
+@functools.lru_cache(maxsize=64)  # made once per (min, max), not once per image
+def _internvl_ratios(min_num: int, max_num: int) -> tuple[tuple[int, int], ...]:
     target = set((i, j) for n in range(min_num, max_num + 1) for i in range(1, n + 1) for j in range(1, n + 1)
                  if min_num <= i * j <= max_num)
-    return sorted(target, key=lambda x: x[0] * x[1])
+    return tuple(sorted(target, key=lambda x: x[0] * x[1]))
 
 
 def internvl_grid(width: int, height: int, min_num: int, max_num: int, tile: int) -> tuple[int, int]:
