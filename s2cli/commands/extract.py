@@ -40,8 +40,8 @@ def extract(ctx: typer.Context, input: o.Input, **kw: Any) -> None:
             return _print_devices(report, devices, res.output, as_json)
         summary = api.extract(inp, kw["output"], config=res, overwrite=kw["overwrite"],
                               progress=BarProgress(show=not kw["quiet"]))
-    if as_json:
-        print(json.dumps(summary.to_dict()))
+    if as_json:  # one write, newline included: ranks that share a pipe (torchrun's, unbuffered) cannot split lines
+        sys.stdout.write(json.dumps(summary.to_dict()) + "\n")
     else:
         err.print(f"{entries(summary.num_images)}, {summary.num_failed} failed -> {summary.output} "
                   f"({summary.images_per_s} img/s)", highlight=False)
