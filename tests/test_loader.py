@@ -212,3 +212,31 @@ def test_decode_workers_end_with_a_run_killed_by_sigkill_even_one_blocked_in_a_r
                 os.kill(w, signal.SIGKILL)
         if p.poll() is None:
             os.killpg(p.pid, signal.SIGKILL)
+
+
+def test_a_temporary_folder_too_deep_for_a_unix_socket_still_decodes_with_workers(tmp_path, monkeypatch):
+    import tempfile
+
+    deep = tmp_path / ("d" * 60) / ("e" * 60)  # a cluster's TMPDIR can be this deep: a socket's path may not be
+    deep.mkdir(parents=True)
+    monkeypatch.setenv("TMPDIR", str(deep))
+    monkeypatch.setattr(tempfile, "tempdir", None)  # asked again: TMPDIR
+    assert len(tempfile.gettempdir()) > loader_module.SOCKET_DIR_MAX
+    items = samples(tmp_path, 4)
+    with DecodeLoader(FIT, 2, prefetch=2, timeout=30) as loader:
+        got = list(loader.map(items, lambda s: s))
+    assert_decoded(got, items)
+
+
+def test_a_deep_temporary_folder_and_no_short_one_is_one_line_before_any_worker_starts(tmp_path, monkeypatch):
+    import tempfile
+
+    from s2cli.errors import ConfigError
+
+    deep = tmp_path / ("d" * 60) / ("e" * 60)
+    deep.mkdir(parents=True)
+    monkeypatch.setenv("TMPDIR", str(deep))
+    monkeypatch.setattr(tempfile, "tempdir", None)
+    monkeypatch.setattr(loader_module, "SHORT_TEMP_DIRS", (str(tmp_path / "absent"),))
+    with pytest.raises(ConfigError, match="too long for the decode workers' sockets.*TMPDIR.*-j 0"):
+        DecodeLoader(FIT, 2)

@@ -8,6 +8,7 @@ import multiprocessing as mp
 import os
 import signal
 import stat
+import tempfile
 import threading
 import time
 from collections import deque
@@ -25,6 +26,10 @@ from .samples import Sample, failure
 
 DECODE_NICE = 10  # niceness added to decode workers (S2CLI_DECODE_NICE overrides); chosen by benchmarks/bench_overlap.py
 DEATHS = 3  # (three) a sample in flight on this many decode workers that died is recorded as failed: it likely kills them
+# a decode worker hands each tensor's shared memory over through a unix socket that multiprocessing makes in the
+# temporary folder (TEMP/pymp-XXXXXXXX/listener-XXXXXXXX): its path may not pass 107 bytes, so TEMP not 75
+SOCKET_DIR_MAX = 107 - len("/pymp-XXXXXXXX/listener-XXXXXXXX")
+SHORT_TEMP_DIRS = ("/tmp", "/dev/shm", "/var/tmp")
 POLL_S = 0.25  # how often the wait for a decoded sample looks at the workers and the sample's deadline
 
 
@@ -87,6 +92,21 @@ def _from_shared(rec: Decoded) -> Decoded:
     return rec.map_arrays(lambda a: a.numpy() if isinstance(a, torch.Tensor) else a)
 
 
+def socket_temp_dir() -> str | None:
+    """The folder the decode workers make their sockets in: None (the temporary folder, as usual) when its path is
+    short enough, else the first short one that can be written (TMPDIR is often deep on clusters); a ConfigError
+    when there is none."""
+    base = tempfile.gettempdir()
+    if len(base) <= SOCKET_DIR_MAX:
+        return None
+    for d in SHORT_TEMP_DIRS:
+        if os.path.isdir(d) and os.access(d, os.W_OK | os.X_OK):
+            return d
+    raise ConfigError("the temporary folder's path is too long for the decode workers' sockets",
+                      given=f"{base} ({len(base)} bytes)", expected=f"at most {SOCKET_DIR_MAX} bytes",
+                      fix="set TMPDIR to a shorter folder, or decode in the run's process with -j 0")
+
+
 class _Decoding:
     """The map-style dataset the loader's workers index: an index is (seq, sample), the item (seq, record). Which
     sample each worker is decoding (`busy`) and each worker's pid are kept in shared memory: the run knows what a
@@ -97,6 +117,7 @@ class _Decoding:
         self.fit, self.nice = fit, decode_nice()
         self.busy = ctx.RawArray("q", workers)  # per worker: the seq of the sample it decodes, -1 between samples
         self.pids = ctx.RawArray("q", workers)  # per worker: its pid, once started (0 before)
+        self.socket_dir = socket_temp_dir()
 
     def __getitem__(self, index: tuple[int, Sample | dict]) -> tuple[int, Decoded]:
         seq, s = index
@@ -112,8 +133,8 @@ class _Decoding:
         worker at once, whatever handler the parent had when it forked; SIGUSR1 (SLURM's warning before the time
         limit, sent to every process of a step) is the parent's to act on. A worker ends with the run however the
         run ends (SIGKILL too: Linux's parent-death signal), even one blocked in a read that never returns. The
-        worker runs `nice` lower than the run, closes the output files it inherited, and keeps the memory it frees
-        for the next image (`heap.keep_freed_memory`)."""
+        worker runs `nice` lower than the run, closes the output files it inherited, keeps the memory it frees
+        for the next image (`heap.keep_freed_memory`) and makes its sockets in a short folder (`socket_temp_dir`)."""
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGUSR1, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
@@ -125,6 +146,9 @@ class _Decoding:
             os.nice(self.nice)
         _close_inherited_files()
         keep_freed_memory()
+        if self.socket_dir is not None:  # multiprocessing's folder made afresh there (and removed at the worker's exit)
+            tempfile.tempdir = self.socket_dir
+            mp.current_process()._config.pop("tempdir", None)  # type: ignore[attr-defined]
         self.busy[worker_id] = -1
         self.pids[worker_id] = os.getpid()
 
