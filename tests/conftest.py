@@ -506,12 +506,16 @@ def cannot_run(why: str) -> None:
     pytest.skip(why)
 
 
-DEVICES_SLOW = ["-m", "timm:test_vit", "--random-init", "--scales", "1,2,3", "-j", "0", "-b", "1", "--shard-size", "1"]
+# 91 tiles an image, one image a batch and a shard: about 5 images/s a rank on a quiet 2-core box (2026-12-06), so
+# DEVICES_IMAGES keep each of two ranks busy ~25 s quiet, far longer than one rank starts after the other
+DEVICES_SLOW = ["-m", "timm:test_vit", "--random-init", "--scales", "1,2,3,4,5,6", "-j", "0", "-b", "1",
+                "--shard-size", "1"]
+DEVICES_IMAGES = 240
 
 
 def devices_s2(d: Path, out: Path) -> tuple[subprocess.Popen, list[Path]]:
-    """`s2 extract d -o out/ --devices cpu,cpu` slowed to about a minute of work (the workers cannot simply finish
-    while a test signals them), in a new process group, stderr piped; and the two workers' heartbeat files."""
+    """`s2 extract d -o out/ --devices cpu,cpu` slowed so that over DEVICES_IMAGES images neither worker can
+    simply finish while a test signals them, in a new process group, stderr piped; and the two workers' heartbeat files."""
     p = subprocess.Popen([sys.executable, "-m", "s2cli", "extract", str(d), "-o", f"{out}/", *DEVICES_SLOW, "--devices",
                           "cpu,cpu", "-q"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                          start_new_session=True)

@@ -13,7 +13,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import MODEL, devices_s2, slowed_s2, wait_until, write_image
+from conftest import DEVICES_IMAGES, MODEL, devices_s2, slowed_s2, wait_until, write_image
 from s2cli import open_features
 
 pytestmark = pytest.mark.slow  # subprocess runs, signals
@@ -72,8 +72,8 @@ def test_a_signal_mid_shard_preempts_the_run_and_a_rerun_resumes_to_the_clean_re
 
 def test_devices_pass_sigusr1_on_to_their_workers(tmp_path):
     d = tmp_path / "in"
-    for i in range(24):  # about a minute of work: the workers cannot simply finish meanwhile
-        write_image(d / f"im{i:02d}.png", (40, 52), i)
+    for i in range(DEVICES_IMAGES):  # neither worker can simply finish meanwhile
+        write_image(d / f"im{i:03d}.png", (40, 52), i)
     out = tmp_path / "out"
     p, hb = devices_s2(d, out)
     try:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import dead_pid, devices_s2, wait_until, write_image
+from conftest import DEVICES_IMAGES, dead_pid, devices_s2, wait_until, write_image
 from s2cli import open_features
 
 MODEL = ["-m", "timm:test_resnet", "--random-init", "--img-sizes", "64,128", "--max-split-size", "64"]
@@ -244,7 +244,7 @@ def test_ctrl_c_during_a_run_with_two_decode_workers_ends_it_within_seconds(tmp_
 # ---- 6. SIGTERM to a --devices parent ----------------------------------------------------------------------------
 @pytest.mark.slow
 def test_sigterm_to_a_devices_parent_stops_its_workers(tmp_path):
-    d = images(tmp_path / "in", 24)  # about a minute of work: the workers cannot simply finish meanwhile
+    d = images(tmp_path / "in", DEVICES_IMAGES)  # neither worker can simply finish meanwhile
     out = tmp_path / "out"
     p, hb = devices_s2(d, out)
     pids = []
@@ -265,7 +265,7 @@ def test_sigterm_to_a_devices_parent_stops_its_workers(tmp_path):
     assert not [x for x in out.iterdir() if ".tmp-" in x.name]
     states = {json.loads(h.read_text())["state"] for h in hb}
     assert states == {"preempted"}  # stopped by the forwarded SIGTERM, not finished, and each said so
-    assert len(list(out.glob("part-*.json"))) < 24
+    assert len(list(out.glob("part-*.json"))) < DEVICES_IMAGES
 
 
 # ---- 7. SIGTERM of a single-file run -------------------------------------------------------------------------------
