@@ -203,3 +203,53 @@ def test_hdf5_fixed_size_features_are_stored_chunk_by_chunk_as_encoded(tmp_path,
         assert f["features"].shape == (10, T, C) and list(f["keys"].asstr()[:]) == [f"k{i}" for i in range(10)]
         for i, x in enumerate(feats):
             assert np.array_equal(f["features"][i], encode(x, dtype).codes), i
+
+
+def test_an_hdf5_shard_reads_back_while_a_process_forked_during_its_writing_still_lives(tmp_path):
+    """A decode worker forked while a shard is written (a loader started again after a worker died) shares its open
+    file until it closes its copy: the shard must still read back once closed (HDF5's file lock is not taken)."""
+    import os
+    import time
+
+    from s2cli.readers import shard_contents
+
+    sink = hdf5.HDF5Sink(tmp_path / "p.h5", {}, Layout(channels=4, num_scales=1, tokens=2, dtype="float32"))
+    sink.write([StoredItem(key="k", source="s", meta=None, orig_hw=(4, 4), grid_hw=(1, 1), img_sizes=[(4, 4)],
+                           num_prefix_tokens=0, split_mode="resize", features=np.ones((2, 4), np.float32))])
+    pid = os.fork()
+    if pid == 0:  # the forked process holds the file as the run had it open, then leaves without touching it
+        time.sleep(3)
+        os._exit(0)
+    try:
+        sink.close()
+        assert shard_contents(tmp_path / "p.h5")["keys"] == ["k"]
+    finally:
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)
+
+
+def test_an_hdf5_file_another_process_holds_open_for_writing_is_named_so(tmp_path):
+    import os
+    import time
+
+    from s2cli import open_features
+    from s2cli.errors import ConfigError
+
+    ready = tmp_path / "ready"
+    pid = os.fork()
+    if pid == 0:  # another process writing the file with h5py's default lock
+        with h5py.File(tmp_path / "busy.h5", "w") as f:
+            f["keys"] = np.array([b"k"])
+            f.flush()
+            ready.touch()
+            time.sleep(10)
+        os._exit(0)
+    try:
+        end = time.time() + 10
+        while not ready.exists() and time.time() < end:
+            time.sleep(0.01)
+        with pytest.raises(ConfigError, match="locked: another process has it open for writing"):
+            open_features(tmp_path / "busy.h5")
+    finally:
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)

@@ -55,7 +55,10 @@ class HDF5Sink(ThreadedSink):
 
     def _open(self) -> None:
         lay = self.layout
-        f = self.f = h5py.File(self.tmp, "w")
+        # no HDF5 file lock: the temporary is this process's alone (named by its pid, in a claimed output) and is
+        # read only once renamed whole; a lock would live on in every process forked meanwhile (a decode worker
+        # started again mid-run shares the open file until it closes it) and refuse the run's own read-back
+        f = self.f = h5py.File(self.tmp, "w", locking=False)
         for k, v in self.attrs.items():
             f.attrs[k] = v
         f.attrs["layout_version"] = LAYOUT_VERSION
@@ -174,6 +177,9 @@ class HDF5Reader(Reader):
         self.path, self.raw = Path(path), raw
         try:
             self.f = h5py.File(self.path, "r")
+        except BlockingIOError as e:  # HDF5's file lock: a writer (h5py, another tool) holds the file open
+            raise ConfigError("the HDF5 file is locked: another process has it open for writing", given=str(path),
+                              fix="wait for that process to close it, or read a copy") from e
         except OSError as e:
             raise ConfigError("not an HDF5 file", given=str(path), fix="pass a file written by `s2 extract`") from e
         if "keys" not in self.f:
