@@ -58,6 +58,18 @@ def assert_decoded(got: list, items: list, failed: dict[str, str] | None = None)
             assert np.array_equal(rec.pixels, decode_sample(item, FIT).pixels)
 
 
+def misbehaving(monkeypatch, key: str, act) -> None:
+    """The loader's decode, but `act()` first in the worker that takes the sample `key` (it dies, it stalls)."""
+    original = loader_module.decode_sample
+
+    def decode(sample, fit):
+        if sample.key == key:
+            act()
+        return original(sample, fit)
+
+    monkeypatch.setattr(loader_module, "decode_sample", decode)
+
+
 def failure_item(i: int) -> dict[str, str]:
     return {"key": f"f{i}", "source": f"f{i}", "stage": "read", "error_class": "OSError", "error": "unreadable"}
 
@@ -141,14 +153,7 @@ def test_workers_killed_from_outside_mid_run_lose_no_sample(tmp_path, monkeypatc
 @pytest.mark.slow
 def test_a_sample_that_kills_its_worker_is_recorded_alone_and_the_rest_come_back_in_order(tmp_path, monkeypatch):
     items = samples(tmp_path, 12)
-    original = loader_module.decode_sample
-
-    def deadly(sample, fit):
-        if sample.key == "s04":
-            os.kill(os.getpid(), signal.SIGKILL)
-        return original(sample, fit)
-
-    monkeypatch.setattr(loader_module, "decode_sample", deadly)
+    misbehaving(monkeypatch, "s04", lambda: os.kill(os.getpid(), signal.SIGKILL))
     with DecodeLoader(FIT, 2, prefetch=3) as loader:
         got = list(loader.map(items, lambda s: s))
     # the samples in flight beside it on the other worker, or queued behind it, are decoded again, never blamed
@@ -159,14 +164,7 @@ def test_a_sample_that_kills_its_worker_is_recorded_alone_and_the_rest_come_back
 @pytest.mark.slow
 def test_a_stalled_decode_is_recorded_after_the_timeout_and_the_rest_go_on(tmp_path, monkeypatch):
     items = samples(tmp_path, 8)
-    original = loader_module.decode_sample
-
-    def stalls(sample, fit):
-        if sample.key == "s03":
-            time.sleep(600)
-        return original(sample, fit)
-
-    monkeypatch.setattr(loader_module, "decode_sample", stalls)
+    misbehaving(monkeypatch, "s03", lambda: time.sleep(600))
     before = own_children()
     t0 = time.monotonic()
     with DecodeLoader(FIT, 2, timeout=1.5, prefetch=2) as loader:
