@@ -3,6 +3,7 @@ WebDataset/tar inputs, the S² golden cases and the hostile-input battery. Test 
 import helpers with `from conftest import ...`; no test module imports another."""
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -191,14 +192,28 @@ def image_dir(tmp_path: Path) -> Path:
     return d
 
 
+def run_cli(*args):
+    """`s2 ARGS` run in this process (typer's CliRunner): the result's exit_code, stdout, stderr. Where a test is
+    not about processes (a clean reference run, a resume, `s2 status`), this spares it an interpreter that imports
+    torch (seconds of CPU each)."""
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
 @pytest.fixture
 def cli():
-    runner = CliRunner()
+    return run_cli
 
-    def invoke(*args: str):
-        return runner.invoke(app, [str(a) for a in args])
 
-    return invoke
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """torch's intra-op threads set to `n` for the block: a run in this process then sums as a subprocess started
+    with OMP_NUM_THREADS=n does (same sums, same bits)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def invoke_json(cli, *args):

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import CASES, MODEL, bomb_png, goods, jpeg_bytes, plain_tar, save_png, write_image
+from conftest import CASES, MODEL, bomb_png, goods, jpeg_bytes, plain_tar, run_cli, save_png, write_image
 from s2cli import open_features
 
 pytestmark = pytest.mark.timeout(180)
@@ -246,7 +246,8 @@ def kill_input(tmp_path_factory):
     (d / "img05.jpg").write_bytes(b"broken")
     args = ["extract", str(d), *MODEL, "-j", "0", "-b", "2", "--shard-size", "3", "-q"]
     clean = base / "clean"
-    subprocess.run([sys.executable, "-m", "s2cli", *args, "-o", f"{clean}/"], check=True, capture_output=True, timeout=120)
+    r = run_cli(*args, "-o", f"{clean}/")  # the reference in this process; the kills below need their own
+    assert r.exit_code == 0, r.stderr
     return args, clean
 
 
@@ -262,9 +263,8 @@ def test_kill_9_at_any_point_then_rerun_equals_a_clean_run(tmp_path, kill_input,
         assert [p for p in out.iterdir() if ".tmp-" in p.name]  # killed with a temporary shard on disk
     with open_features(out) as partial:  # a reader sees completed shards only, never the temporary one
         assert len(partial) <= 10
-    r = subprocess.run([sys.executable, "-m", "s2cli", *args, "-o", f"{out}/", "--json"], capture_output=True,
-                       text=True, timeout=120)
-    assert r.returncode == 0, r.stderr
+    r = run_cli(*args, "-o", f"{out}/", "--json")  # the rerun: in this process
+    assert r.exit_code == 0, r.stderr
     assert not [p for p in out.iterdir() if ".tmp-" in p.name]
     with open_features(clean) as fc, open_features(out) as fk:
         assert list(fk) == list(fc) and len(fc) == 10  # each key once, in input order
@@ -366,7 +366,7 @@ def _can_mount_tmpfs() -> str | None:
 def test_disk_full_on_a_real_small_tmpfs(tmp_path, full_disk_input):
     d, clean = full_disk_input, tmp_path / "clean"
     args = ["extract", str(d), *MODEL, "--shard-size", "4", "-j", "0", "-q"]
-    subprocess.run([sys.executable, "-m", "s2cli", *args, "-o", f"{clean}/"], check=True, capture_output=True, timeout=120)
+    assert run_cli(*args, "-o", f"{clean}/").exit_code == 0  # the reference in this process
     shard = (clean / "part-00000-00000.h5").stat().st_size
     mnt = tmp_path / "mnt"
     mnt.mkdir()
@@ -380,9 +380,8 @@ def test_disk_full_on_a_real_small_tmpfs(tmp_path, full_disk_input):
         assert "no space left on device writing" in r.stderr and str(out) in r.stderr
         _assert_full_disk_then_resume(None, out, clean)
         subprocess.run(["mount", "-o", "remount,size=64m", str(mnt)], check=True)
-        r = subprocess.run([sys.executable, "-m", "s2cli", *args, "-o", f"{out}/", "--json"], capture_output=True,
-                           text=True, timeout=120)
-        assert r.returncode == 0, r.stderr
+        r = run_cli(*args, "-o", f"{out}/", "--json")  # the rerun with space: in this process
+        assert r.exit_code == 0, r.stderr
         assert json.loads(r.stdout)["complete"]
         with open_features(clean) as fc, open_features(out) as fo:
             assert list(fo) == list(fc)

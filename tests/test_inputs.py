@@ -7,8 +7,6 @@ import io
 import json
 import os
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +15,7 @@ from hubserver import closed_port
 from PIL import Image
 
 import s2cli
-from conftest import FAST, rng_rgb, slowed_s2, wait_until
+from conftest import FAST, rng_rgb, run_cli, slowed_s2, wait_until
 from s2cli import open_features
 from s2cli.errors import ConfigError
 from s2cli.inputs.kind import InputKind
@@ -257,9 +255,8 @@ def test_a_killed_run_over_parquet_resumes_to_the_clean_result(tmp_path):
     p = img2dataset_parquet(tmp_path / "t.parquet", row_group_size=2)
     opts = [*FAST[:-2], "-j", "0", "-b", "1", "--shard-size", "2", "-q"]
     clean = tmp_path / "clean"
-    r = subprocess.run([sys.executable, "-m", "s2cli", "extract", p, "-o", f"{clean}/", *map(str, opts)],
-                       capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
+    r = run_cli("extract", p, "-o", f"{clean}/", *opts)  # the reference: in this process
+    assert r.exit_code == 0, r.stderr
     out = tmp_path / "out"
     proc = slowed_s2(0.5, "extract", p, "-o", f"{out}/", *opts)
     try:
@@ -270,9 +267,8 @@ def test_a_killed_run_over_parquet_resumes_to_the_clean_result(tmp_path):
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
     assert not (out / "manifest.json").exists() or not json.loads((out / "manifest.json").read_text())["complete"]
-    r = subprocess.run([sys.executable, "-m", "s2cli", "extract", p, "-o", f"{out}/", *map(str, opts), "--json"],
-                       capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
+    r = run_cli("extract", p, "-o", f"{out}/", *opts, "--json")  # the resume: in this process
+    assert r.exit_code == 0, r.stderr
     assert json.loads(r.stdout)["resumed_images"] >= 2
     assert_same(features(out), features(clean))
     marker = json.loads((out / "part-00000-00000.json").read_text())
@@ -471,9 +467,8 @@ def test_a_decode_worker_killed_mid_run_loses_no_image_and_the_run_ends_0(tmp_pa
         (d / f"{k}.png").write_bytes(png(rng_rgb(i, (40 + i, 52))))
     opts = [*FAST[:-2], "-j", "2", "-b", "1", "--shard-size", "2", "-q", "--decode-timeout", "600"]
     clean = tmp_path / "clean"
-    r = subprocess.run([sys.executable, "-m", "s2cli", "extract", d, "-o", f"{clean}/", *map(str, opts)],
-                       capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
+    r = run_cli("extract", d, "-o", f"{clean}/", *opts)  # the reference: in this process
+    assert r.exit_code == 0, r.stderr
     out = tmp_path / "out"
     proc = slowed_s2(0.5, "extract", d, "-o", f"{out}/", *opts, "--json")
     try:

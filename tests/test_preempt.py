@@ -7,20 +7,20 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
-from conftest import DEVICES_IMAGES, MODEL, devices_s2, slowed_s2, wait_until, write_image
+from conftest import DEVICES_IMAGES, MODEL, devices_s2, run_cli, slowed_s2, wait_until, write_image
 from s2cli import open_features
 
 pytestmark = pytest.mark.slow  # subprocess runs, signals
 
 
-def s2(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "s2cli", *map(str, args)], capture_output=True, text=True)
+def s2(*args):
+    """`s2 ARGS` in this process (the clean run, `s2 status`, the rerun: none of them is about processes); the runs
+    that are signalled are subprocesses (slowed_s2, devices_s2)."""
+    return run_cli(*args)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1], ids=["SIGTERM", "SIGUSR1"])
@@ -31,7 +31,7 @@ def test_a_signal_mid_shard_preempts_the_run_and_a_rerun_resumes_to_the_clean_re
     opts = [*MODEL, "-j", "2", "-b", "1", "--shard-size", "3", "-q"]
     clean = tmp_path / "clean"
     r = s2("extract", d, "-o", f"{clean}/", *opts)
-    assert r.returncode == 0, r.stderr
+    assert r.exit_code == 0, r.stderr
     out = tmp_path / "out"
     p = slowed_s2(0.5, "extract", d, "-o", f"{out}/", *opts)
     hb = out / "rank-00000.json"
@@ -61,7 +61,7 @@ def test_a_signal_mid_shard_preempts_the_run_and_a_rerun_resumes_to_the_clean_re
     assert f"stopped on {sig.name}" in text and "to resume" in text
 
     r = s2("extract", d, "-o", f"{out}/", *opts, "--json")
-    assert r.returncode == 0, r.stderr
+    assert r.exit_code == 0, r.stderr
     assert json.loads(r.stdout)["resumed_images"] == 3
     with open_features(clean) as fc, open_features(out) as fo:
         assert sorted(fo) == sorted(fc) and len(fc) == 8

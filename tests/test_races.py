@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import DEVICES_IMAGES, dead_pid, devices_s2, wait_until, write_image
+from conftest import DEVICES_IMAGES, dead_pid, devices_s2, run_cli, wait_until, write_image
 from s2cli import open_features
 
 MODEL = ["-m", "timm:test_resnet", "--random-init", "--img-sizes", "64,128", "--max-split-size", "64"]
@@ -151,9 +151,8 @@ def test_overwrite_of_a_folder_a_live_run_is_writing_is_refused(tmp_path):
     a = start(tmp_path, "A", go, 3.0, *args, "--json")  # 6 batches of 3 s: alive throughout
     wait_until(lambda: (out / "rank-00000.json").exists(), "the first run's heartbeat")
     run_json = (out / "run.json").read_text()
-    b = subprocess.run([sys.executable, "-m", "s2cli", "extract", *map(str, args), "--overwrite", "--pool", "mean"],
-                       capture_output=True, text=True, timeout=120)
-    assert b.returncode == 2, b.stderr
+    b = run_cli("extract", *args, "--overwrite", "--pool", "mean")  # in this process: refused before any work
+    assert b.exit_code == 2, b.stderr
     assert f"pid {a.pid}" in b.stderr and "being written by another run" in b.stderr
     stdout, stderr = a.communicate(timeout=240)
     assert a.returncode == 0, stderr

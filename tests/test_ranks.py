@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import typer
 
-from conftest import FAST, dead_pid, invoke_json, make_shards, write_image
+from conftest import FAST, dead_pid, invoke_json, make_shards, run_cli, torch_threads, write_image
 from s2cli import open_features
 from s2cli.cli import app
 from s2cli.commands.extract import extract, option_argv as _option_argv
@@ -193,7 +193,8 @@ def test_three_ranks_killed_then_two_resume(tmp_path):
         write_image(d / f"img{i:04d}.png", (40 + i % 3 * 8, 48), i)
     slow = ["-m", "timm:test_vit", "--random-init", "--scales", "1,2,3", "-j", "0", "-b", "1", "--shard-size", "2", "-q"]
     clean, out = tmp_path / "clean", tmp_path / "out"
-    assert _s2("extract", d, "-o", f"{clean}/", *slow, env=dict(os.environ, OMP_NUM_THREADS="1")).returncode == 0
+    with torch_threads(1):  # the reference in this process, summing as the killed ranks (OMP_NUM_THREADS=1) do
+        assert run_cli("extract", d, "-o", f"{clean}/", *slow).exit_code == 0
     procs = [subprocess.Popen([sys.executable, "-m", "s2cli", "extract", str(d), "-o", f"{out}/", *slow],
                               env=dict(os.environ, RANK=str(r), WORLD_SIZE="3", LOCAL_RANK=str(r), OMP_NUM_THREADS="1"),
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
@@ -207,7 +208,7 @@ def test_three_ranks_killed_then_two_resume(tmp_path):
     for p in procs:
         os.killpg(p.pid, signal.SIGKILL)
         p.wait()
-    st = json.loads(_s2("status", out, "--json").stdout)
+    st = json.loads(run_cli("status", out, "--json").stdout)
     assert 3 <= st["shards_done"] < 9 and not st["complete"]
     assert len(st["stale"]) >= 1 and all(x["state"] in ("stale", "done") for x in st["ranks"])  # killed, not running
     r = _s2("extract", d, "-o", f"{out}/", *slow, "--devices", "cpu,cpu", "--json",

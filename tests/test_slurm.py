@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import FAST, cannot_run, free_port, make_shards
+from conftest import FAST, cannot_run, free_port, make_shards, run_cli
 from s2cli import open_features
 
 pytestmark = pytest.mark.slow  # a real SLURM cluster started in the test, jobs run by subprocesses
@@ -134,21 +134,29 @@ def cluster(tmp_path_factory):
         c.stop()
 
 
-def _s2(*args, env=None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "s2cli", *map(str, args)], capture_output=True, text=True, env=env)
+def _s2(*args):
+    """`s2 ARGS` in this process (the local reference, the submission, `s2 status`): the jobs are the processes."""
+    return run_cli(*args)
+
+
+@pytest.fixture
+def slurm_env(cluster, monkeypatch):
+    """The cluster's slurm.conf in this process's environment (for `s2 slurm --submit` run in it, and its jobs)."""
+    monkeypatch.setenv("SLURM_CONF", cluster.env["SLURM_CONF"])
+    return cluster
 
 
 @pytest.mark.parametrize("mode", [["--array", "2", "--ntasks", "1"], ["--ntasks", "2"]], ids=["array2", "srun2"])
-def test_s2_slurm_submit_equals_local_run(cluster, tmp_path, mode):
+def test_s2_slurm_submit_equals_local_run(cluster, slurm_env, tmp_path, mode):
     shards = make_shards(tmp_path / "shards", n_tars=3, per_tar=4)
     spec = f"{shards}/{{000000..000002}}.tar"
     local = tmp_path / "local"
     r = _s2("extract", spec, *FAST, "-o", f"{local}/", "--shard-size", 3, "-q")
-    assert r.returncode == 0, r.stderr
+    assert r.exit_code == 0, r.stderr
     out = tmp_path / "out"
     r = _s2("slurm", spec, *FAST, "-o", f"{out}/", "--shard-size", 3, *mode, "--job-name", "s2test",
-            "--sbatch-arg=--cpus-per-task=1", "--submit", "--json", env=cluster.env)
-    assert r.returncode == 0, r.stderr + r.stdout
+            "--sbatch-arg=--cpus-per-task=1", "--submit", "--json")
+    assert r.exit_code == 0, r.stderr + r.stdout
     sub = json.loads(r.stdout)
     assert sub["job_id"] and sub["ranks"] == 2 and Path(sub["script"]).is_file()
     states = cluster.wait_job(sub["job_id"])
@@ -188,20 +196,21 @@ def _show(cluster, job_id: str) -> dict[str, str]:
     return dict(w.split("=", 1) for w in r.stdout.split() if "=" in w)
 
 
-def test_a_job_signalled_mid_run_requeues_itself_and_completes_as_a_local_run(cluster, tmp_path):
+def test_a_job_signalled_mid_run_requeues_itself_and_completes_as_a_local_run(cluster, slurm_env, tmp_path,
+                                                                             monkeypatch):
     shards = make_shards(tmp_path / "shards", n_tars=3, per_tar=4)
     spec = f"{shards}/{{000000..000002}}.tar"
     local = tmp_path / "local"
     r = _s2("extract", spec, *FAST, "-o", f"{local}/", "--shard-size", 2, "-b", 1, "-q")
-    assert r.returncode == 0, r.stderr
+    assert r.exit_code == 0, r.stderr
     slow = tmp_path / "slowpy"
     slow.write_text(SLOW_PYTHON.format(python=sys.executable))
     slow.chmod(0o755)
     out = tmp_path / "out"
-    env = dict(cluster.env, S2TEST_DELAY="0.4")
+    monkeypatch.setenv("S2TEST_DELAY", "0.4")
     r = _s2("slurm", spec, *FAST, "-o", f"{out}/", "--shard-size", 2, "-b", 1, "--ntasks", 1, "--job-name", "s2requeue",
-            "--signal-grace", 60, "--python", slow, "--sbatch-arg=--cpus-per-task=1", "--submit", "--json", env=env)
-    assert r.returncode == 0, r.stderr + r.stdout
+            "--signal-grace", 60, "--python", slow, "--sbatch-arg=--cpus-per-task=1", "--submit", "--json")
+    assert r.exit_code == 0, r.stderr + r.stdout
     sub = json.loads(r.stdout)
     assert "#SBATCH --signal=B:USR1@60" in sub["text"] and "#SBATCH --requeue" in sub["text"]
     job = sub["job_id"]

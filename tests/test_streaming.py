@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import FAST, invoke_json, jpeg_bytes, plain_tar, write_image
+from conftest import FAST, invoke_json, jpeg_bytes, plain_tar, run_cli, write_image
 from s2cli import open_features
 
 
@@ -204,7 +204,7 @@ def test_sigkill_mid_run_then_resume_equals_clean_run(tmp_path):
     d = folder(tmp_path, 24, bad=(7,))
     slow = ["-m", "timm:test_vit", "--random-init", "--scales", "1,2,3", "-j", "1", "-b", "2", "--shard-size", "3", "-q"]
     clean, killed = tmp_path / "clean", tmp_path / "killed"
-    subprocess.run(_cmd(d, "-o", f"{clean}/", *slow), check=True, capture_output=True)
+    assert run_cli("extract", d, "-o", f"{clean}/", *slow).exit_code == 0  # the reference: in this process
     proc = subprocess.Popen(_cmd(d, "-o", f"{killed}/", *slow), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     deadline = time.time() + 120
@@ -215,7 +215,8 @@ def test_sigkill_mid_run_then_resume_equals_clean_run(tmp_path):
     assert (killed / "part-00000-00002.json").exists()
     with open_features(killed) as partial:  # what a reader sees now: completed shards only
         assert 0 < len(partial) < 23
-    r = subprocess.run(_cmd(d, "-o", f"{killed}/", *slow, "--json"), capture_output=True, text=True, check=True)
+    r = run_cli("extract", d, "-o", f"{killed}/", *slow, "--json")  # the resume: in this process
+    assert r.exit_code == 0, r.stderr
     assert json.loads(r.stdout)["resumed_images"] > 0
     assert not [p for p in killed.iterdir() if ".tmp-" in p.name]
     with open_features(clean) as fc, open_features(killed) as fk:
