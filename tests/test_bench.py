@@ -93,14 +93,18 @@ def test_compile_cache_survives_between_runs(tmp_path, image_dir, clip_dir):
     import subprocess
     import sys
 
+    from conftest import run_cli
     from s2cli import open_features
 
     env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")}
     env.pop("TORCHINDUCTOR_CACHE_DIR", None)
-    base = [sys.executable, "-m", "s2cli", "extract", str(image_dir), "-m", f"hf:{clip_dir[0]}", "-j", "0", "--json", "-q"]
-    runs = []
-    for name, extra in (("eager", []), ("first", ["--compile"]), ("second", ["--compile"])):
-        p = subprocess.run([*base, "-o", str(tmp_path / f"{name}.h5"), *extra], capture_output=True, text=True, env=env)
+    args = ["extract", str(image_dir), "-m", f"hf:{clip_dir[0]}", "-j", "0", "--json", "-q"]
+    r = run_cli(*args, "-o", tmp_path / "eager.h5")  # the eager reference: in this process
+    assert r.exit_code == 0, r.stderr[-2000:]
+    runs = [json.loads(r.stdout)]
+    for name in ("first", "second"):  # each compiling run a process of its own: the second finds the first's cache
+        p = subprocess.run([sys.executable, "-m", "s2cli", *args, "-o", str(tmp_path / f"{name}.h5"), "--compile"],
+                           capture_output=True, text=True, env=env)
         assert p.returncode == 0, p.stderr[-2000:]
         runs.append(json.loads(p.stdout))
     cache = tmp_path / "cache" / "s2cli" / "inductor"

@@ -5,6 +5,7 @@ layers with `forward_intermediates` (blocks above the highest layer pruned); and
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 from pathlib import Path
@@ -61,6 +62,13 @@ def _timm_cfg(name: str, arch: str, layer: int | None, **where: str) -> Backbone
         side = math.isqrt(n)
         return dataclasses.replace(cfg, channels=int(out.shape[-1]), patch_size=size // side)
     return dataclasses.replace(cfg, channels=int(out.shape[1]), patch_size=size // int(out.shape[-1]))
+
+
+@functools.lru_cache(maxsize=64)
+def _registry_cfg(name: str, arch: str, layer: int | None) -> BackboneCfg:
+    """A timm registry model's description, made once per process: it depends on timm's code alone, and making it
+    (a meta-device model and one traced tile) costs tens of ms, which each settings/plan/extract call paid again."""
+    return _timm_cfg(name, arch, layer)
 
 
 def _vit_tokens(model: nn.Module, layers: list[int]) -> LayersFn:
@@ -131,7 +139,7 @@ class Timm(Family):
             ref = hub.parse_ref(rest[len(HF_HUB):], spec)
             snap = hub.ensure(ref, what=spec, weights=False)
             return _timm_cfg(spec, f"local-dir:{snap.path}", layer, hub_id=ref.repo, revision=snap.sha)
-        return _timm_cfg(spec, rest, layer)
+        return _registry_cfg(spec, rest, layer)
 
     def build(self, cfg: BackboneCfg, loc: Located, any_size: bool) -> nn.Module:
         return _build_timm(cfg, loc, any_size)
