@@ -42,6 +42,24 @@ def test_timm_spec_is_described_without_weights():
     assert (conv.output_shape, conv.channels, conv.patch_size) == ("bchw", 512, 32)
 
 
+def test_a_timm_registry_model_is_described_once_per_process(monkeypatch):
+    """Its description (a meta-device model, one traced tile) is made on the first resolve; later ones, from a
+    settings, plan or extract call, get the same record; another layer is described on its own."""
+    import s2cli.families.timm as timm_family
+
+    timm_family._registry_cfg.cache_clear()
+    built = []
+    meta_model = timm_family._timm_meta_model
+    monkeypatch.setattr(timm_family, "_timm_meta_model", lambda arch: built.append(arch) or meta_model(arch))
+    first, again = resolve("timm:test_vit"), resolve("timm:test_vit")
+    assert again is first and built == ["test_vit"]
+    assert resolve("timm:test_vit", layer=-2).layer == -2 and built == ["test_vit", "test_vit"]
+    with pytest.raises(ConfigError, match="timm has no such model"):  # a refusal is not kept: asked again, said again
+        resolve("timm:no_such_model")
+    with pytest.raises(ConfigError, match="timm has no such model"):
+        resolve("timm:no_such_model")
+
+
 def test_hf_clip_dir_layer_minus_two_drops_cls(clip_dir):
     path, ref = clip_dir
     cfg = resolve(f"hf:{path}")
