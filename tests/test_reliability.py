@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import xxhash
 
 import s2cli
 from conftest import FAST, cannot_run, jpeg_bytes, make_shards, plain_tar, write_image
@@ -132,14 +133,36 @@ def test_limit_takes_the_first_samples_of_the_shards(cli, tmp_path):
 
 
 # ---- 14: done means whole ----------------------------------------------------------------------------------------
-def test_a_marker_records_its_shard_size_and_sha256(cli, tmp_path):
+def test_a_marker_records_its_shard_size_and_digest(cli, tmp_path):
     out = tmp_path / "o"
     run_json(cli, "extract", six_images(tmp_path / "imgs"), *FAST, "--shard-size", "2", "-o", f"{out}/")
     markers = [json.loads(p.read_text()) for p in sorted(out.glob("part-*.json"))]
     assert len(markers) == 3
     for m in markers:
         data = (out / m["shard"]).read_bytes()
-        assert (m["bytes"], m["sha256"]) == (len(data), hashlib.sha256(data).hexdigest())
+        assert (m["bytes"], m["xxh3_128"]) == (len(data), xxhash.xxh3_128(data).hexdigest())
+        assert "sha256" not in m
+
+
+def test_a_marker_written_with_sha256_is_still_checked_by_it(cli, tmp_path):
+    """Markers written before xxh3-128 record sha256: a folder of them reads whole, and a shard whose bytes then
+    change (same size) is found by sha256 (verify, and a changed identity)."""
+    out = tmp_path / "o"
+    run_json(cli, "extract", six_images(tmp_path / "imgs"), *FAST, "--shard-size", "2", "-o", f"{out}/")
+    for p in sorted(out.glob("part-*.json")):
+        m = json.loads(p.read_text())
+        del m["xxh3_128"]
+        m["sha256"] = hashlib.sha256((out / m["shard"]).read_bytes()).hexdigest()
+        p.write_text(json.dumps(m))
+    with s2cli.open_features(out, verify=True) as ff:
+        assert ff.complete and not ff.broken_shards and len(ff.keys()) == 6
+    shard = sorted(out.glob("part-*.h5"))[1]
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 0xFF  # same size, other bytes: only the digest tells
+    shard.write_bytes(bytes(data))
+    with s2cli.open_features(out) as ff:
+        assert [b["shard"] for b in ff.broken_shards] == [shard.name]
+        assert "sha256 digest differs" in ff.broken_shards[0]["why"]
 
 
 def test_a_truncated_shard_is_skipped_by_readers_and_redone_on_resume(cli, tmp_path):
