@@ -158,10 +158,21 @@ def test_pixels_come_through_the_ring_and_a_slot_is_not_reused_while_its_pixels_
         assert_ring_all_free(loader)
 
 
-def test_no_ring_where_an_images_pixels_have_no_fixed_size():
-    assert DecodeLoader(Fit("keep", 32, (0.5, 0.5, 0.5)), 2)._data.ring is None
-    assert DecodeLoader(Fit("crop", 32, (0.5, 0.5, 0.5), decode="torch"), 2)._data.ring is None
-    assert DecodeLoader(FIT, 0)._data is None  # -j 0: decoded in the run's process, nothing crosses
+def test_pixels_larger_than_a_slot_come_as_tensors_and_their_slots_are_given_back(tmp_path):
+    fit = Fit("keep", 32, (0.5, 0.5, 0.5))  # wider than the 32 x 32 a slot holds
+    items = samples(tmp_path, 6)
+    with DecodeLoader(fit, 2, prefetch=2) as loader:
+        got = list(loader.map(items, lambda s: s))
+        assert not any(in_ring(loader, rec.pixels) for _, rec in got)
+        for item, rec in got:
+            assert rec.pixels.shape[2] > 32 and np.array_equal(rec.pixels, decode_sample(item, fit).pixels)
+        del got
+        assert_ring_all_free(loader)
+
+
+def test_no_ring_where_no_pixels_cross():
+    assert DecodeLoader(Fit("crop", 32, (0.5, 0.5, 0.5), decode="torch"), 2)._data.ring is None  # JPEG bytes
+    assert DecodeLoader(FIT, 0)._data is None  # -j 0: decoded in the run's process
 
 
 @pytest.mark.slow

@@ -193,7 +193,7 @@ def test_a_shard_with_other_keys_than_its_old_marker_counted_is_skipped(cli, tmp
     first, second = sorted(out.glob("part-*.h5"))
     marker = second.with_suffix(".json")
     m = json.loads(marker.read_text())
-    del m["bytes"], m["sha256"], m["keys"], m["stat"]
+    del m["bytes"], m["xxh3_128"], m["keys"], m["stat"]
     marker.write_text(json.dumps(m))
     shutil.copy(first, second)  # 4 keys where the marker counted 2
     with open_features(out) as ff:
@@ -218,7 +218,7 @@ def test_a_shard_rewritten_after_its_marker_is_checked_and_redone(cli, tmp_path)
     os.utime(shard.with_suffix(".json"), ns=(0, shard.stat().st_mtime_ns - 10**9))  # marked a second before
     _flip_last_byte(shard, keep_mtime=False)
     with open_features(out) as ff:
-        assert [b["shard"] for b in ff.broken_shards] == [shard.name] and "sha256" in ff.broken_shards[0]["why"]
+        assert [b["shard"] for b in ff.broken_shards] == [shard.name] and "digest differs" in ff.broken_shards[0]["why"]
     r = cli("extract", d, *FAST, "--shard-size", "2", "-o", f"{out}/")
     assert r.exit_code == 0 and f"{shard.name} is broken" in r.stderr
     assert_same_features(out, clean)
@@ -231,11 +231,11 @@ def test_a_shard_whose_bytes_rotted_is_found_by_verify(cli, tmp_path):
     run_json(cli, "extract", six_images(tmp_path / "imgs"), *FAST, "--shard-size", "2", "-o", f"{out}/")
     shard = sorted(out.glob("part-*.h5"))[0]
     marker = shard.with_suffix(".json")
-    marker.write_text(json.dumps({**json.loads(marker.read_text()), "sha256": "0" * 64}))
+    marker.write_text(json.dumps({**json.loads(marker.read_text()), "xxh3_128": "0" * 32}))
     with open_features(out) as ff:
         assert not ff.broken_shards  # sizes and identities only: cheap
     info = run_json(cli, "inspect", out, "--verify")
-    assert [b["shard"] for b in info["broken_shards"]] == [shard.name] and "sha256" in info["broken_shards"][0]["why"]
+    assert [b["shard"] for b in info["broken_shards"]] == [shard.name] and "digest differs" in info["broken_shards"][0]["why"]
 
 
 def test_damaged_run_json_manifest_and_metadata_are_one_line(cli, tmp_path):
@@ -264,7 +264,7 @@ def test_a_done_shard_of_a_tar_run_that_cannot_be_read_is_redone(cli, tmp_path):
     shard = sorted(out.glob("part-*.safetensors"))[1]
     marker = shard.with_suffix(".json")
     m = json.loads(marker.read_text())
-    del m["bytes"], m["sha256"], m["keys"], m["stat"]
+    del m["bytes"], m["xxh3_128"], m["keys"], m["stat"]
     marker.write_text(json.dumps(m))
     _set_metadata(shard, "keys", "[not json")
     with open_features(out) as ff:

@@ -110,12 +110,10 @@ def socket_temp_dir() -> str | None:
 
 
 def ring_slot_bytes(fit: Fit) -> int:
-    """The bytes of one slot of the pixel ring: an S² image fitted to a square of the largest scale, (3, side,
-    side) uint8; 0 (no ring) where the pixels' size varies per image (a strategy's views, `--fit keep`) or the
-    workers send JPEG bytes (`--decode torch`)."""
-    if fit.strategy is not None or fit.mode == "keep" or fit.decode != "pil":
-        return 0
-    return 3 * fit.side * fit.side
+    """The bytes of one slot of the pixel ring: an image fitted to a square of the largest scale, (3, side, side)
+    uint8 (pixels of another size, a strategy's views, go as tensors); 0 (no ring) where the workers send JPEG
+    bytes (`--decode torch`)."""
+    return 3 * fit.side * fit.side if fit.decode == "pil" else 0
 
 
 class PixelRing:
