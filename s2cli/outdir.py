@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from .errors import ConfigError
-from .formats import NamePattern, of_path, store_identity
+from .formats import DIGEST, NamePattern, marker_digest, of_path, store_identity
 from .fsutil import Claim, claim_record, pid_alive, take_claim
 from .heartbeat import RemoteClaim, heartbeat_name, live_ranks, liveness, read_heartbeats
 from .store import Folder, folder
@@ -193,7 +193,7 @@ class OutputDir:
         """One look at the folder (see `Snapshot`): the manifest, then one listing of the folder with what the store
         says of each file for free (size, identity), the markers taken from the index where their file is the one
         it recorded (read otherwise), each marked shard checked against its marker (`shard_damage`), and the shards
-        the manifest lists whose marker is gone. `verify`: every shard's sha256 too."""
+        the manifest lists whose marker is gone. `verify`: every shard's digest too."""
         with gc_paused():
             return self._snapshot(verify)
 
@@ -560,13 +560,13 @@ def _in_order(marker: dict[str, Any]) -> tuple[int, int, str]:
     return marker["unit_index"], marker["part"], marker["shard"]  # a part's --retry-failed shards after it
 
 
-def file_sha256(path: Path) -> str:
-    """The sha256 of a shard's bytes (a file's, or a folder's files with their names: formats.store_identity)."""
-    return store_identity(path)["sha256"]
+def shard_digest(path: Path, digest: str = DIGEST) -> str:
+    """The digest of a shard's bytes (a file's, or a folder's files with their names: formats.store_identity)."""
+    return store_identity(path, digest)[digest]
 
 
 def shard_record(path: Path) -> dict[str, Any]:
-    """What makes a shard whole, for its done marker: its size in bytes and its sha256 (its format's identity)."""
+    """What makes a shard whole, for its done marker: its size in bytes and their digest (its format's identity)."""
     fmt = of_path(path)
     return (fmt.identity if fmt is not None else store_identity)(path)
 
@@ -575,7 +575,7 @@ def shard_damage(d: Folder, marker: dict[str, Any], stats: dict[str, tuple[int, 
                  marker_id: Any = None) -> str | None | object:
     """Why a marked shard is no longer what its marker recorded (None: it is; MOVED: it is, but the store's
     identity of it is not the one recorded: copied or restored, same bytes). Its file missing; another size; or
-    other bytes, checked (sha256) with `verify` and whenever the store's identity of the file (`stats`: inode, ctime
+    other bytes, checked (its digest) with `verify` and whenever the store's identity of the file (`stats`: inode, ctime
     and mtime locally, the ETag on an object store) differs from the one its marker recorded. Markers written
     before they recorded an identity: locally, the shard modified after the marker file (`marker_id`) is checked."""
     shard = str(marker["shard"])
@@ -595,8 +595,9 @@ def shard_damage(d: Folder, marker: dict[str, Any], stats: dict[str, tuple[int, 
         changed = not d.remote and isinstance(marker_id, list) and _newest(ident) > marker_id[2]
     if not (verify or changed):
         return None
-    if file_sha256(d.fetch(shard)) != marker.get("sha256"):
-        return "its sha256 differs from the one its marker recorded (its bytes changed)"
+    digest = marker_digest(marker) or DIGEST
+    if shard_digest(d.fetch(shard), digest) != marker.get(digest):
+        return f"its {digest} digest differs from the one its marker recorded (its bytes changed)"
     return MOVED if changed else None
 
 

@@ -433,7 +433,7 @@ class LayerPick(Reader):
 def _open_features(path: str | os.PathLike, verify: bool = False, raw: bool = False) -> Reader:
     """Open features written by `s2 extract` for lazy reading by key: one output of a format (.h5, .safetensors,
     ...: `formats.names()`), or an output folder of shards (read across its completed shards; a shard whose size is not the one its marker
-    recorded, or that cannot be read, is skipped and listed in `broken_shards`; `verify`: every shard's sha256
+    recorded, or that cannot be read, is skipped and listed in `broken_shards`; `verify`: every shard's digest
     is checked too). An output folder's URL (s3://, gs://, any fsspec URL) is read from remote storage: its
     shards are downloaded to a local cache as they are needed, removed when the reader closes. `raw`: read the
     stored codes, not values (see `Reader`)."""

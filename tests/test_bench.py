@@ -240,14 +240,14 @@ def test_main_thread_stages_and_waits_add_up_to_the_run(cli, image_dir, tmp_path
 
 
 def test_shards_are_hashed_and_marked_on_the_writer_thread(monkeypatch, image_dir, tmp_path):
-    """A folder shard's end (serialisation, rename, sha256, done marker) runs on its writer thread, not the main
-    thread; the markers still hold each shard's size and sha256, and a marker is written only once its shard is
+    """A folder shard's end (serialisation, rename, digest, done marker) runs on its writer thread, not the main
+    thread; the markers still hold each shard's size and digest, and a marker is written only once its shard is
     in place."""
     import threading
 
     import s2cli
     from s2cli import run as run_mod
-    from s2cli.outdir import OutputDir, file_sha256, marker_name
+    from s2cli.outdir import OutputDir, marker_name, shard_digest
 
     seen = []
     record = run_mod.shard_record
@@ -264,4 +264,4 @@ def test_shards_are_hashed_and_marked_on_the_writer_thread(monkeypatch, image_di
     assert s.num_images == 4 and s.shards_written == 2 and len(seen) == 2
     assert seen == [(False, True, False)] * 2  # off the main thread, the shard in place, no marker yet
     for m in OutputDir(out).markers():
-        assert m["sha256"] == file_sha256(out / m["shard"]) and m["bytes"] == (out / m["shard"]).stat().st_size
+        assert m["xxh3_128"] == shard_digest(out / m["shard"]) and m["bytes"] == (out / m["shard"]).stat().st_size

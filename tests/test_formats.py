@@ -137,7 +137,7 @@ def test_a_toy_format_changed_after_its_marker_is_a_broken_shard(npydir, image_d
     s2cli.extract(str(image_dir), str(out) + "/", format="npydir", shard_size=2, **TINY)
     victim = out / "part-00000-00001.npyd" / "0.features.npy"
     data = bytearray(victim.read_bytes())
-    data[-1] ^= 0xFF  # same size, other bytes: only the folder's sha256 tells
+    data[-1] ^= 0xFF  # same size, other bytes: only the folder's digest tells
     victim.write_bytes(bytes(data))
     with s2cli.open_features(out, verify=True) as ff:
         assert [b["shard"] for b in ff.broken_shards] == ["part-00000-00001.npyd"] and len(ff) == 2

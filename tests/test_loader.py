@@ -3,6 +3,7 @@ order whatever happens to a worker (killed from outside, dying on one sample, st
 window ahead of the run."""
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import subprocess
@@ -127,6 +128,53 @@ def test_the_loader_reads_the_input_no_further_ahead_than_its_window(tmp_path):
     assert max(ahead) == 2 * 2  # prefetch x workers in flight: memory flat whatever the input's length
 
 
+def in_ring(loader: DecodeLoader, a: np.ndarray) -> bool:
+    return np.shares_memory(a, np.frombuffer(loader._data.ring.mem, np.uint8))
+
+
+def assert_ring_all_free(loader: DecodeLoader) -> None:
+    """Once no record is held, every slot of the loader's pixel ring is free again, each once."""
+    gc.collect()
+    ring = loader._data.ring
+    assert sorted(ring.free) == list(range(ring.slots)) and not loader._slot_of
+
+
+def test_pixels_come_through_the_ring_and_a_slot_is_not_reused_while_its_pixels_are_held(tmp_path):
+    items = samples(tmp_path, 30)
+    expected = {s.key: decode_sample(s, FIT).pixels for s in items}
+    with DecodeLoader(FIT, 2, prefetch=2) as loader:
+        assert loader._data.ring.slots == 2 * 2 + 2 * 1 + 2  # the window, and two batches the run may hold
+        held, ways = [], []
+        for item, rec in loader.map(items, lambda s: s):
+            ways.append(in_ring(loader, rec.pixels))
+            if int(item.key[1:]) % 3 == 0:  # kept (as a batch in flight keeps its records): its slot stays taken
+                held.append(rec)
+            for r in held:  # a slot written again while held would change these
+                assert np.array_equal(r.pixels, expected[r.key]), r.key
+        assert ways[:8] == [True] * 8  # every slot free at the start
+        assert not all(ways)  # ten held at the end: the ring ran out, and those samples came as tensors
+        assert sum(ways) > 8  # and the slots of records let go were used again
+        del held, rec
+        assert_ring_all_free(loader)
+
+
+def test_pixels_larger_than_a_slot_come_as_tensors_and_their_slots_are_given_back(tmp_path):
+    fit = Fit("keep", 32, (0.5, 0.5, 0.5))  # wider than the 32 x 32 a slot holds
+    items = samples(tmp_path, 6)
+    with DecodeLoader(fit, 2, prefetch=2) as loader:
+        got = list(loader.map(items, lambda s: s))
+        assert not any(in_ring(loader, rec.pixels) for _, rec in got)
+        for item, rec in got:
+            assert rec.pixels.shape[2] > 32 and np.array_equal(rec.pixels, decode_sample(item, fit).pixels)
+        del got
+        assert_ring_all_free(loader)
+
+
+def test_no_ring_where_no_pixels_cross():
+    assert DecodeLoader(Fit("crop", 32, (0.5, 0.5, 0.5), decode="torch"), 2)._data.ring is None  # JPEG bytes
+    assert DecodeLoader(FIT, 0)._data is None  # -j 0: decoded in the run's process
+
+
 @pytest.mark.slow
 def test_workers_killed_from_outside_mid_run_lose_no_sample(tmp_path, monkeypatch):
     items = samples(tmp_path, 12)
@@ -147,7 +195,9 @@ def test_workers_killed_from_outside_mid_run_lose_no_sample(tmp_path, monkeypatc
                 for pid in own_children() - before:
                     os.kill(pid, signal.SIGKILL)
         assert loader.restarts == 2
-    assert_decoded(got, items)
+        assert_decoded(got, items)
+        del got, pair
+        assert_ring_all_free(loader)  # the slots of samples the killed workers held were given back
 
 
 @pytest.mark.slow
@@ -159,6 +209,8 @@ def test_a_sample_that_kills_its_worker_is_recorded_alone_and_the_rest_come_back
     # the samples in flight beside it on the other worker, or queued behind it, are decoded again, never blamed
     assert_decoded(got, items, failed={"s04": "WorkerDied"})
     assert "died three times" in got[4][1].error["error"]
+    del got
+    assert_ring_all_free(loader)
 
 
 @pytest.mark.slow

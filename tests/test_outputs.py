@@ -108,7 +108,7 @@ def test_a_done_shard_replaced_by_another_of_the_same_size_is_not_done(store, cl
 
 
 def test_a_copied_folder_is_whole_and_its_rerun_records_where_its_shards_are_now(cli, tmp_path):
-    """Copied elsewhere, every shard has a new identity with the same bytes: checked by sha256 and kept, and a
+    """Copied elsewhere, every shard has a new identity with the same bytes: checked by digest and kept, and a
     rerun records the new identities (then opening is cheap again)."""
     d, out = same_size_images(tmp_path / "imgs"), tmp_path / "o"
     run_json(cli, "extract", d, *SHARDS, "-o", f"{out}/")

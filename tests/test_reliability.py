@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import xxhash
 
 import s2cli
 from conftest import FAST, cannot_run, jpeg_bytes, make_shards, plain_tar, write_image
@@ -132,14 +133,36 @@ def test_limit_takes_the_first_samples_of_the_shards(cli, tmp_path):
 
 
 # ---- 14: done means whole ----------------------------------------------------------------------------------------
-def test_a_marker_records_its_shard_size_and_sha256(cli, tmp_path):
+def test_a_marker_records_its_shard_size_and_digest(cli, tmp_path):
     out = tmp_path / "o"
     run_json(cli, "extract", six_images(tmp_path / "imgs"), *FAST, "--shard-size", "2", "-o", f"{out}/")
     markers = [json.loads(p.read_text()) for p in sorted(out.glob("part-*.json"))]
     assert len(markers) == 3
     for m in markers:
         data = (out / m["shard"]).read_bytes()
-        assert (m["bytes"], m["sha256"]) == (len(data), hashlib.sha256(data).hexdigest())
+        assert (m["bytes"], m["xxh3_128"]) == (len(data), xxhash.xxh3_128(data).hexdigest())
+        assert "sha256" not in m
+
+
+def test_a_marker_written_with_sha256_is_still_checked_by_it(cli, tmp_path):
+    """Markers written before xxh3-128 record sha256: a folder of them reads whole, and a shard whose bytes then
+    change (same size) is found by sha256 (verify, and a changed identity)."""
+    out = tmp_path / "o"
+    run_json(cli, "extract", six_images(tmp_path / "imgs"), *FAST, "--shard-size", "2", "-o", f"{out}/")
+    for p in sorted(out.glob("part-*.json")):
+        m = json.loads(p.read_text())
+        del m["xxh3_128"]
+        m["sha256"] = hashlib.sha256((out / m["shard"]).read_bytes()).hexdigest()
+        p.write_text(json.dumps(m))
+    with s2cli.open_features(out, verify=True) as ff:
+        assert ff.complete and not ff.broken_shards and len(ff.keys()) == 6
+    shard = sorted(out.glob("part-*.h5"))[1]
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 0xFF  # same size, other bytes: only the digest tells
+    shard.write_bytes(bytes(data))
+    with s2cli.open_features(out) as ff:
+        assert [b["shard"] for b in ff.broken_shards] == [shard.name]
+        assert "sha256 digest differs" in ff.broken_shards[0]["why"]
 
 
 def test_a_truncated_shard_is_skipped_by_readers_and_redone_on_resume(cli, tmp_path):
@@ -170,7 +193,7 @@ def test_a_shard_with_other_keys_than_its_old_marker_counted_is_skipped(cli, tmp
     first, second = sorted(out.glob("part-*.h5"))
     marker = second.with_suffix(".json")
     m = json.loads(marker.read_text())
-    del m["bytes"], m["sha256"], m["keys"], m["stat"]
+    del m["bytes"], m["xxh3_128"], m["keys"], m["stat"]
     marker.write_text(json.dumps(m))
     shutil.copy(first, second)  # 4 keys where the marker counted 2
     with open_features(out) as ff:
@@ -195,7 +218,7 @@ def test_a_shard_rewritten_after_its_marker_is_checked_and_redone(cli, tmp_path)
     os.utime(shard.with_suffix(".json"), ns=(0, shard.stat().st_mtime_ns - 10**9))  # marked a second before
     _flip_last_byte(shard, keep_mtime=False)
     with open_features(out) as ff:
-        assert [b["shard"] for b in ff.broken_shards] == [shard.name] and "sha256" in ff.broken_shards[0]["why"]
+        assert [b["shard"] for b in ff.broken_shards] == [shard.name] and "digest differs" in ff.broken_shards[0]["why"]
     r = cli("extract", d, *FAST, "--shard-size", "2", "-o", f"{out}/")
     assert r.exit_code == 0 and f"{shard.name} is broken" in r.stderr
     assert_same_features(out, clean)
@@ -208,11 +231,11 @@ def test_a_shard_whose_bytes_rotted_is_found_by_verify(cli, tmp_path):
     run_json(cli, "extract", six_images(tmp_path / "imgs"), *FAST, "--shard-size", "2", "-o", f"{out}/")
     shard = sorted(out.glob("part-*.h5"))[0]
     marker = shard.with_suffix(".json")
-    marker.write_text(json.dumps({**json.loads(marker.read_text()), "sha256": "0" * 64}))
+    marker.write_text(json.dumps({**json.loads(marker.read_text()), "xxh3_128": "0" * 32}))
     with open_features(out) as ff:
         assert not ff.broken_shards  # sizes and identities only: cheap
     info = run_json(cli, "inspect", out, "--verify")
-    assert [b["shard"] for b in info["broken_shards"]] == [shard.name] and "sha256" in info["broken_shards"][0]["why"]
+    assert [b["shard"] for b in info["broken_shards"]] == [shard.name] and "digest differs" in info["broken_shards"][0]["why"]
 
 
 def test_damaged_run_json_manifest_and_metadata_are_one_line(cli, tmp_path):
@@ -241,7 +264,7 @@ def test_a_done_shard_of_a_tar_run_that_cannot_be_read_is_redone(cli, tmp_path):
     shard = sorted(out.glob("part-*.safetensors"))[1]
     marker = shard.with_suffix(".json")
     m = json.loads(marker.read_text())
-    del m["bytes"], m["sha256"], m["keys"], m["stat"]
+    del m["bytes"], m["xxh3_128"], m["keys"], m["stat"]
     marker.write_text(json.dumps(m))
     _set_metadata(shard, "keys", "[not json")
     with open_features(out) as ff:

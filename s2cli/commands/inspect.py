@@ -17,7 +17,7 @@ def inspect_features(
     key: Annotated[Optional[str], typer.Option(help="Show one image's metadata and feature stats.")] = None,
     keys: Annotated[bool, typer.Option("--keys", help="List the image keys, in order, one per line.")] = False,
     limit: Annotated[Optional[int], typer.Option(help="With --keys: only the first N.")] = None,
-    verify: Annotated[bool, typer.Option("--verify", help="A folder: check every shard's sha256 against its done "
+    verify: Annotated[bool, typer.Option("--verify", help="A folder: check every shard's digest against its done "
                                          "marker (reads every shard; sizes are always checked).")] = False,
     layer: Annotated[Optional[int], typer.Option(help="An output of several layers (--layers): the layer --key "
                                                  "shows (default: all).", show_default=False)] = None,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import math
+import mmap
 import multiprocessing as mp
 import os
 import signal
@@ -11,6 +12,7 @@ import stat
 import tempfile
 import threading
 import time
+import weakref
 from collections import deque
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator
@@ -107,25 +109,76 @@ def socket_temp_dir() -> str | None:
                       fix="set TMPDIR to a shorter folder, or decode in the run's process with -j 0")
 
 
-class _Decoding:
-    """The map-style dataset the loader's workers index: an index is (seq, sample), the item (seq, record). Which
-    sample each worker is decoding (`busy`) and each worker's pid are kept in shared memory: the run knows what a
-    worker that died held."""
+def ring_slot_bytes(fit: Fit) -> int:
+    """The bytes of one slot of the pixel ring: an image fitted to a square of the largest scale, (3, side, side)
+    uint8 (pixels of another size, a strategy's views, go as tensors); 0 (no ring) where the workers send JPEG
+    bytes (`--decode torch`)."""
+    return 3 * fit.side * fit.side if fit.decode == "pil" else 0
 
-    def __init__(self, fit: Fit, workers: int):
+
+class PixelRing:
+    """Slots of shared memory for decoded pixels, mapped once before the decode workers fork (anonymous and shared:
+    no file, no /dev/shm entry) and reused: a worker copies an image's fitted pixels into the slot its sample was
+    handed with, and only the slot's number and the array's shape cross the pipe. A tensor's own trip (a fresh
+    shared-memory segment per image, its file descriptor passed through a socket, its pages faulted in on both
+    sides and unmapped again) costs more than the image's copy. In the run a slot's pixels are a numpy array
+    over the slot; the slot is free again when the last array or tensor over it is gone (a finalizer on the array
+    every view keeps alive), so a slot is never written while anything reads it. Free slots are taken last-freed
+    first (the pages already touched); with none free, or pixels that do not fit, a sample goes the tensor's way."""
+
+    def __init__(self, slots: int, slot_bytes: int):
+        self.slots, self.slot_bytes = slots, slot_bytes
+        self.mem = mmap.mmap(-1, slots * slot_bytes)  # MAP_SHARED | MAP_ANONYMOUS: shared with the forked workers
+        self.free: deque[int] = deque(range(slots - 1, -1, -1))  # append/pop are atomic: a finalizer may run anywhere
+
+    def take(self) -> int:
+        """A free slot's number, or -1 when all are in use."""
+        try:
+            return self.free.pop()
+        except IndexError:
+            return -1
+
+    def put(self, slot: int, rec: Decoded) -> tuple[int, ...] | None:
+        """In a worker: the record's pixels copied into `slot` (and dropped from the record); their shape, or None
+        when they do not fit in a slot (left in the record)."""
+        a = rec.pixels
+        if slot < 0 or not isinstance(a, np.ndarray) or a.dtype != np.uint8 or a.nbytes > self.slot_bytes:
+            return None
+        dst = np.frombuffer(self.mem, np.uint8, count=a.size, offset=slot * self.slot_bytes).reshape(a.shape)
+        np.copyto(dst, a)
+        rec.pixels = None
+        return a.shape
+
+    def view(self, slot: int, shape: tuple[int, ...]) -> np.ndarray:
+        """In the run: the pixels a worker put in `slot`, as an array over the slot; the slot is taken until the
+        array and every view of it are gone."""
+        base = np.frombuffer(self.mem, np.uint8, count=math.prod(shape), offset=slot * self.slot_bytes)
+        weakref.finalize(base, self.free.append, slot)  # views (numpy's and torch's) keep `base` alive
+        return base.reshape(shape)
+
+
+class _Decoding:
+    """The map-style dataset the loader's workers index: an index is (seq, sample, slot), the item (seq, record,
+    shape of its pixels in the ring's `slot`, or None). Which sample each worker is decoding (`busy`) and each
+    worker's pid are kept in shared memory: the run knows what a worker that died held."""
+
+    def __init__(self, fit: Fit, workers: int, ring_slots: int = 0):
         ctx = mp.get_context("fork")
         self.fit, self.nice = fit, decode_nice()
         self.busy = ctx.RawArray("q", workers)  # per worker: the seq of the sample it decodes, -1 between samples
         self.pids = ctx.RawArray("q", workers)  # per worker: its pid, once started (0 before)
         self.socket_dir = socket_temp_dir()
+        slot_bytes = ring_slot_bytes(fit)
+        self.ring = PixelRing(ring_slots, slot_bytes) if ring_slots and slot_bytes else None
 
-    def __getitem__(self, index: tuple[int, Sample | dict]) -> tuple[int, Decoded]:
-        seq, s = index
+    def __getitem__(self, index: tuple[int, Sample | dict, int]) -> tuple[int, Decoded, tuple[int, ...] | None]:
+        seq, s, slot = index
         w = get_worker_info().id  # type: ignore[union-attr]
         self.busy[w] = seq
         rec = Decoded.failed(s) if isinstance(s, dict) else decode_sample(s, self.fit)
         self.busy[w] = -1
-        return seq, _to_shared(rec)
+        shape = self.ring.put(slot, rec) if self.ring is not None else None
+        return seq, _to_shared(rec), shape
 
     def init_worker(self, worker_id: int) -> None:
         """In each worker as it starts. Ctrl-C reaches the whole process group: only the parent acts on it (a worker
@@ -183,7 +236,9 @@ class DecodeLoader:
         self.window = self.prefetch * workers  # samples handed to the loader and not yet returned, at most
         self.restarts = 0  # loaders replaced after a worker died or a decode stalled
         self.pending: deque[_Entry] = deque()
-        self._data = _Decoding(fit, workers) if workers > 0 else None
+        # the ring holds what is in flight and what the run holds: the batch it fills and the one being computed
+        self._data = _Decoding(fit, workers, self.window + 2 * batch_size + 2) if workers > 0 else None
+        self._slot_of: dict[int, int] = {}  # seq -> the ring slot its sample was handed out with
         self._it: Any = None
         self._source: Iterator[Any] = iter(())
         self._sample_of: Callable[[Any], Sample | dict] = lambda x: x
@@ -213,12 +268,12 @@ class DecodeLoader:
                 return
             self._receive()
 
-    def _read(self, redo: list[_Entry]) -> Iterator[tuple[int, Sample | dict]]:
+    def _read(self, redo: list[_Entry]) -> Iterator[tuple[int, Sample | dict, int]]:
         """The loader's sampler: first the samples a loader before it held and did not return, then the input's,
         each added to the window as it is handed out. Items that pass through go into the window with their record;
         one of a long run of them goes through the loader, so that the run takes the others out of the window."""
         for e in redo:
-            yield e.seq, e.sample
+            yield e.seq, e.sample, self._slot(e.seq)
         passed = 0
         while True:
             try:
@@ -237,7 +292,22 @@ class DecodeLoader:
                 e.rec, passed = Decoded.failed(s), passed + 1
                 continue
             passed = 0
-            yield e.seq, s
+            yield e.seq, s, self._slot(e.seq)
+
+    def _slot(self, seq: int) -> int:
+        """A ring slot for the sample `seq` is handed out with (-1: none, its pixels come as a tensor)."""
+        ring = self._data.ring  # type: ignore[union-attr]
+        slot = ring.take() if ring is not None else -1
+        if slot >= 0:
+            self._slot_of[seq] = slot
+        return slot
+
+    def _release_slots(self) -> None:
+        """The slots of samples handed to a loader whose workers are gone (they returned nothing into them)."""
+        ring = self._data.ring if self._data is not None else None
+        for slot in self._slot_of.values():
+            ring.free.append(slot)  # type: ignore[union-attr]
+        self._slot_of.clear()
 
     def _start(self, redo: list[_Entry]) -> None:
         """A new loader over `redo`, then the rest of the input; its workers fork now."""
@@ -261,7 +331,7 @@ class DecodeLoader:
         deadline = time.monotonic() + self.timeout
         while True:
             try:
-                seq, rec = next(self._it)
+                seq, rec, shape = next(self._it)
             except StopIteration:  # it ended with samples in flight: its workers are gone
                 self._restart()
                 return
@@ -282,7 +352,13 @@ class DecodeLoader:
             if front is None or seq != front.seq:  # not what is waited for: the loader skipped a sample
                 self._restart()
                 return
-            front.rec, self._fruitless = _from_shared(rec), 0
+            slot, ring = self._slot_of.pop(seq, -1), self._data.ring  # type: ignore[union-attr]
+            rec = _from_shared(rec)
+            if shape is not None:
+                rec.pixels = ring.view(slot, shape)
+            elif slot >= 0:  # handed a slot it did not use (a failure, pixels of another size)
+                ring.free.append(slot)
+            front.rec, self._fruitless = rec, 0
             return
 
     def _died(self, dead: list[int]) -> None:
@@ -331,6 +407,7 @@ class DecodeLoader:
                 if pid and not _exited(pid):  # a child not yet reaped: its pid cannot be another process's
                     os.kill(pid, signal.SIGKILL)
             it._shutdown_workers()  # what its __del__ does, done now
+            self._release_slots()  # (its workers are gone: none writes into a slot any more)
         if restore and self._sigchld is not None and threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGCHLD, self._sigchld)  # (closed from another thread: it stays SIG_DFL)
             self._sigchld = None
@@ -352,5 +429,5 @@ class _Sampler:
     def __init__(self, stage: DecodeLoader, redo: list[_Entry]):
         self.stage, self.redo = stage, redo
 
-    def __iter__(self) -> Iterator[tuple[int, Sample | dict]]:
+    def __iter__(self) -> Iterator[tuple[int, Sample | dict, int]]:
         return self.stage._read(self.redo)
