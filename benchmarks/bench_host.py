@@ -57,11 +57,11 @@ def make_images(folder: Path, n: int) -> list[Path]:
     return paths
 
 
-def settings(images: Path, out: Path, jobs: int, fmt: str) -> Any:
+def settings(images: Path, out: Path, jobs: int, fmt: str, shard_size: int | None = None) -> Any:
     import s2cli
 
     return s2cli.api.settings(str(images), str(out) + "/", recipe="llava-1.5-s2", workers=jobs, dtype="float16",
-                              format=fmt, random_init=True)
+                              format=fmt, random_init=True, **({"shard_size": shard_size} if shard_size else {}))
 
 
 # ---- the instant device --------------------------------------------------------------------------------------------
@@ -157,7 +157,7 @@ def child(args: argparse.Namespace) -> None:
 
     install_instant_device(args.host_normalize)
     out = Path(args.out)
-    res = settings(Path(args.images), out, args.jobs, args.format)
+    res = settings(Path(args.images), out, args.jobs, args.format, args.shard_size)
     bb = instant_backbone(res)
     sampler = ThreadCPU()
     r0, c0, th0, w0 = (resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN),
@@ -180,12 +180,13 @@ def child(args: argparse.Namespace) -> None:
 
 
 def run_variant(images: Path, work: Path, jobs: int, fmt: str, host_normalize: bool,
-                code: str | None = None) -> dict[str, Any]:
+                code: str | None = None, shard_size: int | None = None) -> dict[str, Any]:
     """One variant in a fresh process; `code`: a folder holding another s2cli to run instead of this one."""
     out = work / f"out-j{jobs}"
     shutil.rmtree(out, ignore_errors=True)
     cmd = [sys.executable, __file__, "--child", "--images", str(images), "--out", str(out), "--jobs", str(jobs),
-           "--format", fmt] + (["--host-normalize"] if host_normalize else [])
+           "--format", fmt] + (["--host-normalize"] if host_normalize else []) + (
+           ["--shard-size", str(shard_size)] if shard_size else [])
     env = {**os.environ, "PYTHONPATH": code} if code else None
     p = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if p.returncode:
@@ -282,7 +283,7 @@ def section_run(args: argparse.Namespace, ctx: dict[str, Any]) -> list[str]:
         for j in args.jobs:
             for name, code in codes.items():
                 rows.setdefault((name, j), []).append(
-                    run_variant(ctx["images"], ctx["work"], j, args.format, args.host_normalize, code))
+                    run_variant(ctx["images"], ctx["work"], j, args.format, args.host_normalize, code, args.shard_size))
     lim, cpus = ctx["decode"], os.cpu_count() or 1
     out = ["| code | -j | img/s | MB/s | CPU ms/img total | main process | main thread | decode workers | "
            "of decode limit | of write limit (h5py) | stage_seconds | wait_seconds |", "|---|" * 1 + "---|" * 11]
@@ -320,6 +321,8 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=None, help="runs per variant, best kept (default 2, --quick 1)")
     ap.add_argument("--format", default="h5", choices=("h5", "safetensors"))
     ap.add_argument("--host-normalize", action="store_true", help="normalize on the host CPU (not taken out)")
+    ap.add_argument("--shard-size", type=int, default=None, help="images per shard (default: the run's, ~1 GB: one "
+                    "shard of 200 images)")
     ap.add_argument("--sections", default=",".join(SECTIONS), help=f"which of {', '.join(SECTIONS)} to run")
     ap.add_argument("--baseline", default=None, help="a folder holding another s2cli (e.g. `git archive REV s2cli "
                     "recipes | tar -x -C DIR`): every variant also runs with it, side by side")
@@ -361,7 +364,7 @@ def main() -> None:
                 f"{b['ms_fit']:.1f})" if b else "")
         head = [f"# bench_host: {n} synthetic 1024x768 JPEGs -> llava-1.5-s2 (576x3072 float16, "
                 f"{IMAGE_BYTES / 1e6:.2f} MB/img), instant device{' (normalize on the host)' if args.host_normalize else ''}, "
-                f"--format {args.format}, best of {args.repeat}; {platform.machine()}, {os.cpu_count()} CPUs, "
+                f"--format {args.format}{f', --shard-size {args.shard_size}' if args.shard_size else ''}, best of {args.repeat}; {platform.machine()}, {os.cpu_count()} CPUs, "
                 f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, load average {load0[0]:.2f} at the start, "
                 f"{load1[0]:.2f} at the end; {time.perf_counter() - t0:.0f} s",
                 f"decode limit: {d['ms_per_image']:.1f} CPU-ms/img on one core (wall split: decode {d['ms_decode']:.1f} + fit "

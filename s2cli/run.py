@@ -23,7 +23,7 @@ from .config import Resolved
 from .dtypes import entry_bytes, itemsize, pooled_dtype
 from .errors import ConfigError, S2Error
 from .extractor import Extractor
-from .fsutil import Claim, file_identity, take_claim
+from .fsutil import Claim, drop_cached, file_identity, take_claim
 from .heartbeat import Heartbeat
 from .inputs.decode import Decoded
 from .inputs.loader import DecodeLoader
@@ -725,6 +725,7 @@ class Run:
                       "seconds": round(elapsed, 3), "finished_at": time.time(), "started_at": time.time() - elapsed}
             cur.nbytes = marker["bytes"]
             t.dir.commit(marker, log_errors=t.ranks.world == 1 and not retry, written=path)  # type: ignore[union-attr]
+            drop_cached(path)  # hashed, read back and marked: its pages serve the next shard's writes
             if retry:  # the failures it retried move to their shards' history: each image counts once
                 t.dir.settle_retry(marker, log_errors=t.ranks.world == 1)  # type: ignore[union-attr]
 

@@ -253,3 +253,53 @@ def test_an_hdf5_file_another_process_holds_open_for_writing_is_named_so(tmp_pat
     finally:
         os.kill(pid, 9)
         os.waitpid(pid, 0)
+
+
+
+def resident_pages(path) -> int:
+    """How many of a file's pages are in the page cache (mincore over a read-only map of it)."""
+    import ctypes
+    import mmap
+    import os
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    size = os.path.getsize(path)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+        assert addr not in (None, ctypes.c_void_p(-1).value), ctypes.get_errno()
+        vec = ctypes.create_string_buffer((size + mmap.PAGESIZE - 1) // mmap.PAGESIZE)
+        try:
+            assert libc.mincore(addr, size, vec) == 0, ctypes.get_errno()
+        finally:
+            libc.munmap(addr, size)
+    finally:
+        os.close(fd)
+    return sum(b & 1 for b in vec.raw)
+
+
+@pytest.mark.slow
+def test_a_committed_shard_leaves_the_page_cache_and_reads_back_the_same(tmp_path, image_dir, cli):
+    """A shard, once hashed and marked, is dropped from the page cache (the next shard's writes reuse its pages);
+    written again here, the same file would sit there whole. Its features read back unchanged (from the disk)."""
+    import subprocess
+
+    out = tmp_path / "o"
+    r = cli("extract", image_dir, "-m", "timm:test_vit", "--random-init", "--scales", "1,2", "--shard-size", "2",
+            "-o", f"{out}/", "-q")
+    assert r.exit_code == 0, r.output
+    shards = sorted(out.glob("part-*.h5"))
+    assert len(shards) >= 2
+    resident = [resident_pages(p) for p in shards]  # (before anything here reads them)
+    fresh = tmp_path / "copy.h5"
+    subprocess.run(["cp", str(shards[0]), str(fresh)], check=True)  # written through the page cache, not dropped
+    pages = -(-fresh.stat().st_size // 4096)
+    if resident_pages(fresh) < pages // 2:  # a file system that keeps no page cache of what is written (tmpfs does)
+        pytest.skip("this file system keeps no written pages in the page cache")
+    assert all(n < pages // 4 for n in resident), (resident, pages)
+    with s2cli.open_features(out, verify=True) as ff:
+        assert ff.complete and not ff.broken_shards and len(ff.keys()) == 4
