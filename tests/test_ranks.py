@@ -26,10 +26,6 @@ from s2cli.launch import Rank, discover_rank
 from s2cli.outdir import OutputDir
 
 
-def _s2(*args, env=None, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "s2cli", *map(str, args)], capture_output=True, text=True, env=env, **kw)
-
-
 def assert_same_features(a: Path, b: Path, n: int) -> None:
     with open_features(a) as fa, open_features(b) as fb:
         assert sorted(fa) == sorted(fb) and len(fa) == n and len(list(fb)) == n  # every key once
@@ -174,7 +170,8 @@ def test_torchrun_two_ranks_equal_one_rank(tmp_path):
     spec = f"{shards}/{{000000..000002}}.tar"
     one, two = tmp_path / "one", tmp_path / "two"
     one_thread = dict(os.environ, OMP_NUM_THREADS="1")  # torchrun's default for its workers: same sums, same bits
-    assert _s2("extract", spec, *FAST, "-o", f"{one}/", "--shard-size", 3, "-q", env=one_thread).returncode == 0
+    with torch_threads(1):  # the one-rank reference in this process, summing as they do
+        assert run_cli("extract", spec, *FAST, "-o", f"{one}/", "--shard-size", 3, "-q").exit_code == 0
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
                         "s2cli", "extract", spec, *FAST, "-o", f"{two}/", "--shard-size", "3", "--json", "-q"],
                        capture_output=True, text=True, env=one_thread)
@@ -187,7 +184,7 @@ def test_torchrun_two_ranks_equal_one_rank(tmp_path):
 
 
 @pytest.mark.slow
-def test_three_ranks_killed_then_two_resume(tmp_path):
+def test_three_ranks_killed_then_two_resume(tmp_path, monkeypatch):
     d = tmp_path / "imgs"
     for i in range(18):
         write_image(d / f"img{i:04d}.png", (40 + i % 3 * 8, 48), i)
@@ -211,9 +208,9 @@ def test_three_ranks_killed_then_two_resume(tmp_path):
     st = json.loads(run_cli("status", out, "--json").stdout)
     assert 3 <= st["shards_done"] < 9 and not st["complete"]
     assert len(st["stale"]) >= 1 and all(x["state"] in ("stale", "done") for x in st["ranks"])  # killed, not running
-    r = _s2("extract", d, "-o", f"{out}/", *slow, "--devices", "cpu,cpu", "--json",
-            env=dict(os.environ, OMP_NUM_THREADS="1"))
-    assert r.returncode == 0, r.stderr
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # for the two --devices workers, started by the launcher in this process
+    r = run_cli("extract", d, "-o", f"{out}/", *slow, "--devices", "cpu,cpu", "--json")
+    assert r.exit_code == 0, r.stderr
     rep = json.loads(r.stdout)
     assert rep["status"]["complete"] and rep["status"]["images"] == 18
     assert sum(w["summary"]["resumed_images"] for w in rep["workers"]) >= 6  # done units were not redone
