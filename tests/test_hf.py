@@ -2,6 +2,7 @@
 with the features open_features reads and the per-image metadata as columns."""
 from __future__ import annotations
 
+import importlib.util
 import json
 
 import numpy as np
@@ -10,7 +11,8 @@ import pytest
 import s2cli
 from s2cli.hf import to_hf_dataset
 
-datasets = pytest.importorskip("datasets", reason="the hf extra")
+# without the hf extra these tests are skipped (datasets is looked up here, imported only by the tests that run)
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("datasets") is None, reason="the hf extra")
 TINY = dict(model="timm:test_vit", random_init=True, img_sizes=(160, 320), max_split_size=160, workers=0, keep_cls=True)
 
 
@@ -18,6 +20,8 @@ TINY = dict(model="timm:test_vit", random_init=True, img_sizes=(160, 320), max_s
                                           ("sharded/", dict(fit="keep", shard_size=2, pool="cls", dtype="bfloat16",
                                                             reduce="avg:2"))])
 def test_every_output_loads_as_one_dataset_with_metadata_columns(image_dir, tmp_path, name, options):
+    import datasets  # seconds to import: not at collection, which every xdist worker does for every module
+
     out = tmp_path / name
     s2cli.extract(str(image_dir), str(out) + ("/" if name.endswith("/") else ""), **TINY, **options)
     ds = to_hf_dataset(out, cache_dir=tmp_path / "cache")

@@ -7,7 +7,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import open_clip
 import pytest
 import torch
 
@@ -22,6 +21,8 @@ MEAN, STD = OPEN_CLIP_MEAN, OPEN_CLIP_STD  # not CLIP's: the preprocess config i
 
 def reference(folder: Path):
     """The model and its eval transform as open_clip makes them from the folder."""
+    import open_clip  # seconds to import: not at collection, which every xdist worker does for every module
+
     model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{folder}")
     return model.eval(), preprocess
 

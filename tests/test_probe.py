@@ -13,11 +13,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from sklearn.linear_model import LogisticRegression
-from sklearn.model_selection import StratifiedKFold, cross_val_score
-from sklearn.neighbors import KNeighborsClassifier
-from sklearn.pipeline import make_pipeline
-from sklearn.preprocessing import Normalizer, StandardScaler
 
 import s2cli
 from conftest import invoke_json, run_cli
@@ -45,6 +40,11 @@ def sklearn_scores(path: Path, keys: list[str], labels: list[str], folds: int, k
     """The probe computed here, independently: each stored (T, C) array read with h5py, averaged over its tokens,
     scored by scikit-learn's own pipelines."""
     import h5py
+    from sklearn.linear_model import LogisticRegression  # seconds to import: not at collection (every xdist worker)
+    from sklearn.model_selection import StratifiedKFold, cross_val_score
+    from sklearn.neighbors import KNeighborsClassifier
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import Normalizer, StandardScaler
 
     with h5py.File(path, "r") as f:
         index = {(k.decode() if isinstance(k, bytes) else k): i for i, k in enumerate(f["keys"][:])}
