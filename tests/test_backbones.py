@@ -1,6 +1,9 @@
 """Backbone registry, spec strings and adapters, on tiny configs saved and loaded from temp dirs (no network)."""
 from __future__ import annotations
 
+import dataclasses
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -58,6 +61,32 @@ def test_a_timm_registry_model_is_described_once_per_process(monkeypatch):
         resolve("timm:no_such_model")
     with pytest.raises(ConfigError, match="timm has no such model"):
         resolve("timm:no_such_model")
+
+
+def test_an_hf_model_is_traced_once_per_config_and_forward(clip_dir, tmp_path, monkeypatch):
+    """A folder's config is read at each resolve, but the same class, config and forward are traced (a meta-device
+    model, one tile) once: another folder holding the same config describes alike, by its own name, untraced; a
+    changed config or another layer is traced afresh."""
+    import shutil
+
+    import s2cli.families.hf as hf_family
+
+    hf_family._TRACED.clear()
+    traced = []
+    trace_once = hf_family._trace_once
+    monkeypatch.setattr(hf_family, "_trace_once", lambda *a: traced.append(a[2].layer) or trace_once(*a))
+    path, _ = clip_dir
+    first = resolve(f"hf:{path}")
+    assert traced == [-1, -2]  # the final layer (bnc or bchw?), then the one asked for
+    twin = tmp_path / "twin"
+    shutil.copytree(path, twin)
+    again = resolve(f"hf:{twin}")
+    assert traced == [-1, -2] and again.source == str(twin.resolve()) and again.name == f"hf:{twin}"
+    assert dataclasses.replace(again, name=first.name, source=first.source, description=first.description) == first
+    assert resolve(f"hf:{twin}", layer=-3).layer == -3 and traced == [-1, -2, -3]
+    config = json.loads((twin / "config.json").read_text())
+    (twin / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 2}))
+    assert resolve(f"hf:{twin}", layer=-1).layer == -1 and traced == [-1, -2, -3, -1, -1]  # with the CLS, then without
 
 
 def test_hf_clip_dir_layer_minus_two_drops_cls(clip_dir):

@@ -107,9 +107,26 @@ def _hf_preprocessing(model_type: str, vc: dict[str, Any], pre: dict[str, Any]) 
     return _side(vc.get("image_size")) or 224, mean, std, "crop" if is_clip or model_type.startswith("dinov2") else "squash"
 
 
-def _hf_trace(cls: type, conf: Any, cfg: BackboneCfg) -> tuple[tuple[int, ...], float] | None:
-    """Build the model on the meta device (no memory, no weights) and run one tile through `cfg`'s forward: the
-    output's shape and FLOPs. None when the model cannot run on the meta device."""
+Traced = tuple[tuple[int, ...], float] | None
+_TRACED: dict[tuple[type, str, str], Traced] = {}
+# what names a model, not what it computes: two folders holding the same config trace the same
+_NAMING = dict(name="", source="", description="", hub_id="", hub_file="", revision="")
+
+
+def _hf_trace(cls: type, conf: Any, cfg: BackboneCfg) -> Traced:
+    """The output's shape and FLOPs of one tile through `cfg`'s forward (None: the model cannot run on the meta
+    device), traced once per process for a class, config and forward: describing the same model again (each
+    settings, plan or extract call does) costs no second trace."""
+    key = (cls, conf.to_json_string(), repr(dataclasses.replace(cfg, **_NAMING)))
+    if key not in _TRACED:
+        if len(_TRACED) >= 64:
+            _TRACED.clear()
+        _TRACED[key] = _trace_once(cls, conf, cfg)
+    return _TRACED[key]
+
+
+def _trace_once(cls: type, conf: Any, cfg: BackboneCfg) -> Traced:
+    """Build the model on the meta device (no memory, no weights) and run one tile through `cfg`'s forward."""
     from torch.utils.flop_counter import FlopCounterMode
 
     try:
