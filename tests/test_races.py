@@ -148,7 +148,8 @@ def test_overwrite_of_a_folder_a_live_run_is_writing_is_refused(tmp_path):
     args = (d, *MODEL, "-j", 0, "-b", 1, "--shard-size", 2, "-o", f"{out}/", "-q")
     go = tmp_path / "go"
     go.touch()
-    a = start(tmp_path, "A", go, 3.0, *args, "--json")  # 6 batches of 3 s: alive throughout
+    a = start(tmp_path, "A", go, 1.5, *args, "--json")  # 6 batches of 1.5 s: alive throughout (B, in this process, is
+    # refused before any work: well under a second)
     wait_until(lambda: (out / "rank-00000.json").exists(), "the first run's heartbeat")
     run_json = (out / "run.json").read_text()
     b = run_cli("extract", *args, "--overwrite", "--pool", "mean")  # in this process: refused before any work
