@@ -14,6 +14,7 @@ from typing import Any
 
 from .errors import ConfigError, S2Error
 from .fsutil import SPOOL_PREFIX, atomic_write_text, claim_held, create_exclusive, pid_alive, remove_path, write_error
+from .hub import endpoint
 
 URL_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+)://")
 # the package each common protocol needs (fsspec's own registry names the others in its message)
@@ -54,7 +55,10 @@ def filesystem(url: str) -> tuple[Any, str]:
         raise ConfigError(f"{protocol}:// is not a storage protocol fsspec knows", given=url,
                           expected="a local path, or an fsspec URL (s3://, gs://, az://, https://, memory://, ...)",
                           fix="check the URL's scheme, or install the fsspec package that provides it") from None
-    return Reachable(cls(), url), cls._strip_protocol(url)
+    # the hub's file system asks the endpoint in effect now (HF_ENDPOINT), as the rest of s2cli does, not the one
+    # huggingface_hub read when it was imported
+    fs = cls(endpoint=endpoint()) if protocol == "hf" else cls()
+    return Reachable(fs, url), cls._strip_protocol(url)
 
 
 # exceptions (by class name, so no store's package is imported here) that say the store could not be reached:

@@ -170,6 +170,27 @@ def test_pixels_larger_than_a_slot_come_as_tensors_and_their_slots_are_given_bac
         assert_ring_all_free(loader)
 
 
+def ring_maps() -> int:
+    """Anonymous shared mappings of this process (a pixel ring is one)."""
+    return sum(1 for line in Path("/proc/self/maps").read_text().splitlines() if "/dev/zero (deleted)" in line)
+
+
+def test_a_loaders_ring_is_unmapped_once_the_loader_and_its_records_are_gone(tmp_path):
+    """A notebook calling extract again and again does not keep a ring per run."""
+    gc.collect()
+    before = ring_maps()
+    with DecodeLoader(FIT, 2, prefetch=2) as loader:
+        got = list(loader.map(samples(tmp_path, 6), lambda s: s))
+    assert all(in_ring(loader, rec.pixels) for _, rec in got)
+    assert ring_maps() == before + 1
+    del loader
+    gc.collect()
+    assert ring_maps() == before + 1  # the records held still read their slots
+    del got
+    gc.collect()
+    assert ring_maps() == before
+
+
 def test_no_ring_where_no_pixels_cross():
     assert DecodeLoader(Fit("crop", 32, (0.5, 0.5, 0.5), decode="torch"), 2)._data.ring is None  # JPEG bytes
     assert DecodeLoader(FIT, 0)._data is None  # -j 0: decoded in the run's process

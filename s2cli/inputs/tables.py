@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from ..errors import ConfigError
-from ..store import filesystem, local_of
+from ..store import filesystem, is_url, join_url, local_of
 from .hubdata import PREFIX, HubFile, list_files
 from .kind import InputKind, InputOptions, where
 from .lists import _meta_columns, _plain_value
@@ -129,11 +129,21 @@ def row_sample(item: dict[str, Any], row: int, url: str, cols: dict[str, Any]) -
     if isinstance(cell, (bytes, bytearray)):
         return Sample(key, where_, data=bytes(cell), meta=meta_text)
     if isinstance(cell, str) and cell:
-        local = local_of(url)
-        path = cell if os.path.isabs(cell) or "://" in cell or local is None else os.path.join(os.path.dirname(local), cell)
-        return Sample(key, path, meta=meta_text)
+        return Sample(key, beside(url, cell), meta=meta_text)
     return {"key": key, "source": where_, "stage": "read", "error_class": "MissingImage",
             "error": f"row {row} has no image in column {cols['image']!r} (it holds {type(cell).__name__})"}
+
+
+def beside(url: str, cell: str) -> str:
+    """The image a table's path cell names: an absolute path or a URL as it is; a relative path from the table's
+    folder, a local one's or the table URL's (an s3:// or hf:// table's images are read from beside it, as a remote
+    list's rows are), never from the folder the run happens to start in."""
+    if os.path.isabs(cell) or is_url(cell):
+        return cell
+    local = local_of(url)
+    if local is not None:
+        return os.path.join(os.path.dirname(local), cell)
+    return join_url(url.rsplit("/", 1)[0], cell)
 
 
 def _cell(v: Any) -> Any:
@@ -149,9 +159,11 @@ def _cell(v: Any) -> Any:
 
 def table_files(spec: str) -> list[str | HubFile]:
     """The table files of an input, in order: a file; a folder's .parquet files (or its save_to_disk Arrow files, in
-    state.json's order); a glob; every .parquet file of a hub dataset."""
+    state.json's order), locally or at a URL; a glob; every .parquet file of a hub dataset."""
     if spec.startswith(PREFIX):
         return list(list_files(spec))
+    if local_of(spec) is None:  # a table file, or a folder of .parquet files, on remote storage (s3://, gs://, ...)
+        return _remote_files(spec)
     if glob.has_magic(spec):
         return sorted(p for p in glob.glob(spec, recursive=True) if p.lower().endswith(TABLE_EXTS))
     p = Path(spec)
@@ -164,6 +176,16 @@ def table_files(spec: str) -> list[str | HubFile]:
     if not files:
         raise ConfigError("the folder holds no .parquet files", given=spec, fix="pass a folder of .parquet files")
     return list(files)
+
+
+def _remote_files(spec: str) -> list[str]:
+    fs, path = filesystem(spec)
+    if fs.isfile(path):
+        return [spec]
+    files = sorted(fs.unstrip_protocol(p) for p in fs.find(path) if p.lower().endswith(".parquet"))
+    if not files:
+        raise ConfigError("the folder holds no .parquet files", given=spec, fix="pass a folder of .parquet files")
+    return files
 
 
 def _open(path: str | HubFile) -> Any:
