@@ -203,7 +203,8 @@ def _command_of(typer_app):
     return _get_command(typer_app)
 
 
-typer.testing._get_command = _command_of
+if getattr(typer.testing, "_get_command", None) is _get_command:  # typer 0.26's CliRunner.invoke (a private name:
+    typer.testing._get_command = _command_of  # where another typer names it otherwise, its runner is left as it is)
 
 
 def run_cli(*args):
