@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 import s2cli.inputs.loader as loader_module
 from conftest import FAST, wait_until, write_image
@@ -136,6 +137,7 @@ def assert_ring_all_free(loader: DecodeLoader) -> None:
     """Once no record is held, every slot of the loader's pixel ring is free again, each once."""
     gc.collect()
     ring = loader._data.ring
+    ring.reclaim()
     assert sorted(ring.free) == list(range(ring.slots)) and not loader._slot_of
 
 
@@ -156,6 +158,24 @@ def test_pixels_come_through_the_ring_and_a_slot_is_not_reused_while_its_pixels_
         assert sum(ways) > 8  # and the slots of records let go were used again
         del held, rec
         assert_ring_all_free(loader)
+
+
+def test_no_python_code_runs_when_a_slots_pixels_die(tmp_path):
+    """A Ctrl-C or a stop signal raises where Python code runs; one raised in code run from a deallocation (a
+    `weakref.finalize` callback) is dropped by Python and the signal lost. Letting pixels go runs none."""
+    with DecodeLoader(FIT, 2, prefetch=2) as loader:
+        got = list(loader.map(samples(tmp_path, 3), lambda s: s))
+    assert all(in_ring(loader, rec.pixels) for _, rec in got)
+    pixels = [torch.from_numpy(rec.pixels)[1:] for _, rec in got]  # as the run holds them: views, tensors
+    del got
+    calls = []
+    sys.setprofile(lambda frame, event, arg: calls.append((event, frame.f_code.co_name)) if event == "call" else None)
+    try:
+        del pixels
+    finally:
+        sys.setprofile(None)
+    assert calls == [], calls
+    assert_ring_all_free(loader)
 
 
 def test_pixels_larger_than_a_slot_come_as_tensors_and_their_slots_are_given_back(tmp_path):

@@ -122,17 +122,30 @@ class PixelRing:
     handed with, and only the slot's number and the array's shape cross the pipe. A tensor's own trip (a fresh
     shared-memory segment per image, its file descriptor passed through a socket, its pages faulted in on both
     sides and unmapped again) costs more than the image's copy. In the run a slot's pixels are a numpy array
-    over the slot; the slot is free again when the last array or tensor over it is gone (a finalizer on the array
-    every view keeps alive), so a slot is never written while anything reads it. Free slots are taken last-freed
-    first (the pages already touched); with none free, or pixels that do not fit, a sample goes the tensor's way."""
+    over the slot; the slot is free again when the last array or tensor over it is gone (a weak reference to the
+    array every view keeps alive), so a slot is never written while anything reads it. Free slots are taken
+    last-freed first (the pages already touched); with none free, or pixels that do not fit, a sample goes the
+    tensor's way. When pixels die no Python code runs (the weak reference's callback is a deque's C `append`): a
+    Python callback there (`weakref.finalize`) would be where a Ctrl-C or a stop signal lands now and then, and
+    Python drops an exception raised in it: the signal would be lost."""
 
     def __init__(self, slots: int, slot_bytes: int):
         self.slots, self.slot_bytes = slots, slot_bytes
         self.mem = mmap.mmap(-1, slots * slot_bytes)  # MAP_SHARED | MAP_ANONYMOUS: shared with the forked workers
-        self.free: deque[int] = deque(range(slots - 1, -1, -1))  # append/pop are atomic: a finalizer may run anywhere
+        self.free: deque[int] = deque(range(slots - 1, -1, -1))
+        # id of the weak reference to each slot's array in the run -> (the reference, kept so that it calls back; the
+        # slot); an array cannot be a key (numpy arrays do not hash, nor do references to them)
+        self._slot_of: dict[int, tuple[weakref.ref, int]] = {}
+        self._dead: deque[weakref.ref] = deque()  # those whose array died (appended by the reference, in C)
+
+    def reclaim(self) -> None:
+        """The slots whose arrays died since the last look, free again."""
+        while self._dead:
+            self.free.append(self._slot_of.pop(id(self._dead.popleft()))[1])
 
     def take(self) -> int:
         """A free slot's number, or -1 when all are in use."""
+        self.reclaim()
         try:
             return self.free.pop()
         except IndexError:
@@ -153,7 +166,8 @@ class PixelRing:
         """In the run: the pixels a worker put in `slot`, as an array over the slot; the slot is taken until the
         array and every view of it are gone."""
         base = np.frombuffer(self.mem, np.uint8, count=math.prod(shape), offset=slot * self.slot_bytes)
-        weakref.finalize(base, self.free.append, slot)  # views (numpy's and torch's) keep `base` alive
+        ref = weakref.ref(base, self._dead.append)  # views (numpy's, torch's) keep `base` alive
+        self._slot_of[id(ref)] = (ref, slot)
         return base.reshape(shape)
 
 
