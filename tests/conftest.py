@@ -528,14 +528,20 @@ def slowed_s2(delay: float, *args, **popen) -> subprocess.Popen:
                             stderr=subprocess.PIPE, text=True, start_new_session=True, **popen)
 
 
+# CI (`.ci/run` sets CI=true and S2CLI_REQUIRE_SLURM=1): every test must run, none is skipped for what the machine lacks
+IN_CI = os.environ.get("CI") == "true" or os.environ.get("S2CLI_REQUIRE_SLURM") == "1"
+
+
+def unless_possible(why_not: str | None) -> pytest.MarkDecorator:
+    """The mark of a test this machine may be unable to run (no SLURM, no root, no mount, no page cache):
+    `why_not` says what is missing (None: nothing). On a developer's box such a test is skipped, saying why; in CI
+    it is not skipped, it runs, and `cannot_run` fails it."""
+    return pytest.mark.skipif(why_not is not None and not IN_CI, reason=str(why_not))
+
+
 def cannot_run(why: str) -> None:
-    """A test that this machine cannot run (no SLURM, no root, no mount): skipped on a developer's box, a failure in
-    CI (`.ci/run` sets S2CLI_REQUIRE_SLURM=1; CI=true too), where every test must run."""
-    in_ci = os.environ.get("CI") == "true" or os.environ.get("S2CLI_REQUIRE_SLURM") == "1"
-    if in_ci:
-        pytest.fail(f"this test must run in CI but cannot: {why}")
-    else:
-        pytest.skip(why)
+    """A test that must run but cannot (its `unless_possible` mark let it run: CI, or a probe that was wrong)."""
+    pytest.fail(f"this test must run but cannot: {why}")
 
 
 # 91 tiles an image, one image a batch and a shard: about 5 images/s a rank on a quiet 2-core box (2026-12-06), so
