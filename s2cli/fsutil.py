@@ -108,14 +108,14 @@ def _fsync_path(path: Path) -> None:
             os.close(fd)
 
 
-def drop_cached(path: Path) -> None:
-    """Ask the kernel to drop a written, fsynced file's pages from the page cache (a folder's files: each), so that
-    the next shard's writes reuse them: a run writing terabytes neither grows the page cache by every shard (the
-    kernel then reclaims, or maps fresh memory, for each page written) nor evicts other processes' cache. Best
-    effort: a file gone, or a platform without posix_fadvise, is left as it is."""
+def drop_cached(files: list[Path]) -> None:
+    """Ask the kernel to drop written, fsynced files' pages from the page cache, so that the next shard's writes
+    reuse them: a run writing terabytes neither grows the page cache by every shard (the kernel then reclaims, or
+    maps fresh memory, for each page written) nor evicts other processes' cache. Best effort: a file gone, or a
+    platform without posix_fadvise, is left as it is."""
     if not hasattr(os, "posix_fadvise"):
         return
-    for p in (sorted(q for q in path.rglob("*") if q.is_file()) if path.is_dir() else [path]):
+    for p in files:
         try:
             fd = os.open(p, os.O_RDONLY)
         except OSError:

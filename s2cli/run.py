@@ -725,7 +725,7 @@ class Run:
                       "seconds": round(elapsed, 3), "finished_at": time.time(), "started_at": time.time() - elapsed}
             cur.nbytes = marker["bytes"]
             t.dir.commit(marker, log_errors=t.ranks.world == 1 and not retry, written=path)  # type: ignore[union-attr]
-            drop_cached(path)  # hashed, read back and marked: its pages serve the next shard's writes
+            drop_cached(formats.store_files(path))  # hashed, read back and marked: its pages serve the next shard's writes
             if retry:  # the failures it retried move to their shards' history: each image counts once
                 t.dir.settle_retry(marker, log_errors=t.ranks.world == 1)  # type: ignore[union-attr]
 

@@ -58,3 +58,13 @@ def test_a_remote_tables_relative_paths_are_its_own_images_not_the_working_folde
         for k in want:
             np.testing.assert_allclose(got[k], want[k], atol=1e-5)
             assert got.meta(k)["meta"]["caption"] == want.meta(k)["meta"]["caption"]
+
+
+@pytest.mark.slow
+def test_a_save_to_disk_folder_on_s3_is_one_line_saying_to_copy_it(tmp_path, s3):
+    import datasets
+
+    datasets.Dataset.from_dict({"image": [b"x"], "label": [1]}).save_to_disk(str(tmp_path / "saved"))
+    s3.put(str(tmp_path / "saved") + "/", f"{s3.bucket}/saved/", recursive=True)
+    with pytest.raises(s2cli.ConfigError, match="read from a local folder only.*copy it to a local folder"):
+        s2cli.plan(f"s3://{s3.bucket}/saved/", **LIB)

@@ -20,8 +20,8 @@ from ..errors import ConfigError
 FILE, DIR = "file", "dir"
 
 
-# what a done marker records a shard's bytes by: new shards get the first (xxh3-128, ~13 GB/s a core, where sha256
-# is ~1.7 GB/s: a shard's digest was the writer's largest cost per image); a marker written before keeps and is
+# what a done marker records a shard's bytes by: new shards get the first (xxh3-128, an order of magnitude faster than
+# sha256, whose digest was the writer's largest cost per image: docs/performance.md); a marker written before keeps and is
 # checked by the one it names. A digest tells a damaged, truncated or replaced shard; it is not a signature.
 DIGESTS: dict[str, Callable[[], Any]] = {"xxh3_128": xxhash.xxh3_128, "sha256": hashlib.sha256}
 DIGEST = "xxh3_128"

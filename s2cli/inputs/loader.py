@@ -138,10 +138,14 @@ class PixelRing:
         self._slot_of: dict[int, tuple[weakref.ref, int]] = {}
         self._dead: deque[weakref.ref] = deque()  # those whose array died (appended by the reference, in C)
 
+    def release(self, slot: int) -> None:
+        """`slot` free again (its pixels gone, or never written: the sample failed, or its worker is gone)."""
+        self.free.append(slot)
+
     def reclaim(self) -> None:
         """The slots whose arrays died since the last look, free again."""
         while self._dead:
-            self.free.append(self._slot_of.pop(id(self._dead.popleft()))[1])
+            self.release(self._slot_of.pop(id(self._dead.popleft()))[1])
 
     def take(self) -> int:
         """A free slot's number, or -1 when all are in use."""
@@ -318,9 +322,8 @@ class DecodeLoader:
 
     def _release_slots(self) -> None:
         """The slots of samples handed to a loader whose workers are gone (they returned nothing into them)."""
-        ring = self._data.ring if self._data is not None else None
         for slot in self._slot_of.values():
-            ring.free.append(slot)  # type: ignore[union-attr]
+            self._data.ring.release(slot)  # type: ignore[union-attr]
         self._slot_of.clear()
 
     def _start(self, redo: list[_Entry]) -> None:
@@ -371,7 +374,7 @@ class DecodeLoader:
             if shape is not None:
                 rec.pixels = ring.view(slot, shape)
             elif slot >= 0:  # handed a slot it did not use (a failure, pixels of another size)
-                ring.free.append(slot)
+                ring.release(slot)
             front.rec, self._fruitless = rec, 0
             return
 

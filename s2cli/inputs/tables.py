@@ -182,7 +182,11 @@ def _remote_files(spec: str) -> list[str]:
     fs, path = filesystem(spec)
     if fs.isfile(path):
         return [spec]
-    files = sorted(fs.unstrip_protocol(p) for p in fs.find(path) if p.lower().endswith(".parquet"))
+    found = fs.find(path)
+    files = sorted(fs.unstrip_protocol(p) for p in found if p.lower().endswith(".parquet"))
+    if not files and any(p.lower().endswith(".arrow") for p in found):
+        raise ConfigError("an Arrow folder (datasets' save_to_disk) is read from a local folder only", given=spec,
+                          fix="copy it to a local folder first, or save the dataset as .parquet files there")
     if not files:
         raise ConfigError("the folder holds no .parquet files", given=spec, fix="pass a folder of .parquet files")
     return files
