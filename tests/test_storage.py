@@ -319,3 +319,95 @@ def test_a_committed_shard_leaves_the_page_cache_and_reads_back_the_same(tmp_pat
     assert all(n < pages // 4 for n in resident), (resident, pages)
     with s2cli.open_features(out, verify=True) as ff:
         assert ff.complete and not ff.broken_shards and len(ff.keys()) == 4
+
+
+def _cachestat(fd: int) -> tuple[int, int, int]:
+    """(pages cached, dirty, under writeback) of an open file: Linux's cachestat (6.5 and later)."""
+    import ctypes
+
+    class Range(ctypes.Structure):
+        _fields_ = [("off", ctypes.c_uint64), ("len", ctypes.c_uint64)]
+
+    class Stat(ctypes.Structure):
+        _fields_ = [(n, ctypes.c_uint64) for n in ("cache", "dirty", "writeback", "evicted", "recently_evicted")]
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    r, s = Range(0, 0), Stat()
+    if libc.syscall(451, fd, ctypes.byref(r), ctypes.byref(s), 0):  # cachestat (one number on every architecture)
+        raise OSError(ctypes.get_errno(), "cachestat")
+    return s.cache, s.dirty, s.writeback
+
+
+def dirty_pages(path) -> int:
+    import os
+
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return _cachestat(fd)[1]
+    finally:
+        os.close(fd)
+
+
+def _no_dirty_page_count() -> str | None:
+    """Why this machine cannot count a file's dirty pages or start their writing out, or None."""
+    import os
+    import tempfile
+
+    from s2cli import fsutil
+
+    if fsutil.SYNC_FILE_RANGE is None:
+        return "no sync_file_range (not Linux)"
+    fd, path = tempfile.mkstemp()
+    try:
+        _cachestat(fd)
+    except (OSError, AttributeError) as e:
+        return f"no cachestat (Linux >= 6.5): {e}"
+    finally:
+        os.close(fd)
+        os.unlink(path)
+    return _no_page_cache()
+
+
+@unless_possible(_no_dirty_page_count())
+def test_write_behind_starts_a_files_dirty_pages_on_their_way_to_disk(tmp_path):
+    """What is written sits dirty in memory until the kernel's timer (30 s) or an fsync; write_behind starts it out
+    at once, without waiting for the disk: no page of the file is dirty any more when it returns."""
+    from s2cli import fsutil
+
+    one, folder = tmp_path / "one.bin", tmp_path / "shard"
+    (folder / "sub").mkdir(parents=True)
+    files = [one, folder / "a.bin", folder / "sub" / "b.bin"]
+    for p in files:
+        p.write_bytes(np.random.default_rng(0).bytes(8 << 20))
+    if min(dirty_pages(p) for p in files) == 0:
+        cannot_run(f"{tmp_path}'s file system wrote the pages out on its own")
+    fsutil.write_behind(one)
+    assert dirty_pages(one) == 0 and dirty_pages(files[1]) > 0  # the one file, not its neighbours
+    fsutil.write_behind(folder)
+    assert [dirty_pages(p) for p in files] == [0, 0, 0]
+    fsutil.write_behind(tmp_path / "gone")  # best effort: nothing to do, no error
+
+
+@unless_possible(_no_dirty_page_count())
+@pytest.mark.parametrize("fmt", ["h5", "safetensors"])
+def test_a_shard_is_written_out_batch_by_batch_not_all_at_its_end(image_dir, tmp_path, monkeypatch, fmt, cli):
+    """After each batch the writer thread writes, it starts the shard's new pages on their way to disk (the run goes
+    on meanwhile): the fsync when the shard ends waits for the last batch, not for the whole shard."""
+    from s2cli import writers
+
+    seen: list[tuple[int, int]] = []  # per batch: the temporary's dirty pages before and after
+
+    def behind(path):
+        before = dirty_pages(path)
+        real(path)
+        seen.append((before, dirty_pages(path)))
+
+    real = writers.write_behind
+    monkeypatch.setattr(writers, "write_behind", behind)
+    out = tmp_path / "o"
+    r = cli("extract", image_dir, "-m", "timm:test_vit", "--random-init", "--scales", "1,2", "--batch-size", "1",
+            "--shard-size", "2", "-j", "0", "--format", fmt, "-o", f"{out}/", "-q")
+    assert r.exit_code == 0, r.output
+    assert len(seen) == 4  # 4 images, one a batch
+    assert all(before > 0 for before, _ in seen), seen
+    assert all(after == 0 for _, after in seen), seen
