@@ -1,5 +1,6 @@
-"""File-system primitives under the storage modules: atomic and exclusive writes, fsync + rename, whether a
-process is alive, byte counts for people, and the one error for a failed write."""
+"""File-system primitives under the storage modules: atomic and exclusive writes, fsync + rename, a written file's
+pages started on their way to disk or dropped from the page cache, whether a process is alive, byte counts for
+people, and the one error for a failed write."""
 from __future__ import annotations
 
 import ctypes
