@@ -47,6 +47,10 @@ def write_error(path: Path, e: BaseException, need_bytes: int | None = None, fix
         return S2Error(f"no space left on device writing {path} ({detail or free}{need})", given=str(path.parent),
                        fix=fix or "free space or point -o elsewhere, then rerun the same command: completed shards "
                                   "are kept and the run continues after them")
+    if getattr(e, "errno", None) == errno.EIO:  # the disk itself failed (seen writing pages out, or in a write)
+        return S2Error(f"the disk failed writing {path}: input/output error", given=str(path.parent),
+                       fix="check the device (`dmesg`) or point -o at another disk, then rerun the same command: "
+                           "completed shards are kept and the run continues after them")
     return S2Error(f"writing {path} failed: {type(e).__name__}: {e}",
                    fix="check free space and permissions of the output folder")
 
@@ -114,7 +118,7 @@ def _sync_file_range() -> Any:
     """libc's sync_file_range (Linux), or None."""
     try:
         fn = ctypes.CDLL(None, use_errno=True).sync_file_range
-    except (OSError, AttributeError):
+    except (OSError, AttributeError, TypeError):  # no such function (macOS), or no C library to open by None (Windows)
         return None
     fn.argtypes, fn.restype = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint), ctypes.c_int
     return fn
@@ -124,6 +128,7 @@ SYNC_FILE_RANGE = _sync_file_range()
 # wait for the range's pages already being written out (a page written again since is skipped by WRITE alone),
 # then start writing out its dirty pages, without waiting for those
 SYNC_FILE_RANGE_WAIT_BEFORE, SYNC_FILE_RANGE_WRITE = 1, 2
+UNSUPPORTED = {errno.EINVAL, errno.ESPIPE, errno.ENOSYS, errno.EOPNOTSUPP}  # what a file system without it says
 
 
 def write_behind(path: Path) -> None:
@@ -131,8 +136,10 @@ def write_behind(path: Path) -> None:
     run goes on, so that the fsync at the shard's end has little left to wait for, and a shard's written pages do
     not all wait in memory until then (RocksDB's `bytes_per_sync`, PostgreSQL's `backend_flush_after`). It waits
     only for what the previous call started (at most one batch in flight), not for the pages it starts: when it
-    returns, no page of the file is dirty. Best effort: nothing where sync_file_range does not exist (not Linux),
-    or for a file that cannot be opened."""
+    returns, no page of the file is dirty. A failure of the disk seen while waiting (EIO, or ENOSPC where space is
+    allocated at writeback) is raised here, as the write's own error: this call is where the kernel reports it, and
+    the fsync at the end would then not. Nothing where sync_file_range does not exist (not Linux) or a file system
+    does not support it, nor for a file that cannot be opened."""
     if SYNC_FILE_RANGE is None:
         return
     for p in (sorted(q for q in path.rglob("*") if q.is_file()) if path.is_dir() else [path]):
@@ -141,7 +148,10 @@ def write_behind(path: Path) -> None:
         except OSError:
             continue
         try:
-            SYNC_FILE_RANGE(fd, 0, 0, SYNC_FILE_RANGE_WAIT_BEFORE | SYNC_FILE_RANGE_WRITE)
+            if SYNC_FILE_RANGE(fd, 0, 0, SYNC_FILE_RANGE_WAIT_BEFORE | SYNC_FILE_RANGE_WRITE) != 0:
+                err = ctypes.get_errno()
+                if err not in UNSUPPORTED:
+                    raise OSError(err, os.strerror(err), str(p))
         finally:
             os.close(fd)
 
