@@ -36,6 +36,7 @@ def write_error(path: Path, e: BaseException, need_bytes: int | None = None, fix
         except OSError:
             free = "free space unknown"
         detail = getattr(e, "strerror", None) if getattr(e, "filename", None) else None  # a refused reservation
+        detail = None if detail == os.strerror(errno.ENOSPC) else detail  # the kernel's own words: the space left instead
         need = (f"; a whole shard needs {'at least' if floor else 'about'} {human_bytes(need_bytes)}"
                 f"{' (its arrays alone)' if floor else ''}" if need_bytes else "")
         spool = next((p for p in path.parents if p.name.startswith(SPOOL_PREFIX)), None)

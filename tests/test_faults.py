@@ -384,23 +384,28 @@ def test_write_behind_raises_what_the_disk_failed_and_passes_what_a_file_system_
     assert e.value.errno == errno.EIO and e.value.filename == str(f)
 
 
+@pytest.mark.parametrize("err", ["EIO", "ENOSPC"])
 def test_a_disk_error_while_a_shard_is_written_out_fails_that_shard_and_keeps_the_others(cli, tmp_path, monkeypatch,
-                                                                                       full_disk_input):
-    """The disk fails writing the second shard's pages out (EIO): one line naming that shard and the error, exit 1,
-    the first shard complete and marked, no temporary left, and the rerun without the fault completes the folder
-    with the features of a clean run."""
+                                                                                       full_disk_input, err):
+    """The disk fails writing the second shard's pages out (EIO; or ENOSPC, which a file system allocating space at
+    writeback reports then): one line naming that shard and what failed, exit 1, the first shard complete and
+    marked, no temporary left, and the rerun without the fault completes the folder with a clean run's features."""
     import errno
 
     from s2cli import fsutil
 
     d, out, clean = full_disk_input, tmp_path / "out", tmp_path / "clean"
     run_ok(cli, d, f"{clean}/", "--shard-size", 4, "-j", 0)
-    monkeypatch.setattr(fsutil, "SYNC_FILE_RANGE", _failing_sync_file_range(errno.EIO, lambda p: "part-00000-00001" in p))
+    when = lambda p: "part-00000-00001" in p  # noqa: E731
+    monkeypatch.setattr(fsutil, "SYNC_FILE_RANGE", _failing_sync_file_range(getattr(errno, err), when))
     r = cli("extract", d, *MODEL, "-o", f"{out}/", "--shard-size", 4, "-j", 0, "-q")
     assert r.exit_code == 1, r.stderr + r.stdout
     msg = r.stderr.strip()
-    assert "\n" not in msg and f"the disk failed writing {out / 'part-00000-00001.h5'}: input/output error" in msg, msg
-    assert "rerun the same command" in msg
+    shard = out / "part-00000-00001.h5"
+    said = {"EIO": f"the disk failed writing {shard}: input/output error",
+            "ENOSPC": f"no space left on device writing {shard} ("}[err]
+    assert "\n" not in msg and said in msg and "rerun the same command" in msg, msg
+    assert "No space left" not in msg  # the kernel's words are not repeated: the space left is said instead
     _assert_full_disk_then_resume(cli, out, clean)
     assert (out / "part-00000-00000.json").exists() and not (out / "part-00000-00001.json").exists()
     monkeypatch.undo()
