@@ -17,6 +17,10 @@ from .fsutil import fsync_rename, human_bytes, pid_alive, remove_path, write_beh
 from .items import Layout, StoredItem
 
 LAYOUT_VERSION = 1
+# bytes written between two calls asking the kernel to write a shard out (fsutil.write_behind): a batch of large
+# features each time, small ones (pooled vectors) every few batches, so that a disk's latency is not waited for
+# every small batch (RocksDB's bytes_per_sync is often set to 1 MiB)
+WRITE_BEHIND_BYTES = 8 << 20
 
 
 def check_output_file(path: Path, overwrite: bool = True, directory: bool = False) -> None:
@@ -71,6 +75,7 @@ class ThreadedSink:
         self.keys: list[str] = []
         self.n = 0
         self.busy_s = 0.0  # seconds the writer thread spent writing (the run's "write" stage)
+        self._behind = 0  # bytes appended since the shard was last asked to go to disk
         self._q: queue.Queue = queue.Queue(maxsize=queue_size)
         self._error: BaseException | None = None
         self._end_error: BaseException | None = None  # what failed in `_end` (raised by `wait`)
@@ -187,11 +192,15 @@ class ThreadedSink:
             if self._error is None:
                 try:
                     t = time.perf_counter()
-                    self._reserve(sum(it.nbytes for it in items))
+                    nbytes = sum(it.nbytes for it in items)
+                    self._reserve(nbytes)
                     self._append(items)
                     self.keys.extend(it.key for it in items)
                     self.n += len(items)
-                    write_behind(self.tmp)  # on its way to disk while the run goes on: the fsync at the end waits less
+                    self._behind += nbytes
+                    if self._behind >= WRITE_BEHIND_BYTES:  # on its way to disk while the run goes on: the fsync
+                        write_behind(self.tmp)  # at the end waits less
+                        self._behind = 0
                     self.busy_s += time.perf_counter() - t
                 except BaseException as e:  # surfaced to the producer on its next call
                     self._error = e

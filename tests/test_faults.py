@@ -392,12 +392,13 @@ def test_a_disk_error_while_a_shard_is_written_out_fails_that_shard_and_keeps_th
     marked, no temporary left, and the rerun without the fault completes the folder with a clean run's features."""
     import errno
 
-    from s2cli import fsutil
+    from s2cli import fsutil, writers
 
     d, out, clean = full_disk_input, tmp_path / "out", tmp_path / "clean"
     run_ok(cli, d, f"{clean}/", "--shard-size", 4, "-j", 0)
     when = lambda p: "part-00000-00001" in p  # noqa: E731
     monkeypatch.setattr(fsutil, "SYNC_FILE_RANGE", _failing_sync_file_range(getattr(errno, err), when))
+    monkeypatch.setattr(writers, "WRITE_BEHIND_BYTES", 1)  # these small features: every batch
     r = cli("extract", d, *MODEL, "-o", f"{out}/", "--shard-size", 4, "-j", 0, "-q")
     assert r.exit_code == 1, r.stderr + r.stdout
     msg = r.stderr.strip()

@@ -391,11 +391,13 @@ def test_write_behind_starts_a_files_dirty_pages_on_their_way_to_disk(tmp_path):
 @unless_possible(_no_dirty_page_count())
 @pytest.mark.parametrize("fmt", ["h5", "safetensors"])
 def test_a_shard_is_written_out_batch_by_batch_not_all_at_its_end(image_dir, tmp_path, monkeypatch, fmt, cli):
-    """After each batch the writer thread writes, it starts the shard's new pages on their way to disk (the run goes
-    on meanwhile): the fsync when the shard ends waits for the last batch, not for the whole shard."""
+    """Once WRITE_BEHIND_BYTES were written (here: every batch), the writer thread starts the shard's new pages on
+    their way to disk (the run goes on meanwhile): the fsync when the shard ends waits for the last of them, not for
+    the whole shard. Below the threshold (small features, a huge threshold here) the shard is asked nothing before
+    its fsync, and is the same."""
     from s2cli import writers
 
-    seen: list[tuple[int, int]] = []  # per batch: the temporary's dirty pages before and after
+    seen: list[tuple[int, int]] = []  # per call: the temporary's dirty pages before and after
 
     def behind(path):
         before = dirty_pages(path)
@@ -404,10 +406,20 @@ def test_a_shard_is_written_out_batch_by_batch_not_all_at_its_end(image_dir, tmp
 
     real = writers.write_behind
     monkeypatch.setattr(writers, "write_behind", behind)
-    out = tmp_path / "o"
-    r = cli("extract", image_dir, "-m", "timm:test_vit", "--random-init", "--scales", "1,2", "--batch-size", "1",
-            "--shard-size", "2", "-j", "0", "--format", fmt, "-o", f"{out}/", "-q")
+    args = ["extract", image_dir, "-m", "timm:test_vit", "--random-init", "--scales", "1,2", "--batch-size", "1",
+            "--shard-size", "2", "-j", "0", "--format", fmt, "-q"]
+    monkeypatch.setattr(writers, "WRITE_BEHIND_BYTES", 1)
+    r = cli(*args, "-o", f"{tmp_path / 'each'}/")
     assert r.exit_code == 0, r.output
     assert len(seen) == 4  # 4 images, one a batch
     assert all(before > 0 for before, _ in seen), seen
     assert all(after == 0 for _, after in seen), seen
+    seen.clear()
+    monkeypatch.setattr(writers, "WRITE_BEHIND_BYTES", 1 << 40)
+    r = cli(*args, "-o", f"{tmp_path / 'none'}/")
+    assert r.exit_code == 0, r.output
+    assert seen == []
+    with s2cli.open_features(tmp_path / "each") as a, s2cli.open_features(tmp_path / "none") as b:
+        assert a.complete and b.complete and list(a) == list(b) and len(a) == 4
+        for k in a:
+            np.testing.assert_array_equal(a[k], b[k])
