@@ -19,7 +19,7 @@ from .items import Layout, StoredItem
 LAYOUT_VERSION = 1
 # bytes written between two calls asking the kernel to write a shard out (fsutil.write_behind): a batch of large
 # features each time, small ones (pooled vectors) every few batches, so that a disk's latency is not waited for
-# every small batch (RocksDB's bytes_per_sync is often set to 1 MiB)
+# every small batch (the threshold RocksDB calls bytes_per_sync)
 WRITE_BEHIND_BYTES = 8 << 20
 
 
