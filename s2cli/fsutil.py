@@ -136,8 +136,8 @@ def write_behind(path: Path) -> None:
     """Start writing a file's dirty pages (or those of every file in a folder) to disk now: the disk works while the
     run goes on, so that the fsync at the shard's end has little left to wait for, and a shard's written pages do
     not all wait in memory until then (RocksDB's `bytes_per_sync`, PostgreSQL's `backend_flush_after`). It waits
-    only for what the previous call started (at most one batch in flight), not for the pages it starts: when it
-    returns, no page of the file is dirty. A failure of the disk seen while waiting (EIO, or ENOSPC where space is
+    only for what the previous call started (so at most that much is in flight), not for the pages it starts: when
+    it returns, no page of the file is dirty. A failure of the disk seen while waiting (EIO, or ENOSPC where space is
     allocated at writeback) is raised here, as the write's own error: this call is where the kernel reports it, and
     the fsync at the end would then not. Nothing where sync_file_range does not exist (not Linux) or a file system
     does not support it, nor for a file that cannot be opened."""
