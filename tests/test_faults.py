@@ -287,6 +287,16 @@ def _assert_full_disk_then_resume(cli_or_run, out: Path, clean: Path):
             assert np.isfinite(partial[k]).all()
 
 
+def _rerun_completes_as_clean(cli, d: Path, out: Path, clean: Path) -> None:
+    """The same command again (the fault gone) resumes after the first shard and ends with a clean run's features."""
+    s = run_ok(cli, d, f"{out}/", "--shard-size", 4, "-j", 0)
+    assert s["resumed_images"] == 4 and s["complete"]
+    with open_features(clean) as fc, open_features(out) as fo:
+        assert list(fo) == list(fc)
+        for k in fc:
+            np.testing.assert_array_equal(fo[k], fc[k])
+
+
 @pytest.fixture
 def full_disk_input(tmp_path):
     d = tmp_path / "in"
@@ -339,12 +349,7 @@ def test_disk_full_simulated(cli, tmp_path, monkeypatch, full_disk_input):
     assert "4.0 KiB free" in msg and "a whole shard needs about" in msg and "rerun the same command" in msg
     _assert_full_disk_then_resume(cli, out, clean)
     monkeypatch.setattr(writers.shutil, "disk_usage", real)
-    s = run_ok(cli, d, f"{out}/", "--shard-size", 4, "-j", 0)
-    assert s["resumed_images"] == 4 and s["complete"]
-    with open_features(clean) as fc, open_features(out) as fo:
-        assert list(fo) == list(fc)
-        for k in fc:
-            np.testing.assert_array_equal(fo[k], fc[k])
+    _rerun_completes_as_clean(cli, d, out, clean)
 
 
 def _failing_sync_file_range(err: int, when):
@@ -410,12 +415,7 @@ def test_a_disk_error_while_a_shard_is_written_out_fails_that_shard_and_keeps_th
     _assert_full_disk_then_resume(cli, out, clean)
     assert (out / "part-00000-00000.json").exists() and not (out / "part-00000-00001.json").exists()
     monkeypatch.undo()
-    s = run_ok(cli, d, f"{out}/", "--shard-size", 4, "-j", 0)
-    assert s["resumed_images"] == 4 and s["complete"]
-    with open_features(clean) as fc, open_features(out) as fo:
-        assert list(fo) == list(fc)
-        for k in fc:
-            np.testing.assert_array_equal(fo[k], fc[k])
+    _rerun_completes_as_clean(cli, d, out, clean)
 
 
 def _can_mount_tmpfs() -> str | None:
