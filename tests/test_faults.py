@@ -16,7 +16,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import CASES, MODEL, bomb_png, goods, jpeg_bytes, plain_tar, run_cli, save_png, write_image
+from conftest import (
+    CASES,
+    MODEL,
+    bomb_png,
+    goods,
+    jpeg_bytes,
+    plain_tar,
+    run_cli,
+    save_png,
+    unless_possible,
+    write_image,
+)
 from s2cli import open_features
 
 pytestmark = pytest.mark.timeout(180)
@@ -103,9 +114,13 @@ def test_a_file_deleted_between_listing_and_reading(cli, tmp_path, monkeypatch):
         assert "deleted or moved after the input was listed" in f["error"]
 
 
+def _root_reads_everything() -> str | None:
+    return ("root reads any file; dropping that needs util-linux `setpriv`, not installed here"
+            if os.geteuid() == 0 and not shutil.which("setpriv") else None)
+
+
 @pytest.mark.slow
-@pytest.mark.skipif(os.geteuid() == 0 and not shutil.which("setpriv"),
-                    reason="root reads any file; dropping that needs util-linux `setpriv`, not installed here")
+@unless_possible(_root_reads_everything())
 def test_an_unreadable_file(cli, tmp_path):
     """Permissions: as a normal user chmod 000 is enough. Root reads anything, so as root the run is made without
     the capabilities that let root ignore permissions (setpriv drops CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH)."""
@@ -433,7 +448,7 @@ def _can_mount_tmpfs() -> str | None:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(_can_mount_tmpfs() is not None, reason=str(_can_mount_tmpfs()))
+@unless_possible(_can_mount_tmpfs())
 def test_disk_full_on_a_real_small_tmpfs(tmp_path, full_disk_input):
     d, clean = full_disk_input, tmp_path / "clean"
     args = ["extract", str(d), *MODEL, "--shard-size", "4", "-j", "0", "-q"]
