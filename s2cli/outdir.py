@@ -560,15 +560,16 @@ def _in_order(marker: dict[str, Any]) -> tuple[int, int, str]:
     return marker["unit_index"], marker["part"], marker["shard"]  # a part's --retry-failed shards after it
 
 
-def shard_digest(path: Path, digest: str = DIGEST) -> str:
-    """The digest of a shard's bytes (a file's, or a folder's files with their names: formats.store_identity)."""
-    return store_identity(path, digest)[digest]
+def shard_record(path: Path, digest: str = DIGEST, name: str | None = None) -> dict[str, Any]:
+    """What makes a shard whole, for its done marker: its size in bytes and their `digest`, as its format (named by
+    the suffix of `name`, the shard's name where `path` is a local copy of it; else of `path`) identifies a shard."""
+    fmt = of_path(name or path)
+    return (fmt.identity if fmt is not None else store_identity)(path, digest)
 
 
-def shard_record(path: Path) -> dict[str, Any]:
-    """What makes a shard whole, for its done marker: its size in bytes and their digest (its format's identity)."""
-    fmt = of_path(path)
-    return (fmt.identity if fmt is not None else store_identity)(path)
+def shard_digest(path: Path, digest: str = DIGEST, name: str | None = None) -> str:
+    """The `digest` of a shard, as its done marker records it (`shard_record`)."""
+    return shard_record(path, digest, name)[digest]
 
 
 def shard_damage(d: Folder, marker: dict[str, Any], stats: dict[str, tuple[int, Any]], verify: bool = False,
@@ -596,7 +597,7 @@ def shard_damage(d: Folder, marker: dict[str, Any], stats: dict[str, tuple[int, 
     if not (verify or changed):
         return None
     digest = marker_digest(marker) or DIGEST
-    if shard_digest(d.fetch(shard), digest) != marker.get(digest):
+    if shard_digest(d.fetch(shard), digest, name=shard) != marker.get(digest):
         return f"its {digest} digest differs from the one its marker recorded (its bytes changed)"
     return MOVED if changed else None
 

@@ -143,6 +143,37 @@ def test_a_toy_format_changed_after_its_marker_is_a_broken_shard(npydir, image_d
         assert [b["shard"] for b in ff.broken_shards] == ["part-00000-00001.npyd"] and len(ff) == 2
 
 
+def contents_identity(path: Path, digest: str) -> dict[str, Any]:
+    """A folder format's own identity: its files' bytes in name order, their names left out of the digest."""
+    h = formats.DIGESTS[digest]()
+    files = formats.store_files(path)
+    for p in files:
+        h.update(p.read_bytes())
+    return {"bytes": sum(p.stat().st_size for p in files), digest: h.hexdigest()}
+
+
+def test_a_format_with_its_own_identity_is_marked_and_checked_by_it(image_dir, tmp_path):
+    """The identity a format registers is what its done markers record and what a shard is checked against
+    (`--verify`, or a shard whose file identity changed): whole shards pass, a changed byte is a broken shard."""
+    formats.register(formats.Format("npyown", ".npyo", NpyDirSink, NpyDirReader, store=formats.DIR, remote=False,
+                                    identity=contents_identity))
+    try:
+        out = tmp_path / "feats"
+        s2cli.extract(str(image_dir), str(out) + "/", format="npyown", shard_size=2, **TINY)
+        marker = json.loads((out / "part-00000-00001.json").read_text())
+        assert marker[formats.DIGEST] == contents_identity(out / "part-00000-00001.npyo", formats.DIGEST)[formats.DIGEST]
+        with s2cli.open_features(out, verify=True) as ff:
+            assert ff.broken_shards == [] and len(ff) == 4
+        victim = out / "part-00000-00001.npyo" / "0.features.npy"
+        data = bytearray(victim.read_bytes())
+        data[-1] ^= 0xFF
+        victim.write_bytes(bytes(data))
+        with s2cli.open_features(out, verify=True) as ff:
+            assert [b["shard"] for b in ff.broken_shards] == ["part-00000-00001.npyo"] and len(ff) == 2
+    finally:
+        formats.unregister("npyown")
+
+
 def test_a_toy_format_as_one_output_named_by_its_suffix(npydir, image_dir, tmp_path, cli):
     s2cli.extract(str(image_dir), str(tmp_path / "ref.h5"), **TINY)
     res = s2cli.settings(str(image_dir), str(tmp_path / "one.npyd"), **TINY)

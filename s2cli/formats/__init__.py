@@ -77,7 +77,8 @@ class Format:
     `readers.Reader` class taking (path, raw=False); either as a class or "module:Class". `store`: "file" (one
     file) or "dir" (a folder of files, written under a temporary name and renamed whole). `header_limit`: bytes
     the format's per-shard header can hold (None: no limit) and `header_per_image` what one image takes there, so
-    the default shard size stays under it. `identity`: what a done marker records of a shard (bytes, digest).
+    the default shard size stays under it. `identity(path, digest)`: what a done marker records of a shard,
+    its bytes and their digest keyed by the digest's name (one of DIGESTS); a shard is checked by the same function.
     `remote`: whether it can be written to a folder on remote storage (files only, today)."""
 
     name: str
@@ -87,7 +88,7 @@ class Format:
     store: str = FILE
     header_limit: int | None = None
     header_per_image: int = 0
-    identity: Callable[[Path], dict[str, Any]] = store_identity
+    identity: Callable[[Path, str], dict[str, Any]] = store_identity
     remote: bool = True
     doc: str = ""
 
