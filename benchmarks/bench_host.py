@@ -21,7 +21,8 @@ Limits measured in the same run: decode + fit of the same JPEGs on one core in a
 split into decode and fit by their wall time; the limit of -j N is N cores' worth, capped by the CPUs; with
 --baseline, each code against its own), and the disk's write speed for the
 same bytes (a plain write + fsync, and an h5py contiguous dataset). Sections are functions in SECTIONS, so
-another measurement (a shard-count sweep) is one more entry.
+another measurement is one more entry: `pair` (whether two decodes at once slow each other down) and `loader` (the
+decode stage's own cost, the decode taken out) say what bounds a run's fraction of the decode limit.
 """
 from __future__ import annotations
 
@@ -159,11 +160,14 @@ def child(args: argparse.Namespace) -> None:
     out = Path(args.out)
     res = settings(Path(args.images), out, args.jobs, args.format, args.shard_size)
     bb = instant_backbone(res)
+    steps = time_shard_end()
     sampler = ThreadCPU()
+    box0 = box_cpu()
     r0, c0, th0, w0 = (resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN),
                        time.thread_time(), time.perf_counter())
     summary = s2cli.extract(str(args.images), config=res, backbone=bb)
     wall = time.perf_counter() - w0
+    box1 = box_cpu()
     th = time.thread_time() - th0
     r1, c1 = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     threads = sampler.stop()
@@ -176,7 +180,43 @@ def child(args: argparse.Namespace) -> None:
     print(json.dumps({"images": summary.num_images, "failed": summary.num_failed, "wall_s": wall,
                       "main_thread_s": th, "threads_s": threads, "minflt_self": r1.ru_minflt - r0.ru_minflt,
                       "minflt_children": c1.ru_minflt - c0.ru_minflt, "process_s": cpu(r0, r1), "children_s": cpu(c0, c1), "bytes": written, "first_failure": first,
-                      "stage_seconds": summary.stage_seconds, "wait_seconds": summary.wait_seconds}))
+                      "stage_seconds": summary.stage_seconds, "wait_seconds": summary.wait_seconds,
+                      "box_busy_s": box1[0] - box0[0], "box_s": box1[1] - box0[1], "shard_end_s": steps}))
+
+
+def box_cpu() -> tuple[float, float]:
+    """The whole machine's CPU seconds so far, (busy, all), from /proc/stat (Linux; zeros elsewhere): over a run,
+    busy / all is the share of the cores anything used (the run, the kernel's own threads, other processes)."""
+    try:
+        v = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except OSError:
+        return 0.0, 0.0
+    tick = os.sysconf("SC_CLK_TCK")
+    return (sum(v) - v[3] - v[4]) / tick, sum(v) / tick
+
+
+def time_shard_end() -> dict[str, float]:
+    """Wall seconds of the steps that end a shard, summed over the run (filled in as it goes): its fsync and
+    rename, its digest for the marker, its pages dropped from the cache. Steps this s2cli does not have (an older
+    --baseline) are left out."""
+    import importlib
+
+    spent: dict[str, float] = {}
+    for module, name in (("s2cli.writers", "fsync_rename"), ("s2cli.run", "shard_record"), ("s2cli.run", "drop_cached")):
+        mod = importlib.import_module(module)
+        f = getattr(mod, name, None)
+        if f is None:
+            continue
+
+        def timed(*a: Any, _f: Any = f, _name: str = name, **kw: Any) -> Any:
+            t = time.perf_counter()
+            try:
+                return _f(*a, **kw)
+            finally:
+                spent[_name] = spent.get(_name, 0.0) + time.perf_counter() - t
+
+        setattr(mod, name, timed)
+    return spent
 
 
 def run_variant(images: Path, work: Path, jobs: int, fmt: str, host_normalize: bool,
@@ -235,14 +275,17 @@ def decode_limit(paths: list[Path], res: Any) -> dict[str, Any]:
             "img_s_per_core": n / cpu}
 
 
-def decode_child(images: Path, work: Path, fmt: str, code: str | None = None) -> dict[str, Any]:
-    """`decode_limit` in a fresh process, with this s2cli or the one in `code`."""
-    cmd = [sys.executable, __file__, "--child", "--images", str(images), "--out", str(work / "probe"), "--jobs",
-           "decode", "--format", fmt]
-    p = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": code} if code else None)
-    if p.returncode:
-        raise SystemExit(f"the decode limit failed:\n{p.stderr[-3000:]}")
-    return json.loads(p.stdout.strip().splitlines()[-1])
+def decode_children(images: Path, work: Path, fmt: str, n: int = 1, code: str | None = None) -> list[dict[str, Any]]:
+    """`decode_limit` in `n` fresh processes started at once, with this s2cli or the one in `code`."""
+    cmd = [sys.executable, __file__, "--child", "--images", str(images), "--jobs", "decode", "--format", fmt]
+    env = {**os.environ, "PYTHONPATH": code} if code else None
+    ps = [subprocess.Popen(cmd + ["--out", str(work / f"probe{i}")], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           text=True, env=env) for i in range(n)]
+    outs = [p.communicate() for p in ps]
+    for p, (_, err) in zip(ps, outs):
+        if p.returncode:
+            raise SystemExit(f"the decode limit failed:\n{err[-3000:]}")
+    return [json.loads(o.strip().splitlines()[-1]) for o, _ in outs]
 
 
 def write_limit(work: Path, n: int) -> dict[str, Any]:
@@ -301,17 +344,71 @@ def section_run(args: argparse.Namespace, ctx: dict[str, Any]) -> list[str]:
         out.append(f"| {name} | {j} | {r['img_s']:.1f} | {r['mb_s']:.0f} | {r['ms_total']:.1f} | {r['ms_process']:.1f} | "
                    f"{r['ms_main_thread']:.1f} | {r['ms_children']:.1f} | {r['of_decode_limit']:.2f} | "
                    f"{r['of_write_limit']:.2f} | {st} | {wt} |")
-    out += ["", "The main process by thread (CPU ms/img, sampled from /proc every 50 ms) and minor page faults per image:",
-            "", "| code | -j | threads | page faults/img: main process | decode workers |", "|---|---|---|---|---|"]
+    out += ["", "The main process by thread (CPU ms/img, sampled from /proc every 50 ms), minor page faults per image, the "
+            "share of the machine's cores busy during the run (/proc/stat: anything's), and the wall seconds of the steps "
+            "that end a shard (summed over the run's shards):",
+            "", "| code | -j | threads | page faults/img: main process | decode workers | cores busy | shard end (s) |",
+            "|---|---|---|---|---|---|---|"]
     for r in ctx["runs"]:
         n = r["images"]
         th = ", ".join(f"{k} {1e3 * v / n:.1f}" for k, v in sorted(r["threads_s"].items(), key=lambda kv: -kv[1]) if v > 0)
+        busy = f"{r['box_busy_s'] / r['box_s']:.2f} ({r['box_busy_s']:.2f} of {r['box_s']:.2f} CPU-s)" if r["box_s"] else "-"
+        end = ", ".join(f"{k} {v:.3f}" for k, v in r["shard_end_s"].items())
         out.append(f"| {'baseline' if r['code'] != 'this' else 'this'} | {r['jobs']} | {th} | "
-                   f"{r['minflt_self'] / n:.0f} | {r['minflt_children'] / n:.0f} |")
+                   f"{r['minflt_self'] / n:.0f} | {r['minflt_children'] / n:.0f} | {busy} | {end} |")
     return out
 
 
-SECTIONS: dict[str, Callable[[argparse.Namespace, dict[str, Any]], list[str]]] = {"run": section_run}
+def section_pair(args: argparse.Namespace, ctx: dict[str, Any]) -> list[str]:
+    """Whether decode + fit slows down when two run at once (the decode limit of -j 2 counts two cores' worth):
+    one decode-limit child alone, then two side by side, `--repeat` times."""
+    rows = []
+    for _ in range(args.repeat):
+        alone, pair = (decode_children(ctx["images"], ctx["work"], args.format, n) for n in (1, 2))
+        rows.append(([r["ms_per_image"] for r in alone], [r["ms_per_image"] for r in pair]))
+    ctx["pair"] = [{"alone": a, "two_at_once": p} for a, p in rows]
+    return ["", "Decode + fit on one core (CPU-ms per image), one process alone and two side by side:", "",
+            "| alone | two at once |", "|---|---|"] + [
+        f"| {a[0]:.1f} | {', '.join(f'{x:.1f}' for x in p)} |" for a, p in rows]
+
+
+def section_loader(args: argparse.Namespace, ctx: dict[str, Any]) -> list[str]:
+    """The decode stage's own cost (torch's DataLoader, the pixel ring, the records' trip) with the decode taken
+    out: each sample's record is a copy of one decoded image's, `-j 2`, 400 samples, in a fresh process."""
+    p = subprocess.run([sys.executable, __file__, "--child", "--images", str(ctx["images"]), "--jobs", "loader",
+                        "--out", str(ctx["work"] / "loader"), "--format", args.format], capture_output=True, text=True)
+    if p.returncode:
+        raise SystemExit(f"the loader measurement failed:\n{p.stderr[-3000:]}")
+    r = ctx["loader"] = json.loads(p.stdout.strip().splitlines()[-1])
+    return ["", f"The decode stage without decoding (-j 2, {r['items']} samples, each a copy of one decoded image's "
+            f"record): decode workers {r['ms_workers']:.2f} CPU-ms per sample, the run {r['ms_run']:.2f}."]
+
+
+def loader_cost(images: Path, out: Path, fmt: str, n: int = 400) -> dict[str, Any]:
+    """In this process: `section_loader`'s measurement."""
+    import copy
+
+    import s2cli.inputs.loader as loader
+    from s2cli.inputs.decode import decode_sample
+    from s2cli.inputs.samples import Sample
+    from s2cli.plan import fit_of
+
+    paths = sorted(images.glob("*.jpg"))
+    fit = fit_of(settings(images, out, 2, fmt))
+    rec = decode_sample(Sample(paths[0].stem, str(paths[0])), fit)
+    loader.decode_sample = lambda s, f: copy.copy(rec)  # (the workers fork after this)
+    samples = [Sample(f"k{i}", str(paths[i % len(paths)])) for i in range(n)]
+    c0, s0 = resource.getrusage(resource.RUSAGE_CHILDREN), resource.getrusage(resource.RUSAGE_SELF)
+    with loader.DecodeLoader(fit, 2, batch_size=8) as dl:
+        for _ in dl.map(samples, lambda s: s):
+            pass
+    c1, s1 = resource.getrusage(resource.RUSAGE_CHILDREN), resource.getrusage(resource.RUSAGE_SELF)
+    cpu = lambda a, b: (b.ru_utime - a.ru_utime) + (b.ru_stime - a.ru_stime)  # noqa: E731
+    return {"items": n, "ms_workers": 1e3 * cpu(c0, c1) / n, "ms_run": 1e3 * cpu(s0, s1) / n}
+
+
+SECTIONS: dict[str, Callable[[argparse.Namespace, dict[str, Any]], list[str]]] = {
+    "run": section_run, "pair": section_pair, "loader": section_loader}
 
 
 def main() -> None:
@@ -336,6 +433,9 @@ def main() -> None:
         paths = sorted(Path(args.images).glob("*.jpg"))
         print(json.dumps(decode_limit(paths, settings(Path(args.images), Path(args.out), 0, args.format))))
         return None
+    if args.child and args.jobs == "loader":  # the decode stage's own cost, in a fresh process
+        print(json.dumps(loader_cost(Path(args.images), Path(args.out), args.format)))
+        return None
     if args.child:
         args.jobs = int(args.jobs)
         return child(args)
@@ -350,9 +450,9 @@ def main() -> None:
         images = work / "images"
         paths = make_images(images, n)
         ctx: dict[str, Any] = {"images": images, "work": work, "n": n}
-        ctx["decode"] = decode_child(images, work, args.format)
+        [ctx["decode"]] = decode_children(images, work, args.format)
         if args.baseline:
-            ctx["decode_baseline"] = decode_child(images, work, args.format, args.baseline)
+            [ctx["decode_baseline"]] = decode_children(images, work, args.format, code=args.baseline)
         ctx["write"] = write_limit(work, n)
         lines = []
         for name in args.sections.split(","):

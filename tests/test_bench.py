@@ -188,15 +188,16 @@ def test_chunked_s2_memory_within_1_2x_of_single_scale(vit_l_memory):
 @pytest.mark.slow
 def test_bench_host_quick_runs_and_reports_every_figure(tmp_path):
     """benchmarks/bench_host.py --quick on 6 images: the decode and write limits and the instant-device run (its
-    CPU per image in total, main process, main thread and decode workers, img/s, MB/s), each positive."""
+    CPU per image in total, main process, main thread and decode workers, img/s, MB/s, the cores' busy share, the
+    shard's end steps), each positive; the `pair` and `loader` sections."""
     import json
     import subprocess
     import sys
     from pathlib import Path
 
     script = Path(__file__).parent.parent / "benchmarks" / "bench_host.py"
-    r = subprocess.run([sys.executable, str(script), "--quick", "--images", "6", "--json", str(tmp_path / "r.json")],
-                       capture_output=True, text=True, timeout=300)
+    r = subprocess.run([sys.executable, str(script), "--quick", "--images", "6", "--json", str(tmp_path / "r.json"),
+                        "--sections", "run,pair,loader"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "| code | -j | img/s |" in r.stdout and "decode limit:" in r.stdout and "write limit:" in r.stdout
     got = json.loads((tmp_path / "r.json").read_text())
@@ -207,6 +208,11 @@ def test_bench_host_quick_runs_and_reports_every_figure(tmp_path):
     assert got["decode"]["ms_per_image"] > 0 and got["write"]["h5py_mb_s"] > 0
     assert run["threads_s"]["MainThread"] > 0 and run["minflt_self"] > 0  # the main process by thread, page faults
     assert "| code | -j | threads | page faults/img" in r.stdout
+    assert 0 < run["box_busy_s"] <= run["box_s"]  # the cores' busy share during the run
+    assert set(run["shard_end_s"]) == {"fsync_rename", "shard_record", "drop_cached"}  # each step timed, once per shard
+    [pair] = got["pair"]
+    assert len(pair["alone"]) == 1 and len(pair["two_at_once"]) == 2 and min(pair["two_at_once"]) > 0
+    assert got["loader"]["items"] == 400 and got["loader"]["ms_workers"] > 0 and got["loader"]["ms_run"] > 0
 
 
 @pytest.mark.slow
